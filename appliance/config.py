@@ -1,0 +1,340 @@
+"""The appliance's configuration: one TOML file read once into frozen, validated objects.
+
+Every role gets the same `Config`; nothing reads the file again behind its back.
+The tables admins edit live (`servers.toml`, `access.toml`) are separate files named
+here and loaded by their own modules, because they reload without a restart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.tomlfile import ConfigError, Reader, TomlFile
+
+DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
+
+
+@dataclass(frozen=True)
+class Interfaces:
+    guest: str
+    guest_address: ipaddress.IPv4Interface
+    uplink: str
+    uplink_address: ipaddress.IPv4Interface | None
+    management_address: ipaddress.IPv4Address
+    hidden_networks: tuple[ipaddress.IPv4Network, ...]
+
+    @property
+    def guest_subnet(self) -> ipaddress.IPv4Network:
+        return self.guest_address.network
+
+    @property
+    def guest_ip(self) -> ipaddress.IPv4Address:
+        return self.guest_address.ip
+
+
+@dataclass(frozen=True)
+class Reservation:
+    mac: str
+    address: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    enabled: bool
+    pool_start: ipaddress.IPv4Address
+    pool_end: ipaddress.IPv4Address
+    lease_time: int
+    renewal_time: int
+    rebinding_time: int
+    domain: str
+    decline_quarantine: int
+    reservations: tuple[Reservation, ...]
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    enabled: bool
+    port: int
+    upstream: tuple[ipaddress.IPv4Address, ...]
+    cache_size: int
+
+
+@dataclass(frozen=True)
+class PortalConfig:
+    enabled: bool
+    http_port: int
+    https_port: int | None
+    tls_certificate: Path | None
+    tls_key: Path | None
+    hostname: str
+    session_idle: int
+    session_max: int
+
+    def base_url(self, guest_ip: ipaddress.IPv4Address) -> str:
+        if self.https_port and self.tls_certificate:
+            port = "" if self.https_port == 443 else f":{self.https_port}"
+            return f"https://{self.hostname}{port}"
+        port = "" if self.http_port == 80 else f":{self.http_port}"
+        return f"http://{guest_ip}{port}"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    enabled: bool
+    port: int
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    enabled: bool
+    connect_timeout: float
+    idle_timeout: float
+    explicit_http_port: int | None
+    identity_header: str | None
+
+
+@dataclass(frozen=True)
+class AgentClientConfig:
+    timeout: float
+    default_port: int
+
+
+@dataclass(frozen=True)
+class Policies:
+    servers: Path
+    access: Path
+    users: Path
+    admins: Path
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    directory: Path
+
+    @property
+    def database(self) -> Path:
+        return self.directory / "state.sqlite"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    interfaces: Interfaces
+    dhcp: DhcpConfig
+    dns: DnsConfig
+    portal: PortalConfig
+    admin: AdminConfig
+    proxy: ProxyConfig
+    agent: AgentClientConfig
+    policies: Policies
+    state: StateConfig
+
+    def hidden(self, address: ipaddress.IPv4Address) -> bool:
+        """True when a guest must never see this address (segment and listed networks)."""
+        return any(address in net for net in self.interfaces.hidden_networks)
+
+
+def _interfaces(r: Reader) -> Interfaces:
+    uplink_address = r.interface("uplink_address", None)
+    hidden = list(r.network_list("hidden_networks", ()))
+    if uplink_address is not None and uplink_address.network not in hidden:
+        hidden.insert(0, uplink_address.network)
+    out = Interfaces(
+        guest=r.text("guest"),
+        guest_address=r.interface("guest_address"),
+        uplink=r.text("uplink"),
+        uplink_address=uplink_address,
+        management_address=r.ip("management_address"),
+        hidden_networks=tuple(hidden),
+    )
+    for net in out.hidden_networks:
+        if net.overlaps(out.guest_subnet):
+            raise r.error(
+                "hidden_networks" if r.has("hidden_networks") else "uplink_address",
+                f"hidden network {net} overlaps the guest subnet {out.guest_subnet}",
+            )
+    if out.management_address in out.guest_subnet:
+        raise r.error("management_address", "the management address must not be on the guest side")
+    r.finish()
+    return out
+
+
+def _dhcp(r: Reader, subnet: ipaddress.IPv4Network, gw: ipaddress.IPv4Address) -> DhcpConfig:
+    hosts = list(subnet.hosts())
+    lease_time = r.integer("lease_time", 3600, 60, 7 * 86400)
+    cfg = DhcpConfig(
+        enabled=r.boolean("enabled", True),
+        pool_start=r.ip("pool_start", hosts[min(99, len(hosts) - 1)]),
+        pool_end=r.ip("pool_end", hosts[-1]),
+        lease_time=lease_time,
+        renewal_time=r.integer("renewal_time", lease_time // 2, 1, lease_time),
+        rebinding_time=r.integer("rebinding_time", lease_time * 7 // 8, 1, lease_time),
+        domain=r.text("domain", "guest.example"),
+        decline_quarantine=r.integer("decline_quarantine", 600, 0, 86400),
+        reservations=tuple(_reservation(t, subnet) for t in r.tables("reservations")),
+    )
+    for key in ("pool_start", "pool_end"):
+        addr = getattr(cfg, key)
+        if addr not in subnet or addr in (subnet.network_address, subnet.broadcast_address):
+            raise r.error(key, f"{addr} is outside the guest subnet {subnet}")
+        if addr == gw:
+            raise r.error(key, f"{addr} is the appliance's own guest address")
+    if int(cfg.pool_end) < int(cfg.pool_start):
+        raise r.error("pool_end", f"pool_end {cfg.pool_end} is below pool_start {cfg.pool_start}")
+    if gw in _pool_range(cfg):
+        raise r.error("pool_start", f"the pool contains the appliance's own address {gw}")
+    if cfg.rebinding_time < cfg.renewal_time:
+        raise r.error("rebinding_time", "rebinding_time must not be below renewal_time")
+    r.finish()
+    return cfg
+
+
+def _pool_range(cfg: DhcpConfig) -> range:
+    return range(int(cfg.pool_start), int(cfg.pool_end) + 1)
+
+
+def _reservation(r: Reader, subnet: ipaddress.IPv4Network) -> Reservation:
+    mac = r.text("mac").lower()
+    parts = mac.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(
+        len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts
+    ):
+        raise r.error("mac", f"{mac!r} is not a MAC address like 02:00:00:00:00:01")
+    address = r.ip("address")
+    if address not in subnet:
+        raise r.error("address", f"{address} is outside the guest subnet {subnet}")
+    r.finish()
+    return Reservation(":".join(parts), address)
+
+
+def _dns(r: Reader) -> DnsConfig:
+    cfg = DnsConfig(
+        enabled=r.boolean("enabled", True),
+        port=r.port("port", 53),
+        upstream=tuple(_ips(r, "upstream")),
+        cache_size=r.integer("cache_size", 10000, 0, 10_000_000),
+    )
+    r.finish()
+    return cfg
+
+
+def _ips(r: Reader, key: str) -> list[ipaddress.IPv4Address]:
+    out = []
+    for v in r.text_list(key, ()):
+        try:
+            out.append(ipaddress.IPv4Address(v))
+        except ValueError:
+            raise r.error(key, f"{v!r} is not an IPv4 address") from None
+    return out
+
+
+def _portal(r: Reader) -> PortalConfig:
+    cert = r.filepath("tls_certificate", None)
+    key = r.filepath("tls_key", None)
+    cfg = PortalConfig(
+        enabled=r.boolean("enabled", True),
+        http_port=r.port("http_port", 80),
+        https_port=r.port("https_port", None),
+        tls_certificate=cert,
+        tls_key=key,
+        hostname=r.text("hostname", "portal.guest.example"),
+        session_idle=r.integer("session_idle", 1800, 60, 30 * 86400),
+        session_max=r.integer("session_max", 86400, 60, 365 * 86400),
+    )
+    if (cert is None) != (key is None):
+        raise r.error(
+            "tls_key" if key is None else "tls_certificate",
+            "tls_certificate and tls_key go together",
+        )
+    for k, p in (("tls_certificate", cert), ("tls_key", key)):
+        if p is not None and not p.is_file():
+            raise r.error(k, f"file not found: {p}")
+    r.finish()
+    return cfg
+
+
+def _admin(r: Reader) -> AdminConfig:
+    cfg = AdminConfig(enabled=r.boolean("enabled", True), port=r.port("port", 8000))
+    r.finish()
+    return cfg
+
+
+def _proxy(r: Reader) -> ProxyConfig:
+    cfg = ProxyConfig(
+        enabled=r.boolean("enabled", True),
+        connect_timeout=r.number("connect_timeout", 5.0, lo=0.1),
+        idle_timeout=r.number("idle_timeout", 600.0, lo=1.0),
+        explicit_http_port=r.port("explicit_http_port", None),
+        identity_header=r.text("identity_header", None),
+    )
+    r.finish()
+    return cfg
+
+
+def _agent(r: Reader) -> AgentClientConfig:
+    cfg = AgentClientConfig(
+        timeout=r.number("timeout", 4.0, lo=0.1), default_port=r.port("default_port", 8443)
+    )
+    r.finish()
+    return cfg
+
+
+def _policies(r: Reader) -> Policies:
+    cfg = Policies(
+        servers=r.filepath("servers", "servers.toml"),
+        access=r.filepath("access", "access.toml"),
+        users=r.filepath("users", "users.toml"),
+        admins=r.filepath("admins", "admins.toml"),
+    )
+    for key in ("servers", "access"):
+        p = getattr(cfg, key)
+        if not p.is_file():
+            raise r.error(key, f"table file not found: {p}")
+    r.finish()
+    return cfg
+
+
+def _state(r: Reader) -> StateConfig:
+    cfg = StateConfig(directory=r.filepath("directory", "/var/lib/appliance"))
+    r.finish()
+    return cfg
+
+
+def parse(doc: TomlFile) -> Config:
+    """Validate a parsed file into a Config; raises ConfigError naming file, line and key."""
+    top = doc.reader()
+    interfaces = _interfaces(top.sub("interfaces"))
+    cfg = Config(
+        path=doc.path,
+        interfaces=interfaces,
+        dhcp=_dhcp(top.sub("dhcp"), interfaces.guest_subnet, interfaces.guest_ip),
+        dns=_dns(top.sub("dns")),
+        portal=_portal(top.sub("portal")),
+        admin=_admin(top.sub("admin")),
+        proxy=_proxy(top.sub("proxy")),
+        agent=_agent(top.sub("agent")),
+        policies=_policies(top.sub("policies")),
+        state=_state(top.sub("state")),
+    )
+    ports = {"portal.http_port": cfg.portal.http_port, "admin.port": cfg.admin.port}
+    if cfg.portal.https_port:
+        ports["portal.https_port"] = cfg.portal.https_port
+    if cfg.proxy.explicit_http_port:
+        ports["proxy.explicit_http_port"] = cfg.proxy.explicit_http_port
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if port in seen and not key.startswith("admin"):
+            section, name = key.split(".")
+            raise top.sub(section).error(name, f"port {port} is already used by {seen[port]}")
+        seen[port] = key
+    top.finish()
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    return parse(TomlFile.load(path))
+
+
+__all__ = ["DEFAULT_PATH", "Config", "ConfigError", "load", "parse"]

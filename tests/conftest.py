@@ -1,0 +1,92 @@
+"""Shared fixtures: the namespace harness (`topology`), and cleanup that survives failures.
+
+Every netns test builds its own site with `make_topology()`; the namespaces are
+removed when the test ends, passes or fails, and on SIGTERM/SIGINT too.  Output of
+every background process a test started is attached to its report when it fails.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.lab import topology as topo_mod
+from appliance.lab.topology import Topology
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+_live: list[Topology] = []
+
+
+def _destroy_all() -> None:
+    while _live:
+        _live.pop().destroy()
+
+
+def _on_term(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() == 0:
+        topo_mod.sweep_stale()
+    atexit.register(_destroy_all)
+    signal.signal(signal.SIGTERM, _on_term)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0 and shutil.which("ip"):
+        return
+    skip = pytest.mark.skip(reason="netns tests need root and iproute2")
+    for item in items:
+        if "netns" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for topo in getattr(item, "_topologies", []):
+            for proc in topo.processes:
+                report.sections.append(
+                    (
+                        f"process {proc.node}:{proc.name} {' '.join(proc.argv)}",
+                        proc.output()[-20000:],
+                    )
+                )
+
+
+@pytest.fixture
+def make_topology(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., Topology]]:
+    """Build a site in namespaces: make_topology(guests=2) -> Topology (removed afterwards)."""
+    made: list[Topology] = []
+
+    def make(guests: int = 2, **kw: object) -> Topology:
+        topo = Topology.build(guests=guests, workdir=tmp_path / f"lab{len(made)}", **kw)  # type: ignore[arg-type]
+        made.append(topo)
+        _live.append(topo)
+        request.node._topologies = [*getattr(request.node, "_topologies", []), topo]
+        return topo
+
+    yield make
+    for topo in made:
+        topo.destroy()
+        if topo in _live:
+            _live.remove(topo)
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    """Where tests put screenshots and reports a person looks at."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

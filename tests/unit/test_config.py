@@ -1,0 +1,146 @@
+"""The configuration file: the example passes, each kind of mistake gets its own message."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, load
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "policies" / "appliance.toml"
+
+
+def variant(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the example config, with one edit, beside copies of its tables."""
+    text = EXAMPLE.read_text()
+    assert old in text, old
+    for name in ("servers.toml", "access.toml"):
+        (tmp_path / name).write_text((ROOT / "policies" / name).read_text())
+    path = tmp_path / "appliance.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_example_matches_the_address_plan() -> None:
+    cfg = load(EXAMPLE)
+    assert cfg.interfaces.guest_address == ipaddress.IPv4Interface("192.168.1.1/24")
+    assert cfg.dhcp.pool_start in cfg.interfaces.guest_subnet
+    assert cfg.hidden(ipaddress.IPv4Address("198.51.100.3"))
+    assert not cfg.hidden(ipaddress.IPv4Address("203.0.113.3"))
+    assert cfg.dhcp.renewal_time == 1800 and cfg.dhcp.rebinding_time == 3150
+    assert cfg.policies.servers == ROOT / "policies" / "servers.toml"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "words"),
+    [
+        ("[dhcp]\n", "[dhcp]\npool_size = 3\n", "dhcp.pool_size", "unknown key"),
+        (
+            'pool_end = "192.168.1.250"',
+            'pool_end = "192.168.2.20"',
+            "dhcp.pool_end",
+            "outside the guest subnet",
+        ),
+        (
+            'hidden_networks = ["198.51.100.0/24"]',
+            'hidden_networks = ["192.168.0.0/16"]',
+            "interfaces.hidden_networks",
+            "overlaps the guest subnet",
+        ),
+        ("port = 8000", "port = 70000", "admin.port", "out of range"),
+        (
+            'servers = "servers.toml"',
+            'servers = "missing.toml"',
+            "policies.servers",
+            "table file not found",
+        ),
+        ("lease_time = 3600", 'lease_time = "an hour"', "dhcp.lease_time", "expected an integer"),
+        (
+            'guest_address = "192.168.1.1/24"',
+            'guest_address = "192.168.1.1"',
+            "interfaces.guest_address",
+            "needs a prefix length",
+        ),
+        (
+            'pool_start = "192.168.1.100"',
+            'pool_start = "192.168.1.1"',
+            "dhcp.pool_start",
+            "appliance's own guest address",
+        ),
+        (
+            "explicit_http_port = 3128",
+            "explicit_http_port = 80",
+            "proxy.explicit_http_port",
+            "already used by portal.http_port",
+        ),
+    ],
+)
+def test_each_mistake_names_file_line_and_key(
+    tmp_path: Path, old: str, new: str, key: str, words: str
+) -> None:
+    path = variant(tmp_path, old, new)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    e = err.value
+    assert e.file == str(path)
+    assert e.key == key
+    assert words in e.reason
+    lines = path.read_text().splitlines()
+    assert e.line is not None
+    # the line named is the one holding the key (or its table, for added keys)
+    assert key.split(".")[-1] in lines[e.line - 1] or key.split(".")[0] in lines[e.line - 1]
+
+
+def test_broken_toml_names_the_line(tmp_path: Path) -> None:
+    path = variant(tmp_path, "[dns]\n", "[dns\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert "not valid TOML" in str(err.value)
+    assert err.value.line == path.read_text().splitlines().index("[dns") + 1
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nope.toml")
+
+
+def test_reservation_mac_checked(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path,
+        '# [[dhcp.reservations]]\n# mac = "02:00:00:00:01:01"\n# address = "192.168.1.10"',
+        '[[dhcp.reservations]]\nmac = "02:00:00:00:01:01"\naddress = "192.168.1.10"'
+        '\n[[dhcp.reservations]]\nmac = "zz:00"\naddress = "192.168.1.11"',
+    )
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.key == "dhcp.reservations[1].mac"
+    assert 'mac = "zz:00"' in path.read_text().splitlines()[err.value.line - 1]  # type: ignore[operator]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_check_config_accepts_the_example() -> None:
+    proc = run_cli("check-config", str(EXAMPLE))
+    assert proc.returncode == 0, proc.stderr
+    assert "servers.toml: ok" in proc.stdout
+
+
+def test_check_config_rejects_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    path = variant(tmp_path, "port = 8000", "port = 0")
+    proc = run_cli("check-config", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    line = next(
+        i for i, t in enumerate(path.read_text().splitlines(), 1) if t.startswith("port = 0 ")
+    )
+    assert f"{path}:{line}: admin.port: 0 is out of range 1..65535" in proc.stderr
