@@ -14,6 +14,7 @@ from pathlib import Path
 from appliance.tomlfile import ConfigError, Reader, TomlFile
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
+CAPTIVE_API_PATH = "/api/captive"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class PortalConfig:
             return f"https://{self.hostname}{port}"
         port = "" if self.http_port == 80 else f":{self.http_port}"
         return f"http://{guest_ip}{port}"
+
+    def captive_api_url(self, guest_ip: ipaddress.IPv4Address) -> str:
+        """The RFC 8908 API URI that DHCP option 114 announces."""
+        return self.base_url(guest_ip) + CAPTIVE_API_PATH
 
 
 @dataclass(frozen=True)

@@ -115,13 +115,11 @@ class TomlFile:
     def error(self, path: KeyPath, message: str) -> ConfigError:
         return ConfigError(self.path, dotted(path), message, self.line_of(path))
 
-    def reader(self, *path: str | int, required: bool = False) -> Reader:
+    def reader(self, *path: str, required: bool = False) -> Reader:
         """A Reader over the table at `path` (an empty table if absent and not required)."""
         node: Any = self.data
         for i, part in enumerate(path):
-            if isinstance(node, dict) and isinstance(part, str) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            if isinstance(node, dict) and part in node:
                 node = node[part]
             elif required:
                 raise self.error(path[: i + 1], "missing table")

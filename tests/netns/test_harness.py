@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -59,8 +58,9 @@ def test_guests_share_a_link_with_the_appliance(make_topology: Callable[..., Top
 def test_background_process_and_wait_port(make_topology: Callable[..., Topology]) -> None:
     topo = make_topology(guests=1)
     seg = topo["seg"]
-    proc = seg.start(sys.executable, "-m", "http.server", "--bind", "198.51.100.4", "8088",
-                     name="http")
+    proc = seg.start(
+        sys.executable, "-m", "http.server", "--bind", "198.51.100.4", "8088", name="http"
+    )
     seg.wait_port(8088, "198.51.100.4")
     page = topo["gw"].run("curl", "-sS", "-m", "5", "http://198.51.100.4:8088/").stdout
     assert "Directory listing" in page
@@ -94,9 +94,26 @@ def _pytest_child(tmp_path: Path, body: str) -> subprocess.Popen[str]:
     test = tmp_path / "test_child.py"
     test.write_text(textwrap.dedent(body))
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
-         "-c", str(ROOT / "pyproject.toml"), "--confcutdir", str(ROOT / "tests"), str(test)],
-        cwd=ROOT / "tests", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(ROOT),
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--confcutdir",
+            str(ROOT / "tests"),
+            str(test),
+        ],
+        cwd=ROOT / "tests",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_a_failing_test_leaves_nothing(tmp_path: Path) -> None:
@@ -157,11 +174,15 @@ def test_lab_cli_up_exec_status_down() -> None:
     if any(n.startswith("gglab-") for n in namespaces()):
         pytest.skip("a lab is already up on this machine")
     try:
-        up = subprocess.run([*appliance, "lab", "up", "--guests", "1"], capture_output=True,
-                            text=True, timeout=120)
+        up = subprocess.run(
+            [*appliance, "lab", "up", "--guests", "1"], capture_output=True, text=True, timeout=120
+        )
         assert up.returncode == 0, up.stderr
-        ex = subprocess.run([*appliance, "lab", "exec", "gw", "--", "ip", "-br", "addr"],
-                            capture_output=True, text=True)
+        ex = subprocess.run(
+            [*appliance, "lab", "exec", "gw", "--", "ip", "-br", "addr"],
+            capture_output=True,
+            text=True,
+        )
         assert ex.returncode == 0 and "198.51.100.1/24" in ex.stdout
         rc = subprocess.run([*appliance, "lab", "exec", "guest1", "--", "sh", "-c", "exit 7"])
         assert rc.returncode == 7

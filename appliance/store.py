@@ -1,0 +1,30 @@
+"""The shared state store: one SQLite file (WAL) that every role of the appliance opens.
+
+Each module owns its own tables and creates them with CREATE TABLE IF NOT EXISTS
+(leases: dhcp/leases.py, sessions: appliance/sessions.py).  WAL lets the DHCP
+writer and the readers (portal, proxy, DNS) work at once; synchronous=NORMAL in
+WAL mode keeps every committed transaction across a crash or kill -9 of the
+process (not across a power cut before the next checkpoint).  Keep callers behind
+small functions so PostgreSQL can replace this later.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the store; the directory is created when missing."""
+    path = Path(path)
+    if not readonly:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    conn = sqlite3.connect(
+        uri, uri=True, timeout=5.0, isolation_level=None, check_same_thread=False
+    )
+    conn.execute("PRAGMA busy_timeout = 5000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
