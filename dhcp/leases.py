@@ -1,0 +1,136 @@
+"""The lease table in the shared state store, and the lease events other roles follow.
+
+The DHCP server is the only writer.  Every change to a lease and its event row are
+committed in one transaction before the reply leaves, so a crash never loses an
+ACKed lease and followers (sessions, firewall) never miss a change.  Readers in
+other processes use `lookup_ip`, `lookup_mac` and `events_since`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    ip TEXT PRIMARY KEY,
+    mac TEXT NOT NULL,
+    client_id BLOB,
+    hostname TEXT,
+    state TEXT NOT NULL,          -- bound | released | expired | declined
+    expires REAL NOT NULL,        -- epoch seconds (for declined: end of quarantine)
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_mac ON leases(mac);
+CREATE TABLE IF NOT EXISTS lease_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
+"""
+
+LEASE_EVENT_KINDS = ("granted", "renewed", "released", "expired", "declined")
+_STATE_AFTER = {
+    "granted": "bound",
+    "renewed": "bound",
+    "released": "released",
+    "expired": "expired",
+    "declined": "declined",
+}
+
+
+@dataclass(frozen=True)
+class Lease:
+    ip: str
+    mac: str
+    expires: float
+    state: str = "bound"
+    client_id: bytes | None = None
+    hostname: str | None = None
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    id: int
+    time: float
+    kind: str
+    ip: str
+    mac: str
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+
+
+def _lease(row: tuple[str, str, float, str, bytes | None, str | None] | None) -> Lease | None:
+    return Lease(*row) if row else None
+
+
+def lookup_ip(conn: sqlite3.Connection, ip: str, now: float) -> Lease | None:
+    """The bound, unexpired lease of an address, or None."""
+    row = conn.execute(
+        "SELECT ip, mac, expires, state, client_id, hostname FROM leases "
+        "WHERE ip = ? AND state = 'bound' AND expires > ?",
+        (ip, now),
+    ).fetchone()
+    return _lease(row)
+
+
+def lookup_mac(conn: sqlite3.Connection, mac: str, now: float) -> Lease | None:
+    """The bound, unexpired lease of a MAC address, or None."""
+    row = conn.execute(
+        "SELECT ip, mac, expires, state, client_id, hostname FROM leases "
+        "WHERE mac = ? AND state = 'bound' AND expires > ? ORDER BY expires DESC LIMIT 1",
+        (mac.lower(), now),
+    ).fetchone()
+    return _lease(row)
+
+
+def record(conn: sqlite3.Connection, kind: str, lease: Lease, now: float) -> int:
+    """Write one lease change and its event in a single transaction; returns the event id."""
+    if kind not in _STATE_AFTER:
+        raise ValueError(f"unknown lease event kind {kind!r}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "INSERT INTO leases (ip, mac, client_id, hostname, state, expires, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET mac = excluded.mac, "
+            "client_id = excluded.client_id, hostname = excluded.hostname, "
+            "state = excluded.state, expires = excluded.expires, updated = excluded.updated",
+            (
+                lease.ip,
+                lease.mac.lower(),
+                lease.client_id,
+                lease.hostname,
+                _STATE_AFTER[kind],
+                lease.expires,
+                now,
+            ),
+        )
+        cur = conn.execute(
+            "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
+            (now, kind, lease.ip, lease.mac.lower()),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(cur.lastrowid or 0)
+
+
+def events_since(conn: sqlite3.Connection, last_id: int, limit: int = 1000) -> list[LeaseEvent]:
+    """Lease events after `last_id`, oldest first: followers keep the last id they saw."""
+    rows = conn.execute(
+        "SELECT id, time, kind, ip, mac FROM lease_events WHERE id > ? ORDER BY id LIMIT ?",
+        (last_id, limit),
+    ).fetchall()
+    return [LeaseEvent(*r) for r in rows]
+
+
+def all_leases(conn: sqlite3.Connection) -> list[Lease]:
+    rows = conn.execute(
+        "SELECT ip, mac, expires, state, client_id, hostname FROM leases ORDER BY ip"
+    ).fetchall()
+    return [Lease(*r) for r in rows]

@@ -1,0 +1,36 @@
+"""The lease table other roles read: lookups see only bound, unexpired leases; events follow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import store
+from dhcp import leases
+from dhcp.leases import Lease
+
+pytestmark = pytest.mark.unit
+
+
+def test_lookups_and_events(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "state.sqlite")
+    leases.create_schema(conn)
+    lease = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0)
+    first = leases.record(conn, "granted", lease, now=100.0)
+    assert leases.lookup_ip(conn, "192.168.1.100", now=500.0) == lease
+    assert leases.lookup_mac(conn, "02:47:00:00:00:01", now=500.0) == lease
+    assert leases.lookup_ip(conn, "192.168.1.100", now=1000.0) is None  # expired
+    leases.record(conn, "released", lease, now=200.0)
+    assert leases.lookup_ip(conn, "192.168.1.100", now=300.0) is None
+    # another process (a second connection) follows the events by id
+    other = store.connect(tmp_path / "state.sqlite", readonly=True)
+    events = leases.events_since(other, first - 1)
+    assert [(e.kind, e.ip) for e in events] == [
+        ("granted", "192.168.1.100"),
+        ("released", "192.168.1.100"),
+    ]
+    assert leases.events_since(other, events[-1].id) == []
+    with pytest.raises(ValueError):
+        leases.record(conn, "stolen", lease, now=1.0)
+    assert len(leases.events_since(other, 0)) == 2  # the refused change wrote nothing
