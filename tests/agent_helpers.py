@@ -6,6 +6,7 @@ import json
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance import config as config_mod
 from appliance import passwords
@@ -73,3 +74,35 @@ def signed(
         secrets.token_urlsafe(18),
     )
     return raw, {"content-type": "application/json", **{k.lower(): v for k, v in headers.items()}}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningAgent:
+    """`AgentServer` on an event loop in a thread, for tests that speak HTTPS over loopback."""
+
+    def __init__(self, settings: AgentSettings, **kw: Any) -> None:
+        import asyncio
+        import threading
+
+        from appliance.agent.server import AgentServer
+
+        self.loop = asyncio.new_event_loop()
+        self.server = AgentServer(settings, **kw)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+        self.url = f"https://127.0.0.1:{self.server.port}"
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

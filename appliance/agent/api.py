@@ -62,6 +62,7 @@ class AgentApp:
         appliances: Callable[[], ApplianceTable],
         persist_pending: Callable[[dict[str, dict[str, Any]]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        verify: Callable[[str | None, str], bool] = passwords.verify_password,
     ) -> None:
         self.settings = settings
         self.fingerprint = fingerprint
@@ -69,6 +70,7 @@ class AgentApp:
         self.appliances = appliances
         self.persist_pending = persist_pending
         self.clock = clock
+        self.verify = verify
         lim = settings.limits
         self.by_source = RateLimiter(lim.rate, lim.burst)
         self.by_key = RateLimiter(lim.rate, lim.burst)
@@ -123,7 +125,7 @@ class AgentApp:
                 return refuse(423, "locked", "too many wrong passwords; try again later")
         table = self.users()
         user = table.get(user_name)
-        ok = passwords.verify_password(user.password_hash if user else None, password)
+        ok = self.verify(user.password_hash if user else None, password)
         if user is None:
             log.info("login refused: unknown user %r (appliance %s)", user_name, key[:12])
             return refuse(401, "unknown_user", "no such user at this agent")

@@ -24,8 +24,6 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +191,9 @@ def appliance_key_id(config: Config) -> str:
 
 # -- the request -------------------------------------------------------------------------
 
-_resolver = ThreadPoolExecutor(4, thread_name_prefix="agent-resolve")
+# Name lookups run in their own short-lived thread, so a hung resolver cannot hold the
+# login past its deadline; a fresh thread also inherits the caller's network namespace.
+_lookups = threading.BoundedSemaphore(16)
 
 
 class _Deadline:
@@ -215,13 +215,27 @@ def _resolve(host: str, port: int, deadline: _Deadline) -> list[str]:
         return [str(ipaddress.ip_address(host))]
     except ValueError:
         pass
-    future = _resolver.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    try:
-        infos = future.result(timeout=deadline.left())
-    except FutureTimeout:
-        raise AgentError("timeout", f"could not resolve {host} in time") from None
-    except (OSError, UnicodeError):
-        raise AgentError("unreachable", f"the name {host} does not resolve") from None
+    if not _lookups.acquire(timeout=deadline.left()):
+        raise AgentError("timeout", f"could not resolve {host} in time")
+    result: list[Any] = []
+    failed: list[BaseException] = []
+
+    def lookup() -> None:
+        try:
+            result.extend(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:
+            failed.append(exc)
+        finally:
+            _lookups.release()
+
+    worker = threading.Thread(target=lookup, name="agent-resolve", daemon=True)
+    worker.start()
+    worker.join(deadline.left())
+    if worker.is_alive():
+        raise AgentError("timeout", f"could not resolve {host} in time")
+    if failed or not result:
+        raise AgentError("unreachable", f"the name {host} does not resolve")
+    infos = result
     out: list[str] = []
     for info in infos:
         addr = str(info[4][0])

@@ -18,11 +18,13 @@ import json
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import h11
 
+from appliance import passwords
 from appliance.agent import tables, tlscert
 from appliance.agent.api import AgentApp, Request, Response, refuse
 from appliance.agent.settings import AgentSettings
@@ -34,7 +36,11 @@ MAX_HEADER_BYTES = 16384
 
 
 class AgentServer:
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        verify: Callable[[str | None, str], bool] = passwords.verify_password,
+    ) -> None:
         self.settings = settings
         tlscert.secure_dir(settings.state_directory)
         if tlscert.ensure_certificate(
@@ -50,6 +56,7 @@ class AgentServer:
             self.users.get,
             self.appliance_table.get,
             persist_pending=self._save_pending,
+            verify=verify,
         )
         self.pool = ThreadPoolExecutor(settings.limits.workers, thread_name_prefix="agent-auth")
         self.busy = asyncio.Semaphore(MAX_CONNECTIONS)

@@ -29,7 +29,7 @@ HEADER_SIGNATURE = "appliance-signature"
 SIGNATURE_CONTEXT = b"personal-agent-request-v1"
 MAX_CLOCK_SKEW = 300  # seconds between appliance and agent clocks
 
-MAX_REQUEST_BODY = 4096
+MAX_REQUEST_BODY = 16384  # the longest valid request: 1024 escaped non-ASCII characters
 MAX_ANSWER_BYTES = 65536
 MAX_USER_LEN = 64
 MAX_PASSWORD_LEN = 1024
