@@ -13,7 +13,6 @@ from appliance import passwords
 from appliance.agent import tables, wire
 from appliance.agent.settings import AgentSettings
 from appliance.agent.settings import load as load_settings
-from appliance.tomlfile import TomlFile
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "policies" / "appliance.toml"
@@ -27,7 +26,8 @@ def appliance_config(directory: Path, timeout: float = 2.0) -> config_mod.Config
     text = EXAMPLE.read_text()
     text = text.replace('directory = "/var/lib/appliance"', f'directory = "{directory / "state"}"')
     text = text.replace("timeout = 4.0", f"timeout = {timeout}")
-    return config_mod.parse(TomlFile.parse(text, directory / "appliance.toml"))
+    (directory / "appliance.toml").write_text(text)
+    return config_mod.load(directory / "appliance.toml")
 
 
 def make_agent_dir(

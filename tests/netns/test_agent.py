@@ -7,7 +7,8 @@ in this process, moved into the gw namespace, exactly as the portal calls it.
 
 from __future__ import annotations
 
-import subprocess
+import contextlib
+import io
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from agent_helpers import appliance_config, make_agent_dir
 
-from appliance.agent import tlscert
+from appliance.agent import cli, tlscert
 from appliance.agent.client import AgentAnswer, AgentError, appliance_key_id, authenticate
 from appliance.agent.settings import AgentSettings
 from appliance.config import Config
@@ -27,15 +28,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def agent_cli(settings: AgentSettings, *args: str, stdin: str | None = None) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "appliance.agent.cli", *args, "--config", str(settings.path)],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        check=True,
-        timeout=60,
-    )
-    return out.stdout
+    """`personal-agent ARGS --config ...` in this process (it only edits files)."""
+    out = io.StringIO()
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out):
+            rc = cli.main([*args, "--config", str(settings.path)])
+    finally:
+        sys.stdin = old_stdin
+    assert rc == 0, (args, out.getvalue())
+    return out.getvalue()
 
 
 def start_agent(topo: Topology, settings: AgentSettings) -> tuple[str, object]:
@@ -134,6 +137,24 @@ def test_alice_and_bob_log_in_through_their_agents(
         assert refused(topo, config, f"{user}@203.0.113.1#{fp_a}", pw)[0] == "refused_servers"
     # an agent address on the hidden segment is never contacted
     assert refused(topo, config, "alice@198.51.100.3", "x")[0] == "bad_address"
+
+    # the same from a separate process in the appliance's namespace, as an admin checks it
+    out = (
+        topo["gw"]
+        .run(
+            sys.executable,
+            "-m",
+            "appliance",
+            "agent-login",
+            "--config",
+            str(config.path),
+            alice,
+            "--password-stdin",
+            input="alice-secret\n",
+        )
+        .stdout
+    )
+    assert '"pop3": "203.0.113.3:110"' in out
 
     # the household denies the appliance: refused again
     agent_cli(a, "appliances", "deny", key)

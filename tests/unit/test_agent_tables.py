@@ -104,3 +104,9 @@ def test_cli_edits_users_servers_and_appliances(
     assert run(capsys, cfg, "appliances", "deny", key)[0] == 0
     assert tables.load_appliances(s.appliances_file).status(key) == "denied"
     assert run(capsys, cfg, "appliances", "allow", "zz")[0] == 2
+
+
+def test_example_agent_toml_loads() -> None:
+    s = load(Path(cli.__file__).with_name("agent.example.toml"))
+    assert s.port == wire.DEFAULT_PORT and s.accept == "listed"
+    assert s.users_file == Path("/var/lib/personal-agent/users.toml")
