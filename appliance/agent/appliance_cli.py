@@ -41,8 +41,7 @@ def _cmd_login(args: argparse.Namespace) -> int:
                 "user": answer.user,
                 "agent": answer.agent,
                 "attributes": {
-                    k: list(v) if isinstance(v, tuple) else v
-                    for k, v in answer.attributes.items()
+                    k: list(v) if isinstance(v, tuple) else v for k, v in answer.attributes.items()
                 },
                 "servers": dict(answer.servers),
             },
