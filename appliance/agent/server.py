@@ -62,6 +62,7 @@ class AgentServer:
         self.busy = asyncio.Semaphore(MAX_CONNECTIONS)
         self.queue = asyncio.Semaphore(settings.limits.workers * 8)
         self.server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -93,6 +94,10 @@ class AgentServer:
         if self.busy.locked():
             writer.close()
             return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         async with self.busy:
             try:
                 await asyncio.wait_for(
@@ -208,6 +213,9 @@ class AgentServer:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.server.wait_closed()
         self.pool.shutdown(wait=False, cancel_futures=True)
 

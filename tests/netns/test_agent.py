@@ -205,3 +205,6 @@ def test_slow_and_garbage_agents_fail_within_the_deadline(
     assert refused(topo, config, f"alice@203.0.113.1:9003#{fp}", "x")[0] == "bad_answer"
     code, took = refused(topo, config, f"alice@203.0.113.80:9004#{fp}", "x")
     assert code == "unreachable" and took < 1.0
+    # a home agent whose machine is off: nobody answers ARP, the deadline still holds
+    code, took = refused(topo, config, f"alice@203.0.113.77#{fp}", "x")
+    assert code in ("timeout", "unreachable") and took < 2.6, (code, took)
