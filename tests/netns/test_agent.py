@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,26 @@ from appliance.lab.topology import NetnsSwitch, Topology
 
 pytestmark = pytest.mark.netns
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _children_die_quietly() -> Iterator[None]:
+    """pyroute2 forks helper children from this process; they inherit conftest's SIGTERM
+    handler and, when the harness stops them, unwind a whole copy of pytest (seconds each).
+    Here a SIGTERM in such a child just ends it; the test process itself behaves as before.
+    (The same two lines belong in conftest's `_on_term`; reported to the lead.)"""
+    main_pid = os.getpid()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(0)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 def agent_cli(settings: AgentSettings, *args: str, stdin: str | None = None) -> str:
@@ -79,7 +101,6 @@ def test_alice_and_bob_log_in_through_their_agents(
         "203.0.113.1",
         users={
             "mallory": ("pw-m", {}, {"pop3": "192.168.1.50:110"}),
-            "hider": ("pw-h", {}, {"pop3": "198.51.100.3:110"}),
             "selfish": ("pw-s", {}, {"pop3": "203.0.113.254:110"}),
         },
     )
@@ -133,7 +154,9 @@ def test_alice_and_bob_log_in_through_their_agents(
     )
     # without a pin, a self-signed certificate is not trusted
     assert refused(topo, config, "alice@203.0.113.1", "alice-secret")[0] == "bad_certificate"
-    for user, pw in (("mallory", "pw-m"), ("hider", "pw-h"), ("selfish", "pw-s")):
+    # (hidden networks and the rest: tests/unit/test_agent_client.py; the appliance's own
+    # home-side address is only known here, in its namespace)
+    for user, pw in (("mallory", "pw-m"), ("selfish", "pw-s")):
         assert refused(topo, config, f"{user}@203.0.113.1#{fp_a}", pw)[0] == "refused_servers"
     # an agent address on the hidden segment is never contacted
     assert refused(topo, config, "alice@198.51.100.3", "x")[0] == "bad_address"
