@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from appliance.agent.tables import ApplianceTable, UserTable
 log = logging.getLogger("appliance.agent")
 
 MAX_PENDING = 100
+_STAMP = re.compile(r"[0-9]{1,12}")  # not str.isdigit: '²' is a digit to it, not to int()
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class Response:
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+        # ASCII escapes: an echoed field name may hold a lone surrogate, which UTF-8 cannot
+        return json.dumps(self.body, ensure_ascii=True).encode("ascii")
 
 
 def refuse(status: int, code: str, message: str, **headers: str) -> Response:
@@ -163,9 +166,9 @@ class AgentApp:
         )
         if not (key and stamp and nonce and sig):
             return refuse(401, "unsigned", "requests must be signed by an appliance key")
-        if not wire.valid_key_id(key) or not _nonce_ok(nonce) or not stamp.isdigit():
+        if not wire.valid_key_id(key) or not _nonce_ok(nonce) or not _STAMP.fullmatch(stamp):
             return refuse(400, "bad_signature", "malformed signature headers")
-        if abs(int(stamp[:12]) - now) > wire.MAX_CLOCK_SKEW:
+        if abs(int(stamp) - now) > wire.MAX_CLOCK_SKEW:
             return refuse(401, "stale_request", "the appliance clock is off by more than 5 min")
         if not wire.verify_signature(
             key, sig, req.method, req.path, self.fingerprint, stamp, nonce, req.body

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from agent_helpers import make_agent_dir, signed
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from appliance import passwords
 from appliance.agent import tables, wire
@@ -153,6 +155,7 @@ def test_unknown_appliance_is_pending_denied_is_refused(agent_dir: Path) -> None
         ({"appliance-time": "1000"}, "stale_request"),
         ({"appliance-key": "short"}, "bad_signature"),
         ({"appliance-nonce": "!"}, "bad_signature"),
+        ({"appliance-time": "\u00b2"}, "bad_signature"),  # a "digit" int() refuses
     ],
 )
 def test_bad_signatures(agent_dir: Path, tamper: dict[str, str], code: str) -> None:
@@ -187,6 +190,7 @@ def test_replay_and_other_agent_fingerprint_are_refused(agent_dir: Path) -> None
         (b'{"user": "al ice", "password": "x"}', None, 400, "bad_request"),
         (b'{"user": "alice\\n", "password": "x"}', None, 400, "bad_request"),
         (b'{"user": "alice", "password": "x"}', "text/plain", 415, "unsupported_media_type"),
+        (b'{"\\ud800": 1}', None, 400, "unknown_field"),  # a lone surrogate, echoed safely
     ],
 )
 def test_bad_bodies_are_4xx(
@@ -199,6 +203,7 @@ def test_bad_bodies_are_4xx(
         headers["content-type"] = ctype
     r = app.handle(Request("POST", wire.AUTHENTICATE_PATH, headers, raw, "192.0.2.9"))
     assert (r.status, r.body["error"]) == (status, code)
+    assert json.loads(r.encode())["error"] == code
 
 
 def test_guards_are_bounded_and_exact() -> None:
@@ -210,3 +215,80 @@ def test_guards_are_bounded_and_exact() -> None:
     assert not lo.locked("u", 12)
     nc = NonceCache(300)
     assert nc.fresh("n1", 0) and not nc.fresh("n1", 10) and nc.fresh("n1", 700)
+
+
+_FUZZ_KEY = Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> AgentApp:
+    s = make_agent_dir(
+        tmp_path_factory.mktemp("fuzz"),
+        extra=(
+            f'[appliances]\ntrusted = ["{wire.public_key_id(_FUZZ_KEY.public_key())}"]\n'
+            "[limits]\nrate = 100000\nburst = 100000\n"
+        ),
+    )
+    users = tables.UserTable({"alice": tables.User("alice", "$argon2id$x", attributes={"a": "b"})})
+    return AgentApp(
+        s,
+        FP,
+        lambda: users,
+        lambda: tables.ApplianceTable({}),
+        clock=Clock(),
+        verify=lambda stored, pw: stored is not None and pw == "alice-pw",
+    )
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_header_text = st.text(st.characters(max_codepoint=255), max_size=50)
+
+
+@given(
+    body=st.one_of(
+        st.binary(max_size=200),
+        _json.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            {"user": st.text(max_size=70), "password": st.text(max_size=30)},
+            optional={"x": _json},
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+    headers=st.dictionaries(
+        st.sampled_from(
+            [
+                "content-type",
+                "appliance-key",
+                "appliance-time",
+                "appliance-nonce",
+                "appliance-signature",
+            ]
+        ),
+        _header_text,
+    ),
+    method=st.sampled_from(["GET", "POST", "PUT", "HEAD"]),
+    path=st.sampled_from(["/v1/authenticate", "/v1/info", "/v1/authenticate?x=1", "/", "/v2"]),
+    sign=st.booleans(),
+)
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+def test_no_input_makes_a_5xx(
+    fuzz_app: AgentApp, body: bytes, headers: dict[str, str], method: str, path: str, sign: bool
+) -> None:
+    """Sans-IO fuzz of every input the server hands to the app, signed or not."""
+    app = fuzz_app
+    if sign:
+        _, signed_headers = signed(_FUZZ_KEY, body, FP, app.clock(), path=path)
+        headers = {**headers, **{k: v for k, v in signed_headers.items() if k not in headers}}
+    r = app.handle(Request(method, path, headers, body, "192.0.2.1"))
+    assert 200 <= r.status < 500
+    doc = json.loads(r.encode())
+    assert r.status == 200 or doc["error"]
