@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import socket
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from appliance.agent import wire
 from appliance.config import Config
 
+log = logging.getLogger("appliance.agent.client")
 KEY_FILE = "agent-client.key"
 CODES = (
     "unknown_user",
@@ -296,6 +298,11 @@ def _tls(sock: socket.socket, spec: AgentSpec, deadline: _Deadline) -> ssl.SSLSo
         raise AgentError(
             "timeout", f"your home agent at {spec.address} did not answer in time"
         ) from None
+    except ConnectionError as exc:
+        sock.close()
+        raise AgentError(
+            "unreachable", f"your home agent at {spec.address} hung up ({exc.strerror or exc})"
+        ) from None
     except (ssl.SSLError, OSError) as exc:
         sock.close()
         raise AgentError(
@@ -306,9 +313,11 @@ def _tls(sock: socket.socket, spec: AgentSpec, deadline: _Deadline) -> ssl.SSLSo
         seen = wire.fingerprint(der)
         if not secrets.compare_digest(seen, spec.fingerprint):
             tls.close()
+            log.warning("agent %s presented certificate %s, not the pinned one", spec.address, seen)
             raise AgentError(
                 "bad_certificate",
-                f"the agent at {spec.address} is not the one you named: its certificate is {seen}",
+                f"the agent at {spec.address} is not the one you named (its certificate has"
+                " another fingerprint): check the address and the fingerprint",
             )
     return tls
 
