@@ -210,6 +210,15 @@ class AgentServer:
             writer.write(conn.send(h11.EndOfMessage()) or b"")
         await asyncio.wait_for(writer.drain(), 10)
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the tables now (they are also re-read whenever their files change)."""
+        self.users.force()
+        self.appliance_table.force()
+        for watched in (self.users, self.appliance_table):
+            if watched.error is not None:
+                log.error("keeping the last good table: %s", watched.error)
+        log.info("tables re-read")
+
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -234,6 +243,7 @@ async def _run(settings: AgentSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     await server.close()
     log.info("personal agent stopped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 from appliance.agent import wire
 from appliance.tomlfile import ConfigError, Reader, TomlFile
 
+log = logging.getLogger("appliance.agent")
 AttrValue = str | tuple[str, ...]
 
 
@@ -245,6 +247,13 @@ class Watched:
                 self._value = self._loader(self.path)
                 self.error = None
             except ConfigError as exc:
+                if self.error is None or str(exc) != str(self.error):
+                    log.error("keeping the last good table: %s", exc)
                 self.error = exc
             self._stamp = stamp
         return self._value
+
+    def force(self) -> None:
+        """Re-read on the next get(), changed or not."""
+        self._stamp = (-1, -1, -1)
+        self.get()

@@ -23,7 +23,7 @@ from appliance.agent import cli, tlscert
 from appliance.agent.client import AgentAnswer, AgentError, appliance_key_id, authenticate
 from appliance.agent.settings import AgentSettings
 from appliance.config import Config
-from appliance.lab.topology import NetnsSwitch, Topology
+from appliance.lab.topology import NetnsSwitch, Process, Topology
 
 pytestmark = pytest.mark.netns
 HERE = Path(__file__).resolve().parent
@@ -63,7 +63,7 @@ def agent_cli(settings: AgentSettings, *args: str, stdin: str | None = None) -> 
     return out.getvalue()
 
 
-def start_agent(topo: Topology, settings: AgentSettings) -> tuple[str, object]:
+def start_agent(topo: Topology, settings: AgentSettings) -> tuple[str, Process]:
     fp = agent_cli(settings, "fingerprint").strip()
     proc = topo["home"].start(
         sys.executable,
@@ -124,7 +124,7 @@ def test_alice_and_bob_log_in_through_their_agents(
         users={"bob": ("bob-secret", {"department": "Research"}, {"pop3": "203.0.113.3:1110"})},
         extra='[appliances]\naccept = "any"\n',
     )
-    fp_a, _ = start_agent(topo, a)
+    fp_a, proc_a = start_agent(topo, a)
     fp_b, proc_b = start_agent(topo, b)
     alice = f"alice@203.0.113.1#{fp_a}"
 
@@ -179,12 +179,19 @@ def test_alice_and_bob_log_in_through_their_agents(
     )
     assert '"pop3": "203.0.113.3:110"' in out
 
+    # SIGHUP re-reads the tables and keeps serving (systemd's reload)
+    proc_a.popen.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "tables re-read" not in proc_a.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc_a.alive() and login(topo, config, alice, "alice-secret").user == "alice"
+
     # the household denies the appliance: refused again
     agent_cli(a, "appliances", "deny", key)
     assert refused(topo, config, alice, "alice-secret")[0] == "appliance_not_allowed"
 
     # agent B goes down: a quick, clear refusal
-    proc_b.stop()  # type: ignore[attr-defined]
+    proc_b.stop()
     code, took = refused(topo, config, f"bob@203.0.113.2#{fp_b}", "bob-secret")
     assert code == "unreachable" and took < 2.0
 
