@@ -184,6 +184,7 @@ def test_alice_and_bob_log_in_through_their_agents(
     deadline = time.monotonic() + 5
     while "tables re-read" not in proc_a.output() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert "tables re-read" in proc_a.output()
     assert proc_a.alive() and login(topo, config, alice, "alice-secret").user == "alice"
 
     # the household denies the appliance: refused again

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from agent_helpers import make_agent_dir
 
+from appliance import passwords
 from appliance.agent import cli, tables, wire
 from appliance.agent.settings import load
 from appliance.tomlfile import ConfigError, TomlFile
@@ -90,6 +91,20 @@ def test_cli_edits_users_servers_and_appliances(
     assert u.servers == {"pop3": "203.0.113.3:110"} and u.attributes["groups"] == ("a", "b")
     assert "pw-1" not in s.users_file.read_text()
     assert s.users_file.stat().st_mode & 0o077 == 0
+    old_hash = tables.load_users(s.users_file).users["alice"].password_hash
+    monkeypatch.setattr("sys.stdin", io.StringIO("pw-2\n"))
+    assert run(capsys, cfg, "users", "passwd", "alice", "--password-stdin")[0] == 0
+    new = tables.load_users(s.users_file).users["alice"]
+    assert new.password_hash != old_hash and passwords.verify_password(new.password_hash, "pw-2")
+    assert new.servers == {"pop3": "203.0.113.3:110"}  # a new password keeps the rest
+    assert (
+        run(capsys, cfg, "users", "attr", "alice", "--attr", "title=boss", "--unset", "groups")[0]
+        == 0
+    )
+    assert tables.load_users(s.users_file).users["alice"].attributes == {
+        "department": "Sales 1",
+        "title": "boss",
+    }
     assert run(capsys, cfg, "users", "lock", "alice")[0] == 0
     assert tables.load_users(s.users_file).users["alice"].locked
     assert run(capsys, cfg, "users", "del", "nobody")[0] == 2
