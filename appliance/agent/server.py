@@ -113,7 +113,7 @@ class AgentServer:
                     await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[h11.Request, bytes] | Response:
         max_body = self.settings.limits.max_body
         head: h11.Request | None = None
@@ -121,6 +121,8 @@ class AgentServer:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:  # curl does this for large bodies
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
                 data = await reader.read(8192)
                 conn.receive_data(data)
                 continue
@@ -145,7 +147,7 @@ class AgentServer:
         peer_ip = str(peer[0]) if peer else "?"
         try:
             got = await asyncio.wait_for(
-                self._read_request(conn, reader), self.settings.limits.request_timeout
+                self._read_request(conn, reader, writer), self.settings.limits.request_timeout
             )
         except h11.RemoteProtocolError as exc:
             got = refuse(exc.error_status_hint, "bad_http", "malformed HTTP request")

@@ -100,3 +100,21 @@ def test_parallel_logins_all_answered(agent: RunningAgent) -> None:
     with ThreadPoolExecutor(6) as pool:
         codes = list(pool.map(one, range(6)))
     assert sorted(codes) == [200, 200, 200, 401, 401, 401]
+
+
+def test_expect_100_continue_is_answered(agent: RunningAgent) -> None:
+    """curl sends large bodies only after an interim 100; the agent must send it."""
+    body, headers = signed(KEY, {"user": "alice", "password": "alice-pw"}, agent.server.fingerprint)
+    request = post(body, headers, extra="Expect: 100-continue\r\n")
+    head = request[: -len(body)]
+    ctx = ssl.create_default_context(cafile=str(agent.server.settings.tls_certificate))
+    ctx.check_hostname = False
+    raw = socket.create_connection(("127.0.0.1", agent.server.port), timeout=5)
+    with raw, ctx.wrap_socket(raw) as tls:
+        tls.sendall(head)
+        assert tls.recv(1024).startswith(b"HTTP/1.1 100 ")
+        tls.sendall(body)
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ")
