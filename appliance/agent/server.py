@@ -122,7 +122,9 @@ class AgentServer:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:  # curl does this for large bodies
-                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+                    writer.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
                 data = await reader.read(8192)
                 conn.receive_data(data)
                 continue
