@@ -1,0 +1,285 @@
+"""The `dns` role: UDP and TCP on the guest address, in front of the site's resolver.
+
+The hot path is the UDP protocol's `datagram_received`: a cache hit is one dict
+lookup on the query's bytes and one `sendto` of the stored reply with the guest's
+ID in front.  Misses go through `core.Resolver`, which forwards over one UDP socket
+per upstream (the firewall keeps guests away from it) and retries over TCP when the
+answer comes back truncated.  Identical questions in flight share one upstream query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from appliance.config import Config
+from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings
+
+log = logging.getLogger("appliance.dns")
+
+UPSTREAM_TIMEOUT = 2.0
+TCP_IDLE = 10.0
+MAX_TCP_CLIENTS = 64
+
+
+class Upstream(asyncio.DatagramProtocol):
+    """One UDP socket toward one upstream server; answers matched by ID and question."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) < 12:
+            return
+        (qid,) = struct.unpack_from("!H", data)
+        item = self.pending.get(qid)
+        if item is None:
+            return
+        body, fut = item
+        # the question must match too, not only the 16-bit ID
+        if data[12 : 12 + len(body)] != body or fut.done():
+            return
+        fut.set_result(data)
+
+    async def ask(self, query: bytes, question: bytes, timeout: float) -> bytes:
+        assert self.transport is not None
+        qid = secrets.randbelow(65536)
+        while qid in self.pending:
+            qid = secrets.randbelow(65536)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending[qid] = (question, fut)
+        try:
+            self.transport.sendto(struct.pack("!H", qid) + query[2:])
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(qid, None)
+
+
+def _question_bytes(query: bytes) -> bytes:
+    """The wire question (name, type, class) right after the header."""
+    i = 12
+    while i < len(query) and query[i] != 0:
+        i += query[i] + 1
+    return query[12 : i + 5]
+
+
+async def ask_tcp(host: str, port: int, query: bytes, timeout: float) -> bytes:
+    async def go() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!H", len(query)) + query)
+            await writer.drain()
+            (n,) = struct.unpack("!H", await reader.readexactly(2))
+            return await reader.readexactly(n)
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+class Server:
+    def __init__(
+        self, resolver: Resolver, upstreams: list[tuple[str, int]], timeout: float
+    ) -> None:
+        self.resolver = resolver
+        self.upstreams = upstreams
+        self.timeout = timeout
+        self.sockets: list[Upstream] = []
+        self.inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start_upstreams(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.upstreams:
+            _, proto = await loop.create_datagram_endpoint(Upstream, remote_addr=(host, port))
+            self.sockets.append(proto)
+
+    async def resolve(self, fwd: Forward, tcp: bool) -> bytes:
+        """Upstream bytes for a forward (shared between identical questions in flight)."""
+        key = fwd.key
+        shared = self.inflight.get(key)
+        if shared is None:
+            shared = asyncio.get_running_loop().create_future()
+            self.inflight[key] = shared
+            try:
+                shared.set_result(await self._ask(fwd.query))
+            except Exception as exc:  # never leave waiters hanging
+                log.debug("upstream failed: %s", exc)
+                shared.set_result(None)
+            finally:
+                del self.inflight[key]
+        upstream = await shared
+        out = self.resolver.answer(fwd, upstream, time.monotonic(), tcp)
+        return fwd.client_id + out[2:]
+
+    async def _ask(self, query: bytes) -> bytes | None:
+        question = _question_bytes(query)
+        for sock, (host, port) in zip(self.sockets, self.upstreams, strict=True):
+            try:
+                data = await sock.ask(query, question, self.timeout)
+            except (TimeoutError, OSError):
+                continue
+            if data[2] & 0x02:  # TC: the full answer only fits over TCP
+                try:
+                    return await ask_tcp(host, port, query, self.timeout)
+                except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                    continue
+            return data
+        return None
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class GuestUdp(asyncio.DatagramProtocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.entries = server.resolver.cache.entries
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        # fast path: a cached reply, patched with this query's ID; no parse at all
+        hit = self.entries.get(data[2:])
+        if hit is not None and hit[0] > time.monotonic():
+            self.transport.sendto(data[:2] + hit[2], addr)  # type: ignore[union-attr]
+            return
+        action = self.server.resolver.query(data, time.monotonic())
+        if isinstance(action, Reply):
+            self.transport.sendto(action.data, addr)  # type: ignore[union-attr]
+        elif isinstance(action, Forward):
+            self.server.spawn(self._forward(action, addr))
+
+    async def _forward(self, fwd: Forward, addr: Any) -> None:
+        out = await self.server.resolve(fwd, tcp=False)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(out, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp error: %s", exc)
+
+
+async def handle_tcp(
+    server: Server,
+    sem: asyncio.Semaphore,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    if sem.locked():
+        writer.close()
+        return
+    async with sem:
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
+                (n,) = struct.unpack("!H", head)
+                data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE)
+                action = server.resolver.query(data, time.monotonic(), tcp=True)
+                if isinstance(action, Drop):
+                    break
+                out = (
+                    action.data
+                    if isinstance(action, Reply)
+                    else await server.resolve(action, tcp=True)
+                )
+                writer.write(struct.pack("!H", len(out)) + out)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def settings_for(config: Config, guest_names: Iterable[str]) -> Settings:
+    return Settings.build(
+        guest_ip=config.interfaces.guest_ip,
+        guest_subnet=config.interfaces.guest_subnet,
+        domain=config.dhcp.domain,
+        guest_names=guest_names,
+        hidden=config.interfaces.hidden_networks,
+        extra_names=[config.portal.hostname],
+        cache_size=config.dns.cache_size,
+    )
+
+
+async def serve(
+    config: Config,
+    guest_names: Iterable[str],
+    stop: asyncio.Event,
+    host: str | None = None,
+    upstreams: list[tuple[str, int]] | None = None,
+) -> None:
+    resolver = Resolver(settings_for(config, guest_names))
+    ups = upstreams or [(str(ip), 53) for ip in config.dns.upstream]
+    server = Server(resolver, ups, UPSTREAM_TIMEOUT)
+    await server.start_upstreams()
+    loop = asyncio.get_running_loop()
+    bind = host or str(config.interfaces.guest_ip)
+    udp, _ = await loop.create_datagram_endpoint(
+        lambda: GuestUdp(server), local_addr=(bind, config.dns.port)
+    )
+    sem = asyncio.Semaphore(MAX_TCP_CLIENTS)
+    tcp = await asyncio.start_server(
+        lambda r, w: handle_tcp(server, sem, r, w), bind, config.dns.port, reuse_address=True
+    )
+    log.info(
+        "dns on %s:%d, upstream %s, %d local names",
+        bind,
+        config.dns.port,
+        ", ".join(f"{h}:{p}" for h, p in ups) or "none",
+        len(resolver.settings.local_names),
+    )
+    try:
+        await stop.wait()
+    finally:
+        udp.close()
+        tcp.close()
+        s = resolver.stats
+        log.info(
+            "dns stopping: %d queries, %d cache hits, %d forwarded, %d FORMERR, %d hidden",
+            s.queries,
+            s.hits,
+            s.forwarded,
+            s.formerr,
+            s.hidden,
+        )
+
+
+def main(config: Config, guest_names: Iterable[str] | None = None) -> int:
+    """Serve guests until SIGTERM; the names under the guest domain come from servers.toml."""
+    if guest_names is None:
+        from appliance.net import tables
+
+        guest_names = tables.guest_names(config)
+    names = tuple(guest_names)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, names, stop)
+
+    asyncio.run(run())
+    return 0
