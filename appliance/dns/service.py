@@ -17,7 +17,7 @@ import signal
 import struct
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from appliance.config import Config
 from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings
@@ -37,8 +37,8 @@ class Upstream(asyncio.DatagramProtocol):
         self.pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if len(data) < 12:
@@ -152,8 +152,8 @@ class GuestUdp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         # fast path: a cached reply, patched with this query's ID; no parse at all
