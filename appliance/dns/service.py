@@ -14,7 +14,9 @@ import contextlib
 import logging
 import secrets
 import signal
+import socket
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, cast
@@ -145,35 +147,69 @@ class Server:
         task.add_done_callback(self.tasks.discard)
 
 
-class GuestUdp(asyncio.DatagramProtocol):
-    def __init__(self, server: Server) -> None:
+class GuestUdp:
+    """The guests' UDP socket: a plain thread answers cache hits, the event loop the rest.
+
+    A blocking `recvfrom`/`sendto` loop costs far less per packet than an event-loop
+    callback; the thread releases the GIL while it waits, and only a miss (a parse,
+    maybe an upstream query) is handed to the loop.  Dict reads and writes are atomic
+    under the GIL, so the loop can fill the cache while the thread reads it.
+    """
+
+    def __init__(self, server: Server, sock: socket.socket, loop: asyncio.AbstractEventLoop):
         self.server = server
-        self.entries = server.resolver.cache.entries
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.loop = loop
+        self.closing = False
+        self.thread = threading.Thread(target=self._serve, name="dns-udp", daemon=True)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's UDP transport does not subclass asyncio.DatagramTransport
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def start(self) -> None:
+        self.thread.start()
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        # fast path: a cached reply, patched with this query's ID; no parse at all
-        hit = self.entries.get(data[2:])
-        if hit is not None and hit[0] > time.monotonic():
-            self.transport.sendto(data[:2] + hit[2], addr)  # type: ignore[union-attr]
-            return
+    def close(self) -> None:
+        self.closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recvfrom
+        self.thread.join(2)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        entries = self.server.resolver.cache.entries
+        recv, send, now = self.sock.recvfrom, self.sock.sendto, time.monotonic
+        miss = self.loop.call_soon_threadsafe
+        while not self.closing:
+            try:
+                data, addr = recv(4096)
+            except OSError:
+                if self.closing:
+                    return
+                continue
+            # fast path: a cached reply, patched with this query's ID; no parse at all
+            hit = entries.get(data[2:])
+            if hit is not None and hit[0] > now():
+                try:  # noqa: SIM105 (no context manager per packet)
+                    send(data[:2] + hit[2], addr)
+                except OSError:
+                    pass
+                continue
+            if data or not self.closing:
+                miss(self._miss, data, addr)
+
+    def _send(self, data: bytes, addr: Any) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendto(data, addr)
+
+    def _miss(self, data: bytes, addr: Any) -> None:
         action = self.server.resolver.query(data, time.monotonic())
         if isinstance(action, Reply):
-            self.transport.sendto(action.data, addr)  # type: ignore[union-attr]
+            self._send(action.data, addr)
         elif isinstance(action, Forward):
             self.server.spawn(self._forward(action, addr))
 
     async def _forward(self, fwd: Forward, addr: Any) -> None:
         out = await self.server.resolve(fwd, tcp=False)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(out, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("udp error: %s", exc)
+        if not self.closing:
+            self._send(out, addr)
 
 
 async def handle_tcp(
@@ -232,9 +268,10 @@ async def serve(
     await server.start_upstreams()
     loop = asyncio.get_running_loop()
     bind = host or str(config.interfaces.guest_ip)
-    udp, _ = await loop.create_datagram_endpoint(
-        lambda: GuestUdp(server), local_addr=(bind, config.dns.port)
-    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((bind, config.dns.port))
+    udp = GuestUdp(server, sock, loop)
+    udp.start()
     sem = asyncio.Semaphore(MAX_TCP_CLIENTS)
     tcp = await asyncio.start_server(
         lambda r, w: handle_tcp(server, sem, r, w), bind, config.dns.port, reuse_address=True

@@ -63,6 +63,16 @@ def full_sync(conn: sqlite3.Connection, now: float) -> int:
     return last
 
 
+def load(config: Config) -> int:
+    """One full load of the leased set from the store (before the roles start)."""
+    conn = store.connect(config.state.database)
+    try:
+        leases.create_schema(conn)
+        return full_sync(conn, time.time())
+    finally:
+        conn.close()
+
+
 def apply_events(events: list[leases.LeaseEvent]) -> None:
     """Fold a batch of events into one transaction (the last event of a pair wins)."""
     final: dict[tuple[str, str], bool] = {}

@@ -27,6 +27,7 @@ def up(config: Config, intercepts: Mapping[int, int] | None = None) -> None:
     if intercepts is None:
         intercepts = tables.intercepts(config)
     setup.apply(config, intercepts)
+    follower.load(config)  # guests with a lease keep working across a restart
     log.info(
         "guest side closed on %s; intercepting %s",
         config.interfaces.guest,

@@ -132,7 +132,19 @@ def give_address(topo: Topology, n: int, ip: str, lease: bool = True) -> Node:
     guest.run("ip", "route", "add", "default", "via", "192.168.1.1")
     if lease:
         record_lease(topo.workdir.parent / "state", ip, guest_mac(n))
+        wait_leased(topo, ip, guest_mac(n))
     return guest
+
+
+def wait_leased(topo: Topology, ip: str, mac: str, present: bool = True) -> None:
+    """Until the lease follower has put the pair into (or taken it out of) `leased`."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = topo["gw"].run("nft", "list", "set", "inet", "appliance", "leased", check=False)
+        if (f"{ip} . {mac}" in out.stdout) == present:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{ip} . {mac} {'not ' if present else ''}in the leased set after 10 s")
 
 
 def record_lease(state_dir: Path, ip: str, mac: str, kind: str = "granted") -> None:
