@@ -257,12 +257,11 @@ def settings_for(config: Config, guest_names: Iterable[str]) -> Settings:
 
 async def serve(
     config: Config,
-    guest_names: Iterable[str],
+    resolver: Resolver,
     stop: asyncio.Event,
     host: str | None = None,
     upstreams: list[tuple[str, int]] | None = None,
 ) -> None:
-    resolver = Resolver(settings_for(config, guest_names))
     ups = upstreams or [(str(ip), 53) for ip in config.dns.upstream]
     server = Server(resolver, ups, UPSTREAM_TIMEOUT)
     await server.start_upstreams()
@@ -305,18 +304,31 @@ def main(config: Config, guest_names: Iterable[str] | None = None) -> int:
         from appliance.net import tables
 
         guest_names = tables.guest_names(config)
-    names = tuple(guest_names)
+        fixed = False
+    else:
+        fixed = True
+    resolver = Resolver(settings_for(config, guest_names))
     with contextlib.suppress(ImportError):
         import uvloop
 
         uvloop.install()
+
+    def reload() -> None:
+        """SIGHUP: the guest names may have changed in servers.toml; start a fresh cache."""
+        if not fixed:
+            from appliance.net import tables
+
+            resolver.settings = settings_for(config, tables.guest_names(config))
+        resolver.cache.entries.clear()
+        log.info("dns reloaded: %d local names", len(resolver.settings.local_names))
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, names, stop)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        await serve(config, resolver, stop)
 
     asyncio.run(run())
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def test_guest_dns_hides_the_segment(
     cfg = write_config(tmp_path)
     lab_resolver(topo)
     banners(gw, f"{GW},80,PORTAL")
-    gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg), "net", "dns")
+    run = gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg), "net", "dns")
     gw.wait_port(53, GW, proto="udp")
     gw.wait_port(53, GW)
     g = give_address(topo, 1, "192.168.1.101")
@@ -97,3 +99,13 @@ def test_guest_dns_hides_the_segment(
     out = udp_ask(g, query)
     assert out is not None and out[:2] == b"\xab\xcd" and out[3] & 0x0F == 0
     assert dig(g, "+short", "www.public.example").strip() == "203.0.113.80"
+
+    # SIGHUP (a table reload) keeps it serving; SIGTERM stops it promptly and cleanly
+    run.popen.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert dig(g, "+short", "mail.guest.example").strip() == GW
+    t0 = time.monotonic()
+    run.stop()
+    assert time.monotonic() - t0 < 4
+    assert "stopping:" in run.output()  # the dns role logged its counters on the way out
+    assert "appliance" not in gw.run("nft", "list", "tables").stdout
