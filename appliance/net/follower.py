@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 from appliance import store
 from appliance.config import Config
@@ -41,7 +42,9 @@ def _script(adds: set[tuple[str, str]], dels: set[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def full_sync(conn: sqlite3.Connection, now: float) -> int:
+def full_sync(
+    conn: sqlite3.Connection, now: float, execute: Callable[[str], None] = nft.run
+) -> int:
     """Make `leased` exactly the bound leases; returns the last event id it covers."""
     conn.execute("BEGIN")  # one snapshot: the id and the leases agree
     try:
@@ -58,7 +61,7 @@ def full_sync(conn: sqlite3.Connection, now: float) -> int:
     script = f"flush set inet {nft.TABLE} leased\n"
     if bound:
         script += f"add element inet {nft.TABLE} leased {{ {nft.elements_text(bound)} }}\n"
-    nft.run(script)
+    execute(script)
     log.info("leased set loaded: %d bound leases (events up to %d)", len(bound), last)
     return last
 
@@ -73,7 +76,7 @@ def load(config: Config) -> int:
         conn.close()
 
 
-def apply_events(events: list[leases.LeaseEvent]) -> None:
+def apply_events(events: list[leases.LeaseEvent], execute: Callable[[str], None] = nft.run) -> None:
     """Fold a batch of events into one transaction (the last event of a pair wins)."""
     final: dict[tuple[str, str], bool] = {}
     for ev in events:
@@ -86,23 +89,25 @@ def apply_events(events: list[leases.LeaseEvent]) -> None:
     adds = {p for p, on in final.items() if on}
     dels = {p for p, on in final.items() if not on}
     if adds or dels:
-        nft.run(_script(adds, dels))
+        execute(_script(adds, dels))
 
 
 def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
     """Follow the lease events until `stop` is set (the `net` role runs this)."""
     conn = store.connect(config.state.database)
     leases.create_schema(conn)
-    last = full_sync(conn, time.time())
+    lib = nft.runner()  # in-process libnftables when present: no fork per batch
+    execute = lib.run if lib is not None else nft.run
+    last = full_sync(conn, time.time(), execute)
     next_sync = time.monotonic() + RESYNC
     while not stop.is_set():
         try:
             if time.monotonic() >= next_sync:
-                last = full_sync(conn, time.time())
+                last = full_sync(conn, time.time(), execute)
                 next_sync = time.monotonic() + RESYNC
             events = leases.events_since(conn, last)
             if events:
-                apply_events(events)
+                apply_events(events, execute)
                 last = events[-1].id
                 log.debug("applied %d lease events (up to %d)", len(events), last)
                 if len(events) >= 1000:
@@ -112,3 +117,5 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
             stop.wait(1.0)
         stop.wait(poll)
     conn.close()
+    if lib is not None:
+        lib.close()

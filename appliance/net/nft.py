@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import subprocess
+import threading
 from typing import Any
 
 TABLE = "appliance"
@@ -20,6 +23,54 @@ def run(script: str) -> None:
     )
     if proc.returncode != 0:
         raise NftError(f"nft -f - failed: {proc.stderr.strip()}")
+
+
+class Lib:
+    """libnftables in-process: a set update without fork/exec (about 1 ms instead of ~20).
+
+    The context's netlink socket belongs to the network namespace the context was
+    created in, so create it in the namespace the rules live in.
+    """
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        lib = ctypes.CDLL(name)
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        self.lib = lib
+        self.ctx = lib.nft_ctx_new(0)
+        if not self.ctx:
+            raise NftError("nft_ctx_new failed")
+        lib.nft_ctx_buffer_error(self.ctx)
+        lib.nft_ctx_buffer_output(self.ctx)
+        self.lock = threading.Lock()
+
+    def run(self, script: str) -> None:
+        with self.lock:
+            rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
+            if rc != 0:
+                err = self.lib.nft_ctx_get_error_buffer(self.ctx) or b""
+                raise NftError(f"nft: {err.decode(errors='replace').strip()}")
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.nft_ctx_free(self.ctx)
+            self.ctx = None
+
+
+def runner() -> Lib | None:
+    """An in-process runner when libnftables is there, else None (then `run` shells out)."""
+    try:
+        return Lib()
+    except (OSError, NftError, AttributeError):
+        return None
 
 
 def query(*args: str) -> dict[str, Any] | None:

@@ -91,8 +91,8 @@ def test_guest_reaches_only_the_appliance(
     assert "198.51.100" not in g1.run("ip", "neigh").stdout
 
     # login: the session layer authorizes (ip, mac); it reaches nftables within 100 ms
-    fw = Firewall(load(cfg))
     with NetnsSwitch(topo["gw"].netns):
+        fw = Firewall(load(cfg))  # made in the appliance's namespace, like the portal's
         t0 = time.monotonic()
         fw.authorize("192.168.1.101", guest_mac(1))
         took = time.monotonic() - t0
