@@ -1,10 +1,11 @@
 """The `dns` role: UDP and TCP on the guest address, in front of the site's resolver.
 
-The hot path is the UDP protocol's `datagram_received`: a cache hit is one dict
+The hot path is a plain thread on the guests' UDP socket: a cache hit is one dict
 lookup on the query's bytes and one `sendto` of the stored reply with the guest's
-ID in front.  Misses go through `core.Resolver`, which forwards over one UDP socket
-per upstream (the firewall keeps guests away from it) and retries over TCP when the
-answer comes back truncated.  Identical questions in flight share one upstream query.
+ID in front.  Misses go to the event loop and `core.Resolver`, which forwards each
+question from a fresh socket (random source port, random ID) and retries over TCP
+when the answer comes back truncated.  Identical questions in flight share one
+upstream query.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 from appliance.config import Config
 from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings
@@ -31,42 +32,39 @@ TCP_IDLE = 10.0
 MAX_TCP_CLIENTS = 64
 
 
-class Upstream(asyncio.DatagramProtocol):
-    """One UDP socket toward one upstream server; answers matched by ID and question."""
+class _OneQuery(asyncio.DatagramProtocol):
+    """One upstream question on its own socket: a fresh random source port per query,
+    plus a random ID and the question itself must match (spoofed answers are hard)."""
 
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's UDP transport does not subclass asyncio.DatagramTransport
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def __init__(self, qid: int, question: bytes, fut: asyncio.Future[bytes]) -> None:
+        self.qid = struct.pack("!H", qid)
+        self.question = question
+        self.fut = fut
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(data) < 12:
+        if self.fut.done() or len(data) < 12 or data[:2] != self.qid:
             return
-        (qid,) = struct.unpack_from("!H", data)
-        item = self.pending.get(qid)
-        if item is None:
+        if data[12 : 12 + len(self.question)] != self.question:
             return
-        body, fut = item
-        # the question must match too, not only the 16-bit ID
-        if data[12 : 12 + len(body)] != body or fut.done():
-            return
-        fut.set_result(data)
+        self.fut.set_result(data)
 
-    async def ask(self, query: bytes, question: bytes, timeout: float) -> bytes:
-        assert self.transport is not None
-        qid = secrets.randbelow(65536)
-        while qid in self.pending:
-            qid = secrets.randbelow(65536)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.pending[qid] = (question, fut)
-        try:
-            self.transport.sendto(struct.pack("!H", qid) + query[2:])
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self.pending.pop(qid, None)
+    def error_received(self, exc: Exception) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
+async def ask_udp(host: str, port: int, query: bytes, question: bytes, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    qid = secrets.randbelow(65536)
+    fut: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _OneQuery(qid, question, fut), remote_addr=(host, port)
+    )
+    try:
+        transport.sendto(struct.pack("!H", qid) + query[2:])
+        return await asyncio.wait_for(fut, timeout)
+    finally:
+        transport.close()
 
 
 def _question_bytes(query: bytes) -> bytes:
@@ -98,15 +96,8 @@ class Server:
         self.resolver = resolver
         self.upstreams = upstreams
         self.timeout = timeout
-        self.sockets: list[Upstream] = []
         self.inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start_upstreams(self) -> None:
-        loop = asyncio.get_running_loop()
-        for host, port in self.upstreams:
-            _, proto = await loop.create_datagram_endpoint(Upstream, remote_addr=(host, port))
-            self.sockets.append(proto)
 
     async def resolve(self, fwd: Forward, tcp: bool) -> bytes:
         """Upstream bytes for a forward (shared between identical questions in flight)."""
@@ -128,9 +119,9 @@ class Server:
 
     async def _ask(self, query: bytes) -> bytes | None:
         question = _question_bytes(query)
-        for sock, (host, port) in zip(self.sockets, self.upstreams, strict=True):
+        for host, port in self.upstreams:
             try:
-                data = await sock.ask(query, question, self.timeout)
+                data = await ask_udp(host, port, query, question, self.timeout)
             except (TimeoutError, OSError):
                 continue
             if data[2] & 0x02:  # TC: the full answer only fits over TCP
@@ -264,7 +255,6 @@ async def serve(
 ) -> None:
     ups = upstreams or [(str(ip), 53) for ip in config.dns.upstream]
     server = Server(resolver, ups, UPSTREAM_TIMEOUT)
-    await server.start_upstreams()
     loop = asyncio.get_running_loop()
     bind = host or str(config.interfaces.guest_ip)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
