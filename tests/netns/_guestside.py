@@ -32,13 +32,19 @@ BIG_COUNT = 40
 pyroute2.config.disable_mp_signal = True
 
 BANNER = r"""
-import socket, sys, threading
+import socket, struct, sys, threading
+def original_dst(c):
+    # what a transparent proxy does: SO_ORIGINAL_DST (80) gives the pre-DNAT address
+    raw = c.getsockopt(socket.SOL_IP, 80, 16)
+    port, ip = struct.unpack_from("!H4s", raw, 2)
+    return f"{socket.inet_ntoa(ip)}:{port}"
 def serve(host, port, text):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, port)); s.listen(64)
     while True:
         c, _ = s.accept()
-        try: c.sendall(text.encode() + b"\n")
+        try: c.sendall(text.replace("{orig}", original_dst(c)).encode() + b"\n")
+        except OSError: pass
         finally: c.close()
 for spec in sys.argv[1:]:
     host, port, text = spec.split(",", 2)

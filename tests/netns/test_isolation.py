@@ -43,9 +43,9 @@ def _start(topo: Topology, tmp_path: Path) -> tuple[Path, object]:
     banners(
         gw,
         f"{GW},80,PORTAL",
-        "0.0.0.0,2525,PROXY 2525",
-        "0.0.0.0,1110,PROXY 1110",
-        "0.0.0.0,8081,PROXY 8081",
+        "0.0.0.0,2525,PROXY 2525 for {orig}",
+        "0.0.0.0,1110,PROXY 1110 for {orig}",
+        "0.0.0.0,8081,PROXY 8081 for {orig}",
         "0.0.0.0,3128,PROXY 3128",
         "0.0.0.0,8000,SECRET 8000",
         "0.0.0.0,22,SECRET 22",
@@ -101,9 +101,11 @@ def test_guest_reaches_only_the_appliance(
     opened = nmap_open(g1, GW, APPLIANCE_PORTS)
     assert opened == {(GW, p) for p in (25, 53, 80, 110, 1110, 2525, 3128, 8081)}
     # intercepted: any address on 25/110/80 lands on the local proxies, never the segment
-    assert banner_of(g1, "198.51.100.3", 25) == "PROXY 2525"
-    assert banner_of(g1, "198.51.100.3", 110) == "PROXY 1110"
-    assert banner_of(g1, "203.0.113.80", 80) == "PROXY 8081"
+    # and the proxy learns where the guest wanted to go (SO_ORIGINAL_DST)
+    assert banner_of(g1, "198.51.100.3", 25) == "PROXY 2525 for 198.51.100.3:25"
+    assert banner_of(g1, "198.51.100.3", 110) == "PROXY 1110 for 198.51.100.3:110"
+    assert banner_of(g1, "203.0.113.80", 80) == "PROXY 8081 for 203.0.113.80:80"
+    assert banner_of(g1, GW, 25) == f"PROXY 2525 for {GW}:25"
     assert banner_of(g1, GW, 80) == "PORTAL"  # the portal itself stays reachable (logout)
     assert banner_of(g1, "198.51.100.3", 22) is None
     assert banner_of(g1, GW, 8000) is None
