@@ -22,8 +22,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from dnslib import RCODE
+
 from appliance.config import Config
-from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings
+from appliance.dns.core import Action, Drop, Forward, Reply, Resolver, Settings, error_reply
 
 log = logging.getLogger("appliance.dns")
 
@@ -114,7 +116,11 @@ class Server:
             finally:
                 del self.inflight[key]
         upstream = await shared
-        out = self.resolver.answer(fwd, upstream, time.monotonic(), tcp)
+        try:
+            out = self.resolver.answer(fwd, upstream, time.monotonic(), tcp)
+        except Exception:  # an upstream answer we cannot handle: SERVFAIL, keep serving
+            log.exception("dns: cannot use the upstream answer for %s", fwd.qname)
+            out = error_reply(fwd.query, RCODE.SERVFAIL) or b""
         return fwd.client_id + out[2:]
 
     async def _ask(self, query: bytes) -> bytes | None:
@@ -191,7 +197,7 @@ class GuestUdp:
             self.sock.sendto(data, addr)
 
     def _miss(self, data: bytes, addr: Any) -> None:
-        action = self.server.resolver.query(data, time.monotonic())
+        action = safe_query(self.server.resolver, data, tcp=False)
         if isinstance(action, Reply):
             self._send(action.data, addr)
         elif isinstance(action, Forward):
@@ -201,6 +207,16 @@ class GuestUdp:
         out = await self.server.resolve(fwd, tcp=False)
         if not self.closing:
             self._send(out, addr)
+
+
+def safe_query(resolver: Resolver, data: bytes, tcp: bool) -> Action:
+    """The resolver's decision; a bug there costs one SERVFAIL, never the service."""
+    try:
+        return resolver.query(data, time.monotonic(), tcp)
+    except Exception:
+        log.exception("dns: query handling failed")
+        out = error_reply(data, RCODE.SERVFAIL)
+        return Reply(out) if out is not None else Drop("unanswerable")
 
 
 async def handle_tcp(
@@ -218,7 +234,7 @@ async def handle_tcp(
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
                 (n,) = struct.unpack("!H", head)
                 data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE)
-                action = server.resolver.query(data, time.monotonic(), tcp=True)
+                action = safe_query(server.resolver, data, tcp=True)
                 if isinstance(action, Drop):
                     break
                 out = (

@@ -6,8 +6,10 @@ import ipaddress
 
 import pytest
 from dnslib import AAAA, QTYPE, RCODE, RR, SOA, A, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from appliance.dns.core import Forward, Reply, Resolver, Settings, error_reply
+from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings, error_reply
 
 pytestmark = pytest.mark.unit
 
@@ -156,3 +158,26 @@ def test_cache_is_bounded() -> None:
         assert isinstance(fwd, Forward)
         r.answer(fwd, upstream(q, RR(f"n{i}.public.example", rdata=A("203.0.113.1"))), now=0)
     assert len(r.cache.entries) <= 10
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=0, max_size=600))
+def test_any_bytes_get_an_answer_or_a_drop_never_an_exception(data: bytes) -> None:
+    r = resolver()
+    out = r.query(data, now=0)
+    if isinstance(out, Reply):
+        assert out.data[:2] == data[:2]
+    if isinstance(out, Forward):
+        # whatever upstream sends back (garbage included) yields a reply for the guest
+        reply = r.answer(out, data, now=0)
+        assert reply[:2] == data[:2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(flip=st.integers(min_value=12, max_value=40), value=st.integers(0, 255))
+def test_corrupted_real_queries_never_raise(flip: int, value: int) -> None:
+    q = bytearray(ask("www.public.example"))
+    q[flip % len(q)] = value
+    r = resolver()
+    out = r.query(bytes(q), now=0)
+    assert isinstance(out, Reply | Forward | Drop)
