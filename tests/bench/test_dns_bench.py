@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GW = "192.168.1.1"
 NAMES = 200
 CLIENTS = 8
-SECONDS = 8
+SECONDS = 3
+ROUNDS = 3
 
 
 def dnsperf(node: Node, port: int, names: Path, seconds: int) -> dict[str, float]:
@@ -110,20 +111,25 @@ def test_dns_cached_answers_against_dnsmasq(
         guest.run("dnsperf", "-s", GW, "-p", str(port), "-d", str(qfile), "-n", "1", "-t", "3")
         ans = guest.run("dig", "+short", "+time=2", "-p", str(port), f"@{GW}", names[-1])
         assert ans.stdout.strip() == f"203.0.113.{(NAMES - 1) % 250 + 1}"
+    # alternate the two, several short rounds each: the machine is shared and noisy,
+    # so the best round of each is the fairest single figure
     results: dict[str, dict[str, float]] = {}
-    for label, port in (("ours", 53), ("dnsmasq", 5353), ("ours2", 53), ("dnsmasq2", 5353)):
-        results[label] = dnsperf(guest, port, qfile, SECONDS // 2)
-        time.sleep(0.5)
-    ours = max(results["ours"]["qps"], results["ours2"]["qps"])
-    peer = max(results["dnsmasq"]["qps"], results["dnsmasq2"]["qps"])
-    lat_ours = min(results["ours"]["latency_ms"], results["ours2"]["latency_ms"])
-    lat_peer = min(results["dnsmasq"]["latency_ms"], results["dnsmasq2"]["latency_ms"])
+    for round_ in range(1, ROUNDS + 1):
+        for label, port in (("ours", 53), ("dnsmasq", 5353)):
+            results[f"{label}{round_}"] = dnsperf(guest, port, qfile, SECONDS)
+            time.sleep(0.3)
+    ours_runs = [r for k, r in results.items() if k.startswith("ours")]
+    peer_runs = [r for k, r in results.items() if k.startswith("dnsmasq")]
+    ours = max(r["qps"] for r in ours_runs)
+    peer = max(r["qps"] for r in peer_runs)
+    lat_ours = min(r["latency_ms"] for r in ours_runs)
+    lat_peer = min(r["latency_ms"] for r in peer_runs)
     ratio = ours / peer
     print()
     print(f"{'':10} {'qps':>10} {'latency ms':>11} {'lost':>6}")
     for label, r in results.items():
         print(f"{label:10} {r['qps']:10.0f} {r['latency_ms']:11.3f} {r['lost']:6.0f}")
-    print(f"ratio ours/dnsmasq (best of two runs each): {ratio:.2f} (target >= 0.5)")
+    print(f"ratio ours/dnsmasq (best round of each): {ratio:.2f} (target >= 0.5)")
     rows = [
         {
             "metric": "cached A queries/s (dnsperf -c 8, 200 names)",
