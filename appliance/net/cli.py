@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 
 from appliance.config import load
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from appliance.net import service
+    from appliance.net import interface, nft, service
 
-    service.up(load(args.config))
+    try:
+        service.up(load(args.config))
+    except (interface.InterfaceError, nft.NftError, OSError) as exc:
+        print(f"net: {exc}", file=sys.stderr)
+        return 1
     print("net: guest side closed (table inet appliance loaded)")
     return 0
 
