@@ -58,11 +58,13 @@ def supervise(roles: list[str], config_path: Path, log_level: str) -> int:
     """Start one child per role; stop them all on SIGTERM/SIGINT, pass SIGHUP on (reload)."""
     for role in roles:
         resolve(role)  # fail early, before anything starts
+    net_config = None
     if "net" in roles:  # the guest side is closed before any guest-facing role listens
         from appliance.config import load
         from appliance.net import service as net
 
-        net.up(load(config_path))
+        net_config = load(config_path)
+        net.up(net_config)
     children: dict[str, subprocess.Popen[bytes]] = {}
     for role in roles:
         argv = [
@@ -108,6 +110,6 @@ def supervise(roles: list[str], config_path: Path, log_level: str) -> int:
             child.wait(10)
         except subprocess.TimeoutExpired:
             child.kill()
-    if "net" in roles:  # even when the net role itself died: no table left behind
-        net.down(load(config_path))
+    if net_config is not None:  # even when the net role itself died: no table left behind
+        net.down(net_config)
     return status
