@@ -173,7 +173,8 @@ def banner_of(node: Node, host: str, port: int, timeout: float = 1.5) -> str | N
 
 def nmap_open(node: Node, targets: str, ports: str, udp: bool = False) -> set[tuple[str, int]]:
     """(host, port) pairs nmap reports open from this node."""
-    argv = ["nmap", "-n", "-Pn", "-T5", "--max-retries", "1", "--host-timeout", "30s"]
+    # -T4 and two retries: a busy machine must not turn an open port into "filtered"
+    argv = ["nmap", "-n", "-Pn", "-T4", "--max-retries", "2", "--host-timeout", "60s"]
     argv += ["-sU" if udp else "-sS", "-p", ports, "-oG", "-", *targets.split()]
     out = node.run(*argv, timeout=90).stdout
     found = set()
