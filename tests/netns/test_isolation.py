@@ -3,6 +3,8 @@ service proxies, on the appliance only; nothing behind it, whatever address it u
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from _guestside import (
 )
 
 from appliance.config import load
-from appliance.lab.topology import NetnsSwitch, Topology, guest_mac
+from appliance.lab.topology import NetnsSwitch, Node, Topology, guest_mac
 from appliance.net.firewall import Firewall
 
 pytestmark = pytest.mark.netns
@@ -143,13 +145,32 @@ def test_guest_reaches_only_the_appliance(
     assert "appliance" not in _tables(topo)
 
 
+def _ipv6_repliers(guest: Node) -> set[str]:
+    """Link-local addresses that answer an all-nodes ping on the guest link."""
+    out = guest.run("ping", "-6", "-c2", "-i0.3", "-W1", "-I", "eth0", "ff02::1", check=False)
+    return {m.group(1) for m in re.finditer(r"from (fe80::[0-9a-f:]+)", out.stdout)}
+
+
+def _link_local(mac: str) -> str:
+    b = [int(x, 16) for x in mac.split(":")]
+    b[0] ^= 0x02
+    eui = bytes([*b[:3], 0xFF, 0xFE, *b[3:]])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))
+
+
 def test_net_cli_up_status_down(make_topology: Callable[..., Topology], tmp_path: Path) -> None:
-    topo = make_topology(guests=0)
-    gw = topo["gw"]
+    topo = make_topology(guests=1)
+    gw, g1 = topo["gw"], topo["guest1"]
     cfg = str(write_config(tmp_path))
     app = [sys.executable, "-m", "appliance"]
+    gw_ll = _link_local(gw.mac("guest0"))
+    deadline = time.monotonic() + 5  # the guest's link-local may still be tentative (DAD)
+    while gw_ll not in _ipv6_repliers(g1) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert gw_ll in _ipv6_repliers(g1)  # without our rules the appliance answers over IPv6
     assert gw.run(*app, "net", "status", "--config", cfg, check=False).returncode == 3
     gw.run(*app, "net", "up", "--config", cfg)
+    assert gw_ll not in _ipv6_repliers(g1)  # with them: nothing, link-local included
     gw.run(*app, "net", "up", "--config", cfg)  # idempotent
     st = gw.run(*app, "net", "status", "--config", cfg).stdout
     assert "table inet appliance: loaded" in st and "forwarding on guest0: 0" in st
