@@ -21,6 +21,7 @@ log = logging.getLogger("appliance")
 COMMANDS = [
     "appliance.lab.cli",
     "appliance.agent.appliance_cli",
+    "appliance.net.cli",
 ]
 
 
