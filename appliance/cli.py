@@ -20,6 +20,8 @@ log = logging.getLogger("appliance")
 # modules that add subcommands: each has register(subparsers) and sets func=...
 COMMANDS = [
     "appliance.lab.cli",
+    "appliance.policy_cli",
+    "appliance.admin.cli",
 ]
 
 
