@@ -6,7 +6,6 @@ import argparse
 import getpass
 import sys
 
-from appliance.admin import accounts
 from appliance.config import load
 
 
@@ -20,6 +19,8 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from appliance.admin import accounts  # argon2 set-up costs: only when used
+
     config = load(args.config)
     path = config.policies.admins
     try:
