@@ -19,6 +19,7 @@ th { background: #e8ecf3; }
 td.allow { background: #dff3e4; } td.deny { background: #f8dede; }
 input[type=text] { width: 100%; box-sizing: border-box; }
 input.narrow { width: 4.5em; }
+input.pattern { width: 24em; }
 textarea { width: 100%; height: 28em; font-family: monospace; }
 .error { background: #f8dede; border: 1px solid #c33; padding: .5rem; white-space: pre-wrap; }
 .conflict { background: #fff3cd; border: 1px solid #c90; padding: .5rem; }
@@ -75,7 +76,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 {% for row in rows %}{% set i = loop.index0 %}
 <tr><td><input class="narrow" name="order-{{ i }}" value="{{ loop.index }}"></td>
 <td><input type="text" name="name-{{ i }}" value="{{ row.name }}"></td>
-<td><input type="text" name="pattern-{{ i }}" value="{{ row.pattern }}"></td>
+<td><input type="text" class="pattern" name="pattern-{{ i }}" value="{{ row.pattern }}"></td>
 {% for s in services %}{% set v = row.cells.get(s, '') %}
 <td class="{{ v }}"><select name="cell-{{ i }}-{{ s }}" id="cell-{{ row.name }}-{{ s }}">
 <option value=""{% if v == '' %} selected{% endif %}>-</option>
@@ -88,7 +89,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 {% endfor %}
 <tr><td><input class="narrow" name="order-new" value="{{ rows|length + 1 }}"></td>
 <td><input type="text" name="name-new" id="name-new" placeholder="new rule"></td>
-<td><input type="text" name="pattern-new" id="pattern-new" placeholder="department=Sales 2"></td>
+<td><input type="text" class="pattern" name="pattern-new" id="pattern-new" placeholder="department=Sales 2"></td>
 {% for s in services %}<td><select name="cell-new-{{ s }}" id="cell-new-{{ s }}">
 <option value="">-</option><option value="allow">allow</option><option value="deny">deny</option>
 </select></td>{% endfor %}
