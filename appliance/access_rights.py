@@ -17,9 +17,10 @@ multi-valued attribute (a tuple, e.g. groups) satisfies a pattern when any of
 its values does.
 
 Speed: `decide` is precompiled.  The first decision for an attribute set walks an
-index (rules bucketed by one of their equality conditions, plus the rules that
-have none) and stores every service's decision for that attribute set; later
-decisions are one dict lookup.  The table is immutable, so a reload simply
+index (rules bucketed by one of their equality conditions, or by the literal part
+of a `prefix*` / `*suffix` glob, plus the few rules that have neither) and
+stores every service's decision for that attribute set; later decisions are one
+dict lookup.  The table is immutable, so a reload simply
 builds a new one and the memo goes with the old.
 """
 
@@ -175,22 +176,41 @@ class AccessTable:
         self.services: tuple[str, ...] = tuple(services)
         self.path = path
         index: dict[tuple[str, str], list[int]] = {}
+        prefix: dict[tuple[str, str], list[int]] = {}
+        suffix: dict[tuple[str, str], list[int]] = {}
         always: list[int] = []
         for rule in self.rules:
             key_cond = next((c for c in rule.conditions if c.kind != "glob"), None)
-            if key_cond is None:
-                always.append(rule.index)
+            if key_cond is not None:
+                for v in key_cond.values:
+                    index.setdefault((key_cond.key, v), []).append(rule.index)
                 continue
-            for v in key_cond.values:
-                index.setdefault((key_cond.key, v), []).append(rule.index)
+            # only globs: "LITERAL*" and "*LITERAL" (the common ones) are indexed too
+            glob = next(iter(rule.conditions), None)
+            body = glob.pattern if glob else ""
+            if glob and body.endswith("*") and not _GLOB_CHARS.search(body[:-1]):
+                prefix.setdefault((glob.key, body[:-1]), []).append(rule.index)
+            elif glob and body.startswith("*") and not _GLOB_CHARS.search(body[1:]):
+                suffix.setdefault((glob.key, body[1:]), []).append(rule.index)
+            else:
+                always.append(rule.index)
         self._index = {k: tuple(v) for k, v in index.items()}
+        self._prefix = {k: tuple(v) for k, v in prefix.items()}
+        self._suffix = {k: tuple(v) for k, v in suffix.items()}
+        self._prefix_keys = frozenset(k for k, _ in prefix)
+        self._suffix_keys = frozenset(k for k, _ in suffix)
         self._always = tuple(always)
         self._memo: dict[object, dict[str, Decision]] = {}
 
     # -- decisions ----------------------------------------------------------
     def decide(self, attributes: Attributes, service: str) -> Decision:
         """May a user with these attributes use this service? First match wins, default deny."""
-        table = self._decisions(attributes)
+        try:  # the hot path: one tuple, one dict lookup (the memo key is the items in order)
+            table = self._memo.get(tuple(attributes.items()))
+        except TypeError:
+            table = None
+        if table is None:
+            table = self._decisions(attributes)
         d = table.get(service)
         if d is not None:
             return d
@@ -202,10 +222,10 @@ class AccessTable:
 
     def _decisions(self, attributes: Attributes) -> dict[str, Decision]:
         try:
-            key: object = tuple(sorted(attributes.items()))
+            key: object = tuple(attributes.items())
             hit = self._memo.get(key)
         except TypeError:  # unhashable values (lists): normalize first
-            key = tuple(sorted(normalize(attributes).items()))
+            key = tuple(normalize(attributes).items())
             hit = self._memo.get(key)
         if hit is not None:
             return hit
@@ -224,6 +244,16 @@ class AccessTable:
                 bucket = index.get((k, v))
                 if bucket:
                     found.update(bucket)
+                if k in self._prefix_keys:
+                    for i in range(len(v) + 1):
+                        bucket = self._prefix.get((k, v[:i]))
+                        if bucket:
+                            found.update(bucket)
+                if k in self._suffix_keys:
+                    for i in range(len(v) + 1):
+                        bucket = self._suffix.get((k, v[i:]))
+                        if bucket:
+                            found.update(bucket)
         return sorted(found)
 
     def matching(self, attrs: Mapping[str, tuple[str, ...]]) -> list[Rule]:
@@ -352,7 +382,7 @@ def parse_access(doc: TomlFile, services: Iterable[str]) -> AccessTable:
     top = doc.reader()
     rules: list[Rule] = []
     names: dict[str, int] = {}
-    patterns: dict[frozenset[tuple[str, str, frozenset[str]]], str] = {}
+    patterns: dict[frozenset[tuple[str, str | None, frozenset[str]]], str] = {}
     for i, r in enumerate(top.tables("rules")):
         rule = _rule(r, i, known)
         if rule.name in names:
@@ -360,7 +390,10 @@ def parse_access(doc: TomlFile, services: Iterable[str]) -> AccessTable:
                 "name", f"duplicate rule name {rule.name!r} (also rule #{names[rule.name]})"
             )
         names[rule.name] = i + 1
-        sig = frozenset((c.key, c.pattern, c.values) for c in rule.conditions)
+        # same meaning, same signature: "a" and ["a"], ["a", "b"] and ["b", "a"]
+        sig = frozenset(
+            (c.key, c.pattern if c.kind == "glob" else None, c.values) for c in rule.conditions
+        )
         if sig in patterns:
             raise r.error(
                 "match",

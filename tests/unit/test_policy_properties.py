@@ -36,11 +36,20 @@ ATTRS = st.dictionaries(
 )
 
 
+def meaning(value: object) -> object:
+    """What the parser compares to find duplicate rules."""
+    if isinstance(value, list):
+        return frozenset(value)
+    if isinstance(value, str) and not any(c in value for c in "*?["):
+        return frozenset({value})
+    return value
+
+
 def build(rules: list[dict[str, dict[str, object]]]) -> AccessTable:
     """Rules -> TOML text -> table (through the real parser); duplicate matches dropped."""
     parts, seen = [], set()
     for i, r in enumerate(rules):
-        sig = json.dumps(r["match"], sort_keys=True)
+        sig = frozenset((k, meaning(v)) for k, v in r["match"].items())
         if sig in seen:
             continue
         seen.add(sig)

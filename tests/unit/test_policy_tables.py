@@ -222,6 +222,13 @@ def test_explain_names_the_deciding_rule() -> None:
             "out of range",
         ),
         ('[[rules]]\nname = "a"\nalow = ["smtp"]\n', 3, "rules[0].alow", "unknown key"),
+        (
+            '[[rules]]\nname = "a"\nmatch = { d = ["x", "y"] }\n'
+            '[[rules]]\nname = "b"\nmatch = { d = ["y", "x"] }\n',
+            6,
+            "rules[1].match",
+            "duplicate rule",
+        ),
     ],
 )
 def test_bad_access_tables_name_file_line_and_key(
