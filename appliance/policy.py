@@ -29,11 +29,23 @@ log = logging.getLogger("appliance.policy")
 def _parse(
     config: Config, servers_text: str, access_text: str, servers_path: Path, access_path: Path
 ) -> tuple[ServerTable, AccessTable]:
-    servers = parse_servers(
-        TomlFile.parse(servers_text, servers_path),
-        config.interfaces.guest_subnet,
-        config.interfaces.hidden_networks,
-    )
+    doc = TomlFile.parse(servers_text, servers_path)
+    servers = parse_servers(doc, config.interfaces.guest_subnet, config.interfaces.hidden_networks)
+    taken = {
+        config.portal.http_port: "portal.http_port",
+        config.admin.port: "admin.port",
+        config.dns.port: "dns.port",
+    }
+    if config.portal.https_port:
+        taken[config.portal.https_port] = "portal.https_port"
+    if config.proxy.explicit_http_port:
+        taken[config.proxy.explicit_http_port] = "proxy.explicit_http_port"
+    for svc in servers.services.values():
+        if svc.listen_port in taken:
+            raise doc.error(
+                ("services", svc.name, "listen_port"),
+                f"port {svc.listen_port} is the appliance's {taken[svc.listen_port]}",
+            )
     access = parse_access(TomlFile.parse(access_text, access_path), servers.services)
     return servers, access
 

@@ -342,6 +342,19 @@ def test_reload_on_sighup(site: Path) -> None:
         signal.signal(signal.SIGHUP, old)
 
 
+def test_a_listen_port_the_appliance_uses_is_refused(site: Path) -> None:
+    cfg = load(site)
+    text = (
+        (site.parent / "servers.toml")
+        .read_text()
+        .replace("listen_port = 8081", "listen_port = 8000")
+    )
+    with pytest.raises(ConfigError) as err:
+        check_texts(cfg, servers_text=text)
+    assert err.value.key == "services.http.listen_port" and "admin.port" in err.value.reason
+    assert err.value.line == text.splitlines().index("listen_port = 8000") + 1
+
+
 def test_check_texts_names_the_real_file(site: Path) -> None:
     cfg = load(site)
     with pytest.raises(ConfigError) as err:
