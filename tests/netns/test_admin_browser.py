@@ -80,6 +80,10 @@ def test_admin_edits_a_cell_in_a_real_browser(
     assert (site / "access.toml.bak").exists()
     assert admin.alive()
     assert "admin: alice logged in" in admin.output()
+    # `appliance reload` finds the running role by its pid file; the admin role survives it
+    r = gw.run(sys.executable, "-m", "appliance", "reload", "--config", str(cfg_path))
+    assert "sent SIGHUP to admin" in r.stdout
+    assert admin.alive()
     assert PASSWORD not in admin.output()
     docs = ROOT / "docs" / "screenshots"
     docs.mkdir(parents=True, exist_ok=True)
