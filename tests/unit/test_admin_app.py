@@ -353,3 +353,29 @@ def test_admins_cli(site: Config, monkeypatch: pytest.MonkeyPatch, capsys: Any) 
     assert main(["admins", "del", *cfg, "carol"]) == 0
     assert main(["admins", "del", *cfg, "carol"]) == 2
     assert "argon2id" in site.policies.admins.read_text()
+
+
+def test_the_grid_round_trips_a_table_without_changing_any_decision() -> None:
+    from appliance.access_rights import parse_access
+    from appliance.admin import grid
+    from appliance.tomlfile import TomlFile
+
+    services = ("smtp", "pop3", "http")
+    text = (
+        '# header\n\n[[rules]]\nname = "a b"\nmatch = { "org.unit" = "R&D*", role = ["x", "y"] }\n'
+        'allow = ["smtp"]\ndeny = ["http"]\nmax_connections = 3\nsession_max = 600\n\n'
+        '[[rules]]\nname = "everyone"\nallow = ["http"]\n'
+    )
+    before = parse_access(TomlFile.parse(text, "a.toml"), services)
+    again = grid.to_toml(grid.rows_of(before), grid.header_of(text))
+    after = parse_access(TomlFile.parse(again, "a.toml"), services)
+    assert again.startswith("# header\n")
+    for attrs in (
+        {"org.unit": "R&D 4", "role": "y"},
+        {"org.unit": "R&D", "role": ("z", "x")},
+        {"role": "x"},
+        {},
+    ):
+        for s in services:
+            assert after.decide(attrs, s) == before.decide(attrs, s)  # type: ignore[arg-type]
+        assert after.may_use_network(attrs) == before.may_use_network(attrs)  # type: ignore[arg-type]
