@@ -37,6 +37,11 @@ def _cmd(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 2
+    if args.admins_command != "list":
+        from appliance.admin import audit
+
+        who = f"cli:{getpass.getuser()}"
+        audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
     return 0
 
 

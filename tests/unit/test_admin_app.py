@@ -353,6 +353,11 @@ def test_admins_cli(site: Config, monkeypatch: pytest.MonkeyPatch, capsys: Any) 
     assert main(["admins", "del", *cfg, "carol"]) == 0
     assert main(["admins", "del", *cfg, "carol"]) == 2
     assert "argon2id" in site.policies.admins.read_text()
+    from appliance.admin import audit
+
+    log = [(e.action, e.target) for e in audit.tail(site)]
+    assert log[:2] == [("admins del", "carol"), ("admins passwd", "carol")]
+    assert "argon2" not in audit.path_of(site).read_text()
 
 
 def test_the_grid_round_trips_a_table_without_changing_any_decision() -> None:
