@@ -45,7 +45,10 @@ def session_store(config: Config) -> Any:
     except ImportError:
         return None
     try:
-        return sessions_module.SessionStore(store.connect(config.state.database))
+        cls = sessions_module.SessionStore
+        if hasattr(cls, "from_config"):  # with the firewall's revoke attached to end()
+            return cls.from_config(config)
+        return cls(store.connect(config.state.database))
     except Exception:
         log.exception("sessions store unavailable")
         return None

@@ -384,3 +384,26 @@ def test_the_grid_round_trips_a_table_without_changing_any_decision() -> None:
         for s in services:
             assert after.decide(attrs, s) == before.decide(attrs, s)  # type: ignore[arg-type]
         assert after.may_use_network(attrs) == before.may_use_network(attrs)  # type: ignore[arg-type]
+
+
+def test_session_store_is_built_with_the_firewall_revoke(
+    site: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from appliance.admin.app import session_store
+
+    made: list[str] = []
+
+    class Store:
+        @classmethod
+        def from_config(cls, config: Config) -> Store:
+            made.append("from_config")
+            return cls()
+
+    fake = types.ModuleType("appliance.sessions")
+    fake.SessionStore = Store  # type: ignore[attr-defined]
+    monkeypatch.setitem(__import__("sys").modules, "appliance.sessions", fake)
+    assert isinstance(session_store(site), Store) and made == ["from_config"]
+    monkeypatch.setitem(__import__("sys").modules, "appliance.sessions", None)
+    assert session_store(site) is None  # not in this build: "sessions unavailable"
