@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.access_rights import AccessTable, parse_access
+from appliance.access_rights import AccessTable, Decision, parse_access
 from appliance.tomlfile import TomlFile
 
 pytestmark = pytest.mark.unit
@@ -104,3 +104,30 @@ def test_the_empty_table_denies_everything(attrs: dict[str, object], service: st
     table = build([])
     assert not table.decide(attrs, service).allowed  # type: ignore[arg-type]
     assert not table.may_use_network(attrs).allowed  # type: ignore[arg-type]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(RULE, max_size=6), st.lists(ATTRS, min_size=1, max_size=5))
+def test_the_admin_grid_round_trips_every_table(
+    rules: list[dict[str, dict[str, object]]], users: list[dict[str, object]]
+) -> None:
+    """Table -> grid rows -> TOML -> table: no decision changes (what a no-op save does)."""
+    from appliance.admin import grid
+
+    before = build(rules)
+    text = grid.to_toml(grid.rows_of(before), "# header\n")
+    after = parse_access(TomlFile.parse(text, "access.toml"), SERVICES)
+
+    def same(a: Decision, b: Decision) -> bool:
+        # the reason's wording may change ("in {a}" becomes "= a"), nothing else
+        return (a.allowed, a.rule, a.max_connections, a.session_max) == (
+            b.allowed,
+            b.rule,
+            b.max_connections,
+            b.session_max,
+        )
+
+    for attrs in users:
+        assert same(after.may_use_network(attrs), before.may_use_network(attrs))  # type: ignore[arg-type]
+        for s in SERVICES:
+            assert same(after.decide(attrs, s), before.decide(attrs, s))  # type: ignore[arg-type]
