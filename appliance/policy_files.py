@@ -2,8 +2,8 @@
 
 The policy tables go through their real loaders (the same code the roles run), so
 check-config refuses exactly what a reload would refuse.  The account tables
-(users, admins) are only checked to be valid TOML here when they exist; their
-own modules validate their content.
+are checked when they exist: the admins table by its loader, the users table
+only as TOML (its own module, the site accounts, validates its content).
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ def check(config: Config) -> list[str]:
     """Validate every table the config points to; raise ConfigError on the first fault."""
     Policy.load(config)
     checked = [str(config.policies.servers), str(config.policies.access)]
-    for path in (config.policies.users, config.policies.admins):
-        if path.exists():
-            TomlFile.load(path)
-            checked.append(str(path))
+    if config.policies.users.exists():
+        TomlFile.load(config.policies.users)
+        checked.append(str(config.policies.users))
+    if config.policies.admins.exists():
+        from appliance.admin.accounts import load_admins
+
+        load_admins(config.policies.admins)
+        checked.append(str(config.policies.admins))
     return checked

@@ -360,3 +360,12 @@ def test_check_texts_names_the_real_file(site: Path) -> None:
     with pytest.raises(ConfigError) as err:
         check_texts(cfg, access_text='[[rules]]\nname = "a"\ndeny = ["nntp"]\n')
     assert err.value.file == str(cfg.policies.access) and err.value.line == 3
+
+
+def test_check_config_validates_the_admins_table(site: Path) -> None:
+    from appliance import policy_files
+
+    cfg = load(site)
+    (site.parent / "admins.toml").write_text('[admins.root]\npassword_hash = "plain"\n')
+    with pytest.raises(ConfigError, match=r"admins.toml:2: admins.root.password_hash: not an arg"):
+        policy_files.check(cfg)
