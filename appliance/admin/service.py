@@ -22,7 +22,13 @@ log = logging.getLogger("appliance.admin")
 
 def main(config: Config) -> int:
     if not config.admin.enabled:
+        # stay up doing nothing: under `appliance run` a role that exits stops the others
         log.info("admin pages disabled in the configuration")
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda _s, _f: done.set())
+        signal.signal(signal.SIGINT, lambda _s, _f: done.set())
+        while not done.wait(3600):
+            pass
         return 0
     app = create_app(config)
     host = str(config.interfaces.management_address)
