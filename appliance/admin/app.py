@@ -190,7 +190,10 @@ def create_app(
     def access_save() -> Any:
         path = config.policies.access
         old_text, _ = read_versioned(path)
-        servers, _table = current_tables()
+        try:
+            servers = check_texts(config, access_text="")[0]  # the server table alone
+        except ConfigError as exc:
+            return page("error.html", 500, error=f"The server table on disk is invalid: {exc}")
         services = list(servers.services)
         version = request.form.get("version", "")
         rows: list[grid.Row] = []
@@ -225,7 +228,17 @@ def create_app(
     @app.get("/servers")
     def servers_page() -> Any:
         text, version = read_versioned(config.policies.servers)
-        return page("servers.html", text=text, version=version, saved=request.args.get("saved"))
+        try:
+            services = list(current_tables()[0].services.values())
+        except ConfigError as exc:  # show the text anyway, so it can be repaired here
+            return page("servers.html", text=text, version=version, error=str(exc))
+        return page(
+            "servers.html",
+            text=text,
+            version=version,
+            services=services,
+            saved=request.args.get("saved"),
+        )
 
     @app.post("/servers")
     def servers_save() -> Any:

@@ -105,6 +105,12 @@ SERVERS = """{% extends "base.html" %}{% block title %}Server info{% endblock %}
 <p>The site's server-info table (<code>servers.toml</code>). It is validated before it is
 saved: ports in range, known protocols, no server on the guest side, and every service the
 access rights name must stay.</p>
+{% if services %}<table id="services"><tr><th>service</th><th>protocol</th><th>listens on</th>
+<th>intercepts</th><th>servers, in order</th><th>personal server allowed</th><th>guest names</th></tr>
+{% for s in services %}<tr><td>{{ s.name }}</td><td>{{ s.protocol }}</td><td>{{ s.listen_port }}</td>
+<td>{{ s.intercept_ports|join(', ') }}</td><td>{{ s.upstreams|join(', ') or '(personal only)' }}{% if s.tls %} (TLS){% endif %}</td>
+<td>{{ 'yes' if s.personal_allowed else 'no' }}</td><td>{{ s.guest_names|join(', ') }}</td></tr>
+{% endfor %}</table>{% endif %}
 <form method="post" action="{{ url_for('servers_save') }}">
 <input type="hidden" name="csrf" value="{{ csrf_token() }}">
 <input type="hidden" name="version" value="{{ version }}">

@@ -289,6 +289,7 @@ def test_server_info_editing(app: Any, site: Config) -> None:
     fields = form(c, "/servers")
     text = fields["text"]
     assert "[services.smtp]" in text
+    assert "<td>198.51.100.3:25</td>" in c.get("/servers").text  # the parsed summary
     bad = {**fields, "text": text.replace("198.51.100.3:25", "192.168.1.50:25")}
     r = c.post("/servers", data=bad)
     assert r.status_code == 400 and "guest subnet" in r.text and "servers.toml:" in r.text
