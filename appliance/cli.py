@@ -22,6 +22,8 @@ COMMANDS = [
     "appliance.lab.cli",
     "appliance.agent.appliance_cli",
     "appliance.net.cli",
+    "appliance.policy_cli",
+    "appliance.admin.cli",
 ]
 
 

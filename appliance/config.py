@@ -89,6 +89,7 @@ class PortalConfig:
 class AdminConfig:
     enabled: bool
     port: int
+    secure_cookie: bool = False  # true when the pages are reached over HTTPS (a TLS proxy)
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,11 @@ def _portal(r: Reader) -> PortalConfig:
 
 
 def _admin(r: Reader) -> AdminConfig:
-    cfg = AdminConfig(enabled=r.boolean("enabled", True), port=r.port("port", 8000))
+    cfg = AdminConfig(
+        enabled=r.boolean("enabled", True),
+        port=r.port("port", 8000),
+        secure_cookie=r.boolean("secure_cookie", False),
+    )
     r.finish()
     return cfg
 

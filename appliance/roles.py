@@ -28,6 +28,7 @@ ROLES: dict[str, str] = {
     "dns": "appliance.dns.service:main",
     "portal": "appliance.portal.service:main",
     "proxy": "appliance.proxy.service:main",
+    "admin": "appliance.admin.service:main",
 }
 
 
@@ -51,7 +52,11 @@ def resolve(role: str) -> Callable[[Config], int]:
 
 
 def run_one(role: str, config: Config) -> int:
-    return resolve(role)(config)
+    from appliance.pidfiles import pidfile  # so `appliance reload` finds the role
+
+    main = resolve(role)
+    with pidfile(config, role):
+        return main(config)
 
 
 def supervise(roles: list[str], config_path: Path, log_level: str) -> int:

@@ -1,0 +1,89 @@
+"""Admin accounts (`config.policies.admins`), separate from the site's guest accounts.
+
+Format:
+
+    [admins.alice]
+    password_hash = "$argon2id$v=19$..."
+
+Written only by `appliance admins add|del|passwd` (atomically, mode 0600); hashes are
+argon2id from appliance.passwords.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from appliance import passwords
+from appliance.admin.files import atomic_write, locked, toml_string
+from appliance.tomlfile import ConfigError, TomlFile
+
+NAME = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
+HEADER = "# Admin accounts for the admin pages: edit with `appliance admins add|del|passwd`.\n"
+
+
+def load_admins(path: Path) -> dict[str, str]:
+    """name -> argon2id hash; a missing file means no admins yet."""
+    if not path.exists():
+        return {}
+    doc = TomlFile.load(path)
+    top = doc.reader()
+    admins_r = top.sub("admins")
+    out = {}
+    for name in list(admins_r.keys()):
+        r = admins_r.sub(name)
+        if not NAME.match(name):
+            raise r.error(None, f"admin name {name!r} must be lower-case letters, digits, . _ -")
+        h = r.text("password_hash")
+        if not h.startswith("$argon2id$"):
+            raise r.error("password_hash", "not an argon2id hash")
+        r.finish()
+        out[name] = h
+    admins_r.finish()
+    top.finish()
+    return out
+
+
+def _write(path: Path, admins: dict[str, str]) -> None:
+    body = "".join(
+        f"\n[admins.{name}]\npassword_hash = {toml_string(h)}\n"
+        for name, h in sorted(admins.items())
+    )
+    atomic_write(path, HEADER + body, 0o600)
+
+
+def set_password(path: Path, name: str, password: str, *, create: bool) -> None:
+    if not NAME.match(name):
+        raise ValueError(f"admin name {name!r} must be lower-case letters, digits, . _ -")
+    if len(password) < 10:
+        raise ValueError("an admin password needs at least 10 characters")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        admins = load_admins(path)
+        if create and name in admins:
+            raise ValueError(f"admin {name!r} exists already (use passwd)")
+        if not create and name not in admins:
+            raise ValueError(f"no admin {name!r}")
+        admins[name] = passwords.hash_password(password)
+        _write(path, admins)
+
+
+def delete(path: Path, name: str) -> None:
+    with locked(path):
+        admins = load_admins(path)
+        if name not in admins:
+            raise ValueError(f"no admin {name!r}")
+        del admins[name]
+        _write(path, admins)
+
+
+def check_login(path: Path, name: str, password: str) -> bool:
+    """Constant work for unknown names too (passwords.verify_password hashes a dummy)."""
+    try:
+        admins = load_admins(path)
+    except ConfigError:
+        admins = {}
+    return passwords.verify_password(admins.get(name), password)
+
+
+__all__ = ["check_login", "delete", "load_admins", "set_password"]

@@ -1,0 +1,289 @@
+"""The admin web app (flask): login, access-rights grid, server-info, sessions, audit log.
+
+Every POST carries a CSRF token bound to the browser's session; the session cookie is
+HttpOnly, SameSite=Strict, and Secure when `[admin] secure_cookie` is set (the pages
+reached over HTTPS).  Edits are validated by the real table loaders before they are
+saved; a save names the file version it was built from, so a second admin editing
+the same version gets a conflict instead of overwriting the first one's change.
+After a save the running roles get SIGHUP (as `appliance reload` does).
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, abort, redirect, render_template, request, session, url_for
+from jinja2 import DictLoader
+
+from appliance.admin import accounts, audit, grid
+from appliance.admin.files import Conflict, read_versioned, save_if_unchanged
+from appliance.admin.templates import CSS, TEMPLATES
+from appliance.config import Config
+from appliance.policy import check_texts
+from appliance.tomlfile import ConfigError
+
+log = logging.getLogger("appliance.admin")
+LOGIN_FAILURES_ALLOWED = 5
+LOGIN_WINDOW = 300.0
+
+
+def session_store(config: Config) -> Any:
+    """The SessionStore of appliance.sessions, or None when that part is not available."""
+    try:
+        from appliance import store
+
+        sessions_module = importlib.import_module("appliance.sessions")
+    except ImportError:
+        return None
+    try:
+        cls = sessions_module.SessionStore
+        if hasattr(cls, "from_config"):  # with the firewall's revoke attached to end()
+            return cls.from_config(config)
+        return cls(store.connect(config.state.database))
+    except Exception:
+        log.exception("sessions store unavailable")
+        return None
+
+
+def _secret_key(config: Config) -> bytes:
+    """A per-appliance signing key kept in the state directory (mode 0600)."""
+    path = config.state.directory / "admin-secret.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
+def create_app(
+    config: Config,
+    *,
+    sessions: Callable[[Config], Any] = session_store,
+    notify: Callable[[Config], object] | None = None,
+) -> Flask:
+    """The app; `sessions` and `notify` (after a save, default: SIGHUP the roles) are
+    replaceable for tests."""
+    app = Flask("appliance.admin")
+    app.jinja_loader = DictLoader(TEMPLATES)
+    app.config.update(
+        SECRET_KEY=_secret_key(config),
+        SESSION_COOKIE_NAME="appliance_admin",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=config.admin.secure_cookie,
+        PERMANENT_SESSION_LIFETIME=timedelta(minutes=30),
+        MAX_CONTENT_LENGTH=2 * 1024 * 1024,
+    )
+    if notify is None:
+        from appliance.pidfiles import signal_roles
+
+        notify = signal_roles
+    failures: dict[str, list[float]] = {}
+
+    def csrf_token() -> str:
+        token = session.get("csrf")
+        if not isinstance(token, str):
+            token = secrets.token_urlsafe(32)
+            session["csrf"] = token
+        return token
+
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+    @app.before_request
+    def guard() -> Any:
+        if request.method == "POST":
+            sent = request.form.get("csrf", "")
+            expected = session.get("csrf")
+            if not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
+                log.warning("admin: refused a POST to %s without a valid CSRF token", request.path)
+                abort(400, "CSRF token missing or wrong: reload the page and try again")
+        if request.endpoint not in ("login", "css") and not session.get("admin"):
+            return redirect(url_for("login"))
+        return None
+
+    @app.after_request
+    def headers(resp: Response) -> Response:
+        resp.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'"
+        )
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    def admin() -> str:
+        return str(session["admin"])
+
+    def page(template: str, status: int = 200, **kw: Any) -> tuple[str, int]:
+        return render_template(template, admin=session.get("admin"), **kw), status
+
+    @app.get("/admin.css")
+    def css() -> Response:
+        return Response(CSS, mimetype="text/css")
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login() -> Any:
+        if request.method == "GET":
+            return page("login.html")
+        ip = request.remote_addr or "?"
+        now = time.monotonic()
+        recent = [t for t in failures.get(ip, []) if now - t < LOGIN_WINDOW]
+        failures[ip] = recent
+        if len(recent) >= LOGIN_FAILURES_ALLOWED:
+            return page("login.html", 429, error="Too many failed logins: wait a few minutes.")
+        name = request.form.get("name", "").strip()
+        if not accounts.check_login(config.policies.admins, name, request.form.get("password", "")):
+            recent.append(now)
+            log.warning("admin: failed login for %r from %s", name, ip)
+            return page("login.html", 403, error="Wrong admin name or password.")
+        failures.pop(ip, None)
+        session.clear()  # a fresh session (and CSRF token) after login
+        session.permanent = True
+        session["admin"] = name
+        log.info("admin: %s logged in from %s", name, ip)
+        return redirect(url_for("access"))
+
+    @app.post("/logout")
+    def logout() -> Any:
+        session.clear()
+        return redirect(url_for("login"))
+
+    @app.get("/")
+    def index() -> Any:
+        return redirect(url_for("access"))
+
+    # -- access rights ------------------------------------------------------
+    def current_tables() -> tuple[Any, Any]:
+        return check_texts(config)
+
+    @app.get("/access")
+    def access() -> Any:
+        _text, version = read_versioned(config.policies.access)
+        try:
+            servers, table = current_tables()
+        except ConfigError as exc:
+            return page("error.html", 500, error=f"The tables on disk are invalid: {exc}")
+        return page(
+            "access.html",
+            rows=grid.rows_of(table),
+            services=list(servers.services),
+            version=version,
+            saved=request.args.get("saved"),
+        )
+
+    @app.post("/access")
+    def access_save() -> Any:
+        path = config.policies.access
+        old_text, _ = read_versioned(path)
+        try:
+            servers = check_texts(config, access_text="")[0]  # the server table alone
+        except ConfigError as exc:
+            return page("error.html", 500, error=f"The server table on disk is invalid: {exc}")
+        services = list(servers.services)
+        version = request.form.get("version", "")
+        rows: list[grid.Row] = []
+        try:
+            rows = grid.rows_from_form(request.form, services)
+            new_text = grid.to_toml(rows, grid.header_of(old_text))
+            check_texts(config, access_text=new_text)
+            save_if_unchanged(path, new_text, version)
+        except (grid.GridError, ConfigError) as exc:
+            return page(
+                "access.html", 400, rows=rows, services=services, version=version, error=str(exc)
+            )
+        except Conflict as exc:
+            _, now_version = read_versioned(path)
+            return page(
+                "access.html",
+                409,
+                rows=rows,
+                services=services,
+                version=now_version,
+                conflict=str(exc),
+            )
+        changed(path, "edit access rights", old_text, new_text)
+        return redirect(url_for("access", saved=1))
+
+    def changed(path: Path, action: str, old: str, new: str) -> None:
+        audit.record(config, admin(), action, str(path), audit.diff(old, new, path.name))
+        assert notify is not None
+        notify(config)
+
+    # -- server info --------------------------------------------------------
+    @app.get("/servers")
+    def servers_page() -> Any:
+        text, version = read_versioned(config.policies.servers)
+        try:
+            services = list(current_tables()[0].services.values())
+        except ConfigError as exc:  # show the text anyway, so it can be repaired here
+            return page("servers.html", text=text, version=version, error=str(exc))
+        return page(
+            "servers.html",
+            text=text,
+            version=version,
+            services=services,
+            saved=request.args.get("saved"),
+        )
+
+    @app.post("/servers")
+    def servers_save() -> Any:
+        path = config.policies.servers
+        old_text, _ = read_versioned(path)
+        text = request.form.get("text", "").replace("\r\n", "\n")
+        version = request.form.get("version", "")
+        try:
+            check_texts(config, servers_text=text)
+            save_if_unchanged(path, text, version)
+        except ConfigError as exc:
+            return page("servers.html", 400, text=text, version=version, error=str(exc))
+        except Conflict as exc:
+            _, now_version = read_versioned(path)
+            return page("servers.html", 409, text=text, version=now_version, conflict=str(exc))
+        changed(path, "edit server info", old_text, text)
+        return redirect(url_for("servers_page", saved=1))
+
+    # -- sessions -----------------------------------------------------------
+    @app.get("/sessions")
+    def sessions_page() -> Any:
+        store = sessions(config)
+        if store is None:
+            return page("sessions.html", unavailable=True, items=[])
+        items = sorted(store.list(), key=lambda s: s.created)
+        return page("sessions.html", unavailable=False, items=items, now=time.time())
+
+    @app.post("/sessions/end")
+    def session_end() -> Any:
+        store = sessions(config)
+        if store is None:
+            return page("sessions.html", 503, unavailable=True, items=[])
+        sid = request.form.get("id", "")
+        s = store.get(sid)
+        if s is None or not store.end(sid, f"ended by admin {admin()}"):
+            return page("error.html", 404, error="No such active session.")
+        audit.record(config, admin(), "end session", f"{s.user} {s.ip} {s.mac}")
+        return redirect(url_for("sessions_page"))
+
+    # -- audit --------------------------------------------------------------
+    @app.get("/audit")
+    def audit_page() -> Any:
+        return page("audit.html", entries=audit.tail(config))
+
+    return app
+
+
+__all__ = ["create_app", "session_store"]

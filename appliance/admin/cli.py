@@ -1,0 +1,67 @@
+"""`appliance admins add|del|list|passwd`: the admin accounts of the admin pages."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from appliance.config import load
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("new admin password: ")
+    if getpass.getpass("again: ") != first:
+        raise SystemExit("appliance: the passwords differ")
+    return first
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from appliance.admin import accounts  # argon2 set-up costs: only when used
+
+    config = load(args.config)
+    path = config.policies.admins
+    try:
+        if args.admins_command == "list":
+            for name in sorted(accounts.load_admins(path)):
+                print(name)
+        elif args.admins_command == "del":
+            accounts.delete(path, args.name)
+            print(f"admin {args.name} removed")
+        else:
+            create = args.admins_command == "add"
+            accounts.set_password(path, args.name, _password(args), create=create)
+            print(f"admin {args.name} {'added' if create else 'password changed'} ({path})")
+    except ValueError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    if args.admins_command != "list":
+        from appliance.admin import audit
+
+        who = f"cli:{getpass.getuser()}"
+        audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from appliance.cli import add_config_arg
+
+    p = sub.add_parser("admins", help="admin accounts of the admin pages")
+    psub = p.add_subparsers(dest="admins_command", required=True, metavar="ACTION")
+    for action, help_text in (
+        ("add", "add an admin (asks for the password)"),
+        ("passwd", "change an admin's password"),
+        ("del", "remove an admin"),
+        ("list", "list the admins"),
+    ):
+        a = psub.add_parser(action, help=help_text)
+        add_config_arg(a)
+        if action != "list":
+            a.add_argument("name", metavar="NAME")
+        if action in ("add", "passwd"):
+            a.add_argument(
+                "--password-stdin", action="store_true", help="read the password from stdin"
+            )
+        a.set_defaults(func=_cmd)

@@ -1,0 +1,92 @@
+"""Safe writes of the files admins edit: atomic replace, a backup, a version to detect conflicts.
+
+The file on disk is the source of truth.  Its version is the SHA-256 of its bytes:
+a form carries the version it was built from, and a save whose version no longer
+matches the file (another admin saved in between, or someone edited by hand) is a
+conflict, never a silent overwrite.  Saves hold an exclusive lock file so two
+processes cannot interleave their check and write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Conflict(Exception):
+    """The file changed since the editor read it."""
+
+
+def version_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_versioned(path: Path) -> tuple[str, str]:
+    """(text, version) of a file; a missing file is empty text with its own version."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    return data.decode("utf-8"), version_of(data)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def atomic_write(path: Path, text: str, mode: int | None = None) -> None:
+    """Write to a temporary file beside it, fsync, rename over: readers see old or new."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        elif path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_if_unchanged(path: Path, text: str, expected_version: str, mode: int | None = None) -> str:
+    """Replace the file if it is still at `expected_version`; keeps `<name>.bak`.
+
+    Returns the previous text (for the audit diff).  Raises Conflict otherwise.
+    """
+    with locked(path):
+        old, version = read_versioned(path)
+        if version != expected_version:
+            raise Conflict(f"{path.name} was changed by someone else since you opened it")
+        if path.exists():
+            atomic_write(path.with_name(path.name + ".bak"), old, mode)
+        atomic_write(path, text, mode)
+        return old
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string (JSON's escapes are valid TOML escapes)."""
+    return json.dumps(value, ensure_ascii=False)

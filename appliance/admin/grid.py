@@ -1,0 +1,149 @@
+"""The access-rights table as a grid of rows (attribute patterns) x columns (services).
+
+Rows come from the parsed table and go back to TOML text; the text is then validated
+by the real loader before anything is saved.  A row's pattern is written as
+`key=value; key=a|b; key=glob*` (`;` between attributes, `|` between set members,
+empty for everyone).  Cells are "allow", "deny" or "" (this row says nothing: the
+next matching row decides).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from appliance.access_rights import AccessTable
+from appliance.admin.files import toml_string
+
+_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class GridError(ValueError):
+    pass
+
+
+@dataclass
+class Row:
+    name: str
+    pattern: str
+    cells: dict[str, str] = field(default_factory=dict)
+    max_connections: str = ""
+    session_max: str = ""
+
+
+def rows_of(table: AccessTable) -> list[Row]:
+    rows = []
+    for r in table.rules:
+        parts = []
+        for key, value in r.raw_match:
+            parts.append(f"{key}={value if isinstance(value, str) else '|'.join(value)}")
+        cells = {
+            s: ("allow" if r.verdict(s) else "deny")
+            for s in table.services
+            if r.verdict(s) is not None
+        }
+        rows.append(
+            Row(
+                r.name,
+                "; ".join(parts),
+                cells,
+                str(r.max_connections or ""),
+                str(r.session_max or ""),
+            )
+        )
+    return rows
+
+
+def rows_from_form(form: Mapping[str, str], services: Sequence[str]) -> list[Row]:
+    """The posted grid: fields name-N, pattern-N, cell-N-SERVICE, max-N, session-N,
+    order-N, remove-N; the blank row "new" becomes a rule when it has a name."""
+    ids = sorted({k.split("-", 1)[1] for k in form if k.startswith("name-")})
+    keyed = []
+    for n, i in enumerate(ids):
+        name = form.get(f"name-{i}", "").strip()
+        if form.get(f"remove-{i}") or (i == "new" and not name):
+            continue
+        order_text = form.get(f"order-{i}", "").strip()
+        try:
+            order = float(order_text) if order_text else float(n)
+        except ValueError:
+            raise GridError(f"row {name or i}: position {order_text!r} is not a number") from None
+        cells = {}
+        for s in services:
+            v = form.get(f"cell-{i}-{s}", "")
+            if v not in ("", "allow", "deny"):
+                raise GridError(f"row {name}: cell {s} must be allow, deny or empty")
+            if v:
+                cells[s] = v
+        row = Row(
+            name,
+            form.get(f"pattern-{i}", "").strip(),
+            cells,
+            form.get(f"max-{i}", "").strip(),
+            form.get(f"session-{i}", "").strip(),
+        )
+        keyed.append((order, i == "new", n, row))
+    keyed.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [t[3] for t in keyed]
+
+
+def _key(k: str) -> str:
+    return k if _BARE.match(k) else toml_string(k)
+
+
+def _value(v: str | list[str]) -> str:
+    return toml_string(v) if isinstance(v, str) else f"[{', '.join(map(toml_string, v))}]"
+
+
+def parse_pattern(text: str, row: str) -> list[tuple[str, str | list[str]]]:
+    out: list[tuple[str, str | list[str]]] = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise GridError(f"row {row}: {part!r} is not key=value")
+        if "|" in value:
+            out.append((key, [v.strip() for v in value.split("|")]))
+        else:
+            out.append((key, value))
+    return out
+
+
+def to_toml(rows: Sequence[Row], header: str) -> str:
+    """The rows as access.toml text (the header comment of the old file is kept)."""
+    chunks = [header.rstrip("\n") + "\n"] if header.strip() else []
+    for row in rows:
+        lines = ["[[rules]]", f"name = {toml_string(row.name)}"]
+        match = parse_pattern(row.pattern, row.name)
+        if match:
+            inner = ", ".join(f"{_key(k)} = {_value(v)}" for k, v in match)
+            lines.append(f"match = {{ {inner} }}")
+        for verdict in ("allow", "deny"):
+            names = [s for s, v in row.cells.items() if v == verdict]
+            if names:
+                lines.append(f"{verdict} = [{', '.join(map(toml_string, names))}]")
+        for key, text in (
+            ("max_connections", row.max_connections),
+            ("session_max", row.session_max),
+        ):
+            if text:
+                if not text.isdigit():
+                    raise GridError(f"row {row.name}: {key} {text!r} is not a whole number")
+                lines.append(f"{key} = {int(text)}")
+        chunks.append("\n".join(lines) + "\n")
+    return "\n".join(chunks)
+
+
+def header_of(text: str) -> str:
+    """The leading comment block of a table file."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#") or (not line.strip() and out):
+            out.append(line)
+        else:
+            break
+    return "\n".join(out).rstrip() + "\n" if out else ""

@@ -1,0 +1,70 @@
+"""Drive the admin pages with a real Chromium (run inside the segment namespace by the test).
+
+usage: admin_browser.py URL ADMIN PASSWORD SCREENSHOT PROFILE_DIR
+Logs in, toggles the sales/smtp cell to deny, saves, opens the audit log, takes a
+screenshot; prints one JSON line with what it saw.  The password comes on stdin's
+first line when PASSWORD is "-" (so it never shows in a process list).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+
+
+def main() -> int:
+    url, admin, password, shot, profile = sys.argv[1:6]
+    if password == "-":
+        password = sys.stdin.readline().rstrip("\n")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,900",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+    seen: dict[str, object] = {}
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(url + "/access")
+        seen["redirected_to_login"] = driver.current_url.endswith("/login")
+        driver.find_element(By.ID, "name").send_keys(admin)
+        driver.find_element(By.ID, "password").send_keys(password)
+        driver.find_element(By.ID, "login").click()
+        seen["after_login"] = driver.current_url
+        cell = Select(driver.find_element(By.ID, "cell-sales-smtp"))
+        seen["cell_before"] = cell.first_selected_option.get_attribute("value")
+        cell.select_by_value("deny")
+        driver.find_element(By.ID, "save").click()
+        seen["saved_banner"] = bool(driver.find_elements(By.ID, "saved"))
+        seen["cell_after"] = Select(
+            driver.find_element(By.ID, "cell-sales-smtp")
+        ).first_selected_option.get_attribute("value")
+        driver.find_element(By.LINK_TEXT, "Audit log").click()
+        seen["audit"] = driver.find_element(By.ID, "audit").text
+        driver.save_screenshot(shot)
+        # the grid itself, as the README shows it
+        driver.find_element(By.LINK_TEXT, "Access rights").click()
+        driver.save_screenshot(shot.replace(".png", "-grid.png"))
+    finally:
+        driver.quit()
+    print(json.dumps(seen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

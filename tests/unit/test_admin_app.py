@@ -1,0 +1,410 @@
+"""The admin pages through flask's test client: login, CSRF, edits, conflicts, audit."""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+import shutil
+import tomllib
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from appliance.admin import accounts
+from appliance.admin.app import create_app
+from appliance.config import Config, load
+from appliance.passwords import hash_password
+from appliance.policy import Policy
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "correct horse battery"
+
+
+class FormParser(HTMLParser):
+    """What a browser would post: every input, selected option and textarea of a form."""
+
+    def __init__(self, form_id: str | None = None, action: str | None = None):
+        super().__init__()
+        self.want_id, self.want_action = form_id, action
+        self.inside = False
+        self.fields: dict[str, str] = {}
+        self._select: str | None = None
+        self._textarea: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.inside = (self.want_id is None or a.get("id") == self.want_id) and (
+                self.want_action is None or a.get("action") == self.want_action
+            )
+        if not self.inside:
+            return
+        if tag == "input" and "name" in a:
+            if a.get("type") == "checkbox" and "checked" not in a:
+                return
+            self.fields[a["name"]] = a.get("value", "")
+        elif tag == "select":
+            self._select = a["name"]
+            self.fields.setdefault(a["name"], "")
+        elif tag == "option" and self._select and "selected" in a:
+            self.fields[self._select] = a.get("value", "")
+        elif tag == "textarea":
+            self._textarea = a["name"]
+            self.fields[a["name"]] = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._textarea:
+            self.fields[self._textarea] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self.inside = False
+        elif tag == "select":
+            self._select = None
+        elif tag == "textarea":
+            self._textarea = None
+
+
+def form(
+    client: FlaskClient, url: str, form_id: str | None = None, page_url: str | None = None
+) -> dict[str, str]:
+    page = client.get(page_url or url)
+    assert page.status_code == 200, page.text
+    p = FormParser(form_id, url if form_id is None else None)
+    p.feed(page.text)
+    return p.fields
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Config:
+    for name in ("appliance.toml", "servers.toml", "access.toml"):
+        shutil.copy(ROOT / "policies" / name, tmp_path / name)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(cfg.read_text().replace("/var/lib/appliance", str(tmp_path / "state")))
+    config = load(cfg)
+    config.policies.admins.write_text(admins_file())
+    return config
+
+
+@functools.cache
+def admins_file() -> str:
+    """alice and bob, hashed once per test run (argon2id is slow on purpose)."""
+    return (
+        f'[admins.alice]\npassword_hash = "{hash_password(PASSWORD)}"\n'
+        f'[admins.bob]\npassword_hash = "{hash_password(PASSWORD + "!")}"\n'
+    )
+
+
+class FakeSessions:
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.items = {
+            "s1": SimpleNamespace(
+                id="s1",
+                user="carol",
+                source="site",
+                ip="192.168.1.100",
+                mac="02:47:00:00:00:01",
+                created=0.0,
+                idle_expiry=1e12,
+            )
+        }
+        self.ended: list[tuple[str, str]] = []
+
+    def list(self) -> list[Any]:
+        return list(self.items.values())
+
+    def get(self, sid: str) -> Any:
+        return self.items.get(sid)
+
+    def end(self, sid: str, reason: str) -> bool:
+        self.ended.append((sid, reason))
+        return self.items.pop(sid, None) is not None
+
+
+@pytest.fixture
+def notified() -> list[Config]:
+    return []
+
+
+@pytest.fixture
+def fake_sessions() -> FakeSessions:
+    return FakeSessions()
+
+
+@pytest.fixture
+def app(site: Config, notified: list[Config], fake_sessions: FakeSessions) -> Any:
+    a = create_app(site, sessions=lambda c: fake_sessions, notify=notified.append)
+    a.testing = True
+    return a
+
+
+def login(client: FlaskClient, name: str = "alice", password: str = PASSWORD) -> Any:
+    fields = form(client, "/login")
+    return client.post("/login", data={**fields, "name": name, "password": password})
+
+
+def test_pages_need_a_login(app: Any) -> None:
+    c = app.test_client()
+    for url in ("/access", "/servers", "/sessions", "/audit"):
+        r = c.get(url)
+        assert r.status_code == 302 and r.headers["Location"].endswith("/login")
+    assert login(c, password="wrong password").status_code == 403
+    assert login(c, name="mallory").status_code == 403
+    r = login(c)
+    assert r.status_code == 302 and r.headers["Location"].endswith("/access")
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    page = c.get("/access")
+    assert page.status_code == 200 and "sales" in page.text
+    assert page.headers["X-Frame-Options"] == "DENY"
+
+
+def test_repeated_login_failures_are_slowed_down(app: Any) -> None:
+    c = app.test_client()
+    for _ in range(5):
+        assert login(c, password="nope nope nope").status_code == 403
+    assert login(c).status_code == 429
+
+
+def test_a_post_without_the_csrf_token_is_refused(app: Any, site: Config) -> None:
+    c = app.test_client()
+    login(c)
+    before = site.policies.access.read_text()
+    fields = form(c, "/access", "grid")
+    fields["cell-1-smtp"] = ""
+    for bad in ({k: v for k, v in fields.items() if k != "csrf"}, {**fields, "csrf": "forged"}):
+        r = c.post("/access", data=bad)
+        assert r.status_code == 400 and "CSRF" in r.text
+    assert site.policies.access.read_text() == before
+    # and a login form from another site cannot log anyone in
+    fresh = app.test_client()
+    assert fresh.post("/login", data={"name": "alice", "password": PASSWORD}).status_code == 400
+
+
+def test_toggle_a_cell_saves_validates_backs_up_audits_and_reloads(
+    app: Any, site: Config, notified: list[Config]
+) -> None:
+    c = app.test_client()
+    login(c)
+    old = site.policies.access.read_text()
+    fields = form(c, "/access", "grid")
+    assert fields["name-1"] == "sales" and fields["cell-1-smtp"] == "allow"
+    fields["cell-1-smtp"] = "deny"
+    r = c.post("/access", data=fields)
+    assert r.status_code == 302, r.text
+    policy = Policy.load(site)
+    d = policy.decide({"department": "Sales 1"}, "smtp")
+    assert not d.allowed and d.rule == "sales"
+    assert policy.decide({"department": "Sales 1"}, "http").allowed
+    new = site.policies.access.read_text()
+    assert new.startswith("# Access-rights table")  # the header comment is kept
+    assert (site.policies.access.parent / "access.toml.bak").read_text() == old
+    assert notified == [site]
+    audit = c.get("/audit").text
+    assert "alice" in audit and "edit access rights" in audit
+    assert "+deny = [&#34;smtp&#34;]" in audit or '+deny = ["smtp"]' in audit
+
+
+def test_add_and_remove_rows(app: Any, site: Config) -> None:
+    c = app.test_client()
+    login(c)
+    fields = form(c, "/access", "grid")
+    fields.update(
+        {
+            "name-new": "research",
+            "pattern-new": "department=Research|R&D; building=B*",
+            "cell-new-pop3": "allow",
+            "max-new": "2",
+            "remove-0": "1",
+        }
+    )
+    assert c.post("/access", data=fields).status_code == 302
+    table = Policy.load(site).access
+    assert [r.name for r in table.rules] == ["sales", "staff", "research"]
+    user = {"department": "R&D", "building": "B7"}
+    assert table.decide(user, "pop3").allowed and table.decide(user, "pop3").max_connections == 2
+    # a new row placed first takes precedence
+    fields = form(c, "/access", "grid")
+    fields.update({"name-new": "no-pop", "pattern-new": "", "cell-new-pop3": "deny"})
+    fields["order-new"] = "0"
+    assert c.post("/access", data=fields).status_code == 302
+    table = Policy.load(site).access
+    assert table.rules[0].name == "no-pop" and not table.decide(user, "pop3").allowed
+
+
+def test_an_invalid_edit_is_refused_with_the_reason_and_changes_nothing(
+    app: Any, site: Config, notified: list[Config]
+) -> None:
+    c = app.test_client()
+    login(c)
+    before = site.policies.access.read_text()
+    for change, words in (
+        ({"pattern-1": "department=Sales[1"}, "unparsable pattern"),
+        ({"pattern-1": "department"}, "is not key=value"),
+        ({"name-1": "staff"}, "duplicate rule name"),
+        ({"max-1": "lots"}, "not a whole number"),
+        ({"cell-1-smtp": "maybe"}, "allow, deny or empty"),
+    ):
+        fields = form(c, "/access", "grid")
+        r = c.post("/access", data={**fields, **change})
+        assert r.status_code == 400
+        assert words in r.text
+    assert site.policies.access.read_text() == before
+    assert notified == []
+    assert "edit" not in c.get("/audit").text.split("<h1>Audit log</h1>")[1]
+
+
+def test_a_second_admin_editing_the_same_version_gets_a_conflict(app: Any, site: Config) -> None:
+    alice, bob = app.test_client(), app.test_client()
+    login(alice)
+    login(bob, "bob", PASSWORD + "!")
+    a_fields = form(alice, "/access", "grid")
+    b_fields = form(bob, "/access", "grid")
+    a_fields["cell-1-pop3"] = "allow"
+    assert alice.post("/access", data=a_fields).status_code == 302
+    after_alice = site.policies.access.read_text()
+    b_fields["cell-0-http"] = "deny"
+    r = bob.post("/access", data=b_fields)
+    assert r.status_code == 409 and "Conflict" in r.text
+    assert site.policies.access.read_text() == after_alice  # never a silent overwrite
+    # bob reloads the page (new version) and redoes his change: both edits survive
+    b_fields = form(bob, "/access", "grid")
+    b_fields["cell-0-http"] = "deny"
+    assert bob.post("/access", data=b_fields).status_code == 302
+    table = Policy.load(site).access
+    assert table.decide({"department": "Sales 1"}, "pop3").allowed
+    assert not table.decide({"department": "Sales 1", "title": "contractor"}, "http").allowed
+
+
+def test_server_info_editing(app: Any, site: Config) -> None:
+    c = app.test_client()
+    login(c)
+    fields = form(c, "/servers")
+    text = fields["text"]
+    assert "[services.smtp]" in text
+    assert "<td>198.51.100.3:25</td>" in c.get("/servers").text  # the parsed summary
+    bad = {**fields, "text": text.replace("198.51.100.3:25", "192.168.1.50:25")}
+    r = c.post("/servers", data=bad)
+    assert r.status_code == 400 and "guest subnet" in r.text and "servers.toml:" in r.text
+    drop_http = text.split("[services.http]")[0]
+    r = c.post("/servers", data={**fields, "text": drop_http})
+    assert r.status_code == 400 and "unknown service" in r.text
+    good = {**fields, "text": text.replace("198.51.100.3:25", "198.51.100.5:25")}
+    assert c.post("/servers", data=good).status_code == 302
+    assert tomllib.loads(site.policies.servers.read_text())["services"]["smtp"]["upstream"] == (
+        "198.51.100.5:25"
+    )
+    assert c.post("/servers", data=good).status_code == 409  # stale version
+    assert "edit server info" in c.get("/audit").text
+
+
+def test_sessions_list_and_end(app: Any, fake_sessions: FakeSessions) -> None:
+    c = app.test_client()
+    login(c)
+    page = c.get("/sessions").text
+    assert "carol" in page and "192.168.1.100" in page
+    fields = form(c, "/sessions/end", page_url="/sessions")
+    assert fields["id"] == "s1"
+    assert c.post("/sessions/end", data=fields).status_code == 302
+    assert fake_sessions.ended == [("s1", "ended by admin alice")]
+    assert "end session" in c.get("/audit").text
+    assert c.post("/sessions/end", data=fields).status_code == 404
+
+
+def test_sessions_unavailable(site: Config) -> None:
+    app = create_app(site, sessions=lambda c: None, notify=lambda c: None)
+    c = app.test_client()
+    login(c)
+    assert "Sessions unavailable" in c.get("/sessions").text
+
+
+def test_logout(app: Any) -> None:
+    c = app.test_client()
+    login(c)
+    html = c.get("/access").text
+    token = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert token
+    assert c.post("/logout", data={"csrf": token.group(1)}).status_code == 302
+    assert c.get("/access").status_code == 302
+
+
+def test_admins_cli(site: Config, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    from appliance.cli import main
+
+    cfg = ["--config", str(site.path)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    assert main(["admins", "add", *cfg, "carol", "--password-stdin"]) == 0
+    assert accounts.check_login(site.policies.admins, "carol", "a long enough password")
+    assert oct(site.policies.admins.stat().st_mode & 0o777) == "0o600"
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["admins", "passwd", *cfg, "carol", "--password-stdin"]) == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("another long password\n"))
+    assert main(["admins", "passwd", *cfg, "carol", "--password-stdin"]) == 0
+    assert not accounts.check_login(site.policies.admins, "carol", "a long enough password")
+    capsys.readouterr()
+    assert main(["admins", "list", *cfg]) == 0
+    assert capsys.readouterr().out.split() == ["alice", "bob", "carol"]
+    assert main(["admins", "del", *cfg, "carol"]) == 0
+    assert main(["admins", "del", *cfg, "carol"]) == 2
+    assert "argon2id" in site.policies.admins.read_text()
+    from appliance.admin import audit
+
+    log = [(e.action, e.target) for e in audit.tail(site)]
+    assert log[:2] == [("admins del", "carol"), ("admins passwd", "carol")]
+    assert "argon2" not in audit.path_of(site).read_text()
+
+
+def test_the_grid_round_trips_a_table_without_changing_any_decision() -> None:
+    from appliance.access_rights import parse_access
+    from appliance.admin import grid
+    from appliance.tomlfile import TomlFile
+
+    services = ("smtp", "pop3", "http")
+    text = (
+        '# header\n\n[[rules]]\nname = "a b"\nmatch = { "org.unit" = "R&D*", role = ["x", "y"] }\n'
+        'allow = ["smtp"]\ndeny = ["http"]\nmax_connections = 3\nsession_max = 600\n\n'
+        '[[rules]]\nname = "everyone"\nallow = ["http"]\n'
+    )
+    before = parse_access(TomlFile.parse(text, "a.toml"), services)
+    again = grid.to_toml(grid.rows_of(before), grid.header_of(text))
+    after = parse_access(TomlFile.parse(again, "a.toml"), services)
+    assert again.startswith("# header\n")
+    for attrs in (
+        {"org.unit": "R&D 4", "role": "y"},
+        {"org.unit": "R&D", "role": ("z", "x")},
+        {"role": "x"},
+        {},
+    ):
+        for s in services:
+            assert after.decide(attrs, s) == before.decide(attrs, s)  # type: ignore[arg-type]
+        assert after.may_use_network(attrs) == before.may_use_network(attrs)  # type: ignore[arg-type]
+
+
+def test_session_store_is_built_with_the_firewall_revoke(
+    site: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from appliance.admin.app import session_store
+
+    made: list[str] = []
+
+    class Store:
+        @classmethod
+        def from_config(cls, config: Config) -> Store:
+            made.append("from_config")
+            return cls()
+
+    fake = types.ModuleType("appliance.sessions")
+    fake.SessionStore = Store  # type: ignore[attr-defined]
+    monkeypatch.setitem(__import__("sys").modules, "appliance.sessions", fake)
+    assert isinstance(session_store(site), Store) and made == ["from_config"]
+    monkeypatch.setitem(__import__("sys").modules, "appliance.sessions", None)
+    assert session_store(site) is None  # not in this build: "sessions unavailable"
