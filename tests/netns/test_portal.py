@@ -86,7 +86,6 @@ def site(make_topology: Callable[..., Topology], tmp_path: Path) -> Iterator[Sit
     add_user(cfg, "alice", "correct horse", department="Sales 1")
     guest = topo["guest1"]
     guest.run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
-    guest.run("ip", "route", "add", "default", "via", "192.168.1.1")
     conn = store.connect(cfg.state.database)
     leases.create_schema(conn)
     leases.record(conn, "granted", Lease(GUEST_IP, guest_mac(1), time.time() + 600), time.time())
