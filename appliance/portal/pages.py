@@ -118,6 +118,8 @@ MESSAGE = (
     + LAYOUT.split("{% endblock %}")[1]
 )
 
+TEMPLATES = (LOGIN, STATUS, MESSAGE)
+
 # the answers OSes expect from their connectivity probes once the guest is online
 PROBE_ANSWERS: dict[str, tuple[int, str, str]] = {
     "/generate_204": (204, "", "text/plain"),

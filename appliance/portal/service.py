@@ -62,6 +62,9 @@ def main(config: Config) -> int:
         ident="appliance-portal",
         clear_untrusted_proxy_headers=True,
     )
+    # waitress warns on every queued request once all threads are busy: one line per
+    # request under load, which slows the server further; saturation shows in wrk/latency.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     stop = threading.Event()
     follower = threading.Thread(target=follow, args=(config, stop), daemon=True, name="follower")
     follower.start()

@@ -120,6 +120,10 @@ def test_login_status_probes_api_logout(site: Site) -> None:
 
 def test_wrong_password_refused_without_session_then_rate_limited(site: Site) -> None:
     c = site.client()
+    r = login(c, "<script>x</script>", "wrong password")
+    assert "&lt;script&gt;" in r.get_data(as_text=True)  # echoed back, escaped
+    assert "<script>" not in r.get_data(as_text=True)
+    site.deps.limiter.reset("ip:" + IP)
     for _ in range(3):
         r = login(c, "alice", "wrong password")
         assert r.status_code == 401
