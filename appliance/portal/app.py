@@ -168,6 +168,9 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
     def captive() -> BaseResponse | None:
         host = (request.host or "").lower()
         if host in portal.own_hosts:
+            if portal.cookie_secure and request.scheme == "http":
+                # HTTPS is configured: the plain listener only points there
+                return redirect(portal.base_url + request.full_path.rstrip("?"), 302)
             return None
         # Someone else's host: the firewall sent this guest's port 80 here.
         ip = request.remote_addr or ""
@@ -389,6 +392,7 @@ class CaptiveApi:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         if (
             environ.get("PATH_INFO") != CAPTIVE_API_PATH
+            or (self.portal.cookie_secure and environ.get("wsgi.url_scheme") != "https")
             or environ.get("REQUEST_METHOD") not in ("GET", "HEAD")
             or environ.get("HTTP_HOST", "").lower() not in self.portal.own_hosts
         ):

@@ -4,9 +4,10 @@ The follower thread ends sessions whose lease was released or expired (lease
 events), whose lease no longer binds their (IP, MAC), or whose time is over; it
 runs every two seconds, so the firewall entry goes within seconds of the lease.
 
-HTTPS: waitress speaks plain HTTP only.  The portal therefore serves HTTP on
-`portal.http_port`; `portal.https_port` with a certificate is not served by this
-build (see README "For visitors" for the trade-off).
+HTTPS: waitress speaks plain HTTP only, so with `portal.https_port` and a
+certificate the same app is also served by cheroot (a threaded WSGI server with
+TLS) on that port; port 80 then only sends browsers there.  See README "For
+visitors" for the trade-off without a certificate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+from typing import Any
 
 from waitress import create_server
 
@@ -41,17 +43,35 @@ def follow(config: Config, stop: threading.Event, interval: float = FOLLOW_INTER
         stop.wait(interval)
 
 
+def start_https(config: Config, app: object) -> Any | None:
+    """Serve the app over TLS on portal.https_port (cheroot) when a certificate is set."""
+    p = config.portal
+    if not (p.https_port and p.tls_certificate and p.tls_key):
+        return None
+    from cheroot import wsgi
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+    server = wsgi.Server(
+        (str(config.interfaces.guest_ip), p.https_port),
+        app,
+        numthreads=8,
+        server_name=p.hostname,
+        timeout=30,
+    )
+    server.ssl_adapter = BuiltinSSLAdapter(str(p.tls_certificate), str(p.tls_key))
+    server.prepare()  # binds now: a bad certificate or a used port fails the role at start
+    threading.Thread(target=server.serve, daemon=True, name="https").start()
+    log.info("portal listening on https://%s:%d", config.interfaces.guest_ip, p.https_port)
+    return server
+
+
 def main(config: Config) -> int:
     host = str(config.interfaces.guest_ip)
     port = config.portal.http_port
     app = create_app(config)
     st = SessionStore.from_config(config, store.connect(config.state.database))
     st.maintain()  # catch up on what happened while we were down
-    if config.portal.https_port and config.portal.tls_certificate:
-        log.warning(
-            "portal.https_port is set but this build serves the portal over HTTP only (port %d)",
-            port,
-        )
+    tls = start_https(config, app)
     server = create_server(
         app,
         host=host,
@@ -82,6 +102,8 @@ def main(config: Config) -> int:
     try:
         server.run()
     finally:
+        if tls is not None:
+            tls.stop()
         stop.set()
         follower.join(5)
         log.info("portal stopped after %.0f s", time.monotonic() - started)

@@ -78,10 +78,8 @@ class Site:
         )
 
 
-@pytest.fixture
-def site(make_topology: Callable[..., Topology], tmp_path: Path) -> Iterator[Site]:
-    topo = make_topology(guests=1)
-    cfg_path = write_config(tmp_path / "etc")
+def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) -> Site:
+    cfg_path = write_config(tmp_path / "etc", extra=extra)
     cfg = load(cfg_path)
     add_user(cfg, "alice", "correct horse", department="Sales 1")
     guest = topo["guest1"]
@@ -102,8 +100,13 @@ def site(make_topology: Callable[..., Topology], tmp_path: Path) -> Iterator[Sit
         "portal",
         name="portal",
     )
-    gw.wait_port(80, "192.168.1.1")
-    yield Site(topo, cfg, cfg_path, guest, tmp_path)
+    gw.wait_port(wait, "192.168.1.1")
+    return Site(topo, cfg, cfg_path, guest, tmp_path)
+
+
+@pytest.fixture
+def site(make_topology: Callable[..., Topology], tmp_path: Path) -> Iterator[Site]:
+    yield start_site(make_topology(guests=1), tmp_path)
 
 
 def firewall_members(site: Site) -> set[tuple[str, str]]:
@@ -269,3 +272,97 @@ def test_a_real_browser_logs_in_and_lands_on_the_original_url(site: Site, artifa
     for name in ("portal-login.png", "portal-status.png"):
         assert (artifacts / name).stat().st_size > 5000
         shutil.copyfile(artifacts / name, shots / name)
+
+
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name), x509.IPAddress(ipaddress.IPv4Address("192.168.1.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "portal.crt", directory / "portal.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_portal_with_a_certificate(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path / "etc", "portal.guest.example")
+    site = start_site(
+        make_topology(guests=1),
+        tmp_path,
+        extra=f'https_port = 8443\ntls_certificate = "{cert}"\ntls_key = "{key}"',
+        wait=8443,
+    )
+    base = "https://portal.guest.example:8443"
+    tls = ["--cacert", str(cert), "--resolve", "portal.guest.example:8443:192.168.1.1"]
+    # captive traffic and the plain listener point at the HTTPS portal
+    status, headers, _ = site.curl(
+        "--connect-to",
+        "www.example.com:80:192.168.1.1:80",
+        "-H",
+        "Accept: text/html",
+        "http://www.example.com/",
+    )
+    assert status == 302
+    assert headers["location"] == f"{base}/login?url=http%3A%2F%2Fwww.example.com%2F"
+    status, headers, _ = site.curl(f"{PORTAL}/login")
+    assert status == 302 and headers["location"] == f"{base}/login"
+    # the RFC 8908 API and the login over TLS (curl checks the certificate)
+    status, headers, body = site.curl(*tls, f"{base}{CAPTIVE_API_PATH}")
+    assert status == 200 and headers["content-type"] == "application/captive+json"
+    assert '"captive": true' in body
+    status, headers, page = site.curl(*tls, f"{base}/login")
+    assert "Secure" in headers["set-cookie"] and "HttpOnly" in headers["set-cookie"]
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+    assert token
+    status, headers, _ = site.curl(
+        *tls,
+        f"{base}/login",
+        "--data-urlencode",
+        f"csrf={token.group(1)}",
+        "--data-urlencode",
+        "user=alice",
+        "--data-urlencode",
+        "password=correct horse",
+    )
+    assert status == 303
+    _, _, body = site.curl(*tls, f"{base}{CAPTIVE_API_PATH}")
+    assert '"captive": false' in body
+    out = site.topo["gw"].run("ss", "-Htln").stdout
+    assert sorted(line.split()[3] for line in out.splitlines()) == [
+        "192.168.1.1:80",
+        "192.168.1.1:8443",
+    ]
