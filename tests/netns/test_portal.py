@@ -114,13 +114,10 @@ def firewall_members(site: Site) -> set[tuple[str, str]]:
     return {(str(e[0]), str(e[1])) for e in re.findall(r'"([\d.]+)", "([0-9a-f:]+)"', out.stdout)}
 
 
-def test_portal_listens_only_on_the_guest_address(site: Site) -> None:
+def test_captive_redirect_login_status_logout_and_lease_release(site: Site) -> None:
+    # the portal listens on the guest address only
     out = site.topo["gw"].run("ss", "-Htln").stdout
-    listeners = [line.split()[3] for line in out.splitlines()]
-    assert listeners == ["192.168.1.1:80"], listeners
-
-
-def test_captive_redirect_login_status_logout(site: Site) -> None:
+    assert [line.split()[3] for line in out.splitlines()] == ["192.168.1.1:80"]
     any_host = ["--connect-to", "www.example.com:80:192.168.1.1:80"]
     # a browser is sent to the portal with its URL kept; other clients get 511
     status, headers, _ = site.curl(
@@ -180,8 +177,7 @@ def test_captive_redirect_login_status_logout(site: Site) -> None:
     assert site.sessions().lookup_ip(GUEST_IP) is None
     assert site.curl(f"{PORTAL}/status")[0] == 302
 
-
-def test_lease_release_ends_the_session(site: Site) -> None:
+    # log in again; then the lease is released: the follower ends the session
     status, _, _ = site.login("alice", "correct horse")
     assert status == 303
     st = site.sessions()
