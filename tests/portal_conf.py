@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from appliance import accounts, config, passwords
@@ -44,9 +45,15 @@ directory = "{directory / "state"}"
     return path
 
 
+@cache
+def _hash(password: str) -> str:
+    # a real argon2id hash, made once per password per run (each costs ~1 s on a busy box)
+    return passwords.hash_password(password)
+
+
 def add_user(cfg: Config, user: str, password: str, **attrs: str) -> None:
     table = accounts.load(cfg.policies.users)
-    table[user] = accounts.Account(user, passwords.hash_password(password), attrs)
+    table[user] = accounts.Account(user, _hash(password), attrs)
     accounts.save(cfg.policies.users, table)
 
 

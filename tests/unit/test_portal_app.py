@@ -204,3 +204,124 @@ def test_language_pick_and_rate_limiter_units() -> None:
     csrf = Csrf(b"s" * 32)
     assert csrf.check("cookie", csrf.token("cookie"))
     assert not csrf.check("cookie", csrf.token("other")) and not csrf.check(None, "x")
+
+
+class FakeAgentError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def fake_agent(monkeypatch: pytest.MonkeyPatch, behaviour: Any) -> list[str]:
+    """A stand-in for appliance.agent.client (the contract's shape), recording specs."""
+    import sys
+    import types
+
+    seen: list[str] = []
+
+    def authenticate(config: object, spec: str, password: str) -> object:
+        seen.append(spec)
+        return behaviour(spec, password)
+
+    mod = types.ModuleType("appliance.agent.client")
+    mod.AgentError = FakeAgentError  # type: ignore[attr-defined]
+    mod.authenticate = authenticate  # type: ignore[attr-defined]
+    pkg = types.ModuleType("appliance.agent")
+    pkg.client = mod  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "appliance.agent", pkg)
+    monkeypatch.setitem(sys.modules, "appliance.agent.client", mod)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        ("unknown_user", "does not know this user ID"),
+        ("bad_password", "refused the password"),
+        ("locked", "locked"),
+        ("unreachable", "could not be reached"),
+        ("timeout", "did not answer in time"),
+        ("bad_certificate", "certificate"),
+        ("bad_answer", "does not understand"),
+        ("refused_servers", "servers this site does not allow"),
+        ("something_new", "could not log you in"),
+    ],
+)
+def test_each_agent_error_has_its_own_message(
+    site: Site, monkeypatch: pytest.MonkeyPatch, code: str, words: str
+) -> None:
+    def refuse(spec: str, password: str) -> object:
+        raise FakeAgentError(code, "detail")
+
+    seen = fake_agent(monkeypatch, refuse)
+    r = login(site.client(), "alice", "home password", agent="home.example")
+    assert words in r.get_data(as_text=True)
+    assert seen == ["alice@home.example"]
+    assert site.sessions.lookup_ip(IP) is None
+
+
+def test_agent_login_creates_a_session_with_personal_servers(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    fake_agent(
+        monkeypatch,
+        lambda spec, pw: SimpleNamespace(
+            user="alice", attributes={"role": "staff"}, servers={"pop3": "203.0.113.3:110"}
+        ),
+    )
+    c = site.client()
+    r = login(c, "alice", "home password", agent="203.0.113.1#sha256:ab")
+    assert r.status_code == 303
+    sess = site.sessions.lookup_ip(IP)
+    assert sess is not None and sess.source == "agent:203.0.113.1"
+    assert sess.personal_servers == {"pop3": "203.0.113.3:110"}
+    assert "personal agent 203.0.113.1" in c.get("/status").get_data(as_text=True)
+
+
+def test_access_rights_gate_the_login_and_explain_the_services(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from appliance.portal import gates
+
+    class Access:
+        def may_use_network(self, attrs: Any) -> Any:
+            ok = attrs.get("department") == "Sales 1"
+            return SimpleNamespace(
+                allowed=ok,
+                rule="sales" if ok else None,
+                reason="rule sales" if ok else "no rule matches",
+                max_connections=None,
+            )
+
+        def decide(self, attrs: Any, service: str) -> Any:
+            ok = service in ("smtp", "http")
+            return SimpleNamespace(
+                allowed=ok,
+                rule="sales",
+                reason=f"rule sales {'allows' if ok else 'omits'} it",
+                max_connections=None,
+            )
+
+    pol = SimpleNamespace(
+        access=Access(), servers=SimpleNamespace(services={"smtp": 1, "pop3": 2, "http": 3})
+    )
+    mod = types.ModuleType("appliance.policy")
+    mod.Policy = SimpleNamespace(load=lambda config: pol)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "appliance.policy", mod)
+    monkeypatch.setattr(gates, "_policy", None)
+    add_user(site.cfg, "carol", "another secret", department="Accounting")
+    c = site.client()
+    r = login(c, "carol", "another secret")
+    assert r.status_code == 403 and "no rule matches" in r.get_data(as_text=True)
+    assert site.sessions.lookup_ip(IP) is None
+    assert login(c, "alice", "correct horse").status_code == 303
+    page = c.get("/status").get_data(as_text=True)
+    assert "<strong>pop3</strong>" in page and "rule sales omits it" in page
+    assert "rule sales allows it" in page
