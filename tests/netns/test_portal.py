@@ -201,7 +201,8 @@ def test_captive_redirect_login_status_logout_and_lease_release(site: Site) -> N
 def test_login_adds_ip_and_mac_to_the_nftables_set_and_logout_removes_it(site: Site) -> None:
     from appliance.net import setup  # type: ignore[import-not-found,unused-ignore]
 
-    setup.apply(site.cfg, {80: site.cfg.portal.http_port})
+    setup.apply(site.cfg, {25: 2525, 110: 1110, 80: 8081})
+    site.guest.run("ip", "route", "add", "default", "via", "192.168.1.1")
     assert (GUEST_IP, guest_mac(1)) not in firewall_members(site)
     # through the real redirect this time: any host on port 80 reaches the portal
     status, headers, _ = site.curl("-H", "Accept: text/html", "http://203.0.113.80/")
