@@ -39,18 +39,45 @@ MacLookup = Callable[[str], str | None]
 
 @dataclass
 class Deps:
-    """What the app reaches outside itself; tests swap in their own."""
+    """What the app reaches outside itself; tests swap in their own.
 
-    mac_of: MacLookup
+    Left as None, the firewall, access-rights and neighbour calls are the real
+    ones (`gates`): unit tests must pass theirs, so nothing ever touches the
+    nftables of the namespace the tests run in.
+    """
+
+    mac_of: MacLookup | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
     csrf: Csrf = field(default_factory=Csrf)
     clock: Callable[[], float] = time.time
+    authorize: Callable[[str, str], None] | None = None
+    revoke: Callable[[str, str], None] | None = None
+    network_gate: Callable[[gates.Attributes], gates.Verdict] | None = None
+    service_list: Callable[[gates.Attributes], list[tuple[str, gates.Verdict]] | None] | None = None
+
+
+def real_deps(config: Config, deps: Deps | None = None) -> Deps:
+    """Fill what a Deps leaves open with the real calls of `gates` and `sessions`."""
+    from appliance.sessions import firewall_revoke
+
+    d = deps or Deps()
+    if d.mac_of is None:
+        d.mac_of = lambda ip: gates.neighbour_mac(config.interfaces.guest, ip)
+    if d.authorize is None:
+        d.authorize = lambda ip, mac: gates.authorize(config, ip, mac)
+    if d.revoke is None:
+        d.revoke = firewall_revoke(config)
+    if d.network_gate is None:
+        d.network_gate = lambda attrs: gates.may_use_network(config, attrs)
+    if d.service_list is None:
+        d.service_list = lambda attrs: gates.services(config, attrs)
+    return d
 
 
 class Portal:
     def __init__(self, config: Config, deps: Deps | None = None):
         self.config = config
-        self.deps = deps or Deps(mac_of=lambda ip: gates.neighbour_mac(config.interfaces.guest, ip))
+        self.deps = real_deps(config, deps)
         self._local = threading.local()
         guest_ip = str(config.interfaces.guest_ip)
         port = config.portal.http_port
@@ -68,6 +95,8 @@ class Portal:
         st: SessionStore | None = getattr(self._local, "store", None)
         if st is None:
             st = SessionStore.from_config(self.config, store.connect(self.config.state.database))
+            assert self.deps.revoke is not None
+            st.revoke = self.deps.revoke
             self._local.store = st
         return st
 
@@ -76,6 +105,7 @@ class Portal:
         sess = self.store().lookup_ip(ip, self.deps.clock())
         if sess is None:
             return None
+        assert self.deps.mac_of is not None
         mac = self.deps.mac_of(ip)
         if mac is None or mac != sess.mac:
             return None
@@ -83,6 +113,7 @@ class Portal:
 
     def device(self, ip: str) -> str | None:
         """The guest's MAC when it holds a bound lease for this address with that MAC."""
+        assert self.deps.mac_of is not None
         mac = self.deps.mac_of(ip)
         if mac is None:
             return None
@@ -281,7 +312,8 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 dict(ans.attributes),
                 dict(ans.servers),
             )
-        verdict = gates.may_use_network(config, attrs)
+        assert d.network_gate is not None and d.authorize is not None
+        verdict = d.network_gate(attrs)
         if not verdict.allowed:
             log.warning(
                 "login from %s as %s refused by the access rights: %s", ip, who, verdict.reason
@@ -300,7 +332,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             now=d.clock(),
         )
         try:
-            gates.authorize(config, ip, mac)
+            d.authorize(ip, mac)
         except gates.FirewallMissing:
             log.warning(
                 "firewall module not in this build: session %s has no firewall entry", sess.id[:8]
@@ -336,7 +368,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             s=sess,
             via=via,
             left=i18n.duration(lang, sess.seconds_remaining(now)),
-            services=gates.services(config, sess.attributes),
+            services=d.service_list(sess.attributes) if d.service_list else None,
             url=_safe_url(request.args.get("url")),
             notice=notice,
         )

@@ -90,6 +90,12 @@ def test_a_broken_user_table_names_file_line_and_key(tmp_path: Path) -> None:
 def test_sessions_list_show_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    revoked: list[tuple[str, str]] = []
+    # never the real firewall from a unit test (it would run nft where the tests run)
+    monkeypatch.setattr(
+        "appliance.sessions.firewall_revoke",
+        lambda config: lambda ip, mac: revoked.append((ip, mac)),
+    )
     cfg_path = write_config(tmp_path)
     cfg = load(cfg_path)
     conn = store.connect(cfg.state.database)
@@ -111,6 +117,7 @@ def test_sessions_list_show_end(
     assert "department" in capsys.readouterr().out
     assert run(monkeypatch, "sessions", "end", *c, s.id, "--reason", "test") == 0
     assert st.lookup_ip("192.168.1.100") is None
+    assert revoked == [("192.168.1.100", "02:47:00:00:00:01")]
     assert st.get(s.id).end_reason == "test"  # type: ignore[union-attr]
     assert run(monkeypatch, "sessions", "end", *c, s.id) == 1
     assert run(monkeypatch, "sessions", "list", *c, "--json") == 0

@@ -13,7 +13,7 @@ from portal_conf import add_user, load, write_config
 
 from appliance import store
 from appliance.config import CAPTIVE_API_PATH
-from appliance.portal import i18n
+from appliance.portal import gates, i18n
 from appliance.portal.app import Deps, create_app
 from appliance.portal.security import Csrf, RateLimiter
 from appliance.sessions import SessionStore
@@ -39,7 +39,17 @@ class Site:
         self.cfg = load(write_config(tmp_path))
         add_user(self.cfg, "alice", "correct horse", department="Sales 1")
         self.neigh: dict[str, str] = {IP: MAC}
-        self.deps = Deps(mac_of=self.neigh.get, limiter=RateLimiter(limit=3, window=60))
+        # the firewall and the access rights are recorded, never called for real here
+        self.authorized: list[tuple[str, str]] = []
+        self.revoked: list[tuple[str, str]] = []
+        self.deps = Deps(
+            mac_of=self.neigh.get,
+            limiter=RateLimiter(limit=3, window=60),
+            authorize=lambda ip, mac: self.authorized.append((ip, mac)),
+            revoke=lambda ip, mac: self.revoked.append((ip, mac)),
+            network_gate=lambda attrs: gates.Verdict(True, "test: everyone", "test"),
+            service_list=lambda attrs: None,
+        )
         self.app = create_app(self.cfg, self.deps)
         self.app.test_client_class = Client
         self.conn = store.connect(self.cfg.state.database)
@@ -101,6 +111,7 @@ def test_login_status_probes_api_logout(site: Site) -> None:
     sess = site.sessions.lookup_ip(IP)
     assert sess is not None and sess.user == "alice" and sess.mac == MAC
     assert sess.attributes == {"department": "Sales 1"}
+    assert site.authorized == [(IP, MAC)] and site.revoked == []
     page = c.get("/status").get_data(as_text=True)
     assert 'id="who">alice<' in page and "site account" in page
     assert (
@@ -115,6 +126,7 @@ def test_login_status_probes_api_logout(site: Site) -> None:
     r = c.post("/logout", data={"csrf": csrf_of(page)})
     assert "logged out" in r.get_data(as_text=True)
     assert site.sessions.lookup_ip(IP) is None
+    assert site.revoked == [(IP, MAC)]
     assert c.get("/status").status_code == 302
 
 
@@ -288,7 +300,8 @@ def test_access_rights_gate_the_login_and_explain_the_services(
     import types
     from types import SimpleNamespace
 
-    from appliance.portal import gates
+    site.deps.network_gate = lambda attrs: gates.may_use_network(site.cfg, attrs)
+    site.deps.service_list = lambda attrs: gates.services(site.cfg, attrs)
 
     class Access:
         def may_use_network(self, attrs: Any) -> Any:
