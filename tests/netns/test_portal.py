@@ -78,6 +78,21 @@ class Site:
         )
 
 
+APPLY_RULESET = """
+import sys
+from appliance import config
+from appliance.net import setup
+cfg = config.load(sys.argv[1])
+setup.apply(cfg, {25: 2525, 110: 1110, 80: 8081})
+try:
+    from appliance.net import follower
+except ImportError:
+    follower = None
+if follower is not None and hasattr(follower, "load"):
+    follower.load(cfg)
+"""
+
+
 def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) -> Site:
     cfg_path = write_config(tmp_path / "etc", extra=extra)
     cfg = load(cfg_path)
@@ -90,13 +105,8 @@ def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) 
     gw = topo["gw"]
     if gates.firewall_available():
         # the appliance's ruleset, applied inside gw (never in the namespace pytest runs in)
-        gw.run(
-            sys.executable,
-            "-c",
-            "import sys; from appliance import config; from appliance.net import setup; "
-            "setup.apply(config.load(sys.argv[1]), {25: 2525, 110: 1110, 80: 8081})",
-            str(cfg_path),
-        )
+        # and the leased set loaded from the store, as the net role does before it starts
+        gw.run(sys.executable, "-c", APPLY_RULESET, str(cfg_path))
     gw.start(
         sys.executable,
         "-m",
