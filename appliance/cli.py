@@ -24,6 +24,7 @@ COMMANDS = [
     "appliance.net.cli",
     "appliance.policy_cli",
     "appliance.admin.cli",
+    "appliance.portal.cli",
 ]
 
 

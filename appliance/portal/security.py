@@ -1,0 +1,93 @@
+"""Login rate limits and CSRF tokens for the portal's forms.
+
+The rate limiter counts failed logins in a sliding window per key (a guest
+address, a user id); after `limit` failures the key waits until the oldest
+failure in the window is old enough, and the page says how long.  It lives in
+memory: the portal is one process, and a restart forgetting failures only
+hands an attacker one more window.
+
+CSRF: each browser gets a random cookie (HttpOnly, SameSite=Strict); every form
+carries HMAC(secret, cookie), compared in constant time.  A cross-site page can
+neither read the cookie nor compute the token, and a planted cookie is useless
+without the server's secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+
+
+class RateLimiter:
+    """At most `limit` failures per key within `window` seconds."""
+
+    def __init__(self, limit: int = 5, window: float = 300.0, max_keys: int = 100_000):
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _prune(self, key: str, now: float) -> deque[float] | None:
+        q = self._failures.get(key)
+        if q is None:
+            return None
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            del self._failures[key]
+            return None
+        return q
+
+    def retry_after(self, key: str, now: float | None = None) -> int:
+        """Seconds until `key` may try again (0: now)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            q = self._prune(key, now)
+            if q is None or len(q) < self.limit:
+                return 0
+            # the failure that has to leave the window for the count to drop below limit
+            oldest_relevant = q[len(q) - self.limit]
+            return max(1, int(oldest_relevant + self.window - now + 0.999))
+
+    def fail(self, key: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(self._failures) >= self.max_keys:
+                for k in list(self._failures)[: self.max_keys // 10]:
+                    self._prune(k, now)
+                while len(self._failures) >= self.max_keys:
+                    self._failures.pop(next(iter(self._failures)))
+            q = self._failures.setdefault(key, deque())
+            q.append(now)
+            while len(q) > self.limit * 2:
+                q.popleft()
+
+    def reset(self, key: str) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
+
+
+class Csrf:
+    """Tokens bound to a per-browser cookie with a per-process secret."""
+
+    COOKIE = "gg_csrf"
+
+    def __init__(self, secret: bytes | None = None):
+        self.secret = secret or secrets.token_bytes(32)
+
+    @staticmethod
+    def new_cookie() -> str:
+        return secrets.token_urlsafe(24)
+
+    def token(self, cookie: str) -> str:
+        return hmac.new(self.secret, cookie.encode(), hashlib.sha256).hexdigest()
+
+    def check(self, cookie: str | None, token: str | None) -> bool:
+        if not cookie or not token:
+            return False
+        return hmac.compare_digest(self.token(cookie).encode(), token.encode())

@@ -1,0 +1,110 @@
+"""The portal role: the Flask app under waitress on the guest address only, plus the follower.
+
+The follower thread ends sessions whose lease was released or expired (lease
+events), whose lease no longer binds their (IP, MAC), or whose time is over; it
+runs every two seconds, so the firewall entry goes within seconds of the lease.
+
+HTTPS: waitress speaks plain HTTP only, so with `portal.https_port` and a
+certificate the same app is also served by cheroot (a threaded WSGI server with
+TLS) on that port; port 80 then only sends browsers there.  See README "For
+visitors" for the trade-off without a certificate.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from waitress import create_server
+
+from appliance import store
+from appliance.config import Config
+from appliance.portal import gates
+from appliance.portal.app import create_app
+from appliance.sessions import SessionStore
+
+log = logging.getLogger("appliance.portal")
+FOLLOW_INTERVAL = 2.0
+
+
+def follow(config: Config, stop: threading.Event, interval: float = FOLLOW_INTERVAL) -> None:
+    """End sessions as leases go and clocks run out, until `stop` is set."""
+    st = SessionStore.from_config(config, store.connect(config.state.database))
+    while not stop.is_set():
+        try:
+            n = st.maintain()
+            if n:
+                log.info("ended %d session(s)", n)
+        except Exception:
+            log.exception("session follower round failed; trying again")
+        stop.wait(interval)
+
+
+def start_https(config: Config, app: object) -> Any | None:
+    """Serve the app over TLS on portal.https_port (cheroot) when a certificate is set."""
+    p = config.portal
+    if not (p.https_port and p.tls_certificate and p.tls_key):
+        return None
+    from cheroot import wsgi
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+    server = wsgi.Server(
+        (str(config.interfaces.guest_ip), p.https_port),
+        app,
+        numthreads=8,
+        server_name=p.hostname,
+        timeout=30,
+    )
+    server.ssl_adapter = BuiltinSSLAdapter(str(p.tls_certificate), str(p.tls_key))
+    server.prepare()  # binds now: a bad certificate or a used port fails the role at start
+    threading.Thread(target=server.serve, daemon=True, name="https").start()
+    log.info("portal listening on https://%s:%d", config.interfaces.guest_ip, p.https_port)
+    return server
+
+
+def main(config: Config) -> int:
+    host = str(config.interfaces.guest_ip)
+    port = config.portal.http_port
+    app = create_app(config)
+    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st.maintain()  # catch up on what happened while we were down
+    tls = start_https(config, app)
+    server = create_server(
+        app,
+        host=host,
+        port=port,
+        threads=8,
+        connection_limit=1000,
+        channel_timeout=30,
+        ident="appliance-portal",
+        clear_untrusted_proxy_headers=True,
+    )
+    # waitress warns on every queued request once all threads are busy: one line per
+    # request under load, which slows the server further; saturation shows in wrk/latency.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    stop = threading.Event()
+    follower = threading.Thread(target=follow, args=(config, stop), daemon=True, name="follower")
+    follower.start()
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    def on_hup(signum: int, _frame: object) -> None:
+        gates.reload_policy()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    log.info("portal listening on http://%s:%d", host, port)
+    started = time.monotonic()
+    try:
+        server.run()
+    finally:
+        if tls is not None:
+            tls.stop()
+        stop.set()
+        follower.join(5)
+        log.info("portal stopped after %.0f s", time.monotonic() - started)
+    return 0

@@ -1,0 +1,340 @@
+"""Sessions: who is behind a guest address, stored in the shared state store.
+
+A session is created by the portal after a login and is bound to the guest's
+(IP, MAC) pair from its DHCP lease.  Every other role (proxy, DNS, firewall)
+trusts it, so it ends as soon as that binding no longer holds: the lease is
+released or expires, another MAC takes the address, the guest is idle too long,
+or the absolute limit passes.  Every end revokes the firewall entry through the
+`revoke` callable, so the (IP, MAC) pair loses its network access with it.
+
+All state lives in SQLite (the file the leases use), so sessions survive a
+restart of any role or of the box while their lease is valid.  The SQL is kept
+in this module only, so another store (PostgreSQL) can replace it later.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dhcp import leases
+
+if TYPE_CHECKING:
+    from appliance.config import Config
+
+log = logging.getLogger("appliance.sessions")
+
+Attributes = Mapping[str, str | tuple[str, ...]]
+Revoke = Callable[[str, str], None]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    source TEXT NOT NULL,            -- "site" or "agent:<host>"
+    attributes TEXT NOT NULL,        -- JSON object
+    personal_servers TEXT NOT NULL,  -- JSON object: service -> "host:port"
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    idle_expiry REAL NOT NULL,
+    absolute_expiry REAL NOT NULL,
+    ended REAL,                      -- NULL while active
+    end_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_active_ip ON sessions(ip) WHERE ended IS NULL;
+CREATE TABLE IF NOT EXISTS session_cursor (
+    name TEXT PRIMARY KEY,
+    last_event_id INTEGER NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "id, user, source, attributes, personal_servers, ip, mac, created, last_seen, "
+    "idle_expiry, absolute_expiry, ended, end_reason"
+)
+
+# lease events after which the (ip, mac) binding of a session no longer holds
+_ENDING_EVENTS = {"released": "lease released", "expired": "lease expired", "declined": "declined"}
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    user: str
+    source: str
+    attributes: Attributes
+    personal_servers: Mapping[str, str]
+    ip: str
+    mac: str
+    created: float
+    last_seen: float
+    idle_expiry: float
+    absolute_expiry: float
+    ended: float | None = None
+    end_reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.ended is None
+
+    def expires(self) -> float:
+        """When the session ends if nothing else happens (idle or absolute, the sooner)."""
+        return min(self.idle_expiry, self.absolute_expiry)
+
+    def seconds_remaining(self, now: float) -> int:
+        return max(0, int(self.expires() - now))
+
+
+def _row(row: tuple[object, ...]) -> Session:
+    attrs = {
+        k: tuple(v) if isinstance(v, list) else str(v) for k, v in json.loads(str(row[3])).items()
+    }
+    return Session(
+        id=str(row[0]),
+        user=str(row[1]),
+        source=str(row[2]),
+        attributes=attrs,
+        personal_servers={str(k): str(v) for k, v in json.loads(str(row[4])).items()},
+        ip=str(row[5]),
+        mac=str(row[6]),
+        created=float(row[7]),  # type: ignore[arg-type]
+        last_seen=float(row[8]),  # type: ignore[arg-type]
+        idle_expiry=float(row[9]),  # type: ignore[arg-type]
+        absolute_expiry=float(row[10]),  # type: ignore[arg-type]
+        ended=None if row[11] is None else float(row[11]),  # type: ignore[arg-type]
+        end_reason=None if row[12] is None else str(row[12]),
+    )
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+
+
+def _no_revoke(ip: str, mac: str) -> None:
+    log.debug("no firewall attached to this session store: nothing to revoke for %s", ip)
+
+
+@dataclass
+class SessionStore:
+    """Sessions in the shared store; `revoke(ip, mac)` is called on every end."""
+
+    conn: sqlite3.Connection
+    idle: float = 1800.0
+    maximum: float = 86400.0
+    revoke: Revoke = field(default=_no_revoke)
+    check_lease: bool = True
+
+    def __post_init__(self) -> None:
+        create_schema(self.conn)
+        leases.create_schema(self.conn)
+
+    @classmethod
+    def from_config(cls, config: Config, conn: sqlite3.Connection | None = None) -> SessionStore:
+        """The store a role uses: its limits from [portal], the firewall's revoke attached."""
+        from appliance import store
+
+        return cls(
+            conn or store.connect(config.state.database),
+            idle=float(config.portal.session_idle),
+            maximum=float(config.portal.session_max),
+            revoke=firewall_revoke(config),
+        )
+
+    # -- reading ----------------------------------------------------------------
+    def lookup_ip(self, ip: str, now: float | None = None) -> Session | None:
+        """The active, unexpired session of a guest address whose lease still binds it."""
+        now = time.time() if now is None else now
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM sessions WHERE ip = ? AND ended IS NULL "
+            "AND idle_expiry > ? AND absolute_expiry > ? ORDER BY created DESC LIMIT 1",
+            (ip, now, now),
+        ).fetchone()
+        if row is None:
+            return None
+        sess = _row(row)
+        if self.check_lease:
+            lease = leases.lookup_ip(self.conn, ip, now)
+            if lease is None or lease.mac != sess.mac:
+                return None
+        return sess
+
+    def list(self, include_ended: bool = False) -> builtins.list[Session]:
+        where = "" if include_ended else " WHERE ended IS NULL"
+        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM sessions{where} ORDER BY created")
+        return [_row(r) for r in rows.fetchall()]
+
+    def get(self, session_id: str) -> Session | None:
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+        ).fetchone()
+        return _row(row) if row else None
+
+    # -- writing ----------------------------------------------------------------
+    def create(
+        self,
+        *,
+        user: str,
+        source: str,
+        attributes: Attributes,
+        ip: str,
+        mac: str,
+        personal_servers: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> Session:
+        """Start a session for (ip, mac); an earlier session on that ip or mac ends first."""
+        now = time.time() if now is None else now
+        mac = mac.lower()
+        for old in self._active_where("ip = ? OR mac = ?", (ip, mac)):
+            self.end(old.id, "replaced by a new login", now=now)
+        sess = Session(
+            id=secrets.token_urlsafe(16),
+            user=user,
+            source=source,
+            attributes=dict(attributes),
+            personal_servers=dict(personal_servers or {}),
+            ip=ip,
+            mac=mac,
+            created=now,
+            last_seen=now,
+            idle_expiry=now + self.idle,
+            absolute_expiry=now + self.maximum,
+        )
+        attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in sess.attributes.items()}
+        self.conn.execute(
+            f"INSERT INTO sessions ({_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            (
+                sess.id,
+                sess.user,
+                sess.source,
+                json.dumps(attrs, sort_keys=True),
+                json.dumps(dict(sess.personal_servers), sort_keys=True),
+                sess.ip,
+                sess.mac,
+                sess.created,
+                sess.last_seen,
+                sess.idle_expiry,
+                sess.absolute_expiry,
+            ),
+        )
+        log.info("session %s started: user %s (%s) at %s %s", sess.id[:8], user, source, ip, mac)
+        return sess
+
+    def touch(self, session_id: str, now: float | None = None) -> None:
+        """The guest was seen: push the idle expiry (never past the absolute one)."""
+        now = time.time() if now is None else now
+        self.conn.execute(
+            "UPDATE sessions SET last_seen = ?, idle_expiry = MIN(?, absolute_expiry) "
+            "WHERE id = ? AND ended IS NULL",
+            (now, now + self.idle, session_id),
+        )
+
+    def end(self, session_id: str, reason: str, now: float | None = None) -> bool:
+        """End an active session and revoke its firewall entry; False when not active."""
+        now = time.time() if now is None else now
+        cur = self.conn.execute(
+            "UPDATE sessions SET ended = ?, end_reason = ? WHERE id = ? AND ended IS NULL "
+            "RETURNING ip, mac, user",
+            (now, reason, session_id),
+        )
+        row = cur.fetchone()
+        cur.fetchall()
+        if row is None:
+            return False
+        ip, mac, user = str(row[0]), str(row[1]), str(row[2])
+        log.info("session %s ended: user %s at %s: %s", session_id[:8], user, ip, reason)
+        # Recorded first, revoked second: a failing firewall never keeps a session alive.
+        try:
+            self.revoke(ip, mac)
+        except Exception:
+            log.exception("firewall revoke for %s %s failed", ip, mac)
+        return True
+
+    def _active_where(self, where: str, args: tuple[object, ...]) -> builtins.list[Session]:
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM sessions WHERE ended IS NULL AND ({where})", args
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    # -- following the leases and the clock ---------------------------------------
+    def follow_leases(self, now: float | None = None, name: str = "portal") -> int:
+        """End sessions whose lease was released, expired or declined; returns how many.
+
+        The last lease event seen is kept in the store, so a restarted follower
+        resumes where it stopped and never misses a release.
+        """
+        now = time.time() if now is None else now
+        row = self.conn.execute(
+            "SELECT last_event_id FROM session_cursor WHERE name = ?", (name,)
+        ).fetchone()
+        last = int(row[0]) if row else 0
+        ended = 0
+        while True:
+            events = leases.events_since(self.conn, last)
+            if not events:
+                break
+            for ev in events:
+                last = ev.id
+                if ev.kind in _ENDING_EVENTS:
+                    why = _ENDING_EVENTS[ev.kind]
+                    matches = self._active_where("ip = ? AND mac = ?", (ev.ip, ev.mac))
+                elif ev.kind == "granted":
+                    why = "address given to another device"
+                    matches = self._active_where("ip = ? AND mac != ?", (ev.ip, ev.mac))
+                else:
+                    continue
+                for sess in matches:
+                    ended += self.end(sess.id, why, now=now)
+        self.conn.execute(
+            "INSERT INTO session_cursor (name, last_event_id) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET last_event_id = excluded.last_event_id",
+            (name, last),
+        )
+        return ended
+
+    def sweep(self, now: float | None = None) -> int:
+        """End sessions past their idle or absolute expiry, or without a bound lease."""
+        now = time.time() if now is None else now
+        ended = 0
+        for sess in self.list():
+            if sess.absolute_expiry <= now:
+                ended += self.end(sess.id, "session time over", now=now)
+            elif sess.idle_expiry <= now:
+                ended += self.end(sess.id, "idle too long", now=now)
+            elif self.check_lease:
+                lease = leases.lookup_ip(self.conn, sess.ip, now)
+                if lease is None:
+                    ended += self.end(sess.id, "no bound lease", now=now)
+                elif lease.mac != sess.mac:
+                    ended += self.end(sess.id, "lease belongs to another device", now=now)
+        return ended
+
+    def maintain(self, now: float | None = None) -> int:
+        """One round of the follower: lease events first, then the clock."""
+        return self.follow_leases(now) + self.sweep(now)
+
+
+def firewall_revoke(config: Config) -> Revoke:
+    """Revoke through `appliance.net.firewall` (imported lazily: built in parallel)."""
+
+    def revoke(ip: str, mac: str) -> None:
+        try:
+            from appliance.net import firewall  # type: ignore[import-not-found,unused-ignore]
+        except ModuleNotFoundError:
+            log.warning("firewall module not in this build: %s %s not revoked", ip, mac)
+            return
+        firewall.Firewall(config).revoke(ip, mac)
+
+    return revoke
+
+
+__all__ = ["Session", "SessionStore", "create_schema", "firewall_revoke"]
