@@ -5,7 +5,9 @@ a non-root user (nobody, standing in for `appliance`), no new privileges, and
 exactly the unit's AmbientCapabilities= as inheritable, ambient and bounding set.
 Under them, in the appliance's namespace, a small program does what the role
 does with privileges (bind its ports, SO_BINDTODEVICE, SIOCSARP, nft set
-elements, /proc/sys/net writes).  All of it must work with the unit's set, and
+elements, /proc/sys/net writes), inside the unit's SystemCallFilter=,
+RestrictAddressFamilies= and MemoryDenyWriteExecute= (tests/unit_sandbox.py),
+which `nft` inherits.  All of it must work with the unit's set, and
 dropping any one capability of the set must break at least one of them.
 """
 
@@ -16,8 +18,9 @@ import shutil
 from collections.abc import Callable
 
 import pytest
+import unit_sandbox
 
-from appliance.install import unit_files
+from appliance.install import SOURCE, unit_files
 from appliance.lab.topology import Node, Topology
 
 pytestmark = pytest.mark.netns
@@ -99,14 +102,15 @@ def unit_caps() -> dict[str, set[str]]:
     return out
 
 
-def as_unit(node: Node, caps: set[str], ops: list[list[object]]) -> list[str | None]:
-    """Run the ops as nobody with exactly `caps`, as the unit's sandbox would."""
+def as_unit(node: Node, role: str, caps: set[str], ops: list[list[object]]) -> list[str | None]:
+    """Run the ops as nobody with exactly `caps`, in the unit's syscall sandbox."""
+    unit = SOURCE / "systemd" / f"appliance-{role}.service"
     spec = ",".join(["-all", *(f"+{c.lower().removeprefix('cap_')}" for c in sorted(caps))])
     argv = [
         "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs",
         f"--inh-caps={spec}", f"--ambient-caps={spec}", f"--bounding-set={spec}",
         "/usr/bin/python3",
-        "-c", PROGRAM, json.dumps(ops),
+        "-c", unit_sandbox.program(unit, PROGRAM), json.dumps(ops),
     ]  # fmt: skip
     r = node.run(*argv, check=False, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -127,12 +131,12 @@ def test_each_unit_has_exactly_the_capabilities_its_role_uses(
     assert set(caps) == set(OPS)
     problems = []
     for role, ops in OPS.items():
-        failed = [r for r in as_unit(gw, caps[role], ops) if r]
+        failed = [r for r in as_unit(gw, role, caps[role], ops) if r]
         if failed:
             problems.append(f"{role} with {sorted(caps[role])}: {failed}")
         for cap in sorted(caps[role]):
-            if not any(as_unit(gw, caps[role] - {cap}, ops)):
+            if not any(as_unit(gw, role, caps[role] - {cap}, ops)):
                 problems.append(f"{role}: {cap} is granted but nothing it does needs it")
     # the harness can fail: without any capability the privileged roles cannot work
-    assert any(as_unit(gw, set(), OPS["portal"]))
+    assert any(as_unit(gw, "portal", set(), OPS["portal"]))
     assert problems == []

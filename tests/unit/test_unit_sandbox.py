@@ -1,12 +1,13 @@
-"""The units set MemoryDenyWriteExecute=yes: everything the roles load must live with it.
+"""The libraries the roles load live with the units' syscall sandbox.
 
-systemd enforces it with a seccomp filter (no mapping both writable and
-executable, no mprotect adding PROT_EXEC).  Linux >= 6.3 offers the same rule
-to any process (prctl PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN), so a child
-process sets it and then does what the roles do with the libraries that could
-want executable memory: ctypes/libffi callbacks, argon2 (cffi), cryptography
-(TLS keys and certificates), uvloop, flask, sqlite, dnslib, pyroute2, and
-imports every role module this build has.
+The units set MemoryDenyWriteExecute=yes (systemd: a seccomp rule against
+writable+executable memory; Linux >= 6.3 offers the same rule to any process as
+prctl PR_SET_MDWE), SystemCallFilter=@system-service minus @privileged and
+@resources, and RestrictAddressFamilies=.  A child process installs all three as
+the portal's unit states them (tests/unit_sandbox.py), then does what the roles
+do with the libraries that could trip over them: ctypes/libffi callbacks,
+argon2 (cffi), cryptography (TLS keys and certificates), uvloop, flask, sqlite,
+dnslib, pyroute2 (netlink), and imports every role module this build has.
 """
 
 from __future__ import annotations
@@ -16,20 +17,25 @@ import sys
 import textwrap
 
 import pytest
+import unit_sandbox
+
+from appliance.install import SOURCE
 
 pytestmark = pytest.mark.unit
 
-PROGRAM = textwrap.dedent(
+BODY = textwrap.dedent(
     r"""
-    import ctypes, mmap, sys
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(65, 1, 0, 0, 0) != 0:   # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
-        print("unsupported"); sys.exit(0)
-    # the rule holds: writable+executable memory is refused from here on
+    import ctypes, mmap, os, sys
+    # the sandbox holds: writable+executable memory and privileged calls are refused
     try:
         mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         print("mdwe not enforced"); sys.exit(1)
     except OSError:
+        pass
+    try:
+        os.chown(".", os.getuid(), os.getgid())
+        print("syscall filter not enforced"); sys.exit(1)
+    except PermissionError:
         pass
 
     cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)
@@ -99,9 +105,15 @@ PROGRAM = textwrap.dedent(
 )
 
 
-def test_role_libraries_work_under_memory_deny_write_execute() -> None:
-    r = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=120)
-    if r.stdout.strip() == "unsupported":
+def test_role_libraries_work_in_the_units_syscall_sandbox() -> None:
+    unit = SOURCE / "systemd" / "appliance-portal.service"
+    r = subprocess.run(
+        [sys.executable, "-c", unit_sandbox.program(unit, BODY)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "no PR_SET_MDWE" in r.stderr:
         pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith("ok"), r.stdout

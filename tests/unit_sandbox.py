@@ -1,0 +1,113 @@
+"""A unit's syscall sandbox without systemd, for tests: its SystemCallFilter= and
+RestrictAddressFamilies= as a seccomp filter (libseccomp through ctypes), plus
+MemoryDenyWriteExecute= as the kernel's PR_SET_MDWE.
+
+`program(unit, body)` gives Python source that installs the unit's filter in the
+process that runs it (and so in everything it starts, e.g. `nft`), then runs
+`body`.  A refused syscall fails with EPERM, as systemd's SystemCallErrorNumber=EPERM
+makes it; a refused address family too (systemd says EAFNOSUPPORT; same effect).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+
+@functools.cache
+def syscall_groups() -> dict[str, tuple[str, ...]]:
+    """systemd's syscall groups (@system-service, ...) as systemd-analyze lists them."""
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.startswith(" ") and current is not None:
+            item = line.strip()
+            if item and not item.startswith("#"):
+                current.append(item)
+        else:
+            current = None
+    return {k: tuple(v) for k, v in groups.items()}
+
+
+def expand(items: list[str]) -> set[str]:
+    groups = syscall_groups()
+    out: set[str] = set()
+    for item in items:
+        out |= expand(list(groups[item])) if item.startswith("@") else {item}
+    return out
+
+
+def unit_settings(unit: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def allowed_syscalls(unit: Path) -> set[str]:
+    """SystemCallFilter= lines: an allow list, then `~` lines taking groups away."""
+    allow: set[str] = set()
+    for value in unit_settings(unit).get("SystemCallFilter", []):
+        if value.startswith("~"):
+            allow -= expand(value[1:].split())
+        else:
+            allow |= expand(value.split())
+    return allow
+
+
+def families(unit: Path) -> list[int]:
+    values = unit_settings(unit).get("RestrictAddressFamilies", [])
+    return [int(getattr(socket, f)) for f in values[-1].split()] if values else []
+
+
+PRELUDE = r"""
+import ctypes, errno, json, sys
+def _sandbox(cfg):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if cfg["mdwe"] and libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+        raise SystemExit("no PR_SET_MDWE")
+    lib = ctypes.CDLL("libseccomp.so.2")
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    class Cmp(ctypes.Structure):
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                    ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM
+    ctx = lib.seccomp_init(deny)
+    for name in cfg["allow"]:
+        nr = lib.seccomp_syscall_resolve_name(name.encode())
+        if nr < 0 or (name == "socket" and cfg["families"]):
+            continue
+        lib.seccomp_rule_add_array(ctx, allow, nr, 0, None)
+    if cfg["families"] and "socket" in cfg["allow"]:
+        nr = lib.seccomp_syscall_resolve_name(b"socket")
+        for fam in cfg["families"]:
+            cmp = Cmp(0, 4, fam, 0)  # SCMP_CMP_EQ on the first argument
+            if lib.seccomp_rule_add_array(ctx, allow, nr, 1, ctypes.byref(cmp)) != 0:
+                raise SystemExit("seccomp rule failed")
+    if lib.seccomp_load(ctx) != 0:
+        raise SystemExit("seccomp_load failed")
+"""
+
+
+def program(unit: Path, body: str, mdwe: bool = True) -> str:
+    """Python source: install `unit`'s sandbox in this process, then run `body`."""
+    cfg = {"allow": sorted(allowed_syscalls(unit)), "families": families(unit), "mdwe": mdwe}
+    return f"{PRELUDE}\n_sandbox(json.loads({json.dumps(json.dumps(cfg))}))\n{body}"
