@@ -52,7 +52,7 @@ _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _OPS = {">=": ">=", "≥": ">=", "<=": "<=", "≤": "<=", ">": ">", "<": "<", "=": "=", "==": "="}
 _TARGET = re.compile(
     r"^\s*(?P<subject>ratio|ours)?\s*(?P<op>>=|<=|==|≥|≤|>|<|=)\s*"
-    r"(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>\S+)?\s*$",
+    r"(?P<value>(?:[0-9][0-9,_]*(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>\S+)?\s*$",
     re.IGNORECASE,
 )
 
@@ -164,36 +164,72 @@ def _compare(a: float, op: str, b: float) -> bool:
     }[op]
 
 
-def parse_target(target: str, row_unit: str) -> tuple[str, str, float] | None:
-    """(subject "ratio"|"ours", operator, value in the row's unit), or None if not judgeable."""
-    m = _TARGET.match(target)
+def ratio_of(row: Row) -> float | None:
+    """The row's ratio, or None when there is no peer figure to compare with."""
+    if row.ratio is None or math.isnan(row.ratio) or (row.ratio == 0 and not row.peer_value):
+        return None
+    return row.ratio
+
+
+def has_target(target: str) -> bool:
+    """Targets are thresholds; a text without a number ("lower is better", "-") is not one."""
+    return any(c.isdigit() for c in target)
+
+
+@dataclass(frozen=True)
+class Target:
+    subject: str  # "ratio" or "ours"
+    op: str
+    value: float  # in the row's unit when the subject is "ours"
+    guessed: bool  # a bare number: read as whichever of ratio and ours it is closer to
+
+
+def _closer(value: float, row: Row) -> str:
+    """For a bare number: the subject of the same order of magnitude (0.5 is a ratio,
+    200,000 queries/s is our rate)."""
+    ratio = ratio_of(row)
+    if ratio is None or value <= 0:
+        return "ours" if ratio is None else "ratio"
+    if row.ours is None or row.ours <= 0 or ratio <= 0:
+        return "ratio"
+    d_ratio = abs(math.log10(value) - math.log10(ratio))
+    d_ours = abs(math.log10(value) - math.log10(row.ours))
+    return "ratio" if d_ratio <= d_ours else "ours"
+
+
+def parse_target(row: Row) -> Target | None:
+    """How the row's target reads, or None if it cannot be judged."""
+    m = _TARGET.match(row.target)
     if not m:
         return None
     op = _OPS[m.group("op")]
-    value = float(m.group("value"))
+    value = float(m.group("value").replace(",", "").replace("_", ""))
     unit = m.group("unit") or ""
     subject = (m.group("subject") or "").lower()
-    if unit in ("x", "×") or (not unit and subject != "ours"):
-        return ("ratio", op, value) if subject in ("", "ratio") else None
+    if unit in ("x", "×"):
+        return Target("ratio", op, value, False) if subject in ("", "ratio") else None
+    if not unit:
+        if subject:
+            return Target(subject, op, value, False)
+        return Target(_closer(value, row), op, value, True)
     if subject == "ratio":
         return None
-    if unit == row_unit:
-        return ("ours", op, value)
-    if unit in _TIME_UNITS and row_unit in _TIME_UNITS:
-        return ("ours", op, value * _TIME_UNITS[unit] / _TIME_UNITS[row_unit])
+    if unit == row.unit:
+        return Target("ours", op, value, False)
+    if unit in _TIME_UNITS and row.unit in _TIME_UNITS:
+        return Target("ours", op, value * _TIME_UNITS[unit] / _TIME_UNITS[row.unit], False)
     return None
 
 
 def judge(row: Row) -> bool | None:
     """Whether the row meets its target; None when it cannot be told."""
-    parsed = parse_target(row.target, row.unit)
-    if parsed is None:
+    target = parse_target(row)
+    if target is None:
         return None
-    subject, op, value = parsed
-    actual = row.ratio if subject == "ratio" else row.ours
+    actual = ratio_of(row) if target.subject == "ratio" else row.ours
     if actual is None:
         return None
-    return _compare(actual, op, value)
+    return _compare(actual, target.op, target.value)
 
 
 def fmt(v: float | None, unit: str = "") -> str:
@@ -209,7 +245,9 @@ def fmt(v: float | None, unit: str = "") -> str:
 
 
 def fmt_ratio(v: float | None) -> str:
-    return "—" if v is None or math.isnan(v) else f"{v:.2f}"
+    if v is None or math.isnan(v):
+        return "—"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
 
 def _cell(text: str) -> str:
@@ -221,7 +259,7 @@ def _when(t: float) -> str:
 
 
 def _met(ok: bool | None, target: str) -> str:
-    if not target:
+    if not has_target(target):
         return "—"
     return "?" if ok is None else ("yes" if ok else "**no**")
 
@@ -255,7 +293,9 @@ def render(gathered: Gathered, plots: Sequence[str], run_note: str, now: float) 
         title = b.title + (" (stale)" if b.stale else "")
         for r in b.rows:
             ok = judge(r)
-            if r.target:
+            target = parse_target(r)
+            shown = r.target + (f" ({target.subject})" if target and target.guessed else "")
+            if has_target(r.target):
                 if ok is None:
                     unjudged += 1
                 else:
@@ -266,9 +306,9 @@ def render(gathered: Gathered, plots: Sequence[str], run_note: str, now: float) 
                 r.metric,
                 fmt(r.ours, r.unit),
                 r.peer,
-                fmt(r.peer_value, r.unit),
-                fmt_ratio(r.ratio),
-                r.target,
+                fmt(r.peer_value if r.peer_value or ratio_of(r) else None, r.unit),
+                fmt_ratio(ratio_of(r)),
+                shown,
                 _met(ok, r.target),
             ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -294,8 +334,12 @@ def _colour(ok: bool | None) -> str:
     return {True: "#2e7d32", False: "#c62828", None: "#9e9e9e"}[ok]
 
 
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def plot(gathered: Gathered, outdir: Path) -> list[str]:
-    """Horizontal bars of the ratios: one overview and one plot per benchmark."""
+    """Bars of the ratios from parity (1) on a log scale: one overview, one per benchmark."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,24 +349,37 @@ def plot(gathered: Gathered, outdir: Path) -> list[str]:
         old.unlink()
 
     def draw(items: list[tuple[str, Row]], title: str, path: Path) -> None:
-        height = 1.2 + 0.45 * len(items)
-        fig, ax = plt.subplots(figsize=(9, height))
-        labels = [label for label, _ in items]
-        ratios = [r.ratio or 0.0 for _, r in items]
-        ax.barh(labels, ratios, color=[_colour(judge(r)) for _, r in items])
+        fig, ax = plt.subplots(figsize=(10, 1.4 + 0.4 * len(items)))
+        ratios = [ratio_of(r) or 1.0 for _, r in items]
+        ys = range(len(items))
+        # bars start at parity, so "better" and "worse" grow away from 1 either way
+        ax.barh(
+            ys,
+            [x - 1.0 for x in ratios],
+            left=1.0,
+            color=[_colour(judge(r)) for _, r in items],
+            height=0.6,
+        )
+        ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        marks = list(ratios)
         for y, (_, r) in enumerate(items):
-            parsed = parse_target(r.target, r.unit)
-            if parsed and parsed[0] == "ratio":
-                ax.plot([parsed[2]] * 2, [y - 0.4, y + 0.4], color="black", linewidth=2)
-            ax.text((r.ratio or 0.0), y, f" {fmt_ratio(r.ratio)}", va="center", fontsize=8)
-        ticks = [
-            p[2] for _, r in items if (p := parse_target(r.target, r.unit)) and p[0] == "ratio"
-        ]
-        ax.set_xlim(0, max([1.0, *ratios, *ticks]) * 1.15)
+            t = parse_target(r)
+            if t and t.subject == "ratio" and t.value > 0:
+                ax.plot([t.value] * 2, [y - 0.4, y + 0.4], color="black", linewidth=2)
+                marks.append(t.value)
+            ax.text(ratios[y], y, f" {fmt_ratio(ratios[y])} ", va="center", fontsize=8,
+                    ha="left" if ratios[y] >= 1 else "right")  # fmt: skip
+        lo, hi = min([*marks, 1.0]), max([*marks, 1.0])
+        ax.set_xlim(lo / 3, hi * 3)
+        ax.set_yticks(list(ys), [label for label, _ in items], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("ratio against the peer (dashed: parity; black tick: target)")
-        ax.set_title(title)
+        ax.set_xlabel(
+            "ratio against the peer, as each benchmark defines it (log scale; dashed: parity; "
+            "black tick: target)\ngreen: target met, red: missed, grey: no target",
+            fontsize=8,
+        )
+        ax.set_title(title, fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -330,16 +387,17 @@ def plot(gathered: Gathered, outdir: Path) -> list[str]:
     written = []
     everything: list[tuple[str, Row]] = []
     for b in gathered.benches:
-        items = [(f"{r.metric} vs {r.peer}", r) for r in b.rows if r.ratio is not None]
-        if not items:
+        rows = [r for r in b.rows if ratio_of(r) is not None]
+        if not rows:
             continue
-        everything += [(f"{b.title}: {label}", r) for label, r in items]
+        items = [(_short(f"{r.metric} vs {r.peer}"), r) for r in rows]
+        everything += [(_short(f"{b.name}: {r.metric}"), r) for r in rows]
         name = f"{PLOT_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', b.name)}.png"
-        draw(items, b.title, outdir / name)
+        draw(items, _short(b.title, 90), outdir / name)
         written.append(name)
     if everything:
         overview = f"{PLOT_PREFIX}ratios.png"
-        draw(everything, "The appliance against its peers (ratios)", outdir / overview)
+        draw(everything, "The appliance against its peers", outdir / overview)
         written.insert(0, overview)
     return written
 

@@ -45,7 +45,11 @@ PORTAL = {
     "title": "Portal API",
     "rows": [
         {"metric": "GET /api/captive", "unit": "req/s", "ours": 2300, "peer": "nginx",
-         "peer_value": 9000, "ratio": 0.26, "target": "informational"},
+         "peer_value": 9000, "ratio": 0.26, "target": "within 10% of nginx"},
+        {"metric": "p99", "unit": "ms", "ours": 12.0, "peer": "nginx",
+         "peer_value": 3.0, "ratio": 4.0, "target": "lower is better"},
+        {"metric": "logins/s", "unit": "1/s", "ours": 1.25, "peer": "—",
+         "peer_value": 0, "ratio": 0, "target": "-"},
     ],
     "notes": "",
 }  # fmt: skip
@@ -78,7 +82,10 @@ def test_report_on_sample_artifacts_has_one_table_and_plots(tmp_path: Path) -> N
     assert rows[1][-3:] == ["1.27", ">= 1.5x", "**no**"]
     assert rows[2][-3:] == ["2.00", "< 10 ms", "yes"]
     assert rows[3][0] == "Portal API" and rows[3][-1] == "?"
-    assert len(rows) == 4
+    # words are no target; a row without a peer has no ratio
+    assert rows[4][-2:] == ["lower is better", "—"]
+    assert rows[5][3:] == ["—", "—", "—", "-", "—"]
+    assert len(rows) == 6
     assert "Targets met: 2 of 3 (1 not judged)." in report
     assert "100 clients; noisy" in report
     assert "noisy" in report.split("|")[0]  # the caveat comes before the table
@@ -109,7 +116,7 @@ def test_only_reports_the_named_benchmark(tmp_path: Path) -> None:
     write(tmp_path, "portal", PORTAL)
     assert br.main(["--no-run", "--only", "portal", "--artifacts", str(tmp_path)]) == 0
     rows = table_rows((tmp_path / "REPORT.md").read_text())
-    assert [r[0] for r in rows] == ["Portal API"]
+    assert {r[0] for r in rows} == {"Portal API"}
     assert not (tmp_path / "report-dhcp.png").exists()
 
 
@@ -152,6 +159,11 @@ def test_failed_benchmarks_fail_the_report(tmp_path: Path, monkeypatch: pytest.M
         (">= 0.8x", "req/s", 1.0, 0.75, False),
         ("≥ 0.8×", "req/s", 1.0, 0.8, True),
         ("> 1", "req/s", 1.0, 1.0, False),
+        # a bare number is whichever of ratio and our value it is the size of
+        (">= 0.5", "queries/s", 72880.0, 1.58, True),
+        ("> 200,000", "1/s", 337791.0, 6304.6, True),
+        ("> 200,000", "1/s", 150000.0, 6304.6, False),
+        ("lower is better", "ms", 1.0, 0.7, None),
         ("< 100 ms", "ms", 99.0, 9.0, True),
         ("< 100 ms", "s", 0.2, 9.0, False),  # 200 ms
         ("<= 500 us", "ms", 0.4, 9.0, True),
