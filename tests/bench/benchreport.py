@@ -10,10 +10,16 @@ and writes tests/artifacts/bench/REPORT.md (one Markdown table) and PNG bar
 plots of the ratios (report-ratios.png, report-<name>.png).
 
 A row's `target` is judged when it reads like one of:
-    "ratio >= 0.8", ">= 0.8x", "≥ 0.8×", "> 1"        the ratio against the peer
-    "< 100 ms", "<= 2 s", ">= 5000 leases/s"           our own value, in the row's unit
+    "ratio >= 0.8", ">= 0.8x", "≥ 0.8×"               the ratio against the peer
+    "< 100 ms", "<= 2 s", ">= 5,000 leases/s"          our own value, in the row's unit
                                                        (ms/s/us convert into each other)
-Anything else is shown as written and counted as "not judged" (met? = "?").
+    "ours > 200000"                                    our own value
+    ">= 0.5", "> 200,000"                              a bare number: whichever of the
+                                                       ratio and our value it is the size
+                                                       of; the table says which it took
+A target with a number in another form is counted as "not judged" (met? = "?");
+words without a number ("lower is better", "-") are no target (met? = "—").
+Prefer the explicit forms.
 
 Options: --only NAME (run `-k NAME` and report the artifacts whose name or title
 contains NAME), --no-run (only gather what is there), --artifacts DIR, --no-plots.
