@@ -102,6 +102,17 @@ def test_role_unit_runs_the_role_as_appliance_with_only_its_capabilities(role: s
     assert svc.get("ReadWritePaths", []) == (["/etc/appliance"] if role == "admin" else [])
 
 
+def test_personal_agent_unit_runs_the_agent_unprivileged() -> None:
+    svc = parse(units()["personal-agent.service"])["Service"]
+    assert svc["ExecStart"] == [
+        "/usr/local/bin/personal-agent run --config /etc/personal-agent/agent.toml"
+    ]
+    assert svc["User"] == ["personal-agent"]
+    assert svc["StateDirectory"] == ["personal-agent"]
+    assert svc["CapabilityBoundingSet"] == [""] and svc["AmbientCapabilities"] == [""]
+    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
 def _render_all(tmp_path: Path) -> list[Path]:
     """The units as `appliance install --prefix TMP` writes them, with stand-in commands."""
     prefix = tmp_path / "prefix"
