@@ -111,3 +111,52 @@ def program(unit: Path, body: str, mdwe: bool = True) -> str:
     """Python source: install `unit`'s sandbox in this process, then run `body`."""
     cfg = {"allow": sorted(allowed_syscalls(unit)), "families": families(unit), "mdwe": mdwe}
     return f"{PRELUDE}\n_sandbox(json.loads({json.dumps(json.dumps(cfg))}))\n{body}"
+
+
+def fs_script(unit: Path) -> str:
+    """Shell commands (as root, in a private mount namespace) that lay out the file
+    system the way the unit's ProtectSystem=, StateDirectory=, PrivateTmp=,
+    ProtectHome=, ProtectKernelTunables=, ProtectProc= and ProcSubset= would.
+    The state directory is a fresh tmpfs owned by nobody (the stand-in user)."""
+    s = {k: v[-1] for k, v in unit_settings(unit).items()}
+    cmds = []
+    state = s.get("StateDirectory")
+    if state:
+        cmds += [
+            "mount -t tmpfs -o mode=0755 tmpfs /var/lib",
+            f"mkdir -p /var/lib/{state}",
+            f"chown 65534:65534 /var/lib/{state}",
+            f"chmod {s.get('StateDirectoryMode', '0755')} /var/lib/{state}",
+            f"mount --bind /var/lib/{state} /var/lib/{state}",
+            "mount -o remount,bind,ro /var/lib",
+        ]
+    if s.get("ProtectSystem") == "strict":
+        cmds.append("mount -o remount,bind,ro /")
+    if s.get("PrivateTmp") == "yes":
+        cmds += [
+            "mount -t tmpfs -o mode=1777 tmpfs /tmp",
+            "mount -t tmpfs -o mode=1777 tmpfs /var/tmp",
+        ]
+    if s.get("ProtectHome") == "yes":
+        cmds += [
+            "mount -t tmpfs -o mode=0000 tmpfs /home",
+            "mount -t tmpfs -o mode=0000 tmpfs /root",
+        ]
+    if s.get("ProtectKernelTunables") == "yes":
+        cmds.append("mount -o remount,bind,ro /sys")
+    opts = []
+    if s.get("ProtectProc") in ("invisible", "noaccess"):
+        opts.append(f"hidepid={s['ProtectProc']}")
+    if s.get("ProcSubset") == "pid":
+        opts.append("subset=pid")
+    if opts:
+        cmds.append(f"mount -t proc -o {','.join(opts)} proc /proc")
+    if s.get("ProtectKernelTunables") == "yes" and s.get("ProcSubset") != "pid":
+        cmds += ["mount --bind /proc/sys /proc/sys", "mount -o remount,bind,ro /proc/sys"]
+    return "\n".join(cmds)
+
+
+def wrap(unit: Path, argv: list[str]) -> list[str]:
+    """argv run inside the unit's file-system layout (needs root; the mounts stay private)."""
+    script = fs_script(unit) + '\nexec "$@"\n'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh", *argv]

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.netns
 TABLE = "ggcaptest"
 GUEST = ("192.168.1.150", "02:47:00:00:00:99")
 
+# what every role does in its sandbox: the shared store is writable, the system is not
+COMMON: list[list[object]] = [["store"], ["readonly", "/etc"], ["readonly", "/var/lib"]]
 # role -> what it does with privileges (see the units' comments for why)
 OPS: dict[str, list[list[object]]] = {
     "net": [
@@ -72,6 +74,20 @@ def run(op):
         p = subprocess.run(["nft", "-f", "-"], input=a[0], capture_output=True, text=True)
         if p.returncode:
             raise OSError(p.stderr.strip())
+    elif kind == "store":
+        import sqlite3
+        c = sqlite3.connect("/var/lib/appliance/state.sqlite")
+        c.execute("pragma journal_mode=wal"); c.execute("create table if not exists t (x)")
+        c.execute("insert into t values (1)"); c.commit(); c.close()
+    elif kind == "readonly":
+        import os
+        path = a[0] + "/ggcaptest-must-not-exist"
+        try:
+            open(path, "w").close()
+        except OSError:
+            return
+        os.unlink(path)
+        raise OSError("could write " + path)
     elif kind == "arp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         pa = struct.pack("=H2s4s8s", socket.AF_INET, b"", socket.inet_aton(a[1]), b"")
@@ -112,7 +128,7 @@ def as_unit(node: Node, role: str, caps: set[str], ops: list[list[object]]) -> l
         "/usr/bin/python3",
         "-c", unit_sandbox.program(unit, PROGRAM), json.dumps(ops),
     ]  # fmt: skip
-    r = node.run(*argv, check=False, timeout=30)
+    r = node.run(*unit_sandbox.wrap(unit, argv), check=False, timeout=30)
     assert r.returncode == 0, r.stderr
     results: list[str | None] = json.loads(r.stdout)
     return results
@@ -131,7 +147,7 @@ def test_each_unit_has_exactly_the_capabilities_its_role_uses(
     assert set(caps) == set(OPS)
     problems = []
     for role, ops in OPS.items():
-        failed = [r for r in as_unit(gw, role, caps[role], ops) if r]
+        failed = [r for r in as_unit(gw, role, caps[role], ops + COMMON) if r]
         if failed:
             problems.append(f"{role} with {sorted(caps[role])}: {failed}")
         for cap in sorted(caps[role]):
