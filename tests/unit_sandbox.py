@@ -113,11 +113,13 @@ def program(unit: Path, body: str, mdwe: bool = True) -> str:
     return f"{PRELUDE}\n_sandbox(json.loads({json.dumps(json.dumps(cfg))}))\n{body}"
 
 
-def fs_script(unit: Path) -> str:
+def fs_script(unit: Path, owner: int = 65534, setup: str = "", home: bool = True) -> str:
     """Shell commands (as root, in a private mount namespace) that lay out the file
     system the way the unit's ProtectSystem=, StateDirectory=, PrivateTmp=,
     ProtectHome=, ProtectKernelTunables=, ProtectProc= and ProcSubset= would.
-    The state directory is a fresh tmpfs owned by nobody (the stand-in user)."""
+    The state directory is a fresh tmpfs owned by `owner` (the stand-in user);
+    `setup` runs while /var/lib is still writable (e.g. to copy a configuration
+    there); home=False leaves /home and /root alone (an interpreter lives there)."""
     s = {k: v[-1] for k, v in unit_settings(unit).items()}
     cmds = []
     state = s.get("StateDirectory")
@@ -125,8 +127,9 @@ def fs_script(unit: Path) -> str:
         cmds += [
             "mount -t tmpfs -o mode=0755 tmpfs /var/lib",
             f"mkdir -p /var/lib/{state}",
-            f"chown 65534:65534 /var/lib/{state}",
+            f"chown {owner}:{owner} /var/lib/{state}",
             f"chmod {s.get('StateDirectoryMode', '0755')} /var/lib/{state}",
+            setup,
             f"mount --bind /var/lib/{state} /var/lib/{state}",
             "mount -o remount,bind,ro /var/lib",
         ]
@@ -137,7 +140,7 @@ def fs_script(unit: Path) -> str:
             "mount -t tmpfs -o mode=1777 tmpfs /tmp",
             "mount -t tmpfs -o mode=1777 tmpfs /var/tmp",
         ]
-    if s.get("ProtectHome") == "yes":
+    if s.get("ProtectHome") == "yes" and home:
         cmds += [
             "mount -t tmpfs -o mode=0000 tmpfs /home",
             "mount -t tmpfs -o mode=0000 tmpfs /root",
@@ -156,7 +159,30 @@ def fs_script(unit: Path) -> str:
     return "\n".join(cmds)
 
 
-def wrap(unit: Path, argv: list[str]) -> list[str]:
-    """argv run inside the unit's file-system layout (needs root; the mounts stay private)."""
-    script = fs_script(unit) + '\nexec "$@"\n'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh", *argv]
+def capabilities(unit: Path) -> list[str]:
+    values = unit_settings(unit).get("AmbientCapabilities", [])
+    return values[-1].split() if values else []
+
+
+def command(
+    unit: Path,
+    python: str,
+    body: str,
+    caps: list[str] | None = None,
+    uid: int = 65534,
+    setup: str = "",
+    home: bool = True,
+) -> list[str]:
+    """argv that runs Python `body` as the unit would run its service: in a private
+    mount namespace laid out like the unit's (needs root), as `uid` with no new
+    privileges and only `caps` (default: the unit's AmbientCapabilities=), inside
+    its syscall filter, address families and write-xor-execute rule."""
+    caps = capabilities(unit) if caps is None else caps
+    spec = ",".join(["-all", *(f"+{c.lower().removeprefix('cap_')}" for c in sorted(caps))])
+    script = fs_script(unit, owner=uid, setup=setup, home=home) + '\nexec "$@"\n'
+    return [
+        "unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh",
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+        f"--inh-caps={spec}", f"--ambient-caps={spec}", f"--bounding-set={spec}",
+        python, "-c", program(unit, body),
+    ]  # fmt: skip

@@ -119,16 +119,11 @@ def unit_caps() -> dict[str, set[str]]:
 
 
 def as_unit(node: Node, role: str, caps: set[str], ops: list[list[object]]) -> list[str | None]:
-    """Run the ops as nobody with exactly `caps`, in the unit's syscall sandbox."""
+    """Run the ops as nobody with exactly `caps`, in the unit's sandbox."""
     unit = SOURCE / "systemd" / f"appliance-{role}.service"
-    spec = ",".join(["-all", *(f"+{c.lower().removeprefix('cap_')}" for c in sorted(caps))])
-    argv = [
-        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs",
-        f"--inh-caps={spec}", f"--ambient-caps={spec}", f"--bounding-set={spec}",
-        "/usr/bin/python3",
-        "-c", unit_sandbox.program(unit, PROGRAM), json.dumps(ops),
-    ]  # fmt: skip
-    r = node.run(*unit_sandbox.wrap(unit, argv), check=False, timeout=30)
+    body = f"sys.argv[1:] = [{json.dumps(ops)!r}]\n{PROGRAM}"
+    argv = unit_sandbox.command(unit, "/usr/bin/python3", body, caps=sorted(caps))
+    r = node.run(*argv, check=False, timeout=30)
     assert r.returncode == 0, r.stderr
     results: list[str | None] = json.loads(r.stdout)
     return results
