@@ -179,11 +179,14 @@ class Installer:
                 link.unlink()
             link.symlink_to(script)
             self.say(f"linked {shown} -> {script}")
-        if str(here).startswith(("/home/", "/root/")):
-            self.say(
-                f"warning: {here} is under /home or /root, which the units hide (ProtectHome=); "
-                "install the package in a venv under /opt instead"
-            )
+        for where in (here, Path(sys.executable).resolve()):
+            if str(where).startswith(("/home/", "/root/")):
+                self.say(
+                    f"warning: {where} is under /home or /root, which the units hide "
+                    "(ProtectHome=) and the user appliance cannot read; use a venv made "
+                    "with /usr/bin/python3 in a checkout under /opt"
+                )
+                break
 
     def install_units(self) -> list[str]:
         udir = self.at(UNIT_DIR)
