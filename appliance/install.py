@@ -219,9 +219,24 @@ class Installer:
         else:
             self.say(f"systemd is not running: later, systemctl enable {TARGET}")
 
+    def check_config(self) -> bool:
+        """Validate the installed configuration and its tables, as check-config does."""
+        from appliance import policy_files
+        from appliance.config import ConfigError, load
+
+        path = self.at(self.layout.config_dir / "appliance.toml")
+        try:
+            policy_files.check(load(path))
+        except (ConfigError, OSError) as exc:
+            self.say(f"warning: the configuration does not validate yet: {exc}")
+            return False
+        self.say(f"{self.layout.config_dir / 'appliance.toml'}: ok")
+        return True
+
     def run(self, enable: bool = True) -> None:
         self.create_user()
         self.copy_config()
+        self.check_config()
         self.make_state_dir()
         self.link_commands()
         self.install_units()

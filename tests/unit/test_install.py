@@ -46,6 +46,7 @@ def test_staged_install_puts_config_units_user_and_links_in_place(
         assert wants.is_symlink()
         assert os.readlink(wants) == "/etc/systemd/system/appliance.target"
     out = capsys.readouterr().out
+    assert "/etc/appliance/appliance.toml: ok" in out  # the example validates where it lands
     assert "systemctl start appliance.target" in out
 
 
@@ -59,7 +60,8 @@ def test_install_never_overwrites_an_edited_config_and_runs_twice(
     assert install(root) == 0
     assert install(root) == 0
     assert edited.read_text() == "# the admin's own rules\n"
-    assert "kept /etc/appliance/access.toml (exists)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kept /etc/appliance/access.toml (exists)" in out
 
 
 def test_install_with_other_directories_rewrites_units_and_config(tmp_path: Path) -> None:
