@@ -21,6 +21,8 @@ log = logging.getLogger("appliance")
 COMMANDS = [
     "appliance.lab.cli",
     "appliance.install",
+    "appliance.agent.appliance_cli",
+    "appliance.net.cli",
 ]
 
 

@@ -23,6 +23,7 @@ log = logging.getLogger("appliance.run")
 
 # role name -> "module:function"; each issue that builds a role fills in its line.
 ROLES: dict[str, str] = {
+    "net": "appliance.net.service:main",
     "dhcp": "dhcp.service:main",
     "dns": "appliance.dns.service:main",
     "portal": "appliance.portal.service:main",
@@ -57,6 +58,13 @@ def supervise(roles: list[str], config_path: Path, log_level: str) -> int:
     """Start one child per role; stop them all on SIGTERM/SIGINT, pass SIGHUP on (reload)."""
     for role in roles:
         resolve(role)  # fail early, before anything starts
+    net_config = None
+    if "net" in roles:  # the guest side is closed before any guest-facing role listens
+        from appliance.config import load
+        from appliance.net import service as net
+
+        net_config = load(config_path)
+        net.up(net_config)
     children: dict[str, subprocess.Popen[bytes]] = {}
     for role in roles:
         argv = [
@@ -102,4 +110,6 @@ def supervise(roles: list[str], config_path: Path, log_level: str) -> int:
             child.wait(10)
         except subprocess.TimeoutExpired:
             child.kill()
+    if net_config is not None:  # even when the net role itself died: no table left behind
+        net.down(net_config)
     return status

@@ -29,7 +29,14 @@ def _destroy_all() -> None:
         _live.pop().destroy()
 
 
+_MAIN_PID = os.getpid()
+
+
 def _on_term(signum: int, _frame: object) -> None:
+    # pyroute2 forks helper processes that inherit this handler: they must just exit,
+    # not run a second copy of pytest's shutdown.
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -19,9 +19,11 @@ pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def namespaces() -> set[str]:
+def namespaces(pid: int | None = None) -> set[str]:
+    """Namespaces on the machine, or those of the run with this pid (other runs may be going)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    return {n for n in names if n.startswith(f"gg{pid}x")} if pid else names
 
 
 def test_topology_matches_the_address_plan(make_topology: Callable[..., Topology]) -> None:
@@ -73,13 +75,12 @@ def test_background_process_and_wait_port(make_topology: Callable[..., Topology]
 
 
 def test_destroy_removes_every_namespace_and_process(tmp_path: Path) -> None:
-    before = namespaces()
     topo = Topology.build(guests=3, workdir=tmp_path)
     mine = {n.netns for n in topo.nodes.values()}
-    assert mine <= namespaces()
+    assert len(mine) == 7 and mine <= namespaces()
     sleeper = topo["home"].start("sleep", "600")
     topo.destroy()
-    assert namespaces() == before
+    assert not mine & namespaces()
     assert sleeper.popen.poll() is not None
     assert not any((topology.NETNS_ETC / n).exists() for n in mine)
 
@@ -117,7 +118,6 @@ def _pytest_child(tmp_path: Path, body: str) -> subprocess.Popen[str]:
 
 
 def test_a_failing_test_leaves_nothing(tmp_path: Path) -> None:
-    before = namespaces()
     # run a failing test in its own pytest, with our conftest, and look afterwards
     body = """
         def test_fails(make_topology):
@@ -126,13 +126,13 @@ def test_a_failing_test_leaves_nothing(tmp_path: Path) -> None:
     """
     conftest = ROOT / "tests" / "conftest.py"
     (tmp_path / "conftest.py").write_text(conftest.read_text())
-    out, _ = _pytest_child(tmp_path, body).communicate(timeout=120)
+    child = _pytest_child(tmp_path, body)
+    out, _ = child.communicate(timeout=120)
     assert "1 failed" in out, out
-    assert namespaces() == before
+    assert namespaces(child.pid) == set()
 
 
 def test_an_interrupted_run_is_cleaned(tmp_path: Path) -> None:
-    before = namespaces()
     mark = tmp_path / "built"
     body = f"""
         import pathlib, time
@@ -146,27 +146,26 @@ def test_an_interrupted_run_is_cleaned(tmp_path: Path) -> None:
     deadline = time.monotonic() + 60
     while not mark.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(namespaces() - before) == 5  # gw sw seg home guest1
+    assert len(namespaces(child.pid)) == 5  # gw sw seg home guest1
     child.send_signal(signal.SIGTERM)
     child.communicate(timeout=60)
-    assert namespaces() == before
+    assert namespaces(child.pid) == set()
 
 
 def test_a_killed_run_is_swept_by_the_next(tmp_path: Path) -> None:
-    before = namespaces()
     script = (
         "from appliance.lab.topology import Topology\n"
         "import os, pathlib\n"
         f"Topology.build(guests=1, workdir=pathlib.Path({str(tmp_path)!r}))\n"
         "os.kill(os.getpid(), 9)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], check=False)
-    assert proc.returncode == -signal.SIGKILL
-    left = namespaces() - before
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    assert proc.wait() == -signal.SIGKILL
+    left = namespaces(proc.pid)
     assert len(left) == 5
     swept = topology.sweep_stale()
     assert set(swept) >= left
-    assert namespaces() == before
+    assert namespaces(proc.pid) == set()
 
 
 def test_lab_cli_up_exec_status_down() -> None:

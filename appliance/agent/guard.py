@@ -1,0 +1,95 @@
+"""Rate limits and lockout against password guessing; pure, the clock is passed in.
+
+Three brakes: a token bucket per source address and one per appliance key (any
+request), and per user a count of consecutive wrong passwords that locks the user
+for `lockout` seconds once it reaches `max_failures`.  While locked, the password
+is not even checked, so guessing during a lockout learns nothing.  State is in
+memory and bounded; a restart of the agent forgets it (an attacker cannot
+restart the agent).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+MAX_TRACKED = 10000
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class RateLimiter:
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def allow(self, key: str, now: float) -> bool:
+        b = self._buckets.pop(key, None) or _Bucket(self.burst, now)
+        b.tokens = min(self.burst, b.tokens + max(0.0, now - b.stamp) * self.rate)
+        b.stamp = now
+        self._buckets[key] = b
+        while len(self._buckets) > MAX_TRACKED:
+            self._buckets.popitem(last=False)
+        if b.tokens < 1.0:
+            return False
+        b.tokens -= 1.0
+        return True
+
+
+@dataclass
+class _Failures:
+    count: int
+    locked_until: float
+
+
+class Lockout:
+    def __init__(self, max_failures: int, lockout: float) -> None:
+        self.max_failures = max_failures
+        self.lockout = lockout
+        self._users: OrderedDict[str, _Failures] = OrderedDict()
+
+    def locked(self, user: str, now: float) -> bool:
+        f = self._users.get(user)
+        return f is not None and f.locked_until > now
+
+    def failure(self, user: str, now: float) -> bool:
+        """Count a wrong password; True when this one locks the user."""
+        f = self._users.pop(user, None) or _Failures(0, 0.0)
+        if f.locked_until and f.locked_until <= now:
+            f = _Failures(0, 0.0)
+        f.count += 1
+        just_locked = f.count >= self.max_failures and f.locked_until <= now
+        if just_locked:
+            f.locked_until = now + self.lockout
+        self._users[user] = f
+        while len(self._users) > MAX_TRACKED:
+            self._users.popitem(last=False)
+        return just_locked
+
+    def success(self, user: str) -> None:
+        self._users.pop(user, None)
+
+
+class NonceCache:
+    """Nonces seen within the clock-skew window: a captured request cannot be replayed."""
+
+    def __init__(self, window: float, limit: int = 100000) -> None:
+        self.window = window
+        self.limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def fresh(self, nonce: str, now: float) -> bool:
+        while self._seen:
+            oldest, stamp = next(iter(self._seen.items()))
+            if stamp > now - 2 * self.window and len(self._seen) < self.limit:
+                break
+            del self._seen[oldest]
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = now
+        return True

@@ -1,0 +1,259 @@
+"""The agent's HTTPS server: asyncio with the stdlib's TLS, h11 for HTTP/1.1, the API in threads.
+
+Why not flask behind waitress: waitress does no TLS, and the agent should be one
+small process a household can run without a reverse proxy.  asyncio gives TLS
+(`ssl_handshake_timeout`) and a cheap coroutine per connection; h11 is a strict,
+well-tested HTTP/1.1 state machine (no parsing of our own); the pure
+`AgentApp.handle` runs in a small thread pool because argon2id is CPU- and
+memory-hard.  One request per connection, bounded header and body sizes, a
+deadline per request and a cap on connections: slow or hostile clients cost little.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import h11
+
+from appliance import passwords
+from appliance.agent import tables, tlscert
+from appliance.agent.api import AgentApp, Request, Response, refuse
+from appliance.agent.settings import AgentSettings
+
+log = logging.getLogger("appliance.agent")
+
+MAX_CONNECTIONS = 128
+MAX_HEADER_BYTES = 16384
+
+
+class AgentServer:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        verify: Callable[[str | None, str], bool] = passwords.verify_password,
+    ) -> None:
+        self.settings = settings
+        tlscert.secure_dir(settings.state_directory)
+        if tlscert.ensure_certificate(
+            settings.tls_certificate, settings.tls_key, settings.tls_names
+        ):
+            log.info("made a new self-signed certificate %s", settings.tls_certificate)
+        self.fingerprint = tlscert.certificate_fingerprint(settings.tls_certificate)
+        self.users = tables.Watched(settings.users_file, tables.load_users)
+        self.appliance_table = tables.Watched(settings.appliances_file, tables.load_appliances)
+        self.app = AgentApp(
+            settings,
+            self.fingerprint,
+            self.users.get,
+            self.appliance_table.get,
+            persist_pending=self._save_pending,
+            verify=verify,
+        )
+        self.pool = ThreadPoolExecutor(settings.limits.workers, thread_name_prefix="agent-auth")
+        self.busy = asyncio.Semaphore(MAX_CONNECTIONS)
+        self.queue = asyncio.Semaphore(settings.limits.workers * 8)
+        self.server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the settings say 0)."""
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def _save_pending(self, pending: dict[str, dict[str, Any]]) -> None:
+        tables.atomic_write(self.settings.pending_file, json.dumps(pending, indent=1), 0o600)
+
+    async def start(self) -> None:
+        ctx = tlscert.server_context(self.settings.tls_certificate, self.settings.tls_key)
+        self.server = await asyncio.start_server(
+            self._connection,
+            self.settings.listen_address,
+            self.settings.port,
+            ssl=ctx,
+            ssl_handshake_timeout=self.settings.limits.request_timeout,
+            limit=MAX_HEADER_BYTES,
+        )
+        log.info(
+            "personal agent listening on %s:%d, certificate fingerprint %s",
+            self.settings.listen_address,
+            self.settings.port,
+            self.fingerprint,
+        )
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.busy.locked():
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        async with self.busy:
+            try:
+                await asyncio.wait_for(
+                    self._serve(reader, writer), self.settings.limits.request_timeout + 30
+                )
+            except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
+                pass
+            except Exception:  # a bug: log it, keep serving others
+                log.exception("error serving a connection")
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[h11.Request, bytes] | Response:
+        max_body = self.settings.limits.max_body
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:  # curl does this for large bodies
+                    writer.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
+                data = await reader.read(8192)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                head = event
+                for name, value in event.headers:
+                    if name == b"content-length" and int(value) > max_body:
+                        return refuse(413, "too_large", f"at most {max_body} bytes")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > max_body:
+                    return refuse(413, "too_large", f"at most {max_body} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return head, bytes(body)
+            else:  # ConnectionClosed, PAUSED
+                raise ConnectionError("client went away")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        peer = writer.get_extra_info("peername")
+        peer_ip = str(peer[0]) if peer else "?"
+        try:
+            got = await asyncio.wait_for(
+                self._read_request(conn, reader, writer), self.settings.limits.request_timeout
+            )
+        except h11.RemoteProtocolError as exc:
+            got = refuse(exc.error_status_hint, "bad_http", "malformed HTTP request")
+        except TimeoutError:
+            got = refuse(408, "timeout", "request not received in time")
+        except ValueError:
+            got = refuse(400, "bad_http", "malformed HTTP request")
+        if isinstance(got, Response):
+            response = got
+            method = "GET"
+        else:
+            head, body = got
+            method = head.method.decode("ascii", "replace")
+            request = Request(
+                method=method,
+                path=head.target.decode("ascii", "replace"),
+                headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers},
+                body=body,
+                peer=peer_ip,
+            )
+            if self.queue.locked():
+                response = refuse(
+                    503, "busy", "too many checks at once; try again", **{"Retry-After": "5"}
+                )
+            else:
+                async with self.queue:
+                    loop = asyncio.get_running_loop()
+                    response = await loop.run_in_executor(self.pool, self.app.handle, request)
+        await self._send(conn, writer, response, head_only=method == "HEAD")
+
+    async def _send(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        response: Response,
+        head_only: bool,
+    ) -> None:
+        payload = response.encode()
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("Connection", "close"),
+            ("Cache-Control", "no-store"),
+            *response.headers.items(),
+        ]
+        if conn.their_state is h11.ERROR or conn.our_state is not h11.SEND_RESPONSE:
+            # h11 refuses to answer a request it could not parse: write a minimal reply by hand
+            status_line = f"HTTP/1.1 {response.status} {_phrase(response.status)}\r\n".encode()
+            hdrs = "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
+            writer.write(status_line + hdrs + b"\r\n" + payload)
+        else:
+            data = conn.send(
+                h11.Response(
+                    status_code=response.status,
+                    headers=headers,
+                    reason=_phrase(response.status).encode(),
+                )
+            )
+            writer.write(data or b"")
+            if not head_only:
+                writer.write(conn.send(h11.Data(data=payload)) or b"")
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await asyncio.wait_for(writer.drain(), 10)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the tables now (they are also re-read whenever their files change)."""
+        self.users.force()
+        self.appliance_table.force()
+        for watched in (self.users, self.appliance_table):
+            if watched.error is not None:
+                log.error("keeping the last good table: %s", watched.error)
+        log.info("tables re-read")
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.server.wait_closed()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+async def _run(settings: AgentSettings) -> int:
+    server = AgentServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    await stop.wait()
+    await server.close()
+    log.info("personal agent stopped")
+    return 0
+
+
+def serve(settings: AgentSettings) -> int:
+    """Serve until SIGTERM or SIGINT."""
+    return asyncio.run(_run(settings))

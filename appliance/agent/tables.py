@@ -1,0 +1,259 @@
+"""The agent's editable tables: users (hash, attributes, own servers) and appliance keys.
+
+Both are TOML files the CLI rewrites atomically (temporary file, fsync, rename,
+under a lock file) while the agent runs; the agent re-reads a file when its
+stat changes, so an edit applies to the next request without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.agent import wire
+from appliance.tomlfile import ConfigError, Reader, TomlFile
+
+log = logging.getLogger("appliance.agent")
+AttrValue = str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password_hash: str
+    locked: bool = False
+    attributes: Mapping[str, AttrValue] = field(default_factory=dict)
+    servers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UserTable:
+    users: Mapping[str, User]
+
+    def get(self, name: str) -> User | None:
+        return self.users.get(name)
+
+
+@dataclass(frozen=True)
+class ApplianceEntry:
+    key: str
+    status: str  # allowed | denied
+    name: str = ""
+    since: str = ""
+
+
+@dataclass(frozen=True)
+class ApplianceTable:
+    entries: Mapping[str, ApplianceEntry]
+
+    def status(self, key: str) -> str | None:
+        entry = self.entries.get(key)
+        return entry.status if entry else None
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def _attributes(r: Reader) -> dict[str, AttrValue]:
+    out: dict[str, AttrValue] = {}
+    for key in list(r.keys()):
+        if not wire.ATTRIBUTE_RE.fullmatch(key):
+            raise r.error(key, "attribute names are letters, digits, '_', '.', '-'")
+        value = r.raw(key)
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[key] = tuple(value)
+        else:
+            raise r.error(key, "an attribute is a string or an array of strings")
+    return out
+
+
+def _servers(r: Reader) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in list(r.keys()):
+        if not wire.SERVICE_RE.fullmatch(key):
+            raise r.error(key, "service names are lower-case letters, digits, '_', '-'")
+        value = r.text(key)
+        try:
+            wire.parse_hostport(value)
+        except ValueError as exc:
+            raise r.error(key, str(exc)) from None
+        out[key] = value
+    return out
+
+
+def parse_users(doc: TomlFile) -> UserTable:
+    top = doc.reader()
+    users_r = top.sub("users")
+    users: dict[str, User] = {}
+    for name in list(users_r.keys()):
+        if not wire.USER_RE.fullmatch(name):
+            raise users_r.error(name, "user ids are letters, digits and . _ + - (at most 64)")
+        r = users_r.sub(name)
+        user = User(
+            name=name,
+            password_hash=r.text("password"),
+            locked=r.boolean("locked", False),
+            attributes=_attributes(r.sub("attributes")),
+            servers=_servers(r.sub("servers")),
+        )
+        if not user.password_hash.startswith("$argon2id$"):
+            raise r.error("password", "expected an argon2id hash (use `personal-agent users`)")
+        r.finish()
+        users[name] = user
+    top.finish()
+    return UserTable(users)
+
+
+def load_users(path: Path) -> UserTable:
+    if not path.exists():
+        return UserTable({})
+    return parse_users(TomlFile.load(path))
+
+
+def parse_appliances(doc: TomlFile) -> ApplianceTable:
+    top = doc.reader()
+    entries: dict[str, ApplianceEntry] = {}
+    tab = top.sub("appliances")
+    for key in list(tab.keys()):
+        if not wire.valid_key_id(key):
+            raise tab.error(key, "not an appliance key (43 base64url characters)")
+        r = tab.sub(key)
+        entries[key] = ApplianceEntry(
+            key=key,
+            status=r.text("status", choices=("allowed", "denied")),
+            name=r.text("name", ""),
+            since=r.text("since", ""),
+        )
+        r.finish()
+    top.finish()
+    return ApplianceTable(entries)
+
+
+def load_appliances(path: Path) -> ApplianceTable:
+    if not path.exists():
+        return ApplianceTable({})
+    return parse_appliances(TomlFile.load(path))
+
+
+# -- writing -------------------------------------------------------------------------
+
+
+def _q(text: str) -> str:
+    """A TOML basic string (JSON's escapes are a subset of TOML's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _value(v: AttrValue | bool) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_q(x) for x in v) + "]"
+    return _q(v)
+
+
+def dump_users(table: UserTable) -> str:
+    lines = ["# Personal agent users: edit with `personal-agent users` and `servers`."]
+    for name in sorted(table.users):
+        u = table.users[name]
+        lines += ["", f"[users.{_q(name)}]", f"password = {_q(u.password_hash)}"]
+        if u.locked:
+            lines.append("locked = true")
+        lines.append(f"[users.{_q(name)}.attributes]")
+        lines += [f"{_q(k)} = {_value(v)}" for k, v in sorted(u.attributes.items())]
+        lines.append(f"[users.{_q(name)}.servers]")
+        lines += [f"{_q(k)} = {_q(v)}" for k, v in sorted(u.servers.items())]
+    return "\n".join(lines) + "\n"
+
+
+def dump_appliances(table: ApplianceTable) -> str:
+    lines = ["# Appliances this agent answers: edit with `personal-agent appliances`."]
+    for key in sorted(table.entries):
+        e = table.entries[key]
+        lines += ["", f"[appliances.{_q(key)}]", f"status = {_q(e.status)}"]
+        if e.name:
+            lines.append(f"name = {_q(e.name)}")
+        if e.since:
+            lines.append(f"since = {_q(e.since)}")
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Serialise read-modify-write cycles of two CLI runs on the same table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class Watched:
+    """A table re-read when its file changes; a broken edit keeps the last good table."""
+
+    def __init__(self, path: Path, loader: Any) -> None:
+        self.path = path
+        self._loader = loader
+        self._stamp: tuple[int, int, int] | None = None
+        self._value: Any = loader(path)
+        self._stamp = self._stat()
+        self.error: ConfigError | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def get(self) -> Any:
+        stamp = self._stat()
+        if stamp != self._stamp:
+            try:
+                self._value = self._loader(self.path)
+                self.error = None
+            except ConfigError as exc:
+                if self.error is None or str(exc) != str(self.error):
+                    log.error("keeping the last good table: %s", exc)
+                self.error = exc
+            self._stamp = stamp
+        return self._value
+
+    def force(self) -> None:
+        """Re-read on the next get(), changed or not."""
+        self._stamp = (-1, -1, -1)
+        self.get()

@@ -1,0 +1,1 @@
+"""The guests' resolver: forwards to the site's resolver, never shows the segment."""

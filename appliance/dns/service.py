@@ -1,0 +1,340 @@
+"""The `dns` role: UDP and TCP on the guest address, in front of the site's resolver.
+
+The hot path is a plain thread on the guests' UDP socket: a cache hit is one dict
+lookup on the query's bytes and one `sendto` of the stored reply with the guest's
+ID in front.  Misses go to the event loop and `core.Resolver`, which forwards each
+question from a fresh socket (random source port, random ID) and retries over TCP
+when the answer comes back truncated.  Identical questions in flight share one
+upstream query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from dnslib import RCODE
+
+from appliance.config import Config
+from appliance.dns.core import Action, Drop, Forward, Reply, Resolver, Settings, error_reply
+
+log = logging.getLogger("appliance.dns")
+
+UPSTREAM_TIMEOUT = 2.0
+TCP_IDLE = 10.0
+MAX_TCP_CLIENTS = 64
+
+
+class _OneQuery(asyncio.DatagramProtocol):
+    """One upstream question on its own socket: a fresh random source port per query,
+    plus a random ID and the question itself must match (spoofed answers are hard)."""
+
+    def __init__(self, qid: int, question: bytes, fut: asyncio.Future[bytes]) -> None:
+        self.qid = struct.pack("!H", qid)
+        self.question = question
+        self.fut = fut
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.fut.done() or len(data) < 12 or data[:2] != self.qid:
+            return
+        if data[12 : 12 + len(self.question)] != self.question:
+            return
+        self.fut.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
+async def ask_udp(host: str, port: int, query: bytes, question: bytes, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    qid = secrets.randbelow(65536)
+    fut: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _OneQuery(qid, question, fut), remote_addr=(host, port)
+    )
+    try:
+        transport.sendto(struct.pack("!H", qid) + query[2:])
+        return await asyncio.wait_for(fut, timeout)
+    finally:
+        transport.close()
+
+
+def _question_bytes(query: bytes) -> bytes:
+    """The wire question (name, type, class) right after the header."""
+    i = 12
+    while i < len(query) and query[i] != 0:
+        i += query[i] + 1
+    return query[12 : i + 5]
+
+
+async def ask_tcp(host: str, port: int, query: bytes, timeout: float) -> bytes:
+    async def go() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!H", len(query)) + query)
+            await writer.drain()
+            (n,) = struct.unpack("!H", await reader.readexactly(2))
+            return await reader.readexactly(n)
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+class Server:
+    def __init__(
+        self, resolver: Resolver, upstreams: list[tuple[str, int]], timeout: float
+    ) -> None:
+        self.resolver = resolver
+        self.upstreams = upstreams
+        self.timeout = timeout
+        self.inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def resolve(self, fwd: Forward, tcp: bool) -> bytes:
+        """Upstream bytes for a forward (shared between identical questions in flight)."""
+        key = fwd.key
+        shared = self.inflight.get(key)
+        if shared is None:
+            shared = asyncio.get_running_loop().create_future()
+            self.inflight[key] = shared
+            try:
+                shared.set_result(await self._ask(fwd.query))
+            except Exception as exc:  # never leave waiters hanging
+                log.debug("upstream failed: %s", exc)
+                shared.set_result(None)
+            finally:
+                del self.inflight[key]
+        upstream = await shared
+        try:
+            out = self.resolver.answer(fwd, upstream, time.monotonic(), tcp)
+        except Exception:  # an upstream answer we cannot handle: SERVFAIL, keep serving
+            log.exception("dns: cannot use the upstream answer for %s", fwd.qname)
+            out = error_reply(fwd.query, RCODE.SERVFAIL) or b""
+        return fwd.client_id + out[2:]
+
+    async def _ask(self, query: bytes) -> bytes | None:
+        question = _question_bytes(query)
+        for host, port in self.upstreams:
+            try:
+                data = await ask_udp(host, port, query, question, self.timeout)
+            except (TimeoutError, OSError):
+                continue
+            if data[2] & 0x02:  # TC: the full answer only fits over TCP
+                try:
+                    return await ask_tcp(host, port, query, self.timeout)
+                except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                    continue
+            return data
+        return None
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class GuestUdp:
+    """The guests' UDP socket: a plain thread answers cache hits, the event loop the rest.
+
+    A blocking `recvfrom`/`sendto` loop costs far less per packet than an event-loop
+    callback; the thread releases the GIL while it waits, and only a miss (a parse,
+    maybe an upstream query) is handed to the loop.  Dict reads and writes are atomic
+    under the GIL, so the loop can fill the cache while the thread reads it.
+    """
+
+    def __init__(self, server: Server, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        self.server = server
+        self.sock = sock
+        self.loop = loop
+        self.closing = False
+        self.thread = threading.Thread(target=self._serve, name="dns-udp", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recvfrom
+        self.thread.join(2)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        entries = self.server.resolver.cache.entries
+        recv, send, now = self.sock.recvfrom, self.sock.sendto, time.monotonic
+        miss = self.loop.call_soon_threadsafe
+        while not self.closing:
+            try:
+                data, addr = recv(4096)
+            except OSError:
+                if self.closing:
+                    return
+                continue
+            # fast path: a cached reply, patched with this query's ID; no parse at all
+            hit = entries.get(data[2:])
+            if hit is not None and hit[0] > now():
+                try:  # noqa: SIM105 (no context manager per packet)
+                    send(data[:2] + hit[2], addr)
+                except OSError:
+                    pass
+                continue
+            if data or not self.closing:
+                miss(self._miss, data, addr)
+
+    def _send(self, data: bytes, addr: Any) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendto(data, addr)
+
+    def _miss(self, data: bytes, addr: Any) -> None:
+        action = safe_query(self.server.resolver, data, tcp=False)
+        if isinstance(action, Reply):
+            self._send(action.data, addr)
+        elif isinstance(action, Forward):
+            self.server.spawn(self._forward(action, addr))
+
+    async def _forward(self, fwd: Forward, addr: Any) -> None:
+        out = await self.server.resolve(fwd, tcp=False)
+        if not self.closing:
+            self._send(out, addr)
+
+
+def safe_query(resolver: Resolver, data: bytes, tcp: bool) -> Action:
+    """The resolver's decision; a bug there costs one SERVFAIL, never the service."""
+    try:
+        return resolver.query(data, time.monotonic(), tcp)
+    except Exception:
+        log.exception("dns: query handling failed")
+        out = error_reply(data, RCODE.SERVFAIL)
+        return Reply(out) if out is not None else Drop("unanswerable")
+
+
+async def handle_tcp(
+    server: Server,
+    sem: asyncio.Semaphore,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    if sem.locked():
+        writer.close()
+        return
+    async with sem:
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
+                (n,) = struct.unpack("!H", head)
+                data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE)
+                action = safe_query(server.resolver, data, tcp=True)
+                if isinstance(action, Drop):
+                    break
+                out = (
+                    action.data
+                    if isinstance(action, Reply)
+                    else await server.resolve(action, tcp=True)
+                )
+                writer.write(struct.pack("!H", len(out)) + out)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def settings_for(config: Config, guest_names: Iterable[str]) -> Settings:
+    return Settings.build(
+        guest_ip=config.interfaces.guest_ip,
+        guest_subnet=config.interfaces.guest_subnet,
+        domain=config.dhcp.domain,
+        guest_names=guest_names,
+        hidden=config.interfaces.hidden_networks,
+        extra_names=[config.portal.hostname],
+        cache_size=config.dns.cache_size,
+    )
+
+
+async def serve(
+    config: Config,
+    resolver: Resolver,
+    stop: asyncio.Event,
+    host: str | None = None,
+    upstreams: list[tuple[str, int]] | None = None,
+) -> None:
+    ups = upstreams or [(str(ip), 53) for ip in config.dns.upstream]
+    server = Server(resolver, ups, UPSTREAM_TIMEOUT)
+    loop = asyncio.get_running_loop()
+    bind = host or str(config.interfaces.guest_ip)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((bind, config.dns.port))
+    udp = GuestUdp(server, sock, loop)
+    udp.start()
+    sem = asyncio.Semaphore(MAX_TCP_CLIENTS)
+    tcp = await asyncio.start_server(
+        lambda r, w: handle_tcp(server, sem, r, w), bind, config.dns.port, reuse_address=True
+    )
+    log.info(
+        "dns on %s:%d, upstream %s, %d local names",
+        bind,
+        config.dns.port,
+        ", ".join(f"{h}:{p}" for h, p in ups) or "none",
+        len(resolver.settings.local_names),
+    )
+    try:
+        await stop.wait()
+    finally:
+        udp.close()
+        tcp.close()
+        s = resolver.stats
+        log.info(
+            "dns stopping: %d queries, %d cache hits, %d forwarded, %d FORMERR, %d hidden",
+            s.queries,
+            s.hits,
+            s.forwarded,
+            s.formerr,
+            s.hidden,
+        )
+
+
+def main(config: Config, guest_names: Iterable[str] | None = None) -> int:
+    """Serve guests until SIGTERM; the names under the guest domain come from servers.toml."""
+    if guest_names is None:
+        from appliance.net import tables
+
+        guest_names = tables.guest_names(config)
+        fixed = False
+    else:
+        fixed = True
+    resolver = Resolver(settings_for(config, guest_names))
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    def reload() -> None:
+        """SIGHUP: the guest names may have changed in servers.toml; start a fresh cache."""
+        if not fixed:
+            from appliance.net import tables
+
+            resolver.settings = settings_for(config, tables.guest_names(config))
+        resolver.cache.entries.clear()
+        log.info("dns reloaded: %d local names", len(resolver.settings.local_names))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        await serve(config, resolver, stop)
+
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,1 @@
+"""The guest side of the appliance: interface, nftables isolation and interception."""

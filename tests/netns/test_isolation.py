@@ -1,0 +1,181 @@
+"""The segment stays hidden: a guest reaches DHCP, DNS and the portal, and after login the
+service proxies, on the appliance only; nothing behind it, whatever address it uses."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from _guestside import (
+    banner_of,
+    banners,
+    give_address,
+    lab_resolver,
+    nmap_open,
+    record_lease,
+    wait_leased,
+    write_config,
+)
+
+from appliance.config import load
+from appliance.lab.topology import NetnsSwitch, Node, Topology, guest_mac
+from appliance.net.firewall import Firewall
+
+pytestmark = pytest.mark.netns
+
+GW = "192.168.1.1"
+APPLIANCE_PORTS = "22,25,53,67,80,110,443,1110,2525,3128,8000,8081"
+SEGMENT_PORTS = "22,25,53,80,110,443,3128"
+
+
+def _tables(topo: Topology) -> str:
+    return topo["gw"].run("nft", "list", "tables").stdout
+
+
+def _start(topo: Topology, tmp_path: Path) -> tuple[Path, object]:
+    gw, seg = topo["gw"], topo["seg"]
+    cfg = write_config(tmp_path)
+    # stand-ins: the portal on the guest address, the proxies and an admin page
+    # anywhere on the appliance, and the segment's real servers
+    banners(
+        gw,
+        f"{GW},80,PORTAL",
+        "0.0.0.0,2525,PROXY 2525 for {orig}",
+        "0.0.0.0,1110,PROXY 1110 for {orig}",
+        "0.0.0.0,8081,PROXY 8081 for {orig}",
+        "0.0.0.0,3128,PROXY 3128",
+        "0.0.0.0,8000,SECRET 8000",
+        "0.0.0.0,22,SECRET 22",
+    )
+    banners(
+        seg,
+        *(f"198.51.100.{h},{p},SEGMENT {p}" for h in (3, 4) for p in (22, 25, 80, 110, 3128)),
+    )
+    lab_resolver(topo)
+    # the supervisor: net first (ruleset, lease follower), then dns
+    run = gw.start(
+        sys.executable, "-m", "appliance", "run", "--config", str(cfg), "net", "dns", name="run"
+    )
+    gw.wait_port(53, GW, proto="udp")
+    assert "table inet appliance" in _tables(topo)
+    return cfg, run
+
+
+def test_guest_reaches_only_the_appliance(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=2)
+    cfg, run = _start(topo, tmp_path)
+    g1 = give_address(topo, 1, "192.168.1.101")
+
+    # before login: DNS and the portal on the appliance, nothing else
+    assert nmap_open(g1, GW, APPLIANCE_PORTS) == {(GW, 53), (GW, 80)}
+    assert (GW, 53) in nmap_open(g1, GW, "53", udp=True)
+    g1.run("ping", "-c1", "-W2", GW)
+    assert g1.run("dig", "+short", f"@{GW}", "www.public.example").stdout.strip() == (
+        "203.0.113.80"
+    )
+    # the segment: only port 80 answers anywhere, and what answers is the portal
+    seg_open = nmap_open(g1, "198.51.100.2-4", SEGMENT_PORTS)
+    assert {p for _, p in seg_open} <= {80}
+    assert banner_of(g1, "198.51.100.3", 80) == "PORTAL"
+    assert banner_of(g1, "198.51.100.3", 25) is None
+    assert banner_of(g1, "198.51.100.3", 22) is None
+    assert g1.run("ping", "-c1", "-W1", "198.51.100.3", check=False).returncode != 0
+    udp = g1.run("dig", "+time=1", "+tries=1", "@198.51.100.2", "www.public.example", check=False)
+    assert udp.returncode != 0
+    assert "198.51.100" not in g1.run("ip", "route").stdout
+    assert "198.51.100" not in g1.run("ip", "neigh").stdout
+
+    # login: the session layer authorizes (ip, mac); it reaches nftables within 100 ms
+    with NetnsSwitch(topo["gw"].netns):
+        fw = Firewall(load(cfg))  # made in the appliance's namespace, like the portal's
+        t0 = time.monotonic()
+        fw.authorize("192.168.1.101", guest_mac(1))
+        took = time.monotonic() - t0
+        assert ("192.168.1.101", guest_mac(1)) in fw.members()
+    assert took < 0.1, f"authorize took {took * 1000:.0f} ms"
+    opened = nmap_open(g1, GW, APPLIANCE_PORTS)
+    assert opened == {(GW, p) for p in (25, 53, 80, 110, 1110, 2525, 3128, 8081)}
+    # intercepted: any address on 25/110/80 lands on the local proxies, never the segment
+    # and the proxy learns where the guest wanted to go (SO_ORIGINAL_DST)
+    assert banner_of(g1, "198.51.100.3", 25) == "PROXY 2525 for 198.51.100.3:25"
+    assert banner_of(g1, "198.51.100.3", 110) == "PROXY 1110 for 198.51.100.3:110"
+    assert banner_of(g1, "203.0.113.80", 80) == "PROXY 8081 for 203.0.113.80:80"
+    assert banner_of(g1, GW, 25) == f"PROXY 2525 for {GW}:25"
+    assert banner_of(g1, GW, 80) == "PORTAL"  # the portal itself stays reachable (logout)
+    assert banner_of(g1, "198.51.100.3", 22) is None
+    assert banner_of(g1, GW, 8000) is None
+    seg_open = nmap_open(g1, "198.51.100.2-4", SEGMENT_PORTS)
+    assert {p for _, p in seg_open} <= {25, 80, 110}
+    assert g1.run("ping", "-c1", "-W1", "198.51.100.3", check=False).returncode != 0
+
+    # a second guest copies guest1's address by hand: it reaches nothing at all
+    g2 = give_address(topo, 2, "192.168.1.101", lease=False)
+    assert g2.run("ping", "-c1", "-W1", GW, check=False).returncode != 0
+    assert (
+        g2.run("dig", "+time=1", "+tries=1", f"@{GW}", "www.public.example", check=False).returncode
+        != 0
+    )
+    assert banner_of(g2, GW, 80, timeout=1) is None
+    assert banner_of(g2, "198.51.100.3", 25, timeout=1) is None
+    counters = topo["gw"].run("nft", "list", "counter", "inet", "appliance", "guest_spoofed")
+    assert "packets 0 " not in counters.stdout
+
+    # logout: revoked, and guest1's port 25 is dropped again (the lease stays)
+    with NetnsSwitch(topo["gw"].netns):
+        fw.revoke("192.168.1.101", guest_mac(1))
+        fw.revoke("192.168.1.101", guest_mac(1))  # idempotent
+        assert fw.members() == set()
+
+    # the lease ends: its pair leaves the leased set within moments, the guest is cut off
+    record_lease(tmp_path / "state", "192.168.1.101", guest_mac(1), kind="released")
+    t0 = time.monotonic()
+    wait_leased(topo, "192.168.1.101", guest_mac(1), present=False)
+    assert time.monotonic() - t0 < 2
+    assert g1.run("ping", "-c1", "-W1", GW, check=False).returncode != 0
+
+    # stop: the table is gone, nothing left in nftables
+    run.stop()  # type: ignore[attr-defined]
+    assert "appliance" not in _tables(topo)
+
+
+def _ipv6_repliers(guest: Node) -> set[str]:
+    """Link-local addresses that answer an all-nodes ping on the guest link."""
+    out = guest.run("ping", "-6", "-c2", "-i0.3", "-W1", "-I", "eth0", "ff02::1", check=False)
+    return {m.group(1) for m in re.finditer(r"from (fe80::[0-9a-f:]+)", out.stdout)}
+
+
+def _link_local(mac: str) -> str:
+    b = [int(x, 16) for x in mac.split(":")]
+    b[0] ^= 0x02
+    eui = bytes([*b[:3], 0xFF, 0xFE, *b[3:]])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))
+
+
+def test_net_cli_up_status_down(make_topology: Callable[..., Topology], tmp_path: Path) -> None:
+    topo = make_topology(guests=1)
+    gw, g1 = topo["gw"], topo["guest1"]
+    cfg = str(write_config(tmp_path))
+    app = [sys.executable, "-m", "appliance"]
+    gw_ll = _link_local(gw.mac("guest0"))
+    deadline = time.monotonic() + 5  # the guest's link-local may still be tentative (DAD)
+    while gw_ll not in _ipv6_repliers(g1) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert gw_ll in _ipv6_repliers(g1)  # without our rules the appliance answers over IPv6
+    assert gw.run(*app, "net", "status", "--config", cfg, check=False).returncode == 3
+    gw.run(*app, "net", "up", "--config", cfg)
+    assert gw_ll not in _ipv6_repliers(g1)  # with them: nothing, link-local included
+    gw.run(*app, "net", "up", "--config", cfg)  # idempotent
+    st = gw.run(*app, "net", "status", "--config", cfg).stdout
+    assert "table inet appliance: loaded" in st and "forwarding on guest0: 0" in st
+    assert gw.run("sysctl", "-n", "net.ipv6.conf.guest0.disable_ipv6").stdout.strip() == "1"
+    assert gw.run("ip", "-6", "addr", "show", "dev", "guest0").stdout.strip() == ""
+    gw.run(*app, "net", "down", "--config", cfg)
+    gw.run(*app, "net", "down", "--config", cfg)
+    assert "appliance" not in gw.run("nft", "list", "tables").stdout
