@@ -99,3 +99,33 @@ def test_every_role_starts_and_listens_in_its_units_sandbox(
         out = p.output()
         for bad in ("Traceback", "Permission denied", "Operation not permitted", "Read-only"):
             assert bad not in out, f"{role}: {bad}\n{out[-3000:]}"
+
+
+def test_the_personal_agent_serves_in_its_units_sandbox(
+    make_topology: Callable[..., Topology],
+) -> None:
+    example = SOURCE / "appliance" / "agent" / "agent.example.toml"
+    if not example.exists():
+        pytest.skip("the personal agent is not part of this build")
+    python = str(Path(sys.executable).absolute())
+    hidden = str(Path(sys.executable).resolve()).startswith(("/root/", "/home/"))
+    uid, home = (0, False) if hidden else (65534, True)
+    home_ns = make_topology(guests=1)["home"]
+    unit = SOURCE / "systemd" / "personal-agent.service"
+    setup = f"mkdir -p /var/lib/etc-agent\ncp {example} /var/lib/etc-agent/agent.toml"
+    body = (
+        "sys.argv = ['personal-agent', 'run', '--config', '/var/lib/etc-agent/agent.toml']\n"
+        "from appliance.agent.cli import main\nsys.exit(main())\n"
+    )
+    argv = unit_sandbox.command(unit, python, body, uid=uid, setup=setup, home=home)
+    proc = home_ns.start(*argv, name="personal-agent")
+    deadline = time.monotonic() + 30
+    while not listening(home_ns.run("ss", "-lntu").stdout, "tcp", "0.0.0.0:8443"):
+        assert proc.alive(), f"the agent died in its sandbox:\n{proc.output()[-3000:]}"
+        assert time.monotonic() < deadline, "the agent never listened on 8443"
+        time.sleep(0.3)
+    # it made its TLS key and certificate in its state directory and answers TLS
+    r = home_ns.run("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+                    "https://127.0.0.1:8443/", check=False)  # fmt: skip
+    assert r.stdout.strip().isdigit() and r.stdout.strip() != "000", r.stdout + r.stderr
+    assert "Traceback" not in proc.output()
