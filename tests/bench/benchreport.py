@@ -435,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = run_benchmarks(args.only)
         # 5: nothing collected (no benchmark matched); not a failure of the benchmarks
         ok = rc in (0, 5)
-        run_note = f"`pytest -m bench tests/bench` exited with {rc}" + (
+        k = f" -k {args.only}" if args.only else ""
+        run_note = f"`pytest -m bench tests/bench{k}` exited with {rc}" + (
             "." if ok else " (some benchmarks failed: see its output)."
         )
         since = started
