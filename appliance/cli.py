@@ -20,6 +20,7 @@ log = logging.getLogger("appliance")
 # modules that add subcommands: each has register(subparsers) and sets func=...
 COMMANDS = [
     "appliance.lab.cli",
+    "appliance.install",
     "appliance.agent.appliance_cli",
     "appliance.net.cli",
     "appliance.policy_cli",
