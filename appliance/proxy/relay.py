@@ -1,0 +1,394 @@
+"""The relay core: asyncio Protocols, no streams, flow control on the peer's write buffer.
+
+One `Relay` serves every listener.  Per accepted connection: the gate decides
+(user, rule, upstreams) or refuses; upstreams are tried in order with a connect
+timeout; then bytes move in `data_received` straight into the peer transport's
+`write`, and when the peer's write buffer passes its high-water mark the peer
+protocol's `pause_writing` pauses reading on this side (and `resume_writing`
+resumes it): memory per connection stays bounded whatever the speeds.  EOF on
+one side becomes `write_eof` on the other (half-close), the connection ends
+when both directions have ended or either side resets.  Idle connections are
+swept by one periodic timer (not one timer per connection: memory).  A policy
+change re-admits every open connection and closes the ones no longer allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
+from appliance.proxy.refusals import RefusalDialog
+
+log = logging.getLogger("appliance.proxy")
+access_log = logging.getLogger("appliance.proxy.access")
+
+SO_ORIGINAL_DST = 80
+HIGH_WATER = 512 * 1024
+LOW_WATER = 128 * 1024
+
+
+def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """Where the guest meant to connect before nft redirected it (SOL_IP, SO_ORIGINAL_DST)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), port
+
+
+class Tracked:
+    """Bookkeeping shared by every kind of relayed connection: log line, counters, limits."""
+
+    __slots__ = (
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "closed",
+        "counted",
+        "listener",
+        "relay",
+        "result",
+        "rule",
+        "src",
+        "started",
+        "upstream_name",
+        "user",
+    )
+
+    def __init__(self, relay: Relay, listener: Listener) -> None:
+        self.relay = relay
+        self.listener = listener
+        self.client: asyncio.Transport | None = None
+        self.src = "-"
+        self.user: str | None = None
+        self.rule: str | None = None
+        self.upstream_name: str | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.started = time.time()
+        self.result = "ok"
+        self.closed = False
+        self.counted = False
+
+    def admitted(self, adm: Admission) -> bool:
+        """Record the user; False when the per-user connection limit is reached."""
+        self.user, self.rule = adm.user, adm.rule
+        self.counted = self.relay.count_user(adm.user, adm.max_connections)
+        return self.counted
+
+    def refused(self, r: Refusal) -> None:
+        self.user, self.rule = r.user, r.rule
+        self.result = {"login": "refused-login", "denied": "refused-denied"}.get(
+            r.kind, "refused-limit" if r.kind == "limit" else "upstream-down"
+        )
+
+    def finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.relay.done(self)
+
+    def abort(self, result: str) -> None:
+        """Close both sides now (idle timeout, policy revoked)."""
+        raise NotImplementedError
+
+    def upstream_eof(self) -> bool:
+        """The upstream half-closed: pass it on; True keeps the transport for writing."""
+        raise NotImplementedError
+
+    def upstream_lost(self) -> None:
+        raise NotImplementedError
+
+
+class Pump(asyncio.Protocol):
+    """The upstream side of a relayed connection: bytes go straight to the client transport."""
+
+    __slots__ = ("link", "transport")
+
+    def __init__(self, link: Tracked) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        link = self.link
+        link.bytes_down += len(data)
+        assert link.client is not None
+        link.client.write(data)
+
+    def eof_received(self) -> bool:
+        return self.link.upstream_eof()
+
+    def pause_writing(self) -> None:
+        if self.link.client is not None:
+            self.link.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.link.client is not None and not self.link.closed:
+            self.link.client.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.upstream_lost()
+
+
+class Link(Tracked, asyncio.Protocol):
+    """The client side of a plain relayed connection (SMTP, POP3, any TCP service)."""
+
+    __slots__ = ("dialog", "eofs", "pump")
+
+    def __init__(self, relay: Relay, listener: Listener) -> None:
+        super().__init__(relay, listener)
+        self.pump: Pump | None = None
+        self.dialog: RefusalDialog | None = None
+        self.eofs = 0
+
+    # -- client side ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.client = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        self.src = peer[0] if peer else "-"
+        transport.pause_reading()
+        self.relay.opened(self)
+        verdict = self.relay.gate.admit(self.src, self.listener.service)
+        if isinstance(verdict, Refusal):
+            self._refuse(verdict)
+            return
+        if not self.admitted(verdict):
+            self._refuse(Refusal("limit", "connection limit", "", verdict.user, verdict.rule))
+            return
+        self.relay.loop.create_task(self._connect(verdict))
+
+    async def _connect(self, adm: Admission) -> None:
+        for up in adm.upstreams:
+            try:
+                _t, pump = await asyncio.wait_for(
+                    self.relay.loop.create_connection(lambda: Pump(self), up.host, up.port),
+                    self.relay.connect_timeout,
+                )
+            except (TimeoutError, OSError) as exc:
+                log.warning("%s upstream %s failed: %s", self.listener.service, up.name, exc)
+                continue
+            if self.closed or self.client is None or self.client.is_closing():
+                pump.transport.close()  # type: ignore[union-attr]
+                return
+            self.pump = pump
+            self.upstream_name = up.name
+            self.client.resume_reading()
+            return
+        self._refuse(Refusal("unavailable", "no upstream reachable", "", self.user, self.rule))
+
+    def _refuse(self, r: Refusal) -> None:
+        self.refused(r)
+        assert self.client is not None
+        self.dialog = RefusalDialog(self.listener.protocol, r)
+        greeting = self.dialog.greeting()
+        if greeting:
+            self.client.write(greeting)
+        if self.dialog.closed:
+            self.client.close()
+        else:
+            self.client.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        pump = self.pump
+        if pump is not None:
+            self.bytes_up += len(data)
+            pump.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.dialog is not None and self.client is not None:
+            self.client.write(self.dialog.feed(data))
+            if self.dialog.closed:
+                self.client.close()
+
+    def eof_received(self) -> bool:
+        if self.pump is None or self.pump.transport is None:
+            return False
+        self.eofs += 1
+        if self.pump.transport.can_write_eof():
+            self.pump.transport.write_eof()
+        if self.eofs >= 2:
+            self.pump.transport.close()
+            return False
+        return True
+
+    def upstream_eof(self) -> bool:
+        self.eofs += 1
+        if self.client is not None and not self.client.is_closing():
+            self.client.write_eof()
+        if self.eofs >= 2:
+            if self.client is not None:
+                self.client.close()
+            return False
+        return True
+
+    def pause_writing(self) -> None:
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pump is not None and self.pump.transport is not None and not self.closed:
+            self.pump.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.close()
+        if exc is not None and self.result == "ok":
+            self.result = "reset"
+        self.finish()
+
+    def upstream_lost(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def abort(self, result: str) -> None:
+        self.result = result
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.abort()
+        if self.client is not None:
+            self.client.abort()
+
+
+class Relay:
+    """All listeners, the open connections, counters and the idle sweeper."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 600.0,
+        identity_header: str | None = None,
+        hidden: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.gate = gate
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.identity_header = identity_header
+        self.hidden = hidden or (lambda _ip: False)
+        self.loop = asyncio.get_running_loop()
+        self.conns: set[Tracked] = set()
+        self.per_user: Counter[str] = Counter()
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self.servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        gate.subscribe(self.recheck)
+
+    async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
+        from appliance.proxy.http import HttpClient
+
+        for ls in listeners if listeners is not None else self.gate.listeners():
+            factory: Callable[[], asyncio.Protocol]
+            if ls.protocol == "http":
+                factory = _bind(HttpClient, self, ls)
+            else:
+                factory = _bind(Link, self, ls)
+            server = await self.loop.create_server(
+                factory, host, ls.port, reuse_address=True, backlog=4096
+            )
+            self.servers.append(server)
+            log.info("listening on %s:%d for %s (%s)", host, ls.port, ls.service, ls.protocol)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self._sweeper:
+            self._sweeper.cancel()
+        for conn in list(self.conns):
+            conn.abort("shutdown")
+        await asyncio.sleep(0)
+
+    # -- bookkeeping -------------------------------------------------------------
+    def opened(self, conn: Tracked) -> None:
+        self.conns.add(conn)
+
+    def count_user(self, user: str, limit: int | None) -> bool:
+        if limit is not None and self.per_user[user] >= limit:
+            return False
+        self.per_user[user] += 1
+        return True
+
+    def done(self, conn: Tracked) -> None:
+        self.conns.discard(conn)
+        if conn.counted and conn.user is not None:
+            self.per_user[conn.user] -= 1
+            if self.per_user[conn.user] <= 0:
+                del self.per_user[conn.user]
+        self.counters[(conn.listener.service, conn.result)] += 1
+        access_log.info(
+            "time=%s user=%s ip=%s service=%s rule=%s upstream=%s bytes_up=%d bytes_down=%d "
+            "duration=%.3f result=%s",
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(conn.started)),
+            conn.user or "-",
+            conn.src,
+            conn.listener.service,
+            conn.rule or "-",
+            conn.upstream_name or "-",
+            conn.bytes_up,
+            conn.bytes_down,
+            time.time() - conn.started,
+            conn.result,
+        )
+
+    def recheck(self) -> None:
+        """After a table change: close every open connection the new tables no longer allow."""
+        closed = 0
+        for conn in list(self.conns):
+            if conn.user is None or conn.upstream_name is None:
+                continue
+            verdict = self.gate.admit(conn.src, conn.listener.service)
+            if isinstance(verdict, Refusal):
+                conn.abort("revoked")
+                closed += 1
+        log.info("policy change: %d open connection(s) closed", closed)
+
+    async def _sweep(self) -> None:
+        """One timer for all connections: a connection whose byte counts did not move
+        for idle_timeout is closed (granularity: a quarter of the timeout, at most 30 s)."""
+        period = max(0.2, min(30.0, self.idle_timeout / 4))
+        seen: dict[Tracked, tuple[int, float]] = {}
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            fresh: dict[Tracked, tuple[int, float]] = {}
+            for conn in list(self.conns):
+                total = conn.bytes_up + conn.bytes_down
+                last = seen.get(conn)
+                if last is not None and last[0] == total:
+                    if now - last[1] >= self.idle_timeout:
+                        conn.abort("idle-timeout")
+                        continue
+                    fresh[conn] = last
+                else:
+                    fresh[conn] = (total, now)
+            seen = fresh
+
+    def stats(self) -> dict[str, Any]:
+        return {f"{s}/{r}": n for (s, r), n in sorted(self.counters.items())}
+
+
+def _bind(cls: Any, relay: Relay, ls: Listener) -> Callable[[], asyncio.Protocol]:
+    def make() -> asyncio.Protocol:
+        proto: asyncio.Protocol = cls(relay, ls)
+        return proto
+
+    return make
+
+
+__all__ = ["Link", "Pump", "Relay", "Tracked", "Upstream", "original_dst"]
