@@ -345,7 +345,8 @@ class HttpClient(Tracked, asyncio.Protocol):
         self.finish()
 
     def abort(self, result: str) -> None:
-        self.result = result
+        if self.result == "ok":
+            self.result = result
         if self.pump is not None and self.pump.transport is not None:
             self.pump.transport.abort()
         if self.client is not None:

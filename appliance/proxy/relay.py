@@ -258,7 +258,8 @@ class Link(Tracked, asyncio.Protocol):
             self.client.close()
 
     def abort(self, result: str) -> None:
-        self.result = result
+        if self.result == "ok":
+            self.result = result
         if self.pump is not None and self.pump.transport is not None:
             self.pump.transport.abort()
         if self.client is not None:
