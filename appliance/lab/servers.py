@@ -18,13 +18,17 @@ tests talk to the real MTA a site would run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
+import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from appliance.lab.topology import LabError, Node, Process
 
@@ -295,3 +299,120 @@ http {{
         "nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;", name="nginx"
     )
     return _started(node, Server("nginx", proc, d, host, port, {"access_log": d / "access.log"}))
+
+
+# -- the relay over a static table, and interception, for tests and the lab ---------
+PORTAL = "http://192.168.1.1/"
+PORTS = {"smtp": 2525, "pop3": 1110, "http": 8081, "bulk": 9009}
+EXPLICIT = 3128
+INTERCEPT = {25: 2525, 110: 1110, 80: 8081, 9: 9009}
+
+
+def redirect_ruleset(intercepts: dict[int, int], iif: str = "guest0") -> str:
+    """A minimal nat table for the test's gw namespace until the net role's ruleset lands."""
+    rules = "\n".join(
+        f'    iifname "{iif}" tcp dport {a} redirect to :{b}' for a, b in intercepts.items()
+    )
+    return (
+        "table ip relaytest {\n  chain pre {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        f"{rules}\n  }}\n}}\n"
+    )
+
+
+def install_redirects(gw: Node, intercepts: dict[int, int] = INTERCEPT) -> None:
+    gw.run("nft", "-f", "-", input=redirect_ruleset(intercepts))
+
+
+def guest_address(node: Node, ip: str) -> None:
+    node.run("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+    node.run("ip", "route", "add", "default", "via", "192.168.1.1")
+
+
+def write_table(path: Path, users: dict[str, Any], servers: dict[str, list[str]]) -> None:
+    listeners = [
+        {"service": "smtp", "protocol": "smtp", "port": PORTS["smtp"]},
+        {"service": "pop3", "protocol": "pop3", "port": PORTS["pop3"]},
+        {"service": "http", "protocol": "http", "port": PORTS["http"]},
+        {"service": "http", "protocol": "http", "port": EXPLICIT, "explicit": True},
+        {"service": "bulk", "protocol": "tcp", "port": PORTS["bulk"]},
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "portal_url": PORTAL,
+                "listeners": listeners,
+                "servers": servers,
+                "users": users,
+                "personal_allowed": ["pop3"],
+            },
+            indent=1,
+        )
+    )
+
+
+def start_relay(
+    gw: Node, table: Path, host: str = "192.168.1.1", *extra: str, loop: str = "auto"
+) -> Process:
+    proc = gw.start(
+        sys.executable,
+        "-m",
+        "appliance.proxy",
+        str(table),
+        "--host",
+        host,
+        "--loop",
+        loop,
+        "--hidden",
+        "198.51.100.0/24",
+        *extra,
+        name="relay",
+    )
+    gw.wait_port(PORTS["smtp"], host, timeout=20)
+    return proc
+
+
+# A byte source/sink for bulk transfers: `sink` hashes all it reads until EOF and
+# answers with the hex digest (the client half-closed and still reads); `source`
+# sends N MiB of random blocks and writes its digest to a file.
+BULK = textwrap.dedent(
+    """
+    import hashlib, os, socket, sys
+    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    srv = socket.create_server((host, port))
+    print("ready", flush=True)
+    while True:
+        c, _ = srv.accept()
+        h = hashlib.sha256()
+        if mode == "sink":
+            buf = bytearray(1 << 20)
+            while (n := c.recv_into(buf)):
+                h.update(memoryview(buf)[:n])
+            c.sendall(h.hexdigest().encode())
+        else:
+            mib = int(c.recv(64).decode())
+            block = bytearray(os.urandom(1 << 20))
+            for i in range(mib):
+                block[:8] = i.to_bytes(8, "big")
+                h.update(block)
+                c.sendall(block)
+            open(sys.argv[4], "w").write(h.hexdigest())
+        c.close()
+    """
+)
+
+
+def start_bulk(node: Node, mode: str, host: str, port: int, workdir: Path) -> Process:
+    script = workdir / "bulk.py"
+    script.write_text(BULK)
+    proc = node.start(
+        sys.executable,
+        str(script),
+        mode,
+        host,
+        str(port),
+        str(workdir / f"{mode}.sha"),
+        name=f"bulk-{mode}",
+    )
+    node.wait_port(port, host)
+    return proc
