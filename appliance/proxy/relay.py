@@ -149,13 +149,14 @@ class Pump(asyncio.Protocol):
 class Link(Tracked, asyncio.Protocol):
     """The client side of a plain relayed connection (SMTP, POP3, any TCP service)."""
 
-    __slots__ = ("dialog", "eofs", "pump")
+    __slots__ = ("dialog", "eofs", "pending", "pump")
 
     def __init__(self, relay: Relay, listener: Listener) -> None:
         super().__init__(relay, listener)
         self.pump: Pump | None = None
         self.dialog: RefusalDialog | None = None
         self.eofs = 0
+        self.pending = b""
 
     # -- client side ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,6 +191,12 @@ class Link(Tracked, asyncio.Protocol):
                 return
             self.pump = pump
             self.upstream_name = up.name
+            if self.pending:
+                self.bytes_up += len(self.pending)
+                pump.transport.write(self.pending)  # type: ignore[union-attr]
+                self.pending = b""
+            if self.eofs and pump.transport is not None and pump.transport.can_write_eof():
+                pump.transport.write_eof()
             self.client.resume_reading()
             return
         self._refuse(Refusal("unavailable", "no upstream reachable", "", self.user, self.rule))
@@ -216,9 +223,17 @@ class Link(Tracked, asyncio.Protocol):
             self.client.write(self.dialog.feed(data))
             if self.dialog.closed:
                 self.client.close()
+            return
+        # still connecting: uvloop starts reading after connection_made whatever we paused
+        self.pending += data
+        if self.client is not None:
+            self.client.pause_reading()
 
     def eof_received(self) -> bool:
         if self.pump is None or self.pump.transport is None:
+            if self.dialog is None and not self.closed:
+                self.eofs += 1  # EOF before the upstream is there: pass it on once it is
+                return True
             return False
         self.eofs += 1
         if self.pump.transport.can_write_eof():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -62,8 +62,7 @@ class Echo(asyncio.Protocol):
     """An upstream that echoes, upper-cased, and answers EOF with 'BYE' then closes."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.t = transport
+        self.t = cast(asyncio.Transport, transport)
         transport.write(b"HELLO\n")
 
     def data_received(self, data: bytes) -> None:
@@ -95,7 +94,21 @@ async def read_until(reader: asyncio.StreamReader, what: bytes) -> bytes:
     return await asyncio.wait_for(reader.readuntil(what), 5)
 
 
+LOOP = {"kind": "asyncio"}
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> None:
+    """Every relay test runs on the stock loop and on uvloop (they differ in details)."""
+    LOOP["kind"] = request.param
+
+
 def run(coro: Any) -> Any:
+    if LOOP["kind"] == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
     return asyncio.run(coro)
 
 
@@ -108,6 +121,12 @@ def test_relays_both_ways_with_fallback_and_half_close() -> None:
         gate = StaticGate(table(up_port, port))
         relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0)
         await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
+        # a client that speaks first and half-closes before the upstream is even connected
+        r0, w0 = await asyncio.open_connection("127.0.0.1", port)
+        w0.write(b"early\n")
+        w0.write_eof()
+        assert await asyncio.wait_for(r0.read(), 5) == b"HELLO\nEARLY\nBYE\n"
+        w0.close()
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert await read_until(r, b"\n") == b"HELLO\n"  # the first site server is down
         w.write(b"abc\n")
@@ -117,7 +136,7 @@ def test_relays_both_ways_with_fallback_and_half_close() -> None:
         assert await asyncio.wait_for(r.read(), 5) == b""
         w.close()
         await asyncio.sleep(0.1)
-        assert relay.counters[("smtp", "ok")] == 1
+        assert relay.counters[("smtp", "ok")] == 2
         assert not relay.conns and not relay.per_user
         await relay.stop()
         upstream.close()
