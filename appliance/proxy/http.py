@@ -239,10 +239,10 @@ class HttpClient(Tracked, asyncio.Protocol):
     ) -> None:
         for up in candidates:
             try:
-                _t, pump = await asyncio.wait_for(
-                    self.relay.loop.create_connection(lambda: Pump(self), up.host, up.port),
-                    self.relay.connect_timeout,
-                )
+                async with asyncio.timeout(self.relay.connect_timeout):
+                    _t, pump = await self.relay.loop.create_connection(
+                        lambda: Pump(self), up.host, up.port
+                    )
             except (TimeoutError, OSError) as exc:
                 log.warning("http upstream %s failed: %s", up.name, exc)
                 continue

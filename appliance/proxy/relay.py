@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
 from appliance.proxy.refusals import RefusalDialog
+from appliance.proxy.splice import PipePool, SpliceConn
 
 log = logging.getLogger("appliance.proxy")
 access_log = logging.getLogger("appliance.proxy.access")
@@ -98,6 +99,10 @@ class Tracked:
             return
         self.closed = True
         self.relay.done(self)
+
+    def activity(self) -> int:
+        """Bytes moved so far (the idle sweeper compares it between sweeps)."""
+        return self.bytes_up + self.bytes_down
 
     def abort(self, result: str) -> None:
         """Close both sides now (idle timeout, policy revoked)."""
@@ -179,10 +184,10 @@ class Link(Tracked, asyncio.Protocol):
     async def _connect(self, adm: Admission) -> None:
         for up in adm.upstreams:
             try:
-                _t, pump = await asyncio.wait_for(
-                    self.relay.loop.create_connection(lambda: Pump(self), up.host, up.port),
-                    self.relay.connect_timeout,
-                )
+                async with asyncio.timeout(self.relay.connect_timeout):
+                    _t, pump = await self.relay.loop.create_connection(
+                        lambda: Pump(self), up.host, up.port
+                    )
             except (TimeoutError, OSError) as exc:
                 log.warning("%s upstream %s failed: %s", self.listener.service, up.name, exc)
                 continue
@@ -281,6 +286,41 @@ class Link(Tracked, asyncio.Protocol):
             self.client.abort()
 
 
+class Spliced(Tracked):
+    """A plain TCP connection relayed with splice(2) over raw sockets (see splice.py)."""
+
+    __slots__ = ("conn", "sock")
+
+    def __init__(self, relay: Relay, listener: Listener, sock: socket.socket, src: str) -> None:
+        super().__init__(relay, listener)
+        self.sock = sock
+        self.src = src
+        self.conn: SpliceConn | None = None
+
+    def activity(self) -> int:
+        return self.conn.up.moved + self.conn.down.moved if self.conn else 0
+
+    def abort(self, result: str) -> None:
+        if self.result == "ok":
+            self.result = result
+        if self.conn is not None:
+            self.conn.close(result)
+        else:
+            self.sock.close()
+            self.finish()
+
+    def ended(self, conn: SpliceConn, result: str) -> None:
+        self.bytes_up, self.bytes_down = conn.up.moved, conn.down.moved
+        if self.result == "ok":
+            self.result = result
+        self.finish()
+
+    def refuse_now(self, r: Refusal) -> None:
+        self.refused(r)
+        self.sock.close()
+        self.finish()
+
+
 class Relay:
     """All listeners, the open connections, counters and the idle sweeper."""
 
@@ -291,8 +331,12 @@ class Relay:
         idle_timeout: float = 600.0,
         identity_header: str | None = None,
         hidden: Callable[[str], bool] | None = None,
+        splice: bool = False,
     ) -> None:
         self.gate = gate
+        self.splice = splice
+        self.pool = PipePool()
+        self.raw_listeners: list[socket.socket] = []
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.identity_header = identity_header
@@ -312,6 +356,10 @@ class Relay:
             factory: Callable[[], asyncio.Protocol]
             if ls.protocol == "http":
                 factory = _bind(HttpClient, self, ls)
+            elif ls.protocol == "tcp" and self.splice:
+                self._listen_raw(host, ls)
+                log.info("listening on %s:%d for %s (tcp, splice)", host, ls.port, ls.service)
+                continue
             else:
                 factory = _bind(Link, self, ls)
             server = await self.loop.create_server(
@@ -321,7 +369,57 @@ class Relay:
             log.info("listening on %s:%d for %s (%s)", host, ls.port, ls.service, ls.protocol)
         self._sweeper = self.loop.create_task(self._sweep())
 
+    def _listen_raw(self, host: str, ls: Listener) -> None:
+        sock = socket.create_server((host, ls.port), backlog=4096)
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept, sock, ls)
+        self.raw_listeners.append(sock)
+
+    def _accept(self, lsock: socket.socket, ls: Listener) -> None:
+        for _ in range(64):
+            try:
+                csock, addr = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("accept on %s: %s", ls.service, exc)
+                return
+            csock.setblocking(False)
+            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Spliced(self, ls, csock, addr[0])
+            self.opened(conn)
+            verdict = self.gate.admit(conn.src, ls.service)
+            if isinstance(verdict, Refusal):
+                conn.refuse_now(verdict)
+            elif not conn.admitted(verdict):
+                conn.refuse_now(Refusal("limit", "limit", "", verdict.user, verdict.rule))
+            else:
+                self.loop.create_task(self._splice_connect(conn, verdict))
+
+    async def _splice_connect(self, conn: Spliced, adm: Admission) -> None:
+        for up in adm.upstreams:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self.loop.sock_connect(s, (up.host, up.port))
+            except (TimeoutError, OSError) as exc:
+                s.close()
+                log.warning("%s upstream %s failed: %s", conn.listener.service, up.name, exc)
+                continue
+            if conn.closed:
+                s.close()
+                return
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.upstream_name = up.name
+            conn.conn = SpliceConn(self.loop, self.pool, conn.sock, s, conn.ended)
+            return
+        conn.refuse_now(Refusal("unavailable", "no upstream", "", conn.user, conn.rule))
+
     async def stop(self) -> None:
+        for sock in self.raw_listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
         for server in self.servers:
             server.close()
         if self._sweeper:
@@ -384,7 +482,7 @@ class Relay:
             now = time.monotonic()
             fresh: dict[Tracked, tuple[int, float]] = {}
             for conn in list(self.conns):
-                total = conn.bytes_up + conn.bytes_down
+                total = conn.activity()
                 last = seen.get(conn)
                 if last is not None and last[0] == total:
                     if now - last[1] >= self.idle_timeout:

@@ -77,7 +77,7 @@ def start_haproxy(gw: Node, workdir: Path) -> Process:
     cfg = workdir / "haproxy.cfg"
     cfg.write_text(
         f"""global
-    maxconn 20000
+    maxconn 6000
 defaults
     mode tcp
     timeout connect 5s

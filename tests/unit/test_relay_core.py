@@ -222,3 +222,42 @@ def test_connection_limit_idle_timeout_and_policy_reload() -> None:
         upstream.close()
 
     run(body())
+
+
+@pytest.mark.parametrize("splice", [False, True])
+def test_plain_tcp_service_relays_and_half_closes(splice: bool) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["bulk"])
+        t["servers"]["bulk"] = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{up_port}"]
+        relay = Relay(StaticGate(t), connect_timeout=1.0, idle_timeout=5.0, splice=splice)
+        await relay.start("127.0.0.1", (Listener("bulk", "tcp", port),))
+        r0, w0 = await asyncio.open_connection("127.0.0.1", port)
+        w0.write(b"early\n")
+        w0.write_eof()
+        assert await asyncio.wait_for(r0.read(), 5) == b"HELLO\nEARLY\nBYE\n"
+        w0.close()
+        big = bytes(range(256)) * 40000  # 10 MB through, echoed back upper-cased
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await read_until(r, b"\n") == b"HELLO\n"
+        w.write(big)
+        got = await asyncio.wait_for(r.readexactly(len(big)), 10)
+        assert got == big.upper()
+        w.close()
+        await asyncio.sleep(0.2)
+        assert relay.counters[("bulk", "ok")] == 2
+        assert not relay.conns
+        if splice:
+            assert relay.pool.open <= relay.pool.keep  # pipes went back to the pool
+        # a user without the right is just closed (tcp has no words for it)
+        t["users"]["127.0.0.1"]["allow"] = []
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
