@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from typing import Any, cast
 
@@ -257,6 +258,71 @@ def test_plain_tcp_service_relays_and_half_closes(splice: bool) -> None:
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(r.read(), 5) == b""
         w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+class HeadEcho(asyncio.Protocol):
+    """An origin (or web proxy) that answers each request head with the head it received."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = cast(asyncio.Transport, transport)
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(head), head))
+
+
+async def http_get(port: int, raw: bytes, responses: int = 1) -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(raw)
+    out = b""
+    for _ in range(responses):
+        head = await read_until(r, b"\r\n\r\n")
+        m = re.search(rb"Content-Length: (\d+)", head)
+        body = await asyncio.wait_for(r.readexactly(int(m.group(1))), 5) if m else b""
+        out += head + body
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("via_proxy", [True, False])
+def test_explicit_http_rewrites_heads_and_keeps_alive(via_proxy: bool) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"], identity="alice")
+        t["servers"]["http"] = [f"127.0.0.1:{up_port}"] if via_proxy else []
+        relay = Relay(StaticGate(t), identity_header="X-Guest-User")
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        url = f"http://127.0.0.1:{up_port}/a?b=1"
+        req = (
+            f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{up_port}\r\nProxy-Connection: keep-alive\r\n"
+            "X-Guest-User: mallory\r\n\r\n"
+        ).encode()
+        out = await http_get(port, req + req, responses=2)  # pipelined, one connection
+        assert out.count(b"HTTP/1.1 200 OK") == 2
+        line = f"GET {url if via_proxy else '/a?b=1'} HTTP/1.1".encode()
+        assert out.count(line) == 2
+        assert b"Proxy-Connection" not in out and b"mallory" not in out
+        assert out.count(b"X-Guest-User: alice") == 2
+        await asyncio.sleep(0.1)
+        assert relay.counters[("http", "ok")] == 1
+        # not logged in: 511 for an API client, 302 for a browser
+        t["users"] = {}
+        out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 511")
+        out = await http_get(
+            port, f"GET {url} HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n".encode()
+        )
+        assert out.startswith(b"HTTP/1.1 302") and PORTAL.encode() in out
         await relay.stop()
         upstream.close()
 
