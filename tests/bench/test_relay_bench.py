@@ -29,13 +29,19 @@ pytestmark = pytest.mark.bench
 GW = "203.0.113.254"
 SEG_SRV = "198.51.100.3"
 IPERF_PORT, WEB_PORT = 5201, 80
-RELAY = {"iperf": 15201, "web": 18080}
 HAPROXY = {"iperf": 25201, "web": 28080}
+# relay variants run side by side on their own ports; measurements interleave them
+VARIANTS = {
+    "relay": ("uvloop", True, {"iperf": 15201, "web": 18080}),
+    "relay-protocol": ("uvloop", False, {"iperf": 16201, "web": 19080}),
+    "relay-asyncio": ("asyncio", False, {"iperf": 17201, "web": 20080}),
+}
+ROUNDS = 3
 IDLE_CONNS = 5000
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def relay_table(path: Path) -> None:
+def relay_table(path: Path, ports: dict[str, int]) -> None:
     users = {
         ip: {"user": "bench", "allow": ["iperf", "web"], "rule": "bench"}
         for ip in ("203.0.113.1", "203.0.113.3", "203.0.113.80")
@@ -44,8 +50,8 @@ def relay_table(path: Path) -> None:
         json.dumps(
             {
                 "listeners": [
-                    {"service": "iperf", "protocol": "tcp", "port": RELAY["iperf"]},
-                    {"service": "web", "protocol": "tcp", "port": RELAY["web"]},
+                    {"service": "iperf", "protocol": "tcp", "port": ports["iperf"]},
+                    {"service": "web", "protocol": "tcp", "port": ports["web"]},
                 ],
                 "servers": {
                     "iperf": [f"{SEG_SRV}:{IPERF_PORT}"],
@@ -57,7 +63,10 @@ def relay_table(path: Path) -> None:
     )
 
 
-def start_relay(gw: Node, table: Path, loop: str, splice: bool = True) -> Process:
+def start_relay(gw: Node, workdir: Path, name: str) -> Process:
+    loop, splice, ports = VARIANTS[name]
+    table = workdir / f"{name}.json"
+    relay_table(table, ports)
     proc = gw.start(
         sys.executable,
         "-m",
@@ -68,9 +77,9 @@ def start_relay(gw: Node, table: Path, loop: str, splice: bool = True) -> Proces
         "--loop",
         loop,
         "--splice" if splice else "--no-splice",
-        name=f"relay-{loop}-{'splice' if splice else 'protocol'}",
+        name=name,
     )
-    gw.wait_port(RELAY["web"], GW)
+    gw.wait_port(ports["web"], GW)
     return proc
 
 
@@ -99,7 +108,7 @@ listen web
     return proc
 
 
-def iperf(home: Node, host: str, port: int, streams: int, seconds: int = 4) -> float:
+def iperf(home: Node, host: str, port: int, streams: int, seconds: int = 3) -> float:
     out = home.run(
         "iperf3",
         "-c",
@@ -116,7 +125,7 @@ def iperf(home: Node, host: str, port: int, streams: int, seconds: int = 4) -> f
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def wrk(home: Node, host: str, port: int, seconds: int = 5) -> float:
+def wrk(home: Node, host: str, port: int, seconds: int = 3) -> float:
     out = home.run(
         "wrk",
         "-t2",
@@ -132,7 +141,7 @@ def wrk(home: Node, host: str, port: int, seconds: int = 5) -> float:
     return float(m.group(1))
 
 
-def ttfb(home: Node, host: str, port: int, n: int = 400) -> tuple[float, float]:
+def ttfb(home: Node, host: str, port: int, n: int = 300) -> tuple[float, float]:
     """p50 and p99 (ms) from connect to the first response byte of a 1 KiB GET."""
     req = f"GET /1k.bin HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
     samples = []
@@ -206,111 +215,78 @@ def test_relay_against_haproxy_and_forwarding(
     seg.start("iperf3", "-s", "-B", SEG_SRV, "-p", str(IPERF_PORT), name="iperf3")
     web = servers.start_web(seg, host=SEG_SRV, files={"1k.bin": b"x" * 1024}, workers=1)
     seg.wait_port(IPERF_PORT, SEG_SRV)
-    relay_table(tmp_path / "table.json")
-    relay = start_relay(gw, tmp_path / "table.json", "uvloop")
+    relays = {name: start_relay(gw, tmp_path, name) for name in VARIANTS}
     haproxy = start_haproxy(gw, tmp_path)
+    targets = {
+        "forwarding": {"iperf": (SEG_SRV, IPERF_PORT), "web": (SEG_SRV, WEB_PORT)},
+        "haproxy": {"iperf": (GW, HAPROXY["iperf"]), "web": (GW, HAPROXY["web"])},
+        **{n: {k: (GW, p) for k, p in v[2].items()} for n, v in VARIANTS.items()},
+    }
     rows: list[dict[str, Any]] = []
+    # samples[test][target] -> values; targets interleave within each round so that the
+    # machine's load (shared, noisy) hits every peer alike; medians over ROUNDS
+    samples: dict[str, dict[str, list[float]]] = {}
+
+    def sample(test: str, target: str, value: float) -> None:
+        samples.setdefault(test, {}).setdefault(target, []).append(value)
+
     try:
-        fig: dict[str, float] = {}
+        for _ in range(ROUNDS):
+            for target, where in targets.items():
+                sample("iperf1", target, iperf(home, *where["iperf"], 1))
+                sample("iperf8", target, iperf(home, *where["iperf"], 8))
+                sample("wrk", target, wrk(home, *where["web"]))
+        med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in samples.items()}
         for streams in (1, 8):
-            fwd = iperf(home, SEG_SRV, IPERF_PORT, streams)
-            hap = iperf(home, GW, HAPROXY["iperf"], streams)
-            ours = iperf(home, GW, RELAY["iperf"], streams)
-            fig[f"iperf{streams}"] = ours
             m = f"TCP throughput, {streams} stream{'s' if streams > 1 else ''} (iperf3)"
-            rows.append(row(m, "Gbit/s", ours, "haproxy splice-auto", hap, ">= 1.0"))
-            rows.append(row(m, "Gbit/s", ours, "kernel forwarding", fwd, "report"))
-        direct = wrk(home, SEG_SRV, WEB_PORT)
-        hap = wrk(home, GW, HAPROXY["web"])
-        ours = wrk(home, GW, RELAY["web"])
-        fig["wrk"] = ours
+            f = med[f"iperf{streams}"]
+            rows.append(row(m, "Gbit/s", f["relay"], "haproxy splice-auto", f["haproxy"], ">= 1.0"))
+            rows.append(
+                row(m, "Gbit/s", f["relay"], "kernel forwarding", f["forwarding"], "report")
+            )
+            for v in ("relay-protocol", "relay-asyncio"):
+                rows.append(row(m, "Gbit/s", f["relay"], v, f[v], "report"))
         m = "connection rate, wrk -c64 Connection: close, 1 KiB"
-        rows.append(row(m, "req/s", ours, "haproxy", hap, ">= 0.6"))
-        rows.append(row(m, "req/s", ours, "direct (forwarding)", direct, "report"))
-        d50, d99 = ttfb(home, SEG_SRV, WEB_PORT)
-        h50, h99 = ttfb(home, GW, HAPROXY["web"])
-        o50, o99 = ttfb(home, GW, RELAY["web"])
-        rows.append(
-            row("added time to first byte p50", "ms", o50 - d50, "haproxy", h50 - d50, "report")
-        )
-        rows.append(
-            row("added time to first byte p99", "ms", o99 - d99, "haproxy", h99 - d99, "< 1 ms")
-        )
-        ours_rss = idle_rss_per_conn(home, gw, relay, RELAY["web"])
-        hap_rss = idle_rss_per_conn(home, gw, haproxy, HAPROXY["web"])
-        rows.append(
-            row(
-                f"RSS per idle relayed connection at {IDLE_CONNS}",
-                "KiB",
-                ours_rss,
-                "haproxy",
-                hap_rss,
-                "<= 4 KiB",
-            )
-        )
-        fds = len(list(Path(f"/proc/{main_pid(relay)}/fd").iterdir()))
-        relay.stop()
-        # the same relay without splice (asyncio Protocols copying through user space),
-        # and on the stock asyncio loop: why splice and uvloop are the defaults
-        variants = (
-            ("uvloop", False, "Protocol relay, uvloop"),
-            ("asyncio", False, "Protocol relay, asyncio loop"),
-        )
-        for loop, splice, label in variants:
-            other = start_relay(gw, tmp_path / "table.json", loop, splice)
-            o1 = iperf(home, GW, RELAY["iperf"], 1)
-            o8 = iperf(home, GW, RELAY["iperf"], 8)
-            ow = wrk(home, GW, RELAY["web"])
-            rows.append(
-                row(
-                    "TCP throughput, 1 stream: default relay vs variant",
-                    "Gbit/s",
-                    fig["iperf1"],
-                    label,
-                    o1,
-                    "report",
-                )
-            )
-            rows.append(
-                row(
-                    "TCP throughput, 8 streams: default relay vs variant",
-                    "Gbit/s",
-                    fig["iperf8"],
-                    label,
-                    o8,
-                    "report",
-                )
-            )
-            rows.append(
-                row(
-                    "connection rate: default relay vs variant",
-                    "req/s",
-                    fig["wrk"],
-                    label,
-                    ow,
-                    "report",
-                )
-            )
-            if not splice and loop == "uvloop":
-                orss = idle_rss_per_conn(home, gw, other, RELAY["web"])
+        f = med["wrk"]
+        rows.append(row(m, "req/s", f["relay"], "haproxy", f["haproxy"], ">= 0.6"))
+        rows.append(row(m, "req/s", f["relay"], "direct (forwarding)", f["forwarding"], "report"))
+        for v in ("relay-protocol", "relay-asyncio"):
+            rows.append(row(m, "req/s", f["relay"], v, f[v], "report"))
+        lat = {
+            t: ttfb(home, *targets[t]["web"])
+            for t in ("forwarding", "haproxy", "relay", "relay-protocol")
+        }
+        for i, pct in ((0, "p50"), (1, "p99")):
+            ours = lat["relay"][i] - lat["forwarding"][i]
+            for peer in ("haproxy", "relay-protocol"):
                 rows.append(
                     row(
-                        f"RSS per idle connection at {IDLE_CONNS}: default vs variant",
-                        "KiB",
-                        ours_rss,
-                        label,
-                        orss,
-                        "report",
+                        f"added time to first byte {pct}",
+                        "ms",
+                        ours,
+                        peer,
+                        lat[peer][i] - lat["forwarding"][i],
+                        "< 1 ms" if pct == "p99" else "report",
                     )
                 )
-            other.stop()
+        ours_rss = idle_rss_per_conn(home, gw, relays["relay"], VARIANTS["relay"][2]["web"])
+        hap_rss = idle_rss_per_conn(home, gw, haproxy, HAPROXY["web"])
+        prot_rss = idle_rss_per_conn(
+            home, gw, relays["relay-protocol"], VARIANTS["relay-protocol"][2]["web"]
+        )
+        m = f"RSS per idle relayed connection at {IDLE_CONNS}"
+        rows.append(row(m, "KiB", ours_rss, "haproxy", hap_rss, "<= 4 KiB"))
+        rows.append(row(m, "KiB", ours_rss, "relay-protocol", prot_rss, "report"))
+        fds = len(list(Path(f"/proc/{main_pid(relays['relay'])}/fd").iterdir()))
     finally:
         web.stop()
     notes = (
         "Shared 2-core machine (7 engineers working at once): absolute figures are noisy, "
-        "compare ratios measured in the same run. Client in home, servers in seg, middlebox in gw. "
-        "Default relay: uvloop, splice(2) for plain tcp services. "
-        f"Relay fds after the idle test: {fds}."
+        f"read the ratios. Medians of {ROUNDS} interleaved rounds. Client in home, servers in "
+        "seg, middlebox in gw. relay = the default (uvloop + splice(2) for plain tcp services); "
+        "relay-protocol = asyncio Protocol copy path on uvloop; relay-asyncio = the same on the "
+        f"stock loop. Relay fds after the idle test: {fds}. "
+        f"Raw samples: {json.dumps(samples)}"
     )
     report = {"title": "Relay vs HAProxy vs kernel forwarding", "rows": rows, "notes": notes}
     out = ROOT / "tests" / "artifacts" / "bench"
@@ -318,12 +294,12 @@ def test_relay_against_haproxy_and_forwarding(
     (out / "relay.json").write_text(json.dumps(report, indent=1))
     print()
     print(
-        f"{'metric':58} {'unit':7} {'ours':>10} {'peer':>26} {'peer value':>11} "
+        f"{'metric':52} {'unit':7} {'ours':>10} {'peer':>20} {'peer value':>11} "
         f"{'ratio':>6}  target"
     )
     for r in rows:
         print(
-            f"{r['metric'][:58]:58} {r['unit']:7} {r['ours']:>10.3f} {r['peer'][:26]:>26} "
+            f"{r['metric'][:52]:52} {r['unit']:7} {r['ours']:>10.3f} {r['peer'][:20]:>20} "
             f"{r['peer_value']:>11.3f} {r['ratio']:>6.2f}  {r['target']}"
         )
     print(notes)
