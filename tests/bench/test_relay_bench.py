@@ -211,9 +211,17 @@ def test_relay_against_haproxy_and_forwarding(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:
     topo = make_topology(guests=0)
-    gw, seg, home = topo["gw"], topo["seg"], topo["home"]
+    seg = topo["seg"]
     seg.start("iperf3", "-s", "-B", SEG_SRV, "-p", str(IPERF_PORT), name="iperf3")
     web = servers.start_web(seg, host=SEG_SRV, files={"1k.bin": b"x" * 1024}, workers=1)
+    try:
+        run_bench(topo, tmp_path)
+    finally:
+        web.stop()
+
+
+def run_bench(topo: Topology, tmp_path: Path) -> None:
+    gw, seg, home = topo["gw"], topo["seg"], topo["home"]
     seg.wait_port(IPERF_PORT, SEG_SRV)
     relays = {name: start_relay(gw, tmp_path, name) for name in VARIANTS}
     haproxy = start_haproxy(gw, tmp_path)
@@ -230,56 +238,51 @@ def test_relay_against_haproxy_and_forwarding(
     def sample(test: str, target: str, value: float) -> None:
         samples.setdefault(test, {}).setdefault(target, []).append(value)
 
-    try:
-        for _ in range(ROUNDS):
-            for target, where in targets.items():
-                sample("iperf1", target, iperf(home, *where["iperf"], 1))
-                sample("iperf8", target, iperf(home, *where["iperf"], 8))
-                sample("wrk", target, wrk(home, *where["web"]))
-        med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in samples.items()}
-        for streams in (1, 8):
-            m = f"TCP throughput, {streams} stream{'s' if streams > 1 else ''} (iperf3)"
-            f = med[f"iperf{streams}"]
-            rows.append(row(m, "Gbit/s", f["relay"], "haproxy splice-auto", f["haproxy"], ">= 1.0"))
-            rows.append(
-                row(m, "Gbit/s", f["relay"], "kernel forwarding", f["forwarding"], "report")
-            )
-            for v in ("relay-protocol", "relay-asyncio"):
-                rows.append(row(m, "Gbit/s", f["relay"], v, f[v], "report"))
-        m = "connection rate, wrk -c64 Connection: close, 1 KiB"
-        f = med["wrk"]
-        rows.append(row(m, "req/s", f["relay"], "haproxy", f["haproxy"], ">= 0.6"))
-        rows.append(row(m, "req/s", f["relay"], "direct (forwarding)", f["forwarding"], "report"))
+    for _ in range(ROUNDS):
+        for target, where in targets.items():
+            sample("iperf1", target, iperf(home, *where["iperf"], 1))
+            sample("iperf8", target, iperf(home, *where["iperf"], 8))
+            sample("wrk", target, wrk(home, *where["web"]))
+    med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in samples.items()}
+    for streams in (1, 8):
+        m = f"TCP throughput, {streams} stream{'s' if streams > 1 else ''} (iperf3)"
+        f = med[f"iperf{streams}"]
+        rows.append(row(m, "Gbit/s", f["relay"], "haproxy splice-auto", f["haproxy"], ">= 1.0"))
+        rows.append(row(m, "Gbit/s", f["relay"], "kernel forwarding", f["forwarding"], "report"))
         for v in ("relay-protocol", "relay-asyncio"):
-            rows.append(row(m, "req/s", f["relay"], v, f[v], "report"))
-        lat = {
-            t: ttfb(home, *targets[t]["web"])
-            for t in ("forwarding", "haproxy", "relay", "relay-protocol")
-        }
-        for i, pct in ((0, "p50"), (1, "p99")):
-            ours = lat["relay"][i] - lat["forwarding"][i]
-            for peer in ("haproxy", "relay-protocol"):
-                rows.append(
-                    row(
-                        f"added time to first byte {pct}",
-                        "ms",
-                        ours,
-                        peer,
-                        lat[peer][i] - lat["forwarding"][i],
-                        "< 1 ms" if pct == "p99" else "report",
-                    )
+            rows.append(row(m, "Gbit/s", f["relay"], v, f[v], "report"))
+    m = "connection rate, wrk -c64 Connection: close, 1 KiB"
+    f = med["wrk"]
+    rows.append(row(m, "req/s", f["relay"], "haproxy", f["haproxy"], ">= 0.6"))
+    rows.append(row(m, "req/s", f["relay"], "direct (forwarding)", f["forwarding"], "report"))
+    for v in ("relay-protocol", "relay-asyncio"):
+        rows.append(row(m, "req/s", f["relay"], v, f[v], "report"))
+    lat = {
+        t: ttfb(home, *targets[t]["web"])
+        for t in ("forwarding", "haproxy", "relay", "relay-protocol")
+    }
+    for i, pct in ((0, "p50"), (1, "p99")):
+        ours = lat["relay"][i] - lat["forwarding"][i]
+        for peer in ("haproxy", "relay-protocol"):
+            rows.append(
+                row(
+                    f"added time to first byte {pct}",
+                    "ms",
+                    ours,
+                    peer,
+                    lat[peer][i] - lat["forwarding"][i],
+                    "< 1 ms" if pct == "p99" else "report",
                 )
-        ours_rss = idle_rss_per_conn(home, gw, relays["relay"], VARIANTS["relay"][2]["web"])
-        hap_rss = idle_rss_per_conn(home, gw, haproxy, HAPROXY["web"])
-        prot_rss = idle_rss_per_conn(
-            home, gw, relays["relay-protocol"], VARIANTS["relay-protocol"][2]["web"]
-        )
-        m = f"RSS per idle relayed connection at {IDLE_CONNS}"
-        rows.append(row(m, "KiB", ours_rss, "haproxy", hap_rss, "<= 4 KiB"))
-        rows.append(row(m, "KiB", ours_rss, "relay-protocol", prot_rss, "report"))
-        fds = len(list(Path(f"/proc/{main_pid(relays['relay'])}/fd").iterdir()))
-    finally:
-        web.stop()
+            )
+    ours_rss = idle_rss_per_conn(home, gw, relays["relay"], VARIANTS["relay"][2]["web"])
+    hap_rss = idle_rss_per_conn(home, gw, haproxy, HAPROXY["web"])
+    prot_rss = idle_rss_per_conn(
+        home, gw, relays["relay-protocol"], VARIANTS["relay-protocol"][2]["web"]
+    )
+    m = f"RSS per idle relayed connection at {IDLE_CONNS}"
+    rows.append(row(m, "KiB", ours_rss, "haproxy", hap_rss, "<= 4 KiB"))
+    rows.append(row(m, "KiB", ours_rss, "relay-protocol", prot_rss, "report"))
+    fds = len(list(Path(f"/proc/{main_pid(relays['relay'])}/fd").iterdir()))
     notes = (
         "Shared 2-core machine (7 engineers working at once): absolute figures are noisy, "
         f"read the ratios. Medians of {ROUNDS} interleaved rounds. Client in home, servers in "

@@ -80,12 +80,18 @@ def test_mail_and_web_for_logged_in_guests(
 ) -> None:
     topo = site(make_topology, tmp_path)
     seg, home, gw = topo["seg"], topo["home"], topo["gw"]
-    smtp = servers.start_smtp(seg)
-    pop_a = servers.start_pop3(home, {"alice": "alicepw"}, host="203.0.113.3")
-    pop_b = servers.start_pop3(home, {"bob": "bobpw"}, host="203.0.113.1")
-    web = servers.start_web(home, files={"index.html": b"<h1>the internet</h1>\n"})
-    proxy = servers.start_webproxy(seg)
+    started: list[servers.Server] = []
     try:
+        smtp = servers.start_smtp(seg)
+        started.append(smtp)
+        pop_a = servers.start_pop3(home, {"alice": "alicepw"}, host="203.0.113.3")
+        started.append(pop_a)
+        pop_b = servers.start_pop3(home, {"bob": "bobpw"}, host="203.0.113.1")
+        started.append(pop_b)
+        web = servers.start_web(home, files={"index.html": b"<h1>the internet</h1>\n"})
+        started.append(web)
+        proxy = servers.start_webproxy(seg)
+        started.append(proxy)
         relay = start_relay(gw, tmp_path / "table.json")
         g1, g2, g3 = topo["guest1"], topo["guest2"], topo["guest3"]
 
@@ -205,8 +211,8 @@ def test_mail_and_web_for_logged_in_guests(
             line for line in log.splitlines() if "appliance.proxy.access" in line
         )
     finally:
-        for s in (smtp, pop_a, pop_b, web, proxy):
-            s.stop()
+        for srv in started:
+            srv.stop()
 
 
 def test_upstream_down_is_reported_in_protocol_words(
