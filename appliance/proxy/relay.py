@@ -15,7 +15,9 @@ change re-admits every open connection and closes the ones no longer allowed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -321,6 +323,86 @@ class Spliced(Tracked):
         self.finish()
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return host.count(".") == 3
+
+
+class Connector:
+    """Non-blocking connects to the upstreams in order, by callbacks: no task, no future per
+    connection (the connection rate of the splice path depends on it)."""
+
+    __slots__ = ("conn", "i", "relay", "sock", "timer", "up", "ups")
+
+    def __init__(self, relay: Relay, conn: Spliced, ups: tuple[Upstream, ...]) -> None:
+        self.relay = relay
+        self.conn = conn
+        self.ups = ups
+        self.i = 0
+        self.sock: socket.socket | None = None
+        self.up: Upstream | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def next(self) -> None:
+        loop = self.relay.loop
+        while self.i < len(self.ups) and not self.conn.closed:
+            up = self.ups[self.i]
+            self.i += 1
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            err = s.connect_ex((up.host, up.port))
+            if err in (0, errno.EINPROGRESS):
+                self.sock, self.up = s, up
+                loop.add_writer(s.fileno(), self.done)
+                self.timer = loop.call_later(self.relay.connect_timeout, self.timeout)
+                return
+            s.close()
+            log.warning(
+                "%s upstream %s failed: %s", self.conn.listener.service, up.name, os.strerror(err)
+            )
+        if not self.conn.closed:
+            c = self.conn
+            c.refuse_now(Refusal("unavailable", "no upstream", "", c.user, c.rule))
+
+    def done(self) -> None:
+        s, up = self.sock, self.up
+        assert s is not None and up is not None
+        self.relay.loop.remove_writer(s.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            s.close()
+            log.warning(
+                "%s upstream %s failed: %s", self.conn.listener.service, up.name, os.strerror(err)
+            )
+            self.next()
+            return
+        if self.conn.closed:
+            s.close()
+            return
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn.upstream_name = up.name
+        self.conn.conn = SpliceConn(
+            self.relay.loop, self.relay.pool, self.conn.sock, s, self.conn.ended
+        )
+
+    def timeout(self) -> None:
+        s = self.sock
+        assert s is not None
+        self.relay.loop.remove_writer(s.fileno())
+        s.close()
+        log.warning(
+            "%s upstream %s: connect timed out",
+            self.conn.listener.service,
+            self.up.name if self.up else "-",
+        )
+        self.next()
+
+
 class Relay:
     """All listeners, the open connections, counters and the idle sweeper."""
 
@@ -394,7 +476,10 @@ class Relay:
             elif not conn.admitted(verdict):
                 conn.refuse_now(Refusal("limit", "limit", "", verdict.user, verdict.rule))
             else:
-                self.loop.create_task(self._splice_connect(conn, verdict))
+                if all(_is_ip(up.host) for up in verdict.upstreams):
+                    Connector(self, conn, verdict.upstreams).next()
+                else:  # names need the resolver: the coroutine path does that
+                    self.loop.create_task(self._splice_connect(conn, verdict))
 
     async def _splice_connect(self, conn: Spliced, adm: Admission) -> None:
         for up in adm.upstreams:
