@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,19 +150,22 @@ class PolicyGate:
     touches the session and policy modules.
     """
 
-    def __init__(self, config: Any) -> None:
+    TOUCH_EVERY = 60.0  # seconds between session touches (relay traffic keeps a session alive)
+
+    def __init__(self, config: Any, policy: Any = None, sessions: Any = None) -> None:
         import importlib
 
-        from appliance import store
-
-        # lazy, by name: these modules are built in parallel and wired by the lead
-        sessions_mod: Any = importlib.import_module("appliance.sessions")
-        policy_mod: Any = importlib.import_module("appliance.policy")
-
         self.config = config
-        self.policy: Any = policy_mod.Policy.load(config)
-        self.sessions: Any = sessions_mod.SessionStore(store.connect(config.state.database))
+        if policy is None:
+            # lazy, by name: these modules are built in parallel and wired by the lead
+            policy = importlib.import_module("appliance.policy").Policy.load(config)
+        if sessions is None:
+            store_cls = importlib.import_module("appliance.sessions").SessionStore
+            sessions = store_cls.from_config(config)
+        self.policy: Any = policy
+        self.sessions: Any = sessions
         self._subscribers: list[Callable[[], None]] = []
+        self._touched: dict[str, float] = {}
         self.policy.subscribe(lambda _p: self._changed())
 
     def _changed(self) -> None:
@@ -190,6 +194,7 @@ class PolicyGate:
         if mac is not None and mac != session.mac.lower():
             log.warning("session of %s is bound to another MAC; refused", src_ip)
             return Refusal("login", "address not bound to this device", portal)
+        self._touch(session.id)
         services: Mapping[str, Any] = self.policy.servers.services
         checked = service if service in services or service != "connect" else "http"
         decision = self.policy.access.decide(session.attributes, checked)
@@ -210,6 +215,19 @@ class PolicyGate:
             decision.max_connections,
             session.user if header else None,
         )
+
+    def _touch(self, session_id: str) -> None:
+        """Relayed use keeps a session from idling out; at most one write a minute each."""
+        now = time.monotonic()
+        if now - self._touched.get(session_id, -1e9) < self.TOUCH_EVERY:
+            return
+        self._touched[session_id] = now
+        if len(self._touched) > 10000:
+            self._touched.clear()
+        try:
+            self.sessions.touch(session_id)
+        except Exception as exc:  # a busy store must not refuse the connection
+            log.warning("session touch failed: %s", exc)
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._subscribers.append(callback)
