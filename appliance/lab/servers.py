@@ -1,0 +1,418 @@
+"""Real servers for lab nodes: postfix, dovecot (POP3), squid, nginx.
+
+Each runs in a namespace through `node.start(...)` (so topology teardown kills
+it) with its own configuration in a private directory: nothing touches the
+machine's own /etc/postfix, /etc/dovecot, /etc/squid or /etc/nginx, and no
+server listens outside its namespace.  The directories are made with
+`tempfile.mkdtemp` under /tmp rather than in pytest's tmp_path because the
+daemons drop privileges (postfix's virtual delivery, squid's `proxy` user,
+dovecot's mail uid) and pytest's tmp tree is private to root; `stop()` kills
+the server and removes its directory.
+
+Why postfix and not aiosmtpd: postfix runs unprivileged-to-root fine in a
+namespace with `config_directory`/`queue_directory` in a temp dir and
+`start-fg`, and delivers to a maildir through its `virtual` agent, so the
+tests talk to the real MTA a site would run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.lab.topology import LabError, Node, Process
+
+SMTP_ADDR = "198.51.100.3"
+WEBPROXY_ADDR = "198.51.100.4"
+POP_ADDR = "203.0.113.3"
+WEB_ADDR = "203.0.113.80"
+
+
+@dataclass
+class Server:
+    """A running lab server: its process, its directory, and where it listens."""
+
+    name: str
+    process: Process
+    directory: Path
+    host: str
+    port: int
+    extra: dict[str, Path] = field(default_factory=dict)
+
+    def stop(self, remove: bool = True) -> None:
+        self.process.stop()
+        if remove:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log(self) -> str:
+        parts = [self.process.output()]
+        for p in self.directory.glob("*.log"):
+            with contextlib.suppress(OSError):
+                parts.append(p.read_text(errors="replace"))
+        return "\n".join(parts)
+
+
+def _workdir(node: Node, name: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=f"{node.topology.prefix}-{name}-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def _chown(path: Path, user: str) -> None:
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def _started(node: Node, server: Server, timeout: float = 20.0) -> Server:
+    try:
+        node.wait_port(server.port, server.host, timeout=timeout)
+    except LabError:
+        out = server.log()
+        server.stop()
+        raise LabError(f"{server.name} did not start:\n{out[-4000:]}") from None
+    return server
+
+
+# -- postfix -----------------------------------------------------------------------
+_MASTER_CF = """\
+smtp      inet  n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+local     unix  - n n - - local
+virtual   unix  - n n - - virtual
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def start_smtp(
+    node: Node,
+    host: str = SMTP_ADDR,
+    domains: tuple[str, ...] = ("example.net",),
+    mynetworks: str = "198.51.100.0/24",
+) -> Server:
+    """Postfix on host:25 relaying only for `mynetworks`; every mail for `domains` lands in
+    one maildir (`server.extra["maildir"]`); read it with `maildir_messages`."""
+    d = _workdir(node, "postfix")
+    etc, queue, data, mail = d / "etc", d / "queue", d / "data", d / "mail"
+    for p in (etc, queue, data, mail):
+        p.mkdir()
+    _chown(data, "postfix")
+    _chown(mail, "postfix")
+    pw = pwd.getpwnam("postfix")
+    (etc / "master.cf").write_text(_MASTER_CF)
+    (etc / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+myhostname = smtp.segment.example
+mydomain = segment.example
+mydestination =
+inet_interfaces = {host}
+inet_protocols = ipv4
+mynetworks = {mynetworks}
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+virtual_mailbox_domains = {" ".join(domains)}
+virtual_mailbox_base = {mail}
+virtual_mailbox_maps = static:inbox/
+virtual_uid_maps = static:{pw.pw_uid}
+virtual_gid_maps = static:{pw.pw_gid}
+maillog_file = /dev/stdout
+smtpd_banner = $myhostname ESMTP
+alias_maps =
+alias_database =
+local_recipient_maps =
+biff = no
+"""
+    )
+    proc = node.start("postfix", "-c", str(etc), "start-fg", name="postfix")
+    server = Server("postfix", proc, d, host, 25, {"maildir": mail / "inbox"})
+    return _started(node, server)
+
+
+def maildir_messages(maildir: Path) -> list[bytes]:
+    out = []
+    for sub in ("new", "cur"):
+        p = maildir / sub
+        if p.is_dir():
+            out += [f.read_bytes() for f in sorted(p.iterdir())]
+    return out
+
+
+def wait_mail(maildir: Path, count: int = 1, timeout: float = 15.0) -> list[bytes]:
+    """Messages in the maildir once there are at least `count` (postfix delivers async)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msgs = maildir_messages(maildir)
+        if len(msgs) >= count:
+            return msgs
+        time.sleep(0.1)
+    raise LabError(f"{count} message(s) expected in {maildir}, found {len(msgs)}")
+
+
+# -- dovecot -----------------------------------------------------------------------
+def start_pop3(node: Node, users: dict[str, str], host: str = POP_ADDR, port: int = 110) -> Server:
+    """Dovecot POP3 with passwd-file users (plaintext passwords, lab only); each user's
+    maildir is `server.extra["mail"] / user` (seed it with `add_pop_message`)."""
+    d = _workdir(node, "dovecot")
+    mail, run, state = d / "mail", d / "run", d / "state"
+    for p in (mail, run, state):
+        p.mkdir()
+    (d / "passwd").write_text("".join(f"{u}:{{PLAIN}}{pw}::::::\n" for u, pw in users.items()))
+    for u in users:
+        for sub in ("new", "cur", "tmp"):
+            (mail / u / sub).mkdir(parents=True)
+    for p in [mail, *mail.rglob("*")]:
+        _chown(p, "nobody")
+    (d / "dovecot.conf").write_text(
+        f"""base_dir = {run}
+state_dir = {state}
+protocols = pop3
+listen = {host}
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+log_path = /dev/stderr
+first_valid_uid = 1
+mail_location = maildir:{mail}/%u
+pop3_uidl_format = %08Xu%08Xv
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={mail}/%u
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = {host}
+    port = {port}
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+"""
+    )
+    proc = node.start("dovecot", "-F", "-c", str(d / "dovecot.conf"), name="dovecot")
+    return _started(node, Server("dovecot", proc, d, host, port, {"mail": mail}))
+
+
+def add_pop_message(server: Server, user: str, message: bytes) -> None:
+    box = server.extra["mail"] / user
+    name = f"{time.time_ns()}.lab.{user}"
+    tmp = box / "tmp" / name
+    tmp.write_bytes(message)
+    _chown(tmp, "nobody")
+    tmp.rename(box / "new" / name)
+
+
+# -- squid -------------------------------------------------------------------------
+def start_webproxy(node: Node, host: str = WEBPROXY_ADDR, port: int = 3128) -> Server:
+    """Squid as the site's web proxy, no disk cache, CONNECT allowed to any port (lab)."""
+    d = _workdir(node, "squid")
+    _chown(d, "proxy")
+    (d / "squid.conf").write_text(
+        f"""http_port {host}:{port}
+visible_hostname webproxy
+cache deny all
+cache_mem 8 MB
+access_log stdio:{d}/access.log
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+cache_effective_user proxy
+dns_nameservers 127.0.0.1
+http_access allow all
+shutdown_lifetime 0 seconds
+"""
+    )
+    proc = node.start("squid", "-N", "-f", str(d / "squid.conf"), name="squid")
+    return _started(
+        node, Server("squid", proc, d, host, port, {"access_log": d / "access.log"}), 30
+    )
+
+
+# -- nginx -------------------------------------------------------------------------
+def start_web(
+    node: Node,
+    host: str = WEB_ADDR,
+    port: int = 80,
+    files: dict[str, bytes] | None = None,
+    workers: int = 1,
+) -> Server:
+    """Nginx serving `files` (path -> content) from host:port; access log with $remote_addr."""
+    d = _workdir(node, "nginx")
+    www = d / "www"
+    www.mkdir()
+    for name, content in (files or {"index.html": b"<h1>the internet</h1>\n"}).items():
+        (www / name).parent.mkdir(parents=True, exist_ok=True)
+        (www / name).write_bytes(content)
+    temps = "\n".join(
+        f"    {k}_temp_path {d}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (d / "nginx.conf").write_text(
+        f"""user root;
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 16384; }}
+http {{
+    access_log {d}/access.log;
+{temps}
+    keepalive_requests 100000;
+    server {{
+        listen {host}:{port} backlog=4096;
+        root {www};
+    }}
+}}
+"""
+    )
+    proc = node.start(
+        "nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;", name="nginx"
+    )
+    return _started(node, Server("nginx", proc, d, host, port, {"access_log": d / "access.log"}))
+
+
+# -- the relay over a static table, and interception, for tests and the lab ---------
+PORTAL = "http://192.168.1.1/"
+PORTS = {"smtp": 2525, "pop3": 1110, "http": 8081, "bulk": 9009}
+EXPLICIT = 3128
+INTERCEPT = {25: 2525, 110: 1110, 80: 8081, 9: 9009}
+
+
+def redirect_ruleset(intercepts: dict[int, int], iif: str = "guest0") -> str:
+    """A minimal nat table for the test's gw namespace until the net role's ruleset lands."""
+    rules = "\n".join(
+        f'    iifname "{iif}" tcp dport {a} redirect to :{b}' for a, b in intercepts.items()
+    )
+    return (
+        "table ip relaytest {\n  chain pre {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        f"{rules}\n  }}\n}}\n"
+    )
+
+
+def install_redirects(gw: Node, intercepts: dict[int, int] = INTERCEPT) -> None:
+    gw.run("nft", "-f", "-", input=redirect_ruleset(intercepts))
+
+
+def guest_address(node: Node, ip: str) -> None:
+    node.run("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+    node.run("ip", "route", "add", "default", "via", "192.168.1.1")
+
+
+def write_table(path: Path, users: dict[str, Any], servers: dict[str, list[str]]) -> None:
+    listeners = [
+        {"service": "smtp", "protocol": "smtp", "port": PORTS["smtp"]},
+        {"service": "pop3", "protocol": "pop3", "port": PORTS["pop3"]},
+        {"service": "http", "protocol": "http", "port": PORTS["http"]},
+        {"service": "http", "protocol": "http", "port": EXPLICIT, "explicit": True},
+        {"service": "bulk", "protocol": "tcp", "port": PORTS["bulk"]},
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "portal_url": PORTAL,
+                "listeners": listeners,
+                "servers": servers,
+                "users": users,
+                "personal_allowed": ["pop3"],
+            },
+            indent=1,
+        )
+    )
+
+
+def start_relay(
+    gw: Node, table: Path, host: str = "192.168.1.1", *extra: str, loop: str = "auto"
+) -> Process:
+    proc = gw.start(
+        sys.executable,
+        "-m",
+        "appliance.proxy",
+        str(table),
+        "--host",
+        host,
+        "--loop",
+        loop,
+        "--hidden",
+        "198.51.100.0/24",
+        *extra,
+        name="relay",
+    )
+    gw.wait_port(PORTS["smtp"], host, timeout=20)
+    return proc
+
+
+# A byte source/sink for bulk transfers: `sink` hashes all it reads until EOF and
+# answers with the hex digest (the client half-closed and still reads); `source`
+# sends N MiB of random blocks and writes its digest to a file.
+BULK = textwrap.dedent(
+    """
+    import hashlib, os, socket, sys
+    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    srv = socket.create_server((host, port))
+    print("ready", flush=True)
+    while True:
+        c, _ = srv.accept()
+        h = hashlib.sha256()
+        if mode == "sink":
+            buf = bytearray(1 << 20)
+            while (n := c.recv_into(buf)):
+                h.update(memoryview(buf)[:n])
+            c.sendall(h.hexdigest().encode())
+        else:
+            mib = int(c.recv(64).decode())
+            block = bytearray(os.urandom(1 << 20))
+            for i in range(mib):
+                block[:8] = i.to_bytes(8, "big")
+                h.update(block)
+                c.sendall(block)
+            open(sys.argv[4], "w").write(h.hexdigest())
+        c.close()
+    """
+)
+
+
+def start_bulk(node: Node, mode: str, host: str, port: int, workdir: Path) -> Process:
+    script = workdir / "bulk.py"
+    script.write_text(BULK)
+    proc = node.start(
+        sys.executable,
+        str(script),
+        mode,
+        host,
+        str(port),
+        str(workdir / f"{mode}.sha"),
+        name=f"bulk-{mode}",
+    )
+    node.wait_port(port, host)
+    return proc

@@ -1,0 +1,5 @@
+import sys
+
+from appliance.proxy.service import static_main
+
+sys.exit(static_main())

@@ -1,0 +1,236 @@
+"""Who may go where: the one place the relay meets sessions and policy.
+
+The relay only knows the `Gate` protocol: `admit(src_ip, service)` returns an
+`Admission` (user, rule, upstreams in order) or a `Refusal` (why, in words the
+relay turns into protocol replies).  `StaticGate` is a table in memory, used by
+tests and the lab; `PolicyGate` is the appliance's real gate over the shared
+`SessionStore` and the reloadable `Policy`, imported lazily so the relay and
+its tests stand alone while those modules are built in parallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger("appliance.proxy.gate")
+
+RefusalKind = Literal["login", "denied", "limit", "unavailable"]
+PROTOCOLS = ("smtp", "pop3", "http", "tcp")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One server to try; `name` goes into logs and pages, never the address."""
+
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One local listening port and the service behind it."""
+
+    service: str
+    protocol: str  # smtp | pop3 | http | tcp: how refusals are worded
+    port: int
+    explicit: bool = False  # an explicit HTTP proxy port (no SO_ORIGINAL_DST)
+
+
+@dataclass(frozen=True)
+class Admission:
+    user: str
+    rule: str | None
+    upstreams: tuple[Upstream, ...]  # in order: personal first where allowed, then fallbacks
+    max_connections: int | None = None
+    identity: str | None = None  # value of the identity header, when configured
+
+
+@dataclass(frozen=True)
+class Refusal:
+    kind: RefusalKind
+    reason: str
+    portal_url: str
+    user: str | None = None
+    rule: str | None = None
+
+
+class Gate(Protocol):
+    def listeners(self) -> tuple[Listener, ...]: ...
+
+    def admit(self, src_ip: str, service: str) -> Admission | Refusal: ...
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call back after every table change (the relay re-checks open connections)."""
+
+    def reload(self) -> None: ...
+
+
+@dataclass
+class StaticGate:
+    """A gate from a small table: users by IP, their allowed services, servers per service.
+
+    `table` = {"portal_url": str, "listeners": [{"service", "protocol", "port", "explicit"}],
+    "servers": {service: ["host:port", ...]}, "users": {ip: {"user", "allow": [service],
+    "rule", "max_connections", "personal": {service: "host:port"}}},
+    "personal_allowed": [service]}.  `path` makes it reloadable (SIGHUP in the runner).
+    """
+
+    table: dict[str, Any]
+    path: Path | None = None
+    _subscribers: list[Callable[[], None]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> StaticGate:
+        return cls(json.loads(path.read_text()), path)
+
+    def listeners(self) -> tuple[Listener, ...]:
+        return tuple(
+            Listener(d["service"], d["protocol"], int(d["port"]), bool(d.get("explicit", False)))
+            for d in self.table["listeners"]
+        )
+
+    def admit(self, src_ip: str, service: str) -> Admission | Refusal:
+        portal = str(self.table.get("portal_url", "http://192.168.1.1/"))
+        user = self.table["users"].get(src_ip)
+        if user is None:
+            return Refusal("login", "not logged in", portal)
+        name = str(user["user"])
+        rule = user.get("rule")
+        if service not in user.get("allow", ()):
+            return Refusal("denied", f"no rule allows {service}", portal, name, rule)
+        ups: list[Upstream] = []
+        personal = user.get("personal", {})
+        if service in personal and service in self.table.get("personal_allowed", ()):
+            host, port = _split(personal[service])
+            ups.append(Upstream(f"{service}/personal", host, port))
+        for i, spec in enumerate(self.table.get("servers", {}).get(service, ())):
+            host, port = _split(spec)
+            ups.append(Upstream(f"{service}/site" + (f"#{i + 1}" if i else ""), host, port))
+        return Admission(
+            name, rule, tuple(ups), user.get("max_connections"), user.get("identity", name)
+        )
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._subscribers.append(callback)
+
+    def reload(self) -> None:
+        if self.path is not None:
+            self.table = json.loads(self.path.read_text())
+        for cb in self._subscribers:
+            cb()
+
+
+def _split(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    return host, int(port)
+
+
+def _arp_mac(ip: str) -> str | None:
+    """The MAC the kernel has for a guest address (None when not in the neighbour table)."""
+    with contextlib.suppress(OSError), open("/proc/net/arp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 4 and parts[0] == ip and parts[3] != "00:00:00:00:00:00":
+                return parts[3].lower()
+    return None
+
+
+class PolicyGate:
+    """The appliance's gate: `SessionStore.lookup_ip` + `Policy` (access.decide, upstreams_for).
+
+    Wiring point for the lead: the imports below are the only places the relay
+    touches the session and policy modules.
+    """
+
+    TOUCH_EVERY = 60.0  # seconds between session touches (relay traffic keeps a session alive)
+
+    def __init__(self, config: Any, policy: Any = None, sessions: Any = None) -> None:
+        import importlib
+
+        self.config = config
+        if policy is None:
+            # lazy, by name: these modules are built in parallel and wired by the lead
+            policy = importlib.import_module("appliance.policy").Policy.load(config)
+        if sessions is None:
+            store_cls = importlib.import_module("appliance.sessions").SessionStore
+            sessions = store_cls.from_config(config)
+        self.policy: Any = policy
+        self.sessions: Any = sessions
+        self._subscribers: list[Callable[[], None]] = []
+        self._touched: dict[str, float] = {}
+        self.policy.subscribe(lambda _p: self._changed())
+
+    def _changed(self) -> None:
+        for cb in self._subscribers:
+            cb()
+
+    def listeners(self) -> tuple[Listener, ...]:
+        out = [
+            Listener(s.name, s.protocol, s.listen_port)
+            for s in self.policy.servers.services.values()
+        ]
+        port = self.config.proxy.explicit_http_port
+        if port and "http" in self.policy.servers.services:
+            out.append(Listener("http", "http", port, explicit=True))
+        return tuple(out)
+
+    def portal_url(self) -> str:
+        return str(self.config.portal.base_url(self.config.interfaces.guest_ip)) + "/"
+
+    def admit(self, src_ip: str, service: str) -> Admission | Refusal:
+        portal = self.portal_url()
+        session = self.sessions.lookup_ip(src_ip)
+        if session is None:
+            return Refusal("login", "not logged in", portal)
+        mac = _arp_mac(src_ip)
+        if mac is not None and mac != session.mac.lower():
+            log.warning("session of %s is bound to another MAC; refused", src_ip)
+            return Refusal("login", "address not bound to this device", portal)
+        self._touch(session.id)
+        services: Mapping[str, Any] = self.policy.servers.services
+        checked = service if service in services or service != "connect" else "http"
+        decision = self.policy.access.decide(session.attributes, checked)
+        if not decision.allowed:
+            return Refusal("denied", decision.reason, portal, session.user, decision.rule)
+        name = "http" if service == "connect" else service
+        endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
+        personal = session.personal_servers.get(name)
+        ups = []
+        for i, ep in enumerate(endpoints):
+            where = "personal" if personal == f"{ep.host}:{ep.port}" else "site"
+            ups.append(Upstream(f"{name}/{where}" + (f"#{i + 1}" if i else ""), ep.host, ep.port))
+        header = self.config.proxy.identity_header
+        return Admission(
+            session.user,
+            decision.rule,
+            tuple(ups),
+            decision.max_connections,
+            session.user if header else None,
+        )
+
+    def _touch(self, session_id: str) -> None:
+        """Relayed use keeps a session from idling out; at most one write a minute each."""
+        now = time.monotonic()
+        if now - self._touched.get(session_id, -1e9) < self.TOUCH_EVERY:
+            return
+        self._touched[session_id] = now
+        if len(self._touched) > 10000:
+            self._touched.clear()
+        try:
+            self.sessions.touch(session_id)
+        except Exception as exc:  # a busy store must not refuse the connection
+            log.warning("session touch failed: %s", exc)
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._subscribers.append(callback)
+
+    def reload(self) -> None:
+        self.policy.reload()  # subscribers run through the policy's own subscription

@@ -1,0 +1,354 @@
+"""HTTP on the relay: transparent port 80 and the explicit proxy port (with CONNECT).
+
+Requests are parsed with h11 (sans-IO), one h11 connection per request cycle,
+so the client side gets real parsing (framing, pipelining, keep-alive) while
+responses, whose framing the upstream owns, flow back as raw bytes through the
+same flow-controlled `Pump` as every other service.  The head is rewritten on
+the way: absolute-form toward the site's web proxy (origin-form when going
+direct), `Proxy-Connection` and any client-sent identity header dropped, and
+the identity header added only when the admin configured one.  Targets in a
+hidden network are refused: a guest never reaches the segment through us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import cast
+from urllib.parse import urlsplit
+
+import h11
+
+from appliance.proxy.gate import Admission, Listener, Refusal, Upstream
+from appliance.proxy.refusals import http_refusal
+from appliance.proxy.relay import HIGH_WATER, LOW_WATER, Pump, Relay, Tracked, original_dst
+
+log = logging.getLogger("appliance.proxy.http")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _authority(value: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if sep and port.isdigit() and "]" not in port:
+        return host, int(port)
+    return value, default_port
+
+
+class HttpClient(Tracked, asyncio.Protocol):
+    """One guest HTTP connection: parse requests, decide, rewrite, relay."""
+
+    __slots__ = (
+        "admission",
+        "busy",
+        "chunked",
+        "dest",
+        "eofs",
+        "orig",
+        "parser",
+        "pump",
+        "raw",
+    )
+
+    def __init__(self, relay: Relay, listener: Listener) -> None:
+        super().__init__(relay, listener)
+        self.parser: h11.Connection | None = h11.Connection(h11.SERVER)
+        self.pump: Pump | None = None
+        self.admission: Admission | None = None
+        self.orig: tuple[str, int] | None = None
+        self.dest: tuple[str, int] | None = None
+        self.chunked = False
+        self.raw = False
+        self.busy = False
+        self.eofs = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.client = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        self.src = peer[0] if peer else "-"
+        if not self.listener.explicit:
+            self.orig = original_dst(transport)
+        self.relay.opened(self)
+
+    # -- client bytes ----------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.raw and self.pump is not None:
+            self.bytes_up += len(data)
+            self.pump.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.parser is None:
+            return
+        self.parser.receive_data(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        while not self.busy and self.parser is not None and not self.closed:
+            try:
+                ev = self.parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail(400, f"bad request: {exc}")
+                return
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                if ev is h11.PAUSED:
+                    self._next_cycle()
+                    continue
+                return
+            if isinstance(ev, h11.Request):
+                self._request(ev)
+            elif isinstance(ev, h11.Data):
+                self._body(ev.data)
+            elif isinstance(ev, h11.EndOfMessage):
+                if self.chunked:
+                    self._send(b"0\r\n\r\n")
+                self._next_cycle()
+            elif isinstance(ev, h11.ConnectionClosed):
+                self.parser = None
+                self._client_eof()
+                return
+
+    def _next_cycle(self) -> None:
+        """A fresh h11 connection for the next request, fed what is already buffered."""
+        assert self.parser is not None
+        data, closed = self.parser.trailing_data
+        if self.raw:
+            self.parser = None
+            if data:
+                self.bytes_up += len(data)
+                self._send(data)
+            return
+        self.parser = h11.Connection(h11.SERVER)
+        if data:
+            self.parser.receive_data(data)
+        if closed:
+            self.parser.receive_data(b"")
+
+    def _body(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        if self.chunked:
+            self._send(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.write(data)
+
+    # -- a request head ----------------------------------------------------------
+    def _request(self, ev: h11.Request) -> None:
+        method = ev.method.decode("latin-1")
+        target = ev.target.decode("latin-1")
+        raw_headers = list(ev.headers.raw_items())
+        lower = {k.lower(): v for k, v in raw_headers}
+        wants_html = b"text/html" in lower.get(b"accept", b"")
+        connect = method == "CONNECT"
+        service = "connect" if connect else self.listener.service
+        if self.admission is None or connect:
+            verdict = self.relay.gate.admit(self.src, service)
+            if isinstance(verdict, Refusal):
+                self._refuse(verdict, wants_html)
+                return
+            if self.admission is None and not self.admitted(verdict):
+                self._refuse(Refusal("limit", "limit", "", verdict.user, verdict.rule), wants_html)
+                return
+            self.admission = verdict
+        adm = self.admission
+        host_header = lower.get(b"host", b"").decode("latin-1")
+        proxies = adm.upstreams
+        if connect:
+            host, port = _authority(target, 443)
+            out_target = target
+        elif self.listener.explicit:
+            parts = urlsplit(target)
+            if parts.scheme != "http" or not parts.hostname:
+                self._fail(400, "an explicit proxy request needs an http:// absolute URL")
+                return
+            host, port = parts.hostname, parts.port or 80
+            path = parts.path or "/"
+            out_target = target if proxies else path + (f"?{parts.query}" if parts.query else "")
+        else:
+            if self.orig is None:
+                self._fail(400, "no original destination")
+                return
+            host, port = self.orig
+            name = host_header or (host if port == 80 else f"{host}:{port}")
+            out_target = f"http://{name}{target}" if proxies and target.startswith("/") else target
+            hhost, _ = _authority(host_header, 80) if host_header else (host, port)
+            if _is_ip(hhost) and self.relay.hidden(hhost):
+                host = hhost
+        if _is_ip(host) and self.relay.hidden(host):
+            self._refuse(
+                Refusal(
+                    "denied",
+                    "that address is not reachable from the guest network",
+                    "",
+                    adm.user,
+                    adm.rule,
+                ),
+                wants_html,
+            )
+            return
+        candidates = proxies or (Upstream("direct", host, port),)
+        dest = (candidates[0].host, candidates[0].port)
+        if connect:
+            head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+        else:
+            head = self._head(method, out_target, ev.http_version, raw_headers)
+        if self.pump is not None:
+            if self.dest != dest:
+                # a keep-alive connection may only talk to one place (direct explicit mode)
+                self._fail_quiet("destination changed on a kept-alive connection")
+                return
+            self._send(head)
+            return
+        self.busy = True
+        assert self.client is not None
+        self.client.pause_reading()
+        self.relay.loop.create_task(self._connect(candidates, head, connect and bool(proxies)))
+        if connect:
+            self.raw = True
+
+    def _head(
+        self, method: str, target: str, version: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> bytes:
+        ident = self.relay.identity_header
+        ident_l = ident.lower().encode() if ident else b""
+        self.chunked = False
+        lines = [f"{method} {target} HTTP/{version.decode()}".encode()]
+        for name, value in headers:
+            low = name.lower()
+            if low == b"proxy-connection" or (ident and low == ident_l):
+                continue
+            if low == b"transfer-encoding" and b"chunked" in value.lower():
+                self.chunked = True
+            lines.append(name + b": " + value)
+        if ident and self.admission is not None and self.admission.identity:
+            lines.append(f"{ident}: {self.admission.identity}".encode())
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    async def _connect(
+        self, candidates: tuple[Upstream, ...], head: bytes, connect_via_proxy: bool
+    ) -> None:
+        for up in candidates:
+            try:
+                async with asyncio.timeout(self.relay.connect_timeout):
+                    _t, pump = await self.relay.loop.create_connection(
+                        lambda: Pump(self), up.host, up.port
+                    )
+            except (TimeoutError, OSError) as exc:
+                log.warning("http upstream %s failed: %s", up.name, exc)
+                continue
+            if self.closed or self.client is None or self.client.is_closing():
+                if pump.transport is not None:
+                    pump.transport.close()
+                return
+            self.pump = pump
+            self.upstream_name = up.name
+            self.dest = (up.host, up.port)
+            if self.raw and not connect_via_proxy:
+                self.client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                self._send(head)
+            self.busy = False
+            if self.raw and self.parser is not None:
+                self._next_cycle()
+            else:
+                self._drain()
+            if not self.closed and not self.client.is_closing():
+                self.client.resume_reading()
+            return
+        self.busy = False
+        self._refuse(Refusal("unavailable", "no upstream", "", self.user, self.rule), False)
+
+    # -- endings -----------------------------------------------------------------
+    def _refuse(self, r: Refusal, wants_html: bool) -> None:
+        self.refused(r)
+        _status, response = http_refusal(r, wants_html)
+        self.parser = None
+        if self.client is not None:
+            self.client.write(response)
+            self.client.close()
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.close()
+
+    def _fail(self, status: int, why: str) -> None:
+        self.result = f"bad-request-{status}"
+        body = f"{why}\n".encode()
+        self.parser = None
+        if self.client is not None:
+            self.client.write(
+                f"HTTP/1.1 {status} Bad Request\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            self.client.close()
+
+    def _fail_quiet(self, why: str) -> None:
+        log.info("closing %s: %s", self.src, why)
+        self.parser = None
+        if self.client is not None:
+            self.client.close()
+
+    def _client_eof(self) -> None:
+        self.eofs += 1
+        if self.pump is None or self.pump.transport is None:
+            if self.client is not None:
+                self.client.close()
+            return
+        if self.pump.transport.can_write_eof():
+            self.pump.transport.write_eof()
+        if self.eofs >= 2:
+            self.pump.transport.close()
+
+    def eof_received(self) -> bool:
+        if self.raw:
+            self._client_eof()
+            return self.eofs < 2 and self.pump is not None
+        if self.parser is not None:
+            self.parser.receive_data(b"")
+            self._drain()
+        return self.eofs < 2 and self.pump is not None
+
+    def upstream_eof(self) -> bool:
+        self.eofs += 1
+        if self.client is not None and not self.client.is_closing():
+            self.client.write_eof()
+        if self.eofs >= 2 and self.client is not None:
+            self.client.close()
+            return False
+        return True
+
+    def upstream_lost(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def pause_writing(self) -> None:
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pump is not None and self.pump.transport is not None and not self.closed:
+            self.pump.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.close()
+        if exc is not None and self.result == "ok":
+            self.result = "reset"
+        self.finish()
+
+    def abort(self, result: str) -> None:
+        if self.result == "ok":
+            self.result = result
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.abort()
+        if self.client is not None:
+            self.client.abort()

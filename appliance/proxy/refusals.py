@@ -1,0 +1,140 @@
+"""A "no" in each protocol's own words (sans-IO: bytes in, bytes out).
+
+Mail clients show server replies to their users, so a refusal is a short
+dialog in the protocol: SMTP answers the greeting and EHLO, then refuses every
+mail transaction with the reply code (530/554) until QUIT; POP3 greets, lists
+AUTH-RESP-CODE in CAPA (RFC 2449/3206) and refuses USER/PASS/APOP/AUTH with
+`-ERR [AUTH]` / `[SYS/PERM]` / `[SYS/TEMP]`.  "Upstream down" in SMTP is the
+RFC 5321 421 greeting.  No text here ever carries an upstream address: the
+wording is built from the refusal kind, the rule name and the portal URL only.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+from appliance.proxy.gate import Refusal
+
+MAX_LINE = 4096
+
+
+def smtp_reply(r: Refusal) -> str:
+    if r.kind == "login":
+        return f"530 5.7.0 log in first at {r.portal_url}"
+    if r.kind == "denied":
+        rule = f" (rule {r.rule})" if r.rule else ""
+        return f"554 5.7.1 access denied by site policy{rule}"
+    if r.kind == "limit":
+        return "421 4.7.0 too many connections from you, try again later"
+    return "421 4.3.0 mail service temporarily unavailable, try again later"
+
+
+def pop3_reply(r: Refusal) -> str:
+    if r.kind == "login":
+        return f"-ERR [AUTH] log in first at {r.portal_url}"
+    if r.kind == "denied":
+        rule = f" (rule {r.rule})" if r.rule else ""
+        return f"-ERR [SYS/PERM] access denied by site policy{rule}"
+    if r.kind == "limit":
+        return "-ERR [SYS/TEMP] too many connections from you, try again later"
+    return "-ERR [SYS/TEMP] mail service temporarily unavailable, try again later"
+
+
+@dataclass
+class RefusalDialog:
+    """A tiny SMTP or POP3 server that can only say no, politely and in protocol."""
+
+    protocol: str  # smtp | pop3 | tcp
+    refusal: Refusal
+    _buf: bytes = b""
+    closed: bool = False
+
+    def greeting(self) -> bytes:
+        """Bytes to send at connect; `closed` is True when the dialog ends right there."""
+        if self.protocol == "smtp":
+            if self.refusal.kind in ("unavailable", "limit"):
+                self.closed = True
+                return (smtp_reply(self.refusal) + "\r\n").encode()
+            return b"220 guest gateway ESMTP (refusing)\r\n"
+        if self.protocol == "pop3":
+            return b"+OK guest gateway POP3 ready\r\n"
+        self.closed = True
+        return b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Client bytes in; reply bytes out.  Sets `closed` after QUIT or a line too long."""
+        self._buf += data
+        out = []
+        while not self.closed and b"\n" in self._buf:
+            line, _, self._buf = self._buf.partition(b"\n")
+            out.append(self._answer(line.strip().decode("latin-1")))
+        if len(self._buf) > MAX_LINE:
+            self.closed = True
+        return "".join(out).encode()
+
+    def _answer(self, line: str) -> str:
+        verb = line.split(" ", 1)[0].upper()
+        if self.protocol == "smtp":
+            if verb in ("EHLO", "HELO"):
+                return "250 guest gateway\r\n"
+            if verb in ("NOOP", "RSET"):
+                return "250 2.0.0 ok\r\n"
+            if verb == "QUIT":
+                self.closed = True
+                return "221 2.0.0 bye\r\n"
+            return smtp_reply(self.refusal) + "\r\n"
+        if verb == "CAPA":
+            return "+OK\r\nUSER\r\nAUTH-RESP-CODE\r\n.\r\n"
+        if verb in ("NOOP",):
+            return "+OK\r\n"
+        if verb == "QUIT":
+            self.closed = True
+            return "+OK bye\r\n"
+        return pop3_reply(self.refusal) + "\r\n"
+
+
+_TITLES = {
+    302: "Found",
+    403: "Forbidden",
+    429: "Too Many Requests",
+    502: "Bad Gateway",
+    511: "Network Authentication Required",
+}
+
+
+def http_refusal(r: Refusal, wants_html: bool, keep_alive: bool = False) -> tuple[int, bytes]:
+    """Status and whole response for a refused request (302 for browsers, 511 for the rest)."""
+    url = html.escape(r.portal_url)
+    extra = ""
+    if r.kind == "login":
+        status = 302 if wants_html else 511
+        extra = f"Location: {r.portal_url}\r\n" if status == 302 else ""
+        body = (
+            f'<p>Please log in on the <a href="{url}">guest portal</a> first.</p>'
+            f'<meta http-equiv="refresh" content="0;url={url}">'
+        )
+    elif r.kind == "denied":
+        status = 403
+        rule = html.escape(r.rule) if r.rule else "no rule"
+        body = (
+            f"<p>Access denied by site policy: {html.escape(r.reason)}.</p>"
+            f"<p>Rule: <b>{rule}</b></p>"
+        )
+    elif r.kind == "limit":
+        status = 429
+        body = "<p>Too many connections from your device; try again shortly.</p>"
+    else:
+        status = 502
+        body = "<p>The web service is not reachable right now; try again shortly.</p>"
+    page = (
+        f"<!doctype html><html><head><title>{status} {_TITLES[status]}</title></head>"
+        f"<body><h1>{_TITLES[status]}</h1>{body}</body></html>\n"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {_TITLES[status]}\r\n{extra}"
+        "Content-Type: text/html; charset=utf-8\r\n"
+        f"Content-Length: {len(page)}\r\nCache-Control: no-store\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode()
+    return status, head + page

@@ -1,0 +1,593 @@
+"""The relay core: asyncio Protocols, no streams, flow control on the peer's write buffer.
+
+One `Relay` serves every listener.  Per accepted connection: the gate decides
+(user, rule, upstreams) or refuses; upstreams are tried in order with a connect
+timeout; then bytes move in `data_received` straight into the peer transport's
+`write`, and when the peer's write buffer passes its high-water mark the peer
+protocol's `pause_writing` pauses reading on this side (and `resume_writing`
+resumes it): memory per connection stays bounded whatever the speeds.  EOF on
+one side becomes `write_eof` on the other (half-close), the connection ends
+when both directions have ended or either side resets.  Idle connections are
+swept by one periodic timer (not one timer per connection: memory).  A policy
+change re-admits every open connection and closes the ones no longer allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, cast
+
+from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
+from appliance.proxy.refusals import RefusalDialog
+from appliance.proxy.splice import PipePool, SpliceConn
+
+log = logging.getLogger("appliance.proxy")
+access_log = logging.getLogger("appliance.proxy.access")
+
+SO_ORIGINAL_DST = 80
+HIGH_WATER = 512 * 1024
+LOW_WATER = 128 * 1024
+
+
+def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """Where the guest meant to connect before nft redirected it (SOL_IP, SO_ORIGINAL_DST)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), port
+
+
+class Tracked:
+    """Bookkeeping shared by every kind of relayed connection: log line, counters, limits."""
+
+    __slots__ = (
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "closed",
+        "counted",
+        "listener",
+        "relay",
+        "result",
+        "rule",
+        "src",
+        "started",
+        "upstream_name",
+        "user",
+    )
+
+    def __init__(self, relay: Relay, listener: Listener) -> None:
+        self.relay = relay
+        self.listener = listener
+        self.client: asyncio.Transport | None = None
+        self.src = "-"
+        self.user: str | None = None
+        self.rule: str | None = None
+        self.upstream_name: str | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.started = time.time()
+        self.result = "ok"
+        self.closed = False
+        self.counted = False
+
+    def admitted(self, adm: Admission) -> bool:
+        """Record the user; False when the per-user connection limit is reached."""
+        self.user, self.rule = adm.user, adm.rule
+        self.counted = self.relay.count_user(adm.user, adm.max_connections)
+        return self.counted
+
+    def refused(self, r: Refusal) -> None:
+        self.user, self.rule = r.user, r.rule
+        self.result = {"login": "refused-login", "denied": "refused-denied"}.get(
+            r.kind, "refused-limit" if r.kind == "limit" else "upstream-down"
+        )
+
+    def finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.relay.done(self)
+
+    def activity(self) -> int:
+        """Bytes moved so far (the idle sweeper compares it between sweeps)."""
+        return self.bytes_up + self.bytes_down
+
+    def abort(self, result: str) -> None:
+        """Close both sides now (idle timeout, policy revoked)."""
+        raise NotImplementedError
+
+    def upstream_eof(self) -> bool:
+        """The upstream half-closed: pass it on; True keeps the transport for writing."""
+        raise NotImplementedError
+
+    def upstream_lost(self) -> None:
+        raise NotImplementedError
+
+
+class Pump(asyncio.Protocol):
+    """The upstream side of a relayed connection: bytes go straight to the client transport."""
+
+    __slots__ = ("link", "transport")
+
+    def __init__(self, link: Tracked) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        link = self.link
+        link.bytes_down += len(data)
+        assert link.client is not None
+        link.client.write(data)
+
+    def eof_received(self) -> bool:
+        return self.link.upstream_eof()
+
+    def pause_writing(self) -> None:
+        if self.link.client is not None:
+            self.link.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.link.client is not None and not self.link.closed:
+            self.link.client.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.upstream_lost()
+
+
+class Link(Tracked, asyncio.Protocol):
+    """The client side of a plain relayed connection (SMTP, POP3, any TCP service)."""
+
+    __slots__ = ("dialog", "eofs", "pending", "pump")
+
+    def __init__(self, relay: Relay, listener: Listener) -> None:
+        super().__init__(relay, listener)
+        self.pump: Pump | None = None
+        self.dialog: RefusalDialog | None = None
+        self.eofs = 0
+        self.pending = b""
+
+    # -- client side ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.client = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        self.src = peer[0] if peer else "-"
+        transport.pause_reading()
+        self.relay.opened(self)
+        verdict = self.relay.gate.admit(self.src, self.listener.service)
+        if isinstance(verdict, Refusal):
+            self._refuse(verdict)
+            return
+        if not self.admitted(verdict):
+            self._refuse(Refusal("limit", "connection limit", "", verdict.user, verdict.rule))
+            return
+        self.relay.loop.create_task(self._connect(verdict))
+
+    async def _connect(self, adm: Admission) -> None:
+        for up in adm.upstreams:
+            try:
+                async with asyncio.timeout(self.relay.connect_timeout):
+                    _t, pump = await self.relay.loop.create_connection(
+                        lambda: Pump(self), up.host, up.port
+                    )
+            except (TimeoutError, OSError) as exc:
+                log.warning("%s upstream %s failed: %s", self.listener.service, up.name, exc)
+                continue
+            if self.closed or self.client is None or self.client.is_closing():
+                pump.transport.close()  # type: ignore[union-attr]
+                return
+            self.pump = pump
+            self.upstream_name = up.name
+            if self.pending:
+                self.bytes_up += len(self.pending)
+                pump.transport.write(self.pending)  # type: ignore[union-attr]
+                self.pending = b""
+            if self.eofs and pump.transport is not None and pump.transport.can_write_eof():
+                pump.transport.write_eof()
+            self.client.resume_reading()
+            return
+        self._refuse(Refusal("unavailable", "no upstream reachable", "", self.user, self.rule))
+
+    def _refuse(self, r: Refusal) -> None:
+        self.refused(r)
+        assert self.client is not None
+        self.dialog = RefusalDialog(self.listener.protocol, r)
+        greeting = self.dialog.greeting()
+        if greeting:
+            self.client.write(greeting)
+        if self.dialog.closed:
+            self.client.close()
+        else:
+            self.client.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        pump = self.pump
+        if pump is not None:
+            self.bytes_up += len(data)
+            pump.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.dialog is not None and self.client is not None:
+            self.client.write(self.dialog.feed(data))
+            if self.dialog.closed:
+                self.client.close()
+            return
+        # still connecting: uvloop starts reading after connection_made whatever we paused
+        self.pending += data
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.pump is None or self.pump.transport is None:
+            if self.dialog is None and not self.closed:
+                self.eofs += 1  # EOF before the upstream is there: pass it on once it is
+                return True
+            return False
+        self.eofs += 1
+        if self.pump.transport.can_write_eof():
+            self.pump.transport.write_eof()
+        if self.eofs >= 2:
+            self.pump.transport.close()
+            return False
+        return True
+
+    def upstream_eof(self) -> bool:
+        self.eofs += 1
+        if self.client is not None and not self.client.is_closing():
+            self.client.write_eof()
+        if self.eofs >= 2:
+            if self.client is not None:
+                self.client.close()
+            return False
+        return True
+
+    def pause_writing(self) -> None:
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pump is not None and self.pump.transport is not None and not self.closed:
+            self.pump.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.close()
+        if exc is not None and self.result == "ok":
+            self.result = "reset"
+        self.finish()
+
+    def upstream_lost(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def abort(self, result: str) -> None:
+        if self.result == "ok":
+            self.result = result
+        if self.pump is not None and self.pump.transport is not None:
+            self.pump.transport.abort()
+        if self.client is not None:
+            self.client.abort()
+
+
+class Spliced(Tracked):
+    """A plain TCP connection relayed with splice(2) over raw sockets (see splice.py)."""
+
+    __slots__ = ("conn", "sock")
+
+    def __init__(self, relay: Relay, listener: Listener, sock: socket.socket, src: str) -> None:
+        super().__init__(relay, listener)
+        self.sock = sock
+        self.src = src
+        self.conn: SpliceConn | None = None
+
+    def activity(self) -> int:
+        return self.conn.up.moved + self.conn.down.moved if self.conn else 0
+
+    def abort(self, result: str) -> None:
+        if self.result == "ok":
+            self.result = result
+        if self.conn is not None:
+            self.conn.close(result)
+        else:
+            self.sock.close()
+            self.finish()
+
+    def ended(self, conn: SpliceConn, result: str) -> None:
+        self.bytes_up, self.bytes_down = conn.up.moved, conn.down.moved
+        if self.result == "ok":
+            self.result = result
+        self.finish()
+
+    def refuse_now(self, r: Refusal) -> None:
+        self.refused(r)
+        self.sock.close()
+        self.finish()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return host.count(".") == 3
+
+
+class Connector:
+    """Non-blocking connects to the upstreams in order, by callbacks: no task, no future per
+    connection (the connection rate of the splice path depends on it)."""
+
+    __slots__ = ("conn", "i", "relay", "sock", "timer", "up", "ups")
+
+    def __init__(self, relay: Relay, conn: Spliced, ups: tuple[Upstream, ...]) -> None:
+        self.relay = relay
+        self.conn = conn
+        self.ups = ups
+        self.i = 0
+        self.sock: socket.socket | None = None
+        self.up: Upstream | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def next(self) -> None:
+        loop = self.relay.loop
+        while self.i < len(self.ups) and not self.conn.closed:
+            up = self.ups[self.i]
+            self.i += 1
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            err = s.connect_ex((up.host, up.port))
+            if err in (0, errno.EINPROGRESS):
+                self.sock, self.up = s, up
+                loop.add_writer(s.fileno(), self.done)
+                self.timer = loop.call_later(self.relay.connect_timeout, self.timeout)
+                return
+            s.close()
+            log.warning(
+                "%s upstream %s failed: %s", self.conn.listener.service, up.name, os.strerror(err)
+            )
+        if not self.conn.closed:
+            c = self.conn
+            c.refuse_now(Refusal("unavailable", "no upstream", "", c.user, c.rule))
+
+    def done(self) -> None:
+        s, up = self.sock, self.up
+        assert s is not None and up is not None
+        self.relay.loop.remove_writer(s.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            s.close()
+            log.warning(
+                "%s upstream %s failed: %s", self.conn.listener.service, up.name, os.strerror(err)
+            )
+            self.next()
+            return
+        if self.conn.closed:
+            s.close()
+            return
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn.upstream_name = up.name
+        self.conn.conn = SpliceConn(
+            self.relay.loop, self.relay.pool, self.conn.sock, s, self.conn.ended
+        )
+
+    def timeout(self) -> None:
+        s = self.sock
+        assert s is not None
+        self.relay.loop.remove_writer(s.fileno())
+        s.close()
+        log.warning(
+            "%s upstream %s: connect timed out",
+            self.conn.listener.service,
+            self.up.name if self.up else "-",
+        )
+        self.next()
+
+
+class Relay:
+    """All listeners, the open connections, counters and the idle sweeper."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 600.0,
+        identity_header: str | None = None,
+        hidden: Callable[[str], bool] | None = None,
+        splice: bool = False,
+    ) -> None:
+        self.gate = gate
+        self.splice = splice
+        self.pool = PipePool()
+        self.raw_listeners: list[socket.socket] = []
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.identity_header = identity_header
+        self.hidden = hidden or (lambda _ip: False)
+        self.loop = asyncio.get_running_loop()
+        self.conns: set[Tracked] = set()
+        self.per_user: Counter[str] = Counter()
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self.servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        gate.subscribe(self.recheck)
+
+    async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
+        from appliance.proxy.http import HttpClient
+
+        for ls in listeners if listeners is not None else self.gate.listeners():
+            factory: Callable[[], asyncio.Protocol]
+            if ls.protocol == "http":
+                factory = _bind(HttpClient, self, ls)
+            elif ls.protocol == "tcp" and self.splice:
+                self._listen_raw(host, ls)
+                log.info("listening on %s:%d for %s (tcp, splice)", host, ls.port, ls.service)
+                continue
+            else:
+                factory = _bind(Link, self, ls)
+            server = await self.loop.create_server(
+                factory, host, ls.port, reuse_address=True, backlog=4096
+            )
+            self.servers.append(server)
+            log.info("listening on %s:%d for %s (%s)", host, ls.port, ls.service, ls.protocol)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    def _listen_raw(self, host: str, ls: Listener) -> None:
+        sock = socket.create_server((host, ls.port), backlog=4096)
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept, sock, ls)
+        self.raw_listeners.append(sock)
+
+    def _accept(self, lsock: socket.socket, ls: Listener) -> None:
+        for _ in range(64):
+            try:
+                csock, addr = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("accept on %s: %s", ls.service, exc)
+                return
+            csock.setblocking(False)
+            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Spliced(self, ls, csock, addr[0])
+            self.opened(conn)
+            verdict = self.gate.admit(conn.src, ls.service)
+            if isinstance(verdict, Refusal):
+                conn.refuse_now(verdict)
+            elif not conn.admitted(verdict):
+                conn.refuse_now(Refusal("limit", "limit", "", verdict.user, verdict.rule))
+            else:
+                if all(_is_ip(up.host) for up in verdict.upstreams):
+                    Connector(self, conn, verdict.upstreams).next()
+                else:  # names need the resolver: the coroutine path does that
+                    self.loop.create_task(self._splice_connect(conn, verdict))
+
+    async def _splice_connect(self, conn: Spliced, adm: Admission) -> None:
+        for up in adm.upstreams:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self.loop.sock_connect(s, (up.host, up.port))
+            except (TimeoutError, OSError) as exc:
+                s.close()
+                log.warning("%s upstream %s failed: %s", conn.listener.service, up.name, exc)
+                continue
+            if conn.closed:
+                s.close()
+                return
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.upstream_name = up.name
+            conn.conn = SpliceConn(self.loop, self.pool, conn.sock, s, conn.ended)
+            return
+        conn.refuse_now(Refusal("unavailable", "no upstream", "", conn.user, conn.rule))
+
+    async def stop(self) -> None:
+        for sock in self.raw_listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        for server in self.servers:
+            server.close()
+        if self._sweeper:
+            self._sweeper.cancel()
+        for conn in list(self.conns):
+            conn.abort("shutdown")
+        await asyncio.sleep(0)
+
+    # -- bookkeeping -------------------------------------------------------------
+    def opened(self, conn: Tracked) -> None:
+        self.conns.add(conn)
+
+    def count_user(self, user: str, limit: int | None) -> bool:
+        if limit is not None and self.per_user[user] >= limit:
+            return False
+        self.per_user[user] += 1
+        return True
+
+    def done(self, conn: Tracked) -> None:
+        self.conns.discard(conn)
+        if conn.counted and conn.user is not None:
+            self.per_user[conn.user] -= 1
+            if self.per_user[conn.user] <= 0:
+                del self.per_user[conn.user]
+        self.counters[(conn.listener.service, conn.result)] += 1
+        access_log.info(
+            "time=%s user=%s ip=%s service=%s rule=%s upstream=%s bytes_up=%d bytes_down=%d "
+            "duration=%.3f result=%s",
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(conn.started)),
+            conn.user or "-",
+            conn.src,
+            conn.listener.service,
+            conn.rule or "-",
+            conn.upstream_name or "-",
+            conn.bytes_up,
+            conn.bytes_down,
+            time.time() - conn.started,
+            conn.result,
+        )
+
+    def recheck(self) -> None:
+        """After a table change: close every open connection the new tables no longer allow."""
+        closed = 0
+        for conn in list(self.conns):
+            if conn.user is None or conn.upstream_name is None:
+                continue
+            verdict = self.gate.admit(conn.src, conn.listener.service)
+            if isinstance(verdict, Refusal):
+                conn.abort("revoked")
+                closed += 1
+        log.info("policy change: %d open connection(s) closed", closed)
+
+    async def _sweep(self) -> None:
+        """One timer for all connections: a connection whose byte counts did not move
+        for idle_timeout is closed (granularity: a quarter of the timeout, at most 30 s)."""
+        period = max(0.2, min(30.0, self.idle_timeout / 4))
+        seen: dict[Tracked, tuple[int, float]] = {}
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            fresh: dict[Tracked, tuple[int, float]] = {}
+            for conn in list(self.conns):
+                total = conn.activity()
+                last = seen.get(conn)
+                if last is not None and last[0] == total:
+                    if now - last[1] >= self.idle_timeout:
+                        conn.abort("idle-timeout")
+                        continue
+                    fresh[conn] = last
+                else:
+                    fresh[conn] = (total, now)
+            seen = fresh
+
+    def stats(self) -> dict[str, Any]:
+        return {f"{s}/{r}": n for (s, r), n in sorted(self.counters.items())}
+
+
+def _bind(cls: Any, relay: Relay, ls: Listener) -> Callable[[], asyncio.Protocol]:
+    def make() -> asyncio.Protocol:
+        proto: asyncio.Protocol = cls(relay, ls)
+        return proto
+
+    return make
+
+
+__all__ = ["Link", "Pump", "Relay", "Tracked", "Upstream", "original_dst"]

@@ -1,0 +1,144 @@
+"""The `proxy` role: every relay listener in one process, one event loop.
+
+uvloop is used when importable (the benchmark in tests/bench/test_relay_bench.py
+measured it against the stock loop; see README "Services").  SIGHUP reloads the
+tables through the gate; the relay's subscriber then closes connections the new
+tables no longer allow.  SIGTERM closes listeners and open connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.proxy.gate import Gate, StaticGate
+from appliance.proxy.relay import Relay
+
+log = logging.getLogger("appliance.proxy")
+# splice(2) for plain "tcp" services: see README "Services" for the measurement
+SPLICE_DEFAULT = True
+
+
+def new_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+    return asyncio.new_event_loop()
+
+
+async def serve(
+    gate: Gate,
+    host: str,
+    connect_timeout: float,
+    idle_timeout: float,
+    identity_header: str | None = None,
+    hidden: Any = None,
+    ready_file: Path | None = None,
+    splice: bool = SPLICE_DEFAULT,
+) -> int:
+    relay = Relay(gate, connect_timeout, idle_timeout, identity_header, hidden, splice)
+    await relay.start(host)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            gate.reload()
+        except Exception as exc:  # a broken table keeps the old one
+            log.error("reload failed, keeping the old tables: %s", exc)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    if ready_file is not None:
+        ready_file.write_text(str(os.getpid()))
+    await stop.wait()
+    await relay.stop()
+    log.info("counters: %s", json.dumps(relay.stats()))
+    return 0
+
+
+def main(config: Any) -> int:
+    """Role entry point: the real gate over sessions and policy (see gate.PolicyGate)."""
+    from appliance.proxy.gate import PolicyGate
+
+    gate = PolicyGate(config)
+    host = str(config.interfaces.guest_ip)
+
+    def hidden(ip: str) -> bool:
+        return bool(config.hidden(ipaddress.IPv4Address(ip)))
+
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(
+            serve(
+                gate,
+                host,
+                config.proxy.connect_timeout,
+                config.proxy.idle_timeout,
+                config.proxy.identity_header,
+                hidden,
+            )
+        )
+    finally:
+        loop.close()
+
+
+def static_main(argv: list[str] | None = None) -> int:
+    """`python -m appliance.proxy TABLE.json`: the relay over a static table (tests, lab, bench)."""
+    p = argparse.ArgumentParser(prog="python -m appliance.proxy")
+    p.add_argument("table", type=Path)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto")
+    p.add_argument("--connect-timeout", type=float, default=2.0)
+    p.add_argument("--idle-timeout", type=float, default=600.0)
+    p.add_argument("--identity-header", default=None)
+    p.add_argument("--hidden", action="append", default=[], help="hidden network (CIDR)")
+    p.add_argument("--ready-file", type=Path, default=None)
+    p.add_argument(
+        "--splice",
+        action=argparse.BooleanOptionalAction,
+        default=SPLICE_DEFAULT,
+        help="relay plain tcp services with splice(2)",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+    )
+    gate = StaticGate.load(args.table)
+    nets = [ipaddress.IPv4Network(n) for n in args.hidden]
+
+    def hidden(ip: str) -> bool:
+        return any(ipaddress.IPv4Address(ip) in n for n in nets)
+
+    loop = new_loop(args.loop)
+    log.info("event loop: %s", type(loop).__module__)
+    try:
+        return loop.run_until_complete(
+            serve(
+                gate,
+                args.host,
+                args.connect_timeout,
+                args.idle_timeout,
+                args.identity_header,
+                hidden,
+                args.ready_file,
+                args.splice,
+            )
+        )
+    finally:
+        loop.close()

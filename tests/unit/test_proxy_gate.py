@@ -1,0 +1,123 @@
+"""PolicyGate against fakes shaped like the contract's Policy and SessionStore."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from appliance.proxy.gate import Admission, PolicyGate, Refusal
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str | None
+    reason: str
+    max_connections: int | None = None
+
+
+@dataclass
+class FakePolicy:
+    allow: dict[str, set[str]]  # department -> services
+    subscribers: list[Callable[[Any], None]] = field(default_factory=list)
+
+    @property
+    def servers(self) -> Any:
+        svc = {
+            "smtp": SimpleNamespace(name="smtp", protocol="smtp", listen_port=2525),
+            "pop3": SimpleNamespace(name="pop3", protocol="pop3", listen_port=1110),
+            "http": SimpleNamespace(name="http", protocol="http", listen_port=8081),
+        }
+
+        def upstreams_for(service: str, personal: Mapping[str, str]) -> tuple[Endpoint, ...]:
+            if service == "pop3" and "pop3" in personal:
+                host, port = personal["pop3"].split(":")
+                return (Endpoint(host, int(port)),)
+            return (Endpoint("198.51.100.3", 25), Endpoint("198.51.100.5", 25))
+
+        return SimpleNamespace(services=svc, upstreams_for=upstreams_for)
+
+    @property
+    def access(self) -> Any:
+        def decide(attributes: Mapping[str, Any], service: str) -> Decision:
+            dept = str(attributes.get("department"))
+            if service in self.allow.get(dept, set()):
+                return Decision(True, dept, "allowed", 3)
+            return Decision(False, None, f"no rule allows {service}")
+
+        return SimpleNamespace(decide=decide)
+
+    def subscribe(self, cb: Callable[[Any], None]) -> None:
+        self.subscribers.append(cb)
+
+    def reload(self) -> None:
+        for cb in self.subscribers:
+            cb(self)
+
+
+@dataclass
+class FakeSessions:
+    sessions: dict[str, Any]
+    touched: list[str] = field(default_factory=list)
+
+    def lookup_ip(self, ip: str, now: float | None = None) -> Any:
+        return self.sessions.get(ip)
+
+    def touch(self, session_id: str) -> None:
+        self.touched.append(session_id)
+
+
+def config(identity: str | None = None) -> Any:
+    return SimpleNamespace(
+        proxy=SimpleNamespace(explicit_http_port=3128, identity_header=identity),
+        portal=SimpleNamespace(base_url=lambda ip: f"http://{ip}"),
+        interfaces=SimpleNamespace(guest_ip=ipaddress.IPv4Address("192.168.1.1")),
+    )
+
+
+def session(user: str, dept: str, personal: dict[str, str] | None = None) -> Any:
+    return SimpleNamespace(
+        id=f"s-{user}",
+        user=user,
+        mac="02:47:00:00:00:01",
+        attributes={"department": dept},
+        personal_servers=personal or {},
+    )
+
+
+def test_policy_gate_admits_refuses_and_names_upstreams() -> None:
+    policy = FakePolicy({"Sales 1": {"smtp", "pop3"}})
+    store = FakeSessions({"192.168.1.11": session("alice", "Sales 1", {"pop3": "203.0.113.3:110"})})
+    gate = PolicyGate(config("X-Guest-User"), policy, store)
+    assert {(ls.service, ls.port, ls.explicit) for ls in gate.listeners()} >= {
+        ("smtp", 2525, False),
+        ("http", 3128, True),
+    }
+    a = gate.admit("192.168.1.11", "smtp")
+    assert isinstance(a, Admission) and a.user == "alice" and a.rule == "Sales 1"
+    assert [u.name for u in a.upstreams] == ["smtp/site", "smtp/site#2"]
+    assert a.max_connections == 3 and a.identity == "alice"
+    p = gate.admit("192.168.1.11", "pop3")
+    assert isinstance(p, Admission) and [u.name for u in p.upstreams] == ["pop3/personal"]
+    r = gate.admit("192.168.1.11", "http")
+    assert isinstance(r, Refusal) and r.kind == "denied" and r.user == "alice"
+    r = gate.admit("192.168.1.99", "smtp")
+    assert isinstance(r, Refusal) and r.kind == "login" and r.portal_url == "http://192.168.1.1/"
+    assert store.touched == ["s-alice"]  # once, not per connection
+    changed: list[int] = []
+    gate.subscribe(lambda: changed.append(1))
+    gate.reload()
+    assert changed == [1]

@@ -1,0 +1,329 @@
+"""The relay core on loopback: a static gate, real sockets, real event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from typing import Any, cast
+
+import pytest
+
+from appliance.proxy.gate import Listener, Refusal, StaticGate
+from appliance.proxy.refusals import RefusalDialog, http_refusal, pop3_reply, smtp_reply
+from appliance.proxy.relay import Relay
+
+pytestmark = pytest.mark.unit
+PORTAL = "http://192.168.1.1/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("kind", ["login", "denied", "limit", "unavailable"])
+def test_refusal_words_never_name_an_address(kind: str) -> None:
+    r = Refusal(kind, "why", PORTAL, "alice", "staff")  # type: ignore[arg-type]
+    texts = [smtp_reply(r), pop3_reply(r), http_refusal(r, True)[1].decode()]
+    for t in texts:
+        assert "198.51.100" not in t and "203.0.113" not in t
+    if kind == "login":
+        assert smtp_reply(r).startswith("530 5.7.0") and PORTAL in smtp_reply(r)
+        assert pop3_reply(r).startswith("-ERR [AUTH]") and PORTAL in pop3_reply(r)
+        assert http_refusal(r, True)[0] == 302 and http_refusal(r, False)[0] == 511
+    if kind == "denied":
+        assert smtp_reply(r).startswith("554 5.7.1 access denied by site policy")
+        assert pop3_reply(r).startswith("-ERR [SYS/PERM]")
+        status, body = http_refusal(r, True)
+        assert status == 403 and b"staff" in body
+    if kind == "unavailable":
+        assert smtp_reply(r).startswith("421 4.3.0")
+        assert pop3_reply(r).startswith("-ERR [SYS/TEMP]")
+        assert http_refusal(r, True)[0] == 502
+
+
+def test_smtp_dialog_refuses_the_transaction_and_says_goodbye() -> None:
+    d = RefusalDialog("smtp", Refusal("denied", "x", PORTAL, "bob", None))
+    assert d.greeting().startswith(b"220 ")
+    assert d.feed(b"EHLO me\r\n").startswith(b"250")
+    assert d.feed(b"MAIL FROM:<a@b>\r\n").startswith(b"554 5.7.1")
+    assert d.feed(b"QUIT\r\n").startswith(b"221") and d.closed
+
+
+def test_pop3_dialog_announces_resp_codes() -> None:
+    d = RefusalDialog("pop3", Refusal("login", "x", PORTAL))
+    assert d.greeting().startswith(b"+OK")
+    assert b"AUTH-RESP-CODE" in d.feed(b"CAPA\r\n")
+    assert d.feed(b"USER alice\r\n").startswith(b"-ERR [AUTH]")
+
+
+class Echo(asyncio.Protocol):
+    """An upstream that echoes, upper-cased, and answers EOF with 'BYE' then closes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = cast(asyncio.Transport, transport)
+        transport.write(b"HELLO\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.t.write(data.upper())
+
+    def eof_received(self) -> bool:
+        self.t.write(b"BYE\n")
+        self.t.close()
+        return True
+
+
+def table(up_port: int, relay_port: int, **user: Any) -> dict[str, Any]:
+    u = {"user": "alice", "allow": ["smtp", "pop3"], "rule": "staff", **user}
+    return {
+        "portal_url": PORTAL,
+        "listeners": [
+            {"service": "smtp", "protocol": "smtp", "port": relay_port},
+            {"service": "pop3", "protocol": "pop3", "port": relay_port + 1},
+        ],
+        "servers": {
+            "smtp": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{up_port}"],
+            "pop3": [f"127.0.0.1:{up_port}"],
+        },
+        "users": {"127.0.0.1": u},
+    }
+
+
+async def read_until(reader: asyncio.StreamReader, what: bytes) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(what), 5)
+
+
+LOOP = {"kind": "asyncio"}
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> None:
+    """Every relay test runs on the stock loop and on uvloop (they differ in details)."""
+    LOOP["kind"] = request.param
+
+
+def run(coro: Any) -> Any:
+    if LOOP["kind"] == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def test_relays_both_ways_with_fallback_and_half_close() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
+        port = free_port()
+        gate = StaticGate(table(up_port, port))
+        relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0)
+        await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
+        # a client that speaks first and half-closes before the upstream is even connected
+        r0, w0 = await asyncio.open_connection("127.0.0.1", port)
+        w0.write(b"early\n")
+        w0.write_eof()
+        assert await asyncio.wait_for(r0.read(), 5) == b"HELLO\nEARLY\nBYE\n"
+        w0.close()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await read_until(r, b"\n") == b"HELLO\n"  # the first site server is down
+        w.write(b"abc\n")
+        assert await read_until(r, b"\n") == b"ABC\n"
+        w.write_eof()  # half-close: we still read the answer
+        assert await read_until(r, b"BYE\n") == b"BYE\n"
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        await asyncio.sleep(0.1)
+        assert relay.counters[("smtp", "ok")] == 2
+        assert not relay.conns and not relay.per_user
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+def test_denied_user_gets_554_and_counter() -> None:
+    async def body() -> None:
+        port = free_port()
+        gate = StaticGate(table(1, port, allow=["pop3"]))
+        relay = Relay(gate)
+        await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await read_until(r, b"\n")).startswith(b"220")
+        w.write(b"EHLO x\r\nMAIL FROM:<a@b>\r\nQUIT\r\n")
+        assert (await read_until(r, b"\n")).startswith(b"250")
+        line = await read_until(r, b"\n")
+        assert line.startswith(b"554 5.7.1 access denied by site policy")
+        assert (await read_until(r, b"\n")).startswith(b"221")
+        w.close()
+        await asyncio.sleep(0.05)
+        assert relay.counters[("smtp", "refused-denied")] == 1
+        await relay.stop()
+
+    run(body())
+
+
+def test_upstream_down_is_421_and_pop_sys_temp() -> None:
+    async def body() -> None:
+        port = free_port()
+        t = table(free_port(), port)
+        t["servers"] = {"smtp": [f"127.0.0.1:{free_port()}"], "pop3": [f"127.0.0.1:{free_port()}"]}
+        relay = Relay(StaticGate(t), connect_timeout=1.0)
+        p2 = free_port()
+        await relay.start(
+            "127.0.0.1", (Listener("smtp", "smtp", port), Listener("pop3", "pop3", p2))
+        )
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await read_until(r, b"\n")).startswith(b"421 4.3.0")
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", p2)
+        assert (await read_until(r, b"\n")).startswith(b"+OK")
+        w.write(b"USER alice\r\n")
+        assert (await read_until(r, b"\n")).startswith(b"-ERR [SYS/TEMP]")
+        w.close()
+        await relay.stop()
+
+    run(body())
+
+
+def test_connection_limit_idle_timeout_and_policy_reload() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
+        port = free_port()
+        gate = StaticGate(table(up_port, port, max_connections=2))
+        relay = Relay(gate, connect_timeout=1.0, idle_timeout=1.0)
+        await relay.start("127.0.0.1", (Listener("pop3", "pop3", port),))
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for r, _w in conns[:2]:
+            assert await read_until(r, b"\n") == b"HELLO\n"
+        r3, w3 = conns[2]
+        assert (await read_until(r3, b"\n")).startswith(b"+OK")  # the refusal dialog
+        w3.write(b"USER a\r\n")
+        assert (await read_until(r3, b"\n")).startswith(b"-ERR [SYS/TEMP]")
+        # policy change: pop3 no longer allowed -> open connections closed
+        gate.table["users"]["127.0.0.1"]["allow"] = ["smtp"]
+        gate.reload()
+        for r, _w in conns[:2]:
+            assert await asyncio.wait_for(r.read(), 5) == b""
+        assert relay.counters[("pop3", "revoked")] == 2
+        gate.table["users"]["127.0.0.1"]["allow"] = ["pop3"]
+        # idle timeout
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await read_until(r, b"\n") == b"HELLO\n"
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        assert relay.counters[("pop3", "idle-timeout")] == 1
+        for _r, w in conns:
+            w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("splice", [False, True])
+def test_plain_tcp_service_relays_and_half_closes(splice: bool) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["bulk"])
+        t["servers"]["bulk"] = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{up_port}"]
+        relay = Relay(StaticGate(t), connect_timeout=1.0, idle_timeout=5.0, splice=splice)
+        await relay.start("127.0.0.1", (Listener("bulk", "tcp", port),))
+        r0, w0 = await asyncio.open_connection("127.0.0.1", port)
+        w0.write(b"early\n")
+        w0.write_eof()
+        assert await asyncio.wait_for(r0.read(), 5) == b"HELLO\nEARLY\nBYE\n"
+        w0.close()
+        big = bytes(range(256)) * 40000  # 10 MB through, echoed back upper-cased
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await read_until(r, b"\n") == b"HELLO\n"
+        w.write(big)
+        got = await asyncio.wait_for(r.readexactly(len(big)), 10)
+        assert got == big.upper()
+        w.close()
+        await asyncio.sleep(0.2)
+        assert relay.counters[("bulk", "ok")] == 2
+        assert not relay.conns
+        if splice:
+            assert relay.pool.open <= relay.pool.keep  # pipes went back to the pool
+        # a user without the right is just closed (tcp has no words for it)
+        t["users"]["127.0.0.1"]["allow"] = []
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+class HeadEcho(asyncio.Protocol):
+    """An origin (or web proxy) that answers each request head with the head it received."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = cast(asyncio.Transport, transport)
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(head), head))
+
+
+async def http_get(port: int, raw: bytes, responses: int = 1) -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(raw)
+    out = b""
+    for _ in range(responses):
+        head = await read_until(r, b"\r\n\r\n")
+        m = re.search(rb"Content-Length: (\d+)", head)
+        body = await asyncio.wait_for(r.readexactly(int(m.group(1))), 5) if m else b""
+        out += head + body
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("via_proxy", [True, False])
+def test_explicit_http_rewrites_heads_and_keeps_alive(via_proxy: bool) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"], identity="alice")
+        t["servers"]["http"] = [f"127.0.0.1:{up_port}"] if via_proxy else []
+        relay = Relay(StaticGate(t), identity_header="X-Guest-User")
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        url = f"http://127.0.0.1:{up_port}/a?b=1"
+        req = (
+            f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{up_port}\r\nProxy-Connection: keep-alive\r\n"
+            "X-Guest-User: mallory\r\n\r\n"
+        ).encode()
+        out = await http_get(port, req + req, responses=2)  # pipelined, one connection
+        assert out.count(b"HTTP/1.1 200 OK") == 2
+        line = f"GET {url if via_proxy else '/a?b=1'} HTTP/1.1".encode()
+        assert out.count(line) == 2
+        assert b"Proxy-Connection" not in out and b"mallory" not in out
+        assert out.count(b"X-Guest-User: alice") == 2
+        await asyncio.sleep(0.1)
+        assert relay.counters[("http", "ok")] == 1
+        # not logged in: 511 for an API client, 302 for a browser
+        t["users"] = {}
+        out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 511")
+        out = await http_get(
+            port, f"GET {url} HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n".encode()
+        )
+        assert out.startswith(b"HTTP/1.1 302") and PORTAL.encode() in out
+        await relay.stop()
+        upstream.close()
+
+    run(body())
