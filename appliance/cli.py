@@ -20,6 +20,7 @@ log = logging.getLogger("appliance")
 # modules that add subcommands: each has register(subparsers) and sets func=...
 COMMANDS = [
     "appliance.lab.cli",
+    "dhcp.cli",
 ]
 
 

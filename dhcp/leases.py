@@ -134,3 +134,54 @@ def all_leases(conn: sqlite3.Connection) -> list[Lease]:
         "SELECT ip, mac, expires, state, client_id, hostname FROM leases ORDER BY ip"
     ).fetchall()
     return [Lease(*r) for r in rows]
+
+
+_UPSERT = (
+    "INSERT INTO leases (ip, mac, client_id, hostname, state, expires, updated) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET mac = excluded.mac, "
+    "client_id = excluded.client_id, hostname = excluded.hostname, "
+    "state = excluded.state, expires = excluded.expires, updated = excluded.updated"
+)
+
+
+def record_many(conn: sqlite3.Connection, changes: list[tuple[str, Lease]], now: float) -> None:
+    """Write several lease changes and their events in one transaction (the server's
+    group commit: one WAL write for a burst of ACKs, all durable before any reply)."""
+    if not changes:
+        return
+    for kind, _ in changes:
+        if kind not in _STATE_AFTER:
+            raise ValueError(f"unknown lease event kind {kind!r}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(
+            _UPSERT,
+            [
+                (
+                    lease.ip,
+                    lease.mac.lower(),
+                    lease.client_id,
+                    lease.hostname,
+                    _STATE_AFTER[kind],
+                    lease.expires,
+                    now,
+                )
+                for kind, lease in changes
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
+            [(now, kind, lease.ip, lease.mac.lower()) for kind, lease in changes],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def history(conn: sqlite3.Connection) -> list[Lease]:
+    """Every lease row, the least recently changed first (how the server rebuilds its index)."""
+    rows = conn.execute(
+        "SELECT ip, mac, expires, state, client_id, hostname FROM leases ORDER BY updated, ip"
+    ).fetchall()
+    return [Lease(*r) for r in rows]
