@@ -267,3 +267,50 @@ def test_fifty_guests_at_once_get_distinct_addresses(
     assert len(set(addrs)) == 50
     bound = {x.mac: x.ip for x in srv.all_leases() if x.state == "bound"}
     assert {guest_mac(n): addrs[n - 1].split("/")[0] for n in range(1, 51)} == bound  # type: ignore[union-attr]
+
+
+def test_kill_9_mid_load_keeps_every_acked_lease(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=1)
+    # a /16 guest subnet for this test, relayed (giaddr) from guest1
+    topo["gw"].run("ip", "addr", "add", "10.20.0.1/16", "dev", "guest0")
+    topo["guest1"].run("ip", "addr", "add", "10.20.0.2/16", "dev", "eth0")
+    srv = DhcpServer(
+        topo,
+        tmp_path / "srv",
+        guest_address="10.20.0.1/16",
+        pool_start="10.20.1.0",
+        pool_end="10.20.40.255",
+    )
+    acks = tmp_path / "acks.log"
+    gen = topo["guest1"].start(
+        sys.executable,
+        str(Path(__file__).with_name("dhcp_loadgen.py")),
+        "10.20.0.2",
+        "10.20.0.1",
+        "3000",
+        str(acks),
+        name="loadgen",
+    )
+
+    def acked() -> int:
+        return len(acks.read_text().splitlines()) if acks.exists() else 0
+
+    wait_for(lambda: acked() >= 800, 60, "800 ACKs", every=0.02)
+    assert srv.proc is not None
+    os.kill(srv.proc.popen.pid, signal.SIGKILL)
+    srv.proc.popen.wait(5)
+    at_kill = acked()
+    srv.start()
+    assert gen.popen.wait(120) == 0, gen.output()
+    assert at_kill < 3000  # the kill landed mid-load
+    promised = [line.split() for line in acks.read_text().splitlines()]
+    by_ip: dict[str, set[str]] = {}
+    for mac, ip in promised:
+        by_ip.setdefault(ip, set()).add(mac)
+    assert all(len(macs) == 1 for macs in by_ip.values()), "an address went to two clients"
+    stored = {x.ip: x for x in srv.all_leases()}
+    for mac, ip in promised:  # every ACK a client saw is in the store, bound to it
+        assert stored[ip].mac == mac and stored[ip].state == "bound", (mac, ip)
+    assert len({mac for mac, _ in promised}) == 3000
