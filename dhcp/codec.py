@@ -91,6 +91,9 @@ class Message:
     sname: bytes = bytes(64)
     file: bytes = bytes(128)
     options: dict[int, bytes] = field(default_factory=dict)
+    # the options already in wire form (end included), when a sender caches them;
+    # must encode `options` exactly, encode uses it as is
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
     # -- convenience views the server uses ------------------------------------
     @property
@@ -200,16 +203,20 @@ def decode(data: bytes) -> Message:
     )
 
 
+_DATA_CODES = frozenset(range(1, 255)) - {OPT_OVERLOAD}
+
+
 def _chunks(options: dict[int, bytes]) -> list[bytes]:
     """Each option as code+len+value pieces; values over 255 bytes split (RFC 3396)."""
     out = []
     for code, value in options.items():
-        if code in (OPT_PAD, OPT_END, OPT_OVERLOAD) or not 0 < code < 255:
+        if code not in _DATA_CODES:
             raise ValueError(f"option {code} cannot be encoded as data")
-        if not value:
-            out.append(bytes((code, 0)))
+        n = len(value)
+        if n <= 255:
+            out.append(bytes((code, n)) + value)
             continue
-        for k in range(0, len(value), 255):
+        for k in range(0, n, 255):
             piece = value[k : k + 255]
             out.append(bytes((code, len(piece))) + piece)
     return out
@@ -230,16 +237,25 @@ def _ip(text: str) -> bytes:
     return _ZERO4 if text == ZERO_IP else _aton(text)
 
 
+def options_wire(options: dict[int, bytes]) -> bytes:
+    """The options in wire form with the end option, for `Message.wire`."""
+    return b"".join(_chunks(options)) + b"\xff"
+
+
 def encode(msg: Message, max_size: int = 576) -> bytes:
     """The canonical wire form: options, then end, padded to 300 bytes.
 
     `max_size` is the largest DHCP message (IP datagram) the peer accepts; when the
     options do not fit it, the file and then sname fields carry the rest (option 52).
     """
-    chunks = _chunks(msg.options)
-    body = b"".join(chunks)
     sname, file = msg.sname, msg.file
     room = max(max_size, 576) - 28 - HEADER_LEN  # IP and UDP headers, header and cookie
+    wire = msg.wire
+    if wire is not None and len(wire) <= room:
+        body = wire[:-1]
+    else:
+        chunks = _chunks(msg.options)
+        body = b"".join(chunks)
     if len(body) + 1 > room:
         main, rest = _fill(chunks, room - 3)  # 3 bytes for option 52
         # only fields that carry nothing else may carry options

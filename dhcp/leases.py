@@ -147,31 +147,33 @@ _UPSERT = (
 def record_many(conn: sqlite3.Connection, changes: list[tuple[str, Lease]], now: float) -> None:
     """Write several lease changes and their events in one transaction (the server's
     group commit: one WAL write for a burst of ACKs, all durable before any reply)."""
-    if not changes:
+    write_rows(
+        conn, [(k, x.ip, x.mac, x.client_id, x.hostname, x.expires) for k, x in changes], now
+    )
+
+
+Row = tuple[str, str, str, bytes | None, str | None, float]  # kind, ip, mac, client id, name, end
+
+
+def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> None:
+    """record_many without Lease objects: the server's hot path."""
+    if not rows:
         return
-    for kind, _ in changes:
-        if kind not in _STATE_AFTER:
-            raise ValueError(f"unknown lease event kind {kind!r}")
+    for row in rows:
+        if row[0] not in _STATE_AFTER:
+            raise ValueError(f"unknown lease event kind {row[0]!r}")
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.executemany(
             _UPSERT,
             [
-                (
-                    lease.ip,
-                    lease.mac.lower(),
-                    lease.client_id,
-                    lease.hostname,
-                    _STATE_AFTER[kind],
-                    lease.expires,
-                    now,
-                )
-                for kind, lease in changes
+                (ip, mac.lower(), cid, name, _STATE_AFTER[kind], end, now)
+                for kind, ip, mac, cid, name, end in rows
             ],
         )
         conn.executemany(
             "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
-            [(now, kind, lease.ip, lease.mac.lower()) for kind, lease in changes],
+            [(now, kind, ip, mac.lower()) for kind, ip, mac, _, _, _ in rows],
         )
         conn.execute("COMMIT")
     except BaseException:

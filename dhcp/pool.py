@@ -14,7 +14,7 @@ import heapq
 import socket
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OFFER_HOLD = 30.0  # seconds an offered address stays kept for its client
 PERSISTED = frozenset(("granted", "renewed", "released", "expired", "declined"))
@@ -28,9 +28,10 @@ def int_to_ip(n: int) -> str:
     return socket.inet_ntoa(struct.pack("!I", n))
 
 
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """One address and its client; `client` is the key (option 61, else htype+chaddr)."""
+class Binding(NamedTuple):
+    """One address and its client; `client` is the key (option 61, else htype+chaddr).
+
+    Named tuples, not dataclasses: the server makes one or two per packet."""
 
     ip: str
     mac: str
@@ -41,8 +42,7 @@ class Binding:
     hostname: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """What the server decided; kinds in PERSISTED are committed before the reply."""
 
     kind: str  # granted | renewed | released | expired | declined | offered | unoffered

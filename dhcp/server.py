@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from appliance.config import Config
 from dhcp import codec
@@ -33,6 +34,7 @@ from dhcp.codec import (
 from dhcp.pool import OFFER_HOLD, Binding, Change, LeaseIndex
 
 BROADCAST_IP = "255.255.255.255"
+_SNAME, _FILE = bytes(64), bytes(128)
 CLIENT_PORT = 68
 SERVER_PORT = 67
 
@@ -54,6 +56,10 @@ class Settings:
     params: dict[int, bytes]  # options sent when asked for (or when no list is sent)
     always: tuple[int, ...] = (codec.OPT_SUBNET_MASK, codec.OPT_ROUTER, codec.OPT_DNS)
     server_id: bytes = field(init=False)
+    # reply options by (type, lease, parameter request list); replies share these dicts
+    cache: dict[tuple[int, bool, bytes | None], tuple[dict[int, bytes], bytes]] = field(
+        init=False, default_factory=dict, compare=False
+    )
     lease_opts: dict[int, bytes] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,8 +114,7 @@ class Settings:
         return LeaseIndex(self.pool_start, self.pool_end, self.reservations)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     reply: Message | None
     changes: tuple[Change, ...] = ()
     drop: str | None = None  # why nothing is sent, counted by the service
@@ -120,11 +125,10 @@ def _drop(reason: str, *changes: Change) -> Outcome:
     return Outcome(None, changes, drop=reason)
 
 
-def _options(req: Message, s: Settings, mtype: int, lease: bool) -> dict[int, bytes]:
+def _build_options(prl: bytes | None, s: Settings, mtype: int, lease: bool) -> dict[int, bytes]:
     opts = {codec.OPT_MESSAGE_TYPE: bytes((mtype,)), codec.OPT_SERVER_ID: s.server_id}
     if lease:
         opts.update(s.lease_opts)
-    prl = req.options.get(codec.OPT_PARAM_REQUEST)
     params = s.params
     if prl is None:
         opts.update(params)
@@ -139,7 +143,21 @@ def _options(req: Message, s: Settings, mtype: int, lease: bool) -> dict[int, by
     return opts
 
 
+def _options(req: Message, s: Settings, mtype: int, lease: bool) -> tuple[dict[int, bytes], bytes]:
+    """Reply options and their wire form, cached per (type, parameter request list)."""
+    prl = req.options.get(codec.OPT_PARAM_REQUEST)
+    key = (mtype, lease, prl)
+    hit = s.cache.get(key)
+    if hit is None:
+        opts = _build_options(prl, s, mtype, lease)
+        hit = (opts, codec.options_wire(opts))
+        if len(s.cache) < 4096:
+            s.cache[key] = hit
+    return hit
+
+
 def _reply(req: Message, s: Settings, mtype: int, yiaddr: str, lease: bool = True) -> Message:
+    opts, wire = _options(req, s, mtype, lease)
     return Message(
         BOOTREPLY,
         req.htype,
@@ -153,9 +171,10 @@ def _reply(req: Message, s: Settings, mtype: int, yiaddr: str, lease: bool = Tru
         ZERO_IP,
         req.giaddr,
         req.chaddr,
-        bytes(64),
-        bytes(128),
-        _options(req, s, mtype, lease),
+        _SNAME,
+        _FILE,
+        opts,
+        wire,
     )
 
 

@@ -45,6 +45,9 @@ STATS_EVERY = 2.0
 EXHAUSTED_WARN_EVERY = 60.0
 FLOOD_RATE = 10.0  # packets per second one client may send, on average
 FLOOD_BURST = 30.0
+# A backlog deeper than ~0.2 s of work only answers clients that gave up already:
+# after a flood the server must be current again at once.
+RCVBUF = 1 << 20
 SIOCSARP = 0x8954 + 1
 ATF_COM = 0x02
 
@@ -56,7 +59,7 @@ def open_socket(ifname: str, port: int = SERVER_PORT) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
     for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
             break
     sock.bind(("0.0.0.0", port))
     sock.setblocking(False)
@@ -69,6 +72,10 @@ def set_neighbour(sock: socket.socket, ifname: str, ip: str, chaddr: bytes) -> N
     ha = struct.pack("=H14s", 1, chaddr[:6])  # ARPHRD_ETHER
     req = pa + ha + struct.pack("=i", ATF_COM) + bytes(16) + ifname.encode()[:15].ljust(16, b"\0")
     fcntl.ioctl(sock.fileno(), SIOCSARP, req)
+
+
+def to_row(kind: str, b: Binding) -> leases.Row:
+    return (kind, b.ip, b.mac, b.client_id, b.hostname, b.expires)
 
 
 def to_lease(b: Binding) -> leases.Lease:
@@ -137,7 +144,7 @@ class Service:
         """Handle what the socket holds (up to BATCH), commit once, then reply."""
         sock, index, settings = self.sock, self.index, self.settings
         now = time.time()
-        pending: list[tuple[str, leases.Lease]] = []
+        pending: list[leases.Row] = []
         replies: list[tuple[codec.Message, codec.Message]] = []
         n = 0
         while n < BATCH:
@@ -158,7 +165,7 @@ class Service:
             for ch in out.changes:
                 index.apply(ch)
                 if ch.kind in PERSISTED:
-                    pending.append((ch.kind, to_lease(ch.binding)))
+                    pending.append(to_row(ch.kind, ch.binding))
             if out.drop is not None:
                 self._dropped(out.drop, now)
             if out.reply is not None:
@@ -171,7 +178,7 @@ class Service:
         self._stats_dirty = True
         if pending:
             try:
-                leases.record_many(self.conn, pending, now)
+                leases.write_rows(self.conn, pending, now)
             except sqlite3.Error as exc:
                 log.error("lease store write failed (%s): %d replies withheld", exc, len(replies))
                 self.drops["store_error"] += len(replies)
