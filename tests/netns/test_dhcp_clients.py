@@ -184,6 +184,9 @@ probes = [
     frame(Raw(good[:2] + bytes([17]) + good[3:])),
     frame(Raw(bytes([2]) + good[1:])),
     frame(Raw(good[:240] + bytes([53, 1, 1, 12, 200]) + b"x")),
+    # 4: a DISCOVER asking for the captive-portal option (114)
+    frame(dhcp(4, ("message-type", "discover"), ("param_req_list", [1, 3, 6, 114]),
+               mac="02:47:00:00:0e:0e"), "02:47:00:00:0e:0e"),
 ]
 # a flood of 150 DISCOVERs from one MAC, sent as fast as the socket goes
 probes += [frame(dhcp(1000 + i, ("message-type", "discover"), mac=FLOODER), FLOODER)
@@ -204,6 +207,9 @@ print("other-server", kinds(1, 2))
 print("wrong-subnet", kinds(2, 3))
 print("malformed", kinds(3, 4))
 print("flood", len(kinds(1000, 2000)))
+from dhcp import codec
+offer = [codec.decode(bytes(p[BOOTP])) for p in got if p[BOOTP].xid == 4]
+print("captive", offer[0].options.get(114, b"-").decode() if offer else "no-offer")
 """
 
 
@@ -219,6 +225,7 @@ def test_crafted_requests_nak_silence_and_drops(
     assert lines["other-server"] == "[]"
     assert lines["wrong-subnet"] == "[6]"  # NAK
     assert lines["malformed"] == "[]"
+    assert lines["captive"] == "http://192.168.1.1/api/captive"  # option 114, RFC 8910
     assert 25 <= int(lines["flood"]) <= 45  # the burst allowance, then the guard drops
     wait_for(lambda: srv.stats()["drops"].get("flood", 0) >= 100, 5, "the flood counted")
     drops = srv.stats()["drops"]
