@@ -227,7 +227,7 @@ def _discover(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outco
     client, mac = req.client_key, req.mac
     ip = _choose(req, client, mac, index, now)
     if ip is None:
-        return _drop("pool_exhausted")
+        return _drop("reserved_unavailable" if mac in index.reserved else "pool_exhausted")
     b = Binding(
         ip,
         mac,

@@ -195,7 +195,7 @@ class Service:
                 set_neighbour(self.sock, self.ifname, ip, req.chaddr)
             except OSError as exc:
                 log.debug("no neighbour entry for %s (%s): broadcasting", ip, exc)
-                ip = BROADCAST_IP
+                ip, neighbour = BROADCAST_IP, False
         try:
             self.sock.sendto(codec.encode(reply, req.max_size), (ip, port))
         except OSError as exc:
@@ -203,6 +203,10 @@ class Service:
             log.debug("send to %s:%d failed: %s", ip, port, exc)
             return
         self.counts[TYPE_NAMES.get(reply.message_type or 0, "reply")] += 1
+        if neighbour:
+            self.counts["unicast_to_chaddr"] += 1
+        elif ip == BROADCAST_IP:
+            self.counts["broadcast"] += 1
 
     def _dropped(self, reason: str, now: float) -> None:
         self.drops[reason] += 1

@@ -225,6 +225,19 @@ def measure(topo: Topology, peer: Peer) -> dict[str, object]:
         )
         if run.drops >= 0.05:
             break  # well past the knee
+    if not any(r.drops < 0.01 for r in sweep):  # below the sweep: halve down to 25/s
+        rate = RATES[0] // 2
+        while rate >= 25:
+            peer.start()
+            try:
+                run = perfdhcp(topo, rate)
+            finally:
+                peer.stop()
+            sweep.append(run)
+            print(f"  {peer.name:<18} offered {rate:>6}/s drops {run.drops:.2%}", flush=True)
+            if run.drops < 0.01:
+                break
+            rate //= 2
     good = [r for r in sweep if r.drops < 0.01]
     best = max(good, key=lambda r: r.offered) if good else Run(0, 0, 1, float("nan"), float("nan"))
     peer.start()

@@ -74,6 +74,10 @@ def test_dhclient_lease_renew_release_reboot(
     conf = resolv(topo, "guest1")
     assert "nameserver 192.168.1.1" in conf and "guest.example" in conf  # options 6, 15
     ip = addr.split("/")[0]
+    # dhclient does not ask for broadcast: the server unicast to chaddr after setting
+    # the neighbour entry itself (the client could not answer ARP yet)
+    wait_for(lambda: srv.stats()["counts"].get("unicast_to_chaddr", 0) >= 2, 5, "unicasts")
+    assert "broadcast" not in srv.stats()["counts"]
     # T1 is 2 s: dhclient renews by itself, unicast to us
     wait_for(lambda: "renewed" in srv.kinds(mac), 15, "a renewal")
     assert srv.lease(mac) is not None and srv.lease(mac).ip == ip  # type: ignore[union-attr]
