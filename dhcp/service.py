@@ -161,7 +161,12 @@ class Service:
             if not self.guard.allow(msg.chaddr, now):
                 self._dropped("flood", now)
                 continue
-            out = handle(msg, index, now, settings)
+            try:
+                out = handle(msg, index, now, settings)
+            except Exception:  # a bug must cost one packet, never the service
+                log.exception("internal error answering %s from %s", msg.message_type, msg.mac)
+                self._dropped("internal_error", now)
+                continue
             for ch in out.changes:
                 index.apply(ch)
                 if ch.kind in PERSISTED:

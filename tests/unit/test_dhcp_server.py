@@ -305,3 +305,33 @@ def test_random_exchanges_never_raise_or_double_allocate(
         for b in sim.index.by_ip.values():
             if b.state == "bound" and b.expires > sim.now:
                 assert holders.setdefault(b.ip, b.client) == b.client
+
+
+odd_options = st.dictionaries(
+    st.sampled_from([12, 50, 51, 53, 54, 55, 57, 61, 82, 114]),
+    st.one_of(st.binary(max_size=8), st.sampled_from([b"\x01", b"\x03", socket.inet_aton(SERVER)])),
+    max_size=7,
+)
+
+
+@given(odd_options, st.integers(0, 16), st.booleans(), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_odd_option_values_never_raise(
+    tmp_path_factory: pytest.TempPathFactory,
+    options: dict[int, bytes],
+    hlen: int,
+    ci: bool,
+    gi: bool,
+) -> None:
+    sim = Sim(make_settings(tmp_path_factory.mktemp("o")))
+    get_lease(sim, 1)
+    m = Message(
+        hlen=hlen,
+        chaddr=mac(1) + bytes(10),
+        ciaddr="192.168.1.100" if ci else "0.0.0.0",
+        giaddr="192.168.1.9" if gi else "0.0.0.0",
+        options=options,
+    )
+    out = sim.send(m)
+    if out.reply is not None:
+        codec.encode(out.reply, m.max_size)
