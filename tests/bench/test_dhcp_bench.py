@@ -38,7 +38,7 @@ POOL = ("10.30.1.0", "10.30.255.254")
 RATES = [
     int(r)
     for r in os.environ.get(
-        "DHCP_BENCH_RATES", "250,500,1000,2000,3000,4000,6000,8000,12000"
+        "DHCP_BENCH_RATES", "250,500,1000,1500,2000,2500,3000,4000,6000,8000"
     ).split(",")
 ]
 PERIOD = os.environ.get("DHCP_BENCH_PERIOD", "5")
