@@ -26,6 +26,7 @@ COMMANDS = [
     "appliance.policy_cli",
     "appliance.admin.cli",
     "appliance.portal.cli",
+    "dhcp.cli",
 ]
 
 

@@ -134,3 +134,56 @@ def all_leases(conn: sqlite3.Connection) -> list[Lease]:
         "SELECT ip, mac, expires, state, client_id, hostname FROM leases ORDER BY ip"
     ).fetchall()
     return [Lease(*r) for r in rows]
+
+
+_UPSERT = (
+    "INSERT INTO leases (ip, mac, client_id, hostname, state, expires, updated) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET mac = excluded.mac, "
+    "client_id = excluded.client_id, hostname = excluded.hostname, "
+    "state = excluded.state, expires = excluded.expires, updated = excluded.updated"
+)
+
+
+def record_many(conn: sqlite3.Connection, changes: list[tuple[str, Lease]], now: float) -> None:
+    """Write several lease changes and their events in one transaction (the server's
+    group commit: one WAL write for a burst of ACKs, all durable before any reply)."""
+    write_rows(
+        conn, [(k, x.ip, x.mac, x.client_id, x.hostname, x.expires) for k, x in changes], now
+    )
+
+
+Row = tuple[str, str, str, bytes | None, str | None, float]  # kind, ip, mac, client id, name, end
+
+
+def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> None:
+    """record_many without Lease objects: the server's hot path."""
+    if not rows:
+        return
+    for row in rows:
+        if row[0] not in _STATE_AFTER:
+            raise ValueError(f"unknown lease event kind {row[0]!r}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(
+            _UPSERT,
+            [
+                (ip, mac.lower(), cid, name, _STATE_AFTER[kind], end, now)
+                for kind, ip, mac, cid, name, end in rows
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
+            [(now, kind, ip, mac.lower()) for kind, ip, mac, _, _, _ in rows],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def history(conn: sqlite3.Connection) -> list[Lease]:
+    """Every lease row, the least recently changed first (how the server rebuilds its index)."""
+    rows = conn.execute(
+        "SELECT ip, mac, expires, state, client_id, hostname FROM leases ORDER BY updated, ip"
+    ).fetchall()
+    return [Lease(*r) for r in rows]

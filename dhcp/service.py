@@ -1,0 +1,342 @@
+"""The dhcp role: one UDP socket on the guest interface around the pure server.
+
+Per burst of datagrams: decode, answer from the in-memory index, commit every
+persisted lease change of the burst in one SQLite transaction, and only then send
+the replies (group commit: an ACK never leaves before its lease is on disk, in the
+WAL, which survives kill -9 with synchronous=NORMAL).
+
+Reply addressing follows RFC 2131 section 4.1.  A client without an address that
+did not ask for broadcast gets a unicast to yiaddr/chaddr: the kernel cannot ARP
+for an address the client does not have yet, so we first set the neighbour entry
+ourselves (SIOCSARP, as dnsmasq does; the entry is STALE, so the kernel re-checks
+it once the client uses the address).  When that fails we broadcast, which the RFC
+allows when unicast is not possible.  No raw or packet socket is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sqlite3
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+
+from appliance import store
+from appliance.config import Config
+from dhcp import codec, leases
+from dhcp.codec import TYPE_NAMES, DecodeError
+from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key
+from dhcp.server import BROADCAST_IP, SERVER_PORT, Settings, destination, handle
+
+log = logging.getLogger("appliance.dhcp")
+
+BATCH = 256  # datagrams handled per group commit at most
+SWEEP_EVERY = 5.0  # seconds between expiry sweeps (the contract asks for <= 10 s)
+STATS_EVERY = 2.0
+EXHAUSTED_WARN_EVERY = 60.0
+FLOOD_RATE = 10.0  # packets per second one client may send, on average
+FLOOD_BURST = 30.0
+COMMIT_WINDOW = 0.002  # seconds a burst with lease changes waits for more before committing
+# A backlog deeper than ~0.2 s of work only answers clients that gave up already:
+# after a flood the server must be current again at once.
+RCVBUF = 1 << 20
+SIOCSARP = 0x8954 + 1
+ATF_COM = 0x02
+
+
+def open_socket(ifname: str, port: int = SERVER_PORT) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+    for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+            break
+    sock.bind(("0.0.0.0", port))
+    sock.setblocking(False)
+    return sock
+
+
+def set_neighbour(sock: socket.socket, ifname: str, ip: str, chaddr: bytes) -> None:
+    """Tell the kernel chaddr has ip (STALE entry), so a unicast needs no ARP answer."""
+    pa = struct.pack("=H2s4s8s", socket.AF_INET, b"", socket.inet_aton(ip), b"")
+    ha = struct.pack("=H14s", 1, chaddr[:6])  # ARPHRD_ETHER
+    req = pa + ha + struct.pack("=i", ATF_COM) + bytes(16) + ifname.encode()[:15].ljust(16, b"\0")
+    fcntl.ioctl(sock.fileno(), SIOCSARP, req)
+
+
+def to_row(kind: str, b: Binding) -> leases.Row:
+    return (kind, b.ip, b.mac, b.client_id, b.hostname, b.expires)
+
+
+def to_lease(b: Binding) -> leases.Lease:
+    return leases.Lease(b.ip, b.mac, b.expires, b.state, b.client_id, b.hostname)
+
+
+def to_binding(lease: leases.Lease) -> Binding:
+    return Binding(
+        lease.ip,
+        lease.mac,
+        client_key(lease.client_id, lease.mac),
+        lease.state,
+        lease.expires,
+        lease.client_id,
+        lease.hostname,
+    )
+
+
+def load_index(conn: sqlite3.Connection, settings: Settings) -> LeaseIndex:
+    index = settings.new_index()
+    index.load(to_binding(lease) for lease in leases.history(conn))
+    return index
+
+
+class FloodGuard:
+    """A token bucket per client hardware address: one noisy client cannot starve others."""
+
+    def __init__(self, rate: float = FLOOD_RATE, burst: float = FLOOD_BURST):
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[bytes, tuple[float, float]] = {}
+
+    def allow(self, key: bytes, now: float) -> bool:
+        tokens, last = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self.buckets[key] = (tokens, now)
+            return False
+        self.buckets[key] = (tokens - 1.0, now)
+        return True
+
+    def forget(self, now: float) -> None:
+        full = self.burst / self.rate
+        self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full}
+
+
+class Service:
+    def __init__(self, config: Config, sock: socket.socket | None = None):
+        self.config = config
+        self.ifname = config.interfaces.guest
+        self.settings = Settings.from_config(config)
+        self.conn = store.connect(config.state.database)
+        leases.create_schema(self.conn)
+        self.index = load_index(self.conn, self.settings)
+        self.sock = sock or open_socket(self.ifname)
+        self._readable = select.poll()
+        self._readable.register(self.sock.fileno(), select.POLLIN)
+        self.guard = FloodGuard()
+        self.counts: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()
+        self.stats_path = config.state.directory / "dhcp-stats.json"
+        self.stopping = False
+        self._warned_exhausted = 0.0
+        self._exhausted_since_warn = 0
+        self._stats_dirty = True
+
+    # -- the hot path -------------------------------------------------------------
+    def pump(self) -> int:
+        """Handle what the socket holds (up to BATCH), commit once, then reply."""
+        sock, index, settings = self.sock, self.index, self.settings
+        now = time.time()
+        pending: list[leases.Row] = []
+        replies: list[tuple[codec.Message, codec.Message]] = []
+        n = 0
+        window_end = 0.0
+        while n < BATCH:
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                # group commit: a burst with lease writes waits a moment for more requests,
+                # so one commit (the costly part) covers several ACKs
+                if not pending:
+                    break
+                if not window_end:
+                    window_end = time.monotonic() + COMMIT_WINDOW
+                left = window_end - time.monotonic()
+                if left <= 0 or not self._readable.poll(left * 1000):
+                    break
+                continue
+            n += 1
+            try:
+                msg = codec.decode(data)
+            except DecodeError as exc:
+                self._dropped(exc.reason, now)
+                continue
+            if not self.guard.allow(msg.chaddr, now):
+                self._dropped("flood", now)
+                continue
+            try:
+                out = handle(msg, index, now, settings)
+            except Exception:  # a bug must cost one packet, never the service
+                log.exception("internal error answering %s from %s", msg.message_type, msg.mac)
+                self._dropped("internal_error", now)
+                continue
+            for ch in out.changes:
+                index.apply(ch)
+                if ch.kind in PERSISTED:
+                    pending.append(to_row(ch.kind, ch.binding))
+            if out.drop is not None:
+                self._dropped(out.drop, now)
+            if out.reply is not None:
+                replies.append((msg, out.reply))
+                if out.nak is not None:
+                    self.counts["nak:" + out.nak] += 1
+        if n == 0:
+            return 0
+        self.counts["received"] += n
+        self._stats_dirty = True
+        if pending:
+            try:
+                leases.write_rows(self.conn, pending, now)
+            except sqlite3.Error as exc:
+                log.error("lease store write failed (%s): %d replies withheld", exc, len(replies))
+                self.drops["store_error"] += len(replies)
+                self.index = load_index(self.conn, settings)
+                return n
+        for req, reply in replies:
+            self._send(req, reply)
+        return n
+
+    def _send(self, req: codec.Message, reply: codec.Message) -> None:
+        ip, port, neighbour = destination(req, reply)
+        if neighbour:
+            try:
+                set_neighbour(self.sock, self.ifname, ip, req.chaddr)
+            except OSError as exc:
+                log.debug("no neighbour entry for %s (%s): broadcasting", ip, exc)
+                ip, neighbour = BROADCAST_IP, False
+        try:
+            self.sock.sendto(codec.encode(reply, req.max_size), (ip, port))
+        except OSError as exc:
+            self.drops["send_error"] += 1
+            log.debug("send to %s:%d failed: %s", ip, port, exc)
+            return
+        self.counts[TYPE_NAMES.get(reply.message_type or 0, "reply")] += 1
+        if neighbour:
+            self.counts["unicast_to_chaddr"] += 1
+        elif ip == BROADCAST_IP:
+            self.counts["broadcast"] += 1
+
+    def _dropped(self, reason: str, now: float) -> None:
+        self.drops[reason] += 1
+        if reason == "pool_exhausted":
+            self._exhausted_since_warn += 1
+            if now - self._warned_exhausted >= EXHAUSTED_WARN_EVERY:
+                log.warning(
+                    "address pool %s-%s exhausted: %d DISCOVER(s) not answered since last warning",
+                    self.settings.pool_start,
+                    self.settings.pool_end,
+                    self._exhausted_since_warn,
+                )
+                self._warned_exhausted = now
+                self._exhausted_since_warn = 0
+
+    # -- housekeeping -------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> int:
+        """Write 'expired' for bound leases past their end; forget stale offers."""
+        now = time.time() if now is None else now
+        lapsed = self.index.lapsed(now)
+        if lapsed:
+            changes = [
+                Change(
+                    "expired",
+                    Binding(b.ip, b.mac, b.client, "expired", b.expires, b.client_id, b.hostname),
+                )
+                for b in lapsed
+            ]
+            leases.record_many(self.conn, [(c.kind, to_lease(c.binding)) for c in changes], now)
+            for c in changes:
+                self.index.apply(c)
+            log.info("%d lease(s) expired", len(lapsed))
+        self.index.forget_offers(now)
+        self.guard.forget(now)
+        return len(lapsed)
+
+    def write_stats(self) -> None:
+        if not self._stats_dirty:
+            return
+        doc = {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "interface": self.ifname,
+            "counts": dict(self.counts),
+            "drops": dict(self.drops),
+            "leases_bound": sum(1 for b in self.index.by_ip.values() if b.state == "bound"),
+        }
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+        tmp.replace(self.stats_path)
+        self._stats_dirty = False
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: the dhcp role has no tables to reload")
+                return
+            self.stopping = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(wake_r.fileno(), select.POLLIN)
+        next_sweep = time.monotonic()
+        next_stats = time.monotonic()
+        log.info(
+            "dhcp serving on %s as %s, pool %s-%s, %d lease(s) bound",
+            self.ifname,
+            self.settings.server_ip,
+            self.settings.pool_start,
+            self.settings.pool_end,
+            sum(1 for b in self.index.by_ip.values() if b.state == "bound"),
+        )
+        try:
+            while not self.stopping:
+                mono = time.monotonic()
+                if mono >= next_sweep:
+                    self.sweep()
+                    next_sweep = mono + SWEEP_EVERY
+                if mono >= next_stats:
+                    self.write_stats()
+                    next_stats = mono + STATS_EVERY
+                wait = max(0.0, min(next_sweep, next_stats) - time.monotonic())
+                for fd, _ in poller.poll(wait * 1000):
+                    if fd == wake_r.fileno():
+                        with contextlib.suppress(BlockingIOError):
+                            wake_r.recv(64)
+                    else:
+                        while self.pump() == BATCH:
+                            pass
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            self._stats_dirty = True
+            self.write_stats()
+            self.sock.close()
+            self.conn.close()
+            wake_r.close()
+            wake_w.close()
+        log.info("dhcp stopped: %s; drops %s", dict(self.counts), dict(self.drops))
+        return 0
+
+
+def main(config: Config) -> int:
+    """Serve DHCP on the guest interface until SIGTERM."""
+    if not config.dhcp.enabled:
+        log.info("dhcp is disabled in %s", config.path)
+        return 0
+    Path(config.state.directory).mkdir(parents=True, exist_ok=True)
+    return Service(config).run()

@@ -1,0 +1,350 @@
+"""DHCP throughput: our server against kea-dhcp4 (memfile) and dnsmasq, with perfdhcp.
+
+    pytest -m bench tests/bench/test_dhcp_bench.py -s
+
+Each server in turn serves the same /16 pool on guest0 in the `gw` namespace;
+perfdhcp runs in `guest1` as a relay (giaddr), as in the issue:
+`perfdhcp -4 -l eth0 -R 60000 -p 5 -r RATE`.  For each server we sweep the offered
+rate (a fresh server and lease file per step) and keep the highest rate answered
+with under 1% drops, with its DISCOVER->OFFER and REQUEST->ACK average delays;
+then an unlimited flood, then a low rate again to see that it recovers.  The
+machine is shared: compare only figures of one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+from appliance.lab.topology import Process, Topology
+from dhcp.labconfig import write_config
+
+pytestmark = pytest.mark.bench
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACT = ROOT / "tests" / "artifacts" / "bench" / "dhcp.json"
+SUBNET, GW, RELAY = "10.30.0.0/16", "10.30.0.1", "10.30.0.2"
+POOL = ("10.30.1.0", "10.30.255.254")
+RATES = [
+    int(r)
+    for r in os.environ.get(
+        "DHCP_BENCH_RATES", "250,500,1000,1500,2000,2500,3000,4000,6000,8000"
+    ).split(",")
+]
+PERIOD = os.environ.get("DHCP_BENCH_PERIOD", "5")
+
+
+@dataclass
+class Run:
+    offered: float  # 0 = unlimited
+    achieved: float
+    drops: float  # fraction of all sent packets that went unanswered
+    do_delay: float  # ms
+    ra_delay: float  # ms
+
+
+def parse(out: str, offered: float) -> Run:
+    rate = re.search(r"Rate: ([\d.]+) 4-way", out)
+    blocks = out.split("***Statistics for: ")[1:]
+    sent = recv = 0
+    delays = []
+    for b in blocks[:2]:
+        sent += int(re.search(r"sent packets: (\d+)", b).group(1))  # type: ignore[union-attr]
+        recv += int(re.search(r"received packets: (\d+)", b).group(1))  # type: ignore[union-attr]
+        d = re.search(r"avg delay: ([\d.]+) ms", b)
+        delays.append(float(d.group(1)) if d else float("nan"))
+    while len(delays) < 2:
+        delays.append(float("nan"))
+    return Run(
+        offered,
+        float(rate.group(1)) if rate else 0.0,
+        (sent - recv) / sent if sent else 1.0,
+        delays[0],
+        delays[1],
+    )
+
+
+class Peer:
+    name = ""
+
+    def __init__(self, topo: Topology, work: Path):
+        self.topo, self.work = topo, work
+        self.proc: Process | None = None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.prepare()
+        self.proc = self.topo["gw"].start(*self.argv(), name=self.name, env=self.env())
+        deadline = time.monotonic() + 20
+        while not self.ready():
+            assert self.proc.alive(), self.proc.output()
+            assert time.monotonic() < deadline, f"{self.name} did not start: {self.proc.output()}"
+            time.sleep(0.1)
+        time.sleep(0.3)
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+class Ours(Peer):
+    name = "ours"
+
+    def prepare(self) -> None:
+        self.config = write_config(
+            self.work, guest_address=f"{GW}/16", pool_start=POOL[0], pool_end=POOL[1]
+        )
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "appliance", "run", "--config", str(self.config), "dhcp"]
+
+    def ready(self) -> bool:
+        return self.proc is not None and "dhcp serving" in self.proc.output()
+
+
+class Kea(Peer):
+    name = "kea-dhcp4 memfile"
+
+    def prepare(self) -> None:
+        conf = {
+            "Dhcp4": {
+                "interfaces-config": {"interfaces": [f"guest0/{GW}"]},
+                "lease-database": {
+                    "type": "memfile",
+                    "persist": True,
+                    "name": str(self.work / "kea-leases4.csv"),
+                    "lfc-interval": 0,
+                },
+                "valid-lifetime": 3600,
+                "renew-timer": 1800,
+                "rebind-timer": 3150,
+                "subnet4": [
+                    {
+                        "id": 1,
+                        "subnet": SUBNET,
+                        "pools": [{"pool": f"{POOL[0]} - {POOL[1]}"}],
+                        "option-data": [
+                            {"name": "routers", "data": GW},
+                            {"name": "domain-name-servers", "data": GW},
+                            {"name": "domain-name", "data": "guest.example"},
+                        ],
+                    }
+                ],
+                "loggers": [
+                    {
+                        "name": "kea-dhcp4",
+                        "output_options": [{"output": "stdout"}],
+                        "severity": "WARN",
+                    }
+                ],
+            }
+        }
+        (self.work / "kea.json").write_text(json.dumps(conf))
+
+    def env(self) -> dict[str, str]:
+        return {"KEA_PIDFILE_DIR": str(self.work), "KEA_LOCKFILE_DIR": str(self.work)}
+
+    def argv(self) -> list[str]:
+        return ["kea-dhcp4", "-c", str(self.work / "kea.json")]
+
+    def ready(self) -> bool:
+        out = self.topo["gw"].run("ss", "-H", "-uln", check=False).stdout
+        return ":67 " in out or "%guest0:67" in out
+
+
+class Dnsmasq(Peer):
+    name = "dnsmasq"
+
+    def argv(self) -> list[str]:
+        return [
+            "dnsmasq",
+            "-k",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--interface=guest0",
+            "--bind-interfaces",
+            f"--dhcp-range={POOL[0]},{POOL[1]},255.255.0.0,1h",
+            "--dhcp-lease-max=70000",
+            f"--dhcp-leasefile={self.work / 'dnsmasq.leases'}",
+            f"--pid-file={self.work / 'dnsmasq.pid'}",
+            "--no-ping",
+            "--dhcp-authoritative",
+            "--user=root",
+            "--quiet-dhcp",
+        ]
+
+    def ready(self) -> bool:
+        return ":67 " in self.topo["gw"].run("ss", "-H", "-uln", check=False).stdout
+
+
+def perfdhcp(topo: Topology, rate: int | None, period: str = PERIOD) -> Run:
+    cmd = ["perfdhcp", "-4", "-l", "eth0", "-R", "60000", "-p", period]
+    if rate:
+        cmd += ["-r", str(rate)]
+    out = topo["guest1"].run(*cmd, check=False, timeout=float(period) + 60).stdout
+    return parse(out, float(rate or 0))
+
+
+def measure(topo: Topology, peer: Peer) -> dict[str, object]:
+    sweep: list[Run] = []
+    for rate in RATES:
+        peer.start()
+        try:
+            run = perfdhcp(topo, rate)
+        finally:
+            peer.stop()
+        sweep.append(run)
+        print(
+            f"  {peer.name:<18} offered {rate:>6}/s achieved {run.achieved:>8.0f}/s "
+            f"drops {run.drops * 100:6.2f}%  "
+            f"D-O {run.do_delay:7.2f} ms  R-A {run.ra_delay:7.2f} ms",
+            flush=True,
+        )
+        if run.drops >= 0.05:
+            break  # well past the knee
+    if not any(r.drops < 0.01 for r in sweep):  # below the sweep: halve down to 25/s
+        rate = RATES[0] // 2
+        while rate >= 25:
+            peer.start()
+            try:
+                run = perfdhcp(topo, rate)
+            finally:
+                peer.stop()
+            sweep.append(run)
+            print(f"  {peer.name:<18} offered {rate:>6}/s drops {run.drops:.2%}", flush=True)
+            if run.drops < 0.01:
+                break
+            rate //= 2
+    good = [r for r in sweep if r.drops < 0.01]
+    best = max(good, key=lambda r: r.offered) if good else Run(0, 0, 1, float("nan"), float("nan"))
+    peer.start()
+    try:
+        flood = perfdhcp(topo, None)
+        after = perfdhcp(topo, 500, "3")
+    finally:
+        peer.stop()
+    print(
+        f"  {peer.name:<18} flood: achieved {flood.achieved:.0f}/s, drops {flood.drops * 100:.1f}%;"
+        f" then 500/s: drops {after.drops * 100:.2f}%",
+        flush=True,
+    )
+    return {
+        "sweep": [asdict(r) for r in sweep],
+        "sustained": best.offered,
+        "achieved": best.achieved,
+        "do_delay": best.do_delay,
+        "ra_delay": best.ra_delay,
+        "flood": flood.achieved,
+        "flood_drops": flood.drops,
+        "recovered": after.drops < 0.01,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _forked_children_exit_quietly() -> Iterator[None]:
+    """pyroute2 forks for each namespace socket; the fork must not unwind pytest."""
+    main = os.getpid()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != main:
+            os._exit(0)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_dhcp_throughput_against_kea_and_dnsmasq(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=1)
+    topo["gw"].run("ip", "addr", "add", f"{GW}/16", "dev", "guest0")
+    topo["guest1"].run("ip", "addr", "add", f"{RELAY}/16", "dev", "eth0")
+    results: dict[str, dict[str, object]] = {}
+    for cls in (Ours, Kea, Dnsmasq):
+        peer = cls(topo, tmp_path / cls.__name__.lower())
+        print(f"\n{peer.name}:", flush=True)
+        results[peer.name] = measure(topo, peer)
+    ours, kea, dnsm = results["ours"], results["kea-dhcp4 memfile"], results["dnsmasq"]
+
+    def ratio(a: object, b: object) -> float:
+        return float(a) / float(b) if float(b) else float("inf")  # type: ignore[arg-type]
+
+    rows = [
+        ("sustained 4-way exchanges/s (<1% drops)", "exchanges/s", "sustained", kea, ">= 0.5"),
+        ("sustained 4-way exchanges/s (<1% drops)", "exchanges/s", "sustained", dnsm, ">= 10"),
+        ("achieved rate at that step", "exchanges/s", "achieved", kea, ""),
+        ("DISCOVER->OFFER avg delay at sustained rate", "ms", "do_delay", kea, ""),
+        ("REQUEST->ACK avg delay at sustained rate", "ms", "ra_delay", kea, ""),
+        ("unlimited flood: answered exchanges/s", "exchanges/s", "flood", kea, ""),
+    ]
+    names = {id(kea): "kea-dhcp4 memfile", id(dnsm): "dnsmasq --no-ping"}
+    table = []
+    for metric, unit, key, peer, target in rows:
+        table.append(
+            {
+                "metric": metric,
+                "unit": unit,
+                "ours": float(ours[key]),  # type: ignore[arg-type]
+                "peer": names[id(peer)],
+                "peer_value": float(peer[key]),  # type: ignore[arg-type]
+                "ratio": round(ratio(ours[key], peer[key]), 3),
+                "target": target,
+            }
+        )
+    print("\n| metric | unit | ours | peer | peer value | ratio | target |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table:
+        print(
+            f"| {r['metric']} | {r['unit']} | {r['ours']:.2f} | {r['peer']} | "
+            f"{r['peer_value']:.2f} | {r['ratio']} | {r['target']} |"
+        )
+    print(
+        f"recovered after the flood: ours {ours['recovered']}, kea {kea['recovered']}, "
+        f"dnsmasq {dnsm['recovered']}"
+    )
+    ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    ARTIFACT.write_text(
+        json.dumps(
+            {
+                "title": "DHCP: perfdhcp 4-way exchanges, ours vs kea-dhcp4 (memfile) and dnsmasq",
+                "rows": table,
+                "notes": (
+                    f"perfdhcp -4 -l eth0 -R 60000 -p {PERIOD} -r RATE as a relay in a guest "
+                    f"namespace; rates {RATES}; fresh server and lease store per step; "
+                    "2-core machine shared with other work: noisy, compare within one run. "
+                    f"recovered after flood: ours {ours['recovered']}, kea {kea['recovered']}, "
+                    f"dnsmasq {dnsm['recovered']}. Raw sweeps: {json.dumps(results)}"
+                ),
+            },
+            indent=2,
+        )
+    )
+    assert float(ours["sustained"]) > 0  # type: ignore[arg-type]
+    assert ours["recovered"]
