@@ -163,7 +163,9 @@ class SessionStore:
         sess = _row(row)
         if self.check_lease:
             lease = leases.lookup_ip(self.conn, ip, now)
-            if lease is None or lease.mac != sess.mac:
+            # the session belongs to the binding it was made in: after a release or
+            # expiry and a new grant (even to the same MAC) the guest logs in again
+            if lease is None or lease.mac != sess.mac or lease.bound_since > sess.created:
                 return None
         return sess
 

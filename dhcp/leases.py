@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS leases (
     hostname TEXT,
     state TEXT NOT NULL,          -- bound | released | expired | declined
     expires REAL NOT NULL,        -- epoch seconds (for declined: end of quarantine)
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    bound_since REAL NOT NULL DEFAULT 0  -- when this MAC's current binding began
 );
 CREATE INDEX IF NOT EXISTS leases_mac ON leases(mac);
 CREATE TABLE IF NOT EXISTS lease_events (
@@ -49,6 +50,7 @@ class Lease:
     state: str = "bound"
     client_id: bytes | None = None
     hostname: str | None = None
+    bound_since: float = 0.0  # start of the current binding: renewals keep it, a new grant resets
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class LeaseEvent:
 
 def create_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
+    if "bound_since" not in columns:  # a store made before the column existed
+        conn.execute("ALTER TABLE leases ADD COLUMN bound_since REAL NOT NULL DEFAULT 0")
 
 
 def _lease(row: tuple[str, str, float, str, bytes | None, str | None] | None) -> Lease | None:
@@ -71,7 +76,7 @@ def _lease(row: tuple[str, str, float, str, bytes | None, str | None] | None) ->
 def lookup_ip(conn: sqlite3.Connection, ip: str, now: float) -> Lease | None:
     """The bound, unexpired lease of an address, or None."""
     row = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname FROM leases "
+        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases "
         "WHERE ip = ? AND state = 'bound' AND expires > ?",
         (ip, now),
     ).fetchone()
@@ -81,7 +86,7 @@ def lookup_ip(conn: sqlite3.Connection, ip: str, now: float) -> Lease | None:
 def lookup_mac(conn: sqlite3.Connection, mac: str, now: float) -> Lease | None:
     """The bound, unexpired lease of a MAC address, or None."""
     row = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname FROM leases "
+        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases "
         "WHERE mac = ? AND state = 'bound' AND expires > ? ORDER BY expires DESC LIMIT 1",
         (mac.lower(), now),
     ).fetchone()
@@ -92,32 +97,9 @@ def record(conn: sqlite3.Connection, kind: str, lease: Lease, now: float) -> int
     """Write one lease change and its event in a single transaction; returns the event id."""
     if kind not in _STATE_AFTER:
         raise ValueError(f"unknown lease event kind {kind!r}")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute(
-            "INSERT INTO leases (ip, mac, client_id, hostname, state, expires, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET mac = excluded.mac, "
-            "client_id = excluded.client_id, hostname = excluded.hostname, "
-            "state = excluded.state, expires = excluded.expires, updated = excluded.updated",
-            (
-                lease.ip,
-                lease.mac.lower(),
-                lease.client_id,
-                lease.hostname,
-                _STATE_AFTER[kind],
-                lease.expires,
-                now,
-            ),
-        )
-        cur = conn.execute(
-            "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
-            (now, kind, lease.ip, lease.mac.lower()),
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return int(cur.lastrowid or 0)
+    return write_rows(
+        conn, [(kind, lease.ip, lease.mac, lease.client_id, lease.hostname, lease.expires)], now
+    )
 
 
 def events_since(conn: sqlite3.Connection, last_id: int, limit: int = 1000) -> list[LeaseEvent]:
@@ -131,15 +113,20 @@ def events_since(conn: sqlite3.Connection, last_id: int, limit: int = 1000) -> l
 
 def all_leases(conn: sqlite3.Connection) -> list[Lease]:
     rows = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname FROM leases ORDER BY ip"
+        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases ORDER BY ip"
     ).fetchall()
     return [Lease(*r) for r in rows]
 
 
+# A binding that goes on (a renewal: bound before and after, same MAC) keeps its start;
+# anything else (first grant, a grant after release or expiry, another MAC) starts anew,
+# so a session made before that moment no longer matches the lease.
 _UPSERT = (
-    "INSERT INTO leases (ip, mac, client_id, hostname, state, expires, updated) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET mac = excluded.mac, "
-    "client_id = excluded.client_id, hostname = excluded.hostname, "
+    "INSERT INTO leases (ip, mac, client_id, hostname, state, expires, updated, bound_since) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ip) DO UPDATE SET "
+    "bound_since = CASE WHEN leases.state = 'bound' AND excluded.state = 'bound' "
+    "AND leases.mac = excluded.mac THEN leases.bound_since ELSE excluded.updated END, "
+    "mac = excluded.mac, client_id = excluded.client_id, hostname = excluded.hostname, "
     "state = excluded.state, expires = excluded.expires, updated = excluded.updated"
 )
 
@@ -155,10 +142,10 @@ def record_many(conn: sqlite3.Connection, changes: list[tuple[str, Lease]], now:
 Row = tuple[str, str, str, bytes | None, str | None, float]  # kind, ip, mac, client id, name, end
 
 
-def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> None:
-    """record_many without Lease objects: the server's hot path."""
+def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> int:
+    """record_many without Lease objects: the server's hot path; returns the last event id."""
     if not rows:
-        return
+        return 0
     for row in rows:
         if row[0] not in _STATE_AFTER:
             raise ValueError(f"unknown lease event kind {row[0]!r}")
@@ -167,7 +154,7 @@ def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> None:
         conn.executemany(
             _UPSERT,
             [
-                (ip, mac.lower(), cid, name, _STATE_AFTER[kind], end, now)
+                (ip, mac.lower(), cid, name, _STATE_AFTER[kind], end, now, now)
                 for kind, ip, mac, cid, name, end in rows
             ],
         )
@@ -175,15 +162,18 @@ def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> None:
             "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
             [(now, kind, ip, mac.lower()) for kind, ip, mac, _, _, _ in rows],
         )
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return int(last)
 
 
 def history(conn: sqlite3.Connection) -> list[Lease]:
     """Every lease row, the least recently changed first (how the server rebuilds its index)."""
     rows = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname FROM leases ORDER BY updated, ip"
+        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases "
+        "ORDER BY updated, ip"
     ).fetchall()
     return [Lease(*r) for r in rows]

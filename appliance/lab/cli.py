@@ -7,7 +7,6 @@ script) finds them again; `lab down` removes them all, whatever state they are i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,28 @@ from appliance.lab.topology import LAB_PREFIX, Topology
 
 STATE_DIR = Path("/run/appliance-lab")
 
+LAB_READY = """
+lab: up. A whole site runs in network namespaces (appliance lab status shows what runs).
+
+  appliance = gw: guests 192.168.1.0/24, segment 198.51.100.0/24 (hidden), home 203.0.113.0/24
+  config    = {config}
+
+Try next:
+  appliance lab demo                                  one visitor, every step checked
+  appliance lab exec guest1 -- dhclient -v eth0       get an address like any laptop
+  appliance lab exec guest1 -- curl -si http://www.example.com/    the captive page (302)
+  appliance lab shell guest1                          a shell on a guest laptop
+  appliance lab exec guest1 -- ping -c1 198.51.100.3  the segment stays unreachable
+
+Accounts:
+  site account  carol / carol-pass           (a contractor: web only)
+  home account  alice / alice-pass  agent {spec}
+  admin pages   http://198.51.100.1:8000/  admin / admin-pass  (from the segment:
+                appliance lab exec seg -- curl http://198.51.100.1:8000/)
+
+  appliance lab down                                  removes everything
+"""
+
 
 def _nodes() -> dict[str, str]:
     return {n.removeprefix(LAB_PREFIX + "-"): n for n in topology.our_namespaces(LAB_PREFIX)}
@@ -27,24 +48,30 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if _nodes():
         print("lab: already up (appliance lab down removes it)", file=sys.stderr)
         return 1
+    from appliance.lab import site
+
     STATE_DIR.mkdir(parents=True, exist_ok=True)
-    topo = Topology.build(guests=args.guests, prefix=LAB_PREFIX, workdir=STATE_DIR)
-    (STATE_DIR / "state.json").write_text(
-        json.dumps({"prefix": LAB_PREFIX, "guests": args.guests, "nodes": sorted(topo.nodes)})
-    )
-    print(f"lab: up with nodes {', '.join(sorted(topo.nodes))}")
-    print("try:")
-    print("  appliance lab status")
-    print("  appliance lab exec gw -- ip -br addr")
-    print("  appliance lab shell guest1")
-    print("  appliance lab down")
+    topo = Topology.build(guests=max(args.guests, 2), prefix=LAB_PREFIX, workdir=STATE_DIR)
+    print(f"lab: namespaces up: {', '.join(sorted(topo.nodes))}; starting servers...")
+    try:
+        info = site.start(topo, STATE_DIR)
+    except BaseException as exc:
+        topo.destroy()
+        site.cleanup(STATE_DIR)
+        if isinstance(exc, topology.LabError):
+            print(f"lab: {exc}\nlab: removed again", file=sys.stderr)
+            return 1
+        raise
+    print(LAB_READY.format(config=info.config, spec=info.agent_spec))
     return 0
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
+    from appliance.lab import site
+
     names = topology.our_namespaces(LAB_PREFIX)
     topology.remove_namespaces(names)
-    (STATE_DIR / "state.json").unlink(missing_ok=True)
+    site.cleanup(STATE_DIR)
     print(f"lab: removed {len(names)} namespaces" if names else "lab: nothing to remove")
     return 0
 
@@ -66,6 +93,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 continue
         print(f"{short:8} {full:16} {' '.join(procs) or '-'}")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.lab import demo
+
+    if not _nodes():
+        print("lab: down (appliance lab up first)", file=sys.stderr)
+        return 3
+    topo = Topology.attach(LAB_PREFIX, STATE_DIR)
+    return demo.run(topo.nodes, STATE_DIR)
 
 
 def _resolve(node: str) -> str:
@@ -96,6 +133,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = labsub.add_parser("up", help="build the lab topology")
     up.add_argument("--guests", type=int, default=2, help="number of guest nodes (default 2)")
     up.set_defaults(func=_cmd_up)
+    labsub.add_parser(
+        "demo", help="walk one visitor through the lab, checking each step"
+    ).set_defaults(func=_cmd_demo)
     labsub.add_parser("down", help="remove everything the lab made").set_defaults(func=_cmd_down)
     labsub.add_parser("status", help="show nodes and what runs in them").set_defaults(
         func=_cmd_status

@@ -235,7 +235,9 @@ def add_pop_message(server: Server, user: str, message: bytes) -> None:
 
 
 # -- squid -------------------------------------------------------------------------
-def start_webproxy(node: Node, host: str = WEBPROXY_ADDR, port: int = 3128) -> Server:
+def start_webproxy(
+    node: Node, host: str = WEBPROXY_ADDR, port: int = 3128, resolver: str = "127.0.0.1"
+) -> Server:
     """Squid as the site's web proxy, no disk cache, CONNECT allowed to any port (lab)."""
     d = _workdir(node, "squid")
     _chown(d, "proxy")
@@ -249,7 +251,7 @@ cache_log {d}/cache.log
 pid_filename {d}/squid.pid
 coredump_dir {d}
 cache_effective_user proxy
-dns_nameservers 127.0.0.1
+dns_nameservers {resolver}
 http_access allow all
 shutdown_lifetime 0 seconds
 """

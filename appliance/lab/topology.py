@@ -131,7 +131,7 @@ class Node:
         """Wait until something listens on host:port inside this namespace."""
         flag = "-tln" if proto == "tcp" else "-uln"
         deadline = time.monotonic() + timeout
-        want = re.compile(rf"(^|\s)({re.escape(host)}|0\.0\.0\.0|\*|\[::\]):{port}\s")
+        want = re.compile(rf"(^|\s)({re.escape(host)}|0\.0\.0\.0|\*|\[::\])(%\S+)?:{port}\s")
         while time.monotonic() < deadline:
             out = self.run("ss", "-H", flag, check=False).stdout
             if any(want.search(line) for line in out.splitlines()):
@@ -214,6 +214,16 @@ class Topology:
         except BaseException:
             topo.destroy()
             raise
+        return topo
+
+    @classmethod
+    def attach(cls, prefix: str, workdir: Path) -> Topology:
+        """The nodes of a topology built by another process (the lab), found by prefix."""
+        topo = cls(prefix, workdir)
+        for full in our_namespaces(prefix):
+            name = full.removeprefix(prefix + "-")
+            topo.nodes[name] = Node(name, full, topo)
+        topo.guests = sum(1 for n in topo.nodes if n.startswith("guest"))
         return topo
 
     def _add_node(self, name: str) -> Node:

@@ -29,12 +29,14 @@ POLL = 0.05
 RESYNC = 30.0  # expiries are written lazily; a periodic full load catches them anyway
 
 
-def _script(adds: set[tuple[str, str]], dels: set[tuple[str, str]]) -> str:
+def _script(
+    adds: set[tuple[str, str]], dels: set[tuple[str, str]], ended: set[tuple[str, str]]
+) -> str:
     lines = []
     table = f"inet {nft.TABLE}"
-    if dels:
-        text = nft.elements_text(dels)
-        for name in ("leased", "authenticated"):
+    for name, pairs in (("leased", dels), ("authenticated", ended)):
+        if pairs:
+            text = nft.elements_text(pairs)
             lines.append(f"add element {table} {name} {{ {text} }}")
             lines.append(f"delete element {table} {name} {{ {text} }}")
     if adds:
@@ -77,8 +79,11 @@ def load(config: Config) -> int:
 
 
 def apply_events(events: list[leases.LeaseEvent], execute: Callable[[str], None] = nft.run) -> None:
-    """Fold a batch of events into one transaction (the last event of a pair wins)."""
+    """Fold a batch of events into one transaction: for `leased` the last event of a pair
+    wins; any end of a binding in the batch takes the pair out of `authenticated`, even
+    when the same guest is granted again at once (it must log in again)."""
     final: dict[tuple[str, str], bool] = {}
+    ended: set[tuple[str, str]] = set()
     for ev in events:
         try:
             pair = check_pair(ev.ip, ev.mac)
@@ -86,10 +91,12 @@ def apply_events(events: list[leases.LeaseEvent], execute: Callable[[str], None]
             log.warning("ignoring lease event %d with a bad address: %r %r", ev.id, ev.ip, ev.mac)
             continue
         final[pair] = ev.kind in ADD_KINDS
+        if not final[pair]:
+            ended.add(pair)
     adds = {p for p, on in final.items() if on}
     dels = {p for p, on in final.items() if not on}
-    if adds or dels:
-        execute(_script(adds, dels))
+    if adds or dels or ended:
+        execute(_script(adds, dels, ended))
 
 
 def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:

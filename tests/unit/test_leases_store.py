@@ -18,8 +18,9 @@ def test_lookups_and_events(tmp_path: Path) -> None:
     leases.create_schema(conn)
     lease = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0)
     first = leases.record(conn, "granted", lease, now=100.0)
-    assert leases.lookup_ip(conn, "192.168.1.100", now=500.0) == lease
-    assert leases.lookup_mac(conn, "02:47:00:00:00:01", now=500.0) == lease
+    bound = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0, bound_since=100.0)
+    assert leases.lookup_ip(conn, "192.168.1.100", now=500.0) == bound
+    assert leases.lookup_mac(conn, "02:47:00:00:00:01", now=500.0) == bound
     assert leases.lookup_ip(conn, "192.168.1.100", now=1000.0) is None  # expired
     leases.record(conn, "released", lease, now=200.0)
     assert leases.lookup_ip(conn, "192.168.1.100", now=300.0) is None
@@ -34,3 +35,20 @@ def test_lookups_and_events(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         leases.record(conn, "stolen", lease, now=1.0)
     assert len(leases.events_since(other, 0)) == 2  # the refused change wrote nothing
+
+
+def test_a_binding_keeps_its_start_on_renewal_and_restarts_after_release(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "state.sqlite")
+    leases.create_schema(conn)
+    ip, mac = "192.168.1.100", "02:47:00:00:00:01"
+    leases.record(conn, "granted", Lease(ip, mac, expires=2000.0), now=100.0)
+    leases.record(conn, "renewed", Lease(ip, mac, expires=3000.0), now=200.0)
+    lease = leases.lookup_ip(conn, ip, now=250.0)
+    assert lease is not None and lease.bound_since == 100.0 and lease.expires == 3000.0
+    leases.record(conn, "released", Lease(ip, mac, expires=300.0), now=300.0)
+    leases.record(conn, "granted", Lease(ip, mac, expires=4000.0), now=301.0)
+    lease = leases.lookup_ip(conn, ip, now=350.0)
+    assert lease is not None and lease.bound_since == 301.0
+    leases.record(conn, "granted", Lease(ip, "02:47:00:00:00:02", expires=5000.0), now=400.0)
+    lease = leases.lookup_ip(conn, ip, now=450.0)
+    assert lease is not None and lease.bound_since == 400.0  # another MAC: a new binding

@@ -73,3 +73,17 @@ def test_tables_read_intercepts_and_guest_names(tmp_path: Path) -> None:
     cfg = load(tmp_path / "a.toml")
     assert tables.intercepts(cfg) == {25: 2525, 110: 1110, 80: 8081}
     assert set(tables.guest_names(cfg)) >= {"mail", "smtp", "pop", "proxy"}
+
+
+def test_released_and_granted_again_in_one_batch_still_leaves_authenticated() -> None:
+    """A guest that releases and at once gets the same address again must log in again."""
+    scripts: list[str] = []
+    follower.apply_events(
+        [ev(1, "released", "192.168.1.100", MAC1), ev(2, "granted", "192.168.1.100", MAC1)],
+        scripts.append,
+    )
+    lines = scripts[0].splitlines()
+    pair = f"{{ 192.168.1.100 . {MAC1} }}"
+    assert f"delete element inet appliance authenticated {pair}" in lines
+    assert f"add element inet appliance leased {pair}" in lines
+    assert f"delete element inet appliance leased {pair}" not in lines

@@ -140,3 +140,15 @@ def test_a_failing_firewall_revoke_still_ends_the_session(tmp_path: Path) -> Non
     s = st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=1)
     assert st.end(s.id, "test", now=2) is True
     assert st.lookup_ip(IP, now=3) is None
+
+
+def test_a_session_does_not_survive_release_and_a_new_grant(tmp_path: Path) -> None:
+    """Released and granted again before any follower ran: the old session is void at once."""
+    st = make(tmp_path, [])
+    grant(st, IP, MAC, 0)
+    st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=1)
+    leases.record(st.conn, "renewed", Lease(IP, MAC, 20_000.0), now=2)
+    assert st.lookup_ip(IP, now=3) is not None  # a renewal keeps the binding
+    leases.record(st.conn, "released", Lease(IP, MAC, 0), now=4)
+    grant(st, IP, MAC, 5)
+    assert st.lookup_ip(IP, now=6) is None

@@ -1,0 +1,271 @@
+"""`appliance lab demo`: one visitor's walk through the lab, each step checked and printed.
+
+Everything happens from the guest namespaces with real clients: dhclient for the
+address, curl for the captive page and the web, an HTTP login with the form's
+CSRF token, swaks for mail out, POP3 for mail in, ping and curl against the hidden
+segment.  A step that does not do what a visitor would expect fails the demo.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from appliance.lab import servers, site
+from appliance.lab.topology import LabError, NetnsSwitch, Node
+
+PORTAL = "http://192.168.1.1"
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    detail: str
+
+
+def dhcp(node: Node, workdir: Path) -> Outcome:
+    files = ["-lf", str(workdir / f"{node.name}.leases")]
+    files += ["-pf", str(workdir / f"{node.name}.dhclient.pid")]
+    # a laptop from an earlier walk releases its lease first (which also ends its session)
+    node.run("dhclient", "-r", *files, "eth0", check=False, timeout=30)
+    node.run("ip", "-4", "addr", "flush", "dev", "eth0", check=False)
+    proc = node.run("dhclient", "-v", "-1", *files, "eth0", check=False, timeout=60)
+    addr = re.search(r"inet (192\.168\.1\.\d+)/24", node.run("ip", "-4", "addr").stdout)
+    route = node.run("ip", "route").stdout
+    if proc.returncode != 0 or not addr or "default via 192.168.1.1" not in route:
+        return Outcome(False, f"no lease: {proc.stdout[-300:]}{proc.stderr[-300:]}")
+    hidden = "198.51.100." in route
+    return Outcome(
+        not hidden,
+        f"address {addr.group(1)}, router 192.168.1.1, "
+        f"{'a segment route!' if hidden else 'no route to the segment'}",
+    )
+
+
+def captive(node: Node) -> Outcome:
+    out = node.run(
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-m",
+        "10",
+        "-H",
+        "Accept: text/html",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "http://www.example.com/",
+        check=False,
+    ).stdout
+    ok = out.startswith("302 ") and "192.168.1.1" in out
+    return Outcome(ok, f"http://www.example.com/ -> {out or 'no answer'}")
+
+
+def login(node: Node, user: str, password: str, agent: str = "") -> Outcome:
+    with NetnsSwitch(node.netns):
+        s = requests.Session()
+        page = s.get(f"{PORTAL}/login", params={"url": "http://www.example.com/"}, timeout=10)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        if not token:
+            return Outcome(False, f"no login form ({page.status_code})")
+        r = s.post(
+            f"{PORTAL}/login",
+            timeout=15,
+            allow_redirects=False,
+            data={
+                "user": user,
+                "password": password,
+                "agent": agent,
+                "csrf": token.group(1),
+                "url": "http://www.example.com/",
+            },
+        )
+        status = s.get(f"{PORTAL}/status", timeout=10)
+    who = f"{user}@{agent.split('#')[0]}" if agent else f"{user} (site account)"
+    ok = r.status_code in (302, 303) and user in status.text
+    return Outcome(
+        ok,
+        f"{who}: login {r.status_code}, status page "
+        f"{'shows ' + user if user in status.text else 'does not show the user'}",
+    )
+
+
+def send_mail(node: Node, maildir: Path, sender: str, subject: str) -> Outcome:
+    before = len(servers.maildir_messages(maildir))
+    proc = node.run(
+        "swaks",
+        "--to",
+        "bob@example.net",
+        "--from",
+        sender,
+        "--server",
+        "smtp.example.org",
+        "--port",
+        "25",
+        "--header",
+        f"Subject: {subject}",
+        "--body",
+        "sent from a guest laptop, unmodified",
+        "--timeout",
+        "15",
+        check=False,
+        timeout=60,
+    )
+    if proc.returncode != 0:
+        last = [ln for ln in proc.stdout.splitlines() if ln.startswith("<")][-1:]
+        return Outcome(False, f"swaks failed: {' '.join(last)}")
+    try:
+        msgs = servers.wait_mail(maildir, before + 1)
+    except LabError as exc:
+        return Outcome(False, str(exc))
+    arrived = msgs[-1]
+    leaked = re.search(rb"192\.168\.1\.\d+", arrived) is not None
+    return Outcome(
+        subject.encode() in arrived and not leaked,
+        "arrived at the site's SMTP relay (198.51.100.3), "
+        f"{'the guest address leaked!' if leaked else 'relayed by the appliance'}",
+    )
+
+
+def refused_mail(node: Node, sender: str) -> Outcome:
+    proc = node.run(
+        "swaks",
+        "--to",
+        "bob@example.net",
+        "--from",
+        sender,
+        "--server",
+        "smtp.example.org",
+        "--port",
+        "25",
+        "--timeout",
+        "15",
+        check=False,
+        timeout=60,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if re.match(r"<\*?\*+ 5\d\d ", ln)), "")
+    ok = "554 5.7.1" in line and "198.51.100" not in proc.stdout
+    return Outcome(ok, f"the appliance answered: {line.lstrip('<* ') or proc.stdout[-200:]}")
+
+
+_POP_CLIENT = """
+import poplib, sys
+pop = poplib.POP3(sys.argv[1], 110, timeout=15)
+pop.user(sys.argv[2]); pop.pass_(sys.argv[3])
+count, _ = pop.stat()
+for i in range(1, count + 1):
+    for line in pop.top(i, 0)[1]:
+        if line.lower().startswith(b"subject:"):
+            print(line.decode())
+pop.quit()
+print(count)
+"""
+
+
+def fetch_mail(node: Node, user: str, password: str) -> Outcome:
+    # a process in the guest namespace, so the name is resolved by the guest's own DNS
+    proc = node.run(
+        sys.executable,
+        "-c",
+        _POP_CLIENT,
+        "mail.home.example",
+        user,
+        password,
+        check=False,
+        timeout=60,
+    )
+    lines = proc.stdout.split("\n")
+    if proc.returncode != 0:
+        return Outcome(False, (proc.stderr.strip().splitlines() or ["no answer"])[-1])
+    count = int(lines[-2]) if len(lines) > 1 and lines[-2].isdigit() else 0
+    return Outcome(
+        count > 0, f"{count} message(s) on {user}'s home POP server: {'; '.join(lines[:-2])}"
+    )
+
+
+def browse(node: Node) -> Outcome:
+    out = node.run("curl", "-s", "-m", "15", "http://www.example.com/", check=False).stdout
+    return Outcome(
+        "www.example.com" in out,
+        "page through the site's web proxy: "
+        f"{re.sub(r'<[^>]+>', ' ', out).strip()[:60] or 'nothing'}",
+    )
+
+
+def segment_hidden(node: Node) -> Outcome:
+    ping = node.run("ping", "-c1", "-W1", "198.51.100.3", check=False).returncode
+    tcp = node.run("nc", "-z", "-w", "2", "198.51.100.3", "22", check=False).returncode
+    dig = node.run(
+        "dig", "+short", "+time=3", "+tries=1", "intranet.site.example", check=False
+    ).stdout.strip()
+    web = node.run(
+        "curl",
+        "-s",
+        "-m",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://198.51.100.3/",
+        check=False,
+    ).stdout
+    ok = ping != 0 and tcp != 0 and dig == "" and web in ("403", "000")
+    return Outcome(
+        ok,
+        f"ping {'fails' if ping else 'answers!'}, TCP "
+        f"{'fails' if tcp else 'connects!'}, DNS for intranet.site.example "
+        f"{'has no answer' if not dig else 'answers ' + dig}, "
+        f"http://198.51.100.3/ -> {web}",
+    )
+
+
+def run(nodes: dict[str, Node], directory: Path, echo: Callable[[str], None] = print) -> int:
+    info = site.load_info(directory)
+    g1, g2 = nodes["guest1"], nodes["guest2"]
+    home_user, home_pw, _ = site.HOME_USER
+    site_user, site_pw, _ = site.SITE_USER
+    maildir = Path(info.maildir)
+    steps: list[tuple[str, Callable[[], Outcome]]] = [
+        ("guest1 asks for an address (dhclient)", lambda: dhcp(g1, directory)),
+        ("guest1 opens a web page before login", lambda: captive(g1)),
+        (
+            "guest1 logs in with home credentials, checked by her personal agent",
+            lambda: login(g1, home_user, home_pw, info.agent_spec),
+        ),
+        (
+            "guest1 sends mail to her usual SMTP host (port 25)",
+            lambda: send_mail(g1, maildir, "alice@home.example", f"demo {int(time.time())}"),
+        ),
+        (
+            "guest1 fetches mail from her usual POP host (port 110)",
+            lambda: fetch_mail(g1, home_user, home_pw),
+        ),
+        ("guest1 browses the web (port 80)", lambda: browse(g1)),
+        ("guest1 tries to reach the hidden segment", lambda: segment_hidden(g1)),
+        ("guest2 asks for an address (dhclient)", lambda: dhcp(g2, directory)),
+        (
+            "guest2 logs in with a site account (a contractor)",
+            lambda: login(g2, site_user, site_pw),
+        ),
+        (
+            "guest2 tries to send mail: not allowed for contractors",
+            lambda: refused_mail(g2, "carol@example.org"),
+        ),
+    ]
+    failed = 0
+    for n, (title, step) in enumerate(steps, 1):
+        try:
+            outcome = step()
+        except Exception as exc:  # a demo step reports, never crashes the walk
+            outcome = Outcome(False, f"{type(exc).__name__}: {exc}")
+        failed += not outcome.ok
+        echo(f"{n:2}. {title}\n    {'ok  ' if outcome.ok else 'FAIL'} {outcome.detail}")
+    echo(f"\n{len(steps) - failed} passed, {failed} failed")
+    return 1 if failed else 0

@@ -1,0 +1,224 @@
+"""The whole lab site: real servers in the segment and at home, a personal agent, the appliance.
+
+`appliance lab up` calls `start()` after building the topology; everything runs as a
+background process inside the lab's namespaces, so it outlives the command and
+`appliance lab down` removes it with the namespaces.  Accounts are fixed and printed
+so a person (or `appliance lab demo`) can log in at once:
+
+- site account `carol` / `carol-pass` (department Sales 1, a contractor: web only);
+- home account `alice` / `alice-pass` at the personal agent 203.0.113.1 (staff: mail,
+  her own POP server at home, and web);
+- admin `admin` / `admin-pass` on the admin pages at http://198.51.100.1:8000/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from appliance.lab import servers
+from appliance.lab.topology import LabError, Node, Topology
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICIES = ROOT / "policies"
+AGENT_ADDR = "203.0.113.1"
+AGENT_PORT = 8443
+
+# names the lab resolver (dnsmasq at 198.51.100.2) knows
+PUBLIC_NAMES = {
+    "www.example.com": servers.WEB_ADDR,
+    "mail.home.example": servers.POP_ADDR,
+    "smtp.example.org": "192.0.2.25",
+}
+SEGMENT_NAMES = {"intranet.site.example": "198.51.100.3", "proxy.site.example": "198.51.100.4"}
+
+SITE_USER = ("carol", "carol-pass", ["department=Sales 1", "title=contractor"])
+HOME_USER = ("alice", "alice-pass", ["department=Sales 1", "role=staff"])
+ADMIN = ("admin", "admin-pass")
+WELCOME = (
+    b"From: home@home.example\r\nTo: alice@home.example\r\nSubject: welcome home\r\n"
+    b"\r\nThis message waits on alice's own POP server at home.\r\n"
+)
+
+
+@dataclass
+class SiteInfo:
+    """What `lab up` prints and `lab demo` reads back (state.json)."""
+
+    directory: str
+    config: str
+    agent_fingerprint: str = ""
+    maildir: str = ""
+    server_dirs: list[str] = field(default_factory=list)
+
+    @property
+    def agent_spec(self) -> str:
+        return f"{AGENT_ADDR}#{self.agent_fingerprint}"
+
+
+def _appliance(*args: str) -> list[str]:
+    return [sys.executable, "-m", "appliance", *args]
+
+
+def _agent_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "appliance.agent.cli", *args]
+
+
+def write_config(directory: Path) -> Path:
+    """The example config and tables, with state in the lab directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("servers.toml", "access.toml"):
+        shutil.copy(POLICIES / name, directory / name)
+    text = (POLICIES / "appliance.toml").read_text()
+    state = directory / "state"
+    text = text.replace('directory = "/var/lib/appliance"', f'directory = "{state}"')
+    path = directory / "appliance.toml"
+    path.write_text(text)
+    return path
+
+
+def _run(node: Node | None, argv: list[str], stdin: str | None = None) -> str:
+    full = node.argv(argv) if node else argv
+    proc = subprocess.run(
+        full, input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def _accounts(config: Path) -> None:
+    user, pw, attrs = SITE_USER
+    _run(
+        None,
+        _appliance(
+            "users",
+            "add",
+            "--config",
+            str(config),
+            user,
+            "--password-stdin",
+            *[a for kv in attrs for a in ("--attr", kv)],
+        ),
+        stdin=pw + "\n",
+    )
+    name, apw = ADMIN
+    _run(
+        None,
+        _appliance("admins", "add", "--config", str(config), name, "--password-stdin"),
+        stdin=apw + "\n",
+    )
+
+
+def _agent(topo: Topology, directory: Path, config: Path) -> str:
+    """The personal agent at home with alice; this appliance's key allowed.  Returns the pin."""
+    home, gw = topo["home"], topo["gw"]
+    adir = directory / "agent"
+    adir.mkdir(parents=True, exist_ok=True)
+    agent_toml = adir / "agent.toml"
+    agent_toml.write_text(
+        f'[listen]\naddress = "{AGENT_ADDR}"\nport = {AGENT_PORT}\n'
+        '[state]\ndirectory = "state"\n[appliances]\naccept = "listed"\n'
+    )
+    conf = ("--config", str(agent_toml))
+    user, pw, attrs = HOME_USER
+    _run(
+        None,
+        _agent_cmd(
+            "users",
+            "add",
+            *conf,
+            user,
+            "--password-stdin",
+            *[a for kv in attrs for a in ("--attr", kv)],
+        ),
+        stdin=pw + "\n",
+    )
+    _run(None, _agent_cmd("servers", "set", *conf, user, "pop3", f"{servers.POP_ADDR}:110"))
+    key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
+    _run(None, _agent_cmd("appliances", "allow", *conf, key, "--name", "lab appliance"))
+    home.start(*_agent_cmd("run", *conf), name="personal-agent")
+    home.wait_port(AGENT_PORT, AGENT_ADDR, timeout=30)
+    return _run(None, _agent_cmd("fingerprint", *conf)).split()[0]
+
+
+def _resolver(topo: Topology, directory: Path) -> None:
+    seg = topo["seg"]
+    argv = [
+        "dnsmasq",
+        "-k",
+        "-C",
+        "/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "-u",
+        "root",
+        "--listen-address=198.51.100.2",
+        "--bind-interfaces",
+        f"--pid-file={directory / 'resolver.pid'}",
+        "--local-ttl=60",
+    ]
+    argv += [f"--host-record={n},{ip}" for n, ip in {**PUBLIC_NAMES, **SEGMENT_NAMES}.items()]
+    seg.start(*argv, name="resolver")
+    seg.wait_port(53, "198.51.100.2", proto="udp")
+
+
+def start(topo: Topology, directory: Path) -> SiteInfo:
+    """Start every server and the appliance; returns what a person needs to try it."""
+    config = write_config(directory)
+    info = SiteInfo(str(directory), str(config))
+    _resolver(topo, directory)
+    smtp = servers.start_smtp(topo["seg"], domains=("example.net", "example.org"))
+    proxy = servers.start_webproxy(topo["seg"], resolver="198.51.100.2")
+    pop = servers.start_pop3(topo["home"], {HOME_USER[0]: HOME_USER[1]})
+    servers.add_pop_message(pop, HOME_USER[0], WELCOME)
+    web = servers.start_web(
+        topo["home"],
+        files={
+            "index.html": b"<h1>www.example.com</h1><p>The internet, as seen through the site's "
+            b"web proxy.</p>\n"
+        },
+    )
+    info.server_dirs = [str(s.directory) for s in (smtp, proxy, pop, web)]
+    info.maildir = str(smtp.extra["maildir"])
+    _accounts(config)
+    info.agent_fingerprint = _agent(topo, directory, config)
+    gw = topo["gw"]
+    gw.start(*_appliance("run", "--config", str(config)), name="appliance")
+    for port, host, proto in (
+        (67, "0.0.0.0", "udp"),
+        (53, "192.168.1.1", "udp"),
+        (80, "192.168.1.1", "tcp"),
+        (8000, "198.51.100.1", "tcp"),
+    ):
+        gw.wait_port(port, host, timeout=60, proto=proto)
+    deadline = time.monotonic() + 30
+    while gw.run("nft", "list", "table", "inet", "appliance", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise LabError("the appliance did not install its nftables table")
+        time.sleep(0.2)
+    (directory / "site.json").write_text(json.dumps(asdict(info), indent=2))
+    return info
+
+
+def load_info(directory: Path) -> SiteInfo:
+    try:
+        return SiteInfo(**json.loads((directory / "site.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise LabError(f"the lab is not up (no {directory / 'site.json'}): {exc}") from None
+
+
+def cleanup(directory: Path) -> None:
+    """Remove the servers' private directories and the lab directory."""
+    try:
+        info = load_info(directory)
+        for d in info.server_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    except LabError:
+        pass
+    shutil.rmtree(directory, ignore_errors=True)
