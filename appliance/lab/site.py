@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from appliance.lab import servers
-from appliance.lab.topology import LabError, Node, Topology
+from appliance.lab.topology import LAB_PREFIX, LabError, Node, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -222,3 +222,6 @@ def cleanup(directory: Path) -> None:
     except LabError:
         pass
     shutil.rmtree(directory, ignore_errors=True)
+    # servers' private directories (mkdtemp under /tmp) of a start that failed half-way
+    for d in Path("/tmp").glob(f"{LAB_PREFIX}-*"):
+        shutil.rmtree(d, ignore_errors=True)

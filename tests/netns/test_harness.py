@@ -166,30 +166,3 @@ def test_a_killed_run_is_swept_by_the_next(tmp_path: Path) -> None:
     swept = topology.sweep_stale()
     assert set(swept) >= left
     assert namespaces(proc.pid) == set()
-
-
-def test_lab_cli_up_exec_status_down() -> None:
-    appliance = [sys.executable, "-m", "appliance"]
-    if any(n.startswith("gglab-") for n in namespaces()):
-        pytest.skip("a lab is already up on this machine")
-    try:
-        up = subprocess.run(
-            [*appliance, "lab", "up", "--guests", "1"], capture_output=True, text=True, timeout=120
-        )
-        assert up.returncode == 0, up.stderr
-        ex = subprocess.run(
-            [*appliance, "lab", "exec", "gw", "--", "ip", "-br", "addr"],
-            capture_output=True,
-            text=True,
-        )
-        assert ex.returncode == 0 and "198.51.100.1/24" in ex.stdout
-        rc = subprocess.run([*appliance, "lab", "exec", "guest1", "--", "sh", "-c", "exit 7"])
-        assert rc.returncode == 7
-        st = subprocess.run([*appliance, "lab", "status"], capture_output=True, text=True)
-        assert "gglab-guest1" in st.stdout
-    finally:
-        down = subprocess.run([*appliance, "lab", "down"], capture_output=True, text=True)
-    assert down.returncode == 0
-    assert not any(n.startswith("gglab-") for n in namespaces())
-    st = subprocess.run([*appliance, "lab", "status"], capture_output=True, text=True)
-    assert st.returncode == 3 and "down" in st.stdout
