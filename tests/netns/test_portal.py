@@ -119,7 +119,8 @@ def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) 
         "portal",
         name="portal",
     )
-    gw.wait_port(wait, "192.168.1.1")
+    for port in {wait, 80}:  # the HTTPS listener starts first; port 80 too must be up
+        gw.wait_port(port, "192.168.1.1")
     return Site(topo, cfg, cfg_path, guest, tmp_path)
 
 
