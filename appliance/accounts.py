@@ -16,16 +16,14 @@ in one rename, so a crash or a concurrent reader never sees half a file.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance import passwords
+from appliance.atomic_file import write_atomically
 from appliance.tomlfile import ConfigError, TomlFile
 
 Attributes = Mapping[str, str | tuple[str, ...]]
@@ -116,25 +114,7 @@ def render(accounts: Mapping[str, Account]) -> str:
 
 def save(path: str | Path, accounts: Mapping[str, Account]) -> None:
     """Replace the table atomically (write, fsync, rename); the file stays mode 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(render(accounts))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    write_atomically(Path(path), render(accounts), 0o600)
 
 
 def parse_attributes(items: list[str]) -> dict[str, str | tuple[str, ...]]:

@@ -286,12 +286,18 @@ class SessionStore:
                 break
             for ev in events:
                 last = ev.id
+                # only sessions made before the event: a guest that released, got its
+                # address again and logged in anew before we got here keeps the new one
                 if ev.kind in _ENDING_EVENTS:
                     why = _ENDING_EVENTS[ev.kind]
-                    matches = self._active_where("ip = ? AND mac = ?", (ev.ip, ev.mac))
+                    matches = self._active_where(
+                        "ip = ? AND mac = ? AND created <= ?", (ev.ip, ev.mac, ev.time)
+                    )
                 elif ev.kind == "granted":
                     why = "address given to another device"
-                    matches = self._active_where("ip = ? AND mac != ?", (ev.ip, ev.mac))
+                    matches = self._active_where(
+                        "ip = ? AND mac != ? AND created <= ?", (ev.ip, ev.mac, ev.time)
+                    )
                 else:
                     continue
                 for sess in matches:

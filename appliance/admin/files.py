@@ -13,10 +13,10 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from appliance.atomic_file import write_atomically
 
 
 class Conflict(Exception):
@@ -48,28 +48,8 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def atomic_write(path: Path, text: str, mode: int | None = None) -> None:
-    """Write to a temporary file beside it, fsync, rename over: readers see old or new."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        elif path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    """Readers see old or new (mode None keeps the file's mode)."""
+    write_atomically(path, text, mode)
 
 
 def save_if_unchanged(path: Path, text: str, expected_version: str, mode: int | None = None) -> str:

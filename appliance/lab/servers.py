@@ -83,6 +83,46 @@ def _started(node: Node, server: Server, timeout: float = 20.0) -> Server:
     return server
 
 
+# -- dnsmasq -----------------------------------------------------------------------
+RESOLVER_ADDR = "198.51.100.2"
+
+
+def dnsmasq_argv(listen: str, pid_file: Path, port: int = 53) -> list[str]:
+    """dnsmasq in the foreground with no file of the machine's own (/etc/hosts, resolv.conf)."""
+    return [
+        "dnsmasq",
+        "-k",
+        "-C",
+        "/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "-u",
+        "root",
+        f"--listen-address={listen}",
+        "--bind-interfaces",
+        f"--port={port}",
+        f"--pid-file={pid_file}",
+    ]
+
+
+def start_resolver(
+    node: Node,
+    records: dict[str, str] | list[tuple[str, str]],
+    workdir: Path,
+    host: str = RESOLVER_ADDR,
+    port: int = 53,
+    ttl: int = 300,
+    extra: list[str] | None = None,
+) -> Process:
+    """The site's resolver: dnsmasq answering `records` (name -> IPv4) from its own table."""
+    pairs = records.items() if isinstance(records, dict) else records
+    argv = dnsmasq_argv(host, workdir / f"resolver-{host}-{port}.pid", port)
+    argv += [f"--local-ttl={ttl}", *(f"--host-record={n},{ip}" for n, ip in pairs)]
+    proc = node.start(*argv, *(extra or []), name="resolver")
+    node.wait_port(port, host, proto="udp")
+    return proc
+
+
 # -- postfix -----------------------------------------------------------------------
 _MASTER_CF = """\
 smtp      inet  n - n - - smtpd

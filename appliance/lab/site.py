@@ -147,32 +147,11 @@ def _agent(topo: Topology, directory: Path, config: Path) -> str:
     return _run(None, _agent_cmd("fingerprint", *conf)).split()[0]
 
 
-def _resolver(topo: Topology, directory: Path) -> None:
-    seg = topo["seg"]
-    argv = [
-        "dnsmasq",
-        "-k",
-        "-C",
-        "/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "-u",
-        "root",
-        "--listen-address=198.51.100.2",
-        "--bind-interfaces",
-        f"--pid-file={directory / 'resolver.pid'}",
-        "--local-ttl=60",
-    ]
-    argv += [f"--host-record={n},{ip}" for n, ip in {**PUBLIC_NAMES, **SEGMENT_NAMES}.items()]
-    seg.start(*argv, name="resolver")
-    seg.wait_port(53, "198.51.100.2", proto="udp")
-
-
 def start(topo: Topology, directory: Path) -> SiteInfo:
     """Start every server and the appliance; returns what a person needs to try it."""
     config = write_config(directory)
     info = SiteInfo(str(directory), str(config))
-    _resolver(topo, directory)
+    servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)
     smtp = servers.start_smtp(topo["seg"], domains=("example.net", "example.org"))
     proxy = servers.start_webproxy(topo["seg"], resolver="198.51.100.2")
     pop = servers.start_pop3(topo["home"], {HOME_USER[0]: HOME_USER[1]})
@@ -223,5 +202,5 @@ def cleanup(directory: Path) -> None:
         pass
     shutil.rmtree(directory, ignore_errors=True)
     # servers' private directories (mkdtemp under /tmp) of a start that failed half-way
-    for d in Path("/tmp").glob(f"{LAB_PREFIX}-*"):
-        shutil.rmtree(d, ignore_errors=True)
+    for leftover in Path("/tmp").glob(f"{LAB_PREFIX}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.lab import servers
 from appliance.lab.topology import Node, Topology
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "netns"))
@@ -66,40 +67,14 @@ def test_dns_cached_answers_against_dnsmasq(
     topo = make_topology(guests=1)
     gw, seg, guest = topo["gw"], topo["seg"], topo["guest1"]
     names = [f"host{i}.bench.example" for i in range(NAMES)]
-    seg.start(
-        "dnsmasq",
-        "-k",
-        "-C",
-        "/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "-u",
-        "root",
-        "--listen-address=198.51.100.2",
-        "--bind-interfaces",
-        f"--pid-file={tmp_path / 'lab-resolver.pid'}",
-        "--local-ttl=3600",
-        *(f"--host-record={n},203.0.113.{i % 250 + 1}" for i, n in enumerate(names)),
-        name="lab-resolver",
-    )
-    seg.wait_port(53, "198.51.100.2", proto="udp")
+    records = [(n, f"203.0.113.{i % 250 + 1}") for i, n in enumerate(names)]
+    servers.start_resolver(seg, records, tmp_path, ttl=3600)
     cfg = write_config(tmp_path)
     gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg), "dns", name="ours")
     gw.start(
-        "dnsmasq",
-        "-k",
-        "-C",
-        "/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "-u",
-        "root",
-        f"--listen-address={GW}",
-        "--bind-interfaces",
-        "--port=5353",
+        *servers.dnsmasq_argv(GW, tmp_path / "peer.pid", 5353),
         "--server=198.51.100.2",
         "--cache-size=10000",
-        f"--pid-file={tmp_path / 'peer.pid'}",
         name="dnsmasq",
     )
     gw.wait_port(53, GW, proto="udp")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyroute2.config
 
 from appliance import store
+from appliance.lab import servers
 from appliance.lab.topology import Node, Process, Topology, guest_mac
 from dhcp import leases
 
@@ -105,30 +106,9 @@ def banners(node: Node, *specs: str) -> Process:
 
 def lab_resolver(topo: Topology, extra: list[str] | None = None, port: int = 53) -> Process:
     """dnsmasq in the segment at 198.51.100.2: the site's resolver, knowing a few names."""
-    seg = topo["seg"]
-    argv = [
-        "dnsmasq",
-        "-k",
-        "-C",
-        "/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "-u",
-        "root",
-        "--listen-address=198.51.100.2",
-        "--bind-interfaces",
-        f"--port={port}",
-        f"--pid-file={topo.workdir / 'lab-resolver.pid'}",
-        "--local-ttl=300",
-    ]
-    for name, ip in {**SEGMENT_NAMES, **PUBLIC_NAMES}.items():
-        argv.append(f"--host-record={name},{ip}")
-    for i in range(BIG_COUNT):
-        argv.append(f"--host-record={BIG_NAME},203.0.113.{100 + i}")
-    argv += extra or []
-    proc = seg.start(*argv, name="lab-resolver")
-    seg.wait_port(port, "198.51.100.2", proto="udp")
-    return proc
+    records = [*SEGMENT_NAMES.items(), *PUBLIC_NAMES.items()]
+    records += [(BIG_NAME, f"203.0.113.{100 + i}") for i in range(BIG_COUNT)]
+    return servers.start_resolver(topo["seg"], records, topo.workdir, port=port, extra=extra)
 
 
 def give_address(topo: Topology, n: int, ip: str, lease: bool = True) -> Node:

@@ -152,3 +152,18 @@ def test_a_session_does_not_survive_release_and_a_new_grant(tmp_path: Path) -> N
     leases.record(st.conn, "released", Lease(IP, MAC, 0), now=4)
     grant(st, IP, MAC, 5)
     assert st.lookup_ip(IP, now=6) is None
+
+
+def test_a_late_follower_does_not_end_the_login_made_after_the_release(tmp_path: Path) -> None:
+    revoked: list[tuple[str, str]] = []
+    st = make(tmp_path, revoked)
+    grant(st, IP, MAC, 0)
+    old = st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=1)
+    leases.record(st.conn, "released", Lease(IP, MAC, 0), now=2)
+    grant(st, IP, MAC, 3)
+    new = st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=4)
+    assert st.get(old.id).ended is not None  # type: ignore[union-attr]  # replaced at login
+    revoked.clear()
+    assert st.follow_leases(now=5) == 0  # the follower reads the release only now
+    assert st.lookup_ip(IP, now=6) == st.get(new.id)
+    assert revoked == []  # and the new login keeps its firewall entry
