@@ -113,6 +113,9 @@ def program(unit: Path, body: str, mdwe: bool = True) -> str:
     return f"{PRELUDE}\n_sandbox(json.loads({json.dumps(json.dumps(cfg))}))\n{body}"
 
 
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 def fs_script(unit: Path, owner: int = 65534, setup: str = "", home: bool = True) -> str:
     """Shell commands (as root, in a private mount namespace) that lay out the file
     system the way the unit's ProtectSystem=, StateDirectory=, PrivateTmp=,
@@ -136,10 +139,15 @@ def fs_script(unit: Path, owner: int = 65534, setup: str = "", home: bool = True
     if s.get("ProtectSystem") == "strict":
         cmds.append("mount -o remount,bind,ro /")
     if s.get("PrivateTmp") == "yes":
+        keep = _CHECKOUT if _CHECKOUT.is_relative_to("/tmp") else None
+        if keep:  # a clone under /tmp (CI may put one there): keep the code and venv visible
+            cmds += ["K=$(mktemp -d /dev/shm/keep.XXXXXX)", f"mount --bind {keep} $K"]
         cmds += [
             "mount -t tmpfs -o mode=1777 tmpfs /tmp",
             "mount -t tmpfs -o mode=1777 tmpfs /var/tmp",
         ]
+        if keep:
+            cmds += [f"mkdir -p {keep}", f"mount --bind $K {keep}"]
     if s.get("ProtectHome") == "yes" and home:
         cmds += [
             "mount -t tmpfs -o mode=0000 tmpfs /home",
