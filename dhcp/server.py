@@ -354,8 +354,9 @@ def handle(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outcome:
     """Answer one decoded message; the index is only read, the changes say what to write."""
     if req.op != BOOTREQUEST:
         return _drop("bootreply")
-    if req.hlen == 0 and codec.OPT_CLIENT_ID not in req.options:
-        return _drop("no_client_identity")
+    if req.htype != 1 or req.hlen != 6:
+        # the guest side is Ethernet, and a session is bound to an Ethernet MAC
+        return _drop("not_ethernet")
     mtype = req.message_type
     if mtype is None:
         return _drop("not_dhcp")

@@ -55,11 +55,13 @@ def full_sync(
         rows = leases.all_leases(conn)
     finally:
         conn.execute("COMMIT")
-    bound = {
-        check_pair(lease.ip, lease.mac)
-        for lease in rows
-        if lease.state == "bound" and lease.expires > now
-    }
+    bound = set()
+    for lease in rows:
+        if lease.state == "bound" and lease.expires > now:
+            try:
+                bound.add(check_pair(lease.ip, lease.mac))
+            except ValueError:  # never let one odd row take the guest side's rules down
+                log.warning("ignoring a lease with a bad address: %r %r", lease.ip, lease.mac)
     script = f"flush set inet {nft.TABLE} leased\n"
     if bound:
         script += f"add element inet {nft.TABLE} leased {{ {nft.elements_text(bound)} }}\n"
@@ -122,7 +124,8 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
         except (sqlite3.Error, nft.NftError) as exc:
             log.error("lease follower: %s (retrying)", exc)
             stop.wait(1.0)
+        except Exception:  # fail closed: the rules stay, the follower keeps going
+            log.exception("lease follower: unexpected error (retrying)")
+            stop.wait(1.0)
         stop.wait(poll)
-    conn.close()
-    if lib is not None:
-        lib.close()
+    conn.close()  # the nft runner is shared by the process and stays open

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import os
 import subprocess
 import threading
 from typing import Any
@@ -65,12 +66,22 @@ class Lib:
             self.ctx = None
 
 
+_runners: dict[int, Lib] = {}
+_runners_lock = threading.Lock()
+
+
 def runner() -> Lib | None:
-    """An in-process runner when libnftables is there, else None (then `run` shells out)."""
-    try:
-        return Lib()
-    except (OSError, NftError, AttributeError):
-        return None
+    """The in-process runner of this thread's network namespace (one per namespace and
+    process, so a login costs no new netlink socket), or None without libnftables (then
+    `run` shells out)."""
+    ns = os.stat("/proc/thread-self/ns/net").st_ino
+    with _runners_lock:
+        if ns not in _runners:
+            try:
+                _runners[ns] = Lib()
+            except (OSError, NftError, AttributeError):
+                return None
+        return _runners[ns]
 
 
 def query(*args: str) -> dict[str, Any] | None:

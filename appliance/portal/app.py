@@ -291,7 +291,17 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 return failed("wrong user id or password (site account)")
             who, source, attrs = account.user, "site", dict(account.attributes)
         else:
-            spec = f"{user}@{agent}" if "@" not in user else user
+            # The agent is named in the agent field only ("home.example" or, as the agent's
+            # README shows, "alice@home.example"), so the session names the agent that
+            # really vouched for the user.
+            if "@" in agent:
+                agent_user, agent = agent.rsplit("@", 1)
+                if user and user != agent_user:
+                    return refuse("err_credentials", 400)
+                user = agent_user
+            if "@" in user or not agent:
+                return refuse("err_credentials", 400)
+            spec = f"{user}@{agent}"
             try:
                 ans = gates.agent_authenticate(config, spec, password)
             except gates.AgentFailure as exc:

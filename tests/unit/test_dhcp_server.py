@@ -335,3 +335,13 @@ def test_odd_option_values_never_raise(
     out = sim.send(m)
     if out.reply is not None:
         codec.encode(out.reply, m.max_size)
+
+
+@pytest.mark.parametrize("hlen", [0, 8, 16])
+def test_non_ethernet_hardware_addresses_get_no_lease(sim: Sim, hlen: int) -> None:
+    """Sessions and the firewall bind Ethernet MACs: an 8-byte chaddr must not get a lease."""
+    m = msg(DISCOVER, 7)
+    odd = Message(xid=m.xid, hlen=hlen, chaddr=m.chaddr, options=m.options)
+    out = sim.send(odd)
+    assert out.reply is None and out.drop == "not_ethernet"
+    assert sim.persisted == []

@@ -87,3 +87,20 @@ def test_released_and_granted_again_in_one_batch_still_leaves_authenticated() ->
     assert f"delete element inet appliance authenticated {pair}" in lines
     assert f"add element inet appliance leased {pair}" in lines
     assert f"delete element inet appliance leased {pair}" not in lines
+
+
+def test_a_lease_with_a_bad_mac_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """One odd row must never stop the follower (whose stop would take the rules down)."""
+    conn = store.connect(tmp_path / "s.sqlite")
+    leases.create_schema(conn)
+    now = time.time()
+    leases.record(conn, "granted", leases.Lease("192.168.1.100", MAC1, now + 60), now)
+    leases.record(
+        conn, "granted", leases.Lease("192.168.1.105", "02:47:00:00:00:0b:00:00", now + 60), now
+    )
+    scripts: list[str] = []
+    follower.full_sync(conn, now, scripts.append)
+    assert scripts == [
+        "flush set inet appliance leased\n"
+        f"add element inet appliance leased {{ 192.168.1.100 . {MAC1} }}\n"
+    ]

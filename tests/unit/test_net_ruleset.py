@@ -55,3 +55,13 @@ def test_render_refuses_bad_values(
     cfg = load(config(tmp_path))
     with pytest.raises(ValueError):
         setup.render(cfg, intercepts, {pair} if pair else None)
+
+
+def test_one_nft_runner_per_namespace_not_per_call() -> None:
+    """A Firewall per login must not open a new libnftables context (fd) each time."""
+    from appliance.net import nft
+
+    first = nft.runner()
+    if first is None:
+        pytest.skip("libnftables is not installed")
+    assert all(nft.runner() is first for _ in range(50))

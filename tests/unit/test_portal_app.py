@@ -338,3 +338,24 @@ def test_access_rights_gate_the_login_and_explain_the_services(
     page = c.get("/status").get_data(as_text=True)
     assert "<strong>pop3</strong>" in page and "rule sales omits it" in page
     assert "rule sales allows it" in page
+
+
+def test_the_session_names_the_agent_that_was_asked(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """user@agent in the agent field works; an agent smuggled into the user field does not."""
+    from types import SimpleNamespace
+
+    asked: list[str] = []
+
+    def agent(spec: str, pw: str) -> Any:
+        asked.append(spec)
+        return SimpleNamespace(user="alice", attributes={"role": "staff"}, servers={})
+
+    fake_agent(monkeypatch, agent)
+    r = login(site.client(), "alice@evil.example", "pw", agent="home.example")
+    assert r.status_code == 400 and asked == []
+    r = login(site.client(), "alice", "pw", agent="alice@home.example#sha256:ab")
+    assert r.status_code == 303 and asked == ["alice@home.example#sha256:ab"]
+    sess = site.sessions.lookup_ip(IP)
+    assert sess is not None and sess.source == "agent:home.example"
