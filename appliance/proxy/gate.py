@@ -187,10 +187,12 @@ class PolicyGate:
         self.sessions: Any = sessions
         self._subscribers: list[Callable[[], None]] = []
         self._touched: dict[str, float] = {}
-        self._cache: dict[str, tuple[float, Any, str | None]] = {}  # ip -> (until, session, mac)
+        # ip -> (until, session, mac, answers per service)
+        self._cache: dict[str, tuple[float, Any, str | None, dict[str, Admission | Refusal]]] = {}
         self.policy.subscribe(lambda _p: self._changed())
 
     def _changed(self) -> None:
+        self._cache.clear()  # answers depend on the tables
         for cb in self._subscribers:
             cb()
 
@@ -208,14 +210,20 @@ class PolicyGate:
         return str(self.config.portal.base_url(self.config.interfaces.guest_ip)) + "/"
 
     def admit(self, src_ip: str, service: str) -> Admission | Refusal:
-        portal = self.portal_url()
-        session, mac = self._lookup(src_ip)
+        session, mac, answers = self._lookup(src_ip)
         if session is None:
-            return Refusal("login", "not logged in", portal)
+            return Refusal("login", "not logged in", self.portal_url())
         if mac is not None and mac != session.mac.lower():
             log.warning("session of %s is bound to another MAC; refused", src_ip)
-            return Refusal("login", "address not bound to this device", portal)
+            return Refusal("login", "address not bound to this device", self.portal_url())
         self._touch(session.id)
+        answer = answers.get(service)
+        if answer is None:  # the decision is a function of session and tables: cached with it
+            answer = answers[service] = self._decide(session, service)
+        return answer
+
+    def _decide(self, session: Any, service: str) -> Admission | Refusal:
+        portal = self.portal_url()
         services: Mapping[str, Any] = self.policy.servers.services
         checked = service if service in services or service != "connect" else "http"
         decision = self.policy.access.decide(session.attributes, checked)
@@ -238,24 +246,26 @@ class PolicyGate:
             session.id,
         )
 
-    def _lookup(self, ip: str) -> tuple[Any, str | None]:
-        """The session of an address and the MAC the kernel sees for it (cached briefly)."""
+    def _lookup(self, ip: str) -> tuple[Any, str | None, dict[str, Admission | Refusal]]:
+        """The session of an address, the MAC the kernel sees for it and the answers
+        given to it per service (all cached together, briefly)."""
         now = time.monotonic()
         hit = self._cache.get(ip)
         if hit is not None and hit[0] > now:
             sess = hit[1]
             wall = time.time()
             if sess.idle_expiry > wall and sess.absolute_expiry > wall:
-                return sess, hit[2]
+                return hit[1], hit[2], hit[3]
         session = self.sessions.lookup_ip(ip)
         if session is None:
             self._cache.pop(ip, None)
-            return None, None
+            return None, None, {}
         mac = _arp_mac(ip)
         if len(self._cache) > 10000:
             self._cache.clear()
-        self._cache[ip] = (now + self.CACHE_TTL, session, mac)
-        return session, mac
+        answers: dict[str, Admission | Refusal] = {}
+        self._cache[ip] = (now + self.CACHE_TTL, session, mac, answers)
+        return session, mac, answers
 
     def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
         """Sessions ended after `since` in the shared store; their addresses leave the cache."""

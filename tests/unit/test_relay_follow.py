@@ -133,3 +133,24 @@ def test_relay_survives_a_failing_store() -> None:
         await relay.stop()
 
     run(body())
+
+
+def test_policy_gate_asks_the_store_once_per_ttl_and_again_after_a_reload(tmp_path: Path) -> None:
+    st = sessions(tmp_path)
+    st.create(user="alice", source="site", attributes={"department": "Sales 1"}, ip=IP, mac=MAC)
+    lookups: list[str] = []
+    real = st.lookup_ip
+
+    def counted(ip: str, now: float | None = None) -> Any:
+        lookups.append(ip)
+        return real(ip, now)
+
+    st.lookup_ip = counted  # type: ignore[method-assign]
+    policy = FakePolicy({"Sales 1": {"smtp"}})
+    gate = PolicyGate(config(), policy, st)
+    answers = [gate.admit(IP, "smtp") for _ in range(100)]
+    assert all(isinstance(a, Admission) for a in answers) and lookups == [IP]
+    policy.allow = {}
+    policy.reload()  # a table change: cached answers are dropped at once
+    r = gate.admit(IP, "smtp")
+    assert isinstance(r, Refusal) and r.kind == "denied" and lookups == [IP, IP]
