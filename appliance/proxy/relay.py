@@ -435,6 +435,7 @@ class Relay:
         self._sweeper: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self.follow_period = follow_period
+        self._stamp = (0, "")
         gate.subscribe(self.recheck)
 
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
@@ -468,12 +469,15 @@ class Relay:
     def _accept(self, lsock: socket.socket, ls: Listener) -> None:
         for _ in range(64):
             try:
-                csock, addr = lsock.accept()
+                # the raw accept: socket.accept() would ask the family and type back as
+                # enums for every connection; they are known here
+                fd, addr = lsock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
                 log.warning("accept on %s: %s", ls.service, exc)
                 return
+            csock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             csock.setblocking(False)
             csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Spliced(self, ls, csock, addr[0])
@@ -539,10 +543,15 @@ class Relay:
             if self.per_user[conn.user] <= 0:
                 del self.per_user[conn.user]
         self.counters[(conn.listener.service, conn.result)] += 1
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        second = int(conn.started)
+        if second != self._stamp[0]:  # one strftime per second, not per connection
+            self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
         access_log.info(
             "time=%s user=%s ip=%s service=%s rule=%s upstream=%s bytes_up=%d bytes_down=%d "
             "duration=%.3f result=%s",
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(conn.started)),
+            self._stamp[1],
             conn.user or "-",
             conn.src,
             conn.listener.service,
