@@ -157,6 +157,9 @@ class SpliceConn:
         self.closed = False
         loop.add_reader(self.up.src, self.up.readable)
         loop.add_reader(self.down.src, self.down.readable)
+        # the client has usually sent its request while the upstream connected: move it
+        # now rather than after one more trip through the event loop (time to first byte)
+        self.up.readable()
 
     def half_closed(self, d: Direction) -> None:
         self.done += 1
