@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     end_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_active_ip ON sessions(ip) WHERE ended IS NULL;
+CREATE INDEX IF NOT EXISTS sessions_ended ON sessions(ended) WHERE ended IS NOT NULL;
 CREATE TABLE IF NOT EXISTS session_cursor (
     name TEXT PRIMARY KEY,
     last_event_id INTEGER NOT NULL
@@ -179,6 +180,18 @@ class SessionStore:
             f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
         ).fetchone()
         return _row(row) if row else None
+
+    def ended_since(self, since: float) -> builtins.list[tuple[str, str, float]]:
+        """(id, ip, ended) of the sessions ended after `since`, oldest first.
+
+        Other processes (the proxy) poll it to close what an ended session still
+        holds open, whichever process ended it; `sessions_ended` keeps it an index
+        range scan however many sessions the store has seen.
+        """
+        rows = self.conn.execute(
+            "SELECT id, ip, ended FROM sessions WHERE ended > ? ORDER BY ended", (since,)
+        ).fetchall()
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
 
     # -- writing ----------------------------------------------------------------
     def create(

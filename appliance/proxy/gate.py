@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -51,6 +51,7 @@ class Admission:
     upstreams: tuple[Upstream, ...]  # in order: personal first where allowed, then fallbacks
     max_connections: int | None = None
     identity: str | None = None  # value of the identity header, when configured
+    session: str | None = None  # the session id: its end closes the connection
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class Gate(Protocol):
 
     def reload(self) -> None: ...
 
+    def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
+        """(session id, ip, ended) of sessions ended after `since` (the relay's follower)."""
+        ...
+
 
 @dataclass
 class StaticGate:
@@ -86,6 +91,7 @@ class StaticGate:
     table: dict[str, Any]
     path: Path | None = None
     _subscribers: list[Callable[[], None]] = field(default_factory=list)
+    ended: list[tuple[str, str, float]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> StaticGate:
@@ -115,8 +121,17 @@ class StaticGate:
             host, port = _split(spec)
             ups.append(Upstream(f"{service}/site" + (f"#{i + 1}" if i else ""), host, port))
         return Admission(
-            name, rule, tuple(ups), user.get("max_connections"), user.get("identity", name)
+            name,
+            rule,
+            tuple(ups),
+            user.get("max_connections"),
+            user.get("identity", name),
+            user.get("session"),
         )
+
+    def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
+        """Sessions ended in this table: tests append to `ended` (and drop the user)."""
+        return [e for e in self.ended if e[2] > since]
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._subscribers.append(callback)
@@ -151,6 +166,12 @@ class PolicyGate:
     """
 
     TOUCH_EVERY = 60.0  # seconds between session touches (relay traffic keeps a session alive)
+    # A session found for an address is reused this long without asking the store
+    # again (connection rate: the lookup is two SQLite queries and a JSON decode, the
+    # MAC check reads /proc/net/arp).  An ended session leaves the cache at once
+    # through `ended_since` (the relay polls it several times a second); what the
+    # cache can miss for CACHE_TTL is a lease lapse not yet turned into an end.
+    CACHE_TTL = 1.0
 
     def __init__(self, config: Any, policy: Any = None, sessions: Any = None) -> None:
         import importlib
@@ -166,9 +187,12 @@ class PolicyGate:
         self.sessions: Any = sessions
         self._subscribers: list[Callable[[], None]] = []
         self._touched: dict[str, float] = {}
+        # ip -> (until, session, mac, answers per service)
+        self._cache: dict[str, tuple[float, Any, str | None, dict[str, Admission | Refusal]]] = {}
         self.policy.subscribe(lambda _p: self._changed())
 
     def _changed(self) -> None:
+        self._cache.clear()  # answers depend on the tables
         for cb in self._subscribers:
             cb()
 
@@ -186,15 +210,20 @@ class PolicyGate:
         return str(self.config.portal.base_url(self.config.interfaces.guest_ip)) + "/"
 
     def admit(self, src_ip: str, service: str) -> Admission | Refusal:
-        portal = self.portal_url()
-        session = self.sessions.lookup_ip(src_ip)
+        session, mac, answers = self._lookup(src_ip)
         if session is None:
-            return Refusal("login", "not logged in", portal)
-        mac = _arp_mac(src_ip)
+            return Refusal("login", "not logged in", self.portal_url())
         if mac is not None and mac != session.mac.lower():
             log.warning("session of %s is bound to another MAC; refused", src_ip)
-            return Refusal("login", "address not bound to this device", portal)
+            return Refusal("login", "address not bound to this device", self.portal_url())
         self._touch(session.id)
+        answer = answers.get(service)
+        if answer is None:  # the decision is a function of session and tables: cached with it
+            answer = answers[service] = self._decide(session, service)
+        return answer
+
+    def _decide(self, session: Any, service: str) -> Admission | Refusal:
+        portal = self.portal_url()
         services: Mapping[str, Any] = self.policy.servers.services
         checked = service if service in services or service != "connect" else "http"
         decision = self.policy.access.decide(session.attributes, checked)
@@ -214,7 +243,36 @@ class PolicyGate:
             tuple(ups),
             decision.max_connections,
             session.user if header else None,
+            session.id,
         )
+
+    def _lookup(self, ip: str) -> tuple[Any, str | None, dict[str, Admission | Refusal]]:
+        """The session of an address, the MAC the kernel sees for it and the answers
+        given to it per service (all cached together, briefly)."""
+        now = time.monotonic()
+        hit = self._cache.get(ip)
+        if hit is not None and hit[0] > now:
+            sess = hit[1]
+            wall = time.time()
+            if sess.idle_expiry > wall and sess.absolute_expiry > wall:
+                return hit[1], hit[2], hit[3]
+        session = self.sessions.lookup_ip(ip)
+        if session is None:
+            self._cache.pop(ip, None)
+            return None, None, {}
+        mac = _arp_mac(ip)
+        if len(self._cache) > 10000:
+            self._cache.clear()
+        answers: dict[str, Admission | Refusal] = {}
+        self._cache[ip] = (now + self.CACHE_TTL, session, mac, answers)
+        return session, mac, answers
+
+    def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
+        """Sessions ended after `since` in the shared store; their addresses leave the cache."""
+        rows: Sequence[tuple[str, str, float]] = self.sessions.ended_since(since)
+        for _sid, ip, _t in rows:
+            self._cache.pop(ip, None)
+        return rows
 
     def _touch(self, session_id: str) -> None:
         """Relayed use keeps a session from idling out; at most one write a minute each."""
@@ -233,4 +291,5 @@ class PolicyGate:
         self._subscribers.append(callback)
 
     def reload(self) -> None:
+        self._cache.clear()
         self.policy.reload()  # subscribers run through the policy's own subscription

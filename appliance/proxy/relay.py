@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
+from appliance.proxy.follow import Ended, EndedFollower
 from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
 from appliance.proxy.refusals import RefusalDialog
 from appliance.proxy.splice import PipePool, SpliceConn
@@ -63,6 +64,7 @@ class Tracked:
         "relay",
         "result",
         "rule",
+        "session",
         "src",
         "started",
         "upstream_name",
@@ -76,6 +78,7 @@ class Tracked:
         self.src = "-"
         self.user: str | None = None
         self.rule: str | None = None
+        self.session: str | None = None
         self.upstream_name: str | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -86,7 +89,7 @@ class Tracked:
 
     def admitted(self, adm: Admission) -> bool:
         """Record the user; False when the per-user connection limit is reached."""
-        self.user, self.rule = adm.user, adm.rule
+        self.user, self.rule, self.session = adm.user, adm.rule, adm.session
         self.counted = self.relay.count_user(adm.user, adm.max_connections)
         return self.counted
 
@@ -414,6 +417,7 @@ class Relay:
         identity_header: str | None = None,
         hidden: Callable[[str], bool] | None = None,
         splice: bool = False,
+        follow_period: float = 0.25,
     ) -> None:
         self.gate = gate
         self.splice = splice
@@ -429,6 +433,9 @@ class Relay:
         self.counters: Counter[tuple[str, str]] = Counter()
         self.servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self.follow_period = follow_period
+        self._stamp = (0, "")
         gate.subscribe(self.recheck)
 
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
@@ -450,6 +457,8 @@ class Relay:
             self.servers.append(server)
             log.info("listening on %s:%d for %s (%s)", host, ls.port, ls.service, ls.protocol)
         self._sweeper = self.loop.create_task(self._sweep())
+        follower = EndedFollower(self.gate.ended_since, self.sessions_ended, self.follow_period)
+        self._follower = self.loop.create_task(follower.run())
 
     def _listen_raw(self, host: str, ls: Listener) -> None:
         sock = socket.create_server((host, ls.port), backlog=4096)
@@ -460,12 +469,15 @@ class Relay:
     def _accept(self, lsock: socket.socket, ls: Listener) -> None:
         for _ in range(64):
             try:
-                csock, addr = lsock.accept()
+                # the raw accept: socket.accept() would ask the family and type back as
+                # enums for every connection; they are known here
+                fd, addr = lsock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
                 log.warning("accept on %s: %s", ls.service, exc)
                 return
+            csock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             csock.setblocking(False)
             csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Spliced(self, ls, csock, addr[0])
@@ -507,8 +519,9 @@ class Relay:
             sock.close()
         for server in self.servers:
             server.close()
-        if self._sweeper:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._follower):
+            if task is not None:
+                task.cancel()
         for conn in list(self.conns):
             conn.abort("shutdown")
         await asyncio.sleep(0)
@@ -530,10 +543,15 @@ class Relay:
             if self.per_user[conn.user] <= 0:
                 del self.per_user[conn.user]
         self.counters[(conn.listener.service, conn.result)] += 1
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        second = int(conn.started)
+        if second != self._stamp[0]:  # one strftime per second, not per connection
+            self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
         access_log.info(
             "time=%s user=%s ip=%s service=%s rule=%s upstream=%s bytes_up=%d bytes_down=%d "
             "duration=%.3f result=%s",
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(conn.started)),
+            self._stamp[1],
             conn.user or "-",
             conn.src,
             conn.listener.service,
@@ -556,6 +574,18 @@ class Relay:
                 conn.abort("revoked")
                 closed += 1
         log.info("policy change: %d open connection(s) closed", closed)
+
+    def sessions_ended(self, rows: list[Ended]) -> int:
+        """Close every open connection of these ended sessions (result `session-ended`)."""
+        ids = {r[0] for r in rows}
+        closed = 0
+        for conn in list(self.conns):
+            if conn.session is not None and conn.session in ids:
+                conn.abort("session-ended")
+                closed += 1
+        if closed:
+            log.info("%d session(s) ended: %d open connection(s) closed", len(ids), closed)
+        return closed
 
     async def _sweep(self) -> None:
         """One timer for all connections: a connection whose byte counts did not move

@@ -157,13 +157,17 @@ class SpliceConn:
         self.closed = False
         loop.add_reader(self.up.src, self.up.readable)
         loop.add_reader(self.down.src, self.down.readable)
+        # the client has usually sent its request while the upstream connected: move it
+        # now rather than after one more trip through the event loop (time to first byte)
+        self.up.readable()
 
     def half_closed(self, d: Direction) -> None:
+        self.done += 1
+        if self.done >= 2:  # the close sends the last FIN: no shutdown syscall needed
+            self.close("ok")
+            return
         with contextlib.suppress(OSError):
             (self.sock_b if d is self.up else self.sock_a).shutdown(socket.SHUT_WR)
-        self.done += 1
-        if self.done >= 2:
-            self.close("ok")
 
     def close(self, result: str) -> None:
         if self.closed:

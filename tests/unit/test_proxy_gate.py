@@ -95,6 +95,8 @@ def session(user: str, dept: str, personal: dict[str, str] | None = None) -> Any
         mac="02:47:00:00:00:01",
         attributes={"department": dept},
         personal_servers=personal or {},
+        idle_expiry=float("inf"),
+        absolute_expiry=float("inf"),
     )
 
 
