@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
+import socket
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -35,6 +37,15 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+_NUMERIC_HOST = re.compile(r"[0-9][0-9a-fx.]*", re.IGNORECASE)
+
+
+def _odd_number(host: str) -> bool:
+    """Hosts like 3325256707, 0xc6.0x33.0x64.3 or 198.51.25603: resolvers turn them into
+    addresses, so only the plain dotted form is accepted (and checked)."""
+    return bool(_NUMERIC_HOST.fullmatch(host)) and not _is_ip(host)
+
+
 def _authority(value: str, default_port: int) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if sep and port.isdigit() and "]" not in port:
@@ -48,6 +59,7 @@ class HttpClient(Tracked, asyncio.Protocol):
     __slots__ = (
         "admission",
         "busy",
+        "checked_name",
         "chunked",
         "dest",
         "eofs",
@@ -62,6 +74,7 @@ class HttpClient(Tracked, asyncio.Protocol):
         self.parser: h11.Connection | None = h11.Connection(h11.SERVER)
         self.pump: Pump | None = None
         self.admission: Admission | None = None
+        self.checked_name = ""  # the host name checked when this connection was made
         self.orig: tuple[str, int] | None = None
         self.dest: tuple[str, int] | None = None
         self.chunked = False
@@ -184,6 +197,9 @@ class HttpClient(Tracked, asyncio.Protocol):
             hhost, _ = _authority(host_header, 80) if host_header else (host, port)
             if _is_ip(hhost) and self.relay.hidden(hhost):
                 host = hhost
+        if _odd_number(host) or _odd_number(hhost_checked := self._name_target(host, host_header)):
+            self._fail(400, "give the host as a name or a dotted IPv4 address")
+            return
         if _is_ip(host) and self.relay.hidden(host):
             self._refuse(
                 Refusal(
@@ -203,6 +219,10 @@ class HttpClient(Tracked, asyncio.Protocol):
         else:
             head = self._head(method, out_target, ev.http_version, raw_headers)
         if self.pump is not None:
+            if hhost_checked != self.checked_name:
+                # a name is checked when its connection is made; another name, another one
+                self._fail_quiet("another host on a kept-alive connection")
+                return
             if self.dest != dest:
                 # a keep-alive connection may only talk to one place (direct explicit mode)
                 self._fail_quiet("destination changed on a kept-alive connection")
@@ -212,7 +232,10 @@ class HttpClient(Tracked, asyncio.Protocol):
         self.busy = True
         assert self.client is not None
         self.client.pause_reading()
-        self.relay.loop.create_task(self._connect(candidates, head, connect and bool(proxies)))
+        self.checked_name = hhost_checked
+        self.relay.loop.create_task(
+            self._connect(candidates, head, connect and bool(proxies), hhost_checked, port, adm)
+        )
         if connect:
             self.raw = True
 
@@ -234,9 +257,58 @@ class HttpClient(Tracked, asyncio.Protocol):
             lines.append(f"{ident}: {self.admission.identity}".encode())
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
+    def _name_target(self, host: str, host_header: str) -> str:
+        """The host name (not address) this request would reach, or "" when there is none."""
+        if not _is_ip(host):
+            return host
+        if host_header and not self.listener.explicit:
+            name, _ = _authority(host_header, 80)
+            return "" if _is_ip(name) else name
+        return ""
+
+    async def _check_name(self, name: str, port: int, direct: bool) -> tuple[str | None, str]:
+        """Resolve a target name ourselves: a name of a hidden host is refused even when the
+        site's web proxy would fetch it.  Returns (reason or None, the address to use)."""
+        try:
+            async with asyncio.timeout(self.relay.connect_timeout):
+                infos = await self.relay.loop.getaddrinfo(
+                    name, port, family=socket.AF_INET, type=socket.SOCK_STREAM
+                )
+        except (TimeoutError, OSError):
+            # unknown to the appliance's resolver: direct, we cannot reach it either; via the
+            # site proxy (which asks the same site resolver) it fails there the same way
+            return ("cannot resolve" if direct else None), ""
+        addresses = [str(info[4][0]) for info in infos]
+        if any(self.relay.hidden(a) for a in addresses):
+            return "hidden", ""
+        return None, addresses[0]
+
     async def _connect(
-        self, candidates: tuple[Upstream, ...], head: bytes, connect_via_proxy: bool
+        self,
+        candidates: tuple[Upstream, ...],
+        head: bytes,
+        connect_via_proxy: bool,
+        name: str = "",
+        port: int = 80,
+        adm: Admission | None = None,
     ) -> None:
+        direct = candidates[0].name == "direct"
+        why, address = await self._check_name(name, port, direct) if name else (None, "")
+        if why is not None:
+            self.busy = False
+            user, rule = (adm.user, adm.rule) if adm else (self.user, self.rule)
+            refusal = (
+                Refusal(
+                    "denied", "that address is not reachable from the guest network", "", user, rule
+                )
+                if why == "hidden"
+                else Refusal("unavailable", "no such host", "", user, rule)
+            )
+            self._refuse(refusal, False)
+            return
+        if direct and address:
+            # connect to the address we checked, not to a second lookup's answer
+            candidates = (Upstream("direct", address, candidates[0].port),)
         for up in candidates:
             try:
                 async with asyncio.timeout(self.relay.connect_timeout):

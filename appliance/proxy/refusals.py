@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from appliance.proxy.gate import Refusal
 
 MAX_LINE = 4096
+MAX_COMMANDS = 20  # commands a refusal dialog answers before it closes
 
 
 def smtp_reply(r: Refusal) -> str:
@@ -49,6 +50,7 @@ class RefusalDialog:
     refusal: Refusal
     _buf: bytes = b""
     closed: bool = False
+    answered: int = 0
 
     def greeting(self) -> bytes:
         """Bytes to send at connect; `closed` is True when the dialog ends right there."""
@@ -69,6 +71,9 @@ class RefusalDialog:
         while not self.closed and b"\n" in self._buf:
             line, _, self._buf = self._buf.partition(b"\n")
             out.append(self._answer(line.strip().decode("latin-1")))
+            self.answered += 1
+            if self.answered >= MAX_COMMANDS:  # no mail client needs more to read the refusal;
+                self.closed = True  # and a flood of empty lines must not make us talk 50x more
         if len(self._buf) > MAX_LINE:
             self.closed = True
         return "".join(out).encode()

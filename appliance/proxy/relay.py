@@ -90,7 +90,7 @@ class Tracked:
     def admitted(self, adm: Admission) -> bool:
         """Record the user; False when the per-user connection limit is reached."""
         self.user, self.rule, self.session = adm.user, adm.rule, adm.session
-        self.counted = self.relay.count_user(adm.user, adm.max_connections)
+        self.counted = self.relay.count_user(adm.user, self.listener.service, adm.max_connections)
         return self.counted
 
     def refused(self, r: Refusal) -> None:
@@ -429,7 +429,7 @@ class Relay:
         self.hidden = hidden or (lambda _ip: False)
         self.loop = asyncio.get_running_loop()
         self.conns: set[Tracked] = set()
-        self.per_user: Counter[str] = Counter()
+        self.per_user: Counter[tuple[str, str]] = Counter()  # (user, service)
         self.counters: Counter[tuple[str, str]] = Counter()
         self.servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -530,18 +530,21 @@ class Relay:
     def opened(self, conn: Tracked) -> None:
         self.conns.add(conn)
 
-    def count_user(self, user: str, limit: int | None) -> bool:
-        if limit is not None and self.per_user[user] >= limit:
+    def count_user(self, user: str, service: str, limit: int | None) -> bool:
+        """The rule's max_connections is per user *per service*."""
+        key = (user, service)
+        if limit is not None and self.per_user[key] >= limit:
             return False
-        self.per_user[user] += 1
+        self.per_user[key] += 1
         return True
 
     def done(self, conn: Tracked) -> None:
         self.conns.discard(conn)
         if conn.counted and conn.user is not None:
-            self.per_user[conn.user] -= 1
-            if self.per_user[conn.user] <= 0:
-                del self.per_user[conn.user]
+            key = (conn.user, conn.listener.service)
+            self.per_user[key] -= 1
+            if self.per_user[key] <= 0:
+                del self.per_user[key]
         self.counters[(conn.listener.service, conn.result)] += 1
         if not access_log.isEnabledFor(logging.INFO):
             return

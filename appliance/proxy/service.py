@@ -90,8 +90,22 @@ def main(config: Any) -> int:
     gate = PolicyGate(config)
     host = str(config.interfaces.guest_ip)
 
+    own = {config.interfaces.guest_ip, config.interfaces.management_address}
+    if config.interfaces.uplink_address is not None:
+        own.add(config.interfaces.uplink_address.ip)
+
     def hidden(ip: str) -> bool:
-        return bool(config.hidden(ipaddress.IPv4Address(ip)))
+        """Never a target for a guest: hidden networks, the appliance itself, loopback..."""
+        addr = ipaddress.IPv4Address(ip)
+        return bool(
+            config.hidden(addr)
+            or addr in own
+            or addr in config.interfaces.guest_subnet
+            or addr.is_loopback
+            or addr.is_unspecified
+            or addr.is_link_local
+            or addr.is_multicast
+        )
 
     loop = new_loop()
     try:

@@ -59,6 +59,14 @@ def test_pop3_dialog_announces_resp_codes() -> None:
     assert d.feed(b"USER alice\r\n").startswith(b"-ERR [AUTH]")
 
 
+def test_a_flood_of_empty_lines_gets_a_bounded_answer() -> None:
+    """A refused guest streaming newlines must not make the proxy talk 50 times more."""
+    d = RefusalDialog("smtp", Refusal("denied", "x", PORTAL, "bob", None))
+    d.greeting()
+    out = d.feed(b"\n" * 1_000_000)
+    assert d.closed and len(out) < 2_000
+
+
 class Echo(asyncio.Protocol):
     """An upstream that echoes, upper-cased, and answers EOF with 'BYE' then closes."""
 
@@ -323,6 +331,47 @@ def test_explicit_http_rewrites_heads_and_keeps_alive(via_proxy: bool) -> None:
             port, f"GET {url} HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n".encode()
         )
         assert out.startswith(b"HTTP/1.1 302") and PORTAL.encode() in out
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+def test_connection_limits_count_per_user_per_service() -> None:
+    async def body() -> None:
+        relay = Relay(StaticGate(table(1, 2)), connect_timeout=1.0, idle_timeout=1.0)
+        assert relay.count_user("alice", "http", 2) and relay.count_user("alice", "http", 2)
+        assert not relay.count_user("alice", "http", 2)  # a third web connection: refused
+        assert relay.count_user("alice", "pop3", 2)  # but her mail is another service
+        assert relay.count_user("bob", "http", 2)
+
+    run(body())
+
+
+@pytest.mark.parametrize("via_proxy", [False, True])
+def test_hidden_hosts_are_refused_by_name_and_by_odd_numbers(via_proxy: bool) -> None:
+    """'localhost', 2130706433 or 0x7f.1 reach 127.0.0.1 as surely as the address does."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"])
+        t["servers"]["http"] = [f"127.0.0.1:{up_port}"] if via_proxy else []
+        relay = Relay(StaticGate(t), hidden=lambda ip: ip.startswith("127."))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        for host, status in (
+            ("localhost", b"403"),
+            ("127.0.0.1", b"403"),
+            ("2130706433", b"400"),
+            ("0x7f.1", b"400"),
+            ("017700000001", b"400"),
+        ):
+            req = f"GET http://{host}:{up_port}/ HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            out = await http_get(port, req)
+            assert out.startswith(b"HTTP/1.1 " + status), (host, out[:80])
+            assert b"127.0.0.1" not in out
         await relay.stop()
         upstream.close()
 
