@@ -241,6 +241,7 @@ def test_a_real_browser_logs_in_and_lands_on_the_original_url(site: Site, artifa
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from appliance.lab.topology import NetnsSwitch
 
@@ -274,12 +275,14 @@ def test_a_real_browser_logs_in_and_lands_on_the_original_url(site: Site, artifa
             driver.find_element(By.ID, "password").send_keys("correct horse")
             driver.save_screenshot(str(artifacts / "portal-login.png"))
             driver.find_element(By.ID, "login").click()
-            assert driver.current_url == original
+            WebDriverWait(driver, 20).until(lambda d: d.current_url == original)
             driver.get(f"{PORTAL}/status")
             assert driver.find_element(By.ID, "who").text == "alice"
             driver.save_screenshot(str(artifacts / "portal-status.png"))
             driver.find_element(By.ID, "logout").click()
-            assert "logged out" in driver.page_source
+            # click() returns once the event is dispatched, not when the POST's answer is shown.
+            WebDriverWait(driver, 20).until(lambda d: "logged out" in d.page_source)
+            assert (GUEST_IP, guest_mac(1)) not in firewall_members(site)
         finally:
             driver.quit()
     shots = ROOT / "docs" / "screenshots"
