@@ -1,0 +1,198 @@
+"""The whole appliance end to end, real clients only, on one lab site.
+
+`appliance.lab.site.start` runs everything for real (the appliance's roles under the
+supervisor with its nftables ruleset, dnsmasq, postfix, squid, dovecot, nginx, the
+personal agent); this module adds a second household (bob's agent and his own dovecot
+at home) and walks four guests through it: dhclient for addresses, HTTP form logins
+through personal agents (issue 8), the refusals a visitor can meet, an nmap scan
+before and after login with the real DHCP server (issue 4), and Chromium following
+the captive redirect back to the origin's page (issue 5).  One site serves the whole
+module; each test uses its own guests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from _guestside import nmap_open
+
+from appliance.lab import demo, servers, site
+from appliance.lab.topology import NetnsSwitch, Node, Topology
+
+pytestmark = pytest.mark.netns
+
+GW = "192.168.1.1"
+PORTAL = f"http://{GW}"
+BOB_AGENT = "203.0.113.2"
+BOB_POP = "203.0.113.4"
+BOB = ("bob", "bob-pass", ["department=Research", "role=manager"])
+BOB_MAIL = (
+    b"From: home@bob.example\r\nTo: bob@bob.example\r\nSubject: for bob only\r\n"
+    b"\r\nThis one waits on bob's own POP server.\r\n"
+)
+APPLIANCE_PORTS = "22,25,53,80,110,443,1110,2525,3128,8000,8081"
+SEGMENT_PORTS = "22,25,53,80,110,443,3128"
+
+
+@dataclass
+class Lab:
+    topo: Topology
+    directory: Path
+    info: site.SiteInfo
+    bob_fingerprint: str
+
+    def appliance(self, *args: str) -> str:
+        argv = [sys.executable, "-m", "appliance", *args, "--config", self.info.config]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    def sessions(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = json.loads(self.appliance("sessions", "list", "--json"))
+        return out
+
+    def address(self, node: Node) -> str:
+        got = demo.dhcp(node, self.directory)
+        assert got.ok, got.detail
+        m = re.search(r"address (192\.168\.1\.\d+)", got.detail)
+        assert m, got.detail
+        return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    tmp = tmp_path_factory.mktemp("fullstack")
+    topo = Topology.build(guests=4, workdir=tmp / "topo")
+    try:
+        home = topo["home"]
+        for addr in (BOB_AGENT, BOB_POP):
+            home.run("ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+        directory = tmp / "site"
+        info = site.start(topo, directory)
+        pop = servers.start_pop3(home, {BOB[0]: BOB[1]}, host=BOB_POP)
+        servers.add_pop_message(pop, BOB[0], BOB_MAIL)
+        fp = site.add_agent(
+            topo,
+            directory,
+            Path(info.config),
+            addr=BOB_AGENT,
+            user=BOB,
+            pop=BOB_POP,
+            name="agent-bob",
+        )
+        yield Lab(topo, directory, info, fp)
+        pop.stop()
+    finally:
+        topo.destroy()
+        for d in site.load_info(tmp / "site").server_dirs if (tmp / "site").exists() else []:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def portal_login(node: Node, user: str, password: str, agent: str = "") -> tuple[int, str, float]:
+    """The login form as a browser posts it: status, the page shown, seconds taken."""
+    with NetnsSwitch(node.netns):
+        s = requests.Session()
+        page = s.get(f"{PORTAL}/login", timeout=10)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token, page.text
+        t0 = time.monotonic()
+        r = s.post(
+            f"{PORTAL}/login",
+            data={"user": user, "password": password, "agent": agent, "csrf": token.group(1)},
+            headers={"Accept-Language": "en"},
+            timeout=20,
+        )
+        took = time.monotonic() - t0
+        if r.history:  # a login: the page it led to
+            r = s.get(f"{PORTAL}/status", timeout=10)
+    return r.status_code if not r.history else 200, r.text, took
+
+
+def status_page(node: Node) -> str:
+    with NetnsSwitch(node.netns):
+        return requests.get(f"{PORTAL}/status", timeout=10).text
+
+
+_POP = """
+import poplib, sys
+pop = poplib.POP3(sys.argv[1], 110, timeout=15)
+print(pop.getwelcome().decode())
+pop.user(sys.argv[2]); pop.pass_(sys.argv[3])
+count, _ = pop.stat()
+for i in range(1, count + 1):
+    for line in pop.top(i, 0)[1]:
+        if line.lower().startswith(b"subject:"):
+            print(line.decode())
+pop.quit()
+"""
+
+
+def pop_subjects(node: Node, host: str, user: str, password: str) -> list[str]:
+    """The mail client's home settings (host:110) from inside the guest; its subjects."""
+    out = node.run(sys.executable, "-c", _POP, host, user, password, timeout=60).stdout
+    return [ln for ln in out.splitlines() if ln.lower().startswith("subject:")]
+
+
+def session_for(lab: Lab, ip: str) -> dict[str, object] | None:
+    return next((s for s in lab.sessions() if s["ip"] == ip), None)
+
+
+def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab: Lab) -> None:
+    g1, g2, g3 = lab.topo["guest1"], lab.topo["guest2"], lab.topo["guest3"]
+    alice, alice_pw, _ = site.HOME_USER
+    bob, bob_pw, _ = BOB
+    ip1, ip2 = lab.address(g1), lab.address(g2)
+
+    status, page, _ = portal_login(g1, alice, alice_pw, lab.info.agent_spec)
+    assert status == 200 and alice in page, page
+    status, page, _ = portal_login(g2, bob, bob_pw, f"{BOB_AGENT}#{lab.bob_fingerprint}")
+    assert status == 200 and bob in page, page
+
+    # the appliance got each one's attributes and personal server from their own agent
+    s1, s2 = session_for(lab, ip1), session_for(lab, ip2)
+    assert s1 and s1["user"] == alice and s1["source"] == f"agent:{site.AGENT_ADDR}"
+    assert s1["attributes"] == {"department": "Sales 1", "role": "staff"}
+    assert s1["personal_servers"] == {"pop3": f"{servers.POP_ADDR}:110"}
+    assert s2 and s2["user"] == bob and s2["source"] == f"agent:{BOB_AGENT}"
+    assert s2["attributes"] == {"department": "Research", "role": "manager"}
+    assert s2["personal_servers"] == {"pop3": f"{BOB_POP}:110"}
+    shown = lab.appliance("sessions", "show", str(s2["id"]))
+    assert "Research" in shown and f"{BOB_POP}:110" in shown
+    assert "pop3" in status_page(g2)  # the status page lists what bob may use
+
+    # each mail client keeps its home settings; the appliance intercepts port 110 and
+    # sends each to that user's own server: each sees only their own mailbox
+    assert pop_subjects(g1, "mail.home.example", alice, alice_pw) == ["Subject: welcome home"]
+    assert pop_subjects(g2, BOB_POP, bob, bob_pw) == ["Subject: for bob only"]
+    # bob's client pointed at alice's server still reaches bob's own (the session decides)
+    assert pop_subjects(g2, servers.POP_ADDR, bob, bob_pw) == ["Subject: for bob only"]
+    # a guest cannot reach home directly: no route, no forwarding from the guest side
+    assert g1.run("ping", "-c1", "-W1", BOB_POP, check=False).returncode != 0
+
+    # a third guest meets each refusal, with its own message, and gets no session
+    ip3 = lab.address(g3)
+    cases = [
+        (alice, "wrong", lab.info.agent_spec, "refused the password"),
+        ("mallory", "x-pass", lab.info.agent_spec, "does not know this user"),
+        (alice, alice_pw, f"{site.AGENT_ADDR}#{lab.bob_fingerprint}", "certificate is not"),
+    ]
+    for user, pw, agent, message in cases:
+        status, page, took = portal_login(g3, user, pw, agent)
+        assert status >= 400 and message in page, (user, agent, status, page)
+        assert took < 5.5
+    agents = [p for p in lab.topo.processes if p.name == "personal-agent-bob"]
+    assert agents and agents[0].alive()
+    agents[0].stop()
+    status, page, took = portal_login(g3, bob, bob_pw, f"{BOB_AGENT}#{lab.bob_fingerprint}")
+    assert status >= 400 and "could not be reached" in page, page
+    assert took < 5.5  # the portal answers within 5 s when the agent is down
+    assert session_for(lab, ip3) is None
+    assert {s["user"] for s in lab.sessions()} == {alice, bob}
