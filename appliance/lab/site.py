@@ -236,5 +236,5 @@ def cleanup(directory: Path) -> None:
         pass
     shutil.rmtree(directory, ignore_errors=True)
     # servers' private directories (mkdtemp under /tmp) of a start that failed half-way
-    for d in Path("/tmp").glob(f"{LAB_PREFIX}-*"):
-        shutil.rmtree(d, ignore_errors=True)
+    for leftover in Path("/tmp").glob(f"{LAB_PREFIX}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
