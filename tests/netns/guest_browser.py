@@ -44,6 +44,10 @@ def main() -> int:
         driver.set_page_load_timeout(30)
         driver.get(url)
         seen["first_url"] = driver.current_url
+        seen["first_body"] = driver.find_element(By.TAG_NAME, "body").text
+        if not driver.find_elements(By.ID, "user"):
+            print(json.dumps(seen))
+            return 1
         driver.find_element(By.ID, "user").send_keys(user)
         driver.find_element(By.ID, "password").send_keys(password)
         driver.save_screenshot(f"{shots}/e2e-browser-login.png")

@@ -196,3 +196,71 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
     assert took < 5.5  # the portal answers within 5 s when the agent is down
     assert session_for(lab, ip3) is None
     assert {s["user"] for s in lab.sessions()} == {alice, bob}
+
+
+def test_a_scan_after_dhcp_sees_only_the_appliance(lab: Lab) -> None:
+    g4 = lab.topo["guest4"]
+    ip = lab.address(g4)
+    routes = g4.run("ip", "route").stdout
+    assert "198.51.100" not in routes and "default via 192.168.1.1" in routes
+
+    # before login: DHCP, DNS and the portal on the appliance, nothing else
+    assert nmap_open(g4, GW, APPLIANCE_PORTS) == {(GW, 53), (GW, 80)}
+    udp = g4.run(
+        "nmap",
+        "-n",
+        "-Pn",
+        "-sU",
+        "-p",
+        "53,67,123,161",
+        "--max-retries",
+        "2",
+        "-oG",
+        "-",
+        GW,
+        timeout=90,
+    ).stdout
+    print(udp)
+    seg = nmap_open(g4, "198.51.100.2-4", SEGMENT_PORTS)
+    assert {p for _, p in seg} <= {80}  # port 80 anywhere is the captive portal
+    assert g4.run("ping", "-c1", "-W1", "198.51.100.3", check=False).returncode != 0
+
+    status, page, _ = portal_login(g4, *site.SITE_USER[:2])
+    assert status == 200 and site.SITE_USER[0] in page
+    after = nmap_open(g4, GW, APPLIANCE_PORTS)
+    print(after)
+    seg = nmap_open(g4, "198.51.100.2-4", SEGMENT_PORTS)
+    print(seg)
+    assert {p for _, p in seg} <= {25, 80, 110}  # intercepted: the appliance answers
+    assert "198.51.100" not in g4.run("ip", "route").stdout
+    assert session_for(lab, ip)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs Debian chromium and chromium-driver",
+)
+def test_a_browser_is_sent_to_the_portal_and_lands_on_the_origin(lab: Lab, artifacts: Path) -> None:
+    g = lab.topo.add_guest()
+    lab.address(g)
+    user, pw, _ = site.SITE_USER
+    profile = lab.directory / "chromium"
+    out = g.run(
+        sys.executable,
+        str(Path(__file__).with_name("guest_browser.py")),
+        "http://www.example.com/",
+        user,
+        "-",
+        str(artifacts),
+        str(profile),
+        input=pw + "\n",
+        timeout=120,
+    ).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    print(seen)
+    assert str(seen["first_url"]).startswith(f"{PORTAL}/login?url=")
+    assert seen["landed_url"] == "http://www.example.com/"
+    assert seen["landed_h1"] == "www.example.com"
+    assert "The internet, as seen through the site's web proxy." in str(seen["landed_body"])
+    for name in ("e2e-browser-login.png", "e2e-browser-origin.png"):
+        assert (artifacts / name).stat().st_size > 3000
