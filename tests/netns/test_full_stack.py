@@ -206,6 +206,8 @@ def test_a_scan_after_dhcp_sees_only_the_appliance(lab: Lab) -> None:
 
     # before login: DHCP, DNS and the portal on the appliance, nothing else
     assert nmap_open(g4, GW, APPLIANCE_PORTS) == {(GW, 53), (GW, 80)}
+    # UDP: DNS answers, and so does DHCP (nmap's dhcp-discover sends a DHCPINFORM; the
+    # real server ACKs it); other UDP ports say nothing (dropped, not even unreachable)
     udp = g4.run(
         "nmap",
         "-n",
@@ -213,6 +215,8 @@ def test_a_scan_after_dhcp_sees_only_the_appliance(lab: Lab) -> None:
         "-sU",
         "-p",
         "53,67,123,161",
+        "--script",
+        "dhcp-discover",
         "--max-retries",
         "2",
         "-oG",
@@ -220,18 +224,26 @@ def test_a_scan_after_dhcp_sees_only_the_appliance(lab: Lab) -> None:
         GW,
         timeout=90,
     ).stdout
-    print(udp)
+    udp_open = set(re.findall(r"(\d+)/open/udp", udp))
+    assert udp_open == {"53", "67"}, udp
     seg = nmap_open(g4, "198.51.100.2-4", SEGMENT_PORTS)
     assert {p for _, p in seg} <= {80}  # port 80 anywhere is the captive portal
     assert g4.run("ping", "-c1", "-W1", "198.51.100.3", check=False).returncode != 0
 
     status, page, _ = portal_login(g4, *site.SITE_USER[:2])
     assert status == 200 and site.SITE_USER[0] in page
+    # after login: the service proxies too (intercepted 25/110, their listeners, the
+    # explicit web proxy), still nothing else (admin 8000, ssh 22, https 443)
     after = nmap_open(g4, GW, APPLIANCE_PORTS)
-    print(after)
+    assert {p for _, p in after} == {25, 53, 80, 110, 1110, 2525, 3128, 8081}
+    # the segment: only the intercepted ports answer, and it is the appliance that does
+    # (dnsmasq on .2:53, postfix's ssh-less host .3, squid on .4:3128 never show)
     seg = nmap_open(g4, "198.51.100.2-4", SEGMENT_PORTS)
-    print(seg)
-    assert {p for _, p in seg} <= {25, 80, 110}  # intercepted: the appliance answers
+    assert {p for _, p in seg} <= {25, 80, 110}
+    # carol (a contractor) may not send mail: the appliance greets to refuse; the segment's
+    # postfix (smtp.segment.example) never shows
+    banner = g4.run("nc", "-w", "5", "198.51.100.2", "25", check=False, timeout=20).stdout
+    assert banner.startswith("220 guest gateway ESMTP (refusing)"), banner
     assert "198.51.100" not in g4.run("ip", "route").stdout
     assert session_for(lab, ip)
 
