@@ -16,10 +16,12 @@ import sys
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 
 def main() -> int:
     url, user, password, shots, profile = sys.argv[1:6]
+    portal = "http://192.168.1.1/"
     if password == "-":
         password = sys.stdin.readline().rstrip("\n")
     opts = webdriver.ChromeOptions()
@@ -52,6 +54,8 @@ def main() -> int:
         driver.find_element(By.ID, "password").send_keys(password)
         driver.save_screenshot(f"{shots}/e2e-browser-login.png")
         driver.find_element(By.ID, "login").click()
+        # click() need not wait for the navigation it starts: wait until we left the portal
+        WebDriverWait(driver, 30).until(lambda d: not d.current_url.startswith(portal))
         seen["landed_url"] = driver.current_url
         seen["landed_title"] = driver.title
         seen["landed_h1"] = " ".join(e.text for e in driver.find_elements(By.TAG_NAME, "h1"))

@@ -166,7 +166,13 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
     assert s2["personal_servers"] == {"pop3": f"{BOB_POP}:110"}
     shown = lab.appliance("sessions", "show", str(s2["id"]))
     assert "Research" in shown and f"{BOB_POP}:110" in shown
-    assert "pop3" in status_page(g2)  # the status page lists what bob may use
+    # each one's status page: who, through which agent, and the services their
+    # attributes allow (the staff rule: smtp, pop3, http)
+    for node, user, host in ((g1, alice, site.AGENT_ADDR), (g2, bob, BOB_AGENT)):
+        page = status_page(node)
+        assert f'id="who">{user}<' in page and f"personal agent {host}" in page, page
+        allowed = re.findall(r'<strong>(\w+)</strong>:\s*<span class="ok">', page)
+        assert sorted(allowed) == ["http", "pop3", "smtp"], page
 
     # each mail client keeps its home settings; the appliance intercepts port 110 and
     # sends each to that user's own server: each sees only their own mailbox
