@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 from _guestside import nmap_open
+from conftest import _live
 
 from appliance.lab import demo, servers, site
 from appliance.lab.topology import NetnsSwitch, Node, Topology
@@ -71,6 +72,7 @@ class Lab:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("fullstack")
     topo = Topology.build(guests=4, workdir=tmp / "topo")
+    _live.append(topo)  # removed even if the run is interrupted
     try:
         home = topo["home"]
         for addr in (BOB_AGENT, BOB_POP):
@@ -92,8 +94,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         pop.stop()
     finally:
         topo.destroy()
+        if topo in _live:
+            _live.remove(topo)
         for d in site.load_info(tmp / "site").server_dirs if (tmp / "site").exists() else []:
             shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _process_logs(request: pytest.FixtureRequest, lab: Lab) -> None:
+    """A failing test's report shows every server's output (see conftest)."""
+    request.node._topologies = [lab.topo]
 
 
 def portal_login(node: Node, user: str, password: str, agent: str = "") -> tuple[int, str, float]:
