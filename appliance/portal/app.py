@@ -222,7 +222,13 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 code, text, ctype = probe
                 return Response(text, status=code, mimetype=ctype)
             dst = request.environ.get(ORIGINAL_DST, "")
-            if dst and dst.rsplit(":", 1)[0] != portal.guest_ip:
+            opened = request.environ.get(CONNECTION_OPENED)
+            if (
+                dst
+                and dst.rsplit(":", 1)[0] != portal.guest_ip
+                and opened is not None
+                and opened < sess.created
+            ):
                 # a connection nftables sent here before login (a browser's kept-alive or
                 # preconnected socket): this one closes, the same URL again opens a new
                 # connection, which now goes where the guest meant
@@ -428,6 +434,10 @@ ORIGINAL_DST = "appliance.original_dst"
 """environ key: "ip:port" the guest's connection was meant for before nftables redirected
 it (SO_ORIGINAL_DST), set by the portal's server (`service.ClosingTask`); absent or ""
 when unknown."""
+CONNECTION_OPENED = "appliance.connection_opened"
+"""environ key: when (epoch seconds) the request's connection was accepted; only a
+connection from before the login is sent back to its URL (a later one reaching us would
+mean the firewall lacks the entry: a redirect would loop)."""
 CLOSE_HEADER = "X-Appliance-Close"
 """A response with this header is sent with `Connection: close` and its connection is
 closed (the header itself is dropped): see `service.ClosingChannel`."""

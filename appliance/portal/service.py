@@ -27,7 +27,7 @@ from waitress.task import WSGITask
 from appliance import store
 from appliance.config import Config
 from appliance.portal import gates
-from appliance.portal.app import CLOSE_HEADER, ORIGINAL_DST, create_app
+from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, create_app
 from appliance.sessions import SessionStore
 
 log = logging.getLogger("appliance.portal")
@@ -89,6 +89,7 @@ class ClosingTask(WSGITask):  # type: ignore[misc]
         env: dict[str, Any] = super().get_environment()
         if ORIGINAL_DST not in env:
             env[ORIGINAL_DST] = original_dst(self.channel.socket)
+            env[CONNECTION_OPENED] = self.channel.creation_time
         return env
 
 

@@ -14,7 +14,7 @@ from portal_conf import add_user, load, write_config
 from appliance import store
 from appliance.config import CAPTIVE_API_PATH
 from appliance.portal import gates, i18n
-from appliance.portal.app import CLOSE_HEADER, ORIGINAL_DST, Deps, create_app
+from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, Deps, create_app
 from appliance.portal.security import Csrf, RateLimiter
 from appliance.sessions import SessionStore
 from dhcp import leases
@@ -138,12 +138,19 @@ def test_a_connection_redirected_before_login_is_sent_back_to_its_url(site: Site
     login(c, "alice", "correct horse")
     # a browser's socket to www.example.com opened before login still lands here:
     # it is closed and the browser sent to the same URL (a new connection: the proxy)
-    stale = {ORIGINAL_DST: "203.0.113.80:80"}
+    stale = {ORIGINAL_DST: "203.0.113.80:80", CONNECTION_OPENED: 1.0}
     r = c.get("/a?b=1", headers={"Host": "www.example.com"}, environ_overrides=stale)
     assert r.status_code == 302 and r.headers["Location"] == "http://www.example.com/a?b=1"
     assert r.headers[CLOSE_HEADER] == "1"
-    # addressed to the appliance itself (or unknown): no loop, the "you are online" page
-    for env in ({ORIGINAL_DST: "192.168.1.1:80"}, {}):
+    # addressed to the appliance itself, opened after the login (the firewall lacks the
+    # entry: a redirect would loop), or unknown: the "you are online" page
+    later = time.time() + 3600
+    for env in (
+        {ORIGINAL_DST: "192.168.1.1:80", CONNECTION_OPENED: 1.0},
+        {ORIGINAL_DST: "203.0.113.80:80", CONNECTION_OPENED: later},
+        {ORIGINAL_DST: "203.0.113.80:80"},
+        {},
+    ):
         r = c.get("/", headers={"Host": "proxy.guest.example"}, environ_overrides=env)
         assert r.status_code == 200 and "online" in r.get_data(as_text=True)
 
