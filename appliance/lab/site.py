@@ -115,35 +115,48 @@ def _accounts(config: Path) -> None:
     )
 
 
-def _agent(topo: Topology, directory: Path, config: Path) -> str:
-    """The personal agent at home with alice; this appliance's key allowed.  Returns the pin."""
+def add_agent(
+    topo: Topology,
+    directory: Path,
+    config: Path,
+    *,
+    addr: str = AGENT_ADDR,
+    user: tuple[str, str, list[str]] = HOME_USER,
+    pop: str = servers.POP_ADDR,
+    name: str = "agent",
+) -> str:
+    """A personal agent at home on `addr` with one user whose POP server is `pop`; this
+    appliance's key allowed.  Returns the agent's pin (`sha256:...`).
+
+    The lab's own agent is the default; tests add a second household's agent with
+    another address (which must be on the home namespace's interface) and user."""
     home, gw = topo["home"], topo["gw"]
-    adir = directory / "agent"
+    adir = directory / name
     adir.mkdir(parents=True, exist_ok=True)
     agent_toml = adir / "agent.toml"
     agent_toml.write_text(
-        f'[listen]\naddress = "{AGENT_ADDR}"\nport = {AGENT_PORT}\n'
+        f'[listen]\naddress = "{addr}"\nport = {AGENT_PORT}\n'
         '[state]\ndirectory = "state"\n[appliances]\naccept = "listed"\n'
     )
     conf = ("--config", str(agent_toml))
-    user, pw, attrs = HOME_USER
+    uid, pw, attrs = user
     _run(
         None,
         _agent_cmd(
             "users",
             "add",
             *conf,
-            user,
+            uid,
             "--password-stdin",
             *[a for kv in attrs for a in ("--attr", kv)],
         ),
         stdin=pw + "\n",
     )
-    _run(None, _agent_cmd("servers", "set", *conf, user, "pop3", f"{servers.POP_ADDR}:110"))
+    _run(None, _agent_cmd("servers", "set", *conf, uid, "pop3", f"{pop}:110"))
     key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
     _run(None, _agent_cmd("appliances", "allow", *conf, key, "--name", "lab appliance"))
-    home.start(*_agent_cmd("run", *conf), name="personal-agent")
-    home.wait_port(AGENT_PORT, AGENT_ADDR, timeout=30)
+    home.start(*_agent_cmd("run", *conf), name=f"personal-{name}")
+    home.wait_port(AGENT_PORT, addr, timeout=30)
     return _run(None, _agent_cmd("fingerprint", *conf)).split()[0]
 
 
@@ -166,7 +179,7 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
     info.server_dirs = [str(s.directory) for s in (smtp, proxy, pop, web)]
     info.maildir = str(smtp.extra["maildir"])
     _accounts(config)
-    info.agent_fingerprint = _agent(topo, directory, config)
+    info.agent_fingerprint = add_agent(topo, directory, config)
     gw = topo["gw"]
     gw.start(*_appliance("run", "--config", str(config)), name="appliance")
     for port, host, proto in (

@@ -82,6 +82,7 @@ class Portal:
         guest_ip = str(config.interfaces.guest_ip)
         port = config.portal.http_port
         self.base_url = config.portal.base_url(config.interfaces.guest_ip)
+        self.guest_ip = guest_ip
         self.own_hosts = {guest_ip, config.portal.hostname.lower()}
         self.own_hosts |= {f"{h}:{port}" for h in list(self.own_hosts)}
         if config.portal.https_port:
@@ -203,7 +204,15 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 # HTTPS is configured: the plain listener only points there
                 return redirect(portal.base_url + request.full_path.rstrip("?"), 302)
             return None
-        # Someone else's host: the firewall sent this guest's port 80 here.
+        # Someone else's host: the firewall sent this guest's port 80 here.  The answer
+        # closes the connection: the redirect holds only for the connection's lifetime
+        # (nftables NATs per connection), so a browser that kept it alive would send
+        # the page it opens after login down this same socket, to us, not the web.
+        resp = _foreign_host()
+        resp.headers[CLOSE_HEADER] = "1"  # WSGI apps may not send Connection: the server does
+        return resp
+
+    def _foreign_host() -> BaseResponse:
         ip = request.remote_addr or ""
         sess = portal.current(ip)
         original = _safe_url(request.url)
@@ -212,6 +221,19 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             if probe:
                 code, text, ctype = probe
                 return Response(text, status=code, mimetype=ctype)
+            dst = request.environ.get(ORIGINAL_DST, "")
+            opened = request.environ.get(CONNECTION_OPENED)
+            if (
+                dst
+                and dst.rsplit(":", 1)[0] != portal.guest_ip
+                and opened is not None
+                and opened < sess.created
+            ):
+                # a connection nftables sent here before login (a browser's kept-alive or
+                # preconnected socket): this one closes, the same URL again opens a new
+                # connection, which now goes where the guest meant
+                log.info("%s: stale captive connection (to %s), sent back to its URL", ip, dst)
+                return redirect(original, 302)
             return render(
                 pages.MESSAGE,
                 heading=i18n.text(_lang(), "online_heading"),
@@ -416,6 +438,19 @@ _API_HEADERS = [
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
 ]
+
+
+ORIGINAL_DST = "appliance.original_dst"
+"""environ key: "ip:port" the guest's connection was meant for before nftables redirected
+it (SO_ORIGINAL_DST), set by the portal's server (`service.ClosingTask`); absent or ""
+when unknown."""
+CONNECTION_OPENED = "appliance.connection_opened"
+"""environ key: when (epoch seconds) the request's connection was accepted; only a
+connection from before the login is sent back to its URL (a later one reaching us would
+mean the firewall lacks the entry: a redirect would loop)."""
+CLOSE_HEADER = "X-Appliance-Close"
+"""A response with this header is sent with `Connection: close` and its connection is
+closed (the header itself is dropped): see `service.ClosingChannel`."""
 
 
 class CaptiveApi:

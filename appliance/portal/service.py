@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import struct
 import threading
 import time
 from typing import Any
 
 from waitress import create_server
+from waitress.channel import HTTPChannel
+from waitress.task import WSGITask
 
 from appliance import store
 from appliance.config import Config
 from appliance.portal import gates
-from appliance.portal.app import create_app
+from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, create_app
 from appliance.sessions import SessionStore
 
 log = logging.getLogger("appliance.portal")
@@ -65,13 +69,51 @@ def start_https(config: Config, app: object) -> Any | None:
     return server
 
 
-def main(config: Config) -> int:
-    host = str(config.interfaces.guest_ip)
-    port = config.portal.http_port
-    app = create_app(config)
-    st = SessionStore.from_config(config, store.connect(config.state.database))
-    st.maintain()  # catch up on what happened while we were down
-    tls = start_https(config, app)
+class ClosingTask(WSGITask):  # type: ignore[misc]
+    """Closes the connection after a response the app marked with CLOSE_HEADER.
+
+    Captive answers go out on a connection nftables redirected to us; the redirect
+    lasts as long as the connection, so a browser that kept it alive would send the
+    page it opens after login here again instead of to the web.  PEP 3333 forbids the
+    app the Connection header, so the app asks and the server does it."""
+
+    def build_response_header(self) -> bytes:
+        headers = [(k, v) for k, v in self.response_headers if k.lower() != CLOSE_HEADER.lower()]
+        if len(headers) != len(self.response_headers):
+            self.response_headers[:] = headers
+            self.set_close_on_finish()
+        out: bytes = super().build_response_header()
+        return out
+
+    def get_environment(self) -> dict[str, Any]:
+        env: dict[str, Any] = super().get_environment()
+        if ORIGINAL_DST not in env:
+            env[ORIGINAL_DST] = original_dst(self.channel.socket)
+            env[CONNECTION_OPENED] = self.channel.creation_time
+        return env
+
+
+SO_ORIGINAL_DST = 80
+
+
+def original_dst(sock: socket.socket | None) -> str:
+    """The "ip:port" this connection was meant for before a NAT redirect; "" if unknown."""
+    if sock is None:
+        return ""
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return ""
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return f"{socket.inet_ntoa(packed)}:{port}"
+
+
+class ClosingChannel(HTTPChannel):  # type: ignore[misc]
+    task_class = ClosingTask
+
+
+def make_server(app: Any, host: str, port: int) -> Any:
+    """Waitress on host:port with the portal's limits and ClosingChannel."""
     server = create_server(
         app,
         host=host,
@@ -82,6 +124,18 @@ def main(config: Config) -> int:
         ident="appliance-portal",
         clear_untrusted_proxy_headers=True,
     )
+    server.channel_class = ClosingChannel
+    return server
+
+
+def main(config: Config) -> int:
+    host = str(config.interfaces.guest_ip)
+    port = config.portal.http_port
+    app = create_app(config)
+    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st.maintain()  # catch up on what happened while we were down
+    tls = start_https(config, app)
+    server = make_server(app, host, port)
     # waitress warns on every queued request once all threads are busy: one line per
     # request under load, which slows the server further; saturation shows in wrk/latency.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)

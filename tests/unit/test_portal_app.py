@@ -14,7 +14,7 @@ from portal_conf import add_user, load, write_config
 from appliance import store
 from appliance.config import CAPTIVE_API_PATH
 from appliance.portal import gates, i18n
-from appliance.portal.app import Deps, create_app
+from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, Deps, create_app
 from appliance.portal.security import Csrf, RateLimiter
 from appliance.sessions import SessionStore
 from dhcp import leases
@@ -94,6 +94,9 @@ def test_captive_answers_before_login(site: Site) -> None:
     assert r.headers["Location"] == (
         "http://192.168.1.1/login?url=http%3A%2F%2Fwww.example.com%2Fsome%2Fpage%3Fq%3D1"
     )
+    # an intercepted connection is not kept alive: after login the browser must open a
+    # new one (which the firewall then sends to the proxy, not here)
+    assert r.headers[CLOSE_HEADER] == "1"
     r = c.get("/data.json", headers={"Host": "api.example.com", "Accept": "application/json"})
     assert r.status_code == 511 and "captive-portal" in r.headers["Link"]
     for path in ("/generate_204", "/hotspot-detect.html", "/connecttest.txt", "/ncsi.txt"):
@@ -128,6 +131,28 @@ def test_login_status_probes_api_logout(site: Site) -> None:
     assert site.sessions.lookup_ip(IP) is None
     assert site.revoked == [(IP, MAC)]
     assert c.get("/status").status_code == 302
+
+
+def test_a_connection_redirected_before_login_is_sent_back_to_its_url(site: Site) -> None:
+    c = site.client()
+    login(c, "alice", "correct horse")
+    # a browser's socket to www.example.com opened before login still lands here:
+    # it is closed and the browser sent to the same URL (a new connection: the proxy)
+    stale = {ORIGINAL_DST: "203.0.113.80:80", CONNECTION_OPENED: 1.0}
+    r = c.get("/a?b=1", headers={"Host": "www.example.com"}, environ_overrides=stale)
+    assert r.status_code == 302 and r.headers["Location"] == "http://www.example.com/a?b=1"
+    assert r.headers[CLOSE_HEADER] == "1"
+    # addressed to the appliance itself, opened after the login (the firewall lacks the
+    # entry: a redirect would loop), or unknown: the "you are online" page
+    later = time.time() + 3600
+    for env in (
+        {ORIGINAL_DST: "192.168.1.1:80", CONNECTION_OPENED: 1.0},
+        {ORIGINAL_DST: "203.0.113.80:80", CONNECTION_OPENED: later},
+        {ORIGINAL_DST: "203.0.113.80:80"},
+        {},
+    ):
+        r = c.get("/", headers={"Host": "proxy.guest.example"}, environ_overrides=env)
+        assert r.status_code == 200 and "online" in r.get_data(as_text=True)
 
 
 def test_wrong_password_refused_without_session_then_rate_limited(site: Site) -> None:

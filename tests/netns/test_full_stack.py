@@ -1,0 +1,294 @@
+"""The whole appliance end to end, real clients only, on one lab site.
+
+`appliance.lab.site.start` runs everything for real (the appliance's roles under the
+supervisor with its nftables ruleset, dnsmasq, postfix, squid, dovecot, nginx, the
+personal agent); this module adds a second household (bob's agent and his own dovecot
+at home) and walks four guests through it: dhclient for addresses, HTTP form logins
+through personal agents (issue 8), the refusals a visitor can meet, an nmap scan
+before and after login with the real DHCP server (issue 4), and Chromium following
+the captive redirect back to the origin's page (issue 5).  One site serves the whole
+module; each test uses its own guests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from _guestside import nmap_open
+from conftest import _live
+
+from appliance.lab import demo, servers, site
+from appliance.lab.topology import NetnsSwitch, Node, Topology
+
+pytestmark = pytest.mark.netns
+
+GW = "192.168.1.1"
+PORTAL = f"http://{GW}"
+BOB_AGENT = "203.0.113.2"
+BOB_POP = "203.0.113.4"
+BOB = ("bob", "bob-pass", ["department=Research", "role=manager"])
+BOB_MAIL = (
+    b"From: home@bob.example\r\nTo: bob@bob.example\r\nSubject: for bob only\r\n"
+    b"\r\nThis one waits on bob's own POP server.\r\n"
+)
+APPLIANCE_PORTS = "22,25,53,80,110,443,1110,2525,3128,8000,8081"
+SEGMENT_PORTS = "22,25,53,80,110,443,3128"
+
+
+@dataclass
+class Lab:
+    topo: Topology
+    directory: Path
+    info: site.SiteInfo
+    bob_fingerprint: str
+
+    def appliance(self, *args: str) -> str:
+        argv = [sys.executable, "-m", "appliance", *args, "--config", self.info.config]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    def sessions(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = json.loads(self.appliance("sessions", "list", "--json"))
+        return out
+
+    def address(self, node: Node) -> str:
+        got = demo.dhcp(node, self.directory)
+        assert got.ok, got.detail
+        m = re.search(r"address (192\.168\.1\.\d+)", got.detail)
+        assert m, got.detail
+        return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    tmp = tmp_path_factory.mktemp("fullstack")
+    topo = Topology.build(guests=4, workdir=tmp / "topo")
+    _live.append(topo)  # removed even if the run is interrupted
+    try:
+        home = topo["home"]
+        for addr in (BOB_AGENT, BOB_POP):
+            home.run("ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+        directory = tmp / "site"
+        info = site.start(topo, directory)
+        pop = servers.start_pop3(home, {BOB[0]: BOB[1]}, host=BOB_POP)
+        servers.add_pop_message(pop, BOB[0], BOB_MAIL)
+        fp = site.add_agent(
+            topo,
+            directory,
+            Path(info.config),
+            addr=BOB_AGENT,
+            user=BOB,
+            pop=BOB_POP,
+            name="agent-bob",
+        )
+        yield Lab(topo, directory, info, fp)
+        pop.stop()
+    finally:
+        topo.destroy()
+        if topo in _live:
+            _live.remove(topo)
+        for d in site.load_info(tmp / "site").server_dirs if (tmp / "site").exists() else []:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _process_logs(request: pytest.FixtureRequest, lab: Lab) -> None:
+    """A failing test's report shows every server's output (see conftest)."""
+    request.node._topologies = [lab.topo]
+
+
+def portal_login(node: Node, user: str, password: str, agent: str = "") -> tuple[int, str, float]:
+    """The login form as a browser posts it: status, the page shown, seconds taken."""
+    with NetnsSwitch(node.netns):
+        s = requests.Session()
+        page = s.get(f"{PORTAL}/login", timeout=10)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token, page.text
+        t0 = time.monotonic()
+        r = s.post(
+            f"{PORTAL}/login",
+            data={"user": user, "password": password, "agent": agent, "csrf": token.group(1)},
+            headers={"Accept-Language": "en"},
+            timeout=20,
+        )
+        took = time.monotonic() - t0
+        if r.history:  # a login: the page it led to
+            r = s.get(f"{PORTAL}/status", timeout=10)
+    return r.status_code if not r.history else 200, r.text, took
+
+
+def status_page(node: Node) -> str:
+    with NetnsSwitch(node.netns):
+        return requests.get(f"{PORTAL}/status", timeout=10).text
+
+
+_POP = """
+import poplib, sys
+pop = poplib.POP3(sys.argv[1], 110, timeout=15)
+print(pop.getwelcome().decode())
+pop.user(sys.argv[2]); pop.pass_(sys.argv[3])
+count, _ = pop.stat()
+for i in range(1, count + 1):
+    for line in pop.top(i, 0)[1]:
+        if line.lower().startswith(b"subject:"):
+            print(line.decode())
+pop.quit()
+"""
+
+
+def pop_subjects(node: Node, host: str, user: str, password: str) -> list[str]:
+    """The mail client's home settings (host:110) from inside the guest; its subjects."""
+    out = node.run(sys.executable, "-c", _POP, host, user, password, timeout=60).stdout
+    return [ln for ln in out.splitlines() if ln.lower().startswith("subject:")]
+
+
+def session_for(lab: Lab, ip: str) -> dict[str, object] | None:
+    return next((s for s in lab.sessions() if s["ip"] == ip), None)
+
+
+def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab: Lab) -> None:
+    g1, g2, g3 = lab.topo["guest1"], lab.topo["guest2"], lab.topo["guest3"]
+    alice, alice_pw, _ = site.HOME_USER
+    bob, bob_pw, _ = BOB
+    ip1, ip2 = lab.address(g1), lab.address(g2)
+
+    status, page, _ = portal_login(g1, alice, alice_pw, lab.info.agent_spec)
+    assert status == 200 and alice in page, page
+    status, page, _ = portal_login(g2, bob, bob_pw, f"{BOB_AGENT}#{lab.bob_fingerprint}")
+    assert status == 200 and bob in page, page
+
+    # the appliance got each one's attributes and personal server from their own agent
+    s1, s2 = session_for(lab, ip1), session_for(lab, ip2)
+    assert s1 and s1["user"] == alice and s1["source"] == f"agent:{site.AGENT_ADDR}"
+    assert s1["attributes"] == {"department": "Sales 1", "role": "staff"}
+    assert s1["personal_servers"] == {"pop3": f"{servers.POP_ADDR}:110"}
+    assert s2 and s2["user"] == bob and s2["source"] == f"agent:{BOB_AGENT}"
+    assert s2["attributes"] == {"department": "Research", "role": "manager"}
+    assert s2["personal_servers"] == {"pop3": f"{BOB_POP}:110"}
+    shown = lab.appliance("sessions", "show", str(s2["id"]))
+    assert "Research" in shown and f"{BOB_POP}:110" in shown
+    # each one's status page: who, through which agent, and the services their
+    # attributes allow (the staff rule: smtp, pop3, http)
+    for node, user, host in ((g1, alice, site.AGENT_ADDR), (g2, bob, BOB_AGENT)):
+        page = status_page(node)
+        assert f'id="who">{user}<' in page and f"personal agent {host}" in page, page
+        allowed = re.findall(r'<strong>(\w+)</strong>:\s*<span class="ok">', page)
+        assert sorted(allowed) == ["http", "pop3", "smtp"], page
+
+    # each mail client keeps its home settings; the appliance intercepts port 110 and
+    # sends each to that user's own server: each sees only their own mailbox
+    assert pop_subjects(g1, "mail.home.example", alice, alice_pw) == ["Subject: welcome home"]
+    assert pop_subjects(g2, BOB_POP, bob, bob_pw) == ["Subject: for bob only"]
+    # bob's client pointed at alice's server still reaches bob's own (the session decides)
+    assert pop_subjects(g2, servers.POP_ADDR, bob, bob_pw) == ["Subject: for bob only"]
+    # a guest cannot reach home directly: no route, no forwarding from the guest side
+    assert g1.run("ping", "-c1", "-W1", BOB_POP, check=False).returncode != 0
+
+    # a third guest meets each refusal, with its own message, and gets no session
+    ip3 = lab.address(g3)
+    cases = [
+        (alice, "wrong", lab.info.agent_spec, "refused the password"),
+        ("mallory", "x-pass", lab.info.agent_spec, "does not know this user"),
+        (alice, alice_pw, f"{site.AGENT_ADDR}#{lab.bob_fingerprint}", "certificate is not"),
+    ]
+    for user, pw, agent, message in cases:
+        status, page, took = portal_login(g3, user, pw, agent)
+        assert status >= 400 and message in page, (user, agent, status, page)
+        assert took < 5.5
+    agents = [p for p in lab.topo.processes if p.name == "personal-agent-bob"]
+    assert agents and agents[0].alive()
+    agents[0].stop()
+    status, page, took = portal_login(g3, bob, bob_pw, f"{BOB_AGENT}#{lab.bob_fingerprint}")
+    assert status >= 400 and "could not be reached" in page, page
+    assert took < 5.5  # the portal answers within 5 s when the agent is down
+    assert session_for(lab, ip3) is None
+    assert {s["user"] for s in lab.sessions()} == {alice, bob}
+
+
+def test_a_scan_after_dhcp_sees_only_the_appliance(lab: Lab) -> None:
+    g4 = lab.topo["guest4"]
+    ip = lab.address(g4)
+    routes = g4.run("ip", "route").stdout
+    assert "198.51.100" not in routes and "default via 192.168.1.1" in routes
+
+    # before login: DHCP, DNS and the portal on the appliance, nothing else
+    assert nmap_open(g4, GW, APPLIANCE_PORTS) == {(GW, 53), (GW, 80)}
+    # UDP: DNS answers, and so does DHCP (nmap's dhcp-discover sends a DHCPINFORM; the
+    # real server ACKs it); other UDP ports say nothing (dropped, not even unreachable)
+    udp = g4.run(
+        "nmap",
+        "-n",
+        "-Pn",
+        "-sU",
+        "-p",
+        "53,67,123,161",
+        "--script",
+        "dhcp-discover",
+        "--max-retries",
+        "2",
+        "-oG",
+        "-",
+        GW,
+        timeout=90,
+    ).stdout
+    udp_open = set(re.findall(r"(\d+)/open/udp", udp))
+    assert udp_open == {"53", "67"}, udp
+    seg = nmap_open(g4, "198.51.100.2-4", SEGMENT_PORTS)
+    assert {p for _, p in seg} <= {80}  # port 80 anywhere is the captive portal
+    assert g4.run("ping", "-c1", "-W1", "198.51.100.3", check=False).returncode != 0
+
+    status, page, _ = portal_login(g4, *site.SITE_USER[:2])
+    assert status == 200 and site.SITE_USER[0] in page
+    # after login: the service proxies too (intercepted 25/110, their listeners, the
+    # explicit web proxy), still nothing else (admin 8000, ssh 22, https 443)
+    after = nmap_open(g4, GW, APPLIANCE_PORTS)
+    assert {p for _, p in after} == {25, 53, 80, 110, 1110, 2525, 3128, 8081}
+    # the segment: only the intercepted ports answer, and it is the appliance that does
+    # (dnsmasq on .2:53, postfix's ssh-less host .3, squid on .4:3128 never show)
+    seg = nmap_open(g4, "198.51.100.2-4", SEGMENT_PORTS)
+    assert {p for _, p in seg} <= {25, 80, 110}
+    # carol (a contractor) may not send mail: the appliance greets to refuse; the segment's
+    # postfix (smtp.segment.example) never shows
+    banner = g4.run("nc", "-w", "5", "198.51.100.2", "25", check=False, timeout=20).stdout
+    assert banner.startswith("220 guest gateway ESMTP (refusing)"), banner
+    assert "198.51.100" not in g4.run("ip", "route").stdout
+    assert session_for(lab, ip)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs Debian chromium and chromium-driver",
+)
+def test_a_browser_is_sent_to_the_portal_and_lands_on_the_origin(lab: Lab, artifacts: Path) -> None:
+    g = lab.topo.add_guest()
+    lab.address(g)
+    user, pw, _ = site.SITE_USER
+    profile = lab.directory / "chromium"
+    out = g.run(
+        sys.executable,
+        str(Path(__file__).with_name("guest_browser.py")),
+        "http://www.example.com/",
+        user,
+        "-",
+        str(artifacts),
+        str(profile),
+        input=pw + "\n",
+        timeout=120,
+    ).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    print(seen)
+    assert str(seen["first_url"]).startswith(f"{PORTAL}/login?url=")
+    assert seen["landed_url"] == "http://www.example.com/"
+    assert seen["landed_h1"] == "www.example.com"
+    assert "The internet, as seen through the site's web proxy." in str(seen["landed_body"])
+    for name in ("e2e-browser-login.png", "e2e-browser-origin.png"):
+        assert (artifacts / name).stat().st_size > 3000
