@@ -99,6 +99,7 @@ class ProxyConfig:
     idle_timeout: float
     explicit_http_port: int | None
     identity_header: str | None
+    connect_ports: tuple[int, ...] = (443,)
 
 
 @dataclass(frozen=True)
@@ -278,9 +279,18 @@ def _proxy(r: Reader) -> ProxyConfig:
         idle_timeout=r.number("idle_timeout", 600.0, lo=1.0),
         explicit_http_port=r.port("explicit_http_port", None),
         identity_header=r.text("identity_header", None),
+        connect_ports=_port_list(r, "connect_ports", (443,)),
     )
     r.finish()
     return cfg
+
+
+def _port_list(r: Reader, key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    value = r.array(key, list(default))
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
+            raise r.error(key, f"expected an array of ports 1..65535, found {item!r}")
+    return tuple(value)
 
 
 def _agent(r: Reader) -> AgentClientConfig:

@@ -46,6 +46,10 @@ def _odd_number(host: str) -> bool:
     return bool(_NUMERIC_HOST.fullmatch(host)) and not _is_ip(host)
 
 
+def _ports(ports: frozenset[int]) -> str:
+    return ", ".join(str(p) for p in sorted(ports))
+
+
 def _authority(value: str, default_port: int) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if sep and port.isdigit() and "]" not in port:
@@ -179,6 +183,11 @@ class HttpClient(Tracked, asyncio.Protocol):
         if connect:
             host, port = _authority(target, 443)
             out_target = target
+            if port not in self.relay.connect_ports:
+                # a tunnel to any port would be a way around every other service's rule
+                reason = f"CONNECT is allowed to port {_ports(self.relay.connect_ports)} only"
+                self._refuse(Refusal("denied", reason, "", adm.user, adm.rule), wants_html)
+                return
         elif self.listener.explicit:
             parts = urlsplit(target)
             if parts.scheme != "http" or not parts.hostname:

@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from appliance.proxy.follow import Ended, EndedFollower
@@ -418,8 +418,10 @@ class Relay:
         hidden: Callable[[str], bool] | None = None,
         splice: bool = False,
         follow_period: float = 0.25,
+        connect_ports: Iterable[int] = (443,),
     ) -> None:
         self.gate = gate
+        self.connect_ports = frozenset(connect_ports)
         self.splice = splice
         self.pool = PipePool()
         self.raw_listeners: list[socket.socket] = []

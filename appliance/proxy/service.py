@@ -59,9 +59,18 @@ async def serve(
     hidden: Any = None,
     ready_file: Path | None = None,
     splice: bool = SPLICE_DEFAULT,
+    connect_ports: tuple[int, ...] = (443,),
 ) -> int:
     lean_logging()
-    relay = Relay(gate, connect_timeout, idle_timeout, identity_header, hidden, splice)
+    relay = Relay(
+        gate,
+        connect_timeout,
+        idle_timeout,
+        identity_header,
+        hidden,
+        splice,
+        connect_ports=connect_ports,
+    )
     await relay.start(host)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -117,6 +126,7 @@ def main(config: Any) -> int:
                 config.proxy.idle_timeout,
                 config.proxy.identity_header,
                 hidden,
+                connect_ports=config.proxy.connect_ports,
             )
         )
     finally:
@@ -134,6 +144,13 @@ def static_main(argv: list[str] | None = None) -> int:
     p.add_argument("--identity-header", default=None)
     p.add_argument("--hidden", action="append", default=[], help="hidden network (CIDR)")
     p.add_argument("--ready-file", type=Path, default=None)
+    p.add_argument(
+        "--connect-port",
+        type=int,
+        action="append",
+        default=None,
+        help="a port CONNECT may reach (repeat; default 443)",
+    )
     p.add_argument(
         "--splice",
         action=argparse.BooleanOptionalAction,
@@ -163,6 +180,7 @@ def static_main(argv: list[str] | None = None) -> int:
                 hidden,
                 args.ready_file,
                 args.splice,
+                tuple(args.connect_port or (443,)),
             )
         )
     finally:

@@ -14,7 +14,20 @@ import sys
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+
+def click_and_wait(driver: WebDriver, button: WebElement, then_id: str) -> WebElement:
+    """Click, wait until the page it opens replaced this one, return the element `then_id`.
+
+    click() returns once the event is dispatched, not when the next page is shown."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    button.click()
+    WebDriverWait(driver, 20).until(ec.staleness_of(old))
+    return WebDriverWait(driver, 20).until(ec.presence_of_element_located((By.ID, then_id)))
 
 
 def main() -> int:
@@ -44,21 +57,24 @@ def main() -> int:
         seen["redirected_to_login"] = driver.current_url.endswith("/login")
         driver.find_element(By.ID, "name").send_keys(admin)
         driver.find_element(By.ID, "password").send_keys(password)
-        driver.find_element(By.ID, "login").click()
+        cell = Select(
+            click_and_wait(driver, driver.find_element(By.ID, "login"), "cell-sales-smtp")
+        )
         seen["after_login"] = driver.current_url
-        cell = Select(driver.find_element(By.ID, "cell-sales-smtp"))
         seen["cell_before"] = cell.first_selected_option.get_attribute("value")
         cell.select_by_value("deny")
-        driver.find_element(By.ID, "save").click()
+        click_and_wait(driver, driver.find_element(By.ID, "save"), "cell-sales-smtp")
         seen["saved_banner"] = bool(driver.find_elements(By.ID, "saved"))
         seen["cell_after"] = Select(
             driver.find_element(By.ID, "cell-sales-smtp")
         ).first_selected_option.get_attribute("value")
-        driver.find_element(By.LINK_TEXT, "Audit log").click()
-        seen["audit"] = driver.find_element(By.ID, "audit").text
+        audit = click_and_wait(driver, driver.find_element(By.LINK_TEXT, "Audit log"), "audit")
+        seen["audit"] = audit.text
         driver.save_screenshot(shot)
         # the grid itself, as the README shows it
-        driver.find_element(By.LINK_TEXT, "Access rights").click()
+        click_and_wait(
+            driver, driver.find_element(By.LINK_TEXT, "Access rights"), "cell-sales-smtp"
+        )
         driver.save_screenshot(shot.replace(".png", "-grid.png"))
     finally:
         driver.quit()

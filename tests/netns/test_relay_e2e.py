@@ -92,7 +92,7 @@ def test_mail_and_web_for_logged_in_guests(
         started.append(web)
         proxy = servers.start_webproxy(seg)
         started.append(proxy)
-        relay = start_relay(gw, tmp_path / "table.json")
+        relay = start_relay(gw, tmp_path / "table.json", "192.168.1.1", "--connect-port", "80")
         g1, g2, g3 = topo["guest1"], topo["guest2"], topo["guest3"]
 
         # SMTP: alice's mail to "any host" on port 25 arrives at the segment's postfix
@@ -148,6 +148,19 @@ def test_mail_and_web_for_logged_in_guests(
             "-x",
             f"http://192.168.1.1:{EXPLICIT}",
             "http://203.0.113.80/",
+            check=False,
+        )
+        assert out.returncode != 0 and "403" in out.stderr
+        # a tunnel to a port that is not listed is refused by the appliance itself
+        out = g1.run(
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "-p",
+            "-x",
+            f"http://192.168.1.1:{EXPLICIT}",
+            "http://203.0.113.80:25/",
             check=False,
         )
         assert out.returncode != 0 and "403" in out.stderr

@@ -79,6 +79,12 @@ def test_example_matches_the_address_plan() -> None:
             "proxy.explicit_http_port",
             "already used by portal.http_port",
         ),
+        (
+            "connect_ports = [443]",
+            "connect_ports = [443, 0]",
+            "proxy.connect_ports",
+            "expected an array of ports 1..65535, found 0",
+        ),
     ],
 )
 def test_each_mistake_names_file_line_and_key(
