@@ -116,6 +116,7 @@ class Stats:
     hidden: int = 0
     local: int = 0
     servfail: int = 0
+    overload: int = 0  # SERVFAIL at once: too many questions already waiting upstream
 
 
 def error_reply(query: bytes, rcode: int) -> bytes | None:
@@ -256,9 +257,11 @@ class Resolver:
             if fwd.qname in self.settings.probe_names:
                 return self._finish(fwd.key, self._probe(query), now, tcp, fwd.udp_limit)
             self.stats.servfail += 1
-            out = error_reply(fwd.query, RCODE.SERVFAIL)
-            assert out is not None
-            return out
+            # with the question: stub resolvers (glibc) ignore an answer whose question
+            # section does not match theirs, and would wait out their timeout instead
+            failed = query.reply()
+            failed.header.rcode = RCODE.SERVFAIL
+            return bytes(failed.pack())
         rec.header.id = query.header.id
         reply = self.filter(rec, query)
         if fwd.qname in self.settings.probe_names and not reply.rr:

@@ -32,6 +32,9 @@ log = logging.getLogger("appliance.dns")
 UPSTREAM_TIMEOUT = 2.0
 TCP_IDLE = 10.0
 MAX_TCP_CLIENTS = 64
+MAX_PENDING = 2048
+"""Upstream questions in flight at once; each holds a UDP socket (the process may open
+20,000 files), and a legitimate guest network has far fewer misses outstanding."""
 
 
 class _OneQuery(asyncio.DatagramProtocol):
@@ -93,13 +96,35 @@ async def ask_tcp(host: str, port: int, query: bytes, timeout: float) -> bytes:
 
 class Server:
     def __init__(
-        self, resolver: Resolver, upstreams: list[tuple[str, int]], timeout: float
+        self,
+        resolver: Resolver,
+        upstreams: list[tuple[str, int]],
+        timeout: float,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self.resolver = resolver
         self.upstreams = upstreams
         self.timeout = timeout
+        self.max_pending = max_pending
         self.inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self._overload_logged = -60.0
+
+    def overloaded(self) -> bool:
+        """Too many guest questions wait upstream: a flood of made-up names (each one a
+        miss) would otherwise grow tasks and sockets without bound while upstream is slow."""
+        if len(self.tasks) < self.max_pending:
+            return False
+        self.resolver.stats.overload += 1
+        now = time.monotonic()
+        if now - self._overload_logged >= 60:
+            self._overload_logged = now
+            log.warning(
+                "dns: %d questions wait upstream; answering SERVFAIL to new misses (%d so far)",
+                len(self.tasks),
+                self.resolver.stats.overload,
+            )
+        return True
 
     async def resolve(self, fwd: Forward, tcp: bool) -> bytes:
         """Upstream bytes for a forward (shared between identical questions in flight)."""
@@ -201,6 +226,11 @@ class GuestUdp:
         if isinstance(action, Reply):
             self._send(action.data, addr)
         elif isinstance(action, Forward):
+            if self.server.overloaded():
+                # answered as if upstream were silent: SERVFAIL with the question
+                out = self.server.resolver.answer(action, None, time.monotonic())
+                self._send(action.client_id + out[2:], addr)
+                return
             self.server.spawn(self._forward(action, addr))
 
     async def _forward(self, fwd: Forward, addr: Any) -> None:
@@ -295,12 +325,14 @@ async def serve(
         tcp.close()
         s = resolver.stats
         log.info(
-            "dns stopping: %d queries, %d cache hits, %d forwarded, %d FORMERR, %d hidden",
+            "dns stopping: %d queries, %d cache hits, %d forwarded, %d FORMERR, %d hidden, "
+            "%d SERVFAIL for overload",
             s.queries,
             s.hits,
             s.forwarded,
             s.formerr,
             s.hidden,
+            s.overload,
         )
 
 
