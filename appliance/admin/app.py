@@ -24,8 +24,10 @@ from typing import Any
 from flask import Flask, Response, abort, redirect, render_template, request, session, url_for
 from jinja2 import DictLoader
 
+from appliance import store
 from appliance.admin import accounts, audit, grid
 from appliance.admin.files import Conflict, read_versioned, save_if_unchanged
+from appliance.admin.logins import AdminLogins
 from appliance.admin.templates import CSS, TEMPLATES
 from appliance.config import Config
 from appliance.policy import check_texts
@@ -34,6 +36,7 @@ from appliance.tomlfile import ConfigError
 log = logging.getLogger("appliance.admin")
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_WINDOW = 300.0
+LOGIN_LIFETIME = timedelta(minutes=30)
 
 
 def session_store(config: Config) -> Any:
@@ -85,7 +88,7 @@ def create_app(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_SECURE=config.admin.secure_cookie,
-        PERMANENT_SESSION_LIFETIME=timedelta(minutes=30),
+        PERMANENT_SESSION_LIFETIME=LOGIN_LIFETIME,
         MAX_CONTENT_LENGTH=2 * 1024 * 1024,
     )
     if notify is None:
@@ -93,6 +96,7 @@ def create_app(
 
         notify = signal_roles
     failures: dict[str, list[float]] = {}
+    logins = AdminLogins(store.connect(config.state.database))
 
     def csrf_token() -> str:
         token = session.get("csrf")
@@ -111,7 +115,13 @@ def create_app(
             if not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
                 log.warning("admin: refused a POST to %s without a valid CSRF token", request.path)
                 abort(400, "CSRF token missing or wrong: reload the page and try again")
-        if request.endpoint not in ("login", "css") and not session.get("admin"):
+        if request.endpoint in ("login", "css"):
+            return None
+        if not session.get("admin"):
+            return redirect(url_for("login"))
+        if not logins.live(session.get("login"), session.get("admin")):
+            # logged out, removed or given a new password since this cookie was signed
+            session.clear()
             return redirect(url_for("login"))
         return None
 
@@ -155,11 +165,13 @@ def create_app(
         session.clear()  # a fresh session (and CSRF token) after login
         session.permanent = True
         session["admin"] = name
+        session["login"] = logins.start(name, LOGIN_LIFETIME.total_seconds())
         log.info("admin: %s logged in from %s", name, ip)
         return redirect(url_for("access"))
 
     @app.post("/logout")
     def logout() -> Any:
+        logins.end(session.get("login"))
         session.clear()
         return redirect(url_for("login"))
 

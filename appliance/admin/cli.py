@@ -42,6 +42,13 @@ def _cmd(args: argparse.Namespace) -> int:
 
         who = f"cli:{getpass.getuser()}"
         audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
+    if args.admins_command in ("del", "passwd"):
+        from appliance import store
+        from appliance.admin.logins import AdminLogins
+
+        ended = AdminLogins(store.connect(config.state.database)).end_all(args.name)
+        if ended:
+            print(f"ended {ended} open admin login(s) of {args.name}")
     return 0
 
 

@@ -335,6 +335,36 @@ def test_logout(app: Any) -> None:
     assert c.get("/access").status_code == 302
 
 
+def test_a_cookie_copied_before_logout_is_dead_after_it(app: Any) -> None:
+    c = app.test_client()
+    login(c)
+    stolen = c.get_cookie("appliance_admin")
+    assert stolen is not None
+    token = re.search(r'name="csrf" value="([^"]+)"', c.get("/access").text)
+    assert token
+    c.post("/logout", data={"csrf": token.group(1)})
+    replay = app.test_client()
+    replay.set_cookie("appliance_admin", stolen.value)
+    r = replay.get("/access")
+    assert r.status_code == 302 and r.headers["Location"].endswith("/login")
+
+
+def test_a_new_password_ends_the_admins_open_logins(
+    app: Any, site: Config, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from appliance.cli import main
+
+    alice, bob = app.test_client(), app.test_client()
+    login(alice)
+    login(bob, "bob", PASSWORD + "!")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a brand new password\n"))
+    cfg = ["--config", str(site.path)]
+    assert main(["admins", "passwd", *cfg, "alice", "--password-stdin"]) == 0
+    assert "ended 1 open admin login(s) of alice" in capsys.readouterr().out
+    assert alice.get("/access").status_code == 302
+    assert bob.get("/access").status_code == 200
+
+
 def test_admins_cli(site: Config, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     from appliance.cli import main
 
