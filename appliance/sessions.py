@@ -211,7 +211,8 @@ class SessionStore:
         for old in self._active_where("ip = ? OR mac = ?", (ip, mac)):
             self.end(old.id, "replaced by a new login", now=now)
         sess = Session(
-            id=secrets.token_urlsafe(16),
+            # hex: an id never starts with "-", which argparse would take for an option
+            id=secrets.token_hex(16),
             user=user,
             source=source,
             attributes=dict(attributes),
@@ -338,6 +339,13 @@ class SessionStore:
                 elif lease.mac != sess.mac:
                     ended += self.end(sess.id, "lease belongs to another device", now=now)
         return ended
+
+    def next_expiry(self) -> float | None:
+        """When the next active session runs out (idle or absolute), if any."""
+        row = self.conn.execute(
+            "SELECT MIN(MIN(idle_expiry, absolute_expiry)) FROM sessions WHERE ended IS NULL"
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
 
     def maintain(self, now: float | None = None) -> int:
         """One round of the follower: lease events first, then the clock."""

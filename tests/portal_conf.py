@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 from pathlib import Path
 
 from appliance import accounts, config, passwords
 from appliance.config import Config
+from appliance.lab.topology import Node
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+APPLY_RULESET = """
+import sys
+from appliance import config
+from appliance.net import follower, setup
+cfg = config.load(sys.argv[1])
+setup.apply(cfg, {25: 2525, 110: 1110, 80: 8081})
+follower.load(cfg)
+"""
+
+
+def apply_ruleset(gw: Node, cfg_path: Path) -> None:
+    """The appliance's ruleset, applied inside gw (never in the namespace pytest runs in),
+    and the leased set loaded from the store, as the net role does before it starts."""
+    gw.run(sys.executable, "-c", APPLY_RULESET, str(cfg_path))
 
 
 def write_config(directory: Path, http_port: int = 80, extra: str = "") -> Path:

@@ -35,16 +35,24 @@ FOLLOW_INTERVAL = 2.0
 
 
 def follow(config: Config, stop: threading.Event, interval: float = FOLLOW_INTERVAL) -> None:
-    """End sessions as leases go and clocks run out, until `stop` is set."""
+    """End sessions as leases go and clocks run out, until `stop` is set.
+
+    Lease events are looked at every `interval` (the net role already takes an ended
+    lease's pair out of nftables within 50 ms); a session whose time runs out sooner
+    is ended when it does, not up to `interval` later."""
     st = SessionStore.from_config(config, store.connect(config.state.database))
     while not stop.is_set():
+        wait = interval
         try:
             n = st.maintain()
             if n:
                 log.info("ended %d session(s)", n)
+            due = st.next_expiry()
+            if due is not None:
+                wait = min(interval, max(0.005, due - time.time()))
         except Exception:
             log.exception("session follower round failed; trying again")
-        stop.wait(interval)
+        stop.wait(wait)
 
 
 def start_https(config: Config, app: object) -> Any | None:
@@ -123,6 +131,11 @@ def make_server(app: Any, host: str, port: int) -> Any:
         channel_timeout=30,
         ident="appliance-portal",
         clear_untrusted_proxy_headers=True,
+        # Without lookahead waitress stops reading a kept-alive connection while one of
+        # its requests is in a worker, and with many such connections the server nearly
+        # stalls: 164-907 req/s and p99 0.4-0.6 s for the RFC 8908 API under wrk -c32,
+        # against 2,700-3,100 req/s and p99 19-35 ms with it (loopback, same run).
+        channel_request_lookahead=5,
     )
     server.channel_class = ClosingChannel
     return server

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from portal_conf import add_user, load, write_config
+from portal_conf import add_user, apply_ruleset, load, write_config
 
 from appliance import accounts, passwords, store
 from appliance.config import CAPTIVE_API_PATH
@@ -78,6 +78,9 @@ def test_portal_bench(
     conn = store.connect(cfg.state.database)
     leases.create_schema(conn)
     leases.record(conn, "granted", Lease(GUEST_IP, guest_mac(1), time.time() + 3600), time.time())
+    apply_ruleset(gw, cfg_path)  # a login adds the guest to the firewall's set
+    # the peer (nginx on 8080) is no part of the appliance: let the guest reach it too
+    gw.run("nft", "insert", "rule", "inet", "appliance", "input", "tcp", "dport", "8080", "accept")
     gw.start(
         sys.executable, "-m", "appliance", "run", "--config", str(cfg_path), "portal", name="portal"
     )

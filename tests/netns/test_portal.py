@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from portal_conf import add_user, load, write_config
+from portal_conf import add_user, apply_ruleset, load, write_config
 
 from appliance import store
 from appliance.config import CAPTIVE_API_PATH, Config
@@ -78,21 +78,6 @@ class Site:
         )
 
 
-APPLY_RULESET = """
-import sys
-from appliance import config
-from appliance.net import setup
-cfg = config.load(sys.argv[1])
-setup.apply(cfg, {25: 2525, 110: 1110, 80: 8081})
-try:
-    from appliance.net import follower
-except ImportError:
-    follower = None
-if follower is not None and hasattr(follower, "load"):
-    follower.load(cfg)
-"""
-
-
 def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) -> Site:
     cfg_path = write_config(tmp_path / "etc", extra=extra)
     cfg = load(cfg_path)
@@ -104,9 +89,7 @@ def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) 
     leases.record(conn, "granted", Lease(GUEST_IP, guest_mac(1), time.time() + 600), time.time())
     gw = topo["gw"]
     if gates.firewall_available():
-        # the appliance's ruleset, applied inside gw (never in the namespace pytest runs in)
-        # and the leased set loaded from the store, as the net role does before it starts
-        gw.run(sys.executable, "-c", APPLY_RULESET, str(cfg_path))
+        apply_ruleset(gw, cfg_path)
     gw.start(
         sys.executable,
         "-m",
@@ -231,6 +214,27 @@ def test_login_adds_ip_and_mac_to_the_nftables_set_and_logout_removes_it(site: S
     assert token
     site.curl(f"{PORTAL}/logout", "--data-urlencode", f"csrf={token.group(1)}")
     assert (GUEST_IP, guest_mac(1)) not in firewall_members(site)
+
+
+def test_a_session_leaves_the_firewall_when_its_time_runs_out(site: Site) -> None:
+    if not gates.firewall_available():
+        pytest.skip("needs nft")
+    status, _, _ = site.login("alice", "correct horse")
+    assert status == 303
+    assert (GUEST_IP, guest_mac(1)) in firewall_members(site)
+    # the clock of this session runs out 3 s from now (as session_idle would, but the
+    # shortest allowed is a minute): the portal ends it then, not at its next round
+    due = time.time() + 3.0
+    site.sessions().conn.execute(
+        "UPDATE sessions SET idle_expiry = ? WHERE ended IS NULL AND ip = ?", (due, GUEST_IP)
+    )
+    while (GUEST_IP, guest_mac(1)) in firewall_members(site) and time.time() < due + 5:
+        time.sleep(0.02)
+    gone = time.time()
+    assert due <= gone < due + 0.5, gone - due
+    assert site.sessions().lookup_ip(GUEST_IP) is None
+    status, headers, _ = site.curl(f"{PORTAL}/status")
+    assert status == 302 and headers["location"].endswith("/login")
 
 
 @pytest.mark.skipif(

@@ -77,6 +77,20 @@ def test_idle_and_absolute_expiry_end_and_revoke(tmp_path: Path) -> None:
     assert st.get(busy.id).end_reason == "session time over"  # type: ignore[union-attr]
 
 
+def test_next_expiry_is_the_soonest_idle_or_absolute_end(tmp_path: Path) -> None:
+    st = make(tmp_path, [])
+    assert st.next_expiry() is None
+    grant(st, IP, MAC, 0)
+    grant(st, IP2, MAC2, 0)
+    a = st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=0)
+    st.create(user="b", source="site", attributes={}, ip=IP2, mac=MAC2, now=100)
+    assert st.next_expiry() == 600  # a's idle end
+    st.touch(a.id, now=400)
+    assert st.next_expiry() == 700  # now b's
+    st.end(a.id, "logged out", now=450)
+    assert st.next_expiry() == 700
+
+
 def test_binding_needs_the_lease_with_the_same_mac(tmp_path: Path) -> None:
     revoked: list[tuple[str, str]] = []
     st = make(tmp_path, revoked)
