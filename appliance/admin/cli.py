@@ -42,7 +42,9 @@ def _cmd(args: argparse.Namespace) -> int:
 
         who = f"cli:{getpass.getuser()}"
         audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
-    if args.admins_command in ("del", "passwd"):
+    # no store yet (before the first start): no logins to end, and a store made now by
+    # root would be one the roles' own user cannot write
+    if args.admins_command in ("del", "passwd") and config.state.database.exists():
         from appliance import store
         from appliance.admin.logins import AdminLogins
 

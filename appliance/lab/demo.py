@@ -154,7 +154,7 @@ def refused_mail(node: Node, sender: str) -> Outcome:
     return Outcome(ok, f"the appliance answered: {line.lstrip('<* ') or proc.stdout[-200:]}")
 
 
-_POP_CLIENT = """
+POP_CLIENT = """
 import poplib, sys
 pop = poplib.POP3(sys.argv[1], 110, timeout=15)
 pop.user(sys.argv[2]); pop.pass_(sys.argv[3])
@@ -173,7 +173,7 @@ def fetch_mail(node: Node, user: str, password: str) -> Outcome:
     proc = node.run(
         sys.executable,
         "-c",
-        _POP_CLIENT,
+        POP_CLIENT,
         "mail.home.example",
         user,
         password,

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from chromium import chromium
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
@@ -34,22 +33,7 @@ def main() -> int:
     url, admin, password, shot, profile = sys.argv[1:6]
     if password == "-":
         password = sys.stdin.readline().rstrip("\n")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--window-size=1280,900",
-    ):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+    driver = chromium(profile, "1280,900")
     seen: dict[str, object] = {}
     try:
         driver.set_page_load_timeout(30)

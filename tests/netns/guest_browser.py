@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from chromium import chromium
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -24,23 +23,7 @@ def main() -> int:
     portal = "http://192.168.1.1/"
     if password == "-":
         password = sys.stdin.readline().rstrip("\n")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--window-size=800,700",
-        "--lang=en-US",
-    ):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+    driver = chromium(profile, "800,700", "--lang=en-US")
     seen: dict[str, object] = {}
     try:
         driver.set_page_load_timeout(30)

@@ -131,23 +131,9 @@ def status_page(node: Node) -> str:
         return requests.get(f"{PORTAL}/status", timeout=10).text
 
 
-_POP = """
-import poplib, sys
-pop = poplib.POP3(sys.argv[1], 110, timeout=15)
-print(pop.getwelcome().decode())
-pop.user(sys.argv[2]); pop.pass_(sys.argv[3])
-count, _ = pop.stat()
-for i in range(1, count + 1):
-    for line in pop.top(i, 0)[1]:
-        if line.lower().startswith(b"subject:"):
-            print(line.decode())
-pop.quit()
-"""
-
-
 def pop_subjects(node: Node, host: str, user: str, password: str) -> list[str]:
     """The mail client's home settings (host:110) from inside the guest; its subjects."""
-    out = node.run(sys.executable, "-c", _POP, host, user, password, timeout=60).stdout
+    out = node.run(sys.executable, "-c", demo.POP_CLIENT, host, user, password, timeout=60).stdout
     return [ln for ln in out.splitlines() if ln.lower().startswith("subject:")]
 
 

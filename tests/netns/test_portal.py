@@ -242,35 +242,22 @@ def test_a_session_leaves_the_firewall_when_its_time_runs_out(site: Site) -> Non
     reason="needs Debian chromium and chromium-driver",
 )
 def test_a_real_browser_logs_in_and_lands_on_the_original_url(site: Site, artifacts: Path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from chromium import chromium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     from appliance.lab.topology import NetnsSwitch
 
     original = "http://www.example.test/welcome?from=browser"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={site.tmp / 'chromium'}",
-        "--host-resolver-rules=MAP www.example.test 192.168.1.1",
-        "--window-size=480,900",
-        "--lang=en-US",
-    ):
-        opts.add_argument(arg)
     # chromedriver and Chromium are started from inside the guest's namespace, so every
     # packet the browser sends comes from the guest (and its MAC).
     with NetnsSwitch(site.guest.netns):
-        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+        driver = chromium(
+            str(site.tmp / "chromium"),
+            "480,900",
+            "--host-resolver-rules=MAP www.example.test 192.168.1.1",
+            "--lang=en-US",
+        )
         try:
             driver.set_page_load_timeout(20)
             driver.get(original)

@@ -8,6 +8,7 @@ import poplib
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,31 +139,16 @@ def test_mail_and_web_for_logged_in_guests(
         assert "the internet" in curl(
             g1, "-p", "-x", f"http://192.168.1.1:{EXPLICIT}", "http://203.0.113.80/"
         )
+
+        def tunnel(guest: Node, url: str) -> subprocess.CompletedProcess[str]:
+            proxy_url = f"http://192.168.1.1:{EXPLICIT}"
+            return guest.run("curl", "-sS", "-m", "10", "-p", "-x", proxy_url, url, check=False)
+
         # bob has no CONNECT right: 403 naming his rule
-        out = g2.run(
-            "curl",
-            "-sS",
-            "-m",
-            "10",
-            "-p",
-            "-x",
-            f"http://192.168.1.1:{EXPLICIT}",
-            "http://203.0.113.80/",
-            check=False,
-        )
+        out = tunnel(g2, "http://203.0.113.80/")
         assert out.returncode != 0 and "403" in out.stderr
         # a tunnel to a port that is not listed is refused by the appliance itself
-        out = g1.run(
-            "curl",
-            "-sS",
-            "-m",
-            "10",
-            "-p",
-            "-x",
-            f"http://192.168.1.1:{EXPLICIT}",
-            "http://203.0.113.80:25/",
-            check=False,
-        )
+        out = tunnel(g1, "http://203.0.113.80:25/")
         assert out.returncode != 0 and "403" in out.stderr
         squid_log = proxy.extra["access_log"].read_text()
         assert "198.51.100.1 " in squid_log and "192.168.1." not in squid_log

@@ -378,6 +378,8 @@ def test_admins_cli(site: Config, monkeypatch: pytest.MonkeyPatch, capsys: Any) 
     monkeypatch.setattr("sys.stdin", io.StringIO("another long password\n"))
     assert main(["admins", "passwd", *cfg, "carol", "--password-stdin"]) == 0
     assert not accounts.check_login(site.policies.admins, "carol", "a long enough password")
+    # before the first start there is no store, and the CLI (root) does not make one
+    assert not site.state.database.exists()
     capsys.readouterr()
     assert main(["admins", "list", *cfg]) == 0
     assert capsys.readouterr().out.split() == ["alice", "bob", "carol"]
