@@ -188,8 +188,7 @@ class AgentApp:
         return refuse(
             403,
             "appliance_not_allowed",
-            "this appliance is not allowed yet; at home run: "
-            f"personal-agent appliances allow {key}",
+            f"this appliance is not allowed yet; at home run: {wire.allow_command(key)}",
         )
 
     def _note_pending(self, key: str, peer: str, now: float) -> None:

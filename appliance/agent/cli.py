@@ -299,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(asub.add_parser("list"))
     for action in ("allow", "deny"):
         sp = with_config(asub.add_parser(action))
-        sp.add_argument("key", help="the appliance key, or a unique prefix of a pending one")
+        sp.add_argument(
+            "key",
+            help="the appliance key, or a unique prefix of a pending one "
+            '(put "--" before one that starts with "-")',
+        )
         sp.add_argument("--name", help="a note, e.g. 'Hotel Example lobby'")
     appl.set_defaults(func=cmd_appliances)
     return p

@@ -398,8 +398,7 @@ _REFUSALS = {
     "locked": ("locked", "your home agent has locked this user for now; try again later"),
     "appliance_not_allowed": (
         "appliance_not_allowed",
-        "your home agent does not know this appliance yet; at home run "
-        "`personal-agent appliances allow {key}`",
+        "your home agent does not know this appliance yet; at home run `{command}`",
     ),
     "appliance_denied": ("appliance_not_allowed", "your household has denied this appliance"),
     "rate_limited": ("rate_limited", "too many attempts at your home agent; try again in a minute"),
@@ -417,7 +416,7 @@ def _interpret(
         code = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(code, str) and code in _REFUSALS:
             mapped, message = _REFUSALS[code]
-            raise AgentError(mapped, message.format(key=key_id))
+            raise AgentError(mapped, message.format(command=wire.allow_command(key_id)))
         raise AgentError("bad_answer", f"the agent refused with HTTP {status}")
     if not isinstance(doc, dict) or set(doc) - {"user", "attributes", "servers"}:
         raise AgentError("bad_answer", "the agent's answer has an unexpected shape")

@@ -46,6 +46,14 @@ NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 REASONS = ("unknown_user", "bad_password", "locked")
 
 
+def allow_command(key: str) -> str:
+    """The command a household runs to allow an appliance key.
+
+    A key is base64url and one in 64 starts with "-", which argparse would read as an
+    option: then `--` goes first."""
+    return "personal-agent appliances allow " + ("-- " if key.startswith("-") else "") + key
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 

@@ -154,7 +154,8 @@ def add_agent(
     )
     _run(None, _agent_cmd("servers", "set", *conf, uid, "pop3", f"{pop}:110"))
     key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
-    _run(None, _agent_cmd("appliances", "allow", *conf, key, "--name", "lab appliance"))
+    # `--`: a key may start with "-" (base64url)
+    _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
     home.start(*_agent_cmd("run", *conf), name=f"personal-{name}")
     home.wait_port(AGENT_PORT, addr, timeout=30)
     return _run(None, _agent_cmd("fingerprint", *conf)).split()[0]

@@ -56,7 +56,9 @@ def agent_cli(settings: AgentSettings, *args: str, stdin: str | None = None) -> 
     sys.stdin = io.StringIO(stdin or "")
     try:
         with contextlib.redirect_stdout(out):
-            rc = cli.main([*args, "--config", str(settings.path)])
+            # --config before a "--" (after which a key may start with "-")
+            cut = args.index("--") if "--" in args else len(args)
+            rc = cli.main([*args[:cut], "--config", str(settings.path), *args[cut:]])
     finally:
         sys.stdin = old_stdin
     assert rc == 0, (args, out.getvalue())
@@ -133,7 +135,7 @@ def test_alice_and_bob_log_in_through_their_agents(
     assert code == "appliance_not_allowed"
     key = appliance_key_id(config)
     assert f"{key}  pending" in agent_cli(a, "appliances", "list")
-    agent_cli(a, "appliances", "allow", key[:10], "--name", "test site")
+    agent_cli(a, "appliances", "allow", "--name", "test site", "--", key[:10])  # may start "-"
     assert f"{key}  allowed" in agent_cli(a, "appliances", "list")
 
     answer = login(topo, config, alice, "alice-secret")
@@ -188,7 +190,7 @@ def test_alice_and_bob_log_in_through_their_agents(
     assert proc_a.alive() and login(topo, config, alice, "alice-secret").user == "alice"
 
     # the household denies the appliance: refused again
-    agent_cli(a, "appliances", "deny", key)
+    agent_cli(a, "appliances", "deny", "--", key)
     assert refused(topo, config, alice, "alice-secret")[0] == "appliance_not_allowed"
 
     # agent B goes down: a quick, clear refusal

@@ -121,6 +121,20 @@ def test_cli_edits_users_servers_and_appliances(
     assert run(capsys, cfg, "appliances", "allow", "zz")[0] == 2
 
 
+def test_a_key_that_starts_with_a_dash_is_allowed_by_the_suggested_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = make_agent_dir(tmp_path)
+    key = wire.b64(b"\xf9" + bytes(31))  # base64url: "-" first
+    assert key.startswith("-")
+    command = wire.allow_command(key)  # what the portal and the agent tell the household
+    assert command == f"personal-agent appliances allow -- {key}"
+    words = command.split()[1:]
+    assert cli.main([*words[:2], "--config", str(s.path), *words[2:]]) == 0
+    assert tables.load_appliances(s.appliances_file).status(key) == "allowed"
+    assert wire.allow_command("abc") == "personal-agent appliances allow abc"
+
+
 def test_example_agent_toml_loads() -> None:
     s = load(Path(cli.__file__).with_name("agent.example.toml"))
     assert s.port == wire.DEFAULT_PORT and s.accept == "listed"
