@@ -16,7 +16,6 @@ in one rename, so a crash or a concurrent reader never sees half a file.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from appliance import passwords
 from appliance.atomic_file import write_atomically
-from appliance.tomlfile import ConfigError, TomlFile
+from appliance.tomlfile import ConfigError, TomlFile, toml_key, toml_string, toml_value
 
 Attributes = Mapping[str, str | tuple[str, ...]]
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -85,15 +84,6 @@ def authenticate(path: str | Path, user: str, password: str) -> Account | None:
     return account if ok and account else None
 
 
-def _quote(s: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes for everything json emits
-    return json.dumps(s, ensure_ascii=False)
-
-
-def _key(k: str) -> str:
-    return k if re.match(r"^[A-Za-z0-9_-]+$", k) else _quote(k)
-
-
 def render(accounts: Mapping[str, Account]) -> str:
     lines = [
         "# Site accounts (appliance users add|del|list|passwd). Passwords are argon2id hashes.",
@@ -101,13 +91,11 @@ def render(accounts: Mapping[str, Account]) -> str:
     ]
     for name in sorted(accounts):
         acc = accounts[name]
-        lines += [f"[users.{_key(name)}]", f"password = {_quote(acc.password_hash)}"]
+        lines += [f"[users.{toml_key(name)}]", f"password = {toml_string(acc.password_hash)}"]
         if acc.attributes:
-            lines.append(f"[users.{_key(name)}.attributes]")
+            lines.append(f"[users.{toml_key(name)}.attributes]")
             for k in sorted(acc.attributes):
-                v = acc.attributes[k]
-                val = _quote(v) if isinstance(v, str) else "[" + ", ".join(map(_quote, v)) + "]"
-                lines.append(f"{_key(k)} = {val}")
+                lines.append(f"{toml_key(k)} = {toml_value(acc.attributes[k])}")
         lines.append("")
     return "\n".join(lines)
 

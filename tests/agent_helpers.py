@@ -13,6 +13,7 @@ from appliance import passwords
 from appliance.agent import tables, wire
 from appliance.agent.settings import AgentSettings
 from appliance.agent.settings import load as load_settings
+from appliance.atomic_file import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "policies" / "appliance.toml"
@@ -48,7 +49,7 @@ def make_agent_dir(
         name: tables.User(name, passwords.hash_password(pw), attributes=attrs, servers=servers)
         for name, (pw, attrs, servers) in (users or {}).items()
     }
-    tables.atomic_write(settings.users_file, tables.dump_users(tables.UserTable(table)))
+    write_atomically(settings.users_file, tables.dump_users(tables.UserTable(table)))
     return settings
 
 

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 from appliance import passwords
-from appliance.admin.files import atomic_write, locked, toml_string
-from appliance.tomlfile import ConfigError, TomlFile
+from appliance.atomic_file import locked, write_atomically
+from appliance.tomlfile import ConfigError, TomlFile, toml_string
 
 NAME = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
 HEADER = "# Admin accounts for the admin pages: edit with `appliance admins add|del|passwd`.\n"
@@ -49,7 +49,7 @@ def _write(path: Path, admins: dict[str, str]) -> None:
         f"\n[admins.{name}]\npassword_hash = {toml_string(h)}\n"
         for name, h in sorted(admins.items())
     )
-    atomic_write(path, HEADER + body, 0o600)
+    write_atomically(path, HEADER + body, 0o600)
 
 
 def set_password(path: Path, name: str, password: str, *, create: bool) -> None:
@@ -57,7 +57,6 @@ def set_password(path: Path, name: str, password: str, *, create: bool) -> None:
         raise ValueError(f"admin name {name!r} must be lower-case letters, digits, . _ -")
     if len(password) < 10:
         raise ValueError("an admin password needs at least 10 characters")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path):
         admins = load_admins(path)
         if create and name in admins:

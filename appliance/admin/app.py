@@ -112,7 +112,10 @@ def create_app(
         if request.method == "POST":
             sent = request.form.get("csrf", "")
             expected = session.get("csrf")
-            if not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
+            # bytes: compare_digest refuses str with non-ASCII characters (TypeError)
+            if not isinstance(expected, str) or not hmac.compare_digest(
+                sent.encode(), expected.encode()
+            ):
                 log.warning("admin: refused a POST to %s without a valid CSRF token", request.path)
                 abort(400, "CSRF token missing or wrong: reload the page and try again")
         if request.endpoint in ("login", "css"):

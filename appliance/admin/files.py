@@ -9,14 +9,10 @@ processes cannot interleave their check and write.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.atomic_file import write_atomically
+from appliance.atomic_file import locked, write_atomically
 
 
 class Conflict(Exception):
@@ -36,22 +32,6 @@ def read_versioned(path: Path) -> tuple[str, str]:
     return data.decode("utf-8"), version_of(data)
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    lock = path.with_name(f".{path.name}.lock")
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def atomic_write(path: Path, text: str, mode: int | None = None) -> None:
-    """Readers see old or new (mode None keeps the file's mode)."""
-    write_atomically(path, text, mode)
-
-
 def save_if_unchanged(path: Path, text: str, expected_version: str, mode: int | None = None) -> str:
     """Replace the file if it is still at `expected_version`; keeps `<name>.bak`.
 
@@ -62,11 +42,6 @@ def save_if_unchanged(path: Path, text: str, expected_version: str, mode: int | 
         if version != expected_version:
             raise Conflict(f"{path.name} was changed by someone else since you opened it")
         if path.exists():
-            atomic_write(path.with_name(path.name + ".bak"), old, mode)
-        atomic_write(path, text, mode)
+            write_atomically(path.with_name(path.name + ".bak"), old, mode)
+        write_atomically(path, text, mode)
         return old
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string (JSON's escapes are valid TOML escapes)."""
-    return json.dumps(value, ensure_ascii=False)

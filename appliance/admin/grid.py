@@ -9,14 +9,11 @@ next matching row decides).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from appliance.access_rights import AccessTable
-from appliance.admin.files import toml_string
-
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+from appliance.tomlfile import toml_key, toml_string, toml_value
 
 
 class GridError(ValueError):
@@ -88,14 +85,6 @@ def rows_from_form(form: Mapping[str, str], services: Sequence[str]) -> list[Row
     return [t[3] for t in keyed]
 
 
-def _key(k: str) -> str:
-    return k if _BARE.match(k) else toml_string(k)
-
-
-def _value(v: str | list[str]) -> str:
-    return toml_string(v) if isinstance(v, str) else f"[{', '.join(map(toml_string, v))}]"
-
-
 def parse_pattern(text: str, row: str) -> list[tuple[str, str | list[str]]]:
     out: list[tuple[str, str | list[str]]] = []
     for part in text.split(";"):
@@ -120,7 +109,7 @@ def to_toml(rows: Sequence[Row], header: str) -> str:
         lines = ["[[rules]]", f"name = {toml_string(row.name)}"]
         match = parse_pattern(row.pattern, row.name)
         if match:
-            inner = ", ".join(f"{_key(k)} = {_value(v)}" for k, v in match)
+            inner = ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in match)
             lines.append(f"match = {{ {inner} }}")
         for verdict in ("allow", "deny"):
             names = [s for s, v in row.cells.items() if v == verdict]
@@ -131,7 +120,7 @@ def to_toml(rows: Sequence[Row], header: str) -> str:
             ("session_max", row.session_max),
         ):
             if text:
-                if not text.isdigit():
+                if not text.isdecimal() or not text.isascii():  # "²" is a digit to isdigit
                     raise GridError(f"row {row.name}: {key} {text!r} is not a whole number")
                 lines.append(f"{key} = {int(text)}")
         chunks.append("\n".join(lines) + "\n")

@@ -23,6 +23,7 @@ from appliance import logs, passwords
 from appliance.agent import settings as settings_mod
 from appliance.agent import tables, tlscert, wire
 from appliance.agent.settings import AgentSettings
+from appliance.atomic_file import locked, write_atomically
 from appliance.tomlfile import ConfigError
 
 log = logging.getLogger("appliance.agent")
@@ -60,10 +61,10 @@ def _attr_pairs(pairs: list[str]) -> dict[str, str | tuple[str, ...]]:
 
 
 def _edit_users(s: AgentSettings, change: Callable[[dict[str, tables.User]], str]) -> None:
-    with tables.locked(s.users_file):
+    with locked(s.users_file):
         users = dict(tables.load_users(s.users_file).users)
         message = change(users)
-        tables.atomic_write(s.users_file, tables.dump_users(tables.UserTable(users)))
+        write_atomically(s.users_file, tables.dump_users(tables.UserTable(users)))
     print(message)
 
 
@@ -215,13 +216,11 @@ def cmd_appliances(args: argparse.Namespace) -> int:
         return 0
     key = _find_key(s, args.key)
     status = "allowed" if args.action == "allow" else "denied"
-    with tables.locked(s.appliances_file):
+    with locked(s.appliances_file):
         entries = dict(tables.load_appliances(s.appliances_file).entries)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         entries[key] = tables.ApplianceEntry(key, status, args.name or "", stamp)
-        tables.atomic_write(
-            s.appliances_file, tables.dump_appliances(tables.ApplianceTable(entries))
-        )
+        write_atomically(s.appliances_file, tables.dump_appliances(tables.ApplianceTable(entries)))
     print(f"{status} {key}")
     return 0
 

@@ -28,6 +28,7 @@ from appliance import passwords
 from appliance.agent import tables, tlscert
 from appliance.agent.api import AgentApp, Request, Response, refuse
 from appliance.agent.settings import AgentSettings
+from appliance.atomic_file import write_atomically
 
 log = logging.getLogger("appliance.agent")
 
@@ -71,7 +72,7 @@ class AgentServer:
         return int(self.server.sockets[0].getsockname()[1])
 
     def _save_pending(self, pending: dict[str, dict[str, Any]]) -> None:
-        tables.atomic_write(self.settings.pending_file, json.dumps(pending, indent=1), 0o600)
+        write_atomically(self.settings.pending_file, json.dumps(pending, indent=1), 0o600)
 
     async def start(self) -> None:
         ctx = tlscert.server_context(self.settings.tls_certificate, self.settings.tls_key)

@@ -7,18 +7,14 @@ stat changes, so an edit applies to the next request without a restart.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.agent import wire
-from appliance.atomic_file import write_atomically
-from appliance.tomlfile import ConfigError, Reader, TomlFile
+from appliance.tomlfile import ConfigError, Reader, TomlFile, toml_string, toml_value
 
 log = logging.getLogger("appliance.agent")
 AttrValue = str | tuple[str, ...]
@@ -147,30 +143,17 @@ def load_appliances(path: Path) -> ApplianceTable:
 # -- writing -------------------------------------------------------------------------
 
 
-def _q(text: str) -> str:
-    """A TOML basic string (JSON's escapes are a subset of TOML's)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _value(v: AttrValue | bool) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_q(x) for x in v) + "]"
-    return _q(v)
-
-
 def dump_users(table: UserTable) -> str:
     lines = ["# Personal agent users: edit with `personal-agent users` and `servers`."]
     for name in sorted(table.users):
         u = table.users[name]
-        lines += ["", f"[users.{_q(name)}]", f"password = {_q(u.password_hash)}"]
+        lines += ["", f"[users.{toml_string(name)}]", f"password = {toml_string(u.password_hash)}"]
         if u.locked:
             lines.append("locked = true")
-        lines.append(f"[users.{_q(name)}.attributes]")
-        lines += [f"{_q(k)} = {_value(v)}" for k, v in sorted(u.attributes.items())]
-        lines.append(f"[users.{_q(name)}.servers]")
-        lines += [f"{_q(k)} = {_q(v)}" for k, v in sorted(u.servers.items())]
+        lines.append(f"[users.{toml_string(name)}.attributes]")
+        lines += [f"{toml_string(k)} = {toml_value(v)}" for k, v in sorted(u.attributes.items())]
+        lines.append(f"[users.{toml_string(name)}.servers]")
+        lines += [f"{toml_string(k)} = {toml_string(v)}" for k, v in sorted(u.servers.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -178,29 +161,12 @@ def dump_appliances(table: ApplianceTable) -> str:
     lines = ["# Appliances this agent answers: edit with `personal-agent appliances`."]
     for key in sorted(table.entries):
         e = table.entries[key]
-        lines += ["", f"[appliances.{_q(key)}]", f"status = {_q(e.status)}"]
+        lines += ["", f"[appliances.{toml_string(key)}]", f"status = {toml_string(e.status)}"]
         if e.name:
-            lines.append(f"name = {_q(e.name)}")
+            lines.append(f"name = {toml_string(e.name)}")
         if e.since:
-            lines.append(f"since = {_q(e.since)}")
+            lines.append(f"since = {toml_string(e.since)}")
     return "\n".join(lines) + "\n"
-
-
-def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    write_atomically(path, text, mode)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Serialise read-modify-write cycles of two CLI runs on the same table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class Watched:

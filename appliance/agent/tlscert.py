@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.agent import wire
-from appliance.agent.tables import atomic_write
+from appliance.atomic_file import write_atomically
 
 
 def ensure_certificate(cert_path: Path, key_path: Path, names: tuple[str, ...] = ()) -> bool:
@@ -54,8 +54,10 @@ def ensure_certificate(cert_path: Path, key_path: Path, names: tuple[str, ...] =
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    atomic_write(key_path, key_pem.decode("ascii"), 0o600)
-    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM).decode("ascii"), 0o644)
+    write_atomically(key_path, key_pem.decode("ascii"), 0o600)
+    write_atomically(
+        cert_path, cert.public_bytes(serialization.Encoding.PEM).decode("ascii"), 0o644
+    )
     return True
 
 

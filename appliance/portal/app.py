@@ -161,7 +161,10 @@ def _safe_url(url: str | None) -> str:
     """Only absolute http(s) URLs go back into a redirect after login."""
     if not url or len(url) > 2000:
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "http://[x": not a URL we send anyone to
+        return ""
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return ""
     if any(c in url for c in "\r\n\t"):

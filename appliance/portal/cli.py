@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from appliance import accounts, passwords
+from appliance.atomic_file import locked
 from appliance.config import Config, load
 from appliance.sessions import Session, SessionStore
 
@@ -43,52 +44,55 @@ def _read_password(args: argparse.Namespace) -> str | None:
 
 def _users_add(args: argparse.Namespace) -> int:
     path = _users_path(args)
-    table = accounts.load(path)
-    if not accounts.valid_user_id(args.user):
-        print(f"appliance: {args.user!r} is not a valid user id", file=sys.stderr)
-        return 2
-    if args.user in table:
-        print(f"appliance: user {args.user} exists (use passwd)", file=sys.stderr)
-        return 1
-    try:
-        attrs = accounts.parse_attributes(args.attr)
-    except ValueError as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
-        return 2
-    pw = _read_password(args)
-    if pw is None:
-        return 2
-    table[args.user] = accounts.Account(args.user, passwords.hash_password(pw), attrs)
-    accounts.save(path, table)
-    print(f"user {args.user} added to {path}")
-    return 0
+    with locked(path):  # two admins editing at once: one waits for the other
+        table = accounts.load(path)
+        if not accounts.valid_user_id(args.user):
+            print(f"appliance: {args.user!r} is not a valid user id", file=sys.stderr)
+            return 2
+        if args.user in table:
+            print(f"appliance: user {args.user} exists (use passwd)", file=sys.stderr)
+            return 1
+        try:
+            attrs = accounts.parse_attributes(args.attr)
+        except ValueError as exc:
+            print(f"appliance: {exc}", file=sys.stderr)
+            return 2
+        pw = _read_password(args)
+        if pw is None:
+            return 2
+        table[args.user] = accounts.Account(args.user, passwords.hash_password(pw), attrs)
+        accounts.save(path, table)
+        print(f"user {args.user} added to {path}")
+        return 0
 
 
 def _users_del(args: argparse.Namespace) -> int:
     path = _users_path(args)
-    table = accounts.load(path)
-    if table.pop(args.user, None) is None:
-        print(f"appliance: no user {args.user}", file=sys.stderr)
-        return 1
-    accounts.save(path, table)
-    print(f"user {args.user} removed")
-    return 0
+    with locked(path):  # two admins editing at once: one waits for the other
+        table = accounts.load(path)
+        if table.pop(args.user, None) is None:
+            print(f"appliance: no user {args.user}", file=sys.stderr)
+            return 1
+        accounts.save(path, table)
+        print(f"user {args.user} removed")
+        return 0
 
 
 def _users_passwd(args: argparse.Namespace) -> int:
     path = _users_path(args)
-    table = accounts.load(path)
-    acc = table.get(args.user)
-    if acc is None:
-        print(f"appliance: no user {args.user}", file=sys.stderr)
-        return 1
-    pw = _read_password(args)
-    if pw is None:
-        return 2
-    table[args.user] = accounts.Account(acc.user, passwords.hash_password(pw), acc.attributes)
-    accounts.save(path, table)
-    print(f"password of {args.user} changed")
-    return 0
+    with locked(path):  # two admins editing at once: one waits for the other
+        table = accounts.load(path)
+        acc = table.get(args.user)
+        if acc is None:
+            print(f"appliance: no user {args.user}", file=sys.stderr)
+            return 1
+        pw = _read_password(args)
+        if pw is None:
+            return 2
+        table[args.user] = accounts.Account(acc.user, passwords.hash_password(pw), acc.attributes)
+        accounts.save(path, table)
+        print(f"password of {args.user} changed")
+        return 0
 
 
 def _fmt_attrs(attrs: dict[str, str | tuple[str, ...]]) -> str:

@@ -284,44 +284,12 @@ def test_a_real_browser_logs_in_and_lands_on_the_original_url(site: Site, artifa
 
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
+    """The portal's certificate for `name` and 192.168.1.1, made as the agent makes its own."""
+    from appliance.agent.tlscert import ensure_certificate
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(name), x509.IPAddress(ipaddress.IPv4Address("192.168.1.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "portal.crt", directory / "portal.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    ensure_certificate(cert_path, key_path, (name, "192.168.1.1"))
     return cert_path, key_path
 
 

@@ -179,7 +179,11 @@ def test_a_post_without_the_csrf_token_is_refused(app: Any, site: Config) -> Non
     before = site.policies.access.read_text()
     fields = form(c, "/access", "grid")
     fields["cell-1-smtp"] = ""
-    for bad in ({k: v for k, v in fields.items() if k != "csrf"}, {**fields, "csrf": "forged"}):
+    for bad in (
+        {k: v for k, v in fields.items() if k != "csrf"},
+        {**fields, "csrf": "forged"},
+        {**fields, "csrf": "é"},  # not ASCII: still a clear refusal, not a 500
+    ):
         r = c.post("/access", data=bad)
         assert r.status_code == 400 and "CSRF" in r.text
     assert site.policies.access.read_text() == before
@@ -250,6 +254,7 @@ def test_an_invalid_edit_is_refused_with_the_reason_and_changes_nothing(
         ({"pattern-1": "department"}, "is not key=value"),
         ({"name-1": "staff"}, "duplicate rule name"),
         ({"max-1": "lots"}, "not a whole number"),
+        ({"max-1": "²"}, "not a whole number"),
         ({"cell-1-smtp": "maybe"}, "allow, deny or empty"),
     ):
         fields = form(c, "/access", "grid")

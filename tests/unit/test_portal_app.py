@@ -87,6 +87,14 @@ def login(c: FlaskClient, user: str, password: str, url: str = "", agent: str = 
     )
 
 
+def test_a_url_that_is_no_url_is_dropped_not_a_500(site: Site) -> None:
+    c = site.client()
+    r = c.get("/login?url=http://[x")
+    assert r.status_code == 200 and "http://[x" not in r.get_data(as_text=True)
+    r = login(c, "alice", "correct horse", url="http://[x")
+    assert r.status_code == 303 and r.headers["Location"] == "/status"
+
+
 def test_captive_answers_before_login(site: Site) -> None:
     c = site.client()
     r = c.get("/some/page?q=1", headers={"Host": "www.example.com", "Accept": "text/html"})
