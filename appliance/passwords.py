@@ -8,6 +8,9 @@ unknown one, so timing does not tell which user ids exist.
 
 from __future__ import annotations
 
+import getpass
+import sys
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from argon2.profiles import RFC_9106_LOW_MEMORY
@@ -28,8 +31,16 @@ def verify_password(stored_hash: str | None, password: str) -> bool:
         return False
 
 
-def needs_rehash(stored_hash: str) -> bool:
-    return _hasher.check_needs_rehash(stored_hash)
+def read_new_password(from_stdin: bool) -> str:
+    """A new password for a CLI: one line of stdin, or typed twice without echo.
+
+    Never a command-line argument (a process list would show it)."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
 
 
 def parameters() -> str:

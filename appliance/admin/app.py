@@ -31,6 +31,7 @@ from appliance.admin.logins import AdminLogins
 from appliance.admin.templates import CSS, TEMPLATES
 from appliance.config import Config
 from appliance.policy import check_texts
+from appliance.portal.security import RateLimiter
 from appliance.tomlfile import ConfigError
 
 log = logging.getLogger("appliance.admin")
@@ -95,7 +96,7 @@ def create_app(
         from appliance.pidfiles import signal_roles
 
         notify = signal_roles
-    failures: dict[str, list[float]] = {}
+    failures = RateLimiter(LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW)
     logins = AdminLogins(store.connect(config.state.database))
 
     def csrf_token() -> str:
@@ -154,17 +155,14 @@ def create_app(
         if request.method == "GET":
             return page("login.html")
         ip = request.remote_addr or "?"
-        now = time.monotonic()
-        recent = [t for t in failures.get(ip, []) if now - t < LOGIN_WINDOW]
-        failures[ip] = recent
-        if len(recent) >= LOGIN_FAILURES_ALLOWED:
+        if failures.retry_after(ip):
             return page("login.html", 429, error="Too many failed logins: wait a few minutes.")
         name = request.form.get("name", "").strip()
         if not accounts.check_login(config.policies.admins, name, request.form.get("password", "")):
-            recent.append(now)
+            failures.fail(ip)
             log.warning("admin: failed login for %r from %s", name, ip)
             return page("login.html", 403, error="Wrong admin name or password.")
-        failures.pop(ip, None)
+        failures.reset(ip)
         session.clear()  # a fresh session (and CSRF token) after login
         session.permanent = True
         session["admin"] = name

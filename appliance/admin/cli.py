@@ -9,17 +9,9 @@ import sys
 from appliance.config import load
 
 
-def _password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        return sys.stdin.readline().rstrip("\n")
-    first = getpass.getpass("new admin password: ")
-    if getpass.getpass("again: ") != first:
-        raise SystemExit("appliance: the passwords differ")
-    return first
-
-
 def _cmd(args: argparse.Namespace) -> int:
-    from appliance.admin import accounts  # argon2 set-up costs: only when used
+    from appliance import passwords  # argon2 set-up costs: only when used
+    from appliance.admin import accounts
 
     config = load(args.config)
     path = config.policies.admins
@@ -32,7 +24,9 @@ def _cmd(args: argparse.Namespace) -> int:
             print(f"admin {args.name} removed")
         else:
             create = args.admins_command == "add"
-            accounts.set_password(path, args.name, _password(args), create=create)
+            accounts.set_password(
+                path, args.name, passwords.read_new_password(args.password_stdin), create=create
+            )
             print(f"admin {args.name} {'added' if create else 'password changed'} ({path})")
     except ValueError as exc:
         print(f"appliance: {exc}", file=sys.stderr)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import getpass
 import json
 import logging
 import sys
@@ -38,12 +37,10 @@ def _settings(args: argparse.Namespace) -> AgentSettings:
 
 
 def _read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        pw = sys.stdin.readline().rstrip("\r\n")
-    else:
-        pw = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != pw:
-            raise UsageError("the two passwords differ")
+    try:
+        pw = passwords.read_new_password(args.password_stdin)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if not 1 <= len(pw) <= wire.MAX_PASSWORD_LEN:
         raise UsageError(f"a password has 1 to {wire.MAX_PASSWORD_LEN} characters")
     return pw

@@ -8,7 +8,6 @@ line of standard input; they are never echoed, logged or put on a command line.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 import time
@@ -29,13 +28,11 @@ def _users_path(args: argparse.Namespace) -> Path:
 
 
 def _read_password(args: argparse.Namespace) -> str | None:
-    if args.password_stdin:
-        pw = sys.stdin.readline().rstrip("\r\n")
-    else:
-        pw = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != pw:
-            print("appliance: the two passwords differ", file=sys.stderr)
-            return None
+    try:
+        pw = passwords.read_new_password(args.password_stdin)
+    except ValueError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return None
     if len(pw) < 8:
         print("appliance: a password needs at least 8 characters", file=sys.stderr)
         return None
