@@ -24,7 +24,15 @@ import h11
 
 from appliance.proxy.gate import Admission, Listener, Refusal, Upstream
 from appliance.proxy.refusals import http_refusal
-from appliance.proxy.relay import HIGH_WATER, LOW_WATER, Pump, Relay, Tracked, original_dst
+from appliance.proxy.relay import (
+    HIGH_WATER,
+    LOW_WATER,
+    Pump,
+    Relay,
+    Tracked,
+    failure,
+    original_dst,
+)
 
 log = logging.getLogger("appliance.proxy.http")
 
@@ -177,6 +185,7 @@ class HttpClient(Tracked, asyncio.Protocol):
                 self._refuse(Refusal("limit", "limit", "", verdict.user, verdict.rule), wants_html)
                 return
             self.admission = verdict
+            self.right = service  # a tunnel holds the `connect` right, not `http`
         adm = self.admission
         host_header = lower.get(b"host", b"").decode("latin-1")
         proxies = adm.upstreams
@@ -189,11 +198,15 @@ class HttpClient(Tracked, asyncio.Protocol):
                 self._refuse(Refusal("denied", reason, "", adm.user, adm.rule), wants_html)
                 return
         elif self.listener.explicit:
-            parts = urlsplit(target)
-            if parts.scheme != "http" or not parts.hostname:
+            try:
+                parts = urlsplit(target)
+                port = parts.port or 80  # ValueError for "http://a:x/" or "http://a:99999/"
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme != "http" or not parts.hostname:
                 self._fail(400, "an explicit proxy request needs an http:// absolute URL")
                 return
-            host, port = parts.hostname, parts.port or 80
+            host = parts.hostname
             path = parts.path or "/"
             out_target = target if proxies else path + (f"?{parts.query}" if parts.query else "")
         else:
@@ -236,6 +249,12 @@ class HttpClient(Tracked, asyncio.Protocol):
                 # a keep-alive connection may only talk to one place (direct explicit mode)
                 self._fail_quiet("destination changed on a kept-alive connection")
                 return
+            if connect:
+                self.raw = True  # what follows the CONNECT is the tunnel's, not HTTP
+                if not proxies:
+                    assert self.client is not None
+                    self.client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    return
             self._send(head)
             return
         self.busy = True
@@ -325,7 +344,7 @@ class HttpClient(Tracked, asyncio.Protocol):
                         lambda: Pump(self), up.host, up.port
                     )
             except (TimeoutError, OSError) as exc:
-                log.warning("http upstream %s failed: %s", up.name, exc)
+                log.warning("http upstream %s failed: %s", up.name, failure(exc))
                 continue
             if self.closed or self.client is None or self.client.is_closing():
                 if pump.transport is not None:

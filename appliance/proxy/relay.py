@@ -63,6 +63,7 @@ class Tracked:
         "listener",
         "relay",
         "result",
+        "right",
         "rule",
         "session",
         "src",
@@ -74,6 +75,7 @@ class Tracked:
     def __init__(self, relay: Relay, listener: Listener) -> None:
         self.relay = relay
         self.listener = listener
+        self.right = listener.service  # the service whose right a policy change re-checks
         self.client: asyncio.Transport | None = None
         self.src = "-"
         self.user: str | None = None
@@ -119,6 +121,11 @@ class Tracked:
 
     def upstream_lost(self) -> None:
         raise NotImplementedError
+
+
+def failure(exc: BaseException) -> str:
+    """Why a connect failed, without the address the stock loop puts in its message."""
+    return (exc.strerror if isinstance(exc, OSError) else None) or "timed out"
 
 
 class Pump(asyncio.Protocol):
@@ -194,7 +201,9 @@ class Link(Tracked, asyncio.Protocol):
                         lambda: Pump(self), up.host, up.port
                     )
             except (TimeoutError, OSError) as exc:
-                log.warning("%s upstream %s failed: %s", self.listener.service, up.name, exc)
+                log.warning(
+                    "%s upstream %s failed: %s", self.listener.service, up.name, failure(exc)
+                )
                 continue
             if self.closed or self.client is None or self.client.is_closing():
                 pump.transport.close()  # type: ignore[union-attr]
@@ -504,7 +513,9 @@ class Relay:
                     await self.loop.sock_connect(s, (up.host, up.port))
             except (TimeoutError, OSError) as exc:
                 s.close()
-                log.warning("%s upstream %s failed: %s", conn.listener.service, up.name, exc)
+                log.warning(
+                    "%s upstream %s failed: %s", conn.listener.service, up.name, failure(exc)
+                )
                 continue
             if conn.closed:
                 s.close()
@@ -574,7 +585,7 @@ class Relay:
         for conn in list(self.conns):
             if conn.user is None or conn.upstream_name is None:
                 continue
-            verdict = self.gate.admit(conn.src, conn.listener.service)
+            verdict = self.gate.admit(conn.src, conn.right)
             if isinstance(verdict, Refusal):
                 conn.abort("revoked")
                 closed += 1

@@ -376,3 +376,78 @@ def test_hidden_hosts_are_refused_by_name_and_by_odd_numbers(via_proxy: bool) ->
         upstream.close()
 
     run(body())
+
+
+class TunnelingProxy(HeadEcho):
+    """A web proxy: heads are echoed; after a CONNECT it says 200 and echoes raw bytes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.tunnel = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            self.t.write(b"echo:" + data)
+            return
+        if data.startswith(b"CONNECT "):
+            self.tunnel = True
+            self.t.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            return
+        super().data_received(data)
+
+
+def test_connect_after_a_get_on_one_connection_and_a_revoked_connect_right() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(TunnelingProxy, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http", "connect"])
+        t["servers"]["http"] = t["servers"]["connect"] = [f"127.0.0.1:{up_port}"]
+        relay = Relay(StaticGate(t), connect_ports=(443,))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        head = await read_until(r, b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        await asyncio.wait_for(r.readexactly(int(re.findall(rb"Length: (\d+)", head)[0])), 5)
+        # a browser reuses its idle proxy connection for a tunnel: the bytes after the
+        # CONNECT are the tunnel's (TLS), never parsed as HTTP
+        w.write(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        assert (await read_until(r, b"\r\n\r\n")).startswith(b"HTTP/1.1 200 Connection")
+        w.write(b"\x16\x03\x01 not http")
+        echoed = b"echo:\x16\x03\x01 not http"
+        assert await asyncio.wait_for(r.readexactly(len(echoed)), 5) == echoed
+        # a plain web connection beside it
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w2.write(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        assert (await read_until(r2, b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
+        # the admin takes the tunnel right away: the tunnel closes, plain web stays
+        t["users"]["127.0.0.1"]["allow"] = ["http"]
+        relay.recheck()
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        await asyncio.sleep(0.1)
+        assert not w2.is_closing() and relay.counters[("http", "revoked")] == 1
+        w.close()
+        w2.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+def test_an_explicit_url_that_does_not_parse_gets_400() -> None:
+    async def body() -> None:
+        port = free_port()
+        t = table(1, port, allow=["http"])
+        t["servers"]["http"] = []
+        relay = Relay(StaticGate(t))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        for url in ("http://a:x/", "http://a:99999/", "http://[::1/"):
+            out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.1 400"), (url, out[:60])
+        await asyncio.sleep(0.1)
+        assert relay.counters[("http", "bad-request-400")] == 3
+        await relay.stop()
+
+    run(body())
