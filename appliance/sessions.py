@@ -132,7 +132,6 @@ class SessionStore:
     idle: float = 1800.0
     maximum: float = 86400.0
     revoke: Revoke = field(default=_no_revoke)
-    check_lease: bool = True
 
     def __post_init__(self) -> None:
         create_schema(self.conn)
@@ -162,12 +161,11 @@ class SessionStore:
         if row is None:
             return None
         sess = _row(row)
-        if self.check_lease:
-            lease = leases.lookup_ip(self.conn, ip, now)
-            # the session belongs to the binding it was made in: after a release or
-            # expiry and a new grant (even to the same MAC) the guest logs in again
-            if lease is None or lease.mac != sess.mac or lease.bound_since > sess.created:
-                return None
+        lease = leases.lookup_ip(self.conn, ip, now)
+        # the session belongs to the binding it was made in: after a release or
+        # expiry and a new grant (even to the same MAC) the guest logs in again
+        if lease is None or lease.mac != sess.mac or lease.bound_since > sess.created:
+            return None
         return sess
 
     def list(self, include_ended: bool = False) -> builtins.list[Session]:
@@ -282,7 +280,7 @@ class SessionStore:
         return [_row(r) for r in rows]
 
     # -- following the leases and the clock ---------------------------------------
-    def follow_leases(self, now: float | None = None, name: str = "portal") -> int:
+    def follow_leases(self, now: float | None = None) -> int:
         """End sessions whose lease was released, expired or declined; returns how many.
 
         The last lease event seen is kept in the store, so a restarted follower
@@ -290,7 +288,7 @@ class SessionStore:
         """
         now = time.time() if now is None else now
         row = self.conn.execute(
-            "SELECT last_event_id FROM session_cursor WHERE name = ?", (name,)
+            "SELECT last_event_id FROM session_cursor WHERE name = 'portal'"
         ).fetchone()
         last = int(row[0]) if row else 0
         ended = 0
@@ -317,9 +315,9 @@ class SessionStore:
                 for sess in matches:
                     ended += self.end(sess.id, why, now=now)
         self.conn.execute(
-            "INSERT INTO session_cursor (name, last_event_id) VALUES (?, ?) "
+            "INSERT INTO session_cursor (name, last_event_id) VALUES ('portal', ?) "
             "ON CONFLICT(name) DO UPDATE SET last_event_id = excluded.last_event_id",
-            (name, last),
+            (last,),
         )
         return ended
 
@@ -332,12 +330,10 @@ class SessionStore:
                 ended += self.end(sess.id, "session time over", now=now)
             elif sess.idle_expiry <= now:
                 ended += self.end(sess.id, "idle too long", now=now)
-            elif self.check_lease:
-                lease = leases.lookup_ip(self.conn, sess.ip, now)
-                if lease is None:
-                    ended += self.end(sess.id, "no bound lease", now=now)
-                elif lease.mac != sess.mac:
-                    ended += self.end(sess.id, "lease belongs to another device", now=now)
+            elif (lease := leases.lookup_ip(self.conn, sess.ip, now)) is None:
+                ended += self.end(sess.id, "no bound lease", now=now)
+            elif lease.mac != sess.mac:
+                ended += self.end(sess.id, "lease belongs to another device", now=now)
         return ended
 
     def next_expiry(self) -> float | None:

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -271,9 +272,18 @@ def create_app(
         return redirect(url_for("servers_page", saved=1))
 
     # -- sessions -----------------------------------------------------------
+    per_thread = threading.local()
+
+    def session_list() -> Any:
+        """This thread's store (one SQLite connection each, not one per request)."""
+        store = getattr(per_thread, "store", None)
+        if store is None:
+            store = per_thread.store = sessions(config)
+        return store
+
     @app.get("/sessions")
     def sessions_page() -> Any:
-        store = sessions(config)
+        store = session_list()
         if store is None:
             return page("sessions.html", unavailable=True, items=[])
         items = sorted(store.list(), key=lambda s: s.created)
@@ -281,7 +291,7 @@ def create_app(
 
     @app.post("/sessions/end")
     def session_end() -> Any:
-        store = sessions(config)
+        store = session_list()
         if store is None:
             return page("sessions.html", 503, unavailable=True, items=[])
         sid = request.form.get("id", "")
