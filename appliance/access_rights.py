@@ -85,11 +85,7 @@ class Rule:
     raw_match: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
 
     def matches(self, attrs: Mapping[str, tuple[str, ...]]) -> bool:
-        for c in self.conditions:
-            have = attrs.get(c.key)
-            if have is None or not c.test(have):
-                return False
-        return True
+        return self.first_failure(attrs) is None
 
     def first_failure(self, attrs: Mapping[str, tuple[str, ...]]) -> Condition | None:
         for c in self.conditions:

@@ -22,7 +22,6 @@ from typing import Any, Literal, Protocol
 log = logging.getLogger("appliance.proxy.gate")
 
 RefusalKind = Literal["login", "denied", "limit", "unavailable"]
-PROTOCOLS = ("smtp", "pop3", "http", "tcp")
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ _TITLES = {
 }
 
 
-def http_refusal(r: Refusal, wants_html: bool, keep_alive: bool = False) -> tuple[int, bytes]:
+def http_refusal(r: Refusal, wants_html: bool) -> tuple[int, bytes]:
     """Status and whole response for a refused request (302 for browsers, 511 for the rest)."""
     url = html.escape(r.portal_url)
     extra = ""
@@ -140,6 +140,6 @@ def http_refusal(r: Refusal, wants_html: bool, keep_alive: bool = False) -> tupl
         f"HTTP/1.1 {status} {_TITLES[status]}\r\n{extra}"
         "Content-Type: text/html; charset=utf-8\r\n"
         f"Content-Length: {len(page)}\r\nCache-Control: no-store\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        "Connection: close\r\n\r\n"
     ).encode()
     return status, head + page
