@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
+import select
 import socket
 import struct
 import time
@@ -25,13 +27,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from appliance.proxy.access_log import AccessLog
 from appliance.proxy.follow import Ended, EndedFollower
 from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
 from appliance.proxy.refusals import RefusalDialog
-from appliance.proxy.splice import PipePool, SpliceConn
+from appliance.proxy.splice import EdgePoll, PipePool, Sock, SpliceConn
 
 log = logging.getLogger("appliance.proxy")
-access_log = logging.getLogger("appliance.proxy.access")
 
 SO_ORIGINAL_DST = 80
 HIGH_WATER = 512 * 1024
@@ -303,13 +305,14 @@ class Link(Tracked, asyncio.Protocol):
 class Spliced(Tracked):
     """A plain TCP connection relayed with splice(2) over raw sockets (see splice.py)."""
 
-    __slots__ = ("conn", "sock")
+    __slots__ = ("conn", "connector", "sock")
 
-    def __init__(self, relay: Relay, listener: Listener, sock: socket.socket, src: str) -> None:
+    def __init__(self, relay: Relay, listener: Listener, sock: Sock, src: str) -> None:
         super().__init__(relay, listener)
         self.sock = sock
         self.src = src
         self.conn: SpliceConn | None = None
+        self.connector: Connector | None = None
 
     def activity(self) -> int:
         return self.conn.up.moved + self.conn.down.moved if self.conn else 0
@@ -319,9 +322,11 @@ class Spliced(Tracked):
             self.result = result
         if self.conn is not None:
             self.conn.close(result)
-        else:
-            self.sock.close()
-            self.finish()
+            return
+        if self.connector is not None:
+            self.connector.cancel()
+        self.relay.edges.close(self.sock)
+        self.finish()
 
     def ended(self, conn: SpliceConn, result: str) -> None:
         self.bytes_up, self.bytes_down = conn.up.moved, conn.down.moved
@@ -331,10 +336,11 @@ class Spliced(Tracked):
 
     def refuse_now(self, r: Refusal) -> None:
         self.refused(r)
-        self.sock.close()
+        self.relay.edges.close(self.sock)
         self.finish()
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
     try:
         socket.inet_aton(host)
@@ -344,75 +350,76 @@ def _is_ip(host: str) -> bool:
 
 
 class Connector:
-    """Non-blocking connects to the upstreams in order, by callbacks: no task, no future per
-    connection (the connection rate of the splice path depends on it)."""
+    """Non-blocking connects to the upstreams in order, watched in the relay's EdgePoll: no
+    task, future or timer per connection (the connection rate of the splice path depends on
+    it); the relay's one deadline timer calls `expired`."""
 
-    __slots__ = ("conn", "i", "relay", "sock", "timer", "up", "ups")
+    __slots__ = ("conn", "i", "relay", "sock", "up", "ups")
 
     def __init__(self, relay: Relay, conn: Spliced, ups: tuple[Upstream, ...]) -> None:
         self.relay = relay
         self.conn = conn
         self.ups = ups
         self.i = 0
-        self.sock: socket.socket | None = None
+        self.sock: Sock | None = None
         self.up: Upstream | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        conn.connector = self
 
     def next(self) -> None:
-        loop = self.relay.loop
+        relay = self.relay
         while self.i < len(self.ups) and not self.conn.closed:
             up = self.ups[self.i]
             self.i += 1
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
+            s = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = s.connect_ex((up.host, up.port))
             if err in (0, errno.EINPROGRESS):
                 self.sock, self.up = s, up
-                loop.add_writer(s.fileno(), self.done)
-                self.timer = loop.call_later(self.relay.connect_timeout, self.timeout)
+                relay.edges.watch(s.fileno(), self.event)
+                relay.connect_started(self)
                 return
             s.close()
-            log.warning(
-                "%s upstream %s failed: %s", self.conn.listener.service, up.name, os.strerror(err)
-            )
+            self._failed(up, os.strerror(err))
+        self.conn.connector = None
         if not self.conn.closed:
             c = self.conn
             c.refuse_now(Refusal("unavailable", "no upstream", "", c.user, c.rule))
 
-    def done(self) -> None:
+    def event(self, ev: int) -> None:
         s, up = self.sock, self.up
         assert s is not None and up is not None
-        self.relay.loop.remove_writer(s.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
+        if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+            return
+        self.relay.connect_ended(self)
         err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            s.close()
-            log.warning(
-                "%s upstream %s failed: %s", self.conn.listener.service, up.name, os.strerror(err)
-            )
+        if err or ev & select.EPOLLHUP:
+            self._drop()
+            self._failed(up, os.strerror(err) if err else "closed")
             self.next()
             return
-        if self.conn.closed:
-            s.close()
-            return
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn.upstream_name = up.name
-        self.conn.conn = SpliceConn(
-            self.relay.loop, self.relay.pool, self.conn.sock, s, self.conn.ended
-        )
+        conn = self.conn
+        conn.connector = None
+        conn.upstream_name = up.name
+        conn.conn = SpliceConn(self.relay.edges, self.relay.pool, conn.sock, s, conn.ended, ev)
 
-    def timeout(self) -> None:
-        s = self.sock
-        assert s is not None
-        self.relay.loop.remove_writer(s.fileno())
-        s.close()
-        log.warning(
-            "%s upstream %s: connect timed out",
-            self.conn.listener.service,
-            self.up.name if self.up else "-",
-        )
+    def expired(self) -> None:
+        self._drop()
+        self._failed(self.up, "connect timed out")
         self.next()
+
+    def cancel(self) -> None:
+        self.relay.connect_ended(self)
+        self._drop()
+        self.i = len(self.ups)
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            self.relay.edges.close(self.sock)
+            self.sock = None
+
+    def _failed(self, up: Upstream | None, why: str) -> None:
+        name = up.name if up else "-"
+        log.warning("%s upstream %s failed: %s", self.conn.listener.service, name, why)
 
 
 class Relay:
@@ -433,12 +440,15 @@ class Relay:
         self.connect_ports = frozenset(connect_ports)
         self.splice = splice
         self.pool = PipePool()
+        self.loop = asyncio.get_running_loop()
+        self.edges = EdgePoll(self.loop)
+        self.connecting: dict[Connector, float] = {}  # in deadline order
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self.raw_listeners: list[socket.socket] = []
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.identity_header = identity_header
         self.hidden = hidden or (lambda _ip: False)
-        self.loop = asyncio.get_running_loop()
         self.conns: set[Tracked] = set()
         self.per_user: Counter[tuple[str, str]] = Counter()  # (user, service)
         self.counters: Counter[tuple[str, str]] = Counter()
@@ -446,7 +456,7 @@ class Relay:
         self._sweeper: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self.follow_period = follow_period
-        self._stamp = (0, "")
+        self.access = AccessLog(self.loop)
         gate.subscribe(self.recheck)
 
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
@@ -474,23 +484,29 @@ class Relay:
     def _listen_raw(self, host: str, ls: Listener) -> None:
         sock = socket.create_server((host, ls.port), backlog=4096)
         sock.setblocking(False)
-        self.loop.add_reader(sock.fileno(), self._accept, sock, ls)
+        # accepted sockets inherit TCP_NODELAY from the listener: one syscall less each
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.edges.watch(sock.fileno(), lambda _ev: self._accept(sock, ls), select.EPOLLIN)
         self.raw_listeners.append(sock)
 
     def _accept(self, lsock: socket.socket, ls: Listener) -> None:
         for _ in range(64):
             try:
                 # the raw accept: socket.accept() would ask the family and type back as
-                # enums for every connection; they are known here
+                # enums and wrap the socket in Python; the C socket type is all we need
                 fd, addr = lsock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
-                log.warning("accept on %s: %s", ls.service, exc)
+                # out of file descriptors, most likely: count it, stop accepting for a
+                # moment instead of spinning on a listener that stays readable
+                self.counters[(ls.service, "accept-failed")] += 1
+                log.warning("accept on %s: %s; pausing the listener 0.1 s", ls.service, exc)
+                self.edges.modify(lsock.fileno(), 0)
+                self.loop.call_later(0.1, self._resume_accept, lsock)
                 return
-            csock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            csock = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             csock.setblocking(False)
-            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Spliced(self, ls, csock, addr[0])
             self.opened(conn)
             verdict = self.gate.admit(conn.src, ls.service)
@@ -498,45 +514,74 @@ class Relay:
                 conn.refuse_now(verdict)
             elif not conn.admitted(verdict):
                 conn.refuse_now(Refusal("limit", "limit", "", verdict.user, verdict.rule))
-            else:
-                if all(_is_ip(up.host) for up in verdict.upstreams):
-                    Connector(self, conn, verdict.upstreams).next()
-                else:  # names need the resolver: the coroutine path does that
-                    self.loop.create_task(self._splice_connect(conn, verdict))
+            elif all(_is_ip(up.host) for up in verdict.upstreams):
+                Connector(self, conn, verdict.upstreams).next()
+            else:  # names need the resolver first
+                self.loop.create_task(self._resolve_then_connect(conn, verdict))
 
-    async def _splice_connect(self, conn: Spliced, adm: Admission) -> None:
+    def _resume_accept(self, lsock: socket.socket) -> None:
+        if lsock.fileno() >= 0:
+            self.edges.modify(lsock.fileno(), select.EPOLLIN)
+
+    async def _resolve_then_connect(self, conn: Spliced, adm: Admission) -> None:
+        ups: list[Upstream] = []
         for up in adm.upstreams:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
+            if _is_ip(up.host):
+                ups.append(up)
+                continue
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    await self.loop.sock_connect(s, (up.host, up.port))
+                    infos = await self.loop.getaddrinfo(
+                        up.host, up.port, family=socket.AF_INET, type=socket.SOCK_STREAM
+                    )
             except (TimeoutError, OSError) as exc:
-                s.close()
                 log.warning(
                     "%s upstream %s failed: %s", conn.listener.service, up.name, failure(exc)
                 )
                 continue
-            if conn.closed:
-                s.close()
-                return
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.upstream_name = up.name
-            conn.conn = SpliceConn(self.loop, self.pool, conn.sock, s, conn.ended)
-            return
-        conn.refuse_now(Refusal("unavailable", "no upstream", "", conn.user, conn.rule))
+            ups.extend(Upstream(up.name, str(i[4][0]), up.port) for i in infos[:1])
+        if not conn.closed:
+            Connector(self, conn, tuple(ups)).next()
+
+    # -- connect deadlines: one timer for all connects in flight ------------------
+    def connect_started(self, c: Connector) -> None:
+        self.connecting.pop(c, None)  # a retry goes to the back: deadlines stay in order
+        self.connecting[c] = self.loop.time() + self.connect_timeout
+        if self._deadline_timer is None:
+            self._deadline_timer = self.loop.call_later(self.connect_timeout, self._deadlines)
+
+    def connect_ended(self, c: Connector) -> None:
+        self.connecting.pop(c, None)
+
+    def _deadlines(self) -> None:
+        self._deadline_timer = None
+        now = self.loop.time()
+        due = []
+        for c, deadline in self.connecting.items():
+            if deadline > now:
+                break
+            due.append(c)
+        for c in due:
+            del self.connecting[c]
+            c.expired()
+        if self.connecting:
+            first = next(iter(self.connecting.values()))
+            self._deadline_timer = self.loop.call_later(max(0.05, first - now), self._deadlines)
 
     async def stop(self) -> None:
         for sock in self.raw_listeners:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+            self.edges.close(sock)
         for server in self.servers:
             server.close()
         for task in (self._sweeper, self._follower):
             if task is not None:
                 task.cancel()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         for conn in list(self.conns):
             conn.abort("shutdown")
+        self.edges.shutdown()
+        self.access.flush()
         await asyncio.sleep(0)
 
     # -- bookkeeping -------------------------------------------------------------
@@ -559,23 +604,15 @@ class Relay:
             if self.per_user[key] <= 0:
                 del self.per_user[key]
         self.counters[(conn.listener.service, conn.result)] += 1
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        second = int(conn.started)
-        if second != self._stamp[0]:  # one strftime per second, not per connection
-            self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
-        access_log.info(
-            "time=%s user=%s ip=%s service=%s rule=%s upstream=%s bytes_up=%d bytes_down=%d "
-            "duration=%.3f result=%s",
-            self._stamp[1],
-            conn.user or "-",
+        self.access.connection(
+            conn.started,
+            conn.user,
             conn.src,
             conn.listener.service,
-            conn.rule or "-",
-            conn.upstream_name or "-",
+            conn.rule,
+            conn.upstream_name,
             conn.bytes_up,
             conn.bytes_down,
-            time.time() - conn.started,
             conn.result,
         )
 

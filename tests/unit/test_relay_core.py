@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-from typing import Any, cast
+from typing import cast
 
 import pytest
+from relay_helpers import (  # noqa: F401  (loop_kind: a fixture, used by every test)
+    PORTAL,
+    Echo,
+    free_port,
+    loop_kind,
+    read_until,
+    run,
+    table,
+)
 
 from appliance.proxy.gate import Listener, Refusal, StaticGate
 from appliance.proxy.refusals import RefusalDialog, http_refusal, pop3_reply, smtp_reply
 from appliance.proxy.relay import Relay
 
 pytestmark = pytest.mark.unit
-PORTAL = "http://192.168.1.1/"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("kind", ["login", "denied", "limit", "unavailable"])
@@ -65,60 +66,6 @@ def test_a_flood_of_empty_lines_gets_a_bounded_answer() -> None:
     d.greeting()
     out = d.feed(b"\n" * 1_000_000)
     assert d.closed and len(out) < 2_000
-
-
-class Echo(asyncio.Protocol):
-    """An upstream that echoes, upper-cased, and answers EOF with 'BYE' then closes."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = cast(asyncio.Transport, transport)
-        transport.write(b"HELLO\n")
-
-    def data_received(self, data: bytes) -> None:
-        self.t.write(data.upper())
-
-    def eof_received(self) -> bool:
-        self.t.write(b"BYE\n")
-        self.t.close()
-        return True
-
-
-def table(up_port: int, relay_port: int, **user: Any) -> dict[str, Any]:
-    u = {"user": "alice", "allow": ["smtp", "pop3"], "rule": "staff", **user}
-    return {
-        "portal_url": PORTAL,
-        "listeners": [
-            {"service": "smtp", "protocol": "smtp", "port": relay_port},
-            {"service": "pop3", "protocol": "pop3", "port": relay_port + 1},
-        ],
-        "servers": {
-            "smtp": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{up_port}"],
-            "pop3": [f"127.0.0.1:{up_port}"],
-        },
-        "users": {"127.0.0.1": u},
-    }
-
-
-async def read_until(reader: asyncio.StreamReader, what: bytes) -> bytes:
-    return await asyncio.wait_for(reader.readuntil(what), 5)
-
-
-LOOP = {"kind": "asyncio"}
-
-
-@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> None:
-    """Every relay test runs on the stock loop and on uvloop (they differ in details)."""
-    LOOP["kind"] = request.param
-
-
-def run(coro: Any) -> Any:
-    if LOOP["kind"] == "uvloop":
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coro)
-    return asyncio.run(coro)
 
 
 def test_relays_both_ways_with_fallback_and_half_close() -> None:

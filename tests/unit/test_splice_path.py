@@ -1,0 +1,238 @@
+"""The splice path for plain tcp services: its edge-triggered epoll, connect deadlines,
+refusals, revocation and the batched access log, on loopback with real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import select
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from relay_helpers import Echo, free_port, loop_kind, read_until, run, table  # noqa: F401
+
+from appliance.proxy.access_log import AccessLog
+from appliance.proxy.gate import Listener, StaticGate
+from appliance.proxy.relay import Relay
+from appliance.proxy.splice import EdgePoll
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def hanging() -> Iterator[int]:
+    """A port whose connects never complete: a listener with a full accept queue (backlog
+    0 holds one connection, never accepted), so the kernel drops further SYNs."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    filler = socket.create_connection(lsock.getsockname())
+    yield int(lsock.getsockname()[1])
+    filler.close()
+    lsock.close()
+
+
+def bulk_table(relay_port: int, servers: list[str], **user: Any) -> dict[str, Any]:
+    t = table(1, relay_port, allow=["bulk"], **user)
+    t["listeners"] = [{"service": "bulk", "protocol": "tcp", "port": relay_port}]
+    t["servers"] = {"bulk": servers}
+    return t
+
+
+async def start(t: dict[str, Any], **kw: Any) -> tuple[Relay, StaticGate]:
+    gate = StaticGate(t)
+    relay = Relay(gate, splice=True, **kw)
+    port = t["listeners"][0]["port"]
+    await relay.start("127.0.0.1", (Listener("bulk", "tcp", port),))
+    return relay, gate
+
+
+def test_a_hanging_upstream_times_out_and_the_next_one_serves(
+    hanging: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
+        port = free_port()
+        t = bulk_table(port, [f"127.0.0.1:{hanging}", f"127.0.0.1:{up_port}"])
+        relay, _gate = await start(t, connect_timeout=0.3)
+        t0 = loop.time()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await read_until(r, b"\n") == b"HELLO\n"
+        assert 0.25 <= loop.time() - t0 < 2.0  # waited for the deadline, then moved on
+        w.write(b"abc\n")
+        assert await read_until(r, b"\n") == b"ABC\n"
+        w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+    assert "bulk upstream bulk/site failed: connect timed out" in caplog.text
+    assert "127.0.0.1" not in caplog.text  # names in the log, never addresses
+
+
+def test_no_upstream_answers_the_guest_is_closed_and_counted(hanging: int) -> None:
+    async def body() -> None:
+        port = free_port()
+        t = bulk_table(port, [f"127.0.0.1:{hanging}", f"127.0.0.1:{free_port()}"])
+        relay, _gate = await start(t, connect_timeout=0.2)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        await asyncio.sleep(0.05)
+        assert relay.counters[("bulk", "upstream-down")] == 1
+        assert not relay.conns and not relay.connecting
+        await relay.stop()
+
+    run(body())
+
+
+def test_a_connection_closed_while_connecting_leaves_nothing_behind(hanging: int) -> None:
+    async def body() -> None:
+        port = free_port()
+        relay, gate = await start(bulk_table(port, [f"127.0.0.1:{hanging}"]), connect_timeout=5)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        assert len(relay.connecting) == 1
+        gate.table["users"]["127.0.0.1"]["allow"] = []
+        relay.sessions_ended([])  # nothing to do for it
+        for conn in list(relay.conns):
+            conn.abort("revoked")
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        assert not relay.connecting and not relay.conns
+        assert relay.counters[("bulk", "revoked")] == 1
+        await relay.stop()
+
+    run(body())
+
+
+def test_spliced_connections_are_revoked_idled_out_and_limited() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
+        port = free_port()
+        t = bulk_table(port, [f"127.0.0.1:{up_port}"], max_connections=2)
+        relay, gate = await start(t, connect_timeout=1.0, idle_timeout=0.6)
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for r, _w in conns[:2]:
+            assert await read_until(r, b"\n") == b"HELLO\n"
+        assert await asyncio.wait_for(conns[2][0].read(), 5) == b""  # over the limit
+        assert relay.counters[("bulk", "refused-limit")] == 1
+        gate.table["users"]["127.0.0.1"]["allow"] = []
+        gate.reload()  # the table no longer allows it: open connections close at once
+        for r, _w in conns[:2]:
+            assert await asyncio.wait_for(r.read(), 5) == b""
+        assert relay.counters[("bulk", "revoked")] == 2
+        gate.table["users"]["127.0.0.1"]["allow"] = ["bulk"]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert await read_until(r, b"\n") == b"HELLO\n"
+        assert await asyncio.wait_for(r.read(), 5) == b""  # nothing moved: idled out
+        assert relay.counters[("bulk", "idle-timeout")] == 1
+        for _r, w2 in [*conns, (r, w)]:
+            w2.close()
+        assert not relay.per_user
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+class FailingListener:
+    """A listener whose accept fails as it does when the process is out of descriptors."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _accept(self) -> tuple[int, Any]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+def test_accept_failures_pause_the_listener_and_are_counted() -> None:
+    async def body() -> None:
+        port = free_port()
+        relay, _gate = await start(bulk_table(port, ["127.0.0.1:9"]))
+        lsock = relay.raw_listeners[0]
+        ls = Listener("bulk", "tcp", port)
+        modified: list[int] = []
+        real_modify = relay.edges.modify
+        relay.edges.modify = lambda fd, mask: (modified.append(mask), real_modify(fd, mask))  # type: ignore[method-assign,func-returns-value]
+        relay._accept(FailingListener(lsock), ls)  # type: ignore[arg-type]
+        assert relay.counters[("bulk", "accept-failed")] == 1
+        assert modified == [0]  # not watched for a moment: no busy loop on EMFILE
+        await asyncio.sleep(0.2)
+        assert modified == [0, select.EPOLLIN]
+        await relay.stop()
+
+    run(body())
+
+
+def test_edge_poll_closes_after_the_batch_and_survives_a_failing_handler() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        poll = EdgePoll(loop)
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        seen: list[str] = []
+
+        def first(_ev: int) -> None:
+            seen.append("first")
+            poll.close(a)
+            assert a.fileno() >= 0  # still open: closed after the batch
+            raise RuntimeError("a bug in one handler")
+
+        def second(_ev: int) -> None:
+            seen.append("second")
+
+        poll.watch(a.fileno(), first)
+        poll.watch(c.fileno(), second)
+        b.send(b"x")
+        d.send(b"y")
+        await asyncio.sleep(0.05)
+        assert sorted(seen) == ["first", "second"]  # the other edge was not lost
+        assert a.fileno() == -1 and a.fileno() not in poll.handlers
+        poll.shutdown()
+        for s in (b, c, d):
+            s.close()
+
+    run(body())
+
+
+def test_access_lines_are_batched_and_flushed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    monkeypatch.setenv("JOURNAL_STREAM", "8:123")
+    logging.getLogger("appliance.proxy.access").setLevel(logging.INFO)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+
+    async def body() -> None:
+        log = AccessLog(asyncio.get_running_loop(), fd=w)
+        log.connection(0.0, "alice", "192.168.1.11", "bulk", "staff", "bulk/site", 3, 4, "ok")
+        log.connection(0.0, None, "192.168.1.12", "bulk", None, None, 0, 0, "refused-login")
+        with pytest.raises(BlockingIOError):
+            os.read(r, 4096)  # nothing yet: lines wait for the batch
+        await asyncio.sleep(0.3)
+        out = os.read(r, 4096).decode().splitlines()
+        assert len(out) == 2
+        assert out[0].startswith("<6>appliance.proxy.access: time=1970-01-01T00:00:00Z ")
+        assert "user=alice ip=192.168.1.11 service=bulk rule=staff upstream=bulk/site" in out[0]
+        assert out[0].endswith("bytes_up=3 bytes_down=4 " + out[0].split()[-2] + " result=ok")
+        assert "user=- ip=192.168.1.12" in out[1] and out[1].endswith("result=refused-login")
+        log.connection(0.0, "bob", "192.168.1.13", "bulk", "r", "x", 0, 0, "ok")
+        log.flush()  # a stop writes what is left at once
+        assert b"user=bob" in os.read(r, 4096)
+
+    try:
+        run(body())
+    finally:
+        os.close(r)
+        os.close(w)
