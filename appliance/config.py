@@ -100,6 +100,7 @@ class ProxyConfig:
     explicit_http_port: int | None
     identity_header: str | None
     connect_ports: tuple[int, ...] = (443,)
+    workers: int = 0  # relay processes on the same ports; 0: one per core
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ def _proxy(r: Reader) -> ProxyConfig:
         explicit_http_port=r.port("explicit_http_port", None),
         identity_header=r.text("identity_header", None),
         connect_ports=_port_list(r, "connect_ports", (443,)),
+        workers=r.integer("workers", 0, lo=0, hi=64),
     )
     r.finish()
     return cfg

@@ -190,6 +190,13 @@ class PolicyGate:
         self._cache: dict[str, tuple[float, Any, str | None, dict[str, Admission | Refusal]]] = {}
         self.policy.subscribe(lambda _p: self._changed())
 
+    @staticmethod
+    def check(config: Any) -> None:
+        """Load the tables once and drop them: their errors, before workers are forked."""
+        import importlib
+
+        importlib.import_module("appliance.policy").Policy.load(config)
+
     def _changed(self) -> None:
         self._cache.clear()  # answers depend on the tables
         for cb in self._subscribers:

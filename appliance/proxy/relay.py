@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from appliance.proxy.access_log import AccessLog
+from appliance.proxy.counts import Counts, LocalCounts
 from appliance.proxy.follow import Ended, EndedFollower
 from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
 from appliance.proxy.refusals import RefusalDialog
@@ -435,8 +436,12 @@ class Relay:
         splice: bool = False,
         follow_period: float = 0.25,
         connect_ports: Iterable[int] = (443,),
+        counts: Counts | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.gate = gate
+        self.counts: Counts = counts if counts is not None else LocalCounts()
+        self.reuse_port = reuse_port  # several workers share each port (workers.py)
         self.connect_ports = frozenset(connect_ports)
         self.splice = splice
         self.pool = PipePool()
@@ -450,7 +455,6 @@ class Relay:
         self.identity_header = identity_header
         self.hidden = hidden or (lambda _ip: False)
         self.conns: set[Tracked] = set()
-        self.per_user: Counter[tuple[str, str]] = Counter()  # (user, service)
         self.counters: Counter[tuple[str, str]] = Counter()
         self.servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -473,7 +477,12 @@ class Relay:
             else:
                 factory = _bind(Link, self, ls)
             server = await self.loop.create_server(
-                factory, host, ls.port, reuse_address=True, backlog=4096
+                factory,
+                host,
+                ls.port,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                backlog=4096,
             )
             self.servers.append(server)
             log.info("listening on %s:%d for %s (%s)", host, ls.port, ls.service, ls.protocol)
@@ -482,7 +491,7 @@ class Relay:
         self._follower = self.loop.create_task(follower.run())
 
     def _listen_raw(self, host: str, ls: Listener) -> None:
-        sock = socket.create_server((host, ls.port), backlog=4096)
+        sock = socket.create_server((host, ls.port), backlog=4096, reuse_port=self.reuse_port)
         sock.setblocking(False)
         # accepted sockets inherit TCP_NODELAY from the listener: one syscall less each
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -589,20 +598,13 @@ class Relay:
         self.conns.add(conn)
 
     def count_user(self, user: str, service: str, limit: int | None) -> bool:
-        """The rule's max_connections is per user *per service*."""
-        key = (user, service)
-        if limit is not None and self.per_user[key] >= limit:
-            return False
-        self.per_user[key] += 1
-        return True
+        """The rule's max_connections is per user *per service*, across all workers."""
+        return self.counts.take(user, service, limit)
 
     def done(self, conn: Tracked) -> None:
         self.conns.discard(conn)
         if conn.counted and conn.user is not None:
-            key = (conn.user, conn.listener.service)
-            self.per_user[key] -= 1
-            if self.per_user[key] <= 0:
-                del self.per_user[key]
+            self.counts.give(conn.user, conn.listener.service)
         self.counters[(conn.listener.service, conn.result)] += 1
         self.access.connection(
             conn.started,

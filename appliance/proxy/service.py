@@ -1,4 +1,5 @@
-"""The `proxy` role: every relay listener in one process, one event loop.
+"""The `proxy` role: every relay listener in one event loop, in one process or in
+`proxy.workers` forked ones on the same ports (workers.py).
 
 uvloop is used when importable (the benchmark in tests/bench/test_relay_bench.py
 measured it against the stock loop; see README "Services").  SIGHUP reloads the
@@ -16,11 +17,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.proxy.counts import Counts, SharedCounts
 from appliance.proxy.gate import Gate, StaticGate
 from appliance.proxy.relay import Relay
+from appliance.proxy.workers import run_workers, worker_count
 
 log = logging.getLogger("appliance.proxy")
 # splice(2) for plain "tcp" services: see README "Services" for the measurement
@@ -57,9 +61,11 @@ async def serve(
     idle_timeout: float,
     identity_header: str | None = None,
     hidden: Any = None,
-    ready_file: Path | None = None,
+    listening: Callable[[], None] | None = None,
     splice: bool = SPLICE_DEFAULT,
     connect_ports: tuple[int, ...] = (443,),
+    counts: Counts | None = None,
+    reuse_port: bool = False,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -70,6 +76,8 @@ async def serve(
         hidden,
         splice,
         connect_ports=connect_ports,
+        counts=counts,
+        reuse_port=reuse_port,
     )
     await relay.start(host)
     loop = asyncio.get_running_loop()
@@ -84,21 +92,56 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    if ready_file is not None:
-        ready_file.write_text(str(os.getpid()))
+    if listening is not None:
+        listening()
     await stop.wait()
     await relay.stop()
     log.info("counters: %s", json.dumps(relay.stats()))
     return 0
 
 
+def run(
+    make_gate: Callable[[], Gate],
+    workers: int,
+    loop_kind: str = "auto",
+    ready_file: Path | None = None,
+    **options: Any,
+) -> int:
+    """The relay in this process, or in `workers` forked ones that share the ports and the
+    per-user counts.  Each worker makes its own gate (its own store connection)."""
+
+    def ready() -> None:
+        if ready_file is not None:
+            ready_file.write_text(str(os.getpid()))
+
+    def one(listening: Callable[[], None], counts: Counts | None, reuse_port: bool) -> int:
+        loop = new_loop(loop_kind)
+        log.info("event loop: %s", type(loop).__module__)
+        try:
+            return loop.run_until_complete(
+                serve(
+                    make_gate(),
+                    listening=listening,
+                    counts=counts,
+                    reuse_port=reuse_port,
+                    **options,
+                )
+            )
+        finally:
+            loop.close()
+
+    if workers <= 1:
+        return one(ready, None, False)
+    counts = SharedCounts()
+    log.info("%d proxy workers", workers)
+    return run_workers(workers, lambda _i, listening: one(listening, counts, True), ready)
+
+
 def main(config: Any) -> int:
     """Role entry point: the real gate over sessions and policy (see gate.PolicyGate)."""
     from appliance.proxy.gate import PolicyGate
 
-    gate = PolicyGate(config)
     host = str(config.interfaces.guest_ip)
-
     own = {config.interfaces.guest_ip, config.interfaces.management_address}
     if config.interfaces.uplink_address is not None:
         own.add(config.interfaces.uplink_address.ip)
@@ -116,21 +159,19 @@ def main(config: Any) -> int:
             or addr.is_multicast
         )
 
-    loop = new_loop()
-    try:
-        return loop.run_until_complete(
-            serve(
-                gate,
-                host,
-                config.proxy.connect_timeout,
-                config.proxy.idle_timeout,
-                config.proxy.identity_header,
-                hidden,
-                connect_ports=config.proxy.connect_ports,
-            )
-        )
-    finally:
-        loop.close()
+    workers = worker_count(config.proxy.workers)
+    if workers > 1:
+        PolicyGate.check(config)  # a broken table fails here, once, before any fork
+    return run(
+        lambda: PolicyGate(config),
+        workers,
+        host=host,
+        connect_timeout=config.proxy.connect_timeout,
+        idle_timeout=config.proxy.idle_timeout,
+        identity_header=config.proxy.identity_header,
+        hidden=hidden,
+        connect_ports=config.proxy.connect_ports,
+    )
 
 
 def static_main(argv: list[str] | None = None) -> int:
@@ -144,6 +185,9 @@ def static_main(argv: list[str] | None = None) -> int:
     p.add_argument("--identity-header", default=None)
     p.add_argument("--hidden", action="append", default=[], help="hidden network (CIDR)")
     p.add_argument("--ready-file", type=Path, default=None)
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes (0: one per core; default 1)"
+    )
     p.add_argument(
         "--connect-port",
         type=int,
@@ -161,27 +205,22 @@ def static_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
     )
-    gate = StaticGate.load(args.table)
+    StaticGate.load(args.table)  # a broken table fails here, before any fork
     nets = [ipaddress.IPv4Network(n) for n in args.hidden]
 
     def hidden(ip: str) -> bool:
         return any(ipaddress.IPv4Address(ip) in n for n in nets)
 
-    loop = new_loop(args.loop)
-    log.info("event loop: %s", type(loop).__module__)
-    try:
-        return loop.run_until_complete(
-            serve(
-                gate,
-                args.host,
-                args.connect_timeout,
-                args.idle_timeout,
-                args.identity_header,
-                hidden,
-                args.ready_file,
-                args.splice,
-                tuple(args.connect_port or (443,)),
-            )
-        )
-    finally:
-        loop.close()
+    return run(
+        lambda: StaticGate.load(args.table),
+        worker_count(args.workers),
+        args.loop,
+        args.ready_file,
+        host=args.host,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
+        identity_header=args.identity_header,
+        hidden=hidden,
+        splice=args.splice,
+        connect_ports=tuple(args.connect_port or (443,)),
+    )

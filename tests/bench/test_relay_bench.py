@@ -32,15 +32,17 @@ SEG_SRV = "198.51.100.3"
 IPERF_PORT, WEB_PORT = 5201, 80
 HAPROXY = {"iperf": 25201, "web": 28080}
 # relay variants run side by side on their own ports; measurements interleave them
+# name: (loop, splice, workers (0: one per core, the appliance's default), ports)
 VARIANTS = {
-    "relay": ("uvloop", True, {"iperf": 15201, "web": 18080}),
-    "relay-protocol": ("uvloop", False, {"iperf": 16201, "web": 19080}),
-    "relay-asyncio": ("asyncio", False, {"iperf": 17201, "web": 20080}),
+    "relay": ("uvloop", True, 0, {"iperf": 15201, "web": 18080}),
+    "relay-1worker": ("uvloop", True, 1, {"iperf": 14201, "web": 22080}),
+    "relay-protocol": ("uvloop", False, 1, {"iperf": 16201, "web": 19080}),
+    "relay-asyncio": ("asyncio", False, 1, {"iperf": 17201, "web": 20080}),
 }
 # the path guests' port-80 traffic takes: h11 parsing, head rewritten, per-request checks
 # (explicit proxy mode here: no nftables redirect in the bench, so no SO_ORIGINAL_DST)
 HTTP_PORT = 21080
-ROUNDS = 3
+ROUNDS = 5
 IDLE_CONNS = 5000
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +70,7 @@ def relay_table(path: Path, ports: dict[str, int]) -> None:
 
 
 def start_relay(gw: Node, workdir: Path, name: str) -> Process:
-    loop, splice, ports = VARIANTS[name]
+    loop, splice, workers, ports = VARIANTS[name]
     table = workdir / f"{name}.json"
     relay_table(table, ports)
     proc = gw.start(
@@ -81,6 +83,8 @@ def start_relay(gw: Node, workdir: Path, name: str) -> Process:
         "--loop",
         loop,
         "--splice" if splice else "--no-splice",
+        "--workers",
+        str(workers),
         name=name,
     )
     gw.wait_port(ports["web"], GW)
@@ -104,7 +108,9 @@ def start_http_relay(gw: Node, workdir: Path) -> Process:
         )
     )
     proc = gw.start(
-        sys.executable, "-m", "appliance.proxy", str(table), "--host", GW, name="relay-http"
+        *(sys.executable, "-m", "appliance.proxy", str(table), "--host", GW),
+        *("--workers", "0"),
+        name="relay-http",
     )
     gw.wait_port(HTTP_PORT, GW)
     return proc
@@ -198,11 +204,24 @@ def main_pid(proc: Process) -> int:
     return proc.popen.pid
 
 
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (the relay's workers)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += tree(int(child))
+    return out
+
+
+def tree_rss_kib(pid: int) -> int:
+    return sum(rss_kib(p) for p in tree(pid))
+
+
 def idle_rss_per_conn(home: Node, gw: Node, proc: Process, port: int) -> float:
     """RSS growth (KiB) per idle relayed connection, at IDLE_CONNS connections."""
     pid = main_pid(proc)
     time.sleep(0.5)
-    before = rss_kib(pid)
+    before = tree_rss_kib(pid)
     socks = []
     try:
         with NetnsSwitch(home.netns):
@@ -215,7 +234,7 @@ def idle_rss_per_conn(home: Node, gw: Node, proc: Process, port: int) -> float:
                 break
             time.sleep(0.5)
         time.sleep(1.0)
-        after = rss_kib(pid)
+        after = tree_rss_kib(pid)
     finally:
         for s in socks:
             s.close()
@@ -270,7 +289,7 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
     targets = {
         "forwarding": {"iperf": (SEG_SRV, IPERF_PORT), "web": (SEG_SRV, WEB_PORT)},
         "haproxy": {"iperf": (GW, HAPROXY["iperf"]), "web": (GW, HAPROXY["web"])},
-        **{n: {k: (GW, p) for k, p in v[2].items()} for n, v in VARIANTS.items()},
+        **{n: {k: (GW, p) for k, p in v[3].items()} for n, v in VARIANTS.items()},
     }
     rows: list[dict[str, Any]] = []
     # samples[test][target] -> values; targets interleave within each round so that the
@@ -292,13 +311,14 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
         f = med[f"iperf{streams}"]
         rows.append(row(m, "Gbit/s", f["relay"], "haproxy splice-auto", f["haproxy"], ">= 1.0"))
         rows.append(row(m, "Gbit/s", f["relay"], "kernel forwarding", f["forwarding"], "report"))
-        for v in ("relay-protocol", "relay-asyncio"):
+        for v in ("relay-1worker", "relay-protocol", "relay-asyncio"):
             rows.append(row(m, "Gbit/s", f["relay"], v, f[v], "report"))
     m = "connection rate, wrk -c64 Connection: close, 1 KiB"
     f = med["wrk"]
     rows.append(row(m, "req/s", f["relay"], "haproxy", f["haproxy"], ">= 0.6"))
+    rows.append(row(m, "req/s", f["relay-1worker"], "haproxy", f["haproxy"], "report (1 worker)"))
     rows.append(row(m, "req/s", f["relay"], "direct (forwarding)", f["forwarding"], "report"))
-    for v in ("relay-protocol", "relay-asyncio"):
+    for v in ("relay-1worker", "relay-protocol", "relay-asyncio"):
         rows.append(row(m, "req/s", f["relay"], v, f[v], "report"))
     m = "connection rate, HTTP path (h11, port-80 service)"
     rows.append(row(m, "req/s", f["relay-http"], "haproxy", f["haproxy"], "report"))
@@ -330,23 +350,25 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
                     "< 1 ms" if pct == "p99" else "report",
                 )
             )
-    ours_rss = idle_rss_per_conn(home, gw, relays["relay"], VARIANTS["relay"][2]["web"])
+    ours_rss = idle_rss_per_conn(home, gw, relays["relay"], VARIANTS["relay"][3]["web"])
     hap_rss = idle_rss_per_conn(home, gw, haproxy, HAPROXY["web"])
     prot_rss = idle_rss_per_conn(
-        home, gw, relays["relay-protocol"], VARIANTS["relay-protocol"][2]["web"]
+        home, gw, relays["relay-protocol"], VARIANTS["relay-protocol"][3]["web"]
     )
     m = f"RSS per idle relayed connection at {IDLE_CONNS}"
     rows.append(row(m, "KiB", ours_rss, "haproxy", hap_rss, "<= 4 KiB"))
     rows.append(row(m, "KiB", ours_rss, "relay-protocol", prot_rss, "report"))
-    fds = len(list(Path(f"/proc/{main_pid(relays['relay'])}/fd").iterdir()))
+    fds = sum(len(list(Path(f"/proc/{p}/fd").iterdir())) for p in tree(main_pid(relays["relay"])))
     notes = (
         f"Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
         "a shared machine gives noisy absolute figures: read the ratios. "
         f"Medians of {ROUNDS} interleaved rounds. Client in home, servers in "
-        "seg, middlebox in gw. relay = the default (uvloop + splice(2) for plain tcp services); "
-        "relay-protocol = asyncio Protocol copy path on uvloop; relay-asyncio = the same on the "
-        f"stock loop; the HTTP path rows are the h11 relay that guests' port 80 takes (explicit "
-        f"mode, absolute-form to nginx). Relay fds after the idle test: {fds}. "
+        "seg, middlebox in gw. relay = the default (uvloop + splice(2) for plain tcp services, "
+        f"one worker per core: {os.cpu_count()}); relay-1worker = the same in one process; "
+        "relay-protocol = asyncio Protocol copy path on uvloop (1 worker); relay-asyncio = "
+        "the same on the stock loop; the HTTP path rows are the h11 relay that guests' "
+        "port 80 takes (explicit mode, absolute-form to nginx, one worker per core)."
+        f" Relay fds after the idle test: {fds}. "
         f"Raw samples: {json.dumps(samples)}"
     )
     report = {"title": "Relay vs HAProxy vs kernel forwarding", "rows": rows, "notes": notes}

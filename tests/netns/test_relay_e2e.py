@@ -93,7 +93,9 @@ def test_mail_and_web_for_logged_in_guests(
         started.append(web)
         proxy = servers.start_webproxy(seg)
         started.append(proxy)
-        relay = start_relay(gw, tmp_path / "table.json", "192.168.1.1", "--connect-port", "80")
+        relay = start_relay(
+            gw, tmp_path / "table.json", "192.168.1.1", "--connect-port", "80", "--workers", "2"
+        )
         g1, g2, g3 = topo["guest1"], topo["guest2"], topo["guest3"]
 
         # SMTP: alice's mail to "any host" on port 25 arrives at the segment's postfix

@@ -93,7 +93,7 @@ def test_relays_both_ways_with_fallback_and_half_close() -> None:
         w.close()
         await asyncio.sleep(0.1)
         assert relay.counters[("smtp", "ok")] == 2
-        assert not relay.conns and not relay.per_user
+        assert not relay.conns and not relay.counts
         await relay.stop()
         upstream.close()
 

@@ -72,7 +72,8 @@ def test_a_hanging_upstream_times_out_and_the_next_one_serves(
 
     run(body())
     assert "bulk upstream bulk/site failed: connect timed out" in caplog.text
-    assert "127.0.0.1" not in caplog.text  # names in the log, never addresses
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and not any("127.0.0.1" in w for w in warnings)  # names, never addresses
 
 
 def test_no_upstream_answers_the_guest_is_closed_and_counted(hanging: int) -> None:
@@ -136,7 +137,7 @@ def test_spliced_connections_are_revoked_idled_out_and_limited() -> None:
         assert relay.counters[("bulk", "idle-timeout")] == 1
         for _r, w2 in [*conns, (r, w)]:
             w2.close()
-        assert not relay.per_user
+        assert not relay.counts
         await relay.stop()
         upstream.close()
 
