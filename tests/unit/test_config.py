@@ -85,6 +85,8 @@ def test_example_matches_the_address_plan() -> None:
             "proxy.connect_ports",
             "expected an array of ports 1..65535, found 0",
         ),
+        ("workers = 0 ", "workers = -1 ", "proxy.workers", "-1"),
+        ("workers = 0 ", 'workers = "all" ', "proxy.workers", "expected an integer"),
     ],
 )
 def test_each_mistake_names_file_line_and_key(
