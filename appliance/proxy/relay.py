@@ -114,6 +114,10 @@ class Tracked:
         """Bytes moved so far (the idle sweeper compares it between sweeps)."""
         return self.bytes_up + self.bytes_down
 
+    def connecting(self) -> bool:
+        """Admitted, upstream not connected yet: a table change must still reach it."""
+        return False
+
     def abort(self, result: str) -> None:
         """Close both sides now (idle timeout, policy revoked)."""
         raise NotImplementedError
@@ -177,6 +181,9 @@ class Link(Tracked, asyncio.Protocol):
         self.dialog: RefusalDialog | None = None
         self.eofs = 0
         self.pending = b""
+
+    def connecting(self) -> bool:
+        return self.user is not None and self.pump is None and self.dialog is None
 
     # -- client side ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -318,6 +325,9 @@ class Spliced(Tracked):
     def activity(self) -> int:
         return self.conn.up.moved + self.conn.down.moved if self.conn else 0
 
+    def connecting(self) -> bool:
+        return self.connector is not None
+
     def abort(self, result: str) -> None:
         if self.result == "ok":
             self.result = result
@@ -411,7 +421,6 @@ class Connector:
     def cancel(self) -> None:
         self.relay.connect_ended(self)
         self._drop()
-        self.i = len(self.ups)
 
     def _drop(self) -> None:
         if self.sock is not None:
@@ -622,8 +631,8 @@ class Relay:
         """After a table change: close every open connection the new tables no longer allow."""
         closed = 0
         for conn in list(self.conns):
-            if conn.user is None or conn.upstream_name is None:
-                continue
+            if conn.user is None or (conn.upstream_name is None and not conn.connecting()):
+                continue  # refused already (its dialog speaks for itself)
             verdict = self.gate.admit(conn.src, conn.right)
             if isinstance(verdict, Refusal):
                 conn.abort("revoked")

@@ -205,7 +205,9 @@ def static_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
     )
-    StaticGate.load(args.table)  # a broken table fails here, before any fork
+    workers = worker_count(args.workers)
+    if workers > 1:
+        StaticGate.load(args.table)  # a broken table fails here, once, before any fork
     nets = [ipaddress.IPv4Network(n) for n in args.hidden]
 
     def hidden(ip: str) -> bool:
@@ -213,7 +215,7 @@ def static_main(argv: list[str] | None = None) -> int:
 
     return run(
         lambda: StaticGate.load(args.table),
-        worker_count(args.workers),
+        workers,
         args.loop,
         args.ready_file,
         host=args.host,

@@ -25,7 +25,7 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("appliance.proxy")
 
@@ -87,9 +87,20 @@ class EdgePoll:
             self.loop.call_soon(self._run_later)
         self.later.append(fn)
 
-    def _dispatch(self) -> None:
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Sockets closed inside are closed at its end (see the class docstring)."""
         self.busy = True
         try:
+            yield
+        finally:
+            self.busy = False
+            closing, self.closing = self.closing, []
+            for sock in closing:
+                sock.close()
+
+    def _dispatch(self) -> None:
+        with self._batch():
             for fd, ev in self.ep.poll(0, 1024):
                 handler = self.handlers.get(fd)
                 if handler is not None:
@@ -97,27 +108,15 @@ class EdgePoll:
                         handler(ev)
                     except Exception:  # one connection's bug must not lose the batch's edges
                         log.exception("splice handler for fd %d", fd)
-        finally:
-            self.busy = False
-            self._close_pending()
 
     def _run_later(self) -> None:
         todo, self.later = self.later, []
-        self.busy = True
-        try:
+        with self._batch():
             for fn in todo:
                 try:
                     fn()
                 except Exception:
                     log.exception("splice turn")
-        finally:
-            self.busy = False
-            self._close_pending()
-
-    def _close_pending(self) -> None:
-        closing, self.closing = self.closing, []
-        for sock in closing:
-            sock.close()
 
     def shutdown(self) -> None:
         self.loop.remove_reader(self.ep.fileno())
