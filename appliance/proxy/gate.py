@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,20 @@ class Upstream:
     name: str
     host: str
     port: int
+    # a dotted IPv4 address, connectable as it is (else a name for the resolver); worked
+    # out once here, not on every connection that the gate's cached answer serves
+    numeric: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numeric", _is_ipv4(self.host))
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return host.count(".") == 3
 
 
 @dataclass(frozen=True)
@@ -85,12 +100,16 @@ class StaticGate:
     "servers": {service: ["host:port", ...]}, "users": {ip: {"user", "allow": [service],
     "rule", "max_connections", "personal": {service: "host:port"}}},
     "personal_allowed": [service]}.  `path` makes it reloadable (SIGHUP in the runner).
+    Answers are kept per (address, service) until `reload()`, as PolicyGate keeps
+    them (so the relay benchmark pays what the appliance's gate costs, not a table
+    walk per connection): whoever changes `table` calls `reload()`.
     """
 
     table: dict[str, Any]
     path: Path | None = None
     _subscribers: list[Callable[[], None]] = field(default_factory=list)
     ended: list[tuple[str, str, float]] = field(default_factory=list)
+    _answers: dict[tuple[str, str], Admission | Refusal] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> StaticGate:
@@ -103,6 +122,15 @@ class StaticGate:
         )
 
     def admit(self, src_ip: str, service: str) -> Admission | Refusal:
+        key = (src_ip, service)
+        answer = self._answers.get(key)
+        if answer is None:
+            if len(self._answers) > 10000:
+                self._answers.clear()
+            answer = self._answers[key] = self._decide(src_ip, service)
+        return answer
+
+    def _decide(self, src_ip: str, service: str) -> Admission | Refusal:
         portal = str(self.table.get("portal_url", "http://192.168.1.1/"))
         user = self.table["users"].get(src_ip)
         if user is None:
@@ -130,7 +158,10 @@ class StaticGate:
 
     def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
         """Sessions ended in this table: tests append to `ended` (and drop the user)."""
-        return [e for e in self.ended if e[2] > since]
+        rows = [e for e in self.ended if e[2] > since]
+        if rows:
+            self._answers.clear()
+        return rows
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._subscribers.append(callback)
@@ -138,6 +169,7 @@ class StaticGate:
     def reload(self) -> None:
         if self.path is not None:
             self.table = json.loads(self.path.read_text())
+        self._answers.clear()
         for cb in self._subscribers:
             cb()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import select
@@ -351,13 +350,12 @@ class Spliced(Tracked):
         self.finish()
 
 
-@functools.lru_cache(maxsize=4096)
-def _is_ip(host: str) -> bool:
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return False
-    return host.count(".") == 3
+def _numeric(ups: tuple[Upstream, ...]) -> bool:
+    """Every upstream an address: the connects can start at once, without the resolver."""
+    for up in ups:  # noqa: SIM110 (a generator costs two calls per connection)
+        if not up.numeric:
+            return False
+    return True
 
 
 class Connector:
@@ -402,8 +400,9 @@ class Connector:
         if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
             return
         self.relay.connect_ended(self)
-        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err or ev & select.EPOLLHUP:
+        # a failed connect always reports ERR (or HUP): only then ask why (one syscall less)
+        if ev & (select.EPOLLERR | select.EPOLLHUP):
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._drop()
             self._failed(up, os.strerror(err) if err else "closed")
             self.next()
@@ -532,7 +531,7 @@ class Relay:
                 conn.refuse_now(verdict)
             elif not conn.admitted(verdict):
                 conn.refuse_now(Refusal("limit", "limit", "", verdict.user, verdict.rule))
-            elif all(_is_ip(up.host) for up in verdict.upstreams):
+            elif _numeric(verdict.upstreams):
                 Connector(self, conn, verdict.upstreams).next()
             else:  # names need the resolver first
                 self.loop.create_task(self._resolve_then_connect(conn, verdict))
@@ -544,7 +543,7 @@ class Relay:
     async def _resolve_then_connect(self, conn: Spliced, adm: Admission) -> None:
         ups: list[Upstream] = []
         for up in adm.upstreams:
-            if _is_ip(up.host):
+            if up.numeric:
                 ups.append(up)
                 continue
             try:

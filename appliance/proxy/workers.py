@@ -46,6 +46,7 @@ class _Supervisor:
     def __init__(self) -> None:
         self.children: dict[int, int] = {}  # pid -> worker number
         self.stopping = False
+        self.terminated = False  # we sent SIGTERM to the workers
 
     def forward(self, signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -53,6 +54,8 @@ class _Supervisor:
         self.signal_all(signum)
 
     def signal_all(self, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            self.terminated = True
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -114,8 +117,8 @@ def _run(sup: _Supervisor, n: int, work: Work, ready: Callable[[], None] | None)
             break
         i = sup.children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            rc = rc or 1
+        if code != 0 and not (sup.terminated and code == -signal.SIGTERM):
+            rc = rc or 1  # (a worker that our own SIGTERM ended did not fail)
         if not sup.stopping:  # nobody asked: the others go too (see the module's docstring)
             if code != 0:
                 log.error("proxy worker %d exited (%d): stopping the others", i, code)

@@ -167,6 +167,7 @@ def test_connection_limit_idle_timeout_and_policy_reload() -> None:
             assert await asyncio.wait_for(r.read(), 5) == b""
         assert relay.counters[("pop3", "revoked")] == 2
         gate.table["users"]["127.0.0.1"]["allow"] = ["pop3"]
+        gate.reload()
         # idle timeout
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert await read_until(r, b"\n") == b"HELLO\n"
@@ -189,7 +190,8 @@ def test_plain_tcp_service_relays_and_half_closes(splice: bool) -> None:
         port = free_port()
         t = table(up_port, port, allow=["bulk"])
         t["servers"]["bulk"] = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{up_port}"]
-        relay = Relay(StaticGate(t), connect_timeout=1.0, idle_timeout=5.0, splice=splice)
+        gate = StaticGate(t)
+        relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0, splice=splice)
         await relay.start("127.0.0.1", (Listener("bulk", "tcp", port),))
         r0, w0 = await asyncio.open_connection("127.0.0.1", port)
         w0.write(b"early\n")
@@ -210,6 +212,7 @@ def test_plain_tcp_service_relays_and_half_closes(splice: bool) -> None:
             assert relay.pool.open <= relay.pool.keep  # pipes went back to the pool
         # a user without the right is just closed (tcp has no words for it)
         t["users"]["127.0.0.1"]["allow"] = []
+        gate.reload()
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(r.read(), 5) == b""
         w.close()
@@ -255,7 +258,8 @@ def test_explicit_http_rewrites_heads_and_keeps_alive(via_proxy: bool) -> None:
         port = free_port()
         t = table(up_port, port, allow=["http"], identity="alice")
         t["servers"]["http"] = [f"127.0.0.1:{up_port}"] if via_proxy else []
-        relay = Relay(StaticGate(t), identity_header="X-Guest-User")
+        gate = StaticGate(t)
+        relay = Relay(gate, identity_header="X-Guest-User")
         await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
         url = f"http://127.0.0.1:{up_port}/a?b=1"
         req = (
@@ -272,6 +276,7 @@ def test_explicit_http_rewrites_heads_and_keeps_alive(via_proxy: bool) -> None:
         assert relay.counters[("http", "ok")] == 1
         # not logged in: 511 for an API client, 302 for a browser
         t["users"] = {}
+        gate.reload()
         out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert out.startswith(b"HTTP/1.1 511")
         out = await http_get(
@@ -351,7 +356,8 @@ def test_connect_after_a_get_on_one_connection_and_a_revoked_connect_right() -> 
         port = free_port()
         t = table(up_port, port, allow=["http", "connect"])
         t["servers"]["http"] = t["servers"]["connect"] = [f"127.0.0.1:{up_port}"]
-        relay = Relay(StaticGate(t), connect_ports=(443,))
+        gate = StaticGate(t)
+        relay = Relay(gate, connect_ports=(443,))
         await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
@@ -371,7 +377,7 @@ def test_connect_after_a_get_on_one_connection_and_a_revoked_connect_right() -> 
         assert (await read_until(r2, b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
         # the admin takes the tunnel right away: the tunnel closes, plain web stays
         t["users"]["127.0.0.1"]["allow"] = ["http"]
-        relay.recheck()
+        gate.reload()  # the relay re-checks its open connections
         assert await asyncio.wait_for(r.read(), 5) == b""
         await asyncio.sleep(0.1)
         assert not w2.is_closing() and relay.counters[("http", "revoked")] == 1

@@ -129,6 +129,7 @@ def test_spliced_connections_are_revoked_idled_out_and_limited() -> None:
             assert await asyncio.wait_for(r.read(), 5) == b""
         assert relay.counters[("bulk", "revoked")] == 2
         gate.table["users"]["127.0.0.1"]["allow"] = ["bulk"]
+        gate.reload()
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert await read_until(r, b"\n") == b"HELLO\n"
         assert await asyncio.wait_for(r.read(), 5) == b""  # nothing moved: idled out
@@ -235,3 +236,77 @@ def test_access_lines_are_batched_and_flushed(monkeypatch: pytest.MonkeyPatch) -
     finally:
         os.close(r)
         os.close(w)
+
+
+class RawEcho(asyncio.Protocol):
+    """An upstream that echoes bytes as they are and closes after the client's EOF."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.t.write(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        self.t.close()  # type: ignore[attr-defined]
+        return True
+
+
+async def echo_relay() -> tuple[Relay, asyncio.AbstractServer, int]:
+    loop = asyncio.get_running_loop()
+    up_port = free_port()
+    upstream = await loop.create_server(RawEcho, "127.0.0.1", up_port)
+    port = free_port()
+    relay, _gate = await start(bulk_table(port, [f"127.0.0.1:{up_port}"]))
+    return relay, upstream, port
+
+
+def test_small_exchanges_are_copied_and_bulk_goes_to_splice() -> None:
+    async def body() -> None:
+        relay, upstream, port = await echo_relay()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        for line in (b"EHLO guest\r\n", b"MAIL FROM:<a@b>\r\n", b"QUIT\r\n"):
+            w.write(line)
+            assert await read_until(r, b"\r\n") == line
+        assert relay.pool.open == 0  # no pipe was ever needed: the copy path moved them
+        # then 8 MiB each way, the reader held back a while: flow control, then identical
+        data = os.urandom(8 << 20)
+        w.write(data)
+        await asyncio.sleep(0.3)
+        got = await asyncio.wait_for(r.readexactly(len(data)), 20)
+        assert got == data
+        assert relay.pool.open >= 1  # full buffers switched the directions to splice
+        w.write_eof()  # half-close: the echo closes after it, and so does the relay
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        await asyncio.sleep(0.05)
+        assert relay.counters[("bulk", "ok")] == 1 and not relay.conns
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+def test_many_tiny_segments_all_arrive() -> None:
+    """A read that comes back short is taken as an empty queue (no second read): a
+    client that sends a burst of one-byte segments and waits still gets every echo."""
+
+    async def body() -> None:
+        relay, upstream, port = await echo_relay()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
+            loop = asyncio.get_running_loop()
+            sent = bytes(range(256)) * 4
+            for i in range(len(sent)):
+                await loop.sock_sendall(s, sent[i : i + 1])
+            got = b""
+            while len(got) < len(sent):
+                chunk = await asyncio.wait_for(loop.sock_recv(s, 65536), 5)
+                assert chunk
+                got += chunk
+            assert got == sent
+        await relay.stop()
+        upstream.close()
+
+    run(body())
