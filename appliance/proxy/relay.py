@@ -1,15 +1,23 @@
-"""The relay core: asyncio Protocols, no streams, flow control on the peer's write buffer.
+"""The relay core: one `Relay` serves every listener, on one event loop per process.
 
-One `Relay` serves every listener.  Per accepted connection: the gate decides
-(user, rule, upstreams) or refuses; upstreams are tried in order with a connect
-timeout; then bytes move in `data_received` straight into the peer transport's
-`write`, and when the peer's write buffer passes its high-water mark the peer
-protocol's `pause_writing` pauses reading on this side (and `resume_writing`
-resumes it): memory per connection stays bounded whatever the speeds.  EOF on
-one side becomes `write_eof` on the other (half-close), the connection ends
-when both directions have ended or either side resets.  Idle connections are
-swept by one periodic timer (not one timer per connection: memory).  A policy
-change re-admits every open connection and closes the ones no longer allowed.
+Per accepted connection: the gate decides (user, rule, upstreams) or refuses;
+upstreams are tried in order with a connect timeout; then bytes move both ways
+until both sides are done, a half-close passed on as such.  Two paths, one
+bookkeeping (`Tracked`: counters, limits, the access log, revocation):
+
+- raw sockets on the relay's own edge-triggered epoll (`Spliced`, `Connector`
+  and splice.py) for plain tcp services, SMTP and POP3: no transport objects,
+  no task or timer per connection; small exchanges are copied through one
+  buffer, bulk is spliced.  A refused SMTP or POP3 guest gets the refusal
+  dialog (refusals.py) spoken on the raw socket;
+- asyncio Protocols (`Link`, `Pump`, and http.py's `HttpClient`) where the
+  relay parses the bytes (HTTP), and for every service when splicing is off:
+  `data_received` writes into the peer transport, whose `pause_writing` and
+  `resume_writing` pause and resume reading on this side.
+
+Idle connections are swept by one periodic timer (not one timer per
+connection: memory).  A policy change re-admits every open connection and
+closes the ones no longer allowed.
 """
 
 from __future__ import annotations
@@ -31,11 +39,13 @@ from appliance.proxy.counts import Counts, LocalCounts
 from appliance.proxy.follow import Ended, EndedFollower
 from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
 from appliance.proxy.refusals import RefusalDialog
-from appliance.proxy.splice import EdgePoll, PipePool, Sock, SpliceConn
+from appliance.proxy.splice import READ, EdgePoll, PipePool, Sock, SpliceConn
 
 log = logging.getLogger("appliance.proxy")
 
 SO_ORIGINAL_DST = 80
+# services relayed over raw sockets (splice.py) when splicing is on; HTTP is parsed (http.py)
+RAW_PROTOCOLS = frozenset({"tcp", "smtp", "pop3"})
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 
@@ -310,9 +320,11 @@ class Link(Tracked, asyncio.Protocol):
 
 
 class Spliced(Tracked):
-    """A plain TCP connection relayed with splice(2) over raw sockets (see splice.py)."""
+    """A connection relayed over raw sockets on the relay's own epoll (see splice.py):
+    plain tcp services, and SMTP and POP3, whose bytes the relay only needs to see
+    when it refuses (then it speaks the refusal dialog itself, `_dialog_event`)."""
 
-    __slots__ = ("conn", "connector", "sock")
+    __slots__ = ("conn", "connector", "dialog", "sock")
 
     def __init__(self, relay: Relay, listener: Listener, sock: Sock, src: str) -> None:
         super().__init__(relay, listener)
@@ -320,6 +332,7 @@ class Spliced(Tracked):
         self.src = src
         self.conn: SpliceConn | None = None
         self.connector: Connector | None = None
+        self.dialog: RefusalDialog | None = None
 
     def activity(self) -> int:
         return self.conn.up.moved + self.conn.down.moved if self.conn else 0
@@ -345,7 +358,41 @@ class Spliced(Tracked):
         self.finish()
 
     def refuse_now(self, r: Refusal) -> None:
+        """Refuse in the protocol's words (tcp has none: it is just closed)."""
         self.refused(r)
+        dialog = self.dialog = RefusalDialog(self.listener.protocol, r)
+        if self._say(dialog.greeting()) and not dialog.closed:
+            self.relay.edges.watch(self.sock.fileno(), self._dialog_event)
+            return
+        self._end_dialog()
+
+    def _dialog_event(self, ev: int) -> None:
+        if not ev & READ:
+            return
+        dialog = self.dialog
+        assert dialog is not None
+        while not dialog.closed:  # edge-triggered: read until the socket is empty
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data or not self._say(dialog.feed(data)):
+                break
+        self._end_dialog()
+
+    def _say(self, data: bytes) -> bool:
+        """Send a reply whole (a few hundred bytes at most); False: the guest is gone or
+        not reading, and the dialog ends."""
+        if not data:
+            return True
+        try:
+            return self.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def _end_dialog(self) -> None:
         self.relay.edges.close(self.sock)
         self.finish()
 
@@ -478,9 +525,11 @@ class Relay:
             factory: Callable[[], asyncio.Protocol]
             if ls.protocol == "http":
                 factory = _bind(HttpClient, self, ls)
-            elif ls.protocol == "tcp" and self.splice:
+            elif ls.protocol in RAW_PROTOCOLS and self.splice:
                 self._listen_raw(host, ls)
-                log.info("listening on %s:%d for %s (tcp, splice)", host, ls.port, ls.service)
+                log.info(
+                    "listening on %s:%d for %s (%s, raw)", host, ls.port, ls.service, ls.protocol
+                )
                 continue
             else:
                 factory = _bind(Link, self, ls)

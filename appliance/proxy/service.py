@@ -28,7 +28,7 @@ from appliance.proxy.relay import Relay
 from appliance.proxy.workers import run_workers, worker_count
 
 log = logging.getLogger("appliance.proxy")
-# splice(2) for plain "tcp" services: see README "Services" for the measurement
+# raw sockets (copy, then splice(2) for bulk) for tcp, SMTP and POP3: README "Services"
 SPLICE_DEFAULT = True
 
 
@@ -202,7 +202,7 @@ def static_main(argv: list[str] | None = None) -> int:
         "--splice",
         action=argparse.BooleanOptionalAction,
         default=SPLICE_DEFAULT,
-        help="relay plain tcp services with splice(2)",
+        help="relay tcp, SMTP and POP3 over raw sockets (copy, splice(2) for bulk)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(

@@ -1,12 +1,16 @@
-"""Zero-copy relaying with splice(2) for plain TCP services, on an edge-triggered epoll.
+"""Relaying over raw sockets on an edge-triggered epoll: copy small, splice(2) bulk.
 
-Bytes go socket -> pipe -> socket inside the kernel; Python only sees how many
-moved.  A pipe is taken from the pool when a direction has bytes to move and
-given back as soon as it is empty again, so idle connections hold no pipe: the
-file descriptors stay at two per connection (plus a pool of a few pipes for the
-busy ones), well under the process limit of 20,000.  Flow control is the
-kernel's: when the destination socket is full the bytes stay in the pipe and
-the source is not read until the destination says it is writable again.
+A direction starts by copying: one read into the process's one buffer, one
+write out of it; that is what most connections ever need (a request and its
+answer, mail commands).  A read that fills the buffer makes the direction bulk:
+from then on bytes go socket -> pipe -> socket inside the kernel and Python
+only sees how many moved.  A pipe is taken from the pool when a bulk direction
+has bytes to move and given back as soon as it is empty again, so idle
+connections hold no pipe: the file descriptors stay at two per connection
+(plus a pool of a few pipes for the busy ones), well under the process limit
+of 20,000.  Flow control is the kernel's: when the destination socket is full
+the bytes stay in the pipe (or, copied, in the direction's stash, one buffer
+at most) and the source is not read until the destination is writable again.
 
 Every socket is registered once, edge-triggered, in one epoll of our own
 (`EdgePoll`) that sits in the asyncio loop as a single reader.  The loop's own

@@ -31,6 +31,8 @@ GW = "203.0.113.254"
 SEG_SRV = "198.51.100.3"
 IPERF_PORT, WEB_PORT = 5201, 80
 HAPROXY = {"iperf": 25201, "web": 28080}
+# HAProxy in HTTP mode: the peer of our HTTP path (both parse every request head)
+HAPROXY_HTTP = 28081
 # relay variants run side by side on their own ports; measurements interleave them
 # name: (loop, splice, workers (0: one per core, the appliance's default), ports)
 VARIANTS = {
@@ -134,6 +136,10 @@ listen web
     bind {GW}:{HAPROXY["web"]}
     option splice-auto
     server s {SEG_SRV}:{WEB_PORT}
+listen webhttp
+    mode http
+    bind {GW}:{HAPROXY_HTTP}
+    server s {SEG_SRV}:{WEB_PORT}
 """
     )
     proc = gw.start("haproxy", "-db", "-f", str(cfg), name="haproxy")
@@ -158,7 +164,25 @@ def iperf(home: Node, host: str, port: int, streams: int, seconds: int = 3) -> f
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def wrk(home: Node, host: str, port: int, seconds: int = 3, script: Path | None = None) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time these processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(
+    home: Node,
+    host: str,
+    port: int,
+    seconds: int = 3,
+    script: Path | None = None,
+    cpu_of: list[int] | None = None,
+) -> tuple[float, float]:
+    """Requests a second, and the CPU µs per request that the `cpu_of` processes used."""
+    cpu0 = cpu_seconds(cpu_of or [])
     out = home.run(
         "wrk",
         "-t2",
@@ -171,8 +195,10 @@ def wrk(home: Node, host: str, port: int, seconds: int = 3, script: Path | None 
         timeout=seconds + 30,
     ).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert m, out
-    return float(m.group(1))
+    n = re.search(r"(\d+) requests in", out)
+    assert m and n, out
+    used = cpu_seconds(cpu_of or []) - cpu0
+    return float(m.group(1)), used / max(1, int(n.group(1))) * 1e6
 
 
 def ttfb(
@@ -282,7 +308,7 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
     seg.wait_port(IPERF_PORT, SEG_SRV)
     relays = {name: start_relay(gw, tmp_path, name) for name in VARIANTS}
     haproxy = start_haproxy(gw, tmp_path)
-    start_http_relay(gw, tmp_path)
+    http_relay = start_http_relay(gw, tmp_path)
     absolute = f"http://{SEG_SRV}/1k.bin"
     script = tmp_path / "absolute.lua"
     script.write_text(f'wrk.path = "{absolute}"\n')  # explicit proxy: absolute-form target
@@ -299,12 +325,24 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
     def sample(test: str, target: str, value: float) -> None:
         samples.setdefault(test, {}).setdefault(target, []).append(value)
 
+    # whose CPU time a wrk run is charged to: the middlebox's processes (workers too)
+    cpu_of = {"haproxy": tree(main_pid(haproxy)), "relay-http": tree(main_pid(http_relay))}
+    cpu_of["haproxy-http"] = cpu_of["haproxy"]
+    cpu_of.update({n: tree(main_pid(p)) for n, p in relays.items()})
+
+    def wrk_sample(target: str, host: str, port: int, **kw: Any) -> None:
+        rate, cpu = wrk(home, host, port, cpu_of=cpu_of.get(target), **kw)
+        sample("wrk", target, rate)
+        if target in cpu_of:
+            sample("cpu", target, cpu)
+
     for _ in range(ROUNDS):
         for target, where in targets.items():
             sample("iperf1", target, iperf(home, *where["iperf"], 1))
             sample("iperf8", target, iperf(home, *where["iperf"], 8))
-            sample("wrk", target, wrk(home, *where["web"]))
-        sample("wrk", "relay-http", wrk(home, GW, HTTP_PORT, script=script))
+            wrk_sample(target, *where["web"])
+        wrk_sample("relay-http", GW, HTTP_PORT, script=script)
+        wrk_sample("haproxy-http", GW, HAPROXY_HTTP, script=script)
     med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in samples.items()}
     for streams in (1, 8):
         m = f"TCP throughput, {streams} stream{'s' if streams > 1 else ''} (iperf3)"
@@ -320,21 +358,41 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
     rows.append(row(m, "req/s", f["relay"], "direct (forwarding)", f["forwarding"], "report"))
     for v in ("relay-1worker", "relay-protocol", "relay-asyncio"):
         rows.append(row(m, "req/s", f["relay"], v, f[v], "report"))
+    paired = statistics.median(
+        r / h for r, h in zip(samples["wrk"]["relay"], samples["wrk"]["haproxy"], strict=True)
+    )
+    rows.append(row(m + ", median of per-round ratios", "ratio", paired, "1", 1.0, "report"))
+    m = "CPU per connection of wrk -c64 (user+system)"
+    c = med["cpu"]
+    for v in ("relay", "relay-1worker", "relay-protocol", "relay-asyncio"):
+        rows.append(row(m, "us", c[v], "haproxy", c["haproxy"], "report"))
+    rows.append(
+        row(
+            m + ", HTTP path",
+            "us",
+            c["relay-http"],
+            "haproxy mode http",
+            c["haproxy-http"],
+            "report",
+        )
+    )
     m = "connection rate, HTTP path (h11, port-80 service)"
+    rows.append(row(m, "req/s", f["relay-http"], "haproxy mode http", f["haproxy-http"], "report"))
     rows.append(row(m, "req/s", f["relay-http"], "haproxy", f["haproxy"], "report"))
     lat = {
         t: ttfb(home, *targets[t]["web"])
         for t in ("forwarding", "haproxy", "relay", "relay-protocol")
     }
     lat["relay-http"] = ttfb(home, GW, HTTP_PORT, target=absolute)
+    lat["haproxy-http"] = ttfb(home, GW, HAPROXY_HTTP, target=absolute)
     for i, pct in ((0, "p50"), (1, "p99")):
         rows.append(
             row(
                 f"added time to first byte {pct}, HTTP path (h11)",
                 "ms",
                 lat["relay-http"][i] - lat["forwarding"][i],
-                "haproxy",
-                lat["haproxy"][i] - lat["forwarding"][i],
+                "haproxy mode http",
+                lat["haproxy-http"][i] - lat["forwarding"][i],
                 "report",
             )
         )
@@ -363,11 +421,12 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
         f"Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
         "a shared machine gives noisy absolute figures: read the ratios. "
         f"Medians of {ROUNDS} interleaved rounds. Client in home, servers in "
-        "seg, middlebox in gw. relay = the default (uvloop + splice(2) for plain tcp services, "
+        "seg, middlebox in gw. relay = the default (uvloop, raw sockets: copy, splice(2) for bulk, "
         f"one worker per core: {os.cpu_count()}); relay-1worker = the same in one process; "
         "relay-protocol = asyncio Protocol copy path on uvloop (1 worker); relay-asyncio = "
         "the same on the stock loop; the HTTP path rows are the h11 relay that guests' "
-        "port 80 takes (explicit mode, absolute-form to nginx, one worker per core)."
+        "port 80 takes (explicit mode, absolute-form to nginx, one worker per core), beside "
+        "HAProxy in mode http (absolute-form too)."
         f" Relay fds after the idle test: {fds}. "
         f"Raw samples: {json.dumps(samples)}"
     )

@@ -68,14 +68,15 @@ def test_a_flood_of_empty_lines_gets_a_bounded_answer() -> None:
     assert d.closed and len(out) < 2_000
 
 
-def test_relays_both_ways_with_fallback_and_half_close() -> None:
+@pytest.mark.parametrize("splice", [False, True])
+def test_relays_both_ways_with_fallback_and_half_close(splice: bool) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
         up_port = free_port()
         upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
         port = free_port()
         gate = StaticGate(table(up_port, port))
-        relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0)
+        relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0, splice=splice)
         await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
         # a client that speaks first and half-closes before the upstream is even connected
         r0, w0 = await asyncio.open_connection("127.0.0.1", port)
@@ -100,11 +101,12 @@ def test_relays_both_ways_with_fallback_and_half_close() -> None:
     run(body())
 
 
-def test_denied_user_gets_554_and_counter() -> None:
+@pytest.mark.parametrize("splice", [False, True])
+def test_denied_user_gets_554_and_counter(splice: bool) -> None:
     async def body() -> None:
         port = free_port()
         gate = StaticGate(table(1, port, allow=["pop3"]))
-        relay = Relay(gate)
+        relay = Relay(gate, splice=splice)
         await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert (await read_until(r, b"\n")).startswith(b"220")
@@ -121,12 +123,13 @@ def test_denied_user_gets_554_and_counter() -> None:
     run(body())
 
 
-def test_upstream_down_is_421_and_pop_sys_temp() -> None:
+@pytest.mark.parametrize("splice", [False, True])
+def test_upstream_down_is_421_and_pop_sys_temp(splice: bool) -> None:
     async def body() -> None:
         port = free_port()
         t = table(free_port(), port)
         t["servers"] = {"smtp": [f"127.0.0.1:{free_port()}"], "pop3": [f"127.0.0.1:{free_port()}"]}
-        relay = Relay(StaticGate(t), connect_timeout=1.0)
+        relay = Relay(StaticGate(t), connect_timeout=1.0, splice=splice)
         p2 = free_port()
         await relay.start(
             "127.0.0.1", (Listener("smtp", "smtp", port), Listener("pop3", "pop3", p2))
@@ -144,14 +147,15 @@ def test_upstream_down_is_421_and_pop_sys_temp() -> None:
     run(body())
 
 
-def test_connection_limit_idle_timeout_and_policy_reload() -> None:
+@pytest.mark.parametrize("splice", [False, True])
+def test_connection_limit_idle_timeout_and_policy_reload(splice: bool) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
         up_port = free_port()
         upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
         port = free_port()
         gate = StaticGate(table(up_port, port, max_connections=2))
-        relay = Relay(gate, connect_timeout=1.0, idle_timeout=1.0)
+        relay = Relay(gate, connect_timeout=1.0, idle_timeout=1.0, splice=splice)
         await relay.start("127.0.0.1", (Listener("pop3", "pop3", port),))
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         for r, _w in conns[:2]:
