@@ -13,6 +13,7 @@ hidden network are refused: a guest never reaches the segment through us.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -37,7 +38,10 @@ from appliance.proxy.relay import (
 log = logging.getLogger("appliance.proxy.http")
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
+    """A dotted IPv4 address, strictly (no octal or short forms); cached: three calls a
+    request, and parsing with ipaddress was a tenth of the HTTP path's Python time."""
     try:
         ipaddress.IPv4Address(host)
     except ValueError:

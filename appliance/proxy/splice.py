@@ -246,27 +246,22 @@ class Direction:
                     if self.pipe is not None:
                         self._give_back(conn.pool)
                     return
-                if self.bulk:
-                    if self.pipe is None:
-                        self.pipe = conn.pool.get()
-                    try:
-                        n = os.splice(self.src, self.pipe[1], CHUNK, flags=FLAGS)
-                    except BlockingIOError:
-                        self.readable = False
-                        continue
-                    if n == 0:
-                        self.eof = True
-                        self.readable = False
-                    self.pending += n
-                    continue
                 try:
-                    n = os.readv(self.src, COPY_BUFFERS)
+                    if self.bulk:
+                        if self.pipe is None:
+                            self.pipe = conn.pool.get()
+                        n = os.splice(self.src, self.pipe[1], CHUNK, flags=FLAGS)
+                    else:
+                        n = os.readv(self.src, COPY_BUFFERS)
                 except BlockingIOError:
                     self.readable = False
                     continue
                 if n == 0:
                     self.eof = True
                     self.readable = False
+                    continue
+                if self.bulk:
+                    self.pending += n
                     continue
                 if n == COPY_SIZE:
                     self.bulk = True  # a full buffer: more is coming, splice it
