@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from typing import cast
 
@@ -405,6 +406,38 @@ def test_an_explicit_url_that_does_not_parse_gets_400() -> None:
             assert out.startswith(b"HTTP/1.1 400"), (url, out[:60])
         await asyncio.sleep(0.1)
         assert relay.counters[("http", "bad-request-400")] == 3
+        await relay.stop()
+
+    run(body())
+
+
+def test_a_guest_leaving_mid_refusal_is_counted_once_and_forgotten() -> None:
+    """On the raw path the refusal dialog is the relay's own: a guest that hangs up in
+    the middle of it, or floods it, leaves no connection behind."""
+
+    async def body() -> None:
+        port = free_port()
+        gate = StaticGate(table(1, port, allow=["pop3"]))
+        relay = Relay(gate, splice=True)
+        await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await read_until(r, b"\n")).startswith(b"220")
+        w.write(b"EHLO x\r\n")
+        assert (await read_until(r, b"\n")).startswith(b"250")
+        w.close()  # gone without QUIT
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w2.write(b"\n" * 100_000)  # a flood gets a bounded answer, then the close
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with the flood unread
+            while chunk := await asyncio.wait_for(r2.read(65536), 5):
+                answer += chunk
+        assert len(answer) < 2_000
+        w2.close()
+        await asyncio.sleep(0.1)
+        assert relay.counters[("smtp", "refused-denied")] == 2
+        assert not relay.conns and not relay.edges.handlers.keys() - {
+            s.fileno() for s in relay.raw_listeners
+        }
         await relay.stop()
 
     run(body())
