@@ -365,7 +365,7 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
     m = "CPU per connection of wrk -c64 (user+system)"
     c = med["cpu"]
     for v in ("relay", "relay-1worker", "relay-protocol", "relay-asyncio"):
-        rows.append(row(m, "us", c[v], "haproxy", c["haproxy"], "report"))
+        rows.append(row(f"{m}, {v}", "us", c[v], "haproxy", c["haproxy"], "report"))
     rows.append(
         row(
             m + ", HTTP path",
