@@ -348,6 +348,7 @@ class Spliced(Tracked):
             return
         if self.connector is not None:
             self.connector.cancel()
+            self.connector = None  # (it refers to us: no cycle left behind)
         self.relay.edges.close(self.sock)
         self.finish()
 

@@ -43,11 +43,13 @@ ROUNDS = 8  # reads and writes per turn before yielding to other connections
 COPY_SIZE = 64 * 1024
 COPY_VIEW = memoryview(bytearray(COPY_SIZE))
 COPY_BUFFERS = [COPY_VIEW]
-HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+# an edge after which a short read is no sign of an empty queue: the peer hung up (the
+# EOF is still to read), or urgent data is pending (a read stops at the urgent mark)
+READ_ON = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLPRI
 
-EDGE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+EDGE = select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 # what makes a socket worth reading (EOF and errors surface from the read itself)
-READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+READ = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 Handler = Callable[[int], None]
@@ -180,7 +182,11 @@ class Direction:
     did not contradict (EAGAIN clears them, the next edge sets them again).  A
     copy read that comes back short has emptied the socket's receive queue, so
     the direction waits for the next edge instead of asking again; unless that
-    edge also said the peer hung up (`hup`), when the next read is the EOF.
+    edge also said the peer hung up (the next read is the EOF) or that urgent
+    data is pending (`read_on`): a read stops short at the urgent mark, so then
+    it reads on until EAGAIN, and with copies, since splice cannot pass the
+    mark at all (`urgent`; the urgent byte itself is not relayed, as no
+    userspace relay can).
     A direction holds no reference back to its connection (which is passed in):
     no cycle, so a closed connection is freed by its reference count, not by
     the cyclic garbage collector's passes.
@@ -191,13 +197,14 @@ class Direction:
         "dst",
         "eof",
         "finished",
-        "hup",
         "moved",
         "pending",
         "pipe",
+        "read_on",
         "readable",
         "src",
         "stash",
+        "urgent",
         "writable",
     )
 
@@ -209,7 +216,8 @@ class Direction:
         self.stash = b""  # copied bytes the destination has not taken yet
         self.bulk = False
         self.eof = False  # src said EOF
-        self.hup = False  # the last edge on src said the peer hung up
+        self.read_on = False  # the last edge on src said: read until EAGAIN (READ_ON)
+        self.urgent = False  # and that urgent data is pending: splice cannot pass its mark
         self.finished = False  # and everything before it reached dst: dst was shut
         self.moved = 0
         self.readable = False
@@ -247,7 +255,7 @@ class Direction:
                         self._give_back(conn.pool)
                     return
                 try:
-                    if self.bulk:
+                    if self.bulk and not self.urgent:
                         if self.pipe is None:
                             self.pipe = conn.pool.get()
                         n = os.splice(self.src, self.pipe[1], CHUNK, flags=FLAGS)
@@ -260,12 +268,12 @@ class Direction:
                     self.eof = True
                     self.readable = False
                     continue
-                if self.bulk:
+                if self.bulk and not self.urgent:
                     self.pending += n
                     continue
                 if n == COPY_SIZE:
                     self.bulk = True  # a full buffer: more is coming, splice it
-                elif not self.hup:
+                elif not self.read_on:
                     self.readable = False  # the receive queue is empty: wait for an edge
                 try:
                     m = os.write(self.dst, COPY_VIEW[:n]) if self.writable else 0
@@ -341,7 +349,8 @@ class SpliceConn:
     def client_event(self, ev: int) -> None:
         if ev & READ:
             self.up.readable = True
-            self.up.hup = bool(ev & HUP)
+            self.up.read_on = bool(ev & READ_ON)
+            self.up.urgent = bool(ev & select.EPOLLPRI)
             self.up.pump(self)
         if ev & WRITE and not self.down.writable:
             self.down.writable = True
@@ -350,7 +359,8 @@ class SpliceConn:
     def upstream_event(self, ev: int) -> None:
         if ev & READ:
             self.down.readable = True
-            self.down.hup = bool(ev & HUP)
+            self.down.read_on = bool(ev & READ_ON)
+            self.down.urgent = bool(ev & select.EPOLLPRI)
             self.down.pump(self)
         if ev & WRITE and not self.up.writable:
             self.up.writable = True

@@ -310,3 +310,62 @@ def test_many_tiny_segments_all_arrive() -> None:
         upstream.close()
 
     run(body())
+
+
+class Batches(asyncio.Protocol):
+    """An upstream that answers only once it has a whole batch (its sizes in order), with
+    the batch: until then nothing moves toward the guest, so no edge but the guest's own
+    can wake the relay's reading side."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while self.sizes and len(self.buf) >= self.sizes[0]:
+            n = self.sizes.pop(0)
+            self.t.write(self.buf[:n])  # type: ignore[attr-defined]
+            self.buf = self.buf[n:]
+
+
+@pytest.mark.parametrize("bulk_first", [False, True])
+def test_urgent_data_does_not_stall_a_direction(bulk_first: bool) -> None:
+    """A read stops short at the urgent mark (telnet's interrupt, FTP's ABOR) and splice
+    cannot pass it at all: the bytes behind it must still go on, copy path or bulk."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        sizes = [1 << 20, 200] if bulk_first else [200]
+        upstream = await loop.create_server(lambda: Batches(sizes), "127.0.0.1", up_port)
+        port = free_port()
+        relay, _gate = await start(bulk_table(port, [f"127.0.0.1:{up_port}"]))
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setblocking(False)
+            await asyncio.sleep(0.1)  # relayed and idle: what follows comes as new edges
+
+            async def echoed(n: int) -> bytes:
+                got = b""
+                while len(got) < n:
+                    chunk = await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 5)
+                    assert chunk
+                    got += chunk
+                return got
+
+            if bulk_first:  # full buffers: both directions are bulk (splice) from here
+                data = os.urandom(1 << 20)
+                await loop.sock_sendall(s, data)
+                assert await echoed(len(data)) == data
+                assert relay.pool.open >= 1
+            s.send(b"A" * 100 + b"!", socket.MSG_OOB)  # the last byte is the urgent one
+            s.send(b"B" * 100)
+            # the urgent byte is out of band (not relayed); every byte around it arrives
+            assert await echoed(200) == b"A" * 100 + b"B" * 100
+        await relay.stop()
+        upstream.close()
+
+    run(body())
