@@ -102,13 +102,18 @@ def test_relays_both_ways_with_fallback_and_half_close(splice: bool) -> None:
     run(body())
 
 
+async def refusing_smtp(splice: bool) -> tuple[Relay, int]:
+    """A relay on an SMTP port whose only guest may use POP3, not SMTP."""
+    port = free_port()
+    relay = Relay(StaticGate(table(1, port, allow=["pop3"])), splice=splice)
+    await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
+    return relay, port
+
+
 @pytest.mark.parametrize("splice", [False, True])
 def test_denied_user_gets_554_and_counter(splice: bool) -> None:
     async def body() -> None:
-        port = free_port()
-        gate = StaticGate(table(1, port, allow=["pop3"]))
-        relay = Relay(gate, splice=splice)
-        await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
+        relay, port = await refusing_smtp(splice)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert (await read_until(r, b"\n")).startswith(b"220")
         w.write(b"EHLO x\r\nMAIL FROM:<a@b>\r\nQUIT\r\n")
@@ -416,10 +421,7 @@ def test_a_guest_leaving_mid_refusal_is_counted_once_and_forgotten() -> None:
     the middle of it, or floods it, leaves no connection behind."""
 
     async def body() -> None:
-        port = free_port()
-        gate = StaticGate(table(1, port, allow=["pop3"]))
-        relay = Relay(gate, splice=True)
-        await relay.start("127.0.0.1", (Listener("smtp", "smtp", port),))
+        relay, port = await refusing_smtp(splice=True)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert (await read_until(r, b"\n")).startswith(b"220")
         w.write(b"EHLO x\r\n")
