@@ -11,9 +11,10 @@ its tests stand alone while those modules are built in parallel.
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,15 +38,19 @@ class Upstream:
     numeric: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "numeric", _is_ipv4(self.host))
+        object.__setattr__(self, "numeric", is_ipv4(self.host))
 
 
-def _is_ipv4(host: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def is_ipv4(host: str) -> bool:
+    """A dotted IPv4 address, strictly (no octal or short forms: those go to the
+    resolver, which reads them its own way); cached: the HTTP path asks three times a
+    request, and parsing with ipaddress was a tenth of its Python time."""
     try:
-        socket.inet_aton(host)
-    except OSError:
+        ipaddress.IPv4Address(host)
+    except ValueError:
         return False
-    return host.count(".") == 3
+    return True
 
 
 @dataclass(frozen=True)

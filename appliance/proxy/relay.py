@@ -144,6 +144,11 @@ def failure(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or "timed out"
 
 
+def upstream_failed(service: str, upstream: Upstream | None, why: str) -> None:
+    """The log line of an upstream that could not be reached: its name, never its address."""
+    log.warning("%s upstream %s failed: %s", service, upstream.name if upstream else "-", why)
+
+
 class Pump(asyncio.Protocol):
     """The upstream side of a relayed connection: bytes go straight to the client transport."""
 
@@ -220,9 +225,7 @@ class Link(Tracked, asyncio.Protocol):
                         lambda: Pump(self), up.host, up.port
                     )
             except (TimeoutError, OSError) as exc:
-                log.warning(
-                    "%s upstream %s failed: %s", self.listener.service, up.name, failure(exc)
-                )
+                upstream_failed(self.listener.service, up, failure(exc))
                 continue
             if self.closed or self.client is None or self.client.is_closing():
                 pump.transport.close()  # type: ignore[union-attr]
@@ -436,7 +439,7 @@ class Connector:
                 relay.connect_started(self)
                 return
             s.close()
-            self._failed(up, os.strerror(err))
+            upstream_failed(self.conn.listener.service, up, os.strerror(err))
         self.conn.connector = None
         if not self.conn.closed:
             c = self.conn
@@ -452,7 +455,7 @@ class Connector:
         if ev & (select.EPOLLERR | select.EPOLLHUP):
             err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._drop()
-            self._failed(up, os.strerror(err) if err else "closed")
+            upstream_failed(self.conn.listener.service, up, os.strerror(err) if err else "closed")
             self.next()
             return
         conn = self.conn
@@ -462,7 +465,7 @@ class Connector:
 
     def expired(self) -> None:
         self._drop()
-        self._failed(self.up, "connect timed out")
+        upstream_failed(self.conn.listener.service, self.up, "connect timed out")
         self.next()
 
     def cancel(self) -> None:
@@ -473,10 +476,6 @@ class Connector:
         if self.sock is not None:
             self.relay.edges.close(self.sock)
             self.sock = None
-
-    def _failed(self, up: Upstream | None, why: str) -> None:
-        name = up.name if up else "-"
-        log.warning("%s upstream %s failed: %s", self.conn.listener.service, name, why)
 
 
 class Relay:
@@ -602,9 +601,7 @@ class Relay:
                         up.host, up.port, family=socket.AF_INET, type=socket.SOCK_STREAM
                     )
             except (TimeoutError, OSError) as exc:
-                log.warning(
-                    "%s upstream %s failed: %s", conn.listener.service, up.name, failure(exc)
-                )
+                upstream_failed(conn.listener.service, up, failure(exc))
                 continue
             ups.extend(Upstream(up.name, str(i[4][0]), up.port) for i in infos[:1])
         if not conn.closed:

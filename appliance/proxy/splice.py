@@ -254,8 +254,9 @@ class Direction:
                     if self.pipe is not None:
                         self._give_back(conn.pool)
                     return
+                splicing = self.bulk and not self.urgent
                 try:
-                    if self.bulk and not self.urgent:
+                    if splicing:
                         if self.pipe is None:
                             self.pipe = conn.pool.get()
                         n = os.splice(self.src, self.pipe[1], CHUNK, flags=FLAGS)
@@ -268,15 +269,15 @@ class Direction:
                     self.eof = True
                     self.readable = False
                     continue
-                if self.bulk and not self.urgent:
+                if splicing:
                     self.pending += n
                     continue
                 if n == COPY_SIZE:
                     self.bulk = True  # a full buffer: more is coming, splice it
                 elif not self.read_on:
                     self.readable = False  # the receive queue is empty: wait for an edge
-                try:
-                    m = os.write(self.dst, COPY_VIEW[:n]) if self.writable else 0
+                try:  # (writable: a read only happens with nothing left to write)
+                    m = os.write(self.dst, COPY_VIEW[:n])
                 except BlockingIOError:
                     self.writable = False
                     m = 0
@@ -290,9 +291,9 @@ class Direction:
         conn.poll.soon(functools.partial(self.pump, conn))
 
     def _give_back(self, pool: PipePool) -> None:
-        if self.pipe is not None:
-            pool.put(self.pipe)
-            self.pipe = None
+        assert self.pipe is not None
+        pool.put(self.pipe)
+        self.pipe = None
 
     def release(self, pool: PipePool) -> None:
         self.stash = b""
@@ -343,28 +344,25 @@ class SpliceConn:
         if events & READ:
             self.upstream_event(events)
 
-    # The reported mask is the socket's whole state, not just what changed: a new
-    # segment reports IN|OUT.  A direction is pumped for a writable edge only when it
-    # was waiting for one.
     def client_event(self, ev: int) -> None:
-        if ev & READ:
-            self.up.readable = True
-            self.up.read_on = bool(ev & READ_ON)
-            self.up.urgent = bool(ev & select.EPOLLPRI)
-            self.up.pump(self)
-        if ev & WRITE and not self.down.writable:
-            self.down.writable = True
-            self.down.pump(self)
+        self._edge(ev, self.up, self.down)
 
     def upstream_event(self, ev: int) -> None:
+        self._edge(ev, self.down, self.up)
+
+    def _edge(self, ev: int, reading: Direction, writing: Direction) -> None:
+        """An edge on a socket: `reading` is the direction it is the source of, `writing`
+        the one it is the destination of.  The reported mask is the socket's whole state,
+        not just what changed (a new segment reports IN|OUT): a direction is pumped for a
+        writable edge only when it was waiting for one."""
         if ev & READ:
-            self.down.readable = True
-            self.down.read_on = bool(ev & READ_ON)
-            self.down.urgent = bool(ev & select.EPOLLPRI)
-            self.down.pump(self)
-        if ev & WRITE and not self.up.writable:
-            self.up.writable = True
-            self.up.pump(self)
+            reading.readable = True
+            reading.read_on = bool(ev & READ_ON)
+            reading.urgent = bool(ev & select.EPOLLPRI)
+            reading.pump(self)
+        if ev & WRITE and not writing.writable:
+            writing.writable = True
+            writing.pump(self)
 
     def half_closed(self, d: Direction) -> None:
         self.done += 1

@@ -8,7 +8,7 @@ import errno
 import os
 import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -252,13 +252,27 @@ class RawEcho(asyncio.Protocol):
         return True
 
 
-async def echo_relay() -> tuple[Relay, asyncio.AbstractServer, int]:
+async def echo_relay(
+    upstream_protocol: Callable[[], asyncio.Protocol] = RawEcho,
+) -> tuple[Relay, asyncio.AbstractServer, int]:
+    """A relay on a fresh port in front of an upstream speaking `upstream_protocol`."""
     loop = asyncio.get_running_loop()
     up_port = free_port()
-    upstream = await loop.create_server(RawEcho, "127.0.0.1", up_port)
+    upstream = await loop.create_server(upstream_protocol, "127.0.0.1", up_port)
     port = free_port()
     relay, _gate = await start(bulk_table(port, [f"127.0.0.1:{up_port}"]))
     return relay, upstream, port
+
+
+async def recv_exactly(s: socket.socket, n: int) -> bytes:
+    """n bytes from a non-blocking socket (the relay runs in the same loop)."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    while len(got) < n:
+        chunk = await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 5)
+        assert chunk
+        got += chunk
+    return got
 
 
 def test_small_exchanges_are_copied_and_bulk_goes_to_splice() -> None:
@@ -300,12 +314,7 @@ def test_many_tiny_segments_all_arrive() -> None:
             sent = bytes(range(256)) * 4
             for i in range(len(sent)):
                 await loop.sock_sendall(s, sent[i : i + 1])
-            got = b""
-            while len(got) < len(sent):
-                chunk = await asyncio.wait_for(loop.sock_recv(s, 65536), 5)
-                assert chunk
-                got += chunk
-            assert got == sent
+            assert await recv_exactly(s, len(sent)) == sent
         await relay.stop()
         upstream.close()
 
@@ -339,32 +348,20 @@ def test_urgent_data_does_not_stall_a_direction(bulk_first: bool) -> None:
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        up_port = free_port()
         sizes = [1 << 20, 200] if bulk_first else [200]
-        upstream = await loop.create_server(lambda: Batches(sizes), "127.0.0.1", up_port)
-        port = free_port()
-        relay, _gate = await start(bulk_table(port, [f"127.0.0.1:{up_port}"]))
+        relay, upstream, port = await echo_relay(lambda: Batches(sizes))
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.setblocking(False)
             await asyncio.sleep(0.1)  # relayed and idle: what follows comes as new edges
-
-            async def echoed(n: int) -> bytes:
-                got = b""
-                while len(got) < n:
-                    chunk = await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 5)
-                    assert chunk
-                    got += chunk
-                return got
-
             if bulk_first:  # full buffers: both directions are bulk (splice) from here
                 data = os.urandom(1 << 20)
                 await loop.sock_sendall(s, data)
-                assert await echoed(len(data)) == data
+                assert await recv_exactly(s, len(data)) == data
                 assert relay.pool.open >= 1
             s.send(b"A" * 100 + b"!", socket.MSG_OOB)  # the last byte is the urgent one
             s.send(b"B" * 100)
             # the urgent byte is out of band (not relayed); every byte around it arrives
-            assert await echoed(200) == b"A" * 100 + b"B" * 100
+            assert await recv_exactly(s, 200) == b"A" * 100 + b"B" * 100
         await relay.stop()
         upstream.close()
 
