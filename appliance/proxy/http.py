@@ -59,6 +59,7 @@ class HttpClient(Tracked, asyncio.Protocol):
         "chunked",
         "dest",
         "eofs",
+        "limited",
         "orig",
         "parser",
         "pump",
@@ -77,6 +78,7 @@ class HttpClient(Tracked, asyncio.Protocol):
         self.raw = False
         self.busy = False
         self.eofs = 0
+        self.limited: Admission | None = None  # over the limit when it connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -87,6 +89,15 @@ class HttpClient(Tracked, asyncio.Protocol):
         if not self.listener.explicit:
             self.orig = original_dst(transport)
         self.relay.opened(self)
+        # a logged-in guest's connection counts from its first byte, not its first request:
+        # idle sockets are how one guest would hold them all
+        verdict = self.relay.gate.admit(self.src, self.listener.service)
+        if isinstance(verdict, Admission):
+            if self.admitted(verdict):
+                self.admission = verdict
+                self.right = self.listener.service
+            else:
+                self.limited = verdict
 
     # -- client bytes ----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -160,6 +171,10 @@ class HttpClient(Tracked, asyncio.Protocol):
         wants_html = b"text/html" in lower.get(b"accept", b"")
         connect = method == "CONNECT"
         service = "connect" if connect else self.listener.service
+        if self.limited is not None:
+            over = self.limited
+            self._refuse(Refusal("limit", "limit", "", over.user, over.rule), wants_html)
+            return
         if self.admission is None or connect:
             verdict = self.relay.gate.admit(self.src, service)
             if isinstance(verdict, Refusal):

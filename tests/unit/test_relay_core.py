@@ -327,6 +327,34 @@ def test_a_rule_without_max_connections_gets_the_default_cap(splice: bool) -> No
     run(body())
 
 
+def test_idle_web_connections_count_against_the_limit() -> None:
+    """A web connection counts from its first byte: two idle sockets hold alice's two."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"], max_connections=2)
+        t["servers"]["http"] = []
+        relay = Relay(StaticGate(t))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        url = f"http://127.0.0.1:{up_port}/"
+        out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 429"), out[:60]
+        for _r, w in idle:
+            w.close()
+        await asyncio.sleep(0.1)
+        out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 200")
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
 def test_connection_limits_count_per_user_per_service() -> None:
     async def body() -> None:
         relay = Relay(StaticGate(table(1, 2)), connect_timeout=1.0, idle_timeout=1.0)
