@@ -342,8 +342,8 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 return failed("wrong user id or password (site account)")
             who, source, attrs = account.user, "site", dict(account.attributes)
         else:
-            # The agent is named in the agent field only ("home.example" or, as the agent's
-            # README shows, "alice@home.example"), so the session names the agent that
+            # The agent is named in the agent field only ("home.example" or, as
+            # docs/design.md shows, "alice@home.example"), so the session names the agent that
             # really vouched for the user.
             if "@" in agent:
                 agent_user, agent = agent.rsplit("@", 1)

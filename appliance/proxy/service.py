@@ -2,7 +2,7 @@
 `proxy.workers` forked ones on the same ports (workers.py).
 
 uvloop is used when importable (the benchmark in tests/bench/test_relay_bench.py
-measured it against the stock loop; see README "Services").  SIGHUP reloads the
+measured it against the stock loop; see docs/design.md "The relay").  SIGHUP reloads the
 tables through the gate; the relay's subscriber then closes connections the new
 tables no longer allow.  SIGTERM closes listeners and open connections.
 """
@@ -28,7 +28,7 @@ from appliance.proxy.relay import Relay
 from appliance.proxy.workers import run_workers, worker_count
 
 log = logging.getLogger("appliance.proxy")
-# raw sockets (copy, then splice(2) for bulk) for tcp, SMTP and POP3: README "Services"
+# raw sockets (copy, then splice(2) for bulk) for tcp, SMTP and POP3: docs/design.md "The relay"
 SPLICE_DEFAULT = True
 
 
