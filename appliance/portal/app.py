@@ -280,6 +280,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             link=login_url(original),
             link_text=i18n.text(_lang(), "login"),
         )
+        body.status = "511 Network Authentication Required"  # RFC 6585's words, not werkzeug's
         body.headers["Link"] = f'<{portal.base_url}{CAPTIVE_API_PATH}>; rel="captive-portal"'
         return body
 

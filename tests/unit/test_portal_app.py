@@ -107,6 +107,7 @@ def test_captive_answers_before_login(site: Site) -> None:
     assert r.headers[CLOSE_HEADER] == "1"
     r = c.get("/data.json", headers={"Host": "api.example.com", "Accept": "application/json"})
     assert r.status_code == 511 and "captive-portal" in r.headers["Link"]
+    assert r.status == "511 Network Authentication Required"  # RFC 6585 section 6
     for path in ("/generate_204", "/hotspot-detect.html", "/connecttest.txt", "/ncsi.txt"):
         r = c.get(path, headers={"Host": "probe.example.net"})
         assert r.status_code == 302, path
