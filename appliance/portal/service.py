@@ -25,7 +25,7 @@ from waitress.channel import HTTPChannel
 from waitress.task import WSGITask
 
 from appliance import store
-from appliance.config import Config
+from appliance.config import PORTAL_THREADS, Config
 from appliance.portal import gates
 from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, create_app
 from appliance.sessions import SessionStore
@@ -66,7 +66,7 @@ def start_https(config: Config, app: object) -> Any | None:
     server = wsgi.Server(
         (str(config.interfaces.guest_ip), p.https_port),
         app,
-        numthreads=8,
+        numthreads=PORTAL_THREADS,
         server_name=p.hostname,
         timeout=30,
     )
@@ -126,8 +126,11 @@ def make_server(app: Any, host: str, port: int) -> Any:
         app,
         host=host,
         port=port,
-        threads=8,
+        threads=PORTAL_THREADS,
         connection_limit=1000,
+        # poll(), not select(): select() fails outright once a descriptor passes 1023,
+        # and 1000 connections plus the process's own files come close to that
+        asyncore_use_poll=True,
         channel_timeout=30,
         ident="appliance-portal",
         clear_untrusted_proxy_headers=True,
