@@ -553,3 +553,47 @@ def test_failed_agent_logins_are_counted_and_concurrent_ones_capped(
         assert agent_login(site, servers["closed"])[0] == 502
     code, text, _ = agent_login(site, servers["closed"])
     assert code == 429 and "Too many failed logins" in text, text
+
+
+HOLD_OPEN = """
+import socket, sys, time
+s = socket.create_server(("192.168.1.1", int(sys.argv[1])), backlog=512)
+held = []
+while True:
+    held.append(s.accept()[0])
+"""
+
+CONNECT_MANY = """
+import socket, sys
+socks, refused, other = [], 0, 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.settimeout(1.0)
+    try:
+        s.connect(("192.168.1.1", int(sys.argv[1])))
+        socks.append(s)
+    except ConnectionRefusedError:
+        refused += 1
+    except OSError:
+        other += 1
+print(f"open {len(socks)} refused {refused} other {other}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not gates.firewall_available(), reason="needs the nftables ruleset")
+def test_a_logged_in_guest_is_capped_on_the_proxy_ports_too(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    site = start_site(
+        make_topology(guests=1), tmp_path, extra="\n[proxy]\nconnections_per_guest = 8\n"
+    )
+    # the SMTP proxy's listener (2525, where nftables sends a member's port 25) holds
+    # every connection it gets; the proxy itself is another role
+    site.topo["gw"].start(sys.executable, "-c", HOLD_OPEN, "2525", name="hold-2525")
+    site.topo["gw"].wait_port(2525, "192.168.1.1")
+    assert site.login("alice", "correct horse")[0] == 303
+    out = site.guest.run(sys.executable, "-c", CONNECT_MANY, "2525", "20").stdout
+    assert out.strip() == "open 8 refused 12 other 0", out
+    assert nft_counter(site, "guest_conn_capped") == 12
+    # the portal's own cap is a separate one: its pages still load for this guest
+    assert site.curl(f"{PORTAL}/status")[0] == 200
