@@ -27,6 +27,7 @@ from appliance import store
 from appliance.config import CAPTIVE_API_PATH, Config
 from appliance.lab.topology import Node, Topology, guest_mac
 from appliance.portal import gates
+from appliance.portal.service import CONNECTION_LIMIT
 from appliance.sessions import SessionStore
 from dhcp import leases
 from dhcp.leases import Lease
@@ -415,7 +416,7 @@ def test_a_slow_drip_guest_is_capped_and_another_guest_still_gets_the_portal(
     cap = site.cfg.portal.connections_per_guest
     guest2 = second_guest(site)
     # more half-sent requests than waitress's own limit (1000 connections), from one guest
-    n = 1050
+    n = CONNECTION_LIMIT + 50
     drip = site.guest.start(sys.executable, "-c", SLOW_DRIP, str(n), "20", name="drip")
     deadline = time.monotonic() + 30
     while "open " not in drip.output() and time.monotonic() < deadline:

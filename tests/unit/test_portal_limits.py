@@ -188,3 +188,24 @@ def test_agent_logins_in_progress_are_capped_per_guest_and_in_all(
     # and once they are done the slots are free again
     assert site.deps.agent_logins.take(IP) and site.deps.agent_logins.take(IP)
     assert not site.deps.agent_logins.take(IP)
+
+
+def test_the_portal_raises_a_low_open_files_limit_above_its_connection_limit() -> None:
+    """systemd's default soft limit (1024) is below what 1000 connections need."""
+    import resource
+    import subprocess
+    import sys
+
+    from appliance.portal.service import CONNECTION_LIMIT
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
+
+    code = (
+        "import resource\nfrom appliance.portal.service import room_for_connections\n"
+        "room_for_connections()\nprint(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=low, capture_output=True, text=True, check=True
+    )
+    assert CONNECTION_LIMIT + 100 < int(out.stdout) <= 4096, out
