@@ -541,13 +541,13 @@ def test_failed_agent_logins_are_counted_and_concurrent_ones_capped(
     time.sleep(0.5)
     started = time.monotonic()
     page = site.guest.run("curl", "-sS", "-m", "5", f"{PORTAL}/login", check=False)
-    assert "csrf" in page.stdout and time.monotonic() - started < 1.5, page.stderr
+    assert "csrf" in page.stdout and time.monotonic() - started < 2.5, page.stderr
     for t in threads:
         t.join(20)
-    quick = [r for r in results if r[2] < 1.5]
-    slow = [r for r in results if r[2] >= 1.5]
+    quick = [r for r in results if r[2] < 2.5]
+    slow = [r for r in results if r[2] >= 2.5]
     assert len(quick) == 8 and all(r[0] == 429 for r in quick), results
-    assert len(slow) == 2 and all(r[0] == 502 and r[2] < 4.5 for r in slow), results
+    assert len(slow) == 2 and all(r[0] == 502 and r[2] < 6 for r in slow), results
     # each of those two counted as a failure; three quick failures at a closed port make
     # five, and the sixth attempt is held back by the rate limit, not sent to the agent
     for _ in range(3):
