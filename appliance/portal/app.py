@@ -366,10 +366,11 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 if exc.code == "unavailable":
                     key = "err_agent_unavailable"
                 return refuse(key, 401 if exc.code in ("unknown_user", "bad_password") else 502)
-            host = agent.split("#")[0]
+            # ans.user is "user@agent" and ans.attributes only what the site takes from
+            # this agent (gates / trusted_agents)
             who, source, attrs, personal = (
                 ans.user,
-                f"agent:{host}",
+                f"agent:{ans.agent}",
                 dict(ans.attributes),
                 dict(ans.servers),
             )

@@ -231,7 +231,7 @@ def test_add_and_remove_rows(app: Any, site: Config) -> None:
     )
     assert c.post("/access", data=fields).status_code == 302
     table = Policy.load(site).access
-    assert [r.name for r in table.rules] == ["sales", "staff", "research"]
+    assert [r.name for r in table.rules] == ["sales", "staff", "visitors", "research"]
     user = {"department": "R&D", "building": "B7"}
     assert table.decide(user, "pop3").allowed and table.decide(user, "pop3").max_connections == 2
     # a new row placed first takes precedence
