@@ -310,6 +310,35 @@ def test_server_info_editing(app: Any, site: Config) -> None:
     assert "edit server info" in c.get("/audit").text
 
 
+def test_trusted_agents_editing(app: Any, site: Config, notified: list[Config]) -> None:
+    from appliance.agent import wire
+    from appliance.trusted_agents import load as load_agents
+
+    c = app.test_client()
+    assert c.get("/agents").status_code == 302  # the admin login first
+    login(c)
+    fields = form(c, "/agents")
+    assert 'id="none"' in c.get("/agents").text  # no table yet: nobody is trusted
+    assert "[agents." in fields["text"]  # a commented example to start from
+    pin = wire.fingerprint(b"corp agent")
+    text = f'[agents."corp.example"]\nfingerprints = ["{pin}"]\nattributes = ["role"]\n'
+    r = c.post("/agents", data={**fields, "text": text.replace('"role"', '"source"')})
+    assert r.status_code == 400 and "agents.toml:3: agents.corp.example.attributes" in r.text
+    assert not site.policies.agents.exists() and notified == []
+    r = c.post("/agents", data={k: v for k, v in {**fields, "text": text}.items() if k != "csrf"})
+    assert r.status_code == 400 and not site.policies.agents.exists()
+    assert c.post("/agents", data={**fields, "text": text}).status_code == 302
+    table = load_agents(site.policies.agents)
+    assert [(a.name, set(a.attributes), set(a.fingerprints)) for a in table.agents] == [
+        ("corp.example", {"role"}, {pin})
+    ]
+    assert notified == [site]
+    page = c.get("/agents").text
+    assert "<td>corp.example</td>" in page and "<td>role</td>" in page and pin in page
+    assert c.post("/agents", data={**fields, "text": text}).status_code == 409  # stale version
+    assert "edit trusted agents" in c.get("/audit").text
+
+
 def test_sessions_list_and_end(app: Any, fake_sessions: FakeSessions) -> None:
     c = app.test_client()
     login(c)
