@@ -319,7 +319,10 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             return refuse("err_csrf", 400)
         if not user or not password:
             return refuse("err_missing", 400)
-        keys = (f"ip:{ip}", f"user:{user.lower()}")
+        # per user id: an agent login's failures count for user@agent, never for the site
+        # account of the same name (which a visitor's own agent could otherwise lock out)
+        agent_host = agent.rpartition("@")[2].split("#")[0].lower().rstrip(".")
+        keys = (f"ip:{ip}", f"user:{user.lower()}" + (f"@{agent_host}" if agent else ""))
         wait = max(d.limiter.retry_after(k) for k in keys)
         if wait:
             log.warning("login from %s as %s refused: rate limit (%d s)", ip, user, wait)

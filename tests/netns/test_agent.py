@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import sys
@@ -180,6 +181,13 @@ def test_alice_and_bob_log_in_through_their_agents(
         .stdout
     )
     assert '"pop3": "203.0.113.3:110"' in out
+    # and what the portal takes from it: agent A is not in the trusted-agents table
+    assert json.loads(out)["session"] == {
+        "user": "alice@203.0.113.1",
+        "trusted": False,
+        "attributes": {"source": "agent", "agent": "203.0.113.1"},
+        "not_taken": ["department", "title"],
+    }
 
     # SIGHUP re-reads the tables and keeps serving (systemd's reload)
     proc_a.popen.send_signal(signal.SIGHUP)

@@ -488,3 +488,26 @@ def test_a_trusted_agent_asserts_only_its_listed_keys(
     answer["fingerprint"] = wire.fingerprint(b"another certificate")
     r = login(c, "dave", "pw", agent="corp.example")
     assert r.status_code == 502 and site.sessions.lookup_ip(IP) is None
+
+
+def test_failures_through_an_agent_do_not_lock_the_site_account_of_that_name(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """carol@evil.example's wrong passwords are carol@evil.example's: the site's carol
+    (another device) can still log in."""
+
+    def refuse(spec: str, password: str) -> object:
+        raise FakeAgentError("bad_password", "wrong password")
+
+    fake_agent(monkeypatch, refuse)
+    c = site.client()
+    for _ in range(3):
+        assert login(c, "carol", "guess", agent="evil.example").status_code == 401
+    assert login(c, "carol", "guess", agent="evil.example").status_code == 429
+    other_ip, other_mac = "192.168.1.101", "02:47:00:00:00:02"
+    site.neigh[other_ip] = other_mac
+    leases.record(site.conn, "granted", Lease(other_ip, other_mac, time.time() + 60), time.time())
+    add_user(site.cfg, "carol", "site secret")
+    c2 = site.app.test_client()
+    c2.environ_base["REMOTE_ADDR"] = other_ip
+    assert login(c2, "carol", "site secret").status_code == 303
