@@ -127,6 +127,27 @@ class AgentTable:
         return Vouched(f"{user}@{agent_id}", agent_id, entry is not None, attrs, dropped)
 
 
+def no_longer_vouched(
+    old: AgentTable | None, new: AgentTable, source: str, attributes: Attributes
+) -> bool:
+    """Does a session (its `source` and attributes) hold more than `new` would give it?
+
+    True when its agent asserted keys the new table no longer lets it assert, or when
+    the entry's identity lost a fingerprint or domain (a replaced, perhaps compromised,
+    certificate); `old` None: the table before was unreadable, only the first applies."""
+    if not source.startswith("agent:"):
+        return False
+    name = source.removeprefix("agent:")
+    entry = next((a for a in new.agents if a.name == name), None)
+    asserted = set(attributes) - set(APPLIANCE_KEYS)
+    if asserted - (entry.attributes if entry else frozenset()):
+        return True
+    before = next((a for a in old.agents if a.name == name), None) if old else None
+    if before is None or entry is None:
+        return False
+    return not (before.fingerprints <= entry.fingerprints and before.domains <= entry.domains)
+
+
 def _norm_host(host: str) -> str:
     return host.strip().strip("[]").lower().rstrip(".")
 
@@ -267,6 +288,7 @@ __all__ = [
     "TrustedAgent",
     "Vouched",
     "load",
+    "no_longer_vouched",
     "parse_agents",
     "parse_text",
 ]

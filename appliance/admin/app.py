@@ -306,7 +306,7 @@ def create_app(
         text = request.form.get("text", "").replace("\r\n", "\n")
         version = request.form.get("version", "")
         try:
-            trusted_agents.parse_text(text, path)
+            new_table = trusted_agents.parse_text(text, path)
             save_if_unchanged(path, text, version)
         except ConfigError as exc:
             return page("agents.html", 400, text=text, version=version, error=str(exc))
@@ -314,7 +314,28 @@ def create_app(
             _, now_version = read_versioned(path)
             return page("agents.html", 409, text=text, version=now_version, conflict=str(exc))
         changed(path, "edit trusted agents", old_text, text)
+        end_untrusted_sessions(old_text, new_table)
         return redirect(url_for("agents_page", saved=1))
+
+    def end_untrusted_sessions(old_text: str, new_table: trusted_agents.AgentTable) -> None:
+        """Sessions holding attributes the new table no longer gives their agent end now
+        (the visitor logs in again and gets what the new table gives)."""
+        try:
+            old_table: trusted_agents.AgentTable | None = trusted_agents.parse_text(
+                old_text, config.policies.agents
+            )
+        except ConfigError:
+            old_table = None
+        store = session_list()
+        if store is None:
+            return
+        for s in store.list():
+            source, attrs = str(getattr(s, "source", "")), getattr(s, "attributes", {})
+            why = f"trust in {source} changed by admin {admin()}"
+            if trusted_agents.no_longer_vouched(old_table, new_table, source, attrs) and store.end(
+                s.id, why
+            ):
+                audit.record(config, admin(), "end session", f"{s.user} {s.ip} {s.mac}")
 
     # -- sessions -----------------------------------------------------------
     per_thread = threading.local()

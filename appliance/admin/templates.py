@@ -127,8 +127,8 @@ AGENTS = """{% extends "base.html" %}{% block title %}Trusted agents{% endblock 
 login through any other agent carries just <code>source = "agent"</code> and
 <code>agent = "&lt;host&gt;"</code>, which a rule must name to grant anything. Agent logins
 are <code>user@agent</code>. The table is validated before it is saved and applies at the
-next login; sessions already open keep what they were given (end them on the Sessions page
-to apply a change at once).</p>
+next login. Saving ends the open sessions that hold an attribute their agent may no longer
+assert, or whose agent lost a fingerprint or domain; they log in again.</p>
 {% if agents %}<table id="agents"><tr><th>agent (users are user@agent)</th><th>fingerprints</th>
 <th>domains (CA-verified)</th><th>may assert</th></tr>
 {% for a in agents %}<tr><td>{{ a.name }}</td><td>{{ a.fingerprints|sort|join(', ') or '-' }}</td>

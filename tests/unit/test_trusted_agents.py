@@ -8,7 +8,7 @@ import pytest
 
 from appliance.agent import wire
 from appliance.tomlfile import ConfigError
-from appliance.trusted_agents import LiveTable, NotThatAgent, parse_text
+from appliance.trusted_agents import LiveTable, NotThatAgent, no_longer_vouched, parse_text
 
 pytestmark = pytest.mark.unit
 CORP = wire.fingerprint(b"corp certificate")
@@ -116,3 +116,18 @@ def test_the_live_table_follows_the_file_and_keeps_the_last_good_one(tmp_path: P
     assert [a.name for a in live.current().agents] == ["corp.example"]
     path.unlink()
     assert live.current().agents == ()
+
+
+def test_which_sessions_a_change_takes_trust_from() -> None:
+    old = parse_text(TABLE, "agents.toml")
+    fewer = parse_text(TABLE.replace('"department", "role"', '"role"'), "agents.toml")
+    rotated = parse_text(TABLE.replace(CORP, OTHER), "agents.toml")
+    mine = {"source": "agent", "agent": "corp.example"}
+    dept = {**mine, "department": "Sales 1"}
+    assert not no_longer_vouched(old, old, "agent:corp.example", dept)
+    assert no_longer_vouched(old, fewer, "agent:corp.example", dept)
+    assert not no_longer_vouched(old, fewer, "agent:corp.example", {**mine, "role": "staff"})
+    assert no_longer_vouched(old, rotated, "agent:corp.example", mine)  # a replaced certificate
+    assert no_longer_vouched(None, parse_text("", "x"), "agent:corp.example", dept)  # entry removed
+    assert not no_longer_vouched(old, fewer, "agent:evil.example", {"source": "agent"})  # untrusted
+    assert not no_longer_vouched(old, parse_text("", "x"), "site", {"department": "Sales 1"})
