@@ -101,6 +101,7 @@ class ProxyConfig:
     identity_header: str | None
     connect_ports: tuple[int, ...] = (443,)
     workers: int = 0  # relay processes on the same ports; 0: one per core
+    max_connections: int = 256  # per guest and service, where a rule sets no max_connections
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ def _proxy(r: Reader) -> ProxyConfig:
         identity_header=r.text("identity_header", None),
         connect_ports=_port_list(r, "connect_ports", (443,)),
         workers=r.integer("workers", 0, lo=0, hi=64),
+        max_connections=r.integer("max_connections", 256, lo=1, hi=1_000_000),
     )
     r.finish()
     return cfg

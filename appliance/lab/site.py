@@ -24,7 +24,7 @@ from pathlib import Path
 
 from appliance.atomic_file import write_atomically
 from appliance.lab import servers
-from appliance.lab.topology import LAB_PREFIX, LabError, Node, Topology
+from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
 from appliance.tomlfile import toml_key, toml_value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,6 +182,8 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
     config = write_config(directory)
     info = SiteInfo(str(directory), str(config))
     servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)
+    # the box's own resolver is the site's, as on a real box: the relay checks names with it
+    (NETNS_ETC / topo["gw"].netns / "resolv.conf").write_text("nameserver 198.51.100.2\n")
     smtp = servers.start_smtp(topo["seg"], domains=("example.net", "example.org"))
     proxy = servers.start_webproxy(topo["seg"], resolver="198.51.100.2")
     pop = servers.start_pop3(topo["home"], {HOME_USER[0]: HOME_USER[1]})

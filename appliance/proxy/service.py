@@ -67,6 +67,7 @@ async def serve(
     connect_ports: tuple[int, ...] = (443,),
     counts: Counts | None = None,
     reuse_port: bool = False,
+    max_connections: int = 256,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -79,6 +80,7 @@ async def serve(
         connect_ports=connect_ports,
         counts=counts,
         reuse_port=reuse_port,
+        max_connections=max_connections,
     )
     await relay.start(host)
     loop = asyncio.get_running_loop()
@@ -174,6 +176,7 @@ def main(config: Any) -> int:
         identity_header=config.proxy.identity_header,
         hidden=hidden,
         connect_ports=config.proxy.connect_ports,
+        max_connections=config.proxy.max_connections,
     )
 
 
@@ -197,6 +200,12 @@ def static_main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         help="a port CONNECT may reach (repeat; default 443)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="per user and service where the table sets none (default 256)",
     )
     p.add_argument(
         "--splice",
@@ -228,4 +237,5 @@ def static_main(argv: list[str] | None = None) -> int:
         hidden=hidden,
         splice=args.splice,
         connect_ports=tuple(args.connect_port or (443,)),
+        max_connections=args.max_connections,
     )

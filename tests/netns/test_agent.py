@@ -136,7 +136,7 @@ def test_alice_and_bob_log_in_through_their_agents(
     assert code == "appliance_not_allowed"
     key = appliance_key_id(config)
     assert f"{key}  pending" in agent_cli(a, "appliances", "list")
-    agent_cli(a, "appliances", "allow", "--name", "test site", "--", key[:10])  # may start "-"
+    agent_cli(a, "appliances", "allow", "--name", "test site", "--", key[:22])  # may start "-"
     assert f"{key}  allowed" in agent_cli(a, "appliances", "list")
 
     answer = login(topo, config, alice, "alice-secret")

@@ -87,6 +87,7 @@ def test_example_matches_the_address_plan() -> None:
         ),
         ("workers = 0 ", "workers = -1 ", "proxy.workers", "-1"),
         ("workers = 0 ", 'workers = "all" ', "proxy.workers", "expected an integer"),
+        ("max_connections = 256 ", "max_connections = 0 ", "proxy.max_connections", "0"),
     ],
 )
 def test_each_mistake_names_file_line_and_key(
