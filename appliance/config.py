@@ -127,6 +127,7 @@ class Policies:
     access: Path
     users: Path
     admins: Path
+    agents: Path  # trusted agents; a missing file trusts no agent
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ def _policies(r: Reader) -> Policies:
         access=r.filepath("access", "access.toml"),
         users=r.filepath("users", "users.toml"),
         admins=r.filepath("admins", "admins.toml"),
+        agents=r.filepath("agents", None) or r.file.path.parent.resolve() / "agents.toml",
     )
     for key in ("servers", "access"):
         p = getattr(cfg, key)

@@ -349,7 +349,10 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             log.warning("login from %s refused: control characters in the user or agent field", ip)
             user, agent = "", ""  # not echoed back either
             return refuse("err_characters", 400)
-        keys = (f"ip:{ip}", f"user:{user.lower()}")
+        # per user id: an agent login's failures count for user@agent, never for the site
+        # account of the same name (which a visitor's own agent could otherwise lock out)
+        agent_host = agent.rpartition("@")[2].split("#")[0].lower().rstrip(".")
+        keys = (f"ip:{ip}", f"user:{user.lower()}" + (f"@{agent_host}" if agent else ""))
         wait = max(d.limiter.retry_after(k) for k in keys)
         if wait:
             log.warning("login from %s as %s refused: rate limit (%d s)", ip, user, wait)
@@ -405,10 +408,11 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 return refuse(*_agent_refusal(exc.code))
             finally:
                 d.agent_logins.release(ip)
-            host = agent.split("#")[0]
+            # ans.user is "user@agent" and ans.attributes only what the site takes from
+            # this agent (gates / trusted_agents)
             who, source, attrs, personal = (
                 ans.user,
-                f"agent:{host}",
+                f"agent:{ans.agent}",
                 dict(ans.attributes),
                 dict(ans.servers),
             )
