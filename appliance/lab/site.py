@@ -129,9 +129,11 @@ def add_agent(
     name: str = "agent",
     trusted_as: str | None = "home.example",
     trusted_keys: tuple[str, ...] = ("department", "role"),
+    allow: bool = True,
 ) -> str:
     """A personal agent at home on `addr` with one user whose POP server is `pop`; this
-    appliance's key allowed.  Returns the agent's pin (`sha256:...`).
+    appliance's key allowed (unless `allow` is false: a household that has not yet).
+    Returns the agent's pin (`sha256:...`).
 
     The lab's own agent is the default, and the site trusts it (agents.toml, by its
     fingerprint, as `trusted_as`) to assert `trusted_keys`; tests add a second
@@ -161,8 +163,8 @@ def add_agent(
     )
     _run(None, _agent_cmd("servers", "set", *conf, uid, "pop3", f"{pop}:110"))
     key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
-    # `--`: a key may start with "-" (base64url)
-    _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
+    if allow:  # `--`: a key may start with "-" (base64url)
+        _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
     home.start(*_agent_cmd("run", *conf), name=f"personal-{name}")
     home.wait_port(AGENT_PORT, addr, timeout=30)
     fingerprint = _run(None, _agent_cmd("fingerprint", *conf)).split()[0]

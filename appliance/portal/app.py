@@ -405,7 +405,10 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 log.warning(
                     "login from %s as %s via agent %s failed: %s", ip, user, agent, exc.code
                 )
-                return refuse(*_agent_refusal(exc.code))
+                key, status = _agent_refusal(exc.code)
+                if exc.code == "appliance_not_allowed":  # the household's next step, key and all
+                    return refuse(key, status, command=gates.allow_command(config))
+                return refuse(key, status)
             finally:
                 d.agent_logins.release(ip)
             # ans.user is "user@agent" and ans.attributes only what the site takes from
@@ -515,6 +518,8 @@ def _agent_refusal(code: str) -> tuple[str, int]:
         return "err_agent_unavailable", 502
     if code in AGENT_NOT_REACHED:
         return "agent_not_reached", 502
+    if code == "appliance_not_allowed":
+        return "agent_appliance_not_allowed", 403
     key = f"agent_{code}"
     return (key if key in i18n.MESSAGES else "agent_other"), 502
 

@@ -180,6 +180,14 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
     return AgentResult(v.user, v.attributes, dict(ans.servers), v.agent, v.trusted)
 
 
+def allow_command(config: Config) -> str:
+    """What a household runs at home to allow this appliance (the portal shows it to the
+    visitor whose agent refused it as not yet allowed)."""
+    from appliance.agent import client, wire
+
+    return wire.allow_command(client.appliance_key_id(config))
+
+
 # -- the kernel's neighbour table (which MAC is behind a guest address) ------------------
 
 

@@ -108,6 +108,12 @@ MESSAGES: dict[str, dict[str, str]] = {
         "ja": "このアドレスで応答するホームエージェントがありません。アドレス（指定した場合は"
         "フィンガープリントも）を確認して、もう一度お試しください。",
     },
+    "agent_appliance_not_allowed": {
+        "en": "Your household has not allowed this appliance yet. At home, run: {command}"
+        " (then log in again).",
+        "ja": "このアプライアンスはまだご家庭で許可されていません。自宅で次を実行してから、"
+        "もう一度ログインしてください: {command}",
+    },
     "agent_refused_servers": {
         "en": "Your home agent named servers this site does not allow.",
         "ja": "ホームエージェントが、このサイトで許可されないサーバーを指定しました。",

@@ -36,6 +36,8 @@ GW = "192.168.1.1"
 PORTAL = f"http://{GW}"
 BOB_AGENT = "203.0.113.2"
 BOB_POP = "203.0.113.4"
+DAVE_AGENT = "203.0.113.5"  # a household that has not yet allowed this appliance
+DAVE = ("dave", "dave-pass", ["role=staff"])
 BOB = ("bob", "bob-pass", ["department=Research", "role=manager"])
 BOB_MAIL = (
     b"From: home@bob.example\r\nTo: bob@bob.example\r\nSubject: for bob only\r\n"
@@ -51,6 +53,7 @@ class Lab:
     directory: Path
     info: site.SiteInfo
     bob_fingerprint: str
+    dave_fingerprint: str
 
     def appliance(self, *args: str) -> str:
         argv = [sys.executable, "-m", "appliance", *args, "--config", self.info.config]
@@ -75,7 +78,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     _live.append(topo)  # removed even if the run is interrupted
     try:
         home = topo["home"]
-        for addr in (BOB_AGENT, BOB_POP):
+        for addr in (BOB_AGENT, BOB_POP, DAVE_AGENT):
             home.run("ip", "addr", "add", f"{addr}/24", "dev", "eth0")
         directory = tmp / "site"
         info = site.start(topo, directory)
@@ -91,7 +94,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             name="agent-bob",
             trusted_as=None,  # bob's own household: the site does not take its word
         )
-        yield Lab(topo, directory, info, fp)
+        dave_fp = site.add_agent(
+            topo,
+            directory,
+            Path(info.config),
+            addr=DAVE_AGENT,
+            user=DAVE,
+            pop=BOB_POP,
+            name="agent-dave",
+            trusted_as=None,
+            allow=False,
+        )
+        yield Lab(topo, directory, info, fp, dave_fp)
         pop.stop()
     finally:
         topo.destroy()
@@ -204,6 +218,12 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
         status, page, took = portal_login(g3, user, pw, agent)
         assert status >= 400 and message in page, (user, agent, status, page)
         assert took < 5.5
+    # a household that has not yet allowed this appliance: the visitor is told what to
+    # run at home, with this appliance's key (the agent lists it as pending meanwhile)
+    key = lab.appliance("agent-key").split()[0]
+    status, page, _ = portal_login(g3, DAVE[0], DAVE[1], f"{DAVE_AGENT}#{lab.dave_fingerprint}")
+    assert status == 403, (status, page)
+    assert f"personal-agent appliances allow {'-- ' if key.startswith('-') else ''}{key}" in page
     agents = [p for p in lab.topo.processes if p.name == "personal-agent-bob"]
     assert agents and agents[0].alive()
     agents[0].stop()
