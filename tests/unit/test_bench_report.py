@@ -225,4 +225,3 @@ def test_every_bar_names_its_peer_and_right_is_better(tmp_path: Path) -> None:
     row = br.Row("ttfb", "ms", 1, "haproxy", 2, 0.5, "ratio <= 0.8")
     bar = br.bars([("", row)])[0]
     assert bar.goodness == pytest.approx(2.0) and bar.target == pytest.approx(1.25)
-
