@@ -202,8 +202,11 @@ class SessionStore:
         mac: str,
         personal_servers: Mapping[str, str] | None = None,
         now: float | None = None,
+        max_seconds: float | None = None,
     ) -> Session:
-        """Start a session for (ip, mac); an earlier session on that ip or mac ends first."""
+        """Start a session for (ip, mac); an earlier session on that ip or mac ends first.
+        It lasts at most `max_seconds` (the deciding rule's session_max) and never longer
+        than the portal's session_max."""
         now = time.time() if now is None else now
         mac = mac.lower()
         for old in self._active_where("ip = ? OR mac = ?", (ip, mac)):
@@ -220,7 +223,7 @@ class SessionStore:
             created=now,
             last_seen=now,
             idle_expiry=now + self.idle,
-            absolute_expiry=now + self.maximum,
+            absolute_expiry=now + min(self.maximum, max_seconds or self.maximum),
         )
         attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in sess.attributes.items()}
         self.conn.execute(

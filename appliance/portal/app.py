@@ -437,6 +437,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             mac=mac,
             personal_servers=personal,
             now=d.clock(),
+            max_seconds=verdict.session_max,
         )
         portal.forget(ip)
         try:

@@ -28,6 +28,7 @@ class Verdict:
     allowed: bool
     reason: str
     rule: str | None = None
+    session_max: int | None = None  # the deciding rule's, in seconds (None: the portal's)
 
 
 # -- access rights (appliance.policy, built by the policy engineer) ---------------------
@@ -67,7 +68,7 @@ def may_use_network(config: Config, attributes: Attributes) -> Verdict:
         log.warning("access-rights module not in this build: login not checked against rules")
         return Verdict(True, "no access-rights table in this build", None)
     d = pol.access.may_use_network(attributes)
-    return Verdict(bool(d.allowed), str(d.reason), d.rule)
+    return Verdict(bool(d.allowed), str(d.reason), d.rule, d.session_max)
 
 
 def services(config: Config, attributes: Attributes) -> list[tuple[str, Verdict]] | None:

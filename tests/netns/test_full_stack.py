@@ -312,3 +312,33 @@ def test_a_browser_is_sent_to_the_portal_and_lands_on_the_origin(lab: Lab, artif
     assert "The internet, as seen through the site's web proxy." in str(seen["landed_body"])
     for name in ("e2e-browser-login.png", "e2e-browser-origin.png"):
         assert (artifacts / name).stat().st_size > 3000
+
+
+def test_a_rules_session_max_logs_the_user_out_on_time(lab: Lab) -> None:
+    """A rule's `session_max` (60 s here) ends the session, not only portal.session_max."""
+    conf = Path(lab.info.config)
+    access = conf.parent / "access.toml"
+    access.write_text(
+        access.read_text()
+        + '\n[[rules]]\nname = "short visits"\nmatch = { title = "short-visit" }\n'
+        'allow = ["http"]\nsession_max = 60\n'
+    )
+    subprocess.run(
+        [sys.executable, "-m", "appliance", "users", "add", "erin", "--attr", "title=short-visit",
+         "--password-stdin", "--config", str(conf)],
+        input="erin-pass\n", text=True, check=True, capture_output=True,
+    )  # fmt: skip
+    lab.appliance("reload")
+    g = lab.topo.add_guest()
+    ip = lab.address(g)
+    status, page, _ = portal_login(g, "erin", "erin-pass")
+    assert status == 200 and "erin" in page, page
+    s = session_for(lab, ip)
+    assert s is not None and s["user"] == "erin"
+    assert float(str(s["absolute_expiry"])) - float(str(s["created"])) == pytest.approx(60)
+    web = "http://www.example.com/"
+    assert "www.example.com" in g.run("curl", "-sS", "-m", "10", web, check=False).stdout
+    time.sleep(max(0.0, float(str(s["absolute_expiry"])) - time.time()) + 2)
+    assert session_for(lab, ip) is None  # ended on time, by the store's own clock
+    out = g.run("curl", "-sS", "-i", "-m", "10", web, check=False).stdout
+    assert out.startswith("HTTP/1.1 511"), out[:200]  # the relay sends erin to log in again
