@@ -311,6 +311,21 @@ class Reader:
             return value
         return tuple(self._parse_network(key, v) for v in value)
 
+    def any_network_list(self, key: str, default: Any = _MISSING) -> Any:
+        """An array of IPv4 and IPv6 networks (host bits must be zero: a typo, else)."""
+        value = self.text_list(key, default)
+        if value is default:
+            return value
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for v in value:
+            try:
+                out.append(ipaddress.ip_network(v))
+            except ValueError:
+                raise self.error(
+                    key, f"{v!r} is not a network like 198.51.100.0/24 or 2001:db8:5::/48"
+                ) from None
+        return tuple(out)
+
     def _parse_network(self, key: str, value: str) -> ipaddress.IPv4Network:
         try:
             return ipaddress.IPv4Network(value)
