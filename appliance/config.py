@@ -15,6 +15,9 @@ from appliance.tomlfile import ConfigError, Reader, TomlFile
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 CAPTIVE_API_PATH = "/api/captive"
+PORTAL_THREADS = 8
+"""Worker threads of each portal server (waitress, cheroot): the agent-login caps stay
+below it, so a page always has a thread left."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,12 @@ class PortalConfig:
     hostname: str
     session_idle: int
     session_max: int
+    # nftables' cap on one guest address's open connections to the portal's ports
+    connections_per_guest: int = 32
+    # agent logins in progress at once: per guest address, and in all (each holds one of
+    # the PORTAL_THREADS worker threads until the agent answers or its deadline passes)
+    agent_logins_per_guest: int = 2
+    agent_logins_total: int = 4
 
     def base_url(self, guest_ip: ipaddress.IPv4Address) -> str:
         if self.https_port and self.tls_certificate:
@@ -104,6 +113,9 @@ class ProxyConfig:
     identity_header: str | None
     connect_ports: tuple[int, ...] = (443,)
     workers: int = 0  # relay processes on the same ports; 0: one per core
+    max_connections: int = 256  # per guest and service, where a rule sets no max_connections
+    # nftables' cap on one guest address's open connections to the proxies' ports
+    connections_per_guest: int = 256
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,7 @@ class Policies:
     access: Path
     users: Path
     admins: Path
+    agents: Path  # trusted agents; a missing file trusts no agent
 
 
 @dataclass(frozen=True)
@@ -259,7 +272,12 @@ def _portal(r: Reader) -> PortalConfig:
         hostname=r.text("hostname", "portal.guest.example"),
         session_idle=r.integer("session_idle", 1800, 60, 30 * 86400),
         session_max=r.integer("session_max", 86400, 60, 365 * 86400),
+        connections_per_guest=r.integer("connections_per_guest", 32, 4, 1000),
+        agent_logins_per_guest=r.integer("agent_logins_per_guest", 2, 1, PORTAL_THREADS - 1),
+        agent_logins_total=r.integer("agent_logins_total", 4, 1, PORTAL_THREADS - 1),
     )
+    if cfg.agent_logins_per_guest > cfg.agent_logins_total:
+        raise r.error("agent_logins_per_guest", "must not be more than agent_logins_total")
     if (cert is None) != (key is None):
         raise r.error(
             "tls_key" if key is None else "tls_certificate",
@@ -291,6 +309,8 @@ def _proxy(r: Reader) -> ProxyConfig:
         identity_header=r.text("identity_header", None),
         connect_ports=_port_list(r, "connect_ports", (443,)),
         workers=r.integer("workers", 0, lo=0, hi=64),
+        max_connections=r.integer("max_connections", 256, lo=1, hi=1_000_000),
+        connections_per_guest=r.integer("connections_per_guest", 256, 4, 65535),
     )
     r.finish()
     return cfg
@@ -318,6 +338,7 @@ def _policies(r: Reader) -> Policies:
         access=r.filepath("access", "access.toml"),
         users=r.filepath("users", "users.toml"),
         admins=r.filepath("admins", "admins.toml"),
+        agents=r.filepath("agents", None) or r.file.path.parent.resolve() / "agents.toml",
     )
     for key in ("servers", "access"):
         p = getattr(cfg, key)

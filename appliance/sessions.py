@@ -38,7 +38,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     user TEXT NOT NULL,
-    source TEXT NOT NULL,            -- "site" or "agent:<host>"
+    source TEXT NOT NULL,            -- "site" or "agent:<agent id>" (user is then user@<id>)
     attributes TEXT NOT NULL,        -- JSON object
     personal_servers TEXT NOT NULL,  -- JSON object: service -> "host:port"
     ip TEXT NOT NULL,

@@ -335,9 +335,9 @@ class Reader:
             ) from None
 
     def filepath(self, key: str, default: Any = _MISSING) -> Any:
-        """A path; relative paths are taken from the directory of the file."""
+        """A path; relative paths (a default's too) are taken from the directory of the file."""
         value = self.text(key, default)
-        if value is default:
+        if value is None or value is _MISSING:
             return value
         p = Path(value)
         return p if p.is_absolute() else (self.file.path.parent / p).resolve()

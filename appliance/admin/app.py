@@ -1,4 +1,5 @@
-"""The admin web app (flask): login, access-rights grid, server-info, sessions, audit log.
+"""The admin web app (flask): login, access-rights grid, server-info, trusted agents,
+sessions, audit log.
 
 Every POST carries a CSRF token bound to the browser's session; the session cookie is
 HttpOnly, SameSite=Strict, and Secure when `[admin] secure_cookie` is set (the pages
@@ -25,7 +26,7 @@ from typing import Any
 from flask import Flask, Response, abort, redirect, render_template, request, session, url_for
 from jinja2 import DictLoader
 
-from appliance import store
+from appliance import store, trusted_agents
 from appliance.admin import accounts, audit, grid
 from appliance.admin.files import Conflict, read_versioned, save_if_unchanged
 from appliance.admin.logins import AdminLogins
@@ -39,6 +40,14 @@ log = logging.getLogger("appliance.admin")
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_WINDOW = 300.0
 LOGIN_LIFETIME = timedelta(minutes=30)
+_AGENTS_TEMPLATE = """# Trusted personal agents: the attribute keys each may assert.
+# A login through any agent not listed here carries only source = "agent" and agent = <host>.
+#
+# [agents."corp.example"]          # its users log in as user@corp.example
+# fingerprints = ["sha256:..."]    # `personal-agent fingerprint` on that agent
+# domains = ["agent.corp.example"] # or: a CA-verified certificate for this name
+# attributes = ["department", "role"]
+"""
 
 
 def session_store(config: Config) -> Any:
@@ -270,6 +279,63 @@ def create_app(
             return page("servers.html", 409, text=text, version=now_version, conflict=str(exc))
         changed(path, "edit server info", old_text, text)
         return redirect(url_for("servers_page", saved=1))
+
+    # -- trusted agents -----------------------------------------------------
+    @app.get("/agents")
+    def agents_page() -> Any:
+        path = config.policies.agents
+        text, version = read_versioned(path)
+        if not text:
+            text = _AGENTS_TEMPLATE
+        try:
+            table = trusted_agents.parse_text(text, path)
+        except ConfigError as exc:  # show the text anyway, so it can be repaired here
+            return page("agents.html", text=text, version=version, error=str(exc))
+        return page(
+            "agents.html",
+            text=text,
+            version=version,
+            agents=table.agents,
+            saved=request.args.get("saved"),
+        )
+
+    @app.post("/agents")
+    def agents_save() -> Any:
+        path = config.policies.agents
+        old_text, _ = read_versioned(path)
+        text = request.form.get("text", "").replace("\r\n", "\n")
+        version = request.form.get("version", "")
+        try:
+            new_table = trusted_agents.parse_text(text, path)
+            save_if_unchanged(path, text, version)
+        except ConfigError as exc:
+            return page("agents.html", 400, text=text, version=version, error=str(exc))
+        except Conflict as exc:
+            _, now_version = read_versioned(path)
+            return page("agents.html", 409, text=text, version=now_version, conflict=str(exc))
+        changed(path, "edit trusted agents", old_text, text)
+        end_untrusted_sessions(old_text, new_table)
+        return redirect(url_for("agents_page", saved=1))
+
+    def end_untrusted_sessions(old_text: str, new_table: trusted_agents.AgentTable) -> None:
+        """Sessions holding attributes the new table no longer gives their agent end now
+        (the visitor logs in again and gets what the new table gives)."""
+        try:
+            old_table: trusted_agents.AgentTable | None = trusted_agents.parse_text(
+                old_text, config.policies.agents
+            )
+        except ConfigError:
+            old_table = None
+        store = session_list()
+        if store is None:
+            return
+        for s in store.list():
+            source, attrs = str(getattr(s, "source", "")), getattr(s, "attributes", {})
+            why = f"trust in {source} changed by admin {admin()}"
+            if trusted_agents.no_longer_vouched(old_table, new_table, source, attrs) and store.end(
+                s.id, why
+            ):
+                audit.record(config, admin(), "end session", f"{s.user} {s.ip} {s.mac}")
 
     # -- sessions -----------------------------------------------------------
     per_thread = threading.local()

@@ -15,6 +15,7 @@ point the proxy into the hidden segment.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -63,6 +64,9 @@ class AgentAnswer:
     attributes: Mapping[str, str | tuple[str, ...]]
     servers: Mapping[str, str]
     agent: str = ""  # "host:port" the answer came from, for Session.source "agent:<host>"
+    # what the appliance verified about the agent (the trusted-agents table matches on it):
+    fingerprint: str = ""  # of the certificate it presented
+    verified_name: str = ""  # the host its certificate verified for under the CAs; "" if pinned
 
 
 class AgentError(Exception):
@@ -474,8 +478,12 @@ def authenticate(config: Config, agent_spec: str, password: str) -> AgentAnswer:
     body = json.dumps({"user": spec.user, "password": password}).encode("utf-8")
     tls, _addr = _connect(config, spec, deadline)
     with tls:
+        seen = wire.fingerprint(tls.getpeercert(binary_form=True) or b"")
         status, answer = _exchange(tls, spec, key, body, deadline)
-    return _interpret(config, spec, status, answer, wire.public_key_id(key.public_key()), deadline)
+    ans = _interpret(config, spec, status, answer, wire.public_key_id(key.public_key()), deadline)
+    # without a pin the default context checked the certificate against the CAs for spec.host
+    verified = "" if spec.fingerprint else spec.host
+    return dataclasses.replace(ans, fingerprint=seen, verified_name=verified)
 
 
 __all__ = [

@@ -28,7 +28,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from appliance import accounts, store
 from appliance.config import CAPTIVE_API_PATH, Config
 from appliance.portal import gates, i18n, pages
-from appliance.portal.security import Csrf, RateLimiter
+from appliance.portal.security import Csrf, InFlight, RateLimiter, ReturnUrls
 from appliance.sessions import Session, SessionStore
 from dhcp import leases
 
@@ -37,6 +37,13 @@ API_CACHE_SECONDS = 1.0
 API_CACHE_MAX = 4096
 
 MacLookup = Callable[[str], str | None]
+
+AGENT_NOT_REACHED = frozenset(
+    {"unreachable", "timeout", "bad_certificate", "bad_answer", "bad_address"}
+)
+"""Agent failures the visitor sees as one message: closed, filtered, not TLS, TLS but not
+an agent, or an address the appliance will not contact.  Told apart, they made the login
+form a port scanner of whatever the appliance reaches; the log keeps the real reason."""
 
 
 @dataclass
@@ -51,6 +58,8 @@ class Deps:
     mac_of: MacLookup | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
     csrf: Csrf = field(default_factory=Csrf)
+    return_urls: ReturnUrls = field(default_factory=ReturnUrls)
+    agent_logins: InFlight | None = None  # None: the caps of config.portal
     clock: Callable[[], float] = time.time
     authorize: Callable[[str, str], None] | None = None
     revoke: Callable[[str, str], None] | None = None
@@ -63,6 +72,10 @@ def real_deps(config: Config, deps: Deps | None = None) -> Deps:
     from appliance.sessions import firewall_revoke
 
     d = deps or Deps()
+    if d.agent_logins is None:
+        d.agent_logins = InFlight(
+            config.portal.agent_logins_per_guest, config.portal.agent_logins_total
+        )
     if d.mac_of is None:
         d.mac_of = lambda ip: gates.neighbour_mac(config.interfaces.guest, ip)
     if d.authorize is None:
@@ -172,6 +185,11 @@ def _safe_url(url: str | None) -> str:
     return url
 
 
+def _printable(text: str) -> bool:
+    """No line breaks or other control characters: such a user id would forge log lines."""
+    return text.isprintable()
+
+
 def create_app(config: Config, deps: Deps | None = None) -> Flask:
     portal = Portal(config, deps)
     d = portal.deps
@@ -270,6 +288,8 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 link=portal.base_url + "/status",
                 link_text=i18n.text(_lang(), "status_heading"),
             )
+        if original:
+            d.return_urls.remember(ip, original)
         if probe or _wants_html():
             return redirect(login_url(original), 302)
         body = render(
@@ -280,6 +300,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             link=login_url(original),
             link_text=i18n.text(_lang(), "login"),
         )
+        body.status = "511 Network Authentication Required"  # RFC 6585's words, not werkzeug's
         body.headers["Link"] = f'<{portal.base_url}{CAPTIVE_API_PATH}>; rel="captive-portal"'
         return body
 
@@ -288,9 +309,14 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
         ip = request.remote_addr or ""
         return redirect("/status" if portal.current(ip) else "/login", 302)
 
+    def return_url(url: str | None) -> str:
+        """`url` when this guest was captured on it (see `ReturnUrls`), else ""."""
+        url = _safe_url(url)
+        return url if url and d.return_urls.allowed(request.remote_addr or "", url) else ""
+
     @app.get("/login")
     def login_form() -> BaseResponse:
-        url = _safe_url(request.args.get("url"))
+        url = return_url(request.args.get("url"))
         if portal.current(request.remote_addr or ""):
             return redirect("/status" + ("?url=" + quote(url, safe="") if url else ""), 302)
         return render(pages.LOGIN, url=url, user="", agent="", error=None, notice=None)
@@ -302,7 +328,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
         user = request.form.get("user", "").strip()[:128]
         password = request.form.get("password", "")[:1024]
         agent = request.form.get("agent", "").strip()[:256]
-        url = _safe_url(request.form.get("url"))
+        url = return_url(request.form.get("url"))
 
         def refuse(key: str, status: int, **kw: object) -> Response:
             return render(
@@ -319,7 +345,14 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             return refuse("err_csrf", 400)
         if not user or not password:
             return refuse("err_missing", 400)
-        keys = (f"ip:{ip}", f"user:{user.lower()}")
+        if not (_printable(user) and _printable(agent)):
+            log.warning("login from %s refused: control characters in the user or agent field", ip)
+            user, agent = "", ""  # not echoed back either
+            return refuse("err_characters", 400)
+        # per user id: an agent login's failures count for user@agent, never for the site
+        # account of the same name (which a visitor's own agent could otherwise lock out)
+        agent_host = agent.rpartition("@")[2].split("#")[0].lower().rstrip(".")
+        keys = (f"ip:{ip}", f"user:{user.lower()}" + (f"@{agent_host}" if agent else ""))
         wait = max(d.limiter.retry_after(k) for k in keys)
         if wait:
             log.warning("login from %s as %s refused: rate limit (%d s)", ip, user, wait)
@@ -342,8 +375,8 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 return failed("wrong user id or password (site account)")
             who, source, attrs = account.user, "site", dict(account.attributes)
         else:
-            # The agent is named in the agent field only ("home.example" or, as the agent's
-            # README shows, "alice@home.example"), so the session names the agent that
+            # The agent is named in the agent field only ("home.example" or, as
+            # docs/design.md shows, "alice@home.example"), so the session names the agent that
             # really vouched for the user.
             if "@" in agent:
                 agent_user, agent = agent.rsplit("@", 1)
@@ -353,23 +386,33 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             if "@" in user or not agent:
                 return refuse("err_credentials", 400)
             spec = f"{user}@{agent}"
+            assert d.agent_logins is not None
+            if not d.agent_logins.take(ip):
+                # each one waits on the network holding a worker thread: a guest naming a
+                # tarpit again and again would otherwise hold every thread of the portal
+                log.warning(
+                    "login from %s as %s via agent %s refused: too many agent logins in progress",
+                    ip,
+                    user,
+                    agent,
+                )
+                return refuse("err_busy", 429)
             try:
                 ans = gates.agent_authenticate(config, spec, password)
             except gates.AgentFailure as exc:
-                if exc.code in ("unknown_user", "bad_password"):
-                    for k in keys:
-                        d.limiter.fail(k)
+                for k in keys:  # every failure counts, or the form scans the network unthrottled
+                    d.limiter.fail(k)
                 log.warning(
                     "login from %s as %s via agent %s failed: %s", ip, user, agent, exc.code
                 )
-                key = f"agent_{exc.code}" if f"agent_{exc.code}" in i18n.MESSAGES else "agent_other"
-                if exc.code == "unavailable":
-                    key = "err_agent_unavailable"
-                return refuse(key, 401 if exc.code in ("unknown_user", "bad_password") else 502)
-            host = agent.split("#")[0]
+                return refuse(*_agent_refusal(exc.code))
+            finally:
+                d.agent_logins.release(ip)
+            # ans.user is "user@agent" and ans.attributes only what the site takes from
+            # this agent (gates / trusted_agents)
             who, source, attrs, personal = (
                 ans.user,
-                f"agent:{host}",
+                f"agent:{ans.agent}",
                 dict(ans.attributes),
                 dict(ans.servers),
             )
@@ -432,7 +475,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             via=via,
             left=i18n.duration(lang, sess.seconds_remaining(now)),
             services=d.service_list(sess.attributes) if d.service_list else None,
-            url=_safe_url(request.args.get("url")),
+            url=return_url(request.args.get("url")),
             notice=notice,
         )
 
@@ -462,6 +505,18 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
 
     app.wsgi_app = CaptiveApi(app.wsgi_app, portal)  # type: ignore[method-assign]
     return app
+
+
+def _agent_refusal(code: str) -> tuple[str, int]:
+    """The message key and HTTP status a visitor gets for an agent failure `code`."""
+    if code in ("unknown_user", "bad_password"):
+        return f"agent_{code}", 401
+    if code == "unavailable":
+        return "err_agent_unavailable", 502
+    if code in AGENT_NOT_REACHED:
+        return "agent_not_reached", 502
+    key = f"agent_{code}"
+    return (key if key in i18n.MESSAGES else "agent_other"), 502
 
 
 _API_HEADERS = [

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from appliance import trusted_agents
+from appliance.agent import wire
 from appliance.config import Config
 
 log = logging.getLogger("appliance.portal")
@@ -108,9 +110,11 @@ def firewall_available() -> bool:
 # -- personal agent (appliance.agent.client, built by the agent engineer) -----------------
 @dataclass(frozen=True)
 class AgentResult:
-    user: str
-    attributes: Attributes
+    user: str  # "user@agent": the agent's word is never taken for a site user id
+    attributes: Attributes  # what the trusted-agents table lets this agent assert, + source/agent
     servers: Mapping[str, str]
+    agent: str = ""  # the agent's id: its trusted-agents entry, or the host as typed
+    trusted: bool = False
 
 
 class AgentFailure(Exception):
@@ -120,8 +124,26 @@ class AgentFailure(Exception):
         self.message = message
 
 
+_trust: trusted_agents.LiveTable | None = None
+_trust_lock = threading.Lock()
+
+
+def trust_table(config: Config) -> trusted_agents.AgentTable:
+    """The trusted-agents table in force (re-read when its file changes)."""
+    global _trust
+    with _trust_lock:
+        if _trust is None or _trust.path != config.policies.agents:
+            _trust = trusted_agents.LiveTable(config.policies.agents)
+        live = _trust
+    return live.current()
+
+
 def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
-    """Ask the visitor's personal agent; AgentFailure(code) on any refusal or fault."""
+    """Ask the visitor's personal agent; AgentFailure(code) on any refusal or fault.
+
+    The answer is then cut down to what the site takes from that agent (see
+    appliance.trusted_agents): the user id becomes user@agent, and attributes only
+    pass from an agent the trusted-agents table names, and only its listed keys."""
     try:
         from appliance.agent import client  # type: ignore[import-not-found,attr-defined,unused-ignore]
     except ImportError as exc:
@@ -130,7 +152,32 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
         ans = client.authenticate(config, spec, password)
     except client.AgentError as exc:
         raise AgentFailure(str(exc.code), str(exc.message)) from None
-    return AgentResult(str(ans.user), dict(ans.attributes), dict(ans.servers))
+    where = str(getattr(ans, "agent", "") or spec.split("#")[0].rpartition("@")[2])
+    try:
+        host, port = wire.parse_hostport(where, config.agent.default_port)
+    except ValueError:
+        raise AgentFailure("bad_address", f"not an agent address: {where}") from None
+    try:
+        v = trust_table(config).vouch(
+            str(ans.user),
+            dict(ans.attributes),
+            host,
+            port,
+            config.agent.default_port,
+            str(getattr(ans, "fingerprint", "") or ""),
+            str(getattr(ans, "verified_name", "") or ""),
+        )
+    except trusted_agents.NotThatAgent as exc:
+        log.warning("agent login refused: %s", exc)
+        raise AgentFailure("bad_certificate", str(exc)) from None
+    if v.dropped:
+        log.info(
+            "agent %s (%s): attributes not taken from it: %s",
+            v.agent,
+            "trusted" if v.trusted else "not trusted",
+            ", ".join(v.dropped),
+        )
+    return AgentResult(v.user, v.attributes, dict(ans.servers), v.agent, v.trusted)
 
 
 # -- the kernel's neighbour table (which MAC is behind a guest address) ------------------

@@ -2,7 +2,7 @@
 `proxy.workers` forked ones on the same ports (workers.py).
 
 uvloop is used when importable (the benchmark in tests/bench/test_relay_bench.py
-measured it against the stock loop; see README "Services").  SIGHUP reloads the
+measured it against the stock loop; see docs/design.md "The relay").  SIGHUP reloads the
 tables through the gate; the relay's subscriber then closes connections the new
 tables no longer allow.  SIGTERM closes listeners and open connections.
 """
@@ -29,7 +29,7 @@ from appliance.proxy.relay import Relay
 from appliance.proxy.workers import run_workers, worker_count
 
 log = logging.getLogger("appliance.proxy")
-# raw sockets (copy, then splice(2) for bulk) for tcp, SMTP and POP3: README "Services"
+# raw sockets (copy, then splice(2) for bulk) for tcp, SMTP and POP3: docs/design.md "The relay"
 SPLICE_DEFAULT = True
 
 
@@ -68,6 +68,7 @@ async def serve(
     connect_ports: tuple[int, ...] = (443,),
     counts: Counts | None = None,
     reuse_port: bool = False,
+    max_connections: int = 256,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -80,6 +81,7 @@ async def serve(
         connect_ports=connect_ports,
         counts=counts,
         reuse_port=reuse_port,
+        max_connections=max_connections,
     )
     await relay.start(host)
     loop = asyncio.get_running_loop()
@@ -173,6 +175,7 @@ def main(config: Any) -> int:
         identity_header=config.proxy.identity_header,
         hidden=guest_hidden(config),
         connect_ports=config.proxy.connect_ports,
+        max_connections=config.proxy.max_connections,
     )
 
 
@@ -196,6 +199,12 @@ def static_main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         help="a port CONNECT may reach (repeat; default 443)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="per user and service where the table sets none (default 256)",
     )
     p.add_argument(
         "--splice",
@@ -233,4 +242,5 @@ def static_main(argv: list[str] | None = None) -> int:
         hidden=hidden,
         splice=args.splice,
         connect_ports=tuple(args.connect_port or (443,)),
+        max_connections=args.max_connections,
     )

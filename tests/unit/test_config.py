@@ -99,6 +99,7 @@ def test_example_matches_the_address_plan() -> None:
         ),
         ("workers = 0 ", "workers = -1 ", "proxy.workers", "-1"),
         ("workers = 0 ", 'workers = "all" ', "proxy.workers", "expected an integer"),
+        ("max_connections = 256 ", "max_connections = 0 ", "proxy.max_connections", "0"),
     ],
 )
 def test_each_mistake_names_file_line_and_key(
@@ -183,3 +184,16 @@ def test_check_config_rejects_with_exit_2_and_no_traceback(tmp_path: Path) -> No
         i for i, t in enumerate(path.read_text().splitlines(), 1) if t.startswith("port = 0 ")
     )
     assert f"{path}:{line}: admin.port: 0 is out of range 1..65535" in proc.stderr
+
+
+def test_check_config_with_default_table_paths(tmp_path: Path) -> None:
+    """[policies] without users/admins: the defaults, beside the config file."""
+    text = variant(tmp_path, 'users = "users.toml"', "").read_text()
+    path = tmp_path / "appliance.toml"
+    path.write_text(text.replace('admins = "admins.toml"', "", 1))
+    proc = run_cli("check-config", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    cfg = load(path)
+    assert cfg.policies.users == tmp_path / "users.toml"
+    assert cfg.policies.admins == tmp_path / "admins.toml"
