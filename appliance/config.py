@@ -28,6 +28,9 @@ class Interfaces:
     uplink_address: ipaddress.IPv4Interface | None
     management_address: ipaddress.IPv4Address
     hidden_networks: tuple[ipaddress.IPv4Network, ...]
+    # the IPv6 ones of `hidden_networks` (guests have no IPv6, but the proxy and the
+    # agent client do where the uplink has it: see appliance/reach.py)
+    hidden_networks6: tuple[ipaddress.IPv6Network, ...] = ()
 
     @property
     def guest_subnet(self) -> ipaddress.IPv4Network:
@@ -152,14 +155,19 @@ class Config:
     policies: Policies
     state: StateConfig
 
-    def hidden(self, address: ipaddress.IPv4Address) -> bool:
-        """True when a guest must never see this address (segment and listed networks)."""
+    def hidden(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """True when the address is in a hidden network (the segment and the listed ones);
+        appliance.reach.forbidden is the whole verdict (special ranges, IPv6 forms)."""
+        if isinstance(address, ipaddress.IPv6Address):
+            return any(address in net for net in self.interfaces.hidden_networks6)
         return any(address in net for net in self.interfaces.hidden_networks)
 
 
 def _interfaces(r: Reader) -> Interfaces:
     uplink_address = r.interface("uplink_address", None)
-    hidden = list(r.network_list("hidden_networks", ()))
+    listed = r.any_network_list("hidden_networks", ())
+    hidden = [n for n in listed if isinstance(n, ipaddress.IPv4Network)]
+    hidden6 = tuple(n for n in listed if isinstance(n, ipaddress.IPv6Network))
     if uplink_address is not None and uplink_address.network not in hidden:
         hidden.insert(0, uplink_address.network)
     out = Interfaces(
@@ -169,6 +177,7 @@ def _interfaces(r: Reader) -> Interfaces:
         uplink_address=uplink_address,
         management_address=r.ip("management_address"),
         hidden_networks=tuple(hidden),
+        hidden_networks6=hidden6,
     )
     for net in out.hidden_networks:
         if net.overlaps(out.guest_subnet):

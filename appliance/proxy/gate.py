@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from appliance import reach
+
 log = logging.getLogger("appliance.proxy.gate")
 
 RefusalKind = Literal["login", "denied", "limit", "unavailable"]
@@ -67,7 +69,8 @@ class Listener:
 class Admission:
     user: str
     rule: str | None
-    upstreams: tuple[Upstream, ...]  # in order: personal first where allowed, then fallbacks
+    # in order: the site's server, then its fallbacks; or the visitor's personal one alone
+    upstreams: tuple[Upstream, ...]
     max_connections: int | None = None
     identity: str | None = None  # value of the identity header, when configured
     session: str | None = None  # the session id: its end closes the connection
@@ -147,8 +150,18 @@ class StaticGate:
         ups: list[Upstream] = []
         personal = user.get("personal", {})
         if service in personal and service in self.table.get("personal_allowed", ()):
+            why = personal_problem(str(personal[service]))
+            if why is not None:
+                return Refusal("denied", f"your personal {service} server {why}", portal, name)
             host, port = _split(personal[service])
-            ups.append(Upstream(f"{service}/personal", host, port))
+            return Admission(
+                name,
+                rule,
+                (Upstream(f"{service}/personal", host, port),),
+                user.get("max_connections"),
+                user.get("identity", name),
+                user.get("session"),
+            )
         for i, spec in enumerate(self.table.get("servers", {}).get(service, ())):
             host, port = _split(spec)
             ups.append(Upstream(f"{service}/site" + (f"#{i + 1}" if i else ""), host, port))
@@ -182,6 +195,23 @@ class StaticGate:
 def _split(spec: str) -> tuple[str, int]:
     host, _, port = spec.rpartition(":")
     return host, int(port)
+
+
+def personal_problem(text: str, interfaces: Any = None) -> str | None:
+    """Why the relay cannot use a personal server "address:port" (from the visitor's
+    agent), as words for the visitor without the address; None: it can.  Such a server
+    is refused, never replaced by the site's: that would hand the visitor's home
+    credentials to the site.  `interfaces` (config.interfaces) adds appliance.reach's
+    verdict; the agent client checked it at login, this is the seam's own check."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") or ":" in host:
+        return "is an IPv6 server, and this appliance relays to IPv4 servers only"
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return "is not address:port"
+    if not is_ipv4(host):
+        return "is not an IPv4 address (a name is resolved at login, not later)"
+    why = reach.forbidden(interfaces, host) if interfaces is not None else None
+    return None if why is None else f"may not be used here (it is {why})"
 
 
 def _arp_mac(ip: str) -> str | None:
@@ -273,8 +303,25 @@ class PolicyGate:
         if not decision.allowed:
             return Refusal("denied", decision.reason, portal, session.user, decision.rule)
         name = "http" if service == "connect" else service
-        endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
         personal = session.personal_servers.get(name)
+        svc = services.get(name)
+        if personal is not None and svc is not None and svc.personal_allowed:
+            # the visitor's own server or nothing: never the site's in its place
+            why = personal_problem(personal, self.config.interfaces)
+            if why is None:
+                endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
+                if [f"{ep.host}:{ep.port}" for ep in endpoints] != [personal]:
+                    why = "is not accepted by the server table"
+            if why is not None:
+                log.warning(
+                    "session %s: personal %s server refused, the site's not used instead: %s",
+                    session.id[:8],
+                    name,
+                    why,
+                )
+                return Refusal("denied", f"your personal {name} server {why}", portal, session.user)
+        else:
+            endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
         ups = []
         for i, ep in enumerate(endpoints):
             where = "personal" if personal == f"{ep.host}:{ep.port}" else "site"

@@ -37,9 +37,15 @@ class FakePolicy:
     @property
     def servers(self) -> Any:
         svc = {
-            "smtp": SimpleNamespace(name="smtp", protocol="smtp", listen_port=2525),
-            "pop3": SimpleNamespace(name="pop3", protocol="pop3", listen_port=1110),
-            "http": SimpleNamespace(name="http", protocol="http", listen_port=8081),
+            "smtp": SimpleNamespace(
+                name="smtp", protocol="smtp", listen_port=2525, personal_allowed=False
+            ),
+            "pop3": SimpleNamespace(
+                name="pop3", protocol="pop3", listen_port=1110, personal_allowed=True
+            ),
+            "http": SimpleNamespace(
+                name="http", protocol="http", listen_port=8081, personal_allowed=False
+            ),
         }
 
         def upstreams_for(service: str, personal: Mapping[str, str]) -> tuple[Endpoint, ...]:
@@ -84,7 +90,14 @@ def config(identity: str | None = None) -> Any:
     return SimpleNamespace(
         proxy=SimpleNamespace(explicit_http_port=3128, identity_header=identity),
         portal=SimpleNamespace(base_url=lambda ip: f"http://{ip}"),
-        interfaces=SimpleNamespace(guest_ip=ipaddress.IPv4Address("192.168.1.1")),
+        interfaces=SimpleNamespace(
+            guest_ip=ipaddress.IPv4Address("192.168.1.1"),
+            guest_subnet=ipaddress.IPv4Network("192.168.1.0/24"),
+            management_address=ipaddress.IPv4Address("198.51.100.1"),
+            uplink_address=ipaddress.IPv4Interface("198.51.100.1/24"),
+            hidden_networks=(ipaddress.IPv4Network("198.51.100.0/24"),),
+            hidden_networks6=(ipaddress.IPv6Network("2001:db8:5::/48"),),
+        ),
     )
 
 
@@ -123,3 +136,26 @@ def test_policy_gate_admits_refuses_and_names_upstreams() -> None:
     gate.subscribe(lambda: changed.append(1))
     gate.reload()
     assert changed == [1]
+
+
+@pytest.mark.parametrize(
+    ("personal", "words"),
+    [
+        ("[2001:db8:113::3]:110", "IPv6 server"),
+        ("198.51.100.3:110", "hidden from guests"),
+        ("192.168.1.9:110", "guest subnet"),
+        ("home.example:110", "not an IPv4 address"),
+        ("203.0.113.3", "not address:port"),
+    ],
+)
+def test_an_unusable_personal_server_is_a_refusal_with_its_reason(
+    personal: str, words: str
+) -> None:
+    policy = FakePolicy({"Sales 1": {"smtp", "pop3"}})
+    store = FakeSessions({"192.168.1.11": session("alice", "Sales 1", {"pop3": personal})})
+    gate = PolicyGate(config(), policy, store)
+    r = gate.admit("192.168.1.11", "pop3")
+    assert isinstance(r, Refusal) and r.kind == "denied" and r.user == "alice"
+    assert words in r.reason and "198.51.100" not in r.reason and "2001:" not in r.reason
+    a = gate.admit("192.168.1.11", "smtp")  # not a personal service: the site's server
+    assert isinstance(a, Admission) and a.upstreams[0].host == "198.51.100.3"
