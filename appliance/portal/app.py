@@ -27,6 +27,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from appliance import accounts, store
 from appliance.config import CAPTIVE_API_PATH, Config
+from appliance.neighbours import neighbour_mac
 from appliance.portal import gates, i18n, pages
 from appliance.portal.security import Csrf, InFlight, RateLimiter, ReturnUrls
 from appliance.sessions import Session, SessionStore
@@ -77,7 +78,7 @@ def real_deps(config: Config, deps: Deps | None = None) -> Deps:
             config.portal.agent_logins_per_guest, config.portal.agent_logins_total
         )
     if d.mac_of is None:
-        d.mac_of = lambda ip: gates.neighbour_mac(config.interfaces.guest, ip)
+        d.mac_of = lambda ip: neighbour_mac(config.interfaces.guest, ip)
     if d.authorize is None:
         d.authorize = lambda ip, mac: gates.authorize(config, ip, mac)
     if d.revoke is None:

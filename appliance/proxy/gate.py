@@ -10,7 +10,6 @@ its tests stand alone while those modules are built in parallel.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from appliance import reach
+from appliance.neighbours import neighbour_mac
 
 log = logging.getLogger("appliance.proxy.gate")
 
@@ -214,16 +214,6 @@ def personal_problem(text: str, interfaces: Any = None) -> str | None:
     return None if why is None else f"may not be used here (it is {why})"
 
 
-def _arp_mac(ip: str) -> str | None:
-    """The MAC the kernel has for a guest address (None when not in the neighbour table)."""
-    with contextlib.suppress(OSError), open("/proc/net/arp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if len(parts) >= 4 and parts[0] == ip and parts[3] != "00:00:00:00:00:00":
-                return parts[3].lower()
-    return None
-
-
 class PolicyGate:
     """The appliance's gate: `SessionStore.lookup_ip` + `Policy` (access.decide, upstreams_for).
 
@@ -239,10 +229,18 @@ class PolicyGate:
     # cache can miss for CACHE_TTL is a lease lapse not yet turned into an end.
     CACHE_TTL = 1.0
 
-    def __init__(self, config: Any, policy: Any = None, sessions: Any = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        policy: Any = None,
+        sessions: Any = None,
+        neighbour: Callable[[str], str | None] | None = None,
+    ) -> None:
         import importlib
 
         self.config = config
+        # the MAC behind a guest address (None: no complete entry on the guest interface)
+        self.neighbour = neighbour or functools.partial(neighbour_mac, config.interfaces.guest)
         if policy is None:
             # lazy, by name: these modules are built in parallel and wired by the lead
             policy = importlib.import_module("appliance.policy").Policy.load(config)
@@ -286,8 +284,9 @@ class PolicyGate:
         session, mac, answers = self._lookup(src_ip)
         if session is None:
             return Refusal("login", "not logged in", self.portal_url())
-        if mac is not None and mac != session.mac.lower():
-            log.warning("session of %s is bound to another MAC; refused", src_ip)
+        if mac is None or mac != session.mac.lower():
+            # no neighbour entry is no proof either: the session binds (IP, MAC), not IP
+            log.warning("session of %s is bound to another MAC (or none seen); refused", src_ip)
             return Refusal("login", "address not bound to this device", self.portal_url())
         self._touch(session.id)
         answer = answers.get(service)
@@ -350,7 +349,7 @@ class PolicyGate:
         if session is None:
             self._cache.pop(ip, None)
             return None, None, {}
-        mac = _arp_mac(ip)
+        mac = self.neighbour(ip)
         if len(self._cache) > 10000:
             self._cache.clear()
         answers: dict[str, Admission | Refusal] = {}

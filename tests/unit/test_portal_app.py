@@ -348,6 +348,7 @@ def test_access_rights_gate_the_login_and_explain_the_services(
                 rule="sales" if ok else None,
                 reason="rule sales" if ok else "no rule matches",
                 max_connections=None,
+                session_max=None,
             )
 
         def decide(self, attrs: Any, service: str) -> Any:
@@ -357,6 +358,7 @@ def test_access_rights_gate_the_login_and_explain_the_services(
                 rule="sales",
                 reason=f"rule sales {'allows' if ok else 'omits'} it",
                 max_connections=None,
+                session_max=None,
             )
 
     pol = SimpleNamespace(
@@ -447,7 +449,8 @@ def test_a_visitors_own_agent_is_not_taken_at_its_word(
         portal=site.cfg.portal,
         interfaces=site.cfg.interfaces,
     )
-    gate = PolicyGate(cfg, gates.policy(site.cfg), site.sessions)
+    macs = {IP: MAC, other_ip: other_mac}  # the kernel's neighbour table, as the gate reads it
+    gate = PolicyGate(cfg, gates.policy(site.cfg), site.sessions, neighbour=macs.get)
     visitor, own = gate.admit(IP, "pop3"), gate.admit(other_ip, "pop3")
     assert isinstance(visitor, Admission) and isinstance(own, Admission)
     assert (visitor.user, visitor.identity) == ("carol@evil.example", "carol@evil.example")

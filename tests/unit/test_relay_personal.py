@@ -68,6 +68,9 @@ def site_config(tmp_path: Path, site_pop: int) -> Config:
     return config_mod.load(tmp_path / "appliance.toml")
 
 
+NEIGHBOURS = {"127.0.0.1": "02:00:00:00:00:11"}  # the neighbour table: alice's MAC
+
+
 def logged_in(config: Config, personal: str) -> SessionStore:
     """The store with alice's session (from her agent) on 127.0.0.1, as the portal makes it."""
     store = SessionStore.from_config(config)
@@ -118,7 +121,7 @@ def test_an_unusable_personal_server_is_refused_not_replaced(tmp_path: Path, per
         site = await loop.create_server(recorder, "127.0.0.1", site_pop)
         config = site_config(tmp_path, site_pop)
         store = logged_in(config, personal)
-        gate = PolicyGate(config, Policy.load(config), store)
+        gate = PolicyGate(config, Policy.load(config), store, neighbour=NEIGHBOURS.get)
         port = free_port()
         relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0)
         await relay.start("127.0.0.1", (Listener("pop3", "pop3", port),))
@@ -154,7 +157,7 @@ def test_a_usable_personal_server_is_the_only_choice(
         )
         config = site_config(tmp_path, site_pop)
         store = logged_in(config, f"127.0.0.1:{home_pop}")
-        gate = PolicyGate(config, Policy.load(config), store)
+        gate = PolicyGate(config, Policy.load(config), store, neighbour=NEIGHBOURS.get)
         # loopback is never a personal server on the appliance: only the address check
         # is left out here, to show where a usable one goes (the checks are tested above)
         real = gate_mod.personal_problem
