@@ -352,14 +352,12 @@ class SessionStore:
 
 
 def firewall_revoke(config: Config) -> Revoke:
-    """Revoke through `appliance.net.firewall` (imported lazily: built in parallel)."""
+    """Revoke through `appliance.net.firewall` (imported when first used: the net role
+    reads this store too, so a module-level import would be a cycle)."""
 
     def revoke(ip: str, mac: str) -> None:
-        try:
-            from appliance.net import firewall  # type: ignore[import-not-found,unused-ignore]
-        except ModuleNotFoundError:
-            log.warning("firewall module not in this build: %s %s not revoked", ip, mac)
-            return
+        from appliance.net import firewall
+
         firewall.Firewall(config).revoke(ip, mac)
 
     return revoke

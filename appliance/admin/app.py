@@ -12,7 +12,6 @@ After a save the running roles get SIGHUP (as `appliance reload` does).
 from __future__ import annotations
 
 import hmac
-import importlib
 import logging
 import os
 import secrets
@@ -34,6 +33,7 @@ from appliance.admin.templates import CSS, TEMPLATES
 from appliance.config import Config
 from appliance.policy import check_texts
 from appliance.portal.security import RateLimiter
+from appliance.sessions import SessionStore
 from appliance.tomlfile import ConfigError
 
 log = logging.getLogger("appliance.admin")
@@ -50,22 +50,9 @@ _AGENTS_TEMPLATE = """# Trusted personal agents: the attribute keys each may ass
 """
 
 
-def session_store(config: Config) -> Any:
-    """The SessionStore of appliance.sessions, or None when that part is not available."""
-    try:
-        from appliance import store
-
-        sessions_module = importlib.import_module("appliance.sessions")
-    except ImportError:
-        return None
-    try:
-        cls = sessions_module.SessionStore
-        if hasattr(cls, "from_config"):  # with the firewall's revoke attached to end()
-            return cls.from_config(config)
-        return cls(store.connect(config.state.database))
-    except Exception:
-        log.exception("sessions store unavailable")
-        return None
+def session_store(config: Config) -> SessionStore:
+    """The shared session store, with the firewall's revoke attached to end()."""
+    return SessionStore.from_config(config)
 
 
 def _secret_key(config: Config) -> bytes:
@@ -86,7 +73,7 @@ def _secret_key(config: Config) -> bytes:
 def create_app(
     config: Config,
     *,
-    sessions: Callable[[Config], Any] = session_store,
+    sessions: Callable[[Config], SessionStore] = session_store,
     notify: Callable[[Config], object] | None = None,
 ) -> Flask:
     """The app; `sessions` and `notify` (after a save, default: SIGHUP the roles) are
@@ -327,8 +314,6 @@ def create_app(
         except ConfigError:
             old_table = None
         store = session_list()
-        if store is None:
-            return
         for s in store.list():
             source, attrs = str(getattr(s, "source", "")), getattr(s, "attributes", {})
             why = f"trust in {source} changed by admin {admin()}"
@@ -340,26 +325,21 @@ def create_app(
     # -- sessions -----------------------------------------------------------
     per_thread = threading.local()
 
-    def session_list() -> Any:
+    def session_list() -> SessionStore:
         """This thread's store (one SQLite connection each, not one per request)."""
-        store = getattr(per_thread, "store", None)
+        store: SessionStore | None = getattr(per_thread, "store", None)
         if store is None:
             store = per_thread.store = sessions(config)
         return store
 
     @app.get("/sessions")
     def sessions_page() -> Any:
-        store = session_list()
-        if store is None:
-            return page("sessions.html", unavailable=True, items=[])
-        items = sorted(store.list(), key=lambda s: s.created)
-        return page("sessions.html", unavailable=False, items=items, now=time.time())
+        items = sorted(session_list().list(), key=lambda s: s.created)
+        return page("sessions.html", items=items, now=time.time())
 
     @app.post("/sessions/end")
     def session_end() -> Any:
         store = session_list()
-        if store is None:
-            return page("sessions.html", 503, unavailable=True, items=[])
         sid = request.form.get("id", "")
         s = store.get(sid)
         if s is None or not store.end(sid, f"ended by admin {admin()}"):

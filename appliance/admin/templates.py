@@ -145,9 +145,7 @@ assert, or whose agent lost a fingerprint or domain; they log in again.</p>
 
 SESSIONS = """{% extends "base.html" %}{% block title %}Sessions{% endblock %}{% block body %}
 <h1>Active sessions</h1>
-{% if unavailable %}<p class="error" id="unavailable">Sessions unavailable: the session
-store is not part of this build or cannot be opened.</p>
-{% elif not items %}<p>No active sessions.</p>
+{% if not items %}<p>No active sessions.</p>
 {% else %}<table><tr><th>user</th><th>source</th><th>address</th><th>MAC</th><th>since</th>
 <th>idle expiry</th><th></th></tr>
 {% for s in items %}<tr><td>{{ s.user }}</td><td>{{ s.source }}</td><td>{{ s.ip }}</td>

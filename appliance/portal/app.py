@@ -65,7 +65,7 @@ class Deps:
     authorize: Callable[[str, str], None] | None = None
     revoke: Callable[[str, str], None] | None = None
     network_gate: Callable[[gates.Attributes], gates.Verdict] | None = None
-    service_list: Callable[[gates.Attributes], list[tuple[str, gates.Verdict]] | None] | None = None
+    service_list: Callable[[gates.Attributes], list[tuple[str, gates.Verdict]]] | None = None
 
 
 def real_deps(config: Config, deps: Deps | None = None) -> Deps:
@@ -443,11 +443,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
         portal.forget(ip)
         try:
             d.authorize(ip, mac)
-        except gates.FirewallMissing:
-            log.warning(
-                "firewall module not in this build: session %s has no firewall entry", sess.id[:8]
-            )
-        except Exception:
+        except Exception:  # a login the firewall cannot enforce is no login
             log.exception("firewall authorize for %s %s failed", ip, mac)
             st.end(sess.id, "firewall authorize failed")
             portal.forget(ip)
@@ -471,9 +467,6 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             if sess.source == "site"
             else i18n.text(lang, "via_agent", host=sess.source.removeprefix("agent:"))
         )
-        notice = None
-        if not gates.firewall_available():
-            notice = "Network access is not enforced: the firewall module is not in this build."
         return render(
             pages.STATUS,
             s=sess,
@@ -481,7 +474,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             left=i18n.duration(lang, sess.seconds_remaining(now)),
             services=d.service_list(sess.attributes) if d.service_list else None,
             url=return_url(request.args.get("url")),
-            notice=notice,
+            notice=None,
         )
 
     @app.post("/logout")
@@ -516,8 +509,6 @@ def _agent_refusal(code: str) -> tuple[str, int]:
     """The message key and HTTP status a visitor gets for an agent failure `code`."""
     if code in ("unknown_user", "bad_password"):
         return f"agent_{code}", 401
-    if code == "unavailable":
-        return "err_agent_unavailable", 502
     if code in AGENT_NOT_REACHED:
         return "agent_not_reached", 502
     if code == "appliance_not_allowed":

@@ -86,10 +86,6 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Too many logins are waiting for a home agent right now. Try again in a moment.",
         "ja": "ホームエージェントの応答を待つログインが多すぎます。少し待ってからお試しください。",
     },
-    "err_agent_unavailable": {
-        "en": "Logins through a personal agent are not available on this appliance.",
-        "ja": "このアプライアンスでは個人エージェント経由のログインを使えません。",
-    },
     "agent_unknown_user": {
         "en": "Your home agent does not know this user ID.",
         "ja": "ホームエージェントがこのユーザーIDを知りません。",

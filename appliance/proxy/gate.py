@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from appliance import reach
+from appliance.config import Config
 from appliance.neighbours import neighbour_mac
+from appliance.policy import Policy
+from appliance.sessions import Session, SessionStore
 
 log = logging.getLogger("appliance.proxy.gate")
 
@@ -231,36 +234,28 @@ class PolicyGate:
 
     def __init__(
         self,
-        config: Any,
-        policy: Any = None,
-        sessions: Any = None,
+        config: Config,
+        policy: Policy | None = None,
+        sessions: SessionStore | None = None,
         neighbour: Callable[[str], str | None] | None = None,
     ) -> None:
-        import importlib
-
         self.config = config
         # the MAC behind a guest address (None: no complete entry on the guest interface)
         self.neighbour = neighbour or functools.partial(neighbour_mac, config.interfaces.guest)
-        if policy is None:
-            # lazy, by name: these modules are built in parallel and wired by the lead
-            policy = importlib.import_module("appliance.policy").Policy.load(config)
-        if sessions is None:
-            store_cls = importlib.import_module("appliance.sessions").SessionStore
-            sessions = store_cls.from_config(config)
-        self.policy: Any = policy
-        self.sessions: Any = sessions
+        self.policy = policy or Policy.load(config)
+        self.sessions = sessions or SessionStore.from_config(config)
         self._subscribers: list[Callable[[], None]] = []
         self._touched: dict[str, float] = {}
         # ip -> (until, session, mac, answers per service)
-        self._cache: dict[str, tuple[float, Any, str | None, dict[str, Admission | Refusal]]] = {}
+        self._cache: dict[
+            str, tuple[float, Session, str | None, dict[str, Admission | Refusal]]
+        ] = {}
         self.policy.subscribe(lambda _p: self._changed())
 
     @staticmethod
-    def check(config: Any) -> None:
+    def check(config: Config) -> None:
         """Load the tables once and drop them: their errors, before workers are forked."""
-        import importlib
-
-        importlib.import_module("appliance.policy").Policy.load(config)
+        Policy.load(config)
 
     def _changed(self) -> None:
         self._cache.clear()  # answers depend on the tables
@@ -294,7 +289,7 @@ class PolicyGate:
             answer = answers[service] = self._decide(session, service)
         return answer
 
-    def _decide(self, session: Any, service: str) -> Admission | Refusal:
+    def _decide(self, session: Session, service: str) -> Admission | Refusal:
         portal = self.portal_url()
         services: Mapping[str, Any] = self.policy.servers.services
         checked = service if service in services or service != "connect" else "http"
@@ -335,7 +330,7 @@ class PolicyGate:
             session.id,
         )
 
-    def _lookup(self, ip: str) -> tuple[Any, str | None, dict[str, Admission | Refusal]]:
+    def _lookup(self, ip: str) -> tuple[Session | None, str | None, dict[str, Admission | Refusal]]:
         """The session of an address, the MAC the kernel sees for it and the answers
         given to it per service (all cached together, briefly)."""
         now = time.monotonic()

@@ -26,7 +26,6 @@ from portal_conf import add_user, apply_ruleset, load, write_config
 from appliance import store
 from appliance.config import CAPTIVE_API_PATH, Config
 from appliance.lab.topology import Node, Topology, guest_mac
-from appliance.portal import gates
 from appliance.portal.service import CONNECTION_LIMIT
 from appliance.sessions import SessionStore
 from dhcp import leases
@@ -91,8 +90,7 @@ def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) 
     leases.create_schema(conn)
     leases.record(conn, "granted", Lease(GUEST_IP, guest_mac(1), time.time() + 600), time.time())
     gw = topo["gw"]
-    if gates.firewall_available():
-        apply_ruleset(gw, cfg_path)
+    apply_ruleset(gw, cfg_path)
     gw.start(
         sys.executable,
         "-m",
@@ -204,10 +202,6 @@ def test_captive_redirect_login_status_logout_and_lease_release(site: Site) -> N
     assert ended is not None and ended.end_reason == "lease released"
 
 
-@pytest.mark.skipif(
-    not gates.firewall_available(),
-    reason="appliance.net.firewall is built in parallel (issue: net); not in this build yet",
-)
 def test_login_adds_ip_and_mac_to_the_nftables_set_and_logout_removes_it(site: Site) -> None:
     # start_site applied the ruleset in gw
     site.guest.run("ip", "route", "add", "default", "via", "192.168.1.1")
@@ -224,8 +218,6 @@ def test_login_adds_ip_and_mac_to_the_nftables_set_and_logout_removes_it(site: S
 
 
 def test_a_session_leaves_the_firewall_when_its_time_runs_out(site: Site) -> None:
-    if not gates.firewall_available():
-        pytest.skip("needs nft")
     status, _, _ = site.login("alice", "correct horse")
     assert status == 303
     assert (GUEST_IP, guest_mac(1)) in firewall_members(site)
@@ -408,7 +400,6 @@ def nft_counter(site: Site, name: str) -> int:
     return int(m.group(1))
 
 
-@pytest.mark.skipif(not gates.firewall_available(), reason="needs the nftables ruleset")
 def test_a_slow_drip_guest_is_capped_and_another_guest_still_gets_the_portal(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:
@@ -581,7 +572,6 @@ print(f"open {len(socks)} refused {refused} other {other}", flush=True)
 """
 
 
-@pytest.mark.skipif(not gates.firewall_available(), reason="needs the nftables ruleset")
 def test_a_logged_in_guest_is_capped_on_the_proxy_ports_too(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:

@@ -226,7 +226,7 @@ def test_japanese_by_accept_language(site: Site) -> None:
     assert 'lang="en"' in page and "Password" in page
 
 
-def test_agent_login_without_agent_module_is_a_clear_refusal(site: Site) -> None:
+def test_agent_login_to_an_agent_that_is_not_there_is_a_clear_refusal(site: Site) -> None:
     c = site.client()
     r = login(c, "alice", "pw-for-home", agent="home.example")
     body = r.get_data(as_text=True)
@@ -518,3 +518,15 @@ def test_failures_through_an_agent_do_not_lock_the_site_account_of_that_name(
     c2 = site.app.test_client()
     c2.environ_base["REMOTE_ADDR"] = other_ip
     assert login(c2, "carol", "site secret").status_code == 303
+
+
+def test_a_login_the_firewall_cannot_enforce_is_refused(site: Site) -> None:
+    """No nftables entry, no login: the session it made is ended, the guest is told."""
+
+    def broken(ip: str, mac: str) -> None:
+        raise OSError("netlink: operation not permitted")
+
+    site.deps.authorize = broken
+    r = login(site.client(), "alice", "correct horse")
+    assert r.status_code == 500 and 'class="error"' in r.get_data(as_text=True)
+    assert site.sessions.lookup_ip(IP) is None
