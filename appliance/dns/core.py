@@ -11,6 +11,15 @@ client sent them) and stores the finished reply minus its ID, so a hit costs one
 lookup and one bytes concatenation: no parse.  TTLs are not counted down in cached
 replies; an entry lives for the smallest TTL it carries (capped), which is what a
 guest would have seen at the time of the upstream answer.
+
+Before login a guest gets answers for the appliance's own names (the portal's, those
+under the guest domain) and the OS captive-portal probe names only, and only for the
+types a browser asks when it opens a page (A, AAAA, SVCB, HTTPS).  Everything else is
+REFUSED without asking upstream: otherwise any name of a domain someone runs (and TXT
+or NULL answers) would carry a tunnel out before login.  REFUSED, not NXDOMAIN:
+NXDOMAIN says the name does not exist, and stub resolvers cache that (RFC 2308), so
+names would stay broken for a while after login; REFUSED is a refusal by policy, which
+nobody caches.  The caller says whether the guest is logged in; unknown is not.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ NEGATIVE_TTL = 60
 LOCAL_TTL = 60
 PROBE_TTL = 30
 _DROP_TYPES = {QTYPE.AAAA, 64, 65}  # AAAA, SVCB, HTTPS (address hints)
+# what a browser or an OS probe asks for a name before login; TXT, NULL, ANY, MX, SRV,
+# CNAME, PTR... carry more data per answer and a guest needs none of them yet
+BEFORE_LOGIN_TYPES = frozenset({QTYPE.A, QTYPE.AAAA, 64, 65})
 
 # Hosts the common OSes fetch to detect a captive portal.  Before login the fetch is
 # redirected to the portal, which is exactly what makes the OS show it; so these names
@@ -117,6 +129,7 @@ class Stats:
     local: int = 0
     servfail: int = 0
     overload: int = 0  # SERVFAIL at once: too many questions already waiting upstream
+    refused: int = 0  # before login: a name or type a guest does not need yet
 
 
 def error_reply(query: bytes, rcode: int) -> bytes | None:
@@ -185,16 +198,18 @@ class Resolver:
         self.stats = Stats()
 
     # -- guest query --------------------------------------------------------
-    def query(self, data: bytes, now: float, tcp: bool = False) -> Action:
+    def query(self, data: bytes, now: float, tcp: bool = False, logged_in: bool = False) -> Action:
+        """Decide for one guest query; `logged_in` False (the default) allows few names."""
         self.stats.queries += 1
         if len(data) < 12:
             return self._formerr(data)
         if data[2] & 0x80:
             return Drop("a response sent to the resolver")
-        hit = self.cache.get(data[2:], now, tcp)
-        if hit is not None:
-            self.stats.hits += 1
-            return Reply(data[:2] + hit)
+        if logged_in:  # before login the name is checked first: no cached shortcut
+            hit = self.cache.get(data[2:], now, tcp)
+            if hit is not None:
+                self.stats.hits += 1
+                return Reply(data[:2] + hit)
         if len(data) > MAX_QUERY:
             return self._formerr(data)
         opcode = (data[2] >> 3) & 0x0F
@@ -208,12 +223,34 @@ class Resolver:
             return self._formerr(data)
         qname = str(rec.q.qname).lower().rstrip(".")
         qtype = int(rec.q.qtype)
+        if not logged_in:
+            if not self.allowed_before_login(qname, qtype):
+                self.stats.refused += 1
+                refused = rec.reply()  # with the question: stubs match it to their query
+                refused.header.rcode = RCODE.REFUSED
+                return Reply(bytes(refused.pack()))
+            hit = self.cache.get(data[2:], now, tcp)
+            if hit is not None:
+                self.stats.hits += 1
+                return Reply(data[:2] + hit)
         local = self._local(rec, qname, qtype)
         if local is not None:
             self.stats.local += 1
             return Reply(self._finish(data[2:], local, now, tcp, _udp_limit(rec)))
         self.stats.forwarded += 1
         return Forward(data, data[2:], qname, qtype, _udp_limit(rec), data[:2])
+
+    def allowed_before_login(self, qname: str, qtype: int) -> bool:
+        """The appliance's names and the captive-portal probes, for address types only."""
+        if qtype not in BEFORE_LOGIN_TYPES:
+            return False
+        s = self.settings
+        return (
+            qname in s.local_names
+            or qname in s.probe_names
+            or qname == s.domain
+            or qname.endswith("." + s.domain)
+        )
 
     def _formerr(self, data: bytes) -> Action:
         self.stats.formerr += 1
@@ -311,4 +348,4 @@ def _nxdomain(query: DNSRecord) -> DNSRecord:
     return reply
 
 
-__all__ = ["PROBE_NAMES", "Drop", "Forward", "Reply", "Resolver", "Settings"]
+__all__ = ["BEFORE_LOGIN_TYPES", "PROBE_NAMES", "Drop", "Forward", "Reply", "Resolver", "Settings"]
