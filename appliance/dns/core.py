@@ -12,14 +12,26 @@ lookup and one bytes concatenation: no parse.  TTLs are not counted down in cach
 replies; an entry lives for the smallest TTL it carries (capped), which is what a
 guest would have seen at the time of the upstream answer.
 
-Before login a guest gets answers for the appliance's own names (the portal's, those
-under the guest domain) and the OS captive-portal probe names only, and only for the
-types a browser asks when it opens a page (A, AAAA, SVCB, HTTPS).  Everything else is
-REFUSED without asking upstream: otherwise any name of a domain someone runs (and TXT
-or NULL answers) would carry a tunnel out before login.  REFUSED, not NXDOMAIN:
-NXDOMAIN says the name does not exist, and stub resolvers cache that (RFC 2308), so
-names would stay broken for a while after login; REFUSED is a refusal by policy, which
-nobody caches.  The caller says whether the guest is logged in; unknown is not.
+Before login nothing a guest asks about an outside name leaves the appliance, so DNS
+carries no tunnel: the appliance's own names (the portal's, those under the guest
+domain) and the OS captive-portal probe names are answered as for a member, for the
+types a browser asks when it opens a page (A, AAAA, SVCB, HTTPS) only.  Any other
+type (TXT, NULL, ANY, MX, SRV, PTR...) is REFUSED.  Any other name gets, by
+`Settings.before_login`:
+
+- "portal" (the default): A is answered with STAND_IN, TTL 0, and AAAA/SVCB/HTTPS
+  with no records.  The guest's browser then connects to STAND_IN port 80, which the
+  firewall sends to the portal like any other address before login: "open any page,
+  get the login page" keeps working.  After login the name resolves for real (TTL 0:
+  nothing to forget); a stale answer still reaches the right site over HTTP, since
+  the proxy's upstream goes by the Host header.
+- "refuse": REFUSED.  Only devices whose OS runs a captive-portal probe (or reads the
+  RFC 8908 API) find the portal; a browser opening any other page gets a DNS error.
+
+REFUSED, not NXDOMAIN: NXDOMAIN says the name does not exist, and stub resolvers cache
+that (RFC 2308), so names would stay broken for a while after login; REFUSED is a
+refusal by policy, which nobody caches.  None of these answers goes into the cache.
+The caller says whether the guest is logged in; unknown is not.
 """
 
 from __future__ import annotations
@@ -40,6 +52,10 @@ _DROP_TYPES = {QTYPE.AAAA, 64, 65}  # AAAA, SVCB, HTTPS (address hints)
 # what a browser or an OS probe asks for a name before login; TXT, NULL, ANY, MX, SRV,
 # CNAME, PTR... carry more data per answer and a guest needs none of them yet
 BEFORE_LOGIN_TYPES = frozenset({QTYPE.A, QTYPE.AAAA, 64, 65})
+# the stand-in address for outside names before login: the benchmarking range
+# (RFC 2544, 198.18.0.0/15) is no real destination anywhere
+STAND_IN = ipaddress.IPv4Address("198.18.0.1")
+BEFORE_LOGIN_MODES = ("portal", "refuse")
 
 # Hosts the common OSes fetch to detect a captive portal.  Before login the fetch is
 # redirected to the portal, which is exactly what makes the OS show it; so these names
@@ -71,6 +87,7 @@ class Settings:
     guest_subnet: ipaddress.IPv4Network
     cache_size: int = 10000
     probe_names: frozenset[str] = PROBE_NAMES
+    before_login: str = "portal"  # or "refuse": see the module's docstring
 
     @classmethod
     def build(
@@ -82,11 +99,22 @@ class Settings:
         hidden: Iterable[ipaddress.IPv4Network],
         extra_names: Iterable[str] = (),
         cache_size: int = 10000,
+        before_login: str = "portal",
     ) -> Settings:
         domain = domain.lower().strip(".")
         names = {f"{n.lower().strip('.')}.{domain}" for n in guest_names}
         names |= {n.lower().strip(".") for n in extra_names}
-        return cls(guest_ip, domain, frozenset(names), tuple(hidden), guest_subnet, cache_size)
+        if before_login not in BEFORE_LOGIN_MODES:
+            raise ValueError(f"before_login is one of {', '.join(BEFORE_LOGIN_MODES)}")
+        return cls(
+            guest_ip,
+            domain,
+            frozenset(names),
+            tuple(hidden),
+            guest_subnet,
+            cache_size,
+            before_login=before_login,
+        )
 
     def is_hidden(self, addr: ipaddress.IPv4Address) -> bool:
         return any(addr in net for net in self.hidden)
@@ -130,6 +158,7 @@ class Stats:
     servfail: int = 0
     overload: int = 0  # SERVFAIL at once: too many questions already waiting upstream
     refused: int = 0  # before login: a name or type a guest does not need yet
+    stand_in: int = 0  # before login: an outside name answered with STAND_IN (or no records)
 
 
 def error_reply(query: bytes, rcode: int) -> bytes | None:
@@ -225,10 +254,7 @@ class Resolver:
         qtype = int(rec.q.qtype)
         if not logged_in:
             if not self.allowed_before_login(qname, qtype):
-                self.stats.refused += 1
-                refused = rec.reply()  # with the question: stubs match it to their query
-                refused.header.rcode = RCODE.REFUSED
-                return Reply(bytes(refused.pack()))
+                return Reply(self._not_yet(rec, qtype))
             hit = self.cache.get(data[2:], now, tcp)
             if hit is not None:
                 self.stats.hits += 1
@@ -251,6 +277,18 @@ class Resolver:
             or qname == s.domain
             or qname.endswith("." + s.domain)
         )
+
+    def _not_yet(self, rec: DNSRecord, qtype: int) -> bytes:
+        """Before login, for a name or type not allowed yet: never asks upstream, never cached."""
+        reply = rec.reply()  # with the question: stubs match it to their query
+        if self.settings.before_login == "portal" and qtype in BEFORE_LOGIN_TYPES:
+            self.stats.stand_in += 1
+            if qtype == QTYPE.A:
+                reply.add_answer(RR(rec.q.qname, QTYPE.A, rdata=A(str(STAND_IN)), ttl=0))
+            return bytes(reply.pack())
+        self.stats.refused += 1
+        reply.header.rcode = RCODE.REFUSED
+        return bytes(reply.pack())
 
     def _formerr(self, data: bytes) -> Action:
         self.stats.formerr += 1
@@ -348,4 +386,14 @@ def _nxdomain(query: DNSRecord) -> DNSRecord:
     return reply
 
 
-__all__ = ["BEFORE_LOGIN_TYPES", "PROBE_NAMES", "Drop", "Forward", "Reply", "Resolver", "Settings"]
+__all__ = [
+    "BEFORE_LOGIN_MODES",
+    "BEFORE_LOGIN_TYPES",
+    "PROBE_NAMES",
+    "STAND_IN",
+    "Drop",
+    "Forward",
+    "Reply",
+    "Resolver",
+    "Settings",
+]

@@ -342,6 +342,7 @@ def settings_for(config: Config, guest_names: Iterable[str]) -> Settings:
         hidden=config.interfaces.hidden_networks,
         extra_names=[config.portal.hostname],
         cache_size=config.dns.cache_size,
+        before_login=config.dns.before_login,
     )
 
 
@@ -395,7 +396,8 @@ async def serve(
         s = resolver.stats
         log.info(
             "dns stopping: %d queries, %d cache hits, %d forwarded, %d FORMERR, %d hidden, "
-            "%d SERVFAIL for overload, %d refused before login, %d dropped over the rate",
+            "%d SERVFAIL for overload, %d refused and %d stand-in answers before login, "
+            "%d dropped over the rate",
             s.queries,
             s.hits,
             s.forwarded,
@@ -403,6 +405,7 @@ async def serve(
             s.hidden,
             s.overload,
             s.refused,
+            s.stand_in,
             server.limiter.dropped,
         )
 

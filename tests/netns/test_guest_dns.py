@@ -128,32 +128,50 @@ def test_guest_dns_hides_the_segment(
     assert "appliance" not in gw.run("nft", "list", "tables").stdout
 
 
+@pytest.mark.parametrize("mode", ["portal", "refuse"])
 def test_guest_dns_is_no_tunnel_before_login(
-    make_topology: Callable[..., Topology], tmp_path: Path
+    make_topology: Callable[..., Topology], tmp_path: Path, mode: str
 ) -> None:
     topo = make_topology(guests=1)
     gw = topo["gw"]
     cfg = write_config(tmp_path)
     with_rate(cfg, 20, 40)
-    lab_resolver(topo, extra=["--txt-record=www.public.example,hello from upstream"])
+    cfg.write_text(cfg.read_text().replace("[dns]\n", f'[dns]\nbefore_login = "{mode}"\n', 1))
+    seen = tmp_path / "upstream-queries.log"  # every query the site's resolver gets
+    extra = [f"--log-facility={seen}", "--log-queries"]
+    lab_resolver(topo, extra=["--txt-record=www.public.example,hello from upstream", *extra])
     run = gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg), "net", "dns")
     gw.wait_port(53, GW, proto="udp")
     gw.wait_port(53, GW)
     g = give_address(topo, 1, "192.168.1.101")
 
-    # before login: no outside name, no tunnel type; the portal and the probes work
+    # before login: no tunnel type for any name, not even the appliance's own
     for args in (
         ("www.public.example", "TXT"),
-        ("www.public.example", "A"),
         ("+tcp", "www.public.example", "TXT"),
         ("portal.guest.example", "TXT"),
         ("x1y2z3.public.example", "NULL"),
+        ("x1y2z3.public.example", "ANY"),
+        ("x1y2z3.public.example", "MX"),
     ):
         out = dig(g, *args)
         assert status(out) == "REFUSED" and "hello" not in out and "203.0.113" not in out, args
+    # an outside name's address: refused, or the stand-in the portal answers behind
+    for extra_args in ((), ("+tcp",)):
+        out = dig(g, *extra_args, "www.public.example", "A")
+        assert "203.0.113" not in out
+        if mode == "refuse":
+            assert status(out) == "REFUSED"
+        else:
+            assert status(out) == "NOERROR"
+            assert dig(g, "+short", *extra_args, "x1y2z3.public.example").strip() == "198.18.0.1"
+    # the portal, the appliance's names and the captive-portal probes work
     assert dig(g, "+short", "portal.guest.example").strip() == GW
     assert dig(g, "+short", "mail.guest.example").strip() == GW
     assert dig(g, "+short", "captive.apple.com").strip() == GW
+    # and no outside name reached the site's resolver (only the probe did)
+    asked = seen.read_text() if seen.exists() else ""
+    assert "public.example" not in asked and "captive.apple.com" in asked, asked
 
     # after login: as before
     log_in(tmp_path, 1, "192.168.1.101")

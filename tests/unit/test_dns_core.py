@@ -14,7 +14,7 @@ from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings, error_r
 pytestmark = pytest.mark.unit
 
 
-def resolver(cache_size: int = 100) -> Resolver:
+def resolver(cache_size: int = 100, before_login: str = "portal") -> Resolver:
     return Resolver(
         Settings.build(
             guest_ip=ipaddress.IPv4Address("192.168.1.1"),
@@ -24,6 +24,7 @@ def resolver(cache_size: int = 100) -> Resolver:
             hidden=[ipaddress.IPv4Network("198.51.100.0/24"), ipaddress.IPv4Network("10.0.0.0/8")],
             extra_names=["portal.guest.example"],
             cache_size=cache_size,
+            before_login=before_login,
         )
     )
 

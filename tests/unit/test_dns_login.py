@@ -13,7 +13,7 @@ from test_config import variant
 from test_dns_core import ask, resolver, upstream
 
 from appliance.config import ConfigError, load
-from appliance.dns.core import Forward, Reply
+from appliance.dns.core import STAND_IN, Forward, Reply
 from appliance.dns.logins import Logins
 from appliance.dns.ratelimit import RateLimit
 from appliance.dns.service import GuestUdp, Server
@@ -26,9 +26,9 @@ def rcode(action: object) -> int:
     return int(DNSRecord.parse(action.data).header.rcode)
 
 
-@pytest.mark.parametrize("qtype", ["TXT", "NULL", "ANY", "A", "MX", "CNAME", "SRV", "PTR"])
-def test_an_outside_name_is_refused_before_login(qtype: str) -> None:
-    r = resolver()
+@pytest.mark.parametrize("qtype", ["TXT", "NULL", "ANY", "A", "AAAA", "MX", "CNAME", "SRV", "PTR"])
+def test_refuse_mode_refuses_an_outside_name_before_login(qtype: str) -> None:
+    r = resolver(before_login="refuse")
     out = r.query(ask("abcd1234.tunnel.example", qtype), now=0, logged_in=False)
     assert rcode(out) == RCODE.REFUSED
     # with the question, so a stub resolver takes it as the answer to its query
@@ -37,11 +37,36 @@ def test_an_outside_name_is_refused_before_login(qtype: str) -> None:
     assert r.stats.refused == 1 and r.stats.forwarded == 0
 
 
+@pytest.mark.parametrize("qtype", ["TXT", "NULL", "ANY", "MX", "CNAME", "SRV", "PTR"])
+def test_portal_mode_refuses_the_other_types_of_an_outside_name(qtype: str) -> None:
+    r = resolver()
+    out = r.query(ask("abcd1234.tunnel.example", qtype), now=0, logged_in=False)
+    assert rcode(out) == RCODE.REFUSED and r.stats.forwarded == 0
+
+
+def test_portal_mode_answers_an_outside_name_with_the_stand_in_never_upstream() -> None:
+    r = resolver()
+    q = ask("abcd1234.tunnel.example")
+    out = r.query(q, now=0, logged_in=False)
+    assert isinstance(out, Reply)
+    rec = DNSRecord.parse(out.data)
+    assert rec.header.rcode == RCODE.NOERROR and rec.header.id == 0x1234
+    assert [(str(rr.rdata), rr.ttl) for rr in rec.rr] == [(str(STAND_IN), 0)]
+    for qtype in ("AAAA", "HTTPS", "SVCB"):
+        out = r.query(ask("abcd1234.tunnel.example", qtype), now=0, logged_in=False)
+        assert rcode(out) == RCODE.NOERROR and not DNSRecord.parse(out.data).rr  # type: ignore[union-attr]
+    assert r.stats.forwarded == 0 and r.stats.stand_in == 4
+    assert not r.cache.entries  # a member asking next gets the real answer
+    assert isinstance(r.query(q, now=0, logged_in=True), Forward)
+
+
 @pytest.mark.parametrize("qtype", ["TXT", "NULL", "ANY", "MX", "SRV"])
 def test_tunnel_types_are_refused_before_login_even_for_allowed_names(qtype: str) -> None:
     r = resolver()
-    for name in ("portal.guest.example", "captive.apple.com", "mail.guest.example"):
-        assert rcode(r.query(ask(name, qtype), now=0, logged_in=False)) == RCODE.REFUSED
+    for mode in ("portal", "refuse"):
+        r = resolver(before_login=mode)
+        for name in ("portal.guest.example", "captive.apple.com", "mail.guest.example"):
+            assert rcode(r.query(ask(name, qtype), now=0, logged_in=False)) == RCODE.REFUSED
 
 
 def test_the_portal_local_and_probe_names_work_before_login() -> None:
@@ -63,7 +88,9 @@ def test_after_login_any_name_and_type_is_forwarded_as_before() -> None:
 
 
 def test_the_default_is_not_logged_in() -> None:
-    assert rcode(resolver().query(ask("www.public.example", "TXT"), now=0)) == RCODE.REFUSED
+    r = resolver()
+    assert rcode(r.query(ask("www.public.example", "TXT"), now=0)) == RCODE.REFUSED
+    assert r.stats.forwarded == 0
 
 
 def test_an_answer_cached_for_a_member_is_not_given_before_login() -> None:
@@ -75,6 +102,15 @@ def test_an_answer_cached_for_a_member_is_not_given_before_login() -> None:
         fwd, upstream(q, RR("www.public.example", QTYPE.A, rdata=A("203.0.113.80"), ttl=300)), 0
     )
     assert isinstance(r.query(q, now=1, logged_in=True), Reply)
+    assert rcode(r.query(ask("www.public.example", "TXT"), now=1)) == RCODE.REFUSED
+    out = r.query(q, now=1, logged_in=False)
+    assert isinstance(out, Reply) and "203.0.113.80" not in str(DNSRecord.parse(out.data))
+    r = resolver(before_login="refuse")
+    fwd = r.query(q, now=0, logged_in=True)
+    assert isinstance(fwd, Forward)
+    r.answer(
+        fwd, upstream(q, RR("www.public.example", QTYPE.A, rdata=A("203.0.113.80"), ttl=300)), 0
+    )
     assert rcode(r.query(q, now=1, logged_in=False)) == RCODE.REFUSED
 
 
@@ -189,6 +225,7 @@ def test_a_burst_over_the_rate_is_dropped_and_counted_then_the_client_is_served(
         ('[dns]\nrate_limit = "fast"\n', "dns.rate_limit", "expected an integer"),
         ("[dns]\nrate_burst = 0\n", "dns.rate_burst", "out of range"),
         ("[dns]\nrate_limit = 100\nrate_burst = 50\n", "dns.rate_burst", "below rate_limit"),
+        ('[dns]\nbefore_login = "forward"\n', "dns.before_login", "expected one of"),
     ],
 )
 def test_rate_keys_are_checked(tmp_path: Path, new: str, key: str, words: str) -> None:
@@ -202,3 +239,4 @@ def test_rate_keys_are_checked(tmp_path: Path, new: str, key: str, words: str) -
 def test_rate_defaults(tmp_path: Path) -> None:
     cfg = load(variant(tmp_path, "[dns]\n", "[dns]\n"))
     assert cfg.dns.rate_limit == 50 and cfg.dns.rate_burst == 200
+    assert cfg.dns.before_login == "portal"
