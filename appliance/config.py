@@ -62,7 +62,7 @@ class DnsConfig:
     cache_size: int
     rate_limit: int = 50  # questions a second per guest address (appliance.dns.ratelimit)
     rate_burst: int = 200  # ... and at once
-    before_login: str = "portal"  # outside names before login: "portal" or "refuse"
+    before_login: str = "refuse"  # outside names before login: "refuse" or "portal"
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def _dns(r: Reader) -> DnsConfig:
         cache_size=r.integer("cache_size", 10000, 0, 10_000_000),
         rate_limit=r.integer("rate_limit", 50, 1, 1_000_000),
         rate_burst=r.integer("rate_burst", 200, 1, 10_000_000),
-        before_login=r.text("before_login", "portal", choices=("portal", "refuse")),
+        before_login=r.text("before_login", "refuse", choices=("refuse", "portal")),
     )
     if cfg.rate_burst < cfg.rate_limit:
         raise r.error("rate_burst", "rate_burst must not be below rate_limit")

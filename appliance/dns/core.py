@@ -19,14 +19,15 @@ types a browser asks when it opens a page (A, AAAA, SVCB, HTTPS) only.  Any othe
 type (TXT, NULL, ANY, MX, SRV, PTR...) is REFUSED.  Any other name gets, by
 `Settings.before_login`:
 
-- "portal" (the default): A is answered with STAND_IN, TTL 0, and AAAA/SVCB/HTTPS
-  with no records.  The guest's browser then connects to STAND_IN port 80, which the
-  firewall sends to the portal like any other address before login: "open any page,
-  get the login page" keeps working.  After login the name resolves for real (TTL 0:
-  nothing to forget); a stale answer still reaches the right site over HTTP, since
-  the proxy's upstream goes by the Host header.
-- "refuse": REFUSED.  Only devices whose OS runs a captive-portal probe (or reads the
-  RFC 8908 API) find the portal; a browser opening any other page gets a DNS error.
+- "refuse" (the default): REFUSED.  Devices whose OS runs a captive-portal probe (or
+  reads the RFC 8908 API) find the portal; a browser opening any other page before
+  that gets a DNS error instead of the login page.
+- "portal" (off by default, not finished): A is answered with STAND_IN, TTL 0, and
+  AAAA/SVCB/HTTPS with no records.  Port 80 to STAND_IN goes to the portal like any
+  address before login.  But the firewall drops, silently, everything else to it:
+  Chromium's HTTPS attempts (page upgrades, its own background services) then hang
+  for 30 s instead of failing at once as on REFUSED.  Usable only once the net role
+  answers TCP to STAND_IN (other than port 80) with a reset.
 
 REFUSED, not NXDOMAIN: NXDOMAIN says the name does not exist, and stub resolvers cache
 that (RFC 2308), so names would stay broken for a while after login; REFUSED is a
@@ -55,7 +56,7 @@ BEFORE_LOGIN_TYPES = frozenset({QTYPE.A, QTYPE.AAAA, 64, 65})
 # the stand-in address for outside names before login: the benchmarking range
 # (RFC 2544, 198.18.0.0/15) is no real destination anywhere
 STAND_IN = ipaddress.IPv4Address("198.18.0.1")
-BEFORE_LOGIN_MODES = ("portal", "refuse")
+BEFORE_LOGIN_MODES = ("refuse", "portal")
 
 # Hosts the common OSes fetch to detect a captive portal.  Before login the fetch is
 # redirected to the portal, which is exactly what makes the OS show it; so these names
@@ -87,7 +88,7 @@ class Settings:
     guest_subnet: ipaddress.IPv4Network
     cache_size: int = 10000
     probe_names: frozenset[str] = PROBE_NAMES
-    before_login: str = "portal"  # or "refuse": see the module's docstring
+    before_login: str = "refuse"  # or "portal": see the module's docstring
 
     @classmethod
     def build(
@@ -99,7 +100,7 @@ class Settings:
         hidden: Iterable[ipaddress.IPv4Network],
         extra_names: Iterable[str] = (),
         cache_size: int = 10000,
-        before_login: str = "portal",
+        before_login: str = "refuse",
     ) -> Settings:
         domain = domain.lower().strip(".")
         names = {f"{n.lower().strip('.')}.{domain}" for n in guest_names}

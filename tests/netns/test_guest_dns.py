@@ -15,6 +15,7 @@ import pytest
 from _guestside import (
     BIG_COUNT,
     BIG_NAME,
+    banner_of,
     banners,
     give_address,
     lab_resolver,
@@ -140,6 +141,7 @@ def test_guest_dns_is_no_tunnel_before_login(
     seen = tmp_path / "upstream-queries.log"  # every query the site's resolver gets
     extra = [f"--log-facility={seen}", "--log-queries"]
     lab_resolver(topo, extra=["--txt-record=www.public.example,hello from upstream", *extra])
+    banners(gw, f"{GW},80,PORTAL")
     run = gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg), "net", "dns")
     gw.wait_port(53, GW, proto="udp")
     gw.wait_port(53, GW)
@@ -165,6 +167,8 @@ def test_guest_dns_is_no_tunnel_before_login(
         else:
             assert status(out) == "NOERROR"
             assert dig(g, "+short", *extra_args, "x1y2z3.public.example").strip() == "198.18.0.1"
+    if mode == "portal":  # and a browser opening that name lands on the portal
+        assert banner_of(g, "198.18.0.1", 80) == "PORTAL"
     # the portal, the appliance's names and the captive-portal probes work
     assert dig(g, "+short", "portal.guest.example").strip() == GW
     assert dig(g, "+short", "mail.guest.example").strip() == GW

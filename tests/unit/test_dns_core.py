@@ -14,7 +14,7 @@ from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings, error_r
 pytestmark = pytest.mark.unit
 
 
-def resolver(cache_size: int = 100, before_login: str = "portal") -> Resolver:
+def resolver(cache_size: int = 100, before_login: str = "refuse") -> Resolver:
     return Resolver(
         Settings.build(
             guest_ip=ipaddress.IPv4Address("192.168.1.1"),
