@@ -148,7 +148,11 @@ class Server:
     async def follow_sessions(self) -> None:
         """Ended sessions leave the logged-in set within SESSION_POLL seconds."""
         while True:
-            self.logins.poll(time.monotonic())
+            try:
+                self.logins.poll(time.monotonic())
+            except Exception:  # a bug here must not stop the following
+                log.exception("dns: following the sessions failed")
+                self.logins.known.clear()  # unknown again: asked afresh, fail closed
             await asyncio.sleep(SESSION_POLL)
 
     def overloaded(self) -> bool:

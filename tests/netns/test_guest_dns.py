@@ -202,6 +202,16 @@ def test_guest_dns_is_no_tunnel_before_login(
     assert 1 <= got <= 60, got  # at most the burst (40) and what refilled meanwhile
     time.sleep(1.0)
     assert dig(g, "+short", "www.public.example").strip() == "203.0.113.80"
+
+    # logout (any role ends the session in the store): before-login answers again
+    conn = store.connect(tmp_path / "state" / "state.sqlite")
+    sessions = SessionStore(conn)
+    session = sessions.lookup_ip("192.168.1.101")
+    assert session is not None
+    sessions.end(session.id, "logged out")
+    conn.close()
+    time.sleep(1.0)  # the DNS role looks at ended sessions twice a second
+    assert status(dig(g, "www.public.example", "TXT")) == "REFUSED"
     run.stop()
     out = run.output()
     assert "over the rate" in out and "192.168.1.101" in out
