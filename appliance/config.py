@@ -66,6 +66,9 @@ class DnsConfig:
     port: int
     upstream: tuple[ipaddress.IPv4Address, ...]
     cache_size: int
+    rate_limit: int = 50  # questions a second per guest address (appliance.dns.ratelimit)
+    rate_burst: int = 200  # ... and at once
+    before_login: str = "refuse"  # outside names before login: "refuse" or "portal"
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,12 @@ def _dns(r: Reader) -> DnsConfig:
         port=r.port("port", 53),
         upstream=tuple(_ips(r, "upstream")),
         cache_size=r.integer("cache_size", 10000, 0, 10_000_000),
+        rate_limit=r.integer("rate_limit", 50, 1, 1_000_000),
+        rate_burst=r.integer("rate_burst", 200, 1, 10_000_000),
+        before_login=r.text("before_login", "refuse", choices=("refuse", "portal")),
     )
+    if cfg.rate_burst < cfg.rate_limit:
+        raise r.error("rate_burst", "rate_burst must not be below rate_limit")
     r.finish()
     return cfg
 
