@@ -88,6 +88,23 @@ class Refusal:
     rule: str | None = None
 
 
+# The relay's own reasons, in one place (they drifted apart when each path had its own).
+# What a guest reads is worded per protocol in refusals.py from the kind; these go to
+# the access log and the HTTP pages, and never carry an address.
+OVER_LIMIT = "too many connections from you"
+NO_UPSTREAM = "no upstream reachable"
+NO_SUCH_HOST = "no such host"
+HIDDEN = "that address is not reachable from the guest network"
+
+
+def over_limit(who: Admission) -> Refusal:
+    return Refusal("limit", OVER_LIMIT, "", who.user, who.rule)
+
+
+def no_upstream(user: str | None, rule: str | None) -> Refusal:
+    return Refusal("unavailable", NO_UPSTREAM, "", user, rule)
+
+
 class Gate(Protocol):
     def listeners(self) -> tuple[Listener, ...]: ...
 

@@ -18,7 +18,16 @@ from typing import cast
 
 import h11
 
-from appliance.proxy.gate import Admission, Listener, Refusal, Upstream
+from appliance.proxy.gate import (
+    HIDDEN,
+    NO_SUCH_HOST,
+    Admission,
+    Listener,
+    Refusal,
+    Upstream,
+    no_upstream,
+    over_limit,
+)
 from appliance.proxy.http_target import (
     BadTarget,
     check_framing,
@@ -40,7 +49,6 @@ from appliance.proxy.relay import (
 log = logging.getLogger("appliance.proxy.http")
 
 
-HIDDEN = "that address is not reachable from the guest network"
 # never forwarded: Host is rebuilt from the checked target; Proxy-Connection is hop-by-hop
 _DROPPED = frozenset({b"host", b"proxy-connection"})
 
@@ -172,8 +180,7 @@ class HttpClient(Tracked, asyncio.Protocol):
         connect = method == "CONNECT"
         service = "connect" if connect else self.listener.service
         if self.limited is not None:
-            over = self.limited
-            self._refuse(Refusal("limit", "limit", "", over.user, over.rule), wants_html)
+            self._refuse(over_limit(self.limited), wants_html)
             return
         if self.admission is None or connect:
             verdict = self.relay.gate.admit(self.src, service)
@@ -181,7 +188,7 @@ class HttpClient(Tracked, asyncio.Protocol):
                 self._refuse(verdict, wants_html)
                 return
             if self.admission is None and not self.admitted(verdict):
-                self._refuse(Refusal("limit", "limit", "", verdict.user, verdict.rule), wants_html)
+                self._refuse(over_limit(verdict), wants_html)
                 return
             self.admission = verdict
             self.right = service  # a tunnel holds the `connect` right, not `http`
@@ -308,7 +315,7 @@ class HttpClient(Tracked, asyncio.Protocol):
             refusal = (
                 Refusal("denied", HIDDEN, "", user, rule)
                 if why == "hidden"
-                else Refusal("unavailable", "no such host", "", user, rule)
+                else Refusal("unavailable", NO_SUCH_HOST, "", user, rule)
             )
             self._refuse(refusal, False)
             return
@@ -344,7 +351,7 @@ class HttpClient(Tracked, asyncio.Protocol):
                 self.client.resume_reading()
             return
         self.busy = False
-        self._refuse(Refusal("unavailable", "no upstream", "", self.user, self.rule), False)
+        self._refuse(no_upstream(self.user, self.rule), False)
 
     # -- endings -----------------------------------------------------------------
     def _refuse(self, r: Refusal, wants_html: bool) -> None:

@@ -37,7 +37,15 @@ from typing import Any, cast
 from appliance.proxy.access_log import AccessLog
 from appliance.proxy.counts import Counts, LocalCounts
 from appliance.proxy.follow import Ended, EndedFollower
-from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
+from appliance.proxy.gate import (
+    Admission,
+    Gate,
+    Listener,
+    Refusal,
+    Upstream,
+    no_upstream,
+    over_limit,
+)
 from appliance.proxy.refusals import RefusalDialog
 from appliance.proxy.splice import READ, EdgePoll, PipePool, Sock, SpliceConn
 
@@ -215,7 +223,7 @@ class Link(Tracked, asyncio.Protocol):
             self._refuse(verdict)
             return
         if not self.admitted(verdict):
-            self._refuse(Refusal("limit", "connection limit", "", verdict.user, verdict.rule))
+            self._refuse(over_limit(verdict))
             return
         self.relay.loop.create_task(self._connect(verdict))
 
@@ -242,7 +250,7 @@ class Link(Tracked, asyncio.Protocol):
                 pump.transport.write_eof()
             self.client.resume_reading()
             return
-        self._refuse(Refusal("unavailable", "no upstream reachable", "", self.user, self.rule))
+        self._refuse(no_upstream(self.user, self.rule))
 
     def _refuse(self, r: Refusal) -> None:
         self.refused(r)
@@ -445,7 +453,7 @@ class Connector:
         self.conn.connector = None
         if not self.conn.closed:
             c = self.conn
-            c.refuse_now(Refusal("unavailable", "no upstream", "", c.user, c.rule))
+            c.refuse_now(no_upstream(c.user, c.rule))
 
     def event(self, ev: int) -> None:
         s, up = self.sock, self.up
@@ -592,7 +600,7 @@ class Relay:
             if isinstance(verdict, Refusal):
                 conn.refuse_now(verdict)
             elif not conn.admitted(verdict):
-                conn.refuse_now(Refusal("limit", "limit", "", verdict.user, verdict.rule))
+                conn.refuse_now(over_limit(verdict))
             elif _numeric(verdict.upstreams):
                 Connector(self, conn, verdict.upstreams).next()
             else:  # names need the resolver first
