@@ -115,7 +115,11 @@ class Ours(Peer):
 
     def prepare(self) -> None:
         self.config = write_config(
-            self.work, guest_address=f"{GW}/16", pool_start=POOL[0], pool_end=POOL[1]
+            self.work,
+            guest_address=f"{GW}/16",
+            pool_start=POOL[0],
+            pool_end=POOL[1],
+            relays=[RELAY],  # perfdhcp acts as a relay: trusted to vouch for chaddr
         )
 
     def argv(self) -> list[str]:
