@@ -23,6 +23,10 @@ SERVER_PORT = 67
 _ntoa = socket.inet_ntoa
 
 
+_HEADERS = struct.Struct("!BxHxxHxB2x4s4s")  # version/ihl, length, fragment, protocol, src, dst
+_UDP = struct.Struct("!2xHH")  # destination port, length
+
+
 def parse(frame: bytes) -> tuple[bytes, str, str, bytes]:
     """(Ethernet source, IP source, IP destination, UDP payload) of one frame.
 
@@ -31,26 +35,20 @@ def parse(frame: bytes) -> tuple[bytes, str, str, bytes]:
     """
     if len(frame) < ETH_HLEN + 28 or frame[12:14] != b"\x08\x00":
         raise DecodeError("bad_ip", "not an IPv4 frame")
-    vihl = frame[ETH_HLEN]
+    vihl, total, frag, proto, src, dst = _HEADERS.unpack_from(frame, ETH_HLEN)
     ihl = (vihl & 15) * 4
     if vihl >> 4 != 4 or ihl < 20:
         raise DecodeError("bad_ip", "not an IPv4 header")
-    total, frag, proto = struct.unpack_from("!2xH2xHxB", frame, ETH_HLEN)
     end = ETH_HLEN + total  # frames are padded to 60 bytes: the IP length counts
     if end > len(frame) or total < ihl + 8:
         raise DecodeError("bad_ip", f"IP length {total}")
     if frag & 0x3FFF or proto != 17:
         raise DecodeError("bad_ip", "a fragment or not UDP")
     u = ETH_HLEN + ihl
-    dport, ulen = struct.unpack_from("!2xHH", frame, u)
+    dport, ulen = _UDP.unpack_from(frame, u)
     if dport != SERVER_PORT or ulen < 8 or u + ulen > end:
         raise DecodeError("bad_udp", f"port {dport}, UDP length {ulen}")
-    return (
-        frame[6:12],
-        _ntoa(frame[ETH_HLEN + 12 : ETH_HLEN + 16]),
-        _ntoa(frame[ETH_HLEN + 16 : ETH_HLEN + 20]),
-        frame[u + 8 : u + ulen],
-    )
+    return frame[6:12], _ntoa(src), _ntoa(dst), frame[u + 8 : u + ulen]
 
 
 def _insn(code: int, jt: int, jf: int, k: int) -> bytes:

@@ -184,7 +184,11 @@ class Service:
 
     # -- the hot path -------------------------------------------------------------
     def pump(self) -> int:
-        """Handle what the socket holds (up to BATCH), commit once, then reply."""
+        """Handle what the socket holds (up to BATCH), commit once, then send the ACKs.
+
+        A reply that promises nothing the store must hold (OFFER, NAK, an ACK to
+        INFORM) leaves at once: an offer is no lease, and a REQUEST for it is
+        checked again against the index."""
         link, index, settings = self.link, self.index, self.settings
         relays, for_us, guard = settings.relays, self.for_us, self.guard
         now = time.time()
@@ -227,14 +231,19 @@ class Service:
                 log.exception("internal error answering %s from %s", msg.message_type, msg.mac)
                 self._dropped("internal_error", now)
                 continue
+            durable = False
             for ch in out.changes:
                 index.apply(ch)
                 if ch.kind in PERSISTED:
                     pending.append(to_row(ch.kind, ch.binding))
+                    durable = True
             if out.drop is not None:
                 self._dropped(out.drop, now)
             if out.reply is not None:
-                replies.append((msg, out.reply))
+                if durable:
+                    replies.append((msg, out.reply))
+                else:
+                    self._send(msg, out.reply)
                 if out.nak is not None:
                     self.counts["nak:" + out.nak] += 1
         if n == 0:
