@@ -69,6 +69,7 @@ class LeaseIndex:
         # per hardware address: its bound leases and its offers, ip -> binding (the cap)
         self.bound_by_mac: dict[str, dict[str, Binding]] = {}
         self.offers_by_mac: dict[str, dict[str, Binding]] = {}
+        self.declined_by_mac: dict[str, dict[str, Binding]] = {}
         self._heap: list[tuple[float, str]] = []
         self._cursor = self.start
 
@@ -113,6 +114,11 @@ class LeaseIndex:
         out = [b for b in held.values() if b.client != client and b.expires > now]
         out.sort(key=lambda b: b.expires)
         return out
+
+    def quarantined_by_mac(self, mac: str, now: float) -> int:
+        """How many addresses this hardware address declined that are still in quarantine."""
+        held = self.declined_by_mac.get(mac)
+        return sum(1 for b in held.values() if b.expires > now) if held else 0
 
     def offered_to_mac(self, mac: str, client: bytes) -> list[Binding]:
         """The offers this hardware address holds under other client keys."""
@@ -182,11 +188,16 @@ class LeaseIndex:
                 del self.offer_by_client[b.client]
             return
         old = self.by_ip.get(b.ip)
-        if old is not None and old.state == "bound":
-            _unmac(self.bound_by_mac, old)
+        if old is not None:
+            if old.state == "bound":
+                _unmac(self.bound_by_mac, old)
+            elif old.state == "declined":
+                _unmac(self.declined_by_mac, old)
         self.by_ip[b.ip] = b
         if b.state == "bound":
             self.bound_by_mac.setdefault(b.mac, {})[b.ip] = b
+        elif b.state == "declined":
+            self.declined_by_mac.setdefault(b.mac, {})[b.ip] = b
         heapq.heappush(self._heap, (b.expires, b.ip))
         o = self.offers.get(b.ip)
         if o is not None and (o.client == b.client or kind in ("granted", "renewed")):

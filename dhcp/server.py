@@ -11,8 +11,9 @@ word: chaddr must be the frame's Ethernet source (`Source`, read by the service
 from the link layer), relayed messages are taken only from configured relays, a
 RELEASE only from the lease's own (IP, MAC), and a client identifier never lets
 another hardware address take over a lease (the client key holds chaddr).  One
-hardware address holds at most `leases_per_mac` leases: a new client identity on
-it retires its oldest lease instead of taking another address from the pool.
+hardware address holds at most `leases_per_mac` leases (and as many quarantined
+addresses it declined): a new client identity on it retires its oldest lease
+instead of taking another address from the pool.
 """
 
 from __future__ import annotations
@@ -386,7 +387,14 @@ def _decline(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outcom
     )
     if not ours:
         return _drop("decline_unknown")
-    q = Binding(ip, req.mac, client, "declined", now + s.quarantine, req.options.get(61))
+    mac = req.mac
+    if index.quarantined_by_mac(mac, now) >= s.leases_per_mac:
+        # DISCOVER, DECLINE, again: one MAC could quarantine the whole pool.  Past the
+        # cap its DECLINE only gives the address back, unquarantined.
+        if b is not None and b.state == "bound" and b.client == client:
+            return _drop("decline_limit", Change("released", _ended(b, "released", now)))
+        return _drop("decline_limit", Change("unoffered", Binding(ip, mac, client, "offered", now)))
+    q = Binding(ip, mac, client, "declined", now + s.quarantine, req.options.get(61))
     return Outcome(None, (Change("declined", q),))
 
 

@@ -453,3 +453,20 @@ def test_one_mac_holds_at_most_leases_per_mac(tmp_path: Path, cap: int) -> None:
     assert [b.client_id for b in live] == [f"id-{i}".encode() for i in range(40 - cap, 40)]
     assert sum(k == "released" for k, _, _ in sim.persisted) == 40 - cap
     assert len({get_lease(sim, n) for n in range(2, 10 - cap + 2)}) == 10 - cap
+
+
+def test_one_mac_cannot_quarantine_the_pool_by_declining(sim: Sim) -> None:
+    """DISCOVER, DECLINE, again: past leases_per_mac quarantines a DECLINE only frees."""
+    for _ in range(10):  # the pool has 10 addresses
+        offer = sim.send(msg(DISCOVER, 1)).reply
+        assert offer is not None
+        sim.send(msg(DECLINE, 1, requested=offer.yiaddr, server=SERVER))
+    quarantined = [b for b in sim.index.by_ip.values() if b.state == "declined"]
+    assert len(quarantined) == 2  # dhcp.leases_per_mac
+    assert [k for k, _, _ in sim.persisted] == ["declined", "declined"]
+    assert len({get_lease(sim, n) for n in range(2, 10)}) == 8  # the rest is still there
+    sim.now += 601  # once the quarantine ends, the MAC may decline again
+    offer = sim.send(msg(DISCOVER, 1)).reply
+    assert offer is not None
+    out = sim.send(msg(DECLINE, 1, requested=offer.yiaddr, server=SERVER))
+    assert [c.kind for c in out.changes] == ["declined"]
