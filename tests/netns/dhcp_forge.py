@@ -11,6 +11,8 @@ line on stdout, so the test checks what a guest would see.
         another client identifier
   victim {"mac", "ip", "cid", "own_ip", "server"}   forged RELEASE / DECLINE / REQUEST
         against another guest's lease, one after the other
+  relay {"own_ip", "server", "pool"}          posing as a relay (giaddr = our address):
+        a DISCOVER and a REQUEST per pool address for made-up chaddrs
   watch {"seconds": T}                        every reply seen on eth0 for T seconds
 """
 
@@ -64,9 +66,11 @@ def options(p: Packet) -> dict[str, Any]:
 TYPES = {2: "offer", 5: "ack", 6: "nak"}
 
 
-def send_all(frames: list[bytes], rate: float, settle: float = 1.5) -> list[Packet]:
+def send_all(
+    frames: list[bytes], rate: float, settle: float = 1.5, ports: str = "dst port 68"
+) -> list[Packet]:
     """Send frames at `rate` per second; the BOOTREPLYs seen meanwhile and after."""
-    sn = AsyncSniffer(iface=IFACE, filter="udp and dst port 68")
+    sn = AsyncSniffer(iface=IFACE, filter=f"udp and ({ports})")
     sn.start()
     time.sleep(0.5)
     raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -191,6 +195,24 @@ def victim(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def relay(args: dict[str, Any]) -> dict[str, Any]:
+    own, server = args["own_ip"], args["server"]
+    frames = []
+    for i, ip in enumerate(pool(args)):
+        mac = random_mac()
+        for xid, opts in (
+            (9000 + 2 * i, [("message-type", "discover")]),
+            (9001 + 2 * i, [("message-type", "request"), ("server_id", server),
+                            ("requested_addr", ip)]),
+        ):  # fmt: skip
+            eth = Ether(src=OWN, dst="ff:ff:ff:ff:ff:ff")
+            bootp = BOOTP(chaddr=chaddr(mac), xid=xid, giaddr=own, hops=1)
+            pkt = eth / IP(src=own, dst=server) / UDP(sport=67, dport=67) / bootp
+            frames.append(bytes(pkt / DHCP(options=[*opts, "end"])))
+    got = send_all(frames, args.get("rate", 300), ports="dst port 67 or dst port 68")
+    return {"replies": len(got), "sent": len(frames)}
+
+
 def watch(args: dict[str, Any]) -> dict[str, Any]:
     sn = AsyncSniffer(iface=IFACE, filter="udp and dst port 68")
     sn.start()
@@ -211,5 +233,6 @@ def watch(args: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    action = {"spoof": spoof, "cids": cids, "victim": victim, "watch": watch}[sys.argv[1]]
+    actions = {"spoof": spoof, "cids": cids, "victim": victim, "relay": relay, "watch": watch}
+    action = actions[sys.argv[1]]
     print(json.dumps(action(json.loads(sys.argv[2]))), flush=True)

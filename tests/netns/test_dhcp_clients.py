@@ -372,6 +372,26 @@ def test_made_up_chaddrs_get_no_lease(
     assert in_pool(ipv4(topo, "guest1"))
 
 
+def test_a_guest_posing_as_a_relay_gets_nothing(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """giaddr would let it name any chaddr: relays are answered only when configured."""
+    topo = make_topology(guests=2)
+    srv = DhcpServer(topo, tmp_path / "srv")
+    udhcpc_once(topo, "guest2")
+    own_ip = str(ipv4(topo, "guest2")).split("/")[0]
+    got = forge(topo, "guest2", "relay", own_ip=own_ip, server=SERVER_IP, pool=POOL_RANGE)
+    assert got["replies"] == 0, got
+    assert [x.mac for x in srv.all_leases() if x.state == "bound"] == [guest_mac(2)]
+
+    def refused() -> int:
+        d = srv.stats()["drops"]
+        return int(d.get("untrusted_relay", 0) + d.get("flood", 0))
+
+    wait_for(lambda: refused() == got["sent"], 5, "every relayed packet counted")
+    assert srv.stats()["drops"].get("untrusted_relay", 0) >= 25
+
+
 def test_one_mac_holds_few_leases_whatever_its_client_ids(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:
