@@ -210,6 +210,10 @@ class Service:
                 if left <= 0 or not self._readable.poll(left * 1000):
                     break
                 continue
+            except OSError as exc:  # ENETDOWN once when the link went down (and up)
+                log.warning("reading %s: %s", self.ifname, exc)
+                self.drops["link_error"] += 1
+                break
             n += 1
             try:
                 mac, src_ip, dst_ip, payload = frame.parse(data)

@@ -451,3 +451,19 @@ def test_client_identifier_echoed_to_a_real_client(
     cid = "01" + guest_mac(1).replace(":", "")
     assert {r["type"] for r in replies} >= {"offer", "ack"}, replies
     assert all(r["client_id"] == cid for r in replies), replies
+
+
+def test_the_guest_link_going_down_and_up_does_not_stop_the_server(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """The packet socket reports ENETDOWN once after the link flaps: counted, not fatal."""
+    topo = make_topology(guests=1)
+    srv = DhcpServer(topo, tmp_path / "srv")
+    topo["gw"].run("ip", "link", "set", "guest0", "down")
+    time.sleep(0.5)
+    topo["gw"].run("ip", "link", "set", "guest0", "up")
+    topo["gw"].run("ip", "addr", "replace", "192.168.1.1/24", "dev", "guest0")
+    time.sleep(1)
+    udhcpc_once(topo, "guest1")
+    assert in_pool(ipv4(topo, "guest1"))
+    assert srv.proc is not None and srv.proc.alive()
