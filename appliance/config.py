@@ -58,6 +58,8 @@ class DhcpConfig:
     domain: str
     decline_quarantine: int
     reservations: tuple[Reservation, ...]
+    relays: tuple[ipaddress.IPv4Address, ...] = ()  # DHCP relays trusted to vouch for chaddr
+    leases_per_mac: int = 2
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,12 @@ def _dhcp(r: Reader, subnet: ipaddress.IPv4Network, gw: ipaddress.IPv4Address) -
         domain=r.text("domain", "guest.example"),
         decline_quarantine=r.integer("decline_quarantine", 600, 0, 86400),
         reservations=tuple(_reservation(t, subnet) for t in r.tables("reservations")),
+        relays=tuple(_ips(r, "relays")),
+        leases_per_mac=r.integer("leases_per_mac", 2, 1, 64),
     )
+    for relay in cfg.relays:
+        if relay not in subnet:
+            raise r.error("relays", f"relay {relay} is outside the guest subnet {subnet}")
     for key in ("pool_start", "pool_end"):
         addr = getattr(cfg, key)
         if addr not in subnet or addr in (subnet.network_address, subnet.broadcast_address):
