@@ -12,8 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from appliance import __version__, logs
-from appliance.config import DEFAULT_PATH, ConfigError, load
+from appliance import __version__
+from appliance.core import logs
+from appliance.core.config import DEFAULT_PATH, ConfigError, add_config_arg, load
 
 log = logging.getLogger("appliance")
 
@@ -23,21 +24,11 @@ COMMANDS = [
     "appliance.install",
     "appliance.agent.appliance_cli",
     "appliance.net.cli",
-    "appliance.policy_cli",
+    "appliance.policy.cli",
     "appliance.admin.cli",
     "appliance.portal.cli",
     "dhcp.cli",
 ]
-
-
-def add_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=DEFAULT_PATH,
-        help=f"configuration file (default {DEFAULT_PATH})",
-    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -55,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from appliance import policy_files
+    from appliance.policy import files as policy_files
 
     config = load(args.path)
     tables = policy_files.check(config)

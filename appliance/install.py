@@ -221,8 +221,8 @@ class Installer:
 
     def check_config(self) -> bool:
         """Validate the installed configuration and its tables, as check-config does."""
-        from appliance import policy_files
-        from appliance.config import ConfigError, load
+        from appliance.core.config import ConfigError, load
+        from appliance.policy import files as policy_files
 
         path = self.at(self.layout.config_dir / "appliance.toml")
         try:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.config import Config
+from appliance.core.config import Config
 
 log = logging.getLogger("appliance.run")
 
@@ -52,7 +52,7 @@ def resolve(role: str) -> Callable[[Config], int]:
 
 
 def run_one(role: str, config: Config) -> int:
-    from appliance.pidfiles import pidfile  # so `appliance reload` finds the role
+    from appliance.core.pidfiles import pidfile  # so `appliance reload` finds the role
 
     main = resolve(role)
     with pidfile(config, role):
@@ -65,7 +65,7 @@ def supervise(roles: list[str], config_path: Path, log_level: str) -> int:
         resolve(role)  # fail early, before anything starts
     net_config = None
     if "net" in roles:  # the guest side is closed before any guest-facing role listens
-        from appliance.config import load
+        from appliance.core.config import load
         from appliance.net import service as net
 
         net_config = load(config_path)

@@ -11,8 +11,8 @@ import json
 import sys
 import time
 
-from appliance import store
-from appliance.config import load
+from appliance.core.config import load
+from appliance.state import store
 from dhcp import leases
 
 
@@ -68,7 +68,7 @@ def _cmd_leases(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from appliance.cli import add_config_arg
+    from appliance.core.config import add_config_arg
 
     p = sub.add_parser("leases", help="list current DHCP leases")
     add_config_arg(p)

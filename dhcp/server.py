@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from appliance.config import Config
+from appliance.core.config import Config
 from dhcp import codec
 from dhcp.codec import (
     ACK,

@@ -38,8 +38,8 @@ from collections import Counter
 from pathlib import Path
 from types import FrameType
 
-from appliance import store
-from appliance.config import Config
+from appliance.core.config import Config
+from appliance.state import store
 from dhcp import codec, frame, leases
 from dhcp.codec import TYPE_NAMES, DecodeError
 from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key

@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance import config as config_mod
-from appliance import passwords
-from appliance.agent import tables, wire
+from appliance.agent import tables
 from appliance.agent.settings import AgentSettings
 from appliance.agent.settings import load as load_settings
-from appliance.atomic_file import write_atomically
+from appliance.core import agent_protocol as wire
+from appliance.core import config as config_mod
+from appliance.core import passwords
+from appliance.core.atomic_file import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "policies" / "appliance.toml"

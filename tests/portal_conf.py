@@ -6,8 +6,9 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from appliance import accounts, config, passwords
-from appliance.config import Config
+from appliance.accounts import site as accounts
+from appliance.core import config, passwords
+from appliance.core.config import Config
 from appliance.lab.topology import Node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 APPLY_RULESET = """
 import sys
-from appliance import config
+from appliance.core import config
 from appliance.net import follower, setup
 cfg = config.load(sys.argv[1])
 setup.apply(cfg, {25: 2525, 110: 1110, 80: 8081})

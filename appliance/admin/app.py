@@ -25,16 +25,19 @@ from typing import Any
 from flask import Flask, Response, abort, redirect, render_template, request, session, url_for
 from jinja2 import DictLoader
 
-from appliance import store, trusted_agents
-from appliance.admin import accounts, audit, grid
+from appliance.accounts import admins as accounts
+from appliance.admin import audit, grid
 from appliance.admin.files import Conflict, read_versioned, save_if_unchanged
 from appliance.admin.logins import AdminLogins
 from appliance.admin.templates import CSS, TEMPLATES
-from appliance.config import Config
-from appliance.policy import check_texts
+from appliance.core.config import Config
+from appliance.core.tomlfile import ConfigError
+from appliance.net.firewall import revoker
+from appliance.policy import trusted_agents
+from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
-from appliance.sessions import SessionStore
-from appliance.tomlfile import ConfigError
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.admin")
 LOGIN_FAILURES_ALLOWED = 5
@@ -52,7 +55,7 @@ _AGENTS_TEMPLATE = """# Trusted personal agents: the attribute keys each may ass
 
 def session_store(config: Config) -> SessionStore:
     """The shared session store, with the firewall's revoke attached to end()."""
-    return SessionStore.from_config(config)
+    return SessionStore.from_config(config, revoke=revoker(config))
 
 
 def _secret_key(config: Config) -> bytes:
@@ -90,7 +93,7 @@ def create_app(
         MAX_CONTENT_LENGTH=2 * 1024 * 1024,
     )
     if notify is None:
-        from appliance.pidfiles import signal_roles
+        from appliance.core.pidfiles import signal_roles
 
         notify = signal_roles
     failures = RateLimiter(LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW)

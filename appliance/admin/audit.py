@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.config import Config
+from appliance.core.config import Config
 
 log = logging.getLogger("appliance.admin.audit")
 

@@ -6,12 +6,12 @@ import argparse
 import getpass
 import sys
 
-from appliance.config import load
+from appliance.core.config import load
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from appliance import passwords  # argon2 set-up costs: only when used
-    from appliance.admin import accounts
+    from appliance.accounts import admins as accounts
+    from appliance.core import passwords  # argon2 set-up costs: only when used
 
     config = load(args.config)
     path = config.policies.admins
@@ -39,8 +39,8 @@ def _cmd(args: argparse.Namespace) -> int:
     # no store yet (before the first start): no logins to end, and a store made now by
     # root would be one the roles' own user cannot write
     if args.admins_command in ("del", "passwd") and config.state.database.exists():
-        from appliance import store
         from appliance.admin.logins import AdminLogins
+        from appliance.state import store
 
         ended = AdminLogins(store.connect(config.state.database)).end_all(args.name)
         if ended:
@@ -49,7 +49,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from appliance.cli import add_config_arg
+    from appliance.core.config import add_config_arg
 
     p = sub.add_parser("admins", help="admin accounts of the admin pages")
     psub = p.add_subparsers(dest="admins_command", required=True, metavar="ACTION")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from appliance.atomic_file import locked, write_atomically
+from appliance.core.atomic_file import locked, write_atomically
 
 
 class Conflict(Exception):

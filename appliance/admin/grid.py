@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from appliance.access_rights import AccessTable
-from appliance.tomlfile import toml_key, toml_string, toml_value
+from appliance.core.tomlfile import toml_key, toml_string, toml_value
+from appliance.policy.access_rights import AccessTable
 
 
 class GridError(ValueError):

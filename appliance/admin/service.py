@@ -15,7 +15,7 @@ import threading
 from waitress.server import create_server
 
 from appliance.admin.app import create_app
-from appliance.config import Config
+from appliance.core.config import Config
 
 log = logging.getLogger("appliance.admin")
 

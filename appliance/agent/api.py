@@ -24,11 +24,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import passwords
-from appliance.agent import wire
 from appliance.agent.guard import Lockout, NonceCache, RateLimiter, source_of
 from appliance.agent.settings import AgentSettings
 from appliance.agent.tables import ApplianceTable, UserTable
+from appliance.core import agent_protocol as wire
+from appliance.core import passwords
 
 log = logging.getLogger("appliance.agent")
 

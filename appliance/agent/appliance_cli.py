@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Mapping
 
-from appliance.config import load
+from appliance.core.config import load
 
 
 def _cmd_key(args: argparse.Namespace) -> int:
@@ -25,8 +25,8 @@ def _cmd_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_login(args: argparse.Namespace) -> int:
-    from appliance import trusted_agents
     from appliance.agent.client import AgentError, authenticate, parse_spec
+    from appliance.policy import trusted_agents
 
     config = load(args.config)
     if args.password_stdin:
@@ -78,7 +78,7 @@ def _plain(attrs: Mapping[str, str | tuple[str, ...]]) -> dict[str, str | list[s
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from appliance.cli import add_config_arg
+    from appliance.core.config import add_config_arg
 
     key = sub.add_parser("agent-key", help="print this appliance's key for personal agents")
     add_config_arg(key)

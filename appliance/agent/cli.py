@@ -19,12 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from appliance import logs, passwords
 from appliance.agent import settings as settings_mod
-from appliance.agent import tables, tlscert, wire
+from appliance.agent import tables, tlscert
 from appliance.agent.settings import AgentSettings
-from appliance.atomic_file import locked, write_atomically
-from appliance.tomlfile import ConfigError
+from appliance.core import agent_protocol as wire
+from appliance.core import logs, passwords
+from appliance.core.atomic_file import locked, write_atomically
+from appliance.core.tomlfile import ConfigError
 
 log = logging.getLogger("appliance.agent")
 

@@ -34,9 +34,9 @@ import h11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import reach
-from appliance.agent import wire
-from appliance.config import Config
+from appliance.core import agent_protocol as wire
+from appliance.core import reach
+from appliance.core.config import Config
 
 log = logging.getLogger("appliance.agent.client")
 KEY_FILE = "agent-client.key"
@@ -120,7 +120,7 @@ def parse_spec(spec: str, default_port: int = wire.DEFAULT_PORT) -> AgentSpec:
 
 def forbidden_address(config: Config, address: str) -> str | None:
     """Why an agent or a personal server may not be at this address (None: it may):
-    appliance.reach's verdict (IPv6 forms judged as the IPv4 address they carry),
+    appliance.core.reach's verdict (IPv6 forms judged as the IPv4 address they carry),
     then any address of this host."""
     why = reach.forbidden(config.interfaces, address)
     if why is None and _is_local(address):

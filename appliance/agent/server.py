@@ -26,11 +26,11 @@ from typing import Any
 
 import h11
 
-from appliance import passwords
 from appliance.agent import tables, tlscert
 from appliance.agent.api import PENDING_SAVE_INTERVAL, AgentApp, Request, Response, refuse
 from appliance.agent.settings import AgentSettings
-from appliance.atomic_file import write_atomically
+from appliance.core import passwords
+from appliance.core.atomic_file import write_atomically
 
 log = logging.getLogger("appliance.agent")
 

@@ -10,8 +10,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.agent import wire
-from appliance.tomlfile import ConfigError, Reader, TomlFile
+from appliance.core import agent_protocol as wire
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 DEFAULT_PATH = Path("/etc/personal-agent/agent.toml")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.agent import wire
-from appliance.tomlfile import ConfigError, Reader, TomlFile, toml_string, toml_value
+from appliance.core import agent_protocol as wire
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile, toml_string, toml_value
 
 log = logging.getLogger("appliance.agent")
 AttrValue = str | tuple[str, ...]

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance.agent import wire
-from appliance.atomic_file import write_atomically
+from appliance.core import agent_protocol as wire
+from appliance.core.atomic_file import write_atomically
 
 
 def ensure_certificate(cert_path: Path, key_path: Path, names: tuple[str, ...] = ()) -> bool:

@@ -19,7 +19,7 @@ types a browser asks when it opens a page (A, AAAA, SVCB, HTTPS) only.  Any othe
 type (TXT, NULL, ANY, MX, SRV, PTR...) is REFUSED.  Any other name gets, by
 `Settings.before_login`:
 
-- "portal" (the default): A is answered with STAND_IN (appliance.config), TTL 0,
+- "portal" (the default): A is answered with STAND_IN (appliance.core.config), TTL 0,
   and AAAA/SVCB/HTTPS with no records, still without asking upstream.  Port 80 to
   STAND_IN goes to the portal like any address before login; the firewall resets
   every other connection to it at once (HTTPS upgrades fail fast, QUIC gets ICMP
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
-from appliance.config import STAND_IN
+from appliance.core.config import STAND_IN
 
 MAX_QUERY = 512  # a guest's question never needs more; anything bigger is refused
 MAX_TTL = 3600

@@ -30,7 +30,7 @@ from typing import Any
 
 from dnslib import RCODE
 
-from appliance.config import Config
+from appliance.core.config import Config
 from appliance.dns.core import Action, Drop, Forward, Reply, Resolver, Settings, error_reply
 from appliance.dns.logins import Logins
 from appliance.dns.ratelimit import BURST, RATE, RateLimit
@@ -352,8 +352,8 @@ def settings_for(config: Config, guest_names: Iterable[str]) -> Settings:
 
 def sessions_for(config: Config) -> Any:
     """The shared sessions store; this role only reads sessions, never starts or ends one."""
-    from appliance import store
-    from appliance.sessions import SessionStore
+    from appliance.state import store
+    from appliance.state.sessions import SessionStore
 
     return SessionStore(store.connect(config.state.database))
 

@@ -22,10 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from appliance.atomic_file import write_atomically
+from appliance.core.atomic_file import write_atomically
+from appliance.core.tomlfile import toml_key, toml_value
 from appliance.lab import servers
 from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
-from appliance.tomlfile import toml_key, toml_value
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"

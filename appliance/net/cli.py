@@ -6,7 +6,7 @@ import argparse
 import subprocess
 import sys
 
-from appliance.config import load
+from appliance.core.config import load
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from appliance.cli import add_config_arg
+    from appliance.core.config import add_config_arg
 
     p = sub.add_parser("net", help="guest-side isolation: nftables table and interface")
     nsub = p.add_subparsers(dest="net_command", required=True, metavar="ACTION")

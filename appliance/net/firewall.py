@@ -10,7 +10,9 @@ matched on IP *and* MAC, so a guest that copies another guest's address gains no
 
 from __future__ import annotations
 
-from appliance.config import Config
+from collections.abc import Callable
+
+from appliance.core.config import Config
 from appliance.net import nft
 from appliance.net.setup import check_pair
 
@@ -41,3 +43,13 @@ class Firewall:
 
     def members(self) -> set[tuple[str, str]]:
         return nft.set_elements(SET)
+
+
+def revoker(config: Config) -> Callable[[str, str], None]:
+    """What an ended session calls (`SessionStore.from_config(revoke=...)`): its (IP, MAC)
+    leaves the authenticated set, in the namespace of the calling process."""
+
+    def revoke(ip: str, mac: str) -> None:
+        Firewall(config).revoke(ip, mac)
+
+    return revoke

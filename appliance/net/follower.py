@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from appliance import store
-from appliance.config import Config
+from appliance.core.config import Config
 from appliance.net import nft
 from appliance.net.setup import check_pair
+from appliance.state import store
 from dhcp import leases
 
 log = logging.getLogger("appliance.net.follower")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from appliance.config import Config
+from appliance.core.config import Config
 
 log = logging.getLogger("appliance.net")
 

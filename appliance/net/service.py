@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Mapping
 
-from appliance.config import Config
+from appliance.core.config import Config
 from appliance.net import follower, interface, setup, tables
 
 log = logging.getLogger("appliance.net")

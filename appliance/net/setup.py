@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from importlib import resources
 from string import Template
 
-from appliance.config import STAND_IN, Config
+from appliance.core.config import STAND_IN, Config
 from appliance.net import nft
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")

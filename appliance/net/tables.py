@@ -2,14 +2,14 @@
 
 The guest side needs two things from `servers.toml`: which guest ports are
 intercepted to which local listener, and the names guests may use for the
-appliance's services.  Read through `appliance.server_info`, so a broken table
+appliance's services.  Read through `appliance.policy.server_info`, so a broken table
 is refused with its file, line and key instead of being half-applied.
 """
 
 from __future__ import annotations
 
-from appliance.config import Config
-from appliance.server_info import ServerTable, load_servers
+from appliance.core.config import Config
+from appliance.policy.server_info import ServerTable, load_servers
 
 
 def _table(config: Config) -> ServerTable:

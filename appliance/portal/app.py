@@ -25,12 +25,13 @@ from urllib.parse import quote, urlsplit
 from flask import Flask, Response, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
-from appliance import accounts, store
-from appliance.config import CAPTIVE_API_PATH, Config
-from appliance.neighbours import neighbour_mac
+from appliance.accounts import site as accounts
+from appliance.core.config import CAPTIVE_API_PATH, Config
+from appliance.core.neighbours import neighbour_mac
 from appliance.portal import gates, i18n, pages
 from appliance.portal.security import Csrf, InFlight, RateLimiter, ReturnUrls
-from appliance.sessions import Session, SessionStore
+from appliance.state import store
+from appliance.state.sessions import Session, SessionStore
 from dhcp import leases
 
 log = logging.getLogger("appliance.portal")
@@ -70,7 +71,7 @@ class Deps:
 
 def real_deps(config: Config, deps: Deps | None = None) -> Deps:
     """Fill what a Deps leaves open with the real calls of `gates` and `sessions`."""
-    from appliance.sessions import firewall_revoke
+    from appliance.net.firewall import revoker
 
     d = deps or Deps()
     if d.agent_logins is None:
@@ -82,7 +83,7 @@ def real_deps(config: Config, deps: Deps | None = None) -> Deps:
     if d.authorize is None:
         d.authorize = lambda ip, mac: gates.authorize(config, ip, mac)
     if d.revoke is None:
-        d.revoke = firewall_revoke(config)
+        d.revoke = revoker(config)
     if d.network_gate is None:
         d.network_gate = lambda attrs: gates.may_use_network(config, attrs)
     if d.service_list is None:
@@ -112,9 +113,10 @@ class Portal:
     def store(self) -> SessionStore:
         st: SessionStore | None = getattr(self._local, "store", None)
         if st is None:
-            st = SessionStore.from_config(self.config, store.connect(self.config.state.database))
             assert self.deps.revoke is not None
-            st.revoke = self.deps.revoke
+            st = SessionStore.from_config(
+                self.config, store.connect(self.config.state.database), revoke=self.deps.revoke
+            )
             self._local.store = st
         return st
 

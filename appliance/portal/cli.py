@@ -13,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from appliance import accounts, passwords
-from appliance.atomic_file import locked
-from appliance.config import Config, load
-from appliance.sessions import Session, SessionStore
+from appliance.accounts import site as accounts
+from appliance.core import passwords
+from appliance.core.atomic_file import locked
+from appliance.core.config import Config, load
+from appliance.net.firewall import revoker
+from appliance.state.sessions import Session, SessionStore
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -109,7 +111,8 @@ def _users_list(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> SessionStore:
-    return SessionStore.from_config(_config(args))
+    config = _config(args)
+    return SessionStore.from_config(config, revoke=revoker(config))
 
 
 def _sessions_list(args: argparse.Namespace) -> int:
@@ -166,7 +169,7 @@ def _sessions_end(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from appliance.cli import add_config_arg
+    from appliance.core.config import add_config_arg
 
     users = sub.add_parser("users", help="site accounts (policies.users)")
     usub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from appliance import trusted_agents
-from appliance.agent import wire
-from appliance.config import Config
+from appliance.core import agent_protocol as wire
+from appliance.core.config import Config
+from appliance.policy import trusted_agents
 
 if TYPE_CHECKING:
     from appliance.policy import Policy
@@ -120,7 +120,7 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
     """Ask the visitor's personal agent; AgentFailure(code) on any refusal or fault.
 
     The answer is then cut down to what the site takes from that agent (see
-    appliance.trusted_agents): the user id becomes user@agent, and attributes only
+    appliance.policy.trusted_agents): the user id becomes user@agent, and attributes only
     pass from an agent the trusted-agents table names, and only its listed keys."""
     from appliance.agent import client  # here: tests put a fake agent in sys.modules
 
@@ -159,6 +159,7 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
 def allow_command(config: Config) -> str:
     """What a household runs at home to allow this appliance (the portal shows it to the
     visitor whose agent refused it as not yet allowed)."""
-    from appliance.agent import client, wire
+    from appliance.agent import client
+    from appliance.core import agent_protocol as wire
 
     return wire.allow_command(client.appliance_key_id(config))

@@ -25,11 +25,12 @@ from waitress import create_server
 from waitress.channel import HTTPChannel
 from waitress.task import WSGITask
 
-from appliance import store
-from appliance.config import PORTAL_THREADS, Config
+from appliance.core.config import PORTAL_THREADS, Config
+from appliance.net.firewall import revoker
 from appliance.portal import gates
 from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, create_app
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.portal")
 FOLLOW_INTERVAL = 2.0
@@ -44,7 +45,9 @@ def follow(config: Config, stop: threading.Event, interval: float = FOLLOW_INTER
     Lease events are looked at every `interval` (the net role already takes an ended
     lease's pair out of nftables within 50 ms); a session whose time runs out sooner
     is ended when it does, not up to `interval` later."""
-    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st = SessionStore.from_config(
+        config, store.connect(config.state.database), revoke=revoker(config)
+    )
     while not stop.is_set():
         wait = interval
         try:
@@ -164,7 +167,9 @@ def main(config: Config) -> int:
     host = str(config.interfaces.guest_ip)
     port = config.portal.http_port
     app = create_app(config)
-    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st = SessionStore.from_config(
+        config, store.connect(config.state.database), revoke=revoker(config)
+    )
     st.maintain()  # catch up on what happened while we were down
     tls = start_https(config, app)
     server = make_server(app, host, port)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from appliance import reach
-from appliance.config import Config
-from appliance.neighbours import neighbour_mac
+from appliance.core import reach
+from appliance.core.config import Config
+from appliance.core.neighbours import neighbour_mac
 from appliance.policy import Policy
-from appliance.sessions import Session, SessionStore
+from appliance.state.sessions import Session, SessionStore, read_only
 
 log = logging.getLogger("appliance.proxy.gate")
 
@@ -221,7 +221,7 @@ def personal_problem(text: str, interfaces: Any = None) -> str | None:
     """Why the relay cannot use a personal server "address:port" (from the visitor's
     agent), as words for the visitor without the address; None: it can.  Such a server
     is refused, never replaced by the site's: that would hand the visitor's home
-    credentials to the site.  `interfaces` (config.interfaces) adds appliance.reach's
+    credentials to the site.  `interfaces` (config.interfaces) adds appliance.core.reach's
     verdict; the agent client checked it at login, this is the seam's own check."""
     host, sep, port = text.rpartition(":")
     if host.startswith("[") or ":" in host:
@@ -260,7 +260,7 @@ class PolicyGate:
         # the MAC behind a guest address (None: no complete entry on the guest interface)
         self.neighbour = neighbour or functools.partial(neighbour_mac, config.interfaces.guest)
         self.policy = policy or Policy.load(config)
-        self.sessions = sessions or SessionStore.from_config(config)
+        self.sessions = sessions or SessionStore.from_config(config, revoke=read_only)
         self._subscribers: list[Callable[[], None]] = []
         self._touched: dict[str, float] = {}
         # ip -> (until, session, mac, answers per service)

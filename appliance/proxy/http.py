@@ -18,6 +18,7 @@ from typing import cast
 
 import h11
 
+from appliance.core.config import STAND_IN_TEXT as STAND_IN
 from appliance.proxy.gate import (
     HIDDEN,
     NO_SUCH_HOST,
@@ -215,7 +216,9 @@ class HttpClient(Tracked, asyncio.Protocol):
             self._refuse(Refusal("denied", reason, "", adm.user, adm.rule), wants_html)
             return
         if (checked.numeric and self.relay.hidden(checked.host)) or (
-            self.orig is not None and self.relay.hidden(self.orig[0])
+            # the DNS stand-in a guest may still have cached from before its login is no
+            # destination: the checked Host is
+            self.orig is not None and self.orig[0] != STAND_IN and self.relay.hidden(self.orig[0])
         ):
             self._refuse(Refusal("denied", HIDDEN, "", adm.user, adm.rule), wants_html)
             return

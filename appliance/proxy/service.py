@@ -145,9 +145,9 @@ def run(
 
 def guest_hidden(config: Any) -> Callable[[str], bool]:
     """The relay's `hidden`: never a target for a guest (hidden networks, the appliance
-    itself, special ranges; IPv6 spellings judged as what they reach: appliance.reach).
+    itself, special ranges; IPv6 spellings judged as what they reach: appliance.core.reach).
     Anything that is not an address is hidden.  Cached: the web proxy asks per request."""
-    from appliance import reach
+    from appliance.core import reach
 
     ifs = config.interfaces
 

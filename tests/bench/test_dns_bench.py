@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import store
 from appliance.lab import servers
 from appliance.lab.topology import Node, Topology, guest_mac
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "netns"))
 from _guestside import record_lease, write_config

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import store
-from appliance.config import load
-from appliance.neighbours import neighbour_mac
+from appliance.core.config import load
+from appliance.core.neighbours import neighbour_mac
 from appliance.policy import Policy
 from appliance.proxy.gate import Admission, PolicyGate
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 from dhcp import leases
 
 pytestmark = pytest.mark.bench

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.access_rights import AccessTable, parse_access
-from appliance.tomlfile import TomlFile
+from appliance.core.tomlfile import TomlFile
+from appliance.policy.access_rights import AccessTable, parse_access
 
 pytestmark = pytest.mark.bench
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "bench"

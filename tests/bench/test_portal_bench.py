@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 from portal_conf import add_user, apply_ruleset, load, write_config
 
-from appliance import accounts, passwords, store
-from appliance.config import CAPTIVE_API_PATH
+from appliance.accounts import site as accounts
+from appliance.core import passwords
+from appliance.core.config import CAPTIVE_API_PATH
 from appliance.lab.topology import Node, Topology, guest_mac
+from appliance.state import store
 from dhcp import leases
 from dhcp.leases import Lease
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pyroute2.config
 
-from appliance import store
 from appliance.lab import servers
 from appliance.lab.topology import Node, Process, Topology, guest_mac
+from appliance.state import store
 from dhcp import leases
 
 ROOT = Path(__file__).resolve().parents[2]

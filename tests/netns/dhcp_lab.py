@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance import store
 from appliance.lab.topology import Process, Topology
+from appliance.state import store
 from dhcp import leases
 from dhcp.labconfig import write_config
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import load
+from appliance.core.config import load
+from appliance.core.passwords import hash_password
 from appliance.lab.topology import Topology
-from appliance.passwords import hash_password
 from appliance.policy import Policy
 
 pytestmark = pytest.mark.netns

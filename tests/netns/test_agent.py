@@ -23,7 +23,7 @@ from agent_helpers import appliance_config, make_agent_dir
 from appliance.agent import cli, tlscert
 from appliance.agent.client import AgentAnswer, AgentError, appliance_key_id, authenticate
 from appliance.agent.settings import AgentSettings
-from appliance.config import Config
+from appliance.core.config import Config
 from appliance.lab.topology import NetnsSwitch, Process, Topology
 
 pytestmark = pytest.mark.netns
@@ -258,7 +258,7 @@ def test_the_site_decides_whose_word_it_takes(
     corp agent is in the site's trusted-agents table for `role` only.  What the portal
     gets (gates.agent_authenticate, in the appliance's namespace) and what the example
     access rights then allow."""
-    from appliance.atomic_file import write_atomically
+    from appliance.core.atomic_file import write_atomically
     from appliance.portal import gates
 
     monkeypatch.setattr(gates, "_policy", None)

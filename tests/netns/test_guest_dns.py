@@ -23,9 +23,9 @@ from _guestside import (
     write_config,
 )
 
-from appliance import store
 from appliance.lab.topology import NetnsSwitch, Node, Topology, guest_mac
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 
 pytestmark = pytest.mark.netns
 GW = "192.168.1.1"

@@ -17,8 +17,8 @@ import pytest
 from agent_helpers import appliance_config, make_agent_dir
 from test_agent import agent_cli, login, refused
 
-from appliance import config as config_mod
-from appliance.config import Config
+from appliance.core import config as config_mod
+from appliance.core.config import Config
 from appliance.lab.topology import Topology
 
 pytestmark = pytest.mark.netns

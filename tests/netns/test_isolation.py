@@ -22,7 +22,7 @@ from _guestside import (
     write_config,
 )
 
-from appliance.config import load
+from appliance.core.config import load
 from appliance.lab.topology import NetnsSwitch, Node, Topology, guest_mac
 from appliance.net.firewall import Firewall
 

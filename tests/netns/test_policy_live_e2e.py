@@ -8,7 +8,7 @@ connection within 1 s; the next one is refused in SMTP words (554 to MAIL); staf
 keep theirs.
 An invalid edit first: refused, and nothing changes.
 
-It needs the relay (appliance.proxy), the session store (appliance.sessions) and the
+It needs the relay (appliance.proxy), the session store (appliance.state.sessions) and the
 lab's real servers (appliance.lab.servers): it skips in a build without them.
 """
 
@@ -27,11 +27,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from appliance import sessions, store
-from appliance.config import load
+from appliance.core.config import load
+from appliance.core.passwords import hash_password
 from appliance.lab import servers
 from appliance.lab.topology import NetnsSwitch, Topology, guest_mac
-from appliance.passwords import hash_password
+from appliance.net.firewall import revoker
+from appliance.state import sessions, store
 from dhcp import leases
 
 pytestmark = pytest.mark.netns
@@ -115,7 +116,7 @@ def test_admin_edit_closes_a_denied_smtp_connection_within_1s(
     now = time.time()
     for n, ip in ((1, SALES_IP), (2, STAFF_IP)):
         leases.record(conn, "granted", leases.Lease(ip, guest_mac(n), now + 3600), now)
-    st = sessions.SessionStore.from_config(config)
+    st = sessions.SessionStore.from_config(config, revoke=revoker(config))
     st.create(
         user="dave",
         source="site",

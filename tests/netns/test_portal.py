@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from portal_conf import add_user, apply_ruleset, load, write_config
 
-from appliance import store
-from appliance.config import CAPTIVE_API_PATH, Config
+from appliance.core.config import CAPTIVE_API_PATH, Config
 from appliance.lab.topology import Node, Topology, guest_mac
 from appliance.portal.service import CONNECTION_LIMIT
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 from dhcp import leases
 from dhcp.leases import Lease
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from test_policy_live_e2e import closed_within, smtp_line
 
-from appliance import sessions, store
-from appliance.config import load
+from appliance.core.config import load
 from appliance.lab import servers
 from appliance.lab.topology import Topology, guest_mac
+from appliance.net.firewall import revoker
+from appliance.state import sessions, store
 from dhcp import leases
 
 pytestmark = pytest.mark.netns
@@ -53,7 +54,7 @@ def test_sessions_end_closes_that_guests_smtp_connection_within_1s(
     now = time.time()
     for n, ip in ((1, DAVE_IP), (2, ERIN_IP)):
         leases.record(conn, "granted", leases.Lease(ip, guest_mac(n), now + 3600), now)
-    st = sessions.SessionStore.from_config(config)
+    st = sessions.SessionStore.from_config(config, revoke=revoker(config))
     dave = st.create(
         user="dave", source="site", attributes={"role": "staff"}, ip=DAVE_IP, mac=guest_mac(1)
     )

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from portal_conf import load, write_config
 
-from appliance import accounts, cli, store
-from appliance.sessions import SessionStore
-from appliance.tomlfile import ConfigError
+from appliance import cli
+from appliance.accounts import site as accounts
+from appliance.core.tomlfile import ConfigError
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 from dhcp import leases
 from dhcp.leases import Lease
 
@@ -93,7 +95,7 @@ def test_sessions_list_show_end(
     revoked: list[tuple[str, str]] = []
     # never the real firewall from a unit test (it would run nft where the tests run)
     monkeypatch.setattr(
-        "appliance.sessions.firewall_revoke",
+        "appliance.portal.cli.revoker",
         lambda config: lambda ip, mac: revoked.append((ip, mac)),
     )
     cfg_path = write_config(tmp_path)

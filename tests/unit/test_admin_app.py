@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from appliance.admin import accounts
+from appliance.accounts import admins as accounts
 from appliance.admin.app import create_app
-from appliance.config import Config, load
-from appliance.passwords import hash_password
+from appliance.core.config import Config, load
+from appliance.core.passwords import hash_password
 from appliance.policy import Policy
 
 pytestmark = pytest.mark.unit
@@ -313,8 +313,8 @@ def test_server_info_editing(app: Any, site: Config) -> None:
 def test_trusted_agents_editing(
     app: Any, site: Config, notified: list[Config], fake_sessions: FakeSessions
 ) -> None:
-    from appliance.agent import wire
-    from appliance.trusted_agents import load as load_agents
+    from appliance.core import agent_protocol as wire
+    from appliance.policy.trusted_agents import load as load_agents
 
     c = app.test_client()
     assert c.get("/agents").status_code == 302  # the admin login first
@@ -451,9 +451,9 @@ def test_admins_cli(site: Config, monkeypatch: pytest.MonkeyPatch, capsys: Any) 
 
 
 def test_the_grid_round_trips_a_table_without_changing_any_decision() -> None:
-    from appliance.access_rights import parse_access
     from appliance.admin import grid
-    from appliance.tomlfile import TomlFile
+    from appliance.core.tomlfile import TomlFile
+    from appliance.policy.access_rights import parse_access
 
     services = ("smtp", "pop3", "http")
     text = (
@@ -478,7 +478,7 @@ def test_the_grid_round_trips_a_table_without_changing_any_decision() -> None:
 
 def test_session_store_is_built_with_the_firewall_revoke(site: Config) -> None:
     from appliance.admin.app import session_store
-    from appliance.sessions import SessionStore, _no_revoke
+    from appliance.state.sessions import SessionStore, _no_revoke
 
     store = session_store(site)
     assert isinstance(store, SessionStore)

@@ -13,10 +13,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance import passwords
-from appliance.agent import api, tables, wire
+from appliance.agent import api, tables
 from appliance.agent.api import AgentApp, Request, Response
 from appliance.agent.guard import Lockout, NonceCache, RateLimiter
+from appliance.core import agent_protocol as wire
+from appliance.core import passwords
 
 pytestmark = pytest.mark.unit
 FP = "sha256:" + "A" * 43

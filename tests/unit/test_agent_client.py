@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from agent_helpers import appliance_config
 
-from appliance import config as config_mod
-from appliance.agent import client, wire
+from appliance.agent import client
 from appliance.agent.client import AgentError, parse_spec
-from appliance.config import Config
+from appliance.core import agent_protocol as wire
+from appliance.core import config as config_mod
+from appliance.core.config import Config
 
 pytestmark = pytest.mark.unit
 FP = "sha256:" + "A" * 43

@@ -22,10 +22,11 @@ from agent_helpers import RunningAgent, free_port, make_agent_dir
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, settings
 
-from appliance.agent import wire
+import appliance.agent
+from appliance.core import agent_protocol as wire
 
 pytestmark = pytest.mark.unit
-OPENAPI = Path(wire.__file__).with_name("openapi.yaml")
+OPENAPI = Path(appliance.agent.__file__).with_name("openapi.yaml")
 KEY = Ed25519PrivateKey.generate()
 # 413 (too large) and 423 (locked) are right refusals of bad input too
 _config = schemathesis.Config.from_dict(

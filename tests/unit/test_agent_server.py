@@ -14,7 +14,7 @@ import pytest
 from agent_helpers import RunningAgent, free_port, make_agent_dir, signed
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.agent import wire
+from appliance.core import agent_protocol as wire
 
 pytestmark = pytest.mark.unit
 KEY = Ed25519PrivateKey.generate()

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from agent_helpers import make_agent_dir
 
-from appliance import passwords
-from appliance.agent import cli, tables, wire
+from appliance.agent import cli, tables
 from appliance.agent.settings import load
-from appliance.tomlfile import ConfigError, TomlFile
+from appliance.core import agent_protocol as wire
+from appliance.core import passwords
+from appliance.core.tomlfile import ConfigError, TomlFile
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import ConfigError, load
+from appliance.core.config import ConfigError, load
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance import store
-from appliance.config import load
+from appliance.core.config import load
+from appliance.state import store
 from dhcp import codec, leases
 from dhcp.codec import ACK, DECLINE, DISCOVER, INFORM, NAK, OFFER, RELEASE, REQUEST, Message
 from dhcp.labconfig import write_config

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import store
 from appliance.cli import main as cli_main
-from appliance.config import load
+from appliance.core.config import load
+from appliance.state import store
 from dhcp import leases
 from dhcp.labconfig import write_config
 from dhcp.leases import Lease

@@ -12,7 +12,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 from test_config import variant
 from test_dns_core import ask, resolver, upstream
 
-from appliance.config import ConfigError, load
+from appliance.core.config import ConfigError, load
 from appliance.dns.core import STAND_IN, Forward, Reply
 from appliance.dns.logins import Logins
 from appliance.dns.ratelimit import RateLimit

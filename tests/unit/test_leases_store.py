@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import store
+from appliance.state import store
 from dhcp import leases
 from dhcp.leases import Lease
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import store
-from appliance.config import load
+from appliance.core.config import load
 from appliance.net import follower, tables
+from appliance.state import store
 from dhcp import leases
 
 pytestmark = pytest.mark.unit

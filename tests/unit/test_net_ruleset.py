@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import load
+from appliance.core.config import load
 from appliance.net import setup
 
 pytestmark = pytest.mark.unit

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import load
-from appliance.pidfiles import pidfile, running_roles
+from appliance.core.config import load
+from appliance.core.pidfiles import pidfile, running_roles
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

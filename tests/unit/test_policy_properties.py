@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.access_rights import AccessTable, Decision, parse_access
-from appliance.tomlfile import TomlFile
+from appliance.core.tomlfile import TomlFile
+from appliance.policy.access_rights import AccessTable, Decision, parse_access
 
 pytestmark = pytest.mark.unit
 SERVICES = ("smtp", "pop3", "http", "nntp")
@@ -82,7 +82,7 @@ def test_first_matching_rule_that_names_the_service_decides_else_deny(
     rules: list[dict[str, dict[str, object]]], attrs: dict[str, object], service: str
 ) -> None:
     table = build(rules)
-    from appliance.access_rights import normalize
+    from appliance.policy.access_rights import normalize
 
     norm = normalize(attrs)
     deciding = [r for r in table.rules if r.matches(norm) and r.verdict(service) is not None]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.access_rights import parse_access
-from appliance.config import load
-from appliance.policy import Policy, check_texts
-from appliance.server_info import Endpoint, load_servers, parse_servers
-from appliance.tomlfile import ConfigError, TomlFile
+from appliance.core.config import load
+from appliance.core.tomlfile import ConfigError, TomlFile
+from appliance.policy.access_rights import parse_access
+from appliance.policy.server_info import Endpoint, load_servers, parse_servers
+from appliance.policy.tables import Policy, check_texts
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -286,7 +286,7 @@ def test_bad_server_tables_name_file_line_and_key(
 
 
 def test_check_config_refuses_a_bad_table(site: Path) -> None:
-    from appliance import policy_files
+    from appliance.policy import files as policy_files
 
     cfg = load(site)
     assert len(policy_files.check(cfg)) == 2
@@ -365,7 +365,7 @@ def test_check_texts_names_the_real_file(site: Path) -> None:
 
 
 def test_check_config_validates_the_admins_table(site: Path) -> None:
-    from appliance import policy_files
+    from appliance.policy import files as policy_files
 
     cfg = load(site)
     (site.parent / "admins.toml").write_text('[admins.root]\npassword_hash = "plain"\n')

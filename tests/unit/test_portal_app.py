@@ -11,12 +11,12 @@ import pytest
 from flask.testing import FlaskClient
 from portal_conf import add_user, load, write_config
 
-from appliance import store
-from appliance.config import CAPTIVE_API_PATH
+from appliance.core.config import CAPTIVE_API_PATH
 from appliance.portal import gates, i18n
 from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, Deps, create_app
 from appliance.portal.security import Csrf, RateLimiter
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 from dhcp import leases
 from dhcp.leases import Lease
 
@@ -466,7 +466,7 @@ def test_a_trusted_agent_asserts_only_its_listed_keys(
 ) -> None:
     from types import SimpleNamespace
 
-    from appliance.agent import wire
+    from appliance.core import agent_protocol as wire
 
     pin = wire.fingerprint(b"corp agent certificate")
     site.cfg.policies.agents.write_text(

@@ -18,9 +18,9 @@ import pytest
 from portal_conf import load, write_config
 from test_portal_app import IP, FakeAgentError, Site, csrf_of, fake_agent, login
 
-from appliance.logs import JournalFormatter
+from appliance.core.logs import JournalFormatter
+from appliance.core.tomlfile import ConfigError
 from appliance.portal.security import InFlight, RateLimiter, ReturnUrls
-from appliance.tomlfile import ConfigError
 
 pytestmark = pytest.mark.unit
 

@@ -183,7 +183,7 @@ def test_no_neighbour_entry_is_no_admission() -> None:
 def test_the_neighbour_table_counts_only_complete_entries_on_the_guest_interface(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from appliance import neighbours
+    from appliance.core import neighbours
 
     arp = tmp_path / "arp"
     arp.write_text(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from agent_helpers import appliance_config
 
-from appliance import config as config_mod
+from appliance.core import config as config_mod
 from appliance.proxy import service
 
 pytestmark = pytest.mark.unit

@@ -11,11 +11,11 @@ import pytest
 from test_proxy_gate import FakePolicy, config
 from test_relay_core import Echo, free_port, read_until, run, table
 
-from appliance import store
 from appliance.proxy.follow import EndedFollower
 from appliance.proxy.gate import Admission, Listener, PolicyGate, Refusal, StaticGate
 from appliance.proxy.relay import Relay
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 from dhcp import leases
 
 pytestmark = pytest.mark.unit

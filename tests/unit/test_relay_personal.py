@@ -23,11 +23,11 @@ from relay_helpers import (  # noqa: F401  (loop_kind: a fixture, used by every 
 )
 
 import appliance.proxy.gate as gate_mod
-from appliance.config import Config
+from appliance.core.config import Config
 from appliance.policy import Policy
 from appliance.proxy.gate import Listener, PolicyGate, StaticGate
 from appliance.proxy.relay import Relay
-from appliance.sessions import SessionStore
+from appliance.state.sessions import SessionStore, read_only
 from dhcp import leases
 from dhcp.leases import Lease
 
@@ -63,7 +63,7 @@ def site_config(tmp_path: Path, site_pop: int) -> Config:
     (tmp_path / "servers.toml").write_text(
         servers.replace('upstream = "198.51.100.3:110"', f'upstream = "127.0.0.1:{site_pop}"')
     )
-    from appliance import config as config_mod
+    from appliance.core import config as config_mod
 
     return config_mod.load(tmp_path / "appliance.toml")
 
@@ -73,7 +73,7 @@ NEIGHBOURS = {"127.0.0.1": "02:00:00:00:00:11"}  # the neighbour table: alice's 
 
 def logged_in(config: Config, personal: str) -> SessionStore:
     """The store with alice's session (from her agent) on 127.0.0.1, as the portal makes it."""
-    store = SessionStore.from_config(config)
+    store = SessionStore.from_config(config, revoke=read_only)
     mac = "02:00:00:00:00:11"
     leases.record(store.conn, "granted", Lease("127.0.0.1", mac, time.time() + 3600), time.time())
     store.create(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import store
-from appliance.sessions import SessionStore
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 from dhcp import leases
 from dhcp.leases import Lease
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.tomlfile import ConfigError, TomlFile, toml_key, toml_string, toml_value
+from appliance.core.tomlfile import ConfigError, TomlFile, toml_key, toml_string, toml_value
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def test_a_long_line_is_read_in_linear_time(tmp_path: Path, line: str) -> None:
     probe = textwrap.dedent(
         f"""
         import sys, time
-        from appliance.tomlfile import TomlFile
+        from appliance.core.tomlfile import TomlFile
         t = time.perf_counter()
         doc = TomlFile.load({str(path)!r})
         print(time.perf_counter() - t, doc.line_of(("t", "after")))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.agent import wire
-from appliance.tomlfile import ConfigError
-from appliance.trusted_agents import LiveTable, NotThatAgent, no_longer_vouched, parse_text
+from appliance.core import agent_protocol as wire
+from appliance.core.tomlfile import ConfigError
+from appliance.policy.trusted_agents import LiveTable, NotThatAgent, no_longer_vouched, parse_text
 
 pytestmark = pytest.mark.unit
 CORP = wire.fingerprint(b"corp certificate")

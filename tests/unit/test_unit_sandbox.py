@@ -41,7 +41,7 @@ BODY = textwrap.dedent(
     cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)
     assert cb(41) == 42
 
-    from appliance import passwords
+    from appliance.core import passwords
     h = passwords.hash_password("correct horse")
     assert passwords.verify_password(h, "correct horse")
 
@@ -85,7 +85,7 @@ BODY = textwrap.dedent(
     assert dnslib.DNSRecord.parse(q.pack()).q.qname == "portal.guest.example"
 
     from pathlib import Path
-    from appliance import store
+    from appliance.state import store
     conn = store.connect(Path(d) / "state.sqlite")
     conn.execute("create table t (x)"); conn.execute("insert into t values (1)")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fnmatch import translate
 from pathlib import Path
 
-from appliance.tomlfile import ConfigError, Reader, TomlFile
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 Attributes = Mapping[str, "str | tuple[str, ...]"]
 _GLOB_CHARS = re.compile(r"[*?\[]")

@@ -10,7 +10,7 @@ The file is small and edited by `appliance users ...` (or by hand):
 
 Attributes are free-form: a string or a list of strings per key; the
 access-rights table matches on them.  Passwords are argon2id hashes
-(`appliance.passwords`); writes go to a temporary file that replaces the table
+(`appliance.core.passwords`); writes go to a temporary file that replaces the table
 in one rename, so a crash or a concurrent reader never sees half a file.
 """
 
@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import passwords
-from appliance.atomic_file import write_atomically
-from appliance.tomlfile import ConfigError, TomlFile, toml_key, toml_string, toml_value
+from appliance.core import passwords
+from appliance.core.atomic_file import write_atomically
+from appliance.core.tomlfile import ConfigError, TomlFile, toml_key, toml_string, toml_value
 
 Attributes = Mapping[str, str | tuple[str, ...]]
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

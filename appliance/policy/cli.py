@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance import trusted_agents
-from appliance.access_rights import AccessTable
-from appliance.config import load
-from appliance.policy import Policy
-from appliance.server_info import ServerTable
-from appliance.tomlfile import ConfigError, TomlFile
+from appliance.core.config import load
+from appliance.core.tomlfile import ConfigError, TomlFile
+from appliance.policy import trusted_agents
+from appliance.policy.access_rights import AccessTable
+from appliance.policy.server_info import ServerTable
+from appliance.policy.tables import Policy
 
 NETWORK = "network"  # `explain USER network`: the network-use right itself
 
@@ -155,7 +155,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
-    from appliance.pidfiles import signal_roles
+    from appliance.core.pidfiles import signal_roles
 
     config = load(args.config)
     Policy.load(config)  # refuse here, with the error, before anything is signalled
@@ -170,7 +170,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from appliance.cli import add_config_arg
+    from appliance.core.config import add_config_arg
 
     p = sub.add_parser("policy", help="check, show and explain the access-rights tables")
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")

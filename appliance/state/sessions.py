@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 from dhcp import leases
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from appliance.core.config import Config
 
-log = logging.getLogger("appliance.sessions")
+log = logging.getLogger("appliance.state.sessions")
 
 Attributes = Mapping[str, str | tuple[str, ...]]
 Revoke = Callable[[str, str], None]
@@ -138,15 +138,20 @@ class SessionStore:
         leases.create_schema(self.conn)
 
     @classmethod
-    def from_config(cls, config: Config, conn: sqlite3.Connection | None = None) -> SessionStore:
-        """The store a role uses: its limits from [portal], the firewall's revoke attached."""
-        from appliance import store
+    def from_config(
+        cls, config: Config, conn: sqlite3.Connection | None = None, *, revoke: Revoke
+    ) -> SessionStore:
+        """The store a role uses, its limits from [portal].  `revoke` takes an ended
+        session's (IP, MAC) out of the firewall (`appliance.net.firewall.revoker`); a
+        role that only reads passes `read_only`.  No default: forgetting it would end
+        sessions that stay open in nftables."""
+        from appliance.state import store
 
         return cls(
             conn or store.connect(config.state.database),
             idle=float(config.portal.session_idle),
             maximum=float(config.portal.session_max),
-            revoke=firewall_revoke(config),
+            revoke=revoke,
         )
 
     # -- reading ----------------------------------------------------------------
@@ -351,16 +356,9 @@ class SessionStore:
         return self.follow_leases(now) + self.sweep(now)
 
 
-def firewall_revoke(config: Config) -> Revoke:
-    """Revoke through `appliance.net.firewall` (imported when first used: the net role
-    reads this store too, so a module-level import would be a cycle)."""
-
-    def revoke(ip: str, mac: str) -> None:
-        from appliance.net import firewall
-
-        firewall.Firewall(config).revoke(ip, mac)
-
-    return revoke
+def read_only(ip: str, mac: str) -> None:
+    """The revoke of a store that only reads sessions (the relay): it must end none."""
+    raise RuntimeError(f"a read-only session store cannot end the session of {ip} {mac}")
 
 
-__all__ = ["Session", "SessionStore", "create_schema", "firewall_revoke"]
+__all__ = ["Revoke", "Session", "SessionStore", "create_schema", "read_only"]

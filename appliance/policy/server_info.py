@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from appliance.tomlfile import ConfigError, Reader, TomlFile
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 PROTOCOLS = ("smtp", "pop3", "http", "tcp")
 PERSONAL_BY_DEFAULT = frozenset({"pop3", "imap", "nntp"})

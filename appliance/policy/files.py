@@ -8,10 +8,10 @@ only as TOML (its own module, the site accounts, validates its content).
 
 from __future__ import annotations
 
-from appliance import trusted_agents
-from appliance.config import Config
-from appliance.policy import Policy
-from appliance.tomlfile import TomlFile
+from appliance.core.config import Config
+from appliance.core.tomlfile import TomlFile
+from appliance.policy import trusted_agents
+from appliance.policy.tables import Policy
 
 
 def check(config: Config) -> list[str]:
@@ -25,7 +25,7 @@ def check(config: Config) -> list[str]:
         TomlFile.load(config.policies.users)
         checked.append(str(config.policies.users))
     if config.policies.admins.exists():
-        from appliance.admin.accounts import load_admins
+        from appliance.accounts.admins import load_admins
 
         load_admins(config.policies.admins)
         checked.append(str(config.policies.admins))

@@ -15,7 +15,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.config import Config
+from appliance.core.config import Config
 
 
 def run_dir(config: Config) -> Path:

@@ -18,10 +18,10 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from appliance.access_rights import AccessTable, Decision, parse_access
-from appliance.config import Config
-from appliance.server_info import ServerTable, parse_servers
-from appliance.tomlfile import ConfigError, TomlFile
+from appliance.core.config import Config
+from appliance.core.tomlfile import ConfigError, TomlFile
+from appliance.policy.access_rights import AccessTable, Decision, parse_access
+from appliance.policy.server_info import ServerTable, parse_servers
 
 log = logging.getLogger("appliance.policy")
 

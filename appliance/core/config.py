@@ -7,11 +7,12 @@ here and loaded by their own modules, because they reload without a restart.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.tomlfile import ConfigError, Reader, TomlFile
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 CAPTIVE_API_PATH = "/api/captive"
@@ -20,6 +21,7 @@ STAND_IN = ipaddress.IPv4Address("198.18.0.1")
 80 to it reaches the portal like any address, and the firewall resets every other
 connection to it at once, so a browser shows the login page instead of a DNS error and
 waits for nothing.  From the benchmarking range (RFC 2544): no real destination."""
+STAND_IN_TEXT = str(STAND_IN)
 PORTAL_THREADS = 8
 """Worker threads of each portal server (waitress, cheroot): the agent-login caps stay
 below it, so a page always has a thread left."""
@@ -34,7 +36,7 @@ class Interfaces:
     management_address: ipaddress.IPv4Address
     hidden_networks: tuple[ipaddress.IPv4Network, ...]
     # the IPv6 ones of `hidden_networks` (guests have no IPv6, but the proxy and the
-    # agent client do where the uplink has it: see appliance/reach.py)
+    # agent client do where the uplink has it: see appliance/core/reach.py)
     hidden_networks6: tuple[ipaddress.IPv6Network, ...] = ()
 
     @property
@@ -167,7 +169,7 @@ class Config:
 
     def hidden(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True when the address is in a hidden network (the segment and the listed ones);
-        appliance.reach.forbidden is the whole verdict (special ranges, IPv6 forms)."""
+        appliance.core.reach.forbidden is the whole verdict (special ranges, IPv6 forms)."""
         if isinstance(address, ipaddress.IPv6Address):
             return any(address in net for net in self.interfaces.hidden_networks6)
         return any(address in net for net in self.interfaces.hidden_networks)
@@ -410,3 +412,14 @@ def load(path: str | Path) -> Config:
 
 
 __all__ = ["DEFAULT_PATH", "Config", "ConfigError", "load", "parse"]
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    """Every command that reads the configuration takes -c/--config the same way."""
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=DEFAULT_PATH,
+        help=f"configuration file (default {DEFAULT_PATH})",
+    )

@@ -32,10 +32,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.agent import wire
-from appliance.tomlfile import ConfigError, Reader, TomlFile
+from appliance.core import agent_protocol as wire
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
-log = logging.getLogger("appliance.trusted_agents")
+log = logging.getLogger("appliance.policy.trusted_agents")
 
 Attributes = Mapping[str, str | tuple[str, ...]]
 APPLIANCE_KEYS = ("source", "agent")

@@ -6,7 +6,7 @@ Format:
     password_hash = "$argon2id$v=19$..."
 
 Written only by `appliance admins add|del|passwd` (atomically, mode 0600); hashes are
-argon2id from appliance.passwords.
+argon2id from appliance.core.passwords.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from appliance import passwords
-from appliance.atomic_file import locked, write_atomically
-from appliance.tomlfile import ConfigError, TomlFile, toml_string
+from appliance.core import passwords
+from appliance.core.atomic_file import locked, write_atomically
+from appliance.core.tomlfile import ConfigError, TomlFile, toml_string
 
 NAME = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
 HEADER = "# Admin accounts for the admin pages: edit with `appliance admins add|del|passwd`.\n"

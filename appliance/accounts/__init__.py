@@ -1,0 +1,1 @@
+"""Accounts the site keeps: visitors' site accounts and the admins."""
