@@ -37,7 +37,7 @@ from appliance.proxy.http_target import (
     transparent_target,
 )
 from appliance.proxy.refusals import http_refusal
-from appliance.proxy.relay import (
+from appliance.proxy.tracked import (
     HIGH_WATER,
     LOW_WATER,
     Pump,

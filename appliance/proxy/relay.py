@@ -28,7 +28,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -46,152 +45,25 @@ from appliance.proxy.gate import (
     no_upstream,
     over_limit,
 )
+from appliance.proxy.http import HttpClient
 from appliance.proxy.refusals import RefusalDialog
 from appliance.proxy.splice import READ, EdgePoll, PipePool, Sock, SpliceConn
+from appliance.proxy.tracked import (
+    HIGH_WATER,
+    LOW_WATER,
+    Pump,
+    Tracked,
+    failure,
+    original_dst,
+    upstream_failed,
+)
 
 log = logging.getLogger("appliance.proxy")
 
-SO_ORIGINAL_DST = 80
 # services relayed over raw sockets (splice.py) when splicing is on; HTTP is parsed (http.py)
 RAW_PROTOCOLS = frozenset({"tcp", "smtp", "pop3"})
 # a name and a port -> the addresses a connection to it would go to (OSError: none)
 Resolver = Callable[[str, int], Awaitable[list[str]]]
-HIGH_WATER = 512 * 1024
-LOW_WATER = 128 * 1024
-
-
-def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
-    """Where the guest meant to connect before nft redirected it (SOL_IP, SO_ORIGINAL_DST)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    except OSError:
-        return None
-    port, packed = struct.unpack_from("!2xH4s", raw)
-    return socket.inet_ntoa(packed), port
-
-
-class Tracked:
-    """Bookkeeping shared by every kind of relayed connection: log line, counters, limits."""
-
-    __slots__ = (
-        "bytes_down",
-        "bytes_up",
-        "client",
-        "closed",
-        "counted",
-        "listener",
-        "relay",
-        "result",
-        "right",
-        "rule",
-        "session",
-        "src",
-        "started",
-        "upstream_name",
-        "user",
-    )
-
-    def __init__(self, relay: Relay, listener: Listener) -> None:
-        self.relay = relay
-        self.listener = listener
-        self.right = listener.service  # the service whose right a policy change re-checks
-        self.client: asyncio.Transport | None = None
-        self.src = "-"
-        self.user: str | None = None
-        self.rule: str | None = None
-        self.session: str | None = None
-        self.upstream_name: str | None = None
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.started = time.time()
-        self.result = "ok"
-        self.closed = False
-        self.counted = False
-
-    def admitted(self, adm: Admission) -> bool:
-        """Record the user; False when the per-user connection limit is reached."""
-        self.user, self.rule, self.session = adm.user, adm.rule, adm.session
-        self.counted = self.relay.count_user(adm.user, self.listener.service, adm.max_connections)
-        return self.counted
-
-    def refused(self, r: Refusal) -> None:
-        self.user, self.rule = r.user, r.rule
-        self.result = {"login": "refused-login", "denied": "refused-denied"}.get(
-            r.kind, "refused-limit" if r.kind == "limit" else "upstream-down"
-        )
-
-    def finish(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.relay.done(self)
-
-    def activity(self) -> int:
-        """Bytes moved so far (the idle sweeper compares it between sweeps)."""
-        return self.bytes_up + self.bytes_down
-
-    def connecting(self) -> bool:
-        """Admitted, upstream not connected yet: a table change must still reach it."""
-        return False
-
-    def abort(self, result: str) -> None:
-        """Close both sides now (idle timeout, policy revoked)."""
-        raise NotImplementedError
-
-    def upstream_eof(self) -> bool:
-        """The upstream half-closed: pass it on; True keeps the transport for writing."""
-        raise NotImplementedError
-
-    def upstream_lost(self) -> None:
-        raise NotImplementedError
-
-
-def failure(exc: BaseException) -> str:
-    """Why a connect failed, without the address the stock loop puts in its message."""
-    return (exc.strerror if isinstance(exc, OSError) else None) or "timed out"
-
-
-def upstream_failed(service: str, upstream: Upstream | None, why: str) -> None:
-    """The log line of an upstream that could not be reached: its name, never its address."""
-    log.warning("%s upstream %s failed: %s", service, upstream.name if upstream else "-", why)
-
-
-class Pump(asyncio.Protocol):
-    """The upstream side of a relayed connection: bytes go straight to the client transport."""
-
-    __slots__ = ("link", "transport")
-
-    def __init__(self, link: Tracked) -> None:
-        self.link = link
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport = transport
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-
-    def data_received(self, data: bytes) -> None:
-        link = self.link
-        link.bytes_down += len(data)
-        assert link.client is not None
-        link.client.write(data)
-
-    def eof_received(self) -> bool:
-        return self.link.upstream_eof()
-
-    def pause_writing(self) -> None:
-        if self.link.client is not None:
-            self.link.client.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.link.client is not None and not self.link.closed:
-            self.link.client.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.link.upstream_lost()
 
 
 class Link(Tracked, asyncio.Protocol):
@@ -337,10 +209,11 @@ class Spliced(Tracked):
     plain tcp services, and SMTP and POP3, whose bytes the relay only needs to see
     when it refuses (then it speaks the refusal dialog itself, `_dialog_event`)."""
 
-    __slots__ = ("conn", "connector", "dialog", "sock")
+    __slots__ = ("conn", "connector", "dialog", "edges", "sock")
 
     def __init__(self, relay: Relay, listener: Listener, sock: Sock, src: str) -> None:
         super().__init__(relay, listener)
+        self.edges = relay.edges  # this relay's epoll (the Tracked relay is the protocol)
         self.sock = sock
         self.src = src
         self.conn: SpliceConn | None = None
@@ -362,7 +235,7 @@ class Spliced(Tracked):
         if self.connector is not None:
             self.connector.cancel()
             self.connector = None  # (it refers to us: no cycle left behind)
-        self.relay.edges.close(self.sock)
+        self.edges.close(self.sock)
         self.finish()
 
     def ended(self, conn: SpliceConn, result: str) -> None:
@@ -376,7 +249,7 @@ class Spliced(Tracked):
         self.refused(r)
         dialog = self.dialog = RefusalDialog(self.listener.protocol, r)
         if self._say(dialog.greeting()) and not dialog.closed:
-            self.relay.edges.watch(self.sock.fileno(), self._dialog_event)
+            self.edges.watch(self.sock.fileno(), self._dialog_event)
             return
         self._end_dialog()
 
@@ -407,7 +280,7 @@ class Spliced(Tracked):
             return False
 
     def _end_dialog(self) -> None:
-        self.relay.edges.close(self.sock)
+        self.edges.close(self.sock)
         self.finish()
 
 
@@ -540,8 +413,6 @@ class Relay:
         return [str(info[4][0]) for info in infos]
 
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
-        from appliance.proxy.http import HttpClient
-
         for ls in listeners if listeners is not None else self.gate.listeners():
             factory: Callable[[], asyncio.Protocol]
             if ls.protocol == "http":
