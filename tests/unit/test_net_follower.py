@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 from appliance import store
 from appliance.config import load
-from appliance.net import follower, tables
+from appliance.net import follower, members, nft, tables
+from appliance.sessions import SessionStore
 from dhcp import leases
 
 pytestmark = pytest.mark.unit
@@ -57,10 +59,11 @@ def test_full_sync_loads_only_bound_unexpired_leases(tmp_path: Path) -> None:
     leases.record(conn, "granted", leases.Lease("192.168.1.100", MAC1, now + 60), now)
     leases.record(conn, "granted", leases.Lease("192.168.1.101", MAC2, now - 1), now)
     last = leases.record(conn, "released", leases.Lease("192.168.1.102", MAC2, now + 60), now)
+    members.create_schema(conn)
     scripts: list[str] = []
-    assert follower.full_sync(conn, now, scripts.append) == last
+    assert follower.full_sync(conn, now, scripts.append) == (last, set(), None)
     assert scripts == [
-        "flush set inet appliance leased\n"
+        "flush set inet appliance leased\nflush set inet appliance authenticated\n"
         f"add element inet appliance leased {{ 192.168.1.100 . {MAC1} }}\n"
     ]
 
@@ -98,9 +101,75 @@ def test_a_lease_with_a_bad_mac_is_skipped_not_fatal(tmp_path: Path) -> None:
     leases.record(
         conn, "granted", leases.Lease("192.168.1.105", "02:47:00:00:00:0b:00:00", now + 60), now
     )
+    members.create_schema(conn)
     scripts: list[str] = []
     follower.full_sync(conn, now, scripts.append)
     assert scripts == [
-        "flush set inet appliance leased\n"
+        "flush set inet appliance leased\nflush set inet appliance authenticated\n"
         f"add element inet appliance leased {{ 192.168.1.100 . {MAC1} }}\n"
     ]
+
+
+def _store(tmp_path: Path) -> tuple[sqlite3.Connection, SessionStore]:
+    conn = store.connect(tmp_path / "s.sqlite")
+    members.create_schema(conn)
+    return conn, SessionStore(conn, idle=600, maximum=3600)
+
+
+def test_authenticated_is_the_sessions_whose_lease_still_binds_them(tmp_path: Path) -> None:
+    """What a restarted net role puts back: active sessions on the binding they were made in."""
+    conn, st = _store(tmp_path)
+    now = time.time()
+    ip = [f"192.168.1.{100 + i}" for i in range(5)]
+    for i, mac in ((0, MAC1), (1, MAC2), (2, "02:47:00:00:00:03"), (3, "02:47:00:00:00:04")):
+        leases.record(conn, "granted", leases.Lease(ip[i], mac, now + 120), now - 100)
+    st.create(user="a", source="site", attributes={}, ip=ip[0], mac=MAC1.upper(), now=now - 50)
+    b = st.create(user="b", source="site", attributes={}, ip=ip[1], mac=MAC2, now=now - 50)
+    st.end(b.id, "logout", now=now - 10)  # ended: out
+    c_mac = "02:47:00:00:00:05"  # not the MAC the lease of ip[2] binds
+    st.create(user="c", source="site", attributes={}, ip=ip[2], mac=c_mac, now=now - 50)
+    # a session made before the address was granted again (same MAC): out, must log in again
+    old = st.create(user="d", source="site", attributes={}, ip=ip[3], mac="02:47:00:00:00:04",
+                    now=now - 200)  # fmt: skip
+    st.create(user="e", source="site", attributes={}, ip=ip[4], mac=MAC2, now=now - 50)  # no lease
+    want, due = members.wanted(conn, now)
+    assert want == {(ip[0], MAC1)}
+    assert old.id and due is not None and abs(due - (now + 120)) < 1  # the lease ends first
+    # the clock: once the idle time is over, nobody
+    assert members.wanted(conn, now + 600)[0] == set()
+
+
+def test_sync_changes_only_the_difference_and_writes_the_receipt(tmp_path: Path) -> None:
+    conn, st = _store(tmp_path)
+    now = time.time()
+    leases.record(conn, "granted", leases.Lease("192.168.1.100", MAC1, now + 120), now - 100)
+    st.create(user="a", source="site", attributes={}, ip="192.168.1.100", mac=MAC1, now=now)
+    stale = ("192.168.1.101", MAC2)
+    scripts: list[str] = []
+    have, _ = follower.sync_authenticated(conn, now, {stale}, scripts.append)
+    assert have == {("192.168.1.100", MAC1)}
+    table = "inet appliance authenticated"
+    assert scripts == [
+        f"add element {table} {{ 192.168.1.101 . {MAC2} }}\n"
+        f"delete element {table} {{ 192.168.1.101 . {MAC2} }}\n"
+        f"add element {table} {{ 192.168.1.100 . {MAC1} }}\n"
+    ]
+    assert members.confirmed(conn, "192.168.1.100", MAC1)
+    assert not members.confirmed(conn, *stale)
+    follower.sync_authenticated(conn, now, have, scripts.append)
+    assert len(scripts) == 1  # nothing changed: no transaction
+
+
+def test_no_receipt_when_the_kernel_refuses(tmp_path: Path) -> None:
+    """The receipt follows the kernel: a failed nft transaction confirms nothing."""
+    conn, st = _store(tmp_path)
+    now = time.time()
+    leases.record(conn, "granted", leases.Lease("192.168.1.100", MAC1, now + 120), now - 100)
+    st.create(user="a", source="site", attributes={}, ip="192.168.1.100", mac=MAC1, now=now)
+
+    def refuse(script: str) -> None:
+        raise nft.NftError("no table")
+
+    with pytest.raises(nft.NftError):
+        follower.sync_authenticated(conn, now, set(), refuse)
+    assert not members.confirmed(conn, "192.168.1.100", MAC1)
