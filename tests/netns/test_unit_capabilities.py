@@ -41,20 +41,12 @@ OPS: dict[str, list[list[object]]] = {
         ["arp", "guest0", *GUEST],  # SIOCSARP before a unicast OFFER/ACK
     ],
     "dns": [["udp", "192.168.1.1", 53, None], ["tcp", "192.168.1.1", 53]],
-    "portal": [
-        ["tcp", "192.168.1.1", 80],
-        ["nft", f"add element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n"],
-    ],
+    "portal": [["tcp", "192.168.1.1", 80]],
     "proxy": [["tcp", "192.168.1.1", p] for p in (2525, 1110, 8081, 3128)],
-    "admin": [
-        ["tcp", "198.51.100.1", 8000],
-        [
-            "nft",
-            f"add element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n"
-            f"delete element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n",
-        ],
-    ],
+    "admin": [["tcp", "198.51.100.1", 8000]],
 }
+# a login or logout is a row in the store: only the net role may change the firewall
+NFT_ADD = ["nft", f"add element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n"]
 
 PROGRAM = r"""
 import fcntl, json, socket, struct, subprocess, sys
@@ -150,4 +142,8 @@ def test_each_unit_has_exactly_the_capabilities_its_role_uses(
                 problems.append(f"{role}: {cap} is granted but nothing it does needs it")
     # the harness can fail: without any capability the privileged roles cannot work
     assert any(as_unit(gw, "portal", set(), OPS["portal"]))
+    for role in caps:
+        (result,) = as_unit(gw, role, caps[role], [NFT_ADD])
+        if (result is None) != (role == "net"):
+            problems.append(f"{role}: nft set change {'fails' if result else 'works'}")
     assert problems == []
