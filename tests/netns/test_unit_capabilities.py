@@ -80,6 +80,8 @@ def run(op):
             return
         os.unlink(path)
         raise OSError("could write " + path)
+    elif kind == "read":
+        open(a[0], "rb").read()
     elif kind == "arp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         pa = struct.pack("=H2s4s8s", socket.AF_INET, b"", socket.inet_aton(a[1]), b"")
@@ -110,11 +112,13 @@ def unit_caps() -> dict[str, set[str]]:
     return out
 
 
-def as_unit(node: Node, role: str, caps: set[str], ops: list[list[object]]) -> list[str | None]:
+def as_unit(
+    node: Node, role: str, caps: set[str], ops: list[list[object]], setup: str = ""
+) -> list[str | None]:
     """Run the ops as nobody with exactly `caps`, in the unit's sandbox."""
     unit = SOURCE / "systemd" / f"appliance-{role}.service"
     body = f"sys.argv[1:] = [{json.dumps(ops)!r}]\n{PROGRAM}"
-    argv = unit_sandbox.command(unit, "/usr/bin/python3", body, caps=sorted(caps))
+    argv = unit_sandbox.command(unit, "/usr/bin/python3", body, caps=sorted(caps), setup=setup)
     r = node.run(*argv, check=False, timeout=30)
     assert r.returncode == 0, r.stderr
     results: list[str | None] = json.loads(r.stdout)
@@ -146,4 +150,31 @@ def test_each_unit_has_exactly_the_capabilities_its_role_uses(
         (result,) = as_unit(gw, role, caps[role], [NFT_ADD])
         if (result is None) != (role == "net"):
             problems.append(f"{role}: nft set change {'fails' if result else 'works'}")
+    assert problems == []
+
+
+# the keys in the shared state directory, and the one role each is for
+KEYS = {"admin-secret.key": "admin", "agent-client.key": "portal"}
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_each_key_is_readable_by_the_role_that_uses_it_only(
+    make_topology: Callable[..., Topology],
+) -> None:
+    """All roles run as one user; the units hide each key from every other role."""
+    gw = make_topology(guests=1)["gw"]
+    setup = "\n".join(
+        f"printf secret > /var/lib/appliance/{k}\nchown 65534:65534 /var/lib/appliance/{k}\n"
+        f"chmod 0600 /var/lib/appliance/{k}"
+        for k in KEYS
+    )
+    caps = unit_caps()
+    problems = []
+    for role in caps:
+        ops: list[list[object]] = [["read", f"/var/lib/appliance/{k}"] for k in KEYS]
+        for (key, owner), result in zip(
+            KEYS.items(), as_unit(gw, role, caps[role], ops, setup), strict=True
+        ):
+            if (result is None) != (role == owner):
+                problems.append(f"{role}: {key} {'unreadable' if result else 'readable'}")
     assert problems == []
