@@ -166,24 +166,30 @@ class Installer:
         self.make_keys()
 
     def make_keys(self) -> None:
-        """The admin pages' signing key and the portal's agent-client key, made now.
+        """The admin pages' signing key, the portal's agent-client and grant keys, made now.
 
         Every role runs as the user appliance; the units hide these files from the
         roles that do not use them (InaccessiblePaths=), which only works for a file
         that exists when the unit starts, so they must not wait for first use.  The
-        formats are those the roles make on first use (appliance/admin/app.py:
-        32 random bytes; appliance/agent/client.py: Ed25519, PKCS#8 PEM)."""
+        formats are those the roles make on first use (appliance/admin/app.py and
+        appliance/net/members.py: 32 random bytes; appliance/agent/client.py:
+        Ed25519, PKCS#8 PEM)."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from appliance.agent.client import KEY_FILE
+        from appliance.net.members import KEY_FILE as GRANT_KEY_FILE
 
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        for name, data in (("admin-secret.key", secrets.token_bytes(32)), (KEY_FILE, pem)):
+        for name, data in (
+            ("admin-secret.key", secrets.token_bytes(32)),
+            (KEY_FILE, pem),
+            (GRANT_KEY_FILE, secrets.token_bytes(32)),
+        ):
             path = self.at(self.layout.state_dir / name)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -1,7 +1,8 @@
 """The `authenticated` set as the session layer sees it: wait for the net role's receipt.
 
-The portal calls `authorize` after it has written a session, `SessionStore.end`
-calls `revoke` after it has ended one.  Neither touches nftables: the net role
+The portal calls `authorize` after it has written a session (which signs a grant
+for it, see `members`), `SessionStore.end` calls `revoke` after it has ended one.
+Neither touches nftables: the net role
 follows the sessions in the store (a poll of 20 ms), puts the (IP, MAC) pairs of
 the active ones into the set and writes a receipt (`members`); these calls wait
 for that receipt, so a login answers "online" only once the kernel lets the guest
@@ -19,6 +20,7 @@ from appliance import store
 from appliance.config import Config
 from appliance.net import members, nft
 from appliance.net.setup import check_pair
+from appliance.sessions import SessionStore
 
 SET = "authenticated"
 WAIT = 3.0  # the net role confirms within a poll or two; this is for a loaded box
@@ -52,8 +54,18 @@ class Firewall:
             conn.close()
 
     def authorize(self, ip: str, mac: str) -> None:
-        """Wait until the net role has let the pair in (the caller wrote its session)."""
+        """Grant the active session of (ip, mac), then wait until the net role let it in."""
         ip, mac = check_pair(ip, mac)
+        conn = store.connect(self.config.state.database)
+        try:
+            members.create_schema(conn)
+            sess = SessionStore(conn).lookup_ip(ip)
+            if sess is None or sess.mac != mac:
+                raise NotConfirmed(f"no active session of {ip} {mac} to let in")
+            key = members.grant_key(self.config.state.directory)
+            members.grant(conn, key, sess.id, ip, mac)
+        finally:
+            conn.close()
         self._until(ip, mac, present=True)
 
     def revoke(self, ip: str, mac: str) -> None:

@@ -50,7 +50,7 @@ def _script(
 
 
 def full_sync(
-    conn: sqlite3.Connection, now: float, execute: Callable[[str], None] = nft.run
+    conn: sqlite3.Connection, now: float, execute: Callable[[str], None], key: bytes
 ) -> tuple[int, set[members.Pair], float | None]:
     """Make `leased` exactly the bound leases and `authenticated` exactly the sessions that
     hold, in one transaction; returns the last event id it covers, the pairs it put into
@@ -69,7 +69,7 @@ def full_sync(
                 bound.add(check_pair(lease.ip, lease.mac))
             except ValueError:  # never let one odd row take the guest side's rules down
                 log.warning("ignoring a lease with a bad address: %r %r", lease.ip, lease.mac)
-    auth, due = members.wanted(conn, now)
+    auth, due = members.wanted(conn, now, key)
     table = f"inet {nft.TABLE}"
     script = f"flush set {table} leased\nflush set {table} authenticated\n"
     if bound:
@@ -78,6 +78,7 @@ def full_sync(
         script += f"add element {table} authenticated {{ {nft.elements_text(auth)} }}\n"
     execute(script)
     members.record(conn, auth, set(), replace=True)
+    members.prune_grants(conn)
     log.info(
         "sets loaded: %d bound leases (events up to %d), %d authenticated",
         len(bound),
@@ -91,14 +92,17 @@ def sync_authenticated(
     conn: sqlite3.Connection,
     now: float,
     have: set[members.Pair],
-    execute: Callable[[str], None] = nft.run,
+    execute: Callable[[str], None],
+    key: bytes,
 ) -> tuple[set[members.Pair], float | None]:
     """Bring `authenticated` from `have` to what the sessions say, in one transaction."""
-    want, due = members.wanted(conn, now)
+    want, due = members.wanted(conn, now, key)
     adds, dels = want - have, have - want
     if adds or dels:
         execute(_auth_script(adds, dels))
         members.record(conn, adds, dels)
+        if dels:
+            members.prune_grants(conn)
         log.debug("authenticated: +%d -%d", len(adds), len(dels))
     return want, due
 
@@ -119,7 +123,8 @@ def load(config: Config) -> int:
     conn = store.connect(config.state.database)
     try:
         members.create_schema(conn)
-        return full_sync(conn, time.time())[0]
+        key = members.grant_key(config.state.directory)
+        return full_sync(conn, time.time(), nft.run, key)[0]
     finally:
         conn.close()
 
@@ -155,13 +160,14 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
     members.create_schema(conn)
     lib = nft.runner()  # in-process libnftables when present: no fork per batch
     execute = lib.run if lib is not None else nft.run
-    last, auth, due = full_sync(conn, time.time(), execute)
+    key = members.grant_key(config.state.directory)
+    last, auth, due = full_sync(conn, time.time(), execute, key)
     next_sync = time.monotonic() + RESYNC
     version = None
     while not stop.is_set():
         try:
             if time.monotonic() >= next_sync:
-                last, auth, due = full_sync(conn, time.time(), execute)
+                last, auth, due = full_sync(conn, time.time(), execute, key)
                 next_sync = time.monotonic() + RESYNC
             seen = conn.execute("PRAGMA data_version").fetchone()[0]
             if seen != version:
@@ -173,9 +179,9 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
                     log.debug("applied %d lease events (up to %d)", len(events), last)
                     if len(events) >= 1000:
                         version = None  # more to read: look again at once
-                auth, due = sync_authenticated(conn, time.time(), auth, execute)
+                auth, due = sync_authenticated(conn, time.time(), auth, execute, key)
             elif due is not None and time.time() >= due:
-                auth, due = sync_authenticated(conn, time.time(), auth, execute)
+                auth, due = sync_authenticated(conn, time.time(), auth, execute, key)
             if version is None:
                 continue
         except (sqlite3.Error, nft.NftError) as exc:

@@ -8,12 +8,23 @@ the `firewall_members` table.  The portal and the admin role read that receipt t
 know a login or a logout has reached the kernel, so they need no CAP_NET_ADMIN;
 and a restarted net role rebuilds the set from the sessions, so nobody who is
 online loses access with it.
+
+Every role can write the shared store (they all run as the user appliance), so a
+session row alone opens nothing: the portal also writes a *grant* for it, an
+HMAC-SHA256 over (session id, ip, mac) with `firewall-grant.key`, which only the
+portal and the net role can read (the other units hide it, InaccessiblePaths=).
+A role that forges or revives a session without that key gets no guest let in.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 import sqlite3
+from pathlib import Path
 
 from appliance.net.setup import check_pair
 from appliance.sessions import SessionStore
@@ -29,7 +40,44 @@ CREATE TABLE IF NOT EXISTS firewall_members (
     mac TEXT NOT NULL,
     PRIMARY KEY (ip, mac)
 );
+CREATE TABLE IF NOT EXISTS firewall_grants (
+    session_id TEXT PRIMARY KEY,
+    signature TEXT NOT NULL          -- HMAC-SHA256(key, "id ip mac"), hex
+);
 """
+KEY_FILE = "firewall-grant.key"
+
+
+def grant_key(state_dir: Path) -> bytes:
+    """The grant key (32 random bytes, mode 0600), made on first use."""
+    path = Path(state_dir) / KEY_FILE
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it just now
+            key = path.read_bytes()
+        else:
+            key = secrets.token_bytes(32)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key)
+    if len(key) < 16:
+        raise ValueError(f"{path} is too short to be a grant key")
+    return key
+
+
+def signature(key: bytes, session_id: str, ip: str, mac: str) -> str:
+    return hmac.new(key, f"{session_id} {ip} {mac}".encode(), hashlib.sha256).hexdigest()
+
+
+def grant(conn: sqlite3.Connection, key: bytes, session_id: str, ip: str, mac: str) -> None:
+    """What the portal writes after a login: the net role lets only granted sessions in."""
+    conn.execute(
+        "INSERT OR REPLACE INTO firewall_grants (session_id, signature) VALUES (?, ?)",
+        (session_id, signature(key, session_id, ip, mac)),
+    )
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -38,11 +86,19 @@ def create_schema(conn: sqlite3.Connection) -> None:
     SessionStore(conn)  # creates the session and lease tables when missing
 
 
-def wanted(conn: sqlite3.Connection, now: float) -> tuple[set[Pair], float | None]:
+def prune_grants(conn: sqlite3.Connection) -> None:
+    """Grants of ended sessions go, so reviving an ended session row opens nothing."""
+    conn.execute(
+        "DELETE FROM firewall_grants WHERE session_id NOT IN "
+        "(SELECT id FROM sessions WHERE ended IS NULL)"
+    )
+
+
+def wanted(conn: sqlite3.Connection, now: float, key: bytes) -> tuple[set[Pair], float | None]:
     """The pairs that belong in `authenticated`, and when that next changes by the clock.
 
-    Two reads (sessions, leases) joined here, so the cost stays linear in the
-    number of guests however often the store changes."""
+    Three reads (sessions, leases, grants) joined here, so the cost stays linear in
+    the number of guests however often the store changes."""
     st = SessionStore(conn)  # (its schema script commits: before the snapshot)
     conn.execute("BEGIN")  # one snapshot: sessions and leases agree
     try:
@@ -52,6 +108,7 @@ def wanted(conn: sqlite3.Connection, now: float) -> tuple[set[Pair], float | Non
             for lease in leases.all_leases(conn)
             if lease.state == "bound" and lease.expires > now
         }
+        grants = dict(conn.execute("SELECT session_id, signature FROM firewall_grants"))
     finally:
         conn.execute("COMMIT")
     out: set[Pair] = set()
@@ -64,10 +121,18 @@ def wanted(conn: sqlite3.Connection, now: float) -> tuple[set[Pair], float | Non
         if lease is None or lease.mac != sess.mac.lower() or lease.bound_since > sess.created:
             continue
         try:
-            out.add(check_pair(sess.ip, sess.mac))
+            pair = check_pair(sess.ip, sess.mac)
         except ValueError:
             log.warning("ignoring a session with a bad address: %r %r", sess.ip, sess.mac)
             continue
+        sig = grants.get(sess.id)
+        if sig is None or not hmac.compare_digest(str(sig), signature(key, sess.id, *pair)):
+            if sig is not None:
+                log.warning(
+                    "session %s at %s: grant does not verify, not let in", sess.id[:8], pair[0]
+                )
+            continue
+        out.add(pair)
         ends = min(sess.expires(), lease.expires)
         due = ends if due is None else min(due, ends)
     return out, due

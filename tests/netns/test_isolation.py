@@ -315,3 +315,28 @@ def test_the_guest_side_answers_arp_only_for_the_guest_address(
     assert answers[GW] > 0  # the probe works: the guest address answers
     assert answers["198.51.100.1"] == 0  # the segment address does not, on the guest side
     net.stop()  # type: ignore[attr-defined]
+
+
+def test_a_session_written_straight_into_the_store_opens_nothing(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """Every role can write the shared store; only the portal's grant opens the firewall.
+
+    A role other than the portal (DNS, DHCP, proxy: they share the user appliance)
+    that writes a session row for a guest must not get that guest let in."""
+    topo = make_topology(guests=2)
+    cfg = write_config(tmp_path)
+    banners(topo["gw"], "0.0.0.0,2525,PROXY 2525 for {orig}")
+    net = _net_role(topo, cfg)
+    g1 = give_address(topo, 1, "192.168.1.101")
+    g2 = give_address(topo, 2, "192.168.1.102")
+    config = load(cfg)
+    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st.create(user="forged", source="site", attributes={}, ip="192.168.1.102", mac=guest_mac(2))
+    _log_in(cfg, topo, 1, "192.168.1.101")  # a real login, for comparison
+    time.sleep(0.5)  # many net-role polls
+    assert banner_of(g1, "198.51.100.3", 25) == "PROXY 2525 for 198.51.100.3:25"
+    assert banner_of(g2, "198.51.100.3", 25) is None
+    with NetnsSwitch(topo["gw"].netns):
+        assert ("192.168.1.102", guest_mac(2)) not in Firewall(config).members()
+    net.stop()  # type: ignore[attr-defined]

@@ -36,7 +36,7 @@ def test_staged_install_puts_config_units_user_and_links_in_place(
         assert (units / src.name).read_text() == src.read_text(), src.name
     assert (root / "var" / "lib" / "appliance").is_dir()
     # the keys the units hide from the roles that do not use them exist before any starts
-    for key in ("admin-secret.key", "agent-client.key"):
+    for key in ("admin-secret.key", "agent-client.key", "firewall-grant.key"):
         path = root / "var" / "lib" / "appliance" / key
         assert path.stat().st_size > 0 and path.stat().st_mode & 0o777 == 0o600, key
     link = root / "usr" / "local" / "bin" / "appliance"
