@@ -28,7 +28,6 @@ from pathlib import Path
 
 from appliance.net.setup import check_pair
 from appliance.sessions import SessionStore
-from dhcp import leases
 
 log = logging.getLogger("appliance.net.members")
 
@@ -94,47 +93,49 @@ def prune_grants(conn: sqlite3.Connection) -> None:
     )
 
 
-def wanted(conn: sqlite3.Connection, now: float, key: bytes) -> tuple[set[Pair], float | None]:
-    """The pairs that belong in `authenticated`, and when that next changes by the clock.
+# An active, unexpired session on the binding it was made in (same MAC, no new grant
+# of the address since: the rule of `SessionStore.lookup_ip`), with its grant.  Read
+# here as one join: the net role runs it after every change to the store, so it must
+# stay cheap with thousands of guests (SessionStore.list() parses every row's JSON).
+_WANTED = """
+SELECT s.id, s.ip, s.mac, MIN(s.idle_expiry, s.absolute_expiry, l.expires), g.signature
+FROM sessions AS s
+JOIN leases AS l ON l.ip = s.ip
+JOIN firewall_grants AS g ON g.session_id = s.id
+WHERE s.ended IS NULL AND s.idle_expiry > :now AND s.absolute_expiry > :now
+  AND l.state = 'bound' AND l.expires > :now AND l.mac = lower(s.mac)
+  AND l.bound_since <= s.created
+"""
+_refused: set[str] = set()  # sessions whose bad grant was logged already
+# rows already checked (address parsed, grant verified): most syncs change a few rows
+_verified: dict[tuple[object, ...], Pair] = {}
 
-    Three reads (sessions, leases, grants) joined here, so the cost stays linear in
-    the number of guests however often the store changes."""
-    st = SessionStore(conn)  # (its schema script commits: before the snapshot)
-    conn.execute("BEGIN")  # one snapshot: sessions and leases agree
-    try:
-        sessions = st.list()
-        bound = {
-            lease.ip: lease
-            for lease in leases.all_leases(conn)
-            if lease.state == "bound" and lease.expires > now
-        }
-        grants = dict(conn.execute("SELECT session_id, signature FROM firewall_grants"))
-    finally:
-        conn.execute("COMMIT")
+
+def wanted(conn: sqlite3.Connection, now: float, key: bytes) -> tuple[set[Pair], float | None]:
+    """The pairs that belong in `authenticated`, and when that next changes by the clock."""
     out: set[Pair] = set()
     due: float | None = None
-    for sess in sessions:
-        if sess.expires() <= now:
-            continue
-        lease = bound.get(sess.ip)
-        # the binding the session was made in: same MAC, and no new grant since
-        if lease is None or lease.mac != sess.mac.lower() or lease.bound_since > sess.created:
+    if len(_verified) > 100000:
+        _verified.clear()
+    for sid, ip, mac, ends, sig in conn.execute(_WANTED, {"now": now}).fetchall():
+        known = _verified.get((key, sid, ip, mac, sig))
+        if known is not None:
+            out.add(known)
+            due = float(ends) if due is None else min(due, float(ends))
             continue
         try:
-            pair = check_pair(sess.ip, sess.mac)
+            pair = check_pair(str(ip), str(mac))
         except ValueError:
-            log.warning("ignoring a session with a bad address: %r %r", sess.ip, sess.mac)
+            log.warning("ignoring a session with a bad address: %r %r", ip, mac)
             continue
-        sig = grants.get(sess.id)
-        if sig is None or not hmac.compare_digest(str(sig), signature(key, sess.id, *pair)):
-            if sig is not None:
-                log.warning(
-                    "session %s at %s: grant does not verify, not let in", sess.id[:8], pair[0]
-                )
+        if not hmac.compare_digest(str(sig), signature(key, str(sid), *pair)):
+            if sid not in _refused and len(_refused) < 10000:
+                _refused.add(sid)
+                log.warning("session %s at %s: its grant does not verify; not let in", sid[:8], ip)
             continue
+        _verified[(key, sid, ip, mac, sig)] = pair
         out.add(pair)
-        ends = min(sess.expires(), lease.expires)
-        due = ends if due is None else min(due, ends)
+        due = float(ends) if due is None else min(due, float(ends))
     return out, due
 
 
