@@ -15,6 +15,9 @@ from appliance.tomlfile import ConfigError, Reader, TomlFile
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 CAPTIVE_API_PATH = "/api/captive"
+PORTAL_THREADS = 8
+"""Worker threads of each portal server (waitress, cheroot): the agent-login caps stay
+below it, so a page always has a thread left."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class Interfaces:
     uplink_address: ipaddress.IPv4Interface | None
     management_address: ipaddress.IPv4Address
     hidden_networks: tuple[ipaddress.IPv4Network, ...]
+    # the IPv6 ones of `hidden_networks` (guests have no IPv6, but the proxy and the
+    # agent client do where the uplink has it: see appliance/reach.py)
+    hidden_networks6: tuple[ipaddress.IPv6Network, ...] = ()
 
     @property
     def guest_subnet(self) -> ipaddress.IPv4Network:
@@ -60,6 +66,9 @@ class DnsConfig:
     port: int
     upstream: tuple[ipaddress.IPv4Address, ...]
     cache_size: int
+    rate_limit: int = 50  # questions a second per guest address (appliance.dns.ratelimit)
+    rate_burst: int = 200  # ... and at once
+    before_login: str = "refuse"  # outside names before login: "refuse" or "portal"
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,12 @@ class PortalConfig:
     hostname: str
     session_idle: int
     session_max: int
+    # nftables' cap on one guest address's open connections to the portal's ports
+    connections_per_guest: int = 32
+    # agent logins in progress at once: per guest address, and in all (each holds one of
+    # the PORTAL_THREADS worker threads until the agent answers or its deadline passes)
+    agent_logins_per_guest: int = 2
+    agent_logins_total: int = 4
 
     def base_url(self, guest_ip: ipaddress.IPv4Address) -> str:
         if self.https_port and self.tls_certificate:
@@ -101,6 +116,9 @@ class ProxyConfig:
     identity_header: str | None
     connect_ports: tuple[int, ...] = (443,)
     workers: int = 0  # relay processes on the same ports; 0: one per core
+    max_connections: int = 256  # per guest and service, where a rule sets no max_connections
+    # nftables' cap on one guest address's open connections to the proxies' ports
+    connections_per_guest: int = 256
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,7 @@ class Policies:
     access: Path
     users: Path
     admins: Path
+    agents: Path  # trusted agents; a missing file trusts no agent
 
 
 @dataclass(frozen=True)
@@ -139,14 +158,19 @@ class Config:
     policies: Policies
     state: StateConfig
 
-    def hidden(self, address: ipaddress.IPv4Address) -> bool:
-        """True when a guest must never see this address (segment and listed networks)."""
+    def hidden(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """True when the address is in a hidden network (the segment and the listed ones);
+        appliance.reach.forbidden is the whole verdict (special ranges, IPv6 forms)."""
+        if isinstance(address, ipaddress.IPv6Address):
+            return any(address in net for net in self.interfaces.hidden_networks6)
         return any(address in net for net in self.interfaces.hidden_networks)
 
 
 def _interfaces(r: Reader) -> Interfaces:
     uplink_address = r.interface("uplink_address", None)
-    hidden = list(r.network_list("hidden_networks", ()))
+    listed = r.any_network_list("hidden_networks", ())
+    hidden = [n for n in listed if isinstance(n, ipaddress.IPv4Network)]
+    hidden6 = tuple(n for n in listed if isinstance(n, ipaddress.IPv6Network))
     if uplink_address is not None and uplink_address.network not in hidden:
         hidden.insert(0, uplink_address.network)
     out = Interfaces(
@@ -156,6 +180,7 @@ def _interfaces(r: Reader) -> Interfaces:
         uplink_address=uplink_address,
         management_address=r.ip("management_address"),
         hidden_networks=tuple(hidden),
+        hidden_networks6=hidden6,
     )
     for net in out.hidden_networks:
         if net.overlaps(out.guest_subnet):
@@ -223,7 +248,12 @@ def _dns(r: Reader) -> DnsConfig:
         port=r.port("port", 53),
         upstream=tuple(_ips(r, "upstream")),
         cache_size=r.integer("cache_size", 10000, 0, 10_000_000),
+        rate_limit=r.integer("rate_limit", 50, 1, 1_000_000),
+        rate_burst=r.integer("rate_burst", 200, 1, 10_000_000),
+        before_login=r.text("before_login", "refuse", choices=("refuse", "portal")),
     )
+    if cfg.rate_burst < cfg.rate_limit:
+        raise r.error("rate_burst", "rate_burst must not be below rate_limit")
     r.finish()
     return cfg
 
@@ -250,7 +280,12 @@ def _portal(r: Reader) -> PortalConfig:
         hostname=r.text("hostname", "portal.guest.example"),
         session_idle=r.integer("session_idle", 1800, 60, 30 * 86400),
         session_max=r.integer("session_max", 86400, 60, 365 * 86400),
+        connections_per_guest=r.integer("connections_per_guest", 32, 4, 1000),
+        agent_logins_per_guest=r.integer("agent_logins_per_guest", 2, 1, PORTAL_THREADS - 1),
+        agent_logins_total=r.integer("agent_logins_total", 4, 1, PORTAL_THREADS - 1),
     )
+    if cfg.agent_logins_per_guest > cfg.agent_logins_total:
+        raise r.error("agent_logins_per_guest", "must not be more than agent_logins_total")
     if (cert is None) != (key is None):
         raise r.error(
             "tls_key" if key is None else "tls_certificate",
@@ -282,6 +317,8 @@ def _proxy(r: Reader) -> ProxyConfig:
         identity_header=r.text("identity_header", None),
         connect_ports=_port_list(r, "connect_ports", (443,)),
         workers=r.integer("workers", 0, lo=0, hi=64),
+        max_connections=r.integer("max_connections", 256, lo=1, hi=1_000_000),
+        connections_per_guest=r.integer("connections_per_guest", 256, 4, 65535),
     )
     r.finish()
     return cfg
@@ -309,6 +346,7 @@ def _policies(r: Reader) -> Policies:
         access=r.filepath("access", "access.toml"),
         users=r.filepath("users", "users.toml"),
         admins=r.filepath("admins", "admins.toml"),
+        agents=r.filepath("agents", None) or r.file.path.parent.resolve() / "agents.toml",
     )
     for key in ("servers", "access"):
         p = getattr(cfg, key)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from appliance import trusted_agents
 from appliance.access_rights import AccessTable
 from appliance.config import load
 from appliance.policy import Policy
@@ -109,6 +110,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     policy = Policy.load(config)
     print(f"{config.policies.servers}: ok ({len(policy.servers.services)} services)")
     print(f"{config.policies.access}: ok ({len(policy.access.rules)} rules)")
+    agents = trusted_agents.load(config.policies.agents)
+    if config.policies.agents.exists():
+        print(f"{config.policies.agents}: ok ({len(agents.agents)} trusted agents)")
+    else:
+        print(f"{config.policies.agents}: absent (no agent is trusted to assert attributes)")
     return 0
 
 
@@ -153,6 +159,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     Policy.load(config)  # refuse here, with the error, before anything is signalled
+    trusted_agents.load(config.policies.agents)
     reached = signal_roles(config)
     if not reached:
         print(f"appliance: tables ok; no running roles found in {config.state.directory}/run")
@@ -167,7 +174,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("policy", help="check, show and explain the access-rights tables")
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    check = psub.add_parser("check", help="validate servers.toml and access.toml")
+    check = psub.add_parser("check", help="validate servers.toml, access.toml and agents.toml")
     add_config_arg(check)
     check.set_defaults(func=_cmd_check)
     show = psub.add_parser("show", help="print both tables")

@@ -8,6 +8,7 @@ only as TOML (its own module, the site accounts, validates its content).
 
 from __future__ import annotations
 
+from appliance import trusted_agents
 from appliance.config import Config
 from appliance.policy import Policy
 from appliance.tomlfile import TomlFile
@@ -17,6 +18,9 @@ def check(config: Config) -> list[str]:
     """Validate every table the config points to; raise ConfigError on the first fault."""
     Policy.load(config)
     checked = [str(config.policies.servers), str(config.policies.access)]
+    if config.policies.agents.exists():
+        trusted_agents.load(config.policies.agents)
+        checked.append(str(config.policies.agents))
     if config.policies.users.exists():
         TomlFile.load(config.policies.users)
         checked.append(str(config.policies.users))

@@ -159,6 +159,10 @@ def _service(
         if not _LABEL.match(n):
             raise r.error("guest_names", f"{n!r} is not a DNS label (a-z, 0-9, -)")
     tls = r.boolean("tls", False)
+    if tls:
+        # parsed and shown, but the relay does not yet speak TLS upstream: refusing it beats
+        # relaying in plaintext a connection the admin meant to be encrypted
+        raise r.error("tls", "TLS to the upstream is not supported yet; remove the key")
     r.finish()
     svc = Service(
         name=name,

@@ -38,7 +38,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     user TEXT NOT NULL,
-    source TEXT NOT NULL,            -- "site" or "agent:<host>"
+    source TEXT NOT NULL,            -- "site" or "agent:<agent id>" (user is then user@<id>)
     attributes TEXT NOT NULL,        -- JSON object
     personal_servers TEXT NOT NULL,  -- JSON object: service -> "host:port"
     ip TEXT NOT NULL,
@@ -202,8 +202,11 @@ class SessionStore:
         mac: str,
         personal_servers: Mapping[str, str] | None = None,
         now: float | None = None,
+        max_seconds: float | None = None,
     ) -> Session:
-        """Start a session for (ip, mac); an earlier session on that ip or mac ends first."""
+        """Start a session for (ip, mac); an earlier session on that ip or mac ends first.
+        It lasts at most `max_seconds` (the deciding rule's session_max) and never longer
+        than the portal's session_max."""
         now = time.time() if now is None else now
         mac = mac.lower()
         for old in self._active_where("ip = ? OR mac = ?", (ip, mac)):
@@ -220,7 +223,7 @@ class SessionStore:
             created=now,
             last_seen=now,
             idle_expiry=now + self.idle,
-            absolute_expiry=now + self.maximum,
+            absolute_expiry=now + min(self.maximum, max_seconds or self.maximum),
         )
         attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in sess.attributes.items()}
         self.conn.execute(
@@ -349,14 +352,12 @@ class SessionStore:
 
 
 def firewall_revoke(config: Config) -> Revoke:
-    """Revoke through `appliance.net.firewall` (imported lazily: built in parallel)."""
+    """Revoke through `appliance.net.firewall` (imported when first used: the net role
+    reads this store too, so a module-level import would be a cycle)."""
 
     def revoke(ip: str, mac: str) -> None:
-        try:
-            from appliance.net import firewall  # type: ignore[import-not-found,unused-ignore]
-        except ModuleNotFoundError:
-            log.warning("firewall module not in this build: %s %s not revoked", ip, mac)
-            return
+        from appliance.net import firewall
+
         firewall.Firewall(config).revoke(ip, mac)
 
     return revoke

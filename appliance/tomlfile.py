@@ -32,8 +32,13 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEYLINE = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.\- ]+?)\s*=""")
+# No two neighbouring parts of these patterns can match the same character (the
+# lazy `+?` next to `\s*` they replace backtracked over every split of a long run
+# of spaces: a few kB of one line took minutes); names are stripped in code instead.
+_HEADER = re.compile(r"^[ \t]*(\[\[?)([^\]]+)\]\]?[ \t]*(#.*)?$")
+_KEYLINE = re.compile(
+    r"""^[ \t]*(?:("[^"]*"|'[^']*')[ \t]*|([A-Za-z0-9_.\-][A-Za-z0-9_.\- \t]*))="""
+)
 
 
 def _split_dotted(text: str) -> list[str]:
@@ -56,7 +61,7 @@ def _index_lines(text: str) -> dict[KeyPath, int]:
             continue
         header = _HEADER.match(raw)
         if header:
-            path: KeyPath = tuple(_split_dotted(header.group(2)))
+            path: KeyPath = tuple(_split_dotted(header.group(2).strip()))
             if header.group(1) == "[[":
                 n = array_counts.get(path, 0)
                 array_counts[path] = n + 1
@@ -67,12 +72,48 @@ def _index_lines(text: str) -> dict[KeyPath, int]:
             continue
         key = _KEYLINE.match(raw)
         if key:
-            path = (*table, *_split_dotted(key.group(1)))
+            path = (*table, *_split_dotted(key.group(1) or key.group(2).strip()))
             index.setdefault(path, lineno)
             rest = raw[key.end() :]
             if rest.count('"""') % 2 == 1 or rest.count("'''") % 2 == 1:
                 in_multiline = True
     return index
+
+
+def _deepest_line(text: str) -> int | None:
+    """The first line where `[`/`{` nesting outside strings and comments is deepest:
+    where a RecursionError from tomllib (which says nothing more) comes from."""
+    depth = best = 0
+    best_line: int | None = None
+    line, i, n = 1, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "\"'":
+            quote = c * 3 if text.startswith(c * 3, i) else c
+            j = i + len(quote)
+            while j < n and not text.startswith(quote, j):
+                if text[j] == "\\" and c == '"':
+                    j += 1
+                elif text[j] == "\n" and len(quote) == 1:
+                    break  # an unclosed one-line string (tomllib would have said so)
+                j += 1
+            line += text.count("\n", i, j)
+            i = j + len(quote)
+            continue
+        elif c in "[{":
+            depth += 1
+            if depth > best:
+                best, best_line = depth, line
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return best_line
 
 
 @dataclass
@@ -98,6 +139,13 @@ class TomlFile:
     def parse(cls, text: str, path: str | Path = "<string>") -> TomlFile:
         try:
             data = tomllib.loads(text)
+        except RecursionError:
+            raise ConfigError(
+                path,
+                "",
+                "arrays or inline tables nested too deeply to read",
+                _deepest_line(text),
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             m = re.search(r"line (\d+)", str(exc))
             raise ConfigError(
@@ -263,6 +311,21 @@ class Reader:
             return value
         return tuple(self._parse_network(key, v) for v in value)
 
+    def any_network_list(self, key: str, default: Any = _MISSING) -> Any:
+        """An array of IPv4 and IPv6 networks (host bits must be zero: a typo, else)."""
+        value = self.text_list(key, default)
+        if value is default:
+            return value
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for v in value:
+            try:
+                out.append(ipaddress.ip_network(v))
+            except ValueError:
+                raise self.error(
+                    key, f"{v!r} is not a network like 198.51.100.0/24 or 2001:db8:5::/48"
+                ) from None
+        return tuple(out)
+
     def _parse_network(self, key: str, value: str) -> ipaddress.IPv4Network:
         try:
             return ipaddress.IPv4Network(value)
@@ -272,9 +335,9 @@ class Reader:
             ) from None
 
     def filepath(self, key: str, default: Any = _MISSING) -> Any:
-        """A path; relative paths are taken from the directory of the file."""
+        """A path; relative paths (a default's too) are taken from the directory of the file."""
         value = self.text(key, default)
-        if value is default:
+        if value is None or value is _MISSING:
             return value
         p = Path(value)
         return p if p.is_absolute() else (self.file.path.parent / p).resolve()
@@ -305,8 +368,9 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def toml_string(value: str) -> str:
-    """A TOML basic string (JSON's escapes are valid TOML escapes)."""
-    return json.dumps(value, ensure_ascii=False)
+    """A TOML basic string (JSON's escapes are valid TOML escapes).  JSON leaves DEL
+    (U+007F) raw, which TOML forbids in a string: it is escaped too."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def toml_value(value: str | Sequence[str]) -> str:

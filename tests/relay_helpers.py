@@ -34,6 +34,18 @@ class Echo(asyncio.Protocol):
         return True
 
 
+def resolver(names: dict[str, list[str]]) -> Any:
+    """A site resolver that knows only `names` (name -> IPv4 answers): the relay's own
+    look-ups in tests never leave the machine, and an unknown name fails as it would."""
+
+    async def resolve(name: str, _port: int) -> list[str]:
+        if name not in names:
+            raise OSError(f"{name}: no such host")
+        return names[name]
+
+    return resolve
+
+
 def table(up_port: int, relay_port: int, **user: Any) -> dict[str, Any]:
     u = {"user": "alice", "allow": ["smtp", "pop3"], "rule": "staff", **user}
     return {

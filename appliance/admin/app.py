@@ -1,4 +1,5 @@
-"""The admin web app (flask): login, access-rights grid, server-info, sessions, audit log.
+"""The admin web app (flask): login, access-rights grid, server-info, trusted agents,
+sessions, audit log.
 
 Every POST carries a CSRF token bound to the browser's session; the session cookie is
 HttpOnly, SameSite=Strict, and Secure when `[admin] secure_cookie` is set (the pages
@@ -11,7 +12,6 @@ After a save the running roles get SIGHUP (as `appliance reload` does).
 from __future__ import annotations
 
 import hmac
-import importlib
 import logging
 import os
 import secrets
@@ -25,7 +25,7 @@ from typing import Any
 from flask import Flask, Response, abort, redirect, render_template, request, session, url_for
 from jinja2 import DictLoader
 
-from appliance import store
+from appliance import store, trusted_agents
 from appliance.admin import accounts, audit, grid
 from appliance.admin.files import Conflict, read_versioned, save_if_unchanged
 from appliance.admin.logins import AdminLogins
@@ -33,30 +33,26 @@ from appliance.admin.templates import CSS, TEMPLATES
 from appliance.config import Config
 from appliance.policy import check_texts
 from appliance.portal.security import RateLimiter
+from appliance.sessions import SessionStore
 from appliance.tomlfile import ConfigError
 
 log = logging.getLogger("appliance.admin")
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_WINDOW = 300.0
 LOGIN_LIFETIME = timedelta(minutes=30)
+_AGENTS_TEMPLATE = """# Trusted personal agents: the attribute keys each may assert.
+# A login through any agent not listed here carries only source = "agent" and agent = <host>.
+#
+# [agents."corp.example"]          # its users log in as user@corp.example
+# fingerprints = ["sha256:..."]    # `personal-agent fingerprint` on that agent
+# domains = ["agent.corp.example"] # or: a CA-verified certificate for this name
+# attributes = ["department", "role"]
+"""
 
 
-def session_store(config: Config) -> Any:
-    """The SessionStore of appliance.sessions, or None when that part is not available."""
-    try:
-        from appliance import store
-
-        sessions_module = importlib.import_module("appliance.sessions")
-    except ImportError:
-        return None
-    try:
-        cls = sessions_module.SessionStore
-        if hasattr(cls, "from_config"):  # with the firewall's revoke attached to end()
-            return cls.from_config(config)
-        return cls(store.connect(config.state.database))
-    except Exception:
-        log.exception("sessions store unavailable")
-        return None
+def session_store(config: Config) -> SessionStore:
+    """The shared session store, with the firewall's revoke attached to end()."""
+    return SessionStore.from_config(config)
 
 
 def _secret_key(config: Config) -> bytes:
@@ -77,7 +73,7 @@ def _secret_key(config: Config) -> bytes:
 def create_app(
     config: Config,
     *,
-    sessions: Callable[[Config], Any] = session_store,
+    sessions: Callable[[Config], SessionStore] = session_store,
     notify: Callable[[Config], object] | None = None,
 ) -> Flask:
     """The app; `sessions` and `notify` (after a save, default: SIGHUP the roles) are
@@ -271,29 +267,79 @@ def create_app(
         changed(path, "edit server info", old_text, text)
         return redirect(url_for("servers_page", saved=1))
 
+    # -- trusted agents -----------------------------------------------------
+    @app.get("/agents")
+    def agents_page() -> Any:
+        path = config.policies.agents
+        text, version = read_versioned(path)
+        if not text:
+            text = _AGENTS_TEMPLATE
+        try:
+            table = trusted_agents.parse_text(text, path)
+        except ConfigError as exc:  # show the text anyway, so it can be repaired here
+            return page("agents.html", text=text, version=version, error=str(exc))
+        return page(
+            "agents.html",
+            text=text,
+            version=version,
+            agents=table.agents,
+            saved=request.args.get("saved"),
+        )
+
+    @app.post("/agents")
+    def agents_save() -> Any:
+        path = config.policies.agents
+        old_text, _ = read_versioned(path)
+        text = request.form.get("text", "").replace("\r\n", "\n")
+        version = request.form.get("version", "")
+        try:
+            new_table = trusted_agents.parse_text(text, path)
+            save_if_unchanged(path, text, version)
+        except ConfigError as exc:
+            return page("agents.html", 400, text=text, version=version, error=str(exc))
+        except Conflict as exc:
+            _, now_version = read_versioned(path)
+            return page("agents.html", 409, text=text, version=now_version, conflict=str(exc))
+        changed(path, "edit trusted agents", old_text, text)
+        end_untrusted_sessions(old_text, new_table)
+        return redirect(url_for("agents_page", saved=1))
+
+    def end_untrusted_sessions(old_text: str, new_table: trusted_agents.AgentTable) -> None:
+        """Sessions holding attributes the new table no longer gives their agent end now
+        (the visitor logs in again and gets what the new table gives)."""
+        try:
+            old_table: trusted_agents.AgentTable | None = trusted_agents.parse_text(
+                old_text, config.policies.agents
+            )
+        except ConfigError:
+            old_table = None
+        store = session_list()
+        for s in store.list():
+            source, attrs = str(getattr(s, "source", "")), getattr(s, "attributes", {})
+            why = f"trust in {source} changed by admin {admin()}"
+            if trusted_agents.no_longer_vouched(old_table, new_table, source, attrs) and store.end(
+                s.id, why
+            ):
+                audit.record(config, admin(), "end session", f"{s.user} {s.ip} {s.mac}")
+
     # -- sessions -----------------------------------------------------------
     per_thread = threading.local()
 
-    def session_list() -> Any:
+    def session_list() -> SessionStore:
         """This thread's store (one SQLite connection each, not one per request)."""
-        store = getattr(per_thread, "store", None)
+        store: SessionStore | None = getattr(per_thread, "store", None)
         if store is None:
             store = per_thread.store = sessions(config)
         return store
 
     @app.get("/sessions")
     def sessions_page() -> Any:
-        store = session_list()
-        if store is None:
-            return page("sessions.html", unavailable=True, items=[])
-        items = sorted(store.list(), key=lambda s: s.created)
-        return page("sessions.html", unavailable=False, items=items, now=time.time())
+        items = sorted(session_list().list(), key=lambda s: s.created)
+        return page("sessions.html", items=items, now=time.time())
 
     @app.post("/sessions/end")
     def session_end() -> Any:
         store = session_list()
-        if store is None:
-            return page("sessions.html", 503, unavailable=True, items=[])
         sid = request.form.get("id", "")
         s = store.get(sid)
         if s is None or not store.end(sid, f"ended by admin {admin()}"):

@@ -35,6 +35,7 @@ BASE = """<!doctype html>
 {% if admin %}
 <a href="{{ url_for('access') }}">Access rights</a>
 <a href="{{ url_for('servers_page') }}">Server info</a>
+<a href="{{ url_for('agents_page') }}">Trusted agents</a>
 <a href="{{ url_for('sessions_page') }}">Sessions</a>
 <a href="{{ url_for('audit_page') }}">Audit log</a>
 <form method="post" action="{{ url_for('logout') }}"><input type="hidden" name="csrf" value="{{ csrf_token() }}">
@@ -119,11 +120,32 @@ access rights name must stay.</p>
 </form>{% endblock %}
 """
 
+AGENTS = """{% extends "base.html" %}{% block title %}Trusted agents{% endblock %}{% block body %}
+<h1>Trusted agents</h1>
+<p>Visitors may log in through any personal agent, but only the agents in this table
+(<code>agents.toml</code>) may assert attributes, and only the keys listed for each. A
+login through any other agent carries just <code>source = "agent"</code> and
+<code>agent = "&lt;host&gt;"</code>, which a rule must name to grant anything. Agent logins
+are <code>user@agent</code>. The table is validated before it is saved and applies at the
+next login. Saving ends the open sessions that hold an attribute their agent may no longer
+assert, or whose agent lost a fingerprint or domain; they log in again.</p>
+{% if agents %}<table id="agents"><tr><th>agent (users are user@agent)</th><th>fingerprints</th>
+<th>domains (CA-verified)</th><th>may assert</th></tr>
+{% for a in agents %}<tr><td>{{ a.name }}</td><td>{{ a.fingerprints|sort|join(', ') or '-' }}</td>
+<td>{{ a.domains|sort|join(', ') or '-' }}</td><td>{{ a.attributes|sort|join(', ') or '(nothing)' }}</td></tr>
+{% endfor %}</table>{% elif not error %}<p id="none">No agent is trusted: every agent login carries only
+<code>source</code> and <code>agent</code>.</p>{% endif %}
+<form method="post" action="{{ url_for('agents_save') }}">
+<input type="hidden" name="csrf" value="{{ csrf_token() }}">
+<input type="hidden" name="version" value="{{ version }}">
+<textarea name="text" id="text" spellcheck="false">{{ text }}</textarea>
+<p><button type="submit" id="save">Validate and save</button></p>
+</form>{% endblock %}
+"""
+
 SESSIONS = """{% extends "base.html" %}{% block title %}Sessions{% endblock %}{% block body %}
 <h1>Active sessions</h1>
-{% if unavailable %}<p class="error" id="unavailable">Sessions unavailable: the session
-store is not part of this build or cannot be opened.</p>
-{% elif not items %}<p>No active sessions.</p>
+{% if not items %}<p>No active sessions.</p>
 {% else %}<table><tr><th>user</th><th>source</th><th>address</th><th>MAC</th><th>since</th>
 <th>idle expiry</th><th></th></tr>
 {% for s in items %}<tr><td>{{ s.user }}</td><td>{{ s.source }}</td><td>{{ s.ip }}</td>
@@ -151,6 +173,7 @@ TEMPLATES = {
     "login.html": LOGIN,
     "access.html": ACCESS,
     "servers.html": SERVERS,
+    "agents.html": AGENTS,
     "sessions.html": SESSIONS,
     "audit.html": AUDIT,
     "error.html": ERROR,

@@ -1,10 +1,15 @@
 """The agent's HTTP API as a pure function: a parsed request in, a status and JSON out.
 
 Order of checks, cheapest first, so bad input never reaches argon2id: route and
-method, size, media type, JSON shape (exactly `user` and `password`, strings),
-then the appliance's signature (fresh, not replayed, bound to our certificate),
-its trust status, rate limits, the user's lockout, and only then the password.
+method, the source's rate limit (before anything is parsed or verified, so a
+flood of forged or unlisted requests is refused cheaply), size, media type, JSON
+shape (exactly `user` and `password`, strings), then the appliance's signature
+(fresh, not replayed, bound to our certificate), its trust status, the key's
+rate limit, the user's lockout, and only then the password.
 Every refusal is a 4xx with `{"error": code, "message": text}`.
+
+A key that is not allowed yet is noted as pending for the household to see.  That
+table is bounded per source and in all, and written at most once a second.
 """
 
 from __future__ import annotations
@@ -14,19 +19,22 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance import passwords
 from appliance.agent import wire
-from appliance.agent.guard import Lockout, NonceCache, RateLimiter
+from appliance.agent.guard import Lockout, NonceCache, RateLimiter, source_of
 from appliance.agent.settings import AgentSettings
 from appliance.agent.tables import ApplianceTable, UserTable
 
 log = logging.getLogger("appliance.agent")
 
 MAX_PENDING = 100
+MAX_PENDING_PER_SOURCE = 4  # a source with this many replaces its own, never others'
+PENDING_SAVE_INTERVAL = 1.0  # seconds between writes of the pending file, at least
 _STAMP = re.compile(r"[0-9]{1,12}")  # not str.isdigit: '²' is a digit to it, not to int()
 
 
@@ -80,7 +88,12 @@ class AgentApp:
         self.lockout = Lockout(lim.max_failures, lim.lockout)
         self.nonces = NonceCache(wire.MAX_CLOCK_SKEW)
         self.pending: dict[str, dict[str, Any]] = {}
+        self.dropped: Counter[str] = Counter()  # rate_limited, pending_evicted
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one writer at a time, in order
+        self._pending_dirty = False
+        self._last_save = float("-inf")
+        self._save_error = ""
 
     # -- routing ----------------------------------------------------------------
     def handle(self, req: Request) -> Response:
@@ -100,6 +113,13 @@ class AgentApp:
 
     # -- POST /v1/authenticate ----------------------------------------------------
     def authenticate(self, req: Request) -> Response:
+        now = self.clock()
+        with self._lock:
+            admitted = self.by_source.allow(source_of(req.peer), now)
+            if not admitted:
+                self.dropped["rate_limited"] += 1
+        if not admitted:
+            return _rate_limited()
         if len(req.body) > self.settings.limits.max_body:
             return refuse(413, "too_large", f"at most {self.settings.limits.max_body} bytes")
         ctype = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -109,20 +129,15 @@ class AgentApp:
         if isinstance(parsed, Response):
             return parsed
         user_name, password = parsed
-        now = self.clock()
 
         key = req.headers.get(wire.HEADER_KEY, "")
         verdict = self._check_appliance(req, key, now)
         if verdict is not None:
             return verdict
         with self._lock:
-            if not self.by_source.allow(req.peer, now) or not self.by_key.allow(key, now):
-                return refuse(
-                    429,
-                    "rate_limited",
-                    "too many requests; try again in a minute",
-                    **{"Retry-After": "60"},
-                )
+            if not self.by_key.allow(key, now):
+                self.dropped["rate_limited"] += 1
+                return _rate_limited()
             if self.lockout.locked(user_name, now):
                 log.info("login for %s refused: locked (appliance %s)", user_name, key[:12])
                 return refuse(423, "locked", "too many wrong passwords; try again later")
@@ -194,23 +209,75 @@ class AgentApp:
     def _note_pending(self, key: str, peer: str, now: float) -> None:
         with self._lock:
             entry = self.pending.get(key)
-            new = entry is None
             if entry is None:
-                if len(self.pending) >= MAX_PENDING:
-                    oldest = min(self.pending, key=lambda k: self.pending[k]["last_seen"])
-                    del self.pending[oldest]
+                victim = self._pending_victim(source_of(peer))
+                if victim is not None:
+                    del self.pending[victim]
+                    self.dropped["pending_evicted"] += 1
                 entry = {"first_seen": now, "last_seen": now, "address": peer, "count": 0}
                 self.pending[key] = entry
+                self._pending_dirty = True
+            elif now - entry["last_seen"] > 10:
+                self._pending_dirty = True  # a fresh "last seen" is worth a write now and then
             entry["count"] += 1
-            save = new or now - entry["last_seen"] > 10
             entry["last_seen"] = now
             entry["address"] = peer
-            snapshot = {k: dict(v) for k, v in self.pending.items()}
-        if save and self.persist_pending is not None:
+        self.flush_pending(now)
+
+    def _pending_victim(self, source: str) -> str | None:
+        """The entry a new key from `source` replaces, if any (caller holds the lock).
+
+        A source at its share gives up its own stalest entry; when the table is full,
+        the source holding the most entries gives up its stalest.  So a flood from one
+        address churns only its own slots, and a visitor's single entry goes last."""
+        held: dict[str, list[str]] = {}
+        for k, e in self.pending.items():
+            held.setdefault(source_of(str(e["address"])), []).append(k)
+        mine = held.get(source, [])
+        if len(mine) >= MAX_PENDING_PER_SOURCE:
+            candidates = mine
+        elif len(self.pending) >= MAX_PENDING:
+            most = max(len(keys) for keys in held.values())
+            candidates = [k for keys in held.values() if len(keys) == most for k in keys]
+        else:
+            return None
+        return min(candidates, key=lambda k: float(self.pending[k]["last_seen"]))
+
+    def flush_pending(self, now: float | None = None, force: bool = False) -> None:
+        """Write the pending table if it changed, at most once per PENDING_SAVE_INTERVAL.
+
+        A flood of new keys so costs one write a second, not one per request; the
+        server calls this every interval, so a held-back change is written soon after."""
+        if self.persist_pending is None:
+            return
+        if not self._save_lock.acquire(blocking=force):
+            return  # another thread is writing; the next call writes what is left
+        try:
+            with self._lock:
+                now = self.clock() if now is None else now
+                since = now - self._last_save
+                if not self._pending_dirty or (not force and 0 <= since < PENDING_SAVE_INTERVAL):
+                    return
+                snapshot = {k: dict(v) for k, v in self.pending.items()}
+                self._pending_dirty = False
+                self._last_save = now
             try:
                 self.persist_pending(snapshot)
+                self._save_error = ""
             except OSError as exc:
-                log.warning("cannot save pending appliances: %s", exc)
+                with self._lock:
+                    self._pending_dirty = True
+                if str(exc) != self._save_error:  # once per cause, not once a second
+                    log.warning("cannot save pending appliances: %s", exc)
+                self._save_error = str(exc)
+        finally:
+            self._save_lock.release()
+
+
+def _rate_limited() -> Response:
+    return refuse(
+        429, "rate_limited", "too many requests; try again in a minute", **{"Retry-After": "60"}
+    )
 
 
 def _nonce_ok(nonce: str) -> bool:

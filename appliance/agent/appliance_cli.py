@@ -2,7 +2,8 @@
 
 A household allows this appliance with `personal-agent appliances allow <key>`;
 `agent-key` prints that key (made on first use).  `agent-login` asks an agent the
-way the portal does, to check an agent from the appliance without a browser.
+way the portal does, to check an agent from the appliance without a browser, and
+shows what the portal would take from the answer (the trusted-agents table).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import getpass
 import json
 import sys
+from collections.abc import Mapping
 
 from appliance.config import load
 
@@ -23,7 +25,8 @@ def _cmd_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_login(args: argparse.Namespace) -> int:
-    from appliance.agent.client import AgentError, authenticate
+    from appliance import trusted_agents
+    from appliance.agent.client import AgentError, authenticate, parse_spec
 
     config = load(args.config)
     if args.password_stdin:
@@ -32,23 +35,46 @@ def _cmd_login(args: argparse.Namespace) -> int:
         password = getpass.getpass("password: ")
     try:
         answer = authenticate(config, args.spec, password)
+        spec = parse_spec(args.spec, config.agent.default_port)
     except AgentError as exc:
         print(f"refused: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    try:  # what the portal would take from this answer (the trusted-agents table)
+        taken = trusted_agents.load(config.policies.agents).vouch(
+            answer.user,
+            answer.attributes,
+            spec.host,
+            spec.port,
+            config.agent.default_port,
+            answer.fingerprint,
+            answer.verified_name,
+        )
+    except trusted_agents.NotThatAgent as exc:
+        print(f"refused: bad_certificate: {exc}", file=sys.stderr)
         return 1
     print(
         json.dumps(
             {
                 "user": answer.user,
                 "agent": answer.agent,
-                "attributes": {
-                    k: list(v) if isinstance(v, tuple) else v for k, v in answer.attributes.items()
-                },
+                "fingerprint": answer.fingerprint,
+                "attributes": _plain(answer.attributes),
                 "servers": dict(answer.servers),
+                "session": {
+                    "user": taken.user,
+                    "trusted": taken.trusted,
+                    "attributes": _plain(taken.attributes),
+                    "not_taken": list(taken.dropped),
+                },
             },
             indent=1,
         )
     )
     return 0
+
+
+def _plain(attrs: Mapping[str, str | tuple[str, ...]]) -> dict[str, str | list[str]]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -176,12 +177,26 @@ def _pending(s: AgentSettings) -> dict[str, dict[str, Any]]:
     return data if isinstance(data, dict) else {}
 
 
+MIN_KEY_PREFIX = 22  # base64url characters: 132 bits, too many to grind a look-alike key
+
+
 def _find_key(s: AgentSettings, text: str) -> str:
-    """A full key, or an unambiguous prefix (at least 6 characters) of a known one."""
+    """A full key, or a prefix of at least MIN_KEY_PREFIX characters of exactly one known key.
+
+    Whoever asks chooses the key, so a short prefix of a visitor's key is cheap to
+    match with a key of one's own (6 characters: 2**36 tries) and be allowed instead."""
     if wire.valid_key_id(text):
         return text
+    if len(text) < MIN_KEY_PREFIX:
+        raise UsageError(
+            f"{text!r} is too short: give the whole key (43 characters) or at least "
+            f"{MIN_KEY_PREFIX} of its first characters, as `personal-agent appliances list` "
+            "shows it"
+        )
+    if len(text) > 43 or not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise UsageError(f"{text!r} is not an appliance key (43 base64url characters)")
     known = set(_pending(s)) | set(tables.load_appliances(s.appliances_file).entries)
-    hits = sorted(k for k in known if len(text) >= 6 and k.startswith(text))
+    hits = sorted(k for k in known if k.startswith(text))
     if len(hits) != 1:
         raise UsageError(
             f"{text!r} matches {len(hits)} known keys; give the whole key (43 characters)"
@@ -297,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = with_config(asub.add_parser(action))
         sp.add_argument(
             "key",
-            help="the appliance key, or a unique prefix of a pending one "
-            '(put "--" before one that starts with "-")',
+            help="the appliance key (43 characters), or a unique prefix of at least "
+            f'{MIN_KEY_PREFIX} characters of a pending one (put "--" before one that starts '
+            'with "-")',
         )
         sp.add_argument("--name", help="a note, e.g. 'Hotel Example lobby'")
     appl.set_defaults(func=cmd_appliances)

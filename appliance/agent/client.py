@@ -15,6 +15,7 @@ point the proxy into the hidden segment.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -33,6 +34,7 @@ import h11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from appliance import reach
 from appliance.agent import wire
 from appliance.config import Config
 
@@ -62,6 +64,9 @@ class AgentAnswer:
     attributes: Mapping[str, str | tuple[str, ...]]
     servers: Mapping[str, str]
     agent: str = ""  # "host:port" the answer came from, for Session.source "agent:<host>"
+    # what the appliance verified about the agent (the trusted-agents table matches on it):
+    fingerprint: str = ""  # of the certificate it presented
+    verified_name: str = ""  # the host its certificate verified for under the CAs; "" if pinned
 
 
 class AgentError(Exception):
@@ -114,32 +119,13 @@ def parse_spec(spec: str, default_port: int = wire.DEFAULT_PORT) -> AgentSpec:
 
 
 def forbidden_address(config: Config, address: str) -> str | None:
-    """Why an agent or a personal server may not be at this address (None: it may)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return f"{address!r} is not an address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local:
-        return f"{ip} is a special-purpose address"
-    if isinstance(ip, ipaddress.IPv6Address):
-        return None
-    if ip.is_reserved or ip == ipaddress.IPv4Address("255.255.255.255"):
-        return f"{ip} is a special-purpose address"
-    ifs = config.interfaces
-    own = {ifs.guest_ip, ifs.management_address}
-    if ifs.uplink_address is not None:
-        own.add(ifs.uplink_address.ip)
-    if ip in own:
-        return f"{ip} is the appliance itself"
-    if ip in ifs.guest_subnet:
-        return f"{ip} is in the guest subnet"
-    if config.hidden(ip):
-        return f"{ip} is on a network hidden from guests"
-    if _is_local(str(ip)):
-        return f"{ip} is the appliance itself"
-    return None
+    """Why an agent or a personal server may not be at this address (None: it may):
+    appliance.reach's verdict (IPv6 forms judged as the IPv4 address they carry),
+    then any address of this host."""
+    why = reach.forbidden(config.interfaces, address)
+    if why is None and _is_local(address):
+        why = "the appliance itself"
+    return None if why is None else f"{address} is {why}"
 
 
 def _is_local(address: str) -> bool:
@@ -469,8 +455,16 @@ def _servers(config: Config, raw: Any, deadline: _Deadline) -> dict[str, str]:
                 raise AgentError(
                     "refused_servers", f"your agent's {service} server is not allowed here: {why}"
                 )
-        first = addrs[0]
-        out[service] = f"[{first}]:{port}" if ":" in first else f"{first}:{port}"
+        # the relay reaches servers over IPv4 only: a server it cannot use is refused
+        # here, where the visitor reads why, not stored for the relay to refuse later
+        ipv4 = [a for a in addrs if isinstance(ipaddress.ip_address(a), ipaddress.IPv4Address)]
+        if not ipv4:
+            raise AgentError(
+                "refused_servers",
+                f"your agent's {service} server has no IPv4 address, and this appliance"
+                " relays to IPv4 servers only",
+            )
+        out[service] = f"{ipv4[0]}:{port}"
     return out
 
 
@@ -484,8 +478,12 @@ def authenticate(config: Config, agent_spec: str, password: str) -> AgentAnswer:
     body = json.dumps({"user": spec.user, "password": password}).encode("utf-8")
     tls, _addr = _connect(config, spec, deadline)
     with tls:
+        seen = wire.fingerprint(tls.getpeercert(binary_form=True) or b"")
         status, answer = _exchange(tls, spec, key, body, deadline)
-    return _interpret(config, spec, status, answer, wire.public_key_id(key.public_key()), deadline)
+    ans = _interpret(config, spec, status, answer, wire.public_key_id(key.public_key()), deadline)
+    # without a pin the default context checked the certificate against the CAs for spec.host
+    verified = "" if spec.fingerprint else spec.host
+    return dataclasses.replace(ans, fingerprint=seen, verified_name=verified)
 
 
 __all__ = [

@@ -1,19 +1,36 @@
-"""Rate limits and lockout against password guessing; pure, the clock is passed in.
+"""Rate limits and lockout against password guessing and floods; pure, the clock is passed in.
 
-Three brakes: a token bucket per source address and one per appliance key (any
-request), and per user a count of consecutive wrong passwords that locks the user
-for `lockout` seconds once it reaches `max_failures`.  While locked, the password
-is not even checked, so guessing during a lockout learns nothing.  State is in
-memory and bounded; a restart of the agent forgets it (an attacker cannot
-restart the agent).
+Three brakes: a token bucket per source (any request, before its signature is
+checked), one per appliance key (signed requests), and per user a count of
+consecutive wrong passwords that locks the user for `lockout` seconds once it
+reaches `max_failures`.  While locked, the password is not even checked, so
+guessing during a lockout learns nothing.  State is in memory and bounded; a
+restart of the agent forgets it (an attacker cannot restart the agent).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 
 MAX_TRACKED = 10000
+
+
+def source_of(peer: str) -> str:
+    """The unit a source brake counts: an IPv4 address, or an IPv6 /64.
+
+    One IPv6 host is routinely given a whole /64, so counting single addresses
+    would give it 2**64 fresh buckets."""
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 @dataclass
@@ -27,6 +44,7 @@ class RateLimiter:
         self.rate = per_minute / 60.0
         self.burst = float(burst)
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self.refused = 0  # a counted drop, for the operator's log
 
     def allow(self, key: str, now: float) -> bool:
         b = self._buckets.pop(key, None) or _Bucket(self.burst, now)
@@ -36,6 +54,7 @@ class RateLimiter:
         while len(self._buckets) > MAX_TRACKED:
             self._buckets.popitem(last=False)
         if b.tokens < 1.0:
+            self.refused += 1
             return False
         b.tokens -= 1.0
         return True

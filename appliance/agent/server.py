@@ -18,6 +18,8 @@ import json
 import logging
 import signal
 import ssl
+import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,7 +28,7 @@ import h11
 
 from appliance import passwords
 from appliance.agent import tables, tlscert
-from appliance.agent.api import AgentApp, Request, Response, refuse
+from appliance.agent.api import PENDING_SAVE_INTERVAL, AgentApp, Request, Response, refuse
 from appliance.agent.settings import AgentSettings
 from appliance.atomic_file import write_atomically
 
@@ -34,6 +36,11 @@ log = logging.getLogger("appliance.agent")
 
 MAX_CONNECTIONS = 128
 MAX_HEADER_BYTES = 16384
+DROP_REPORT_INTERVAL = 60.0  # seconds between log lines that sum up refused floods
+_DROPS = {
+    "rate_limited": "requests refused over a rate limit (429)",
+    "pending_evicted": "pending appliance keys replaced by newer ones",
+}
 
 
 class AgentServer:
@@ -64,6 +71,8 @@ class AgentServer:
         self.queue = asyncio.Semaphore(settings.limits.workers * 8)
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._reported: Counter[str] = Counter()
 
     @property
     def port(self) -> int:
@@ -84,12 +93,37 @@ class AgentServer:
             ssl_handshake_timeout=self.settings.limits.request_timeout,
             limit=MAX_HEADER_BYTES,
         )
+        self._ticker = asyncio.create_task(self._tick())
         log.info(
             "personal agent listening on %s:%d, certificate fingerprint %s",
             self.settings.listen_address,
             self.settings.port,
             self.fingerprint,
         )
+
+    async def _tick(self) -> None:
+        """Write pending keys held back by the write interval; now and then sum up drops."""
+        next_report = time.monotonic() + DROP_REPORT_INTERVAL
+        while True:
+            await asyncio.sleep(PENDING_SAVE_INTERVAL)
+            try:
+                await asyncio.to_thread(self.app.flush_pending)
+            except Exception:  # a bug: log it, keep ticking
+                log.exception("error saving pending appliances")
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + DROP_REPORT_INTERVAL
+                self._report_drops()
+
+    def _report_drops(self) -> None:
+        now = Counter(self.app.dropped)
+        new = now - self._reported
+        if new:
+            log.warning(
+                "in the last %d s: %s",
+                DROP_REPORT_INTERVAL,
+                ", ".join(f"{n} {_DROPS.get(what, what)}" for what, n in sorted(new.items())),
+            )
+        self._reported = now
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.busy.locked():
@@ -225,6 +259,11 @@ class AgentServer:
         log.info("tables re-read")
 
     async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        self.app.flush_pending(force=True)
         if self.server is not None:
             self.server.close()
             for task in list(self._tasks):

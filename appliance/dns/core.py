@@ -11,6 +11,28 @@ client sent them) and stores the finished reply minus its ID, so a hit costs one
 lookup and one bytes concatenation: no parse.  TTLs are not counted down in cached
 replies; an entry lives for the smallest TTL it carries (capped), which is what a
 guest would have seen at the time of the upstream answer.
+
+Before login nothing a guest asks about an outside name leaves the appliance, so DNS
+carries no tunnel: the appliance's own names (the portal's, those under the guest
+domain) and the OS captive-portal probe names are answered as for a member, for the
+types a browser asks when it opens a page (A, AAAA, SVCB, HTTPS) only.  Any other
+type (TXT, NULL, ANY, MX, SRV, PTR...) is REFUSED.  Any other name gets, by
+`Settings.before_login`:
+
+- "refuse" (the default): REFUSED.  Devices whose OS runs a captive-portal probe (or
+  reads the RFC 8908 API) find the portal; a browser opening any other page before
+  that gets a DNS error instead of the login page.
+- "portal" (off by default, not finished): A is answered with STAND_IN, TTL 0, and
+  AAAA/SVCB/HTTPS with no records.  Port 80 to STAND_IN goes to the portal like any
+  address before login.  But the firewall drops, silently, everything else to it:
+  Chromium's HTTPS attempts (page upgrades, its own background services) then hang
+  for 30 s instead of failing at once as on REFUSED.  Usable only once the net role
+  answers TCP to STAND_IN (other than port 80) with a reset.
+
+REFUSED, not NXDOMAIN: NXDOMAIN says the name does not exist, and stub resolvers cache
+that (RFC 2308), so names would stay broken for a while after login; REFUSED is a
+refusal by policy, which nobody caches.  None of these answers goes into the cache.
+The caller says whether the guest is logged in; unknown is not.
 """
 
 from __future__ import annotations
@@ -28,6 +50,13 @@ NEGATIVE_TTL = 60
 LOCAL_TTL = 60
 PROBE_TTL = 30
 _DROP_TYPES = {QTYPE.AAAA, 64, 65}  # AAAA, SVCB, HTTPS (address hints)
+# what a browser or an OS probe asks for a name before login; TXT, NULL, ANY, MX, SRV,
+# CNAME, PTR... carry more data per answer and a guest needs none of them yet
+BEFORE_LOGIN_TYPES = frozenset({QTYPE.A, QTYPE.AAAA, 64, 65})
+# the stand-in address for outside names before login: the benchmarking range
+# (RFC 2544, 198.18.0.0/15) is no real destination anywhere
+STAND_IN = ipaddress.IPv4Address("198.18.0.1")
+BEFORE_LOGIN_MODES = ("refuse", "portal")
 
 # Hosts the common OSes fetch to detect a captive portal.  Before login the fetch is
 # redirected to the portal, which is exactly what makes the OS show it; so these names
@@ -59,6 +88,7 @@ class Settings:
     guest_subnet: ipaddress.IPv4Network
     cache_size: int = 10000
     probe_names: frozenset[str] = PROBE_NAMES
+    before_login: str = "refuse"  # or "portal": see the module's docstring
 
     @classmethod
     def build(
@@ -70,11 +100,22 @@ class Settings:
         hidden: Iterable[ipaddress.IPv4Network],
         extra_names: Iterable[str] = (),
         cache_size: int = 10000,
+        before_login: str = "refuse",
     ) -> Settings:
         domain = domain.lower().strip(".")
         names = {f"{n.lower().strip('.')}.{domain}" for n in guest_names}
         names |= {n.lower().strip(".") for n in extra_names}
-        return cls(guest_ip, domain, frozenset(names), tuple(hidden), guest_subnet, cache_size)
+        if before_login not in BEFORE_LOGIN_MODES:
+            raise ValueError(f"before_login is one of {', '.join(BEFORE_LOGIN_MODES)}")
+        return cls(
+            guest_ip,
+            domain,
+            frozenset(names),
+            tuple(hidden),
+            guest_subnet,
+            cache_size,
+            before_login=before_login,
+        )
 
     def is_hidden(self, addr: ipaddress.IPv4Address) -> bool:
         return any(addr in net for net in self.hidden)
@@ -117,6 +158,8 @@ class Stats:
     local: int = 0
     servfail: int = 0
     overload: int = 0  # SERVFAIL at once: too many questions already waiting upstream
+    refused: int = 0  # before login: a name or type a guest does not need yet
+    stand_in: int = 0  # before login: an outside name answered with STAND_IN (or no records)
 
 
 def error_reply(query: bytes, rcode: int) -> bytes | None:
@@ -185,16 +228,18 @@ class Resolver:
         self.stats = Stats()
 
     # -- guest query --------------------------------------------------------
-    def query(self, data: bytes, now: float, tcp: bool = False) -> Action:
+    def query(self, data: bytes, now: float, tcp: bool = False, logged_in: bool = False) -> Action:
+        """Decide for one guest query; `logged_in` False (the default) allows few names."""
         self.stats.queries += 1
         if len(data) < 12:
             return self._formerr(data)
         if data[2] & 0x80:
             return Drop("a response sent to the resolver")
-        hit = self.cache.get(data[2:], now, tcp)
-        if hit is not None:
-            self.stats.hits += 1
-            return Reply(data[:2] + hit)
+        if logged_in:  # before login the name is checked first: no cached shortcut
+            hit = self.cache.get(data[2:], now, tcp)
+            if hit is not None:
+                self.stats.hits += 1
+                return Reply(data[:2] + hit)
         if len(data) > MAX_QUERY:
             return self._formerr(data)
         opcode = (data[2] >> 3) & 0x0F
@@ -208,12 +253,43 @@ class Resolver:
             return self._formerr(data)
         qname = str(rec.q.qname).lower().rstrip(".")
         qtype = int(rec.q.qtype)
+        if not logged_in:
+            if not self.allowed_before_login(qname, qtype):
+                return Reply(self._not_yet(rec, qtype))
+            hit = self.cache.get(data[2:], now, tcp)
+            if hit is not None:
+                self.stats.hits += 1
+                return Reply(data[:2] + hit)
         local = self._local(rec, qname, qtype)
         if local is not None:
             self.stats.local += 1
             return Reply(self._finish(data[2:], local, now, tcp, _udp_limit(rec)))
         self.stats.forwarded += 1
         return Forward(data, data[2:], qname, qtype, _udp_limit(rec), data[:2])
+
+    def allowed_before_login(self, qname: str, qtype: int) -> bool:
+        """The appliance's names and the captive-portal probes, for address types only."""
+        if qtype not in BEFORE_LOGIN_TYPES:
+            return False
+        s = self.settings
+        return (
+            qname in s.local_names
+            or qname in s.probe_names
+            or qname == s.domain
+            or qname.endswith("." + s.domain)
+        )
+
+    def _not_yet(self, rec: DNSRecord, qtype: int) -> bytes:
+        """Before login, for a name or type not allowed yet: never asks upstream, never cached."""
+        reply = rec.reply()  # with the question: stubs match it to their query
+        if self.settings.before_login == "portal" and qtype in BEFORE_LOGIN_TYPES:
+            self.stats.stand_in += 1
+            if qtype == QTYPE.A:
+                reply.add_answer(RR(rec.q.qname, QTYPE.A, rdata=A(str(STAND_IN)), ttl=0))
+            return bytes(reply.pack())
+        self.stats.refused += 1
+        reply.header.rcode = RCODE.REFUSED
+        return bytes(reply.pack())
 
     def _formerr(self, data: bytes) -> Action:
         self.stats.formerr += 1
@@ -311,4 +387,14 @@ def _nxdomain(query: DNSRecord) -> DNSRecord:
     return reply
 
 
-__all__ = ["PROBE_NAMES", "Drop", "Forward", "Reply", "Resolver", "Settings"]
+__all__ = [
+    "BEFORE_LOGIN_MODES",
+    "BEFORE_LOGIN_TYPES",
+    "PROBE_NAMES",
+    "STAND_IN",
+    "Drop",
+    "Forward",
+    "Reply",
+    "Resolver",
+    "Settings",
+]

@@ -6,6 +6,12 @@ ID in front.  Misses go to the event loop and `core.Resolver`, which forwards ea
 question from a fresh socket (random source port, random ID) and retries over TCP
 when the answer comes back truncated.  Identical questions in flight share one
 upstream query.
+
+Every question first takes a token from its guest address's bucket (`ratelimit`);
+over the rate it is dropped and counted.  A cached answer is given on the fast path
+only to an address known to be logged in (`logins`); any other question goes to the
+loop, which asks the sessions store, and the resolver answers it as a member's or as
+a guest's before login (few names, few types).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from dnslib import RCODE
 
 from appliance.config import Config
 from appliance.dns.core import Action, Drop, Forward, Reply, Resolver, Settings, error_reply
+from appliance.dns.logins import Logins
+from appliance.dns.ratelimit import BURST, RATE, RateLimit
 
 log = logging.getLogger("appliance.dns")
 
@@ -35,6 +43,8 @@ MAX_TCP_CLIENTS = 64
 MAX_PENDING = 2048
 """Upstream questions in flight at once; each holds a UDP socket (the process may open
 20,000 files), and a legitimate guest network has far fewer misses outstanding."""
+SESSION_POLL = 0.5
+"""Seconds between looks at the sessions ended (by the portal, the lease follower...)."""
 
 
 class _OneQuery(asyncio.DatagramProtocol):
@@ -101,14 +111,49 @@ class Server:
         upstreams: list[tuple[str, int]],
         timeout: float,
         max_pending: int = MAX_PENDING,
+        logins: Logins | None = None,
+        limiter: RateLimit | None = None,
     ) -> None:
         self.resolver = resolver
         self.upstreams = upstreams
         self.timeout = timeout
         self.max_pending = max_pending
+        self.logins = logins or Logins(None)  # none given: nobody is logged in
+        self.limiter = limiter or RateLimit(RATE, BURST)
         self.inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._overload_logged = -60.0
+        self._rate_logged = -60.0
+
+    def allow(self, ip: str, now: float) -> bool:
+        """A token from the guest's bucket; over the rate: dropped, counted, logged (1/min)."""
+        if self.limiter.allow(ip, now):
+            return True
+        if now - self._rate_logged >= 60:
+            self._rate_logged = now
+            log.warning(
+                "dns: %s asks over the rate (%g/s, bursts of %g); dropping (%d so far)",
+                ip,
+                self.limiter.rate,
+                self.limiter.burst,
+                self.limiter.dropped,
+            )
+        return False
+
+    def decide(self, data: bytes, ip: str, tcp: bool) -> Action:
+        """The resolver's decision for a question from `ip`, logged in or not."""
+        now = time.monotonic()
+        return safe_query(self.resolver, data, tcp, self.logins.check(ip, now))
+
+    async def follow_sessions(self) -> None:
+        """Ended sessions leave the logged-in set within SESSION_POLL seconds."""
+        while True:
+            try:
+                self.logins.poll(time.monotonic())
+            except Exception:  # a bug here must not stop the following
+                log.exception("dns: following the sessions failed")
+                self.logins.known.clear()  # unknown again: asked afresh, fail closed
+            await asyncio.sleep(SESSION_POLL)
 
     def overloaded(self) -> bool:
         """Too many guest questions wait upstream: a flood of made-up names (each one a
@@ -197,6 +242,8 @@ class GuestUdp:
 
     def _serve(self) -> None:
         entries = self.server.resolver.cache.entries
+        known = self.server.logins.known
+        allow = self.server.allow
         recv, send, now = self.sock.recvfrom, self.sock.sendto, time.monotonic
         miss = self.loop.call_soon_threadsafe
         while not self.closing:
@@ -206,9 +253,15 @@ class GuestUdp:
                 if self.closing:
                     return
                 continue
-            # fast path: a cached reply, patched with this query's ID; no parse at all
+            if addr is None:  # shut down: woken with nothing
+                continue
+            t = now()
+            if not allow(addr[0], t):
+                continue
+            # fast path: a cached reply for a logged-in guest, patched with this
+            # query's ID; no parse at all
             hit = entries.get(data[2:])
-            if hit is not None and hit[0] > now():
+            if hit is not None and hit[0] > t and known.get(addr[0], 0.0) > t:
                 try:  # noqa: SIM105 (no context manager per packet)
                     send(data[:2] + hit[2], addr)
                 except OSError:
@@ -222,7 +275,7 @@ class GuestUdp:
             self.sock.sendto(data, addr)
 
     def _miss(self, data: bytes, addr: Any) -> None:
-        action = safe_query(self.server.resolver, data, tcp=False)
+        action = self.server.decide(data, addr[0], tcp=False)
         if isinstance(action, Reply):
             self._send(action.data, addr)
         elif isinstance(action, Forward):
@@ -239,10 +292,10 @@ class GuestUdp:
             self._send(out, addr)
 
 
-def safe_query(resolver: Resolver, data: bytes, tcp: bool) -> Action:
+def safe_query(resolver: Resolver, data: bytes, tcp: bool, logged_in: bool = False) -> Action:
     """The resolver's decision; a bug there costs one SERVFAIL, never the service."""
     try:
-        return resolver.query(data, time.monotonic(), tcp)
+        return resolver.query(data, time.monotonic(), tcp, logged_in)
     except Exception:
         log.exception("dns: query handling failed")
         out = error_reply(data, RCODE.SERVFAIL)
@@ -258,13 +311,17 @@ async def handle_tcp(
     if sem.locked():
         writer.close()
         return
+    peer = writer.get_extra_info("peername")
+    ip = str(peer[0]) if peer else ""
     async with sem:
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
                 (n,) = struct.unpack("!H", head)
                 data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE)
-                action = safe_query(server.resolver, data, tcp=True)
+                if not server.allow(ip, time.monotonic()):
+                    break  # over the rate: the connection ends (the client may retry)
+                action = server.decide(data, ip, tcp=True)
                 if isinstance(action, Drop):
                     break
                 out = (
@@ -289,7 +346,16 @@ def settings_for(config: Config, guest_names: Iterable[str]) -> Settings:
         hidden=config.interfaces.hidden_networks,
         extra_names=[config.portal.hostname],
         cache_size=config.dns.cache_size,
+        before_login=config.dns.before_login,
     )
+
+
+def sessions_for(config: Config) -> Any:
+    """The shared sessions store; this role only reads sessions, never starts or ends one."""
+    from appliance import store
+    from appliance.sessions import SessionStore
+
+    return SessionStore(store.connect(config.state.database))
 
 
 async def serve(
@@ -300,7 +366,13 @@ async def serve(
     upstreams: list[tuple[str, int]] | None = None,
 ) -> None:
     ups = upstreams or [(str(ip), 53) for ip in config.dns.upstream]
-    server = Server(resolver, ups, UPSTREAM_TIMEOUT)
+    server = Server(
+        resolver,
+        ups,
+        UPSTREAM_TIMEOUT,
+        logins=Logins(sessions_for(config)),
+        limiter=RateLimit(config.dns.rate_limit, config.dns.rate_burst),
+    )
     loop = asyncio.get_running_loop()
     bind = host or str(config.interfaces.guest_ip)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -318,21 +390,27 @@ async def serve(
         ", ".join(f"{h}:{p}" for h, p in ups) or "none",
         len(resolver.settings.local_names),
     )
+    follower = asyncio.ensure_future(server.follow_sessions())
     try:
         await stop.wait()
     finally:
+        follower.cancel()
         udp.close()
         tcp.close()
         s = resolver.stats
         log.info(
             "dns stopping: %d queries, %d cache hits, %d forwarded, %d FORMERR, %d hidden, "
-            "%d SERVFAIL for overload",
+            "%d SERVFAIL for overload, %d refused and %d stand-in answers before login, "
+            "%d dropped over the rate",
             s.queries,
             s.hits,
             s.forwarded,
             s.formerr,
             s.hidden,
             s.overload,
+            s.refused,
+            s.stand_in,
+            server.limiter.dropped,
         )
 
 

@@ -275,10 +275,21 @@ def add_pop_message(server: Server, user: str, message: bytes) -> None:
 
 
 # -- squid -------------------------------------------------------------------------
+# what the site's web proxy itself refuses to fetch: the segment it sits in, the guest
+# subnet, itself.  The appliance checks names before it asks, but only the proxy knows
+# which address its own lookup gave (DNS rebinding), so this deny is the last word.
+PROXY_DENIED = ("198.51.100.0/24", "192.168.1.0/24", "127.0.0.0/8", "0.0.0.0/8", "::1")
+
+
 def start_webproxy(
-    node: Node, host: str = WEBPROXY_ADDR, port: int = 3128, resolver: str = "127.0.0.1"
+    node: Node,
+    host: str = WEBPROXY_ADDR,
+    port: int = 3128,
+    resolver: str = "127.0.0.1",
+    denied: tuple[str, ...] = PROXY_DENIED,
 ) -> Server:
-    """Squid as the site's web proxy, no disk cache, CONNECT allowed to any port (lab)."""
+    """Squid as the site's web proxy, no disk cache, CONNECT allowed to any port (lab),
+    never to the hidden networks (`denied`)."""
     d = _workdir(node, "squid")
     _chown(d, "proxy")
     (d / "squid.conf").write_text(
@@ -292,6 +303,8 @@ pid_filename {d}/squid.pid
 coredump_dir {d}
 cache_effective_user proxy
 dns_nameservers {resolver}
+acl hidden dst {" ".join(denied)}
+http_access deny hidden
 http_access allow all
 shutdown_lifetime 0 seconds
 """

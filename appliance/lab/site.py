@@ -6,8 +6,9 @@ background process inside the lab's namespaces, so it outlives the command and
 so a person (or `appliance lab demo`) can log in at once:
 
 - site account `carol` / `carol-pass` (department Sales 1, a contractor: web only);
-- home account `alice` / `alice-pass` at the personal agent 203.0.113.1 (staff: mail,
-  her own POP server at home, and web);
+- home account `alice` / `alice-pass` at the personal agent 203.0.113.1, which the site
+  trusts (agents.toml) for department and role: she logs in as alice@home.example (staff:
+  mail, her own POP server at home, and web);
 - admin `admin` / `admin-pass` on the admin pages at http://198.51.100.1:8000/.
 """
 
@@ -21,8 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from appliance.atomic_file import write_atomically
 from appliance.lab import servers
-from appliance.lab.topology import LAB_PREFIX, LabError, Node, Topology
+from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
+from appliance.tomlfile import toml_key, toml_value
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -72,7 +75,7 @@ def _agent_cmd(*args: str) -> list[str]:
 def write_config(directory: Path) -> Path:
     """The example config and tables, with state in the lab directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in ("servers.toml", "access.toml"):
+    for name in ("servers.toml", "access.toml", "agents.toml"):
         shutil.copy(POLICIES / name, directory / name)
     text = (POLICIES / "appliance.toml").read_text()
     state = directory / "state"
@@ -124,12 +127,18 @@ def add_agent(
     user: tuple[str, str, list[str]] = HOME_USER,
     pop: str = servers.POP_ADDR,
     name: str = "agent",
+    trusted_as: str | None = "home.example",
+    trusted_keys: tuple[str, ...] = ("department", "role"),
+    allow: bool = True,
 ) -> str:
     """A personal agent at home on `addr` with one user whose POP server is `pop`; this
-    appliance's key allowed.  Returns the agent's pin (`sha256:...`).
+    appliance's key allowed (unless `allow` is false: a household that has not yet).
+    Returns the agent's pin (`sha256:...`).
 
-    The lab's own agent is the default; tests add a second household's agent with
-    another address (which must be on the home namespace's interface) and user."""
+    The lab's own agent is the default, and the site trusts it (agents.toml, by its
+    fingerprint, as `trusted_as`) to assert `trusted_keys`; tests add a second
+    household's agent with another address (which must be on the home namespace's
+    interface) and user, untrusted with `trusted_as=None`."""
     home, gw = topo["home"], topo["gw"]
     adir = directory / name
     adir.mkdir(parents=True, exist_ok=True)
@@ -154,11 +163,20 @@ def add_agent(
     )
     _run(None, _agent_cmd("servers", "set", *conf, uid, "pop3", f"{pop}:110"))
     key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
-    # `--`: a key may start with "-" (base64url)
-    _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
+    if allow:  # `--`: a key may start with "-" (base64url)
+        _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
     home.start(*_agent_cmd("run", *conf), name=f"personal-{name}")
     home.wait_port(AGENT_PORT, addr, timeout=30)
-    return _run(None, _agent_cmd("fingerprint", *conf)).split()[0]
+    fingerprint = _run(None, _agent_cmd("fingerprint", *conf)).split()[0]
+    if trusted_as is not None:
+        table = config.parent / "agents.toml"
+        old = table.read_text() if table.exists() else ""
+        entry = (
+            f"\n[agents.{toml_key(trusted_as)}]\nfingerprints = {toml_value([fingerprint])}\n"
+            f"attributes = {toml_value(trusted_keys)}\n"
+        )
+        write_atomically(table, old + entry)
+    return fingerprint
 
 
 def start(topo: Topology, directory: Path) -> SiteInfo:
@@ -166,6 +184,8 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
     config = write_config(directory)
     info = SiteInfo(str(directory), str(config))
     servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)
+    # the box's own resolver is the site's, as on a real box: the relay checks names with it
+    (NETNS_ETC / topo["gw"].netns / "resolv.conf").write_text("nameserver 198.51.100.2\n")
     smtp = servers.start_smtp(topo["seg"], domains=("example.net", "example.org"))
     proxy = servers.start_webproxy(topo["seg"], resolver="198.51.100.2")
     pop = servers.start_pop3(topo["home"], {HOME_USER[0]: HOME_USER[1]})

@@ -1,6 +1,6 @@
 """A whole site in network namespaces: the test harness and the lab share this code.
 
-The topology is the one of DESIGN.md section 4:
+The topology is the address plan of docs/design.md ("Address plan"):
 
     guest1..N --+
                 +-- sw (bridge br0) -- guest0 [gw] seg0 -- eth0 [seg]  198.51.100.0/24

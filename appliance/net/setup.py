@@ -98,6 +98,8 @@ def render(
         dns_port=_port(config.dns.port),
         portal_http=_port(config.portal.http_port),
         portal_ports=", ".join(str(_port(p)) for p in portal_ports(config)),
+        portal_conn_cap=int(config.portal.connections_per_guest),
+        proxy_conn_cap=int(config.proxy.connections_per_guest),
     )
 
 

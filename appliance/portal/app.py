@@ -27,8 +27,9 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from appliance import accounts, store
 from appliance.config import CAPTIVE_API_PATH, Config
+from appliance.neighbours import neighbour_mac
 from appliance.portal import gates, i18n, pages
-from appliance.portal.security import Csrf, RateLimiter
+from appliance.portal.security import Csrf, InFlight, RateLimiter, ReturnUrls
 from appliance.sessions import Session, SessionStore
 from dhcp import leases
 
@@ -37,6 +38,13 @@ API_CACHE_SECONDS = 1.0
 API_CACHE_MAX = 4096
 
 MacLookup = Callable[[str], str | None]
+
+AGENT_NOT_REACHED = frozenset(
+    {"unreachable", "timeout", "bad_certificate", "bad_answer", "bad_address"}
+)
+"""Agent failures the visitor sees as one message: closed, filtered, not TLS, TLS but not
+an agent, or an address the appliance will not contact.  Told apart, they made the login
+form a port scanner of whatever the appliance reaches; the log keeps the real reason."""
 
 
 @dataclass
@@ -51,11 +59,13 @@ class Deps:
     mac_of: MacLookup | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
     csrf: Csrf = field(default_factory=Csrf)
+    return_urls: ReturnUrls = field(default_factory=ReturnUrls)
+    agent_logins: InFlight | None = None  # None: the caps of config.portal
     clock: Callable[[], float] = time.time
     authorize: Callable[[str, str], None] | None = None
     revoke: Callable[[str, str], None] | None = None
     network_gate: Callable[[gates.Attributes], gates.Verdict] | None = None
-    service_list: Callable[[gates.Attributes], list[tuple[str, gates.Verdict]] | None] | None = None
+    service_list: Callable[[gates.Attributes], list[tuple[str, gates.Verdict]]] | None = None
 
 
 def real_deps(config: Config, deps: Deps | None = None) -> Deps:
@@ -63,8 +73,12 @@ def real_deps(config: Config, deps: Deps | None = None) -> Deps:
     from appliance.sessions import firewall_revoke
 
     d = deps or Deps()
+    if d.agent_logins is None:
+        d.agent_logins = InFlight(
+            config.portal.agent_logins_per_guest, config.portal.agent_logins_total
+        )
     if d.mac_of is None:
-        d.mac_of = lambda ip: gates.neighbour_mac(config.interfaces.guest, ip)
+        d.mac_of = lambda ip: neighbour_mac(config.interfaces.guest, ip)
     if d.authorize is None:
         d.authorize = lambda ip, mac: gates.authorize(config, ip, mac)
     if d.revoke is None:
@@ -172,6 +186,11 @@ def _safe_url(url: str | None) -> str:
     return url
 
 
+def _printable(text: str) -> bool:
+    """No line breaks or other control characters: such a user id would forge log lines."""
+    return text.isprintable()
+
+
 def create_app(config: Config, deps: Deps | None = None) -> Flask:
     portal = Portal(config, deps)
     d = portal.deps
@@ -270,6 +289,8 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 link=portal.base_url + "/status",
                 link_text=i18n.text(_lang(), "status_heading"),
             )
+        if original:
+            d.return_urls.remember(ip, original)
         if probe or _wants_html():
             return redirect(login_url(original), 302)
         body = render(
@@ -280,6 +301,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             link=login_url(original),
             link_text=i18n.text(_lang(), "login"),
         )
+        body.status = "511 Network Authentication Required"  # RFC 6585's words, not werkzeug's
         body.headers["Link"] = f'<{portal.base_url}{CAPTIVE_API_PATH}>; rel="captive-portal"'
         return body
 
@@ -288,9 +310,14 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
         ip = request.remote_addr or ""
         return redirect("/status" if portal.current(ip) else "/login", 302)
 
+    def return_url(url: str | None) -> str:
+        """`url` when this guest was captured on it (see `ReturnUrls`), else ""."""
+        url = _safe_url(url)
+        return url if url and d.return_urls.allowed(request.remote_addr or "", url) else ""
+
     @app.get("/login")
     def login_form() -> BaseResponse:
-        url = _safe_url(request.args.get("url"))
+        url = return_url(request.args.get("url"))
         if portal.current(request.remote_addr or ""):
             return redirect("/status" + ("?url=" + quote(url, safe="") if url else ""), 302)
         return render(pages.LOGIN, url=url, user="", agent="", error=None, notice=None)
@@ -302,7 +329,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
         user = request.form.get("user", "").strip()[:128]
         password = request.form.get("password", "")[:1024]
         agent = request.form.get("agent", "").strip()[:256]
-        url = _safe_url(request.form.get("url"))
+        url = return_url(request.form.get("url"))
 
         def refuse(key: str, status: int, **kw: object) -> Response:
             return render(
@@ -319,7 +346,14 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             return refuse("err_csrf", 400)
         if not user or not password:
             return refuse("err_missing", 400)
-        keys = (f"ip:{ip}", f"user:{user.lower()}")
+        if not (_printable(user) and _printable(agent)):
+            log.warning("login from %s refused: control characters in the user or agent field", ip)
+            user, agent = "", ""  # not echoed back either
+            return refuse("err_characters", 400)
+        # per user id: an agent login's failures count for user@agent, never for the site
+        # account of the same name (which a visitor's own agent could otherwise lock out)
+        agent_host = agent.rpartition("@")[2].split("#")[0].lower().rstrip(".")
+        keys = (f"ip:{ip}", f"user:{user.lower()}" + (f"@{agent_host}" if agent else ""))
         wait = max(d.limiter.retry_after(k) for k in keys)
         if wait:
             log.warning("login from %s as %s refused: rate limit (%d s)", ip, user, wait)
@@ -342,8 +376,8 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
                 return failed("wrong user id or password (site account)")
             who, source, attrs = account.user, "site", dict(account.attributes)
         else:
-            # The agent is named in the agent field only ("home.example" or, as the agent's
-            # README shows, "alice@home.example"), so the session names the agent that
+            # The agent is named in the agent field only ("home.example" or, as
+            # docs/design.md shows, "alice@home.example"), so the session names the agent that
             # really vouched for the user.
             if "@" in agent:
                 agent_user, agent = agent.rsplit("@", 1)
@@ -353,23 +387,36 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             if "@" in user or not agent:
                 return refuse("err_credentials", 400)
             spec = f"{user}@{agent}"
+            assert d.agent_logins is not None
+            if not d.agent_logins.take(ip):
+                # each one waits on the network holding a worker thread: a guest naming a
+                # tarpit again and again would otherwise hold every thread of the portal
+                log.warning(
+                    "login from %s as %s via agent %s refused: too many agent logins in progress",
+                    ip,
+                    user,
+                    agent,
+                )
+                return refuse("err_busy", 429)
             try:
                 ans = gates.agent_authenticate(config, spec, password)
             except gates.AgentFailure as exc:
-                if exc.code in ("unknown_user", "bad_password"):
-                    for k in keys:
-                        d.limiter.fail(k)
+                for k in keys:  # every failure counts, or the form scans the network unthrottled
+                    d.limiter.fail(k)
                 log.warning(
                     "login from %s as %s via agent %s failed: %s", ip, user, agent, exc.code
                 )
-                key = f"agent_{exc.code}" if f"agent_{exc.code}" in i18n.MESSAGES else "agent_other"
-                if exc.code == "unavailable":
-                    key = "err_agent_unavailable"
-                return refuse(key, 401 if exc.code in ("unknown_user", "bad_password") else 502)
-            host = agent.split("#")[0]
+                key, status = _agent_refusal(exc.code)
+                if exc.code == "appliance_not_allowed":  # the household's next step, key and all
+                    return refuse(key, status, command=gates.allow_command(config))
+                return refuse(key, status)
+            finally:
+                d.agent_logins.release(ip)
+            # ans.user is "user@agent" and ans.attributes only what the site takes from
+            # this agent (gates / trusted_agents)
             who, source, attrs, personal = (
                 ans.user,
-                f"agent:{host}",
+                f"agent:{ans.agent}",
                 dict(ans.attributes),
                 dict(ans.servers),
             )
@@ -391,15 +438,12 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             mac=mac,
             personal_servers=personal,
             now=d.clock(),
+            max_seconds=verdict.session_max,
         )
         portal.forget(ip)
         try:
             d.authorize(ip, mac)
-        except gates.FirewallMissing:
-            log.warning(
-                "firewall module not in this build: session %s has no firewall entry", sess.id[:8]
-            )
-        except Exception:
+        except Exception:  # a login the firewall cannot enforce is no login
             log.exception("firewall authorize for %s %s failed", ip, mac)
             st.end(sess.id, "firewall authorize failed")
             portal.forget(ip)
@@ -423,17 +467,14 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             if sess.source == "site"
             else i18n.text(lang, "via_agent", host=sess.source.removeprefix("agent:"))
         )
-        notice = None
-        if not gates.firewall_available():
-            notice = "Network access is not enforced: the firewall module is not in this build."
         return render(
             pages.STATUS,
             s=sess,
             via=via,
             left=i18n.duration(lang, sess.seconds_remaining(now)),
             services=d.service_list(sess.attributes) if d.service_list else None,
-            url=_safe_url(request.args.get("url")),
-            notice=notice,
+            url=return_url(request.args.get("url")),
+            notice=None,
         )
 
     @app.post("/logout")
@@ -462,6 +503,18 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
 
     app.wsgi_app = CaptiveApi(app.wsgi_app, portal)  # type: ignore[method-assign]
     return app
+
+
+def _agent_refusal(code: str) -> tuple[str, int]:
+    """The message key and HTTP status a visitor gets for an agent failure `code`."""
+    if code in ("unknown_user", "bad_password"):
+        return f"agent_{code}", 401
+    if code in AGENT_NOT_REACHED:
+        return "agent_not_reached", 502
+    if code == "appliance_not_allowed":
+        return "agent_appliance_not_allowed", 403
+    key = f"agent_{code}"
+    return (key if key in i18n.MESSAGES else "agent_other"), 502
 
 
 _API_HEADERS = [

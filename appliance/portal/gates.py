@@ -1,9 +1,9 @@
-"""The portal's calls into parts built elsewhere: policy, firewall, personal agent, kernel.
+"""The portal's calls into the other parts: policy, firewall, personal agent.
 
-Each is one small function with a lazy import, so the portal runs (and its tests
-run) before those modules land, and the lead wires them in one place.  When a
-module is missing the answer says so plainly; nothing here pretends that a
-firewall entry or a policy decision exists when it does not.
+Each is one small function, so the portal's tests can put their own in its
+`Deps`.  Every part is required: a missing or failing one raises, and the login
+it was for is refused (nothing here pretends a firewall entry or a policy
+decision exists when it does not).
 """
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
+from appliance import trusted_agents
+from appliance.agent import wire
 from appliance.config import Config
+
+if TYPE_CHECKING:
+    from appliance.policy import Policy
 
 log = logging.getLogger("appliance.portal")
 
@@ -26,24 +31,22 @@ class Verdict:
     allowed: bool
     reason: str
     rule: str | None = None
+    session_max: int | None = None  # the deciding rule's, in seconds (None: the portal's)
 
 
-# -- access rights (appliance.policy, built by the policy engineer) ---------------------
-_policy: Any = None
+# -- access rights -------------------------------------------------------------------
+_policy: Policy | None = None
 _policy_lock = threading.Lock()
 
 
-def policy(config: Config) -> Any | None:
-    """The loaded `appliance.policy.Policy`, or None when that module is not in this build."""
+def policy(config: Config) -> Policy:
+    """The access-rights and server tables, loaded once (a broken table raises)."""
     global _policy
     with _policy_lock:
         if _policy is None:
-            try:
-                from appliance.policy import Policy  # type: ignore[import-not-found,unused-ignore]
-            except ModuleNotFoundError as exc:
-                if exc.name and exc.name.startswith("appliance.policy"):
-                    return None
-                raise
+            # imported here: tests put their own tables in sys.modules
+            from appliance.policy import Policy
+
             _policy = Policy.load(config)
         return _policy
 
@@ -60,19 +63,13 @@ def reload_policy() -> None:
 
 def may_use_network(config: Config, attributes: Attributes) -> Verdict:
     """Login gate: may these attributes use the network at all?"""
-    pol = policy(config)
-    if pol is None:
-        log.warning("access-rights module not in this build: login not checked against rules")
-        return Verdict(True, "no access-rights table in this build", None)
-    d = pol.access.may_use_network(attributes)
-    return Verdict(bool(d.allowed), str(d.reason), d.rule)
+    d = policy(config).access.may_use_network(attributes)
+    return Verdict(bool(d.allowed), str(d.reason), d.rule, d.session_max)
 
 
-def services(config: Config, attributes: Attributes) -> list[tuple[str, Verdict]] | None:
+def services(config: Config, attributes: Attributes) -> list[tuple[str, Verdict]]:
     """Each service of the server table with the decision for these attributes."""
     pol = policy(config)
-    if pol is None:
-        return None
     out = []
     for name in sorted(pol.servers.services):
         d = pol.access.decide(attributes, name)
@@ -80,37 +77,22 @@ def services(config: Config, attributes: Attributes) -> list[tuple[str, Verdict]
     return out
 
 
-# -- firewall (appliance.net.firewall, built by the net engineer) -----------------------
-class FirewallMissing(RuntimeError):
-    pass
-
-
+# -- firewall --------------------------------------------------------------------------
 def authorize(config: Config, ip: str, mac: str) -> None:
-    """Open the network for (ip, mac); raises FirewallMissing when no firewall is built in."""
-    try:
-        from appliance.net.firewall import Firewall  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("appliance.net"):
-            raise FirewallMissing("appliance.net.firewall is not part of this build") from None
-        raise
+    """Open the network for (ip, mac) in nftables; raises when it cannot."""
+    from appliance.net.firewall import Firewall
+
     Firewall(config).authorize(ip, mac)
 
 
-def firewall_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("appliance.net.firewall") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-# -- personal agent (appliance.agent.client, built by the agent engineer) -----------------
+# -- personal agent ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AgentResult:
-    user: str
-    attributes: Attributes
+    user: str  # "user@agent": the agent's word is never taken for a site user id
+    attributes: Attributes  # what the trusted-agents table lets this agent assert, + source/agent
     servers: Mapping[str, str]
+    agent: str = ""  # the agent's id: its trusted-agents entry, or the host as typed
+    trusted: bool = False
 
 
 class AgentFailure(Exception):
@@ -120,44 +102,63 @@ class AgentFailure(Exception):
         self.message = message
 
 
+_trust: trusted_agents.LiveTable | None = None
+_trust_lock = threading.Lock()
+
+
+def trust_table(config: Config) -> trusted_agents.AgentTable:
+    """The trusted-agents table in force (re-read when its file changes)."""
+    global _trust
+    with _trust_lock:
+        if _trust is None or _trust.path != config.policies.agents:
+            _trust = trusted_agents.LiveTable(config.policies.agents)
+        live = _trust
+    return live.current()
+
+
 def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
-    """Ask the visitor's personal agent; AgentFailure(code) on any refusal or fault."""
-    try:
-        from appliance.agent import client  # type: ignore[import-not-found,attr-defined,unused-ignore]
-    except ImportError as exc:
-        raise AgentFailure("unavailable", str(exc)) from None
+    """Ask the visitor's personal agent; AgentFailure(code) on any refusal or fault.
+
+    The answer is then cut down to what the site takes from that agent (see
+    appliance.trusted_agents): the user id becomes user@agent, and attributes only
+    pass from an agent the trusted-agents table names, and only its listed keys."""
+    from appliance.agent import client  # here: tests put a fake agent in sys.modules
+
     try:
         ans = client.authenticate(config, spec, password)
     except client.AgentError as exc:
         raise AgentFailure(str(exc.code), str(exc.message)) from None
-    return AgentResult(str(ans.user), dict(ans.attributes), dict(ans.servers))
-
-
-# -- the kernel's neighbour table (which MAC is behind a guest address) ------------------
-
-
-def neighbour_mac(ifname: str, ip: str) -> str | None:
-    """The MAC the kernel's neighbour (ARP) table has for `ip` on `ifname`, or None.
-
-    Read from /proc/net/arp, the same kernel table pyroute2 dumps over netlink:
-    measured here at ~0.05 ms a lookup against ~2.6 ms for a pyroute2 IPRoute
-    call, and the portal does one on every request (it binds each page to a MAC).
-    Only complete entries (ATF_COM) count.  The file shows the namespace of the
-    reading process, which is the appliance's.
-    """
+    where = str(getattr(ans, "agent", "") or spec.split("#")[0].rpartition("@")[2])
     try:
-        with open("/proc/net/arp", encoding="ascii") as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                if (
-                    len(fields) >= 6
-                    and fields[0] == ip
-                    and fields[5] == ifname
-                    and int(fields[2], 16) & 0x2
-                    and fields[3] != "00:00:00:00:00:00"
-                ):
-                    return fields[3].lower()
-    except OSError:
-        return None
-    return None
+        host, port = wire.parse_hostport(where, config.agent.default_port)
+    except ValueError:
+        raise AgentFailure("bad_address", f"not an agent address: {where}") from None
+    try:
+        v = trust_table(config).vouch(
+            str(ans.user),
+            dict(ans.attributes),
+            host,
+            port,
+            config.agent.default_port,
+            str(getattr(ans, "fingerprint", "") or ""),
+            str(getattr(ans, "verified_name", "") or ""),
+        )
+    except trusted_agents.NotThatAgent as exc:
+        log.warning("agent login refused: %s", exc)
+        raise AgentFailure("bad_certificate", str(exc)) from None
+    if v.dropped:
+        log.info(
+            "agent %s (%s): attributes not taken from it: %s",
+            v.agent,
+            "trusted" if v.trusted else "not trusted",
+            ", ".join(v.dropped),
+        )
+    return AgentResult(v.user, v.attributes, dict(ans.servers), v.agent, v.trusted)
+
+
+def allow_command(config: Config) -> str:
+    """What a household runs at home to allow this appliance (the portal shows it to the
+    visitor whose agent refused it as not yet allowed)."""
+    from appliance.agent import client, wire
+
+    return wire.allow_command(client.appliance_key_id(config))

@@ -78,9 +78,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Login worked, but the network could not be opened for you. Please ask staff.",
         "ja": "ログインできましたが、ネットワークを開けませんでした。係員にお尋ねください。",
     },
-    "err_agent_unavailable": {
-        "en": "Logins through a personal agent are not available on this appliance.",
-        "ja": "このアプライアンスでは個人エージェント経由のログインを使えません。",
+    "err_characters": {
+        "en": "The user ID or the home agent contains characters that are not allowed.",
+        "ja": "ユーザーIDまたはホームエージェントに使えない文字が含まれています。",
+    },
+    "err_busy": {
+        "en": "Too many logins are waiting for a home agent right now. Try again in a moment.",
+        "ja": "ホームエージェントの応答を待つログインが多すぎます。少し待ってからお試しください。",
     },
     "agent_unknown_user": {
         "en": "Your home agent does not know this user ID.",
@@ -94,21 +98,17 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Your home account is locked for now. Try again later.",
         "ja": "自宅のアカウントは現在ロックされています。後でお試しください。",
     },
-    "agent_unreachable": {
-        "en": "Your home agent could not be reached.",
-        "ja": "ホームエージェントに接続できません。",
+    "agent_not_reached": {
+        "en": "No home agent answered at this address. Check the address (and the fingerprint,"
+        " if you gave one) and try again.",
+        "ja": "このアドレスで応答するホームエージェントがありません。アドレス（指定した場合は"
+        "フィンガープリントも）を確認して、もう一度お試しください。",
     },
-    "agent_timeout": {
-        "en": "Your home agent did not answer in time.",
-        "ja": "ホームエージェントが時間内に応答しませんでした。",
-    },
-    "agent_bad_certificate": {
-        "en": "Your home agent's certificate is not the one expected; not sending your password.",
-        "ja": "ホームエージェントの証明書が想定と違うため、パスワードを送りませんでした。",
-    },
-    "agent_bad_answer": {
-        "en": "Your home agent gave an answer this appliance does not understand.",
-        "ja": "ホームエージェントの応答を理解できませんでした。",
+    "agent_appliance_not_allowed": {
+        "en": "Your household has not allowed this appliance yet. At home, run: {command}"
+        " (then log in again).",
+        "ja": "このアプライアンスはまだご家庭で許可されていません。自宅で次を実行してから、"
+        "もう一度ログインしてください: {command}",
     },
     "agent_refused_servers": {
         "en": "Your home agent named servers this site does not allow.",

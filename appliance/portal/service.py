@@ -13,6 +13,7 @@ visitors" for the trade-off without a certificate.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 import struct
@@ -25,13 +26,16 @@ from waitress.channel import HTTPChannel
 from waitress.task import WSGITask
 
 from appliance import store
-from appliance.config import Config
+from appliance.config import PORTAL_THREADS, Config
 from appliance.portal import gates
 from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, create_app
 from appliance.sessions import SessionStore
 
 log = logging.getLogger("appliance.portal")
 FOLLOW_INTERVAL = 2.0
+CONNECTION_LIMIT = 1000
+"""waitress's limit on open connections in all; nftables caps each guest address far below
+it (portal.connections_per_guest), so one guest cannot take them all."""
 
 
 def follow(config: Config, stop: threading.Event, interval: float = FOLLOW_INTERVAL) -> None:
@@ -66,7 +70,7 @@ def start_https(config: Config, app: object) -> Any | None:
     server = wsgi.Server(
         (str(config.interfaces.guest_ip), p.https_port),
         app,
-        numthreads=8,
+        numthreads=PORTAL_THREADS,
         server_name=p.hostname,
         timeout=30,
     )
@@ -126,8 +130,11 @@ def make_server(app: Any, host: str, port: int) -> Any:
         app,
         host=host,
         port=port,
-        threads=8,
-        connection_limit=1000,
+        threads=PORTAL_THREADS,
+        connection_limit=CONNECTION_LIMIT,
+        # poll(), not select(): select() fails outright once a descriptor passes 1023,
+        # and 1000 connections plus the process's own files come close to that
+        asyncore_use_poll=True,
         channel_timeout=30,
         ident="appliance-portal",
         clear_untrusted_proxy_headers=True,
@@ -141,7 +148,19 @@ def make_server(app: Any, host: str, port: int) -> Any:
     return server
 
 
+def room_for_connections(n: int = CONNECTION_LIMIT + 200) -> None:
+    """Raise the soft limit on open files to `n` (within the hard one) when it is lower.
+
+    systemd starts services with a soft limit of 1024: the connection limit plus the
+    HTTPS server, the database and the log would otherwise meet EMFILE on accept()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def main(config: Config) -> int:
+    room_for_connections()
     host = str(config.interfaces.guest_ip)
     port = config.portal.http_port
     app = create_app(config)

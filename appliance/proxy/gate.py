@@ -10,7 +10,6 @@ its tests stand alone while those modules are built in parallel.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import json
@@ -20,6 +19,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from appliance import reach
+from appliance.config import Config
+from appliance.neighbours import neighbour_mac
+from appliance.policy import Policy
+from appliance.sessions import Session, SessionStore
 
 log = logging.getLogger("appliance.proxy.gate")
 
@@ -67,7 +72,8 @@ class Listener:
 class Admission:
     user: str
     rule: str | None
-    upstreams: tuple[Upstream, ...]  # in order: personal first where allowed, then fallbacks
+    # in order: the site's server, then its fallbacks; or the visitor's personal one alone
+    upstreams: tuple[Upstream, ...]
     max_connections: int | None = None
     identity: str | None = None  # value of the identity header, when configured
     session: str | None = None  # the session id: its end closes the connection
@@ -80,6 +86,23 @@ class Refusal:
     portal_url: str
     user: str | None = None
     rule: str | None = None
+
+
+# The relay's own reasons, in one place (they drifted apart when each path had its own).
+# What a guest reads is worded per protocol in refusals.py from the kind; these go to
+# the access log and the HTTP pages, and never carry an address.
+OVER_LIMIT = "too many connections from you"
+NO_UPSTREAM = "no upstream reachable"
+NO_SUCH_HOST = "no such host"
+HIDDEN = "that address is not reachable from the guest network"
+
+
+def over_limit(who: Admission) -> Refusal:
+    return Refusal("limit", OVER_LIMIT, "", who.user, who.rule)
+
+
+def no_upstream(user: str | None, rule: str | None) -> Refusal:
+    return Refusal("unavailable", NO_UPSTREAM, "", user, rule)
 
 
 class Gate(Protocol):
@@ -147,8 +170,18 @@ class StaticGate:
         ups: list[Upstream] = []
         personal = user.get("personal", {})
         if service in personal and service in self.table.get("personal_allowed", ()):
+            why = personal_problem(str(personal[service]))
+            if why is not None:
+                return Refusal("denied", f"your personal {service} server {why}", portal, name)
             host, port = _split(personal[service])
-            ups.append(Upstream(f"{service}/personal", host, port))
+            return Admission(
+                name,
+                rule,
+                (Upstream(f"{service}/personal", host, port),),
+                user.get("max_connections"),
+                user.get("identity", name),
+                user.get("session"),
+            )
         for i, spec in enumerate(self.table.get("servers", {}).get(service, ())):
             host, port = _split(spec)
             ups.append(Upstream(f"{service}/site" + (f"#{i + 1}" if i else ""), host, port))
@@ -184,14 +217,21 @@ def _split(spec: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _arp_mac(ip: str) -> str | None:
-    """The MAC the kernel has for a guest address (None when not in the neighbour table)."""
-    with contextlib.suppress(OSError), open("/proc/net/arp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if len(parts) >= 4 and parts[0] == ip and parts[3] != "00:00:00:00:00:00":
-                return parts[3].lower()
-    return None
+def personal_problem(text: str, interfaces: Any = None) -> str | None:
+    """Why the relay cannot use a personal server "address:port" (from the visitor's
+    agent), as words for the visitor without the address; None: it can.  Such a server
+    is refused, never replaced by the site's: that would hand the visitor's home
+    credentials to the site.  `interfaces` (config.interfaces) adds appliance.reach's
+    verdict; the agent client checked it at login, this is the seam's own check."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") or ":" in host:
+        return "is an IPv6 server, and this appliance relays to IPv4 servers only"
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return "is not address:port"
+    if not is_ipv4(host):
+        return "is not an IPv4 address (a name is resolved at login, not later)"
+    why = reach.forbidden(interfaces, host) if interfaces is not None else None
+    return None if why is None else f"may not be used here (it is {why})"
 
 
 class PolicyGate:
@@ -209,30 +249,30 @@ class PolicyGate:
     # cache can miss for CACHE_TTL is a lease lapse not yet turned into an end.
     CACHE_TTL = 1.0
 
-    def __init__(self, config: Any, policy: Any = None, sessions: Any = None) -> None:
-        import importlib
-
+    def __init__(
+        self,
+        config: Config,
+        policy: Policy | None = None,
+        sessions: SessionStore | None = None,
+        neighbour: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.config = config
-        if policy is None:
-            # lazy, by name: these modules are built in parallel and wired by the lead
-            policy = importlib.import_module("appliance.policy").Policy.load(config)
-        if sessions is None:
-            store_cls = importlib.import_module("appliance.sessions").SessionStore
-            sessions = store_cls.from_config(config)
-        self.policy: Any = policy
-        self.sessions: Any = sessions
+        # the MAC behind a guest address (None: no complete entry on the guest interface)
+        self.neighbour = neighbour or functools.partial(neighbour_mac, config.interfaces.guest)
+        self.policy = policy or Policy.load(config)
+        self.sessions = sessions or SessionStore.from_config(config)
         self._subscribers: list[Callable[[], None]] = []
         self._touched: dict[str, float] = {}
         # ip -> (until, session, mac, answers per service)
-        self._cache: dict[str, tuple[float, Any, str | None, dict[str, Admission | Refusal]]] = {}
+        self._cache: dict[
+            str, tuple[float, Session, str | None, dict[str, Admission | Refusal]]
+        ] = {}
         self.policy.subscribe(lambda _p: self._changed())
 
     @staticmethod
-    def check(config: Any) -> None:
+    def check(config: Config) -> None:
         """Load the tables once and drop them: their errors, before workers are forked."""
-        import importlib
-
-        importlib.import_module("appliance.policy").Policy.load(config)
+        Policy.load(config)
 
     def _changed(self) -> None:
         self._cache.clear()  # answers depend on the tables
@@ -256,8 +296,9 @@ class PolicyGate:
         session, mac, answers = self._lookup(src_ip)
         if session is None:
             return Refusal("login", "not logged in", self.portal_url())
-        if mac is not None and mac != session.mac.lower():
-            log.warning("session of %s is bound to another MAC; refused", src_ip)
+        if mac is None or mac != session.mac.lower():
+            # no neighbour entry is no proof either: the session binds (IP, MAC), not IP
+            log.warning("session of %s is bound to another MAC (or none seen); refused", src_ip)
             return Refusal("login", "address not bound to this device", self.portal_url())
         self._touch(session.id)
         answer = answers.get(service)
@@ -265,7 +306,7 @@ class PolicyGate:
             answer = answers[service] = self._decide(session, service)
         return answer
 
-    def _decide(self, session: Any, service: str) -> Admission | Refusal:
+    def _decide(self, session: Session, service: str) -> Admission | Refusal:
         portal = self.portal_url()
         services: Mapping[str, Any] = self.policy.servers.services
         checked = service if service in services or service != "connect" else "http"
@@ -273,8 +314,25 @@ class PolicyGate:
         if not decision.allowed:
             return Refusal("denied", decision.reason, portal, session.user, decision.rule)
         name = "http" if service == "connect" else service
-        endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
         personal = session.personal_servers.get(name)
+        svc = services.get(name)
+        if personal is not None and svc is not None and svc.personal_allowed:
+            # the visitor's own server or nothing: never the site's in its place
+            why = personal_problem(personal, self.config.interfaces)
+            if why is None:
+                endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
+                if [f"{ep.host}:{ep.port}" for ep in endpoints] != [personal]:
+                    why = "is not accepted by the server table"
+            if why is not None:
+                log.warning(
+                    "session %s: personal %s server refused, the site's not used instead: %s",
+                    session.id[:8],
+                    name,
+                    why,
+                )
+                return Refusal("denied", f"your personal {name} server {why}", portal, session.user)
+        else:
+            endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
         ups = []
         for i, ep in enumerate(endpoints):
             where = "personal" if personal == f"{ep.host}:{ep.port}" else "site"
@@ -289,7 +347,7 @@ class PolicyGate:
             session.id,
         )
 
-    def _lookup(self, ip: str) -> tuple[Any, str | None, dict[str, Admission | Refusal]]:
+    def _lookup(self, ip: str) -> tuple[Session | None, str | None, dict[str, Admission | Refusal]]:
         """The session of an address, the MAC the kernel sees for it and the answers
         given to it per service (all cached together, briefly)."""
         now = time.monotonic()
@@ -303,7 +361,7 @@ class PolicyGate:
         if session is None:
             self._cache.pop(ip, None)
             return None, None, {}
-        mac = _arp_mac(ip)
+        mac = self.neighbour(ip)
         if len(self._cache) > 10000:
             self._cache.clear()
         answers: dict[str, Admission | Refusal] = {}

@@ -14,14 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import socket
 from typing import cast
-from urllib.parse import urlsplit
 
 import h11
 
-from appliance.proxy.gate import Admission, Listener, Refusal, Upstream, is_ipv4
+from appliance.proxy.gate import (
+    HIDDEN,
+    NO_SUCH_HOST,
+    Admission,
+    Listener,
+    Refusal,
+    Upstream,
+    no_upstream,
+    over_limit,
+)
+from appliance.proxy.http_target import (
+    BadTarget,
+    check_framing,
+    connect_target,
+    explicit_target,
+    transparent_target,
+)
 from appliance.proxy.refusals import http_refusal
 from appliance.proxy.relay import (
     HIGH_WATER,
@@ -36,24 +49,12 @@ from appliance.proxy.relay import (
 log = logging.getLogger("appliance.proxy.http")
 
 
-_NUMERIC_HOST = re.compile(r"[0-9][0-9a-fx.]*", re.IGNORECASE)
-
-
-def _odd_number(host: str) -> bool:
-    """Hosts like 3325256707, 0xc6.0x33.0x64.3 or 198.51.25603: resolvers turn them into
-    addresses, so only the plain dotted form is accepted (and checked)."""
-    return bool(_NUMERIC_HOST.fullmatch(host)) and not is_ipv4(host)
+# never forwarded: Host is rebuilt from the checked target; Proxy-Connection is hop-by-hop
+_DROPPED = frozenset({b"host", b"proxy-connection"})
 
 
 def _ports(ports: frozenset[int]) -> str:
     return ", ".join(str(p) for p in sorted(ports))
-
-
-def _authority(value: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if sep and port.isdigit() and "]" not in port:
-        return host, int(port)
-    return value, default_port
 
 
 class HttpClient(Tracked, asyncio.Protocol):
@@ -66,6 +67,7 @@ class HttpClient(Tracked, asyncio.Protocol):
         "chunked",
         "dest",
         "eofs",
+        "limited",
         "orig",
         "parser",
         "pump",
@@ -84,6 +86,7 @@ class HttpClient(Tracked, asyncio.Protocol):
         self.raw = False
         self.busy = False
         self.eofs = 0
+        self.limited: Admission | None = None  # over the limit when it connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -94,6 +97,15 @@ class HttpClient(Tracked, asyncio.Protocol):
         if not self.listener.explicit:
             self.orig = original_dst(transport)
         self.relay.opened(self)
+        # a logged-in guest's connection counts from its first byte, not its first request:
+        # idle sockets are how one guest would hold them all
+        verdict = self.relay.gate.admit(self.src, self.listener.service)
+        if isinstance(verdict, Admission):
+            if self.admitted(verdict):
+                self.admission = verdict
+                self.right = self.listener.service
+            else:
+                self.limited = verdict
 
     # -- client bytes ----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -167,72 +179,60 @@ class HttpClient(Tracked, asyncio.Protocol):
         wants_html = b"text/html" in lower.get(b"accept", b"")
         connect = method == "CONNECT"
         service = "connect" if connect else self.listener.service
+        if self.limited is not None:
+            self._refuse(over_limit(self.limited), wants_html)
+            return
         if self.admission is None or connect:
             verdict = self.relay.gate.admit(self.src, service)
             if isinstance(verdict, Refusal):
                 self._refuse(verdict, wants_html)
                 return
             if self.admission is None and not self.admitted(verdict):
-                self._refuse(Refusal("limit", "limit", "", verdict.user, verdict.rule), wants_html)
+                self._refuse(over_limit(verdict), wants_html)
                 return
             self.admission = verdict
             self.right = service  # a tunnel holds the `connect` right, not `http`
         adm = self.admission
-        host_header = lower.get(b"host", b"").decode("latin-1")
         proxies = adm.upstreams
-        if connect:
-            host, port = _authority(target, 443)
-            out_target = target
-            if port not in self.relay.connect_ports:
-                # a tunnel to any port would be a way around every other service's rule
-                reason = f"CONNECT is allowed to port {_ports(self.relay.connect_ports)} only"
-                self._refuse(Refusal("denied", reason, "", adm.user, adm.rule), wants_html)
-                return
-        elif self.listener.explicit:
-            try:
-                parts = urlsplit(target)
-                port = parts.port or 80  # ValueError for "http://a:x/" or "http://a:99999/"
-            except ValueError:
-                parts = None
-            if parts is None or parts.scheme != "http" or not parts.hostname:
-                self._fail(400, "an explicit proxy request needs an http:// absolute URL")
-                return
-            host = parts.hostname
-            path = parts.path or "/"
-            out_target = target if proxies else path + (f"?{parts.query}" if parts.query else "")
-        else:
-            if self.orig is None:
-                self._fail(400, "no original destination")
-                return
-            host, port = self.orig
-            name = host_header or (host if port == 80 else f"{host}:{port}")
-            out_target = f"http://{name}{target}" if proxies and target.startswith("/") else target
-            hhost, _ = _authority(host_header, 80) if host_header else (host, port)
-            if is_ipv4(hhost) and self.relay.hidden(hhost):
-                host = hhost
-        if _odd_number(host) or _odd_number(hhost_checked := self._name_target(host, host_header)):
-            self._fail(400, "give the host as a name or a dotted IPv4 address")
+        try:
+            check_framing(raw_headers)
+            if connect:
+                req = connect_target(target)
+            elif self.listener.explicit:
+                req = explicit_target(target)
+            elif self.orig is None:
+                raise BadTarget("no original destination")
+            else:
+                hosts = [v.decode("latin-1") for k, v in raw_headers if k.lower() == b"host"]
+                req = transparent_target(target, hosts, self.orig)
+        except BadTarget as exc:
+            self._fail(400, str(exc))
             return
-        if is_ipv4(host) and self.relay.hidden(host):
-            self._refuse(
-                Refusal(
-                    "denied",
-                    "that address is not reachable from the guest network",
-                    "",
-                    adm.user,
-                    adm.rule,
-                ),
-                wants_html,
-            )
+        checked = req.dest
+        if connect and checked.port not in self.relay.connect_ports:
+            # a tunnel to any port would be a way around every other service's rule
+            reason = f"CONNECT is allowed to port {_ports(self.relay.connect_ports)} only"
+            self._refuse(Refusal("denied", reason, "", adm.user, adm.rule), wants_html)
             return
+        if (checked.numeric and self.relay.hidden(checked.host)) or (
+            self.orig is not None and self.relay.hidden(self.orig[0])
+        ):
+            self._refuse(Refusal("denied", HIDDEN, "", adm.user, adm.rule), wants_html)
+            return
+        host, port = checked.host, checked.port
+        name = "" if checked.numeric else host
         candidates = proxies or (Upstream("direct", host, port),)
         dest = (candidates[0].host, candidates[0].port)
         if connect:
-            head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+            authority = f"{host}:{port}"
+            head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
         else:
-            head = self._head(method, out_target, ev.http_version, raw_headers)
+            out_target = req.absolute() if proxies else req.path
+            head = self._head(
+                method, out_target, checked.authority(80), ev.http_version, raw_headers
+            )
         if self.pump is not None:
-            if hhost_checked != self.checked_name:
+            if host != self.checked_name:
                 # a name is checked when its connection is made; another name, another one
                 self._fail_quiet("another host on a kept-alive connection")
                 return
@@ -251,23 +251,30 @@ class HttpClient(Tracked, asyncio.Protocol):
         self.busy = True
         assert self.client is not None
         self.client.pause_reading()
-        self.checked_name = hhost_checked
+        self.checked_name = host
         self.relay.loop.create_task(
-            self._connect(candidates, head, connect and bool(proxies), hhost_checked, port, adm)
+            self._connect(candidates, head, connect and bool(proxies), name, port, adm)
         )
         if connect:
             self.raw = True
 
     def _head(
-        self, method: str, target: str, version: bytes, headers: list[tuple[bytes, bytes]]
+        self,
+        method: str,
+        target: str,
+        host: str,
+        version: bytes,
+        headers: list[tuple[bytes, bytes]],
     ) -> bytes:
+        """The head we send on: request line and Host from the checked target, never the
+        guest's own; hop-by-hop proxy headers and any guest-sent identity header dropped."""
         ident = self.relay.identity_header
         ident_l = ident.lower().encode() if ident else b""
         self.chunked = False
-        lines = [f"{method} {target} HTTP/{version.decode()}".encode()]
+        lines = [f"{method} {target} HTTP/{version.decode()}".encode(), b"Host: " + host.encode()]
         for name, value in headers:
             low = name.lower()
-            if low == b"proxy-connection" or (ident and low == ident_l):
+            if low in _DROPPED or (ident and low == ident_l):
                 continue
             if low == b"transfer-encoding" and b"chunked" in value.lower():
                 self.chunked = True
@@ -276,28 +283,17 @@ class HttpClient(Tracked, asyncio.Protocol):
             lines.append(f"{ident}: {self.admission.identity}".encode())
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    def _name_target(self, host: str, host_header: str) -> str:
-        """The host name (not address) this request would reach, or "" when there is none."""
-        if not is_ipv4(host):
-            return host
-        if host_header and not self.listener.explicit:
-            name, _ = _authority(host_header, 80)
-            return "" if is_ipv4(name) else name
-        return ""
-
-    async def _check_name(self, name: str, port: int, direct: bool) -> tuple[str | None, str]:
+    async def _check_name(self, name: str, port: int) -> tuple[str | None, str]:
         """Resolve a target name ourselves: a name of a hidden host is refused even when the
-        site's web proxy would fetch it.  Returns (reason or None, the address to use)."""
+        site's web proxy would fetch it, and so is a name we cannot resolve (fail closed:
+        the proxy's answer could differ from ours).  Returns (reason or None, an address)."""
         try:
             async with asyncio.timeout(self.relay.connect_timeout):
-                infos = await self.relay.loop.getaddrinfo(
-                    name, port, family=socket.AF_INET, type=socket.SOCK_STREAM
-                )
+                addresses = await self.relay.resolve(name, port)
         except (TimeoutError, OSError):
-            # unknown to the appliance's resolver: direct, we cannot reach it either; via the
-            # site proxy (which asks the same site resolver) it fails there the same way
-            return ("cannot resolve" if direct else None), ""
-        addresses = [str(info[4][0]) for info in infos]
+            return "cannot resolve", ""
+        if not addresses:
+            return "cannot resolve", ""
         if any(self.relay.hidden(a) for a in addresses):
             return "hidden", ""
         return None, addresses[0]
@@ -312,16 +308,14 @@ class HttpClient(Tracked, asyncio.Protocol):
         adm: Admission | None = None,
     ) -> None:
         direct = candidates[0].name == "direct"
-        why, address = await self._check_name(name, port, direct) if name else (None, "")
+        why, address = await self._check_name(name, port) if name else (None, "")
         if why is not None:
             self.busy = False
             user, rule = (adm.user, adm.rule) if adm else (self.user, self.rule)
             refusal = (
-                Refusal(
-                    "denied", "that address is not reachable from the guest network", "", user, rule
-                )
+                Refusal("denied", HIDDEN, "", user, rule)
                 if why == "hidden"
-                else Refusal("unavailable", "no such host", "", user, rule)
+                else Refusal("unavailable", NO_SUCH_HOST, "", user, rule)
             )
             self._refuse(refusal, False)
             return
@@ -357,7 +351,7 @@ class HttpClient(Tracked, asyncio.Protocol):
                 self.client.resume_reading()
             return
         self.busy = False
-        self._refuse(Refusal("unavailable", "no upstream", "", self.user, self.rule), False)
+        self._refuse(no_upstream(self.user, self.rule), False)
 
     # -- endings -----------------------------------------------------------------
     def _refuse(self, r: Refusal, wants_html: bool) -> None:

@@ -31,13 +31,21 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from appliance.proxy.access_log import AccessLog
 from appliance.proxy.counts import Counts, LocalCounts
 from appliance.proxy.follow import Ended, EndedFollower
-from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
+from appliance.proxy.gate import (
+    Admission,
+    Gate,
+    Listener,
+    Refusal,
+    Upstream,
+    no_upstream,
+    over_limit,
+)
 from appliance.proxy.refusals import RefusalDialog
 from appliance.proxy.splice import READ, EdgePoll, PipePool, Sock, SpliceConn
 
@@ -46,6 +54,8 @@ log = logging.getLogger("appliance.proxy")
 SO_ORIGINAL_DST = 80
 # services relayed over raw sockets (splice.py) when splicing is on; HTTP is parsed (http.py)
 RAW_PROTOCOLS = frozenset({"tcp", "smtp", "pop3"})
+# a name and a port -> the addresses a connection to it would go to (OSError: none)
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 
@@ -213,7 +223,7 @@ class Link(Tracked, asyncio.Protocol):
             self._refuse(verdict)
             return
         if not self.admitted(verdict):
-            self._refuse(Refusal("limit", "connection limit", "", verdict.user, verdict.rule))
+            self._refuse(over_limit(verdict))
             return
         self.relay.loop.create_task(self._connect(verdict))
 
@@ -240,7 +250,7 @@ class Link(Tracked, asyncio.Protocol):
                 pump.transport.write_eof()
             self.client.resume_reading()
             return
-        self._refuse(Refusal("unavailable", "no upstream reachable", "", self.user, self.rule))
+        self._refuse(no_upstream(self.user, self.rule))
 
     def _refuse(self, r: Refusal) -> None:
         self.refused(r)
@@ -443,7 +453,7 @@ class Connector:
         self.conn.connector = None
         if not self.conn.closed:
             c = self.conn
-            c.refuse_now(Refusal("unavailable", "no upstream", "", c.user, c.rule))
+            c.refuse_now(no_upstream(c.user, c.rule))
 
     def event(self, ev: int) -> None:
         s, up = self.sock, self.up
@@ -493,6 +503,8 @@ class Relay:
         connect_ports: Iterable[int] = (443,),
         counts: Counts | None = None,
         reuse_port: bool = False,
+        resolve: Resolver | None = None,
+        max_connections: int = 256,
     ) -> None:
         self.gate = gate
         self.counts: Counts = counts if counts is not None else LocalCounts()
@@ -509,6 +521,8 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.identity_header = identity_header
         self.hidden = hidden or (lambda _ip: False)
+        self.resolve: Resolver = resolve or self._getaddrinfo
+        self.max_connections = max_connections  # per user and service, where a rule sets none
         self.conns: set[Tracked] = set()
         self.counters: Counter[tuple[str, str]] = Counter()
         self.servers: list[asyncio.AbstractServer] = []
@@ -517,6 +531,13 @@ class Relay:
         self.follow_period = follow_period
         self.access = AccessLog(self.loop)
         gate.subscribe(self.recheck)
+
+    async def _getaddrinfo(self, name: str, port: int) -> list[str]:
+        """The site resolver's IPv4 answers for `name` (OSError when it has none)."""
+        infos = await self.loop.getaddrinfo(
+            name, port, family=socket.AF_INET, type=socket.SOCK_STREAM
+        )
+        return [str(info[4][0]) for info in infos]
 
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
         from appliance.proxy.http import HttpClient
@@ -579,7 +600,7 @@ class Relay:
             if isinstance(verdict, Refusal):
                 conn.refuse_now(verdict)
             elif not conn.admitted(verdict):
-                conn.refuse_now(Refusal("limit", "limit", "", verdict.user, verdict.rule))
+                conn.refuse_now(over_limit(verdict))
             elif _numeric(verdict.upstreams):
                 Connector(self, conn, verdict.upstreams).next()
             else:  # names need the resolver first
@@ -653,8 +674,9 @@ class Relay:
         self.conns.add(conn)
 
     def count_user(self, user: str, service: str, limit: int | None) -> bool:
-        """The rule's max_connections is per user *per service*, across all workers."""
-        return self.counts.take(user, service, limit)
+        """The rule's max_connections is per user *per service*, across all workers; a rule
+        without one gets the relay's default, so no guest holds connections without bound."""
+        return self.counts.take(user, service, self.max_connections if limit is None else limit)
 
     def done(self, conn: Tracked) -> None:
         self.conns.discard(conn)

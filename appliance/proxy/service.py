@@ -2,7 +2,7 @@
 `proxy.workers` forked ones on the same ports (workers.py).
 
 uvloop is used when importable (the benchmark in tests/bench/test_relay_bench.py
-measured it against the stock loop; see README "Services").  SIGHUP reloads the
+measured it against the stock loop; see docs/design.md "The relay").  SIGHUP reloads the
 tables through the gate; the relay's subscriber then closes connections the new
 tables no longer allow.  SIGTERM closes listeners and open connections.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import ipaddress
 import json
@@ -28,7 +29,7 @@ from appliance.proxy.relay import Relay
 from appliance.proxy.workers import run_workers, worker_count
 
 log = logging.getLogger("appliance.proxy")
-# raw sockets (copy, then splice(2) for bulk) for tcp, SMTP and POP3: README "Services"
+# raw sockets (copy, then splice(2) for bulk) for tcp, SMTP and POP3: docs/design.md "The relay"
 SPLICE_DEFAULT = True
 
 
@@ -67,6 +68,7 @@ async def serve(
     connect_ports: tuple[int, ...] = (443,),
     counts: Counts | None = None,
     reuse_port: bool = False,
+    max_connections: int = 256,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -79,6 +81,7 @@ async def serve(
         connect_ports=connect_ports,
         counts=counts,
         reuse_port=reuse_port,
+        max_connections=max_connections,
     )
     await relay.start(host)
     loop = asyncio.get_running_loop()
@@ -140,28 +143,26 @@ def run(
     return run_workers(workers, lambda _i, listening: one(listening, counts, True), ready)
 
 
+def guest_hidden(config: Any) -> Callable[[str], bool]:
+    """The relay's `hidden`: never a target for a guest (hidden networks, the appliance
+    itself, special ranges; IPv6 spellings judged as what they reach: appliance.reach).
+    Anything that is not an address is hidden.  Cached: the web proxy asks per request."""
+    from appliance import reach
+
+    ifs = config.interfaces
+
+    @functools.lru_cache(maxsize=4096)
+    def hidden(ip: str) -> bool:
+        return reach.hidden(ifs, ip)
+
+    return hidden
+
+
 def main(config: Any) -> int:
     """Role entry point: the real gate over sessions and policy (see gate.PolicyGate)."""
     from appliance.proxy.gate import PolicyGate
 
     host = str(config.interfaces.guest_ip)
-    own = {config.interfaces.guest_ip, config.interfaces.management_address}
-    if config.interfaces.uplink_address is not None:
-        own.add(config.interfaces.uplink_address.ip)
-
-    def hidden(ip: str) -> bool:
-        """Never a target for a guest: hidden networks, the appliance itself, loopback..."""
-        addr = ipaddress.IPv4Address(ip)
-        return bool(
-            config.hidden(addr)
-            or addr in own
-            or addr in config.interfaces.guest_subnet
-            or addr.is_loopback
-            or addr.is_unspecified
-            or addr.is_link_local
-            or addr.is_multicast
-        )
-
     workers = worker_count(config.proxy.workers)
     if workers > 1:
         PolicyGate.check(config)  # a broken table fails here, once, before any fork
@@ -172,8 +173,9 @@ def main(config: Any) -> int:
         connect_timeout=config.proxy.connect_timeout,
         idle_timeout=config.proxy.idle_timeout,
         identity_header=config.proxy.identity_header,
-        hidden=hidden,
+        hidden=guest_hidden(config),
         connect_ports=config.proxy.connect_ports,
+        max_connections=config.proxy.max_connections,
     )
 
 
@@ -199,6 +201,12 @@ def static_main(argv: list[str] | None = None) -> int:
         help="a port CONNECT may reach (repeat; default 443)",
     )
     p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="per user and service where the table sets none (default 256)",
+    )
+    p.add_argument(
         "--splice",
         action=argparse.BooleanOptionalAction,
         default=SPLICE_DEFAULT,
@@ -211,10 +219,16 @@ def static_main(argv: list[str] | None = None) -> int:
     workers = worker_count(args.workers)
     if workers > 1:
         StaticGate.load(args.table)  # a broken table fails here, once, before any fork
-    nets = [ipaddress.IPv4Network(n) for n in args.hidden]
+    nets = [ipaddress.ip_network(n) for n in args.hidden]
 
     def hidden(ip: str) -> bool:
-        return any(ipaddress.IPv4Address(ip) in n for n in nets)
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return True
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in nets)
 
     return run(
         lambda: StaticGate.load(args.table),
@@ -228,4 +242,5 @@ def static_main(argv: list[str] | None = None) -> int:
         hidden=hidden,
         splice=args.splice,
         connect_ports=tuple(args.connect_port or (443,)),
+        max_connections=args.max_connections,
     )

@@ -21,6 +21,11 @@ A target with a number in another form is counted as "not judged" (met? = "?");
 words without a number ("lower is better", "-") are no target (met? = "—").
 Prefer the explicit forms.
 
+A ratio is ours / peer.  Whether higher is better is the row's `better` ("higher"
+or "lower") where it has one, else what its target says ("< 10 ms", "lower is
+better"), else its unit (times and sizes: lower).  The plots draw every ratio so
+that right of parity is better: a lower-is-better ratio is drawn as peer / ours.
+
 Options: --only NAME (run `-k NAME` and report the artifacts whose name or title
 contains NAME), --no-run (only gather what is there), --artifacts DIR, --no-plots.
 Exit status 0 when the report is written, every benchmark ran and every artifact
@@ -76,6 +81,7 @@ class Row:
     peer_value: float | None
     ratio: float | None
     target: str
+    better: str = ""  # "higher" | "lower" | "" (inferred: see higher_is_better)
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,11 @@ def load(path: Path) -> Bench:
                 peer_value=_number(raw, "peer_value", where, required=False),
                 ratio=_number(raw, "ratio", where, required=False),
                 target=str(raw.get("target") or ""),
+                better=str(raw.get("better") or ""),
             )
         )
+        if rows[-1].better not in ("", "higher", "lower"):
+            raise BadArtifact(f"{where}: better must be 'higher' or 'lower'")
     return Bench(
         name=path.stem,
         title=str(data.get("title") or path.stem),
@@ -236,6 +245,53 @@ def judge(row: Row) -> bool | None:
     if actual is None:
         return None
     return _compare(actual, target.op, target.value)
+
+
+_SIZE_UNITS = {"b", "bytes", "kib", "mib", "gib", "kb", "mb", "gb"}
+
+
+def higher_is_better(row: Row) -> bool:
+    """Whether a larger ratio (ours / peer) is the better one for this row."""
+    if row.better:
+        return row.better == "higher"
+    target = parse_target(row)
+    if target is not None:
+        return target.op in (">=", ">", "=")
+    if "lower is better" in row.target.lower():
+        return False
+    if "higher is better" in row.target.lower():
+        return True
+    unit = row.unit.split("/")[0].strip().lower()
+    return not (unit in _TIME_UNITS or unit in _SIZE_UNITS or row.unit.lower() in _SIZE_UNITS)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar of a plot: right of 1 is better, whatever the row measures."""
+
+    label: str  # benchmark, metric and the peer it is measured against
+    goodness: float  # the ratio, or its inverse where lower is better
+    ratio: float  # as the table shows it (ours / peer)
+    inverted: bool
+    target: float | None  # the ratio target, on the same scale as goodness
+    ok: bool | None
+
+
+def bars(rows: Sequence[tuple[str, Row]]) -> list[Bar]:
+    """The bars for (label prefix, row) pairs that have a ratio."""
+    out = []
+    for prefix, r in rows:
+        ratio = ratio_of(r)
+        if ratio is None or ratio <= 0:
+            continue
+        up = higher_is_better(r)
+        t = parse_target(r)
+        target = t.value if t and t.subject == "ratio" and t.value > 0 else None
+        if target is not None and not up:
+            target = 1.0 / target
+        label = _short(f"{prefix}{r.metric} vs {r.peer}" + ("" if up else " (peer/ours)"), 70)
+        out.append(Bar(label, ratio if up else 1.0 / ratio, ratio, not up, target, judge(r)))
+    return out
 
 
 def fmt(v: float | None, unit: str = "") -> str:
@@ -345,7 +401,7 @@ def _short(text: str, n: int = 60) -> str:
 
 
 def plot(gathered: Gathered, outdir: Path) -> list[str]:
-    """Bars of the ratios from parity (1) on a log scale: one overview, one per benchmark."""
+    """Bars from parity (1) on a log scale, right is better: one overview, one per benchmark."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,35 +410,34 @@ def plot(gathered: Gathered, outdir: Path) -> list[str]:
     for old in outdir.glob(f"{PLOT_PREFIX}*.png"):
         old.unlink()
 
-    def draw(items: list[tuple[str, Row]], title: str, path: Path) -> None:
+    def draw(items: list[Bar], title: str, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(10, 1.4 + 0.4 * len(items)))
-        ratios = [ratio_of(r) or 1.0 for _, r in items]
+        values = [b.goodness for b in items]
         ys = range(len(items))
-        # bars start at parity, so "better" and "worse" grow away from 1 either way
         ax.barh(
             ys,
-            [x - 1.0 for x in ratios],
+            [x - 1.0 for x in values],
             left=1.0,
-            color=[_colour(judge(r)) for _, r in items],
+            color=[_colour(b.ok) for b in items],
             height=0.6,
         )
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
-        marks = list(ratios)
-        for y, (_, r) in enumerate(items):
-            t = parse_target(r)
-            if t and t.subject == "ratio" and t.value > 0:
-                ax.plot([t.value] * 2, [y - 0.4, y + 0.4], color="black", linewidth=2)
-                marks.append(t.value)
-            ax.text(ratios[y], y, f" {fmt_ratio(ratios[y])} ", va="center", fontsize=8,
-                    ha="left" if ratios[y] >= 1 else "right")  # fmt: skip
+        marks = list(values)
+        for y, b in enumerate(items):
+            if b.target is not None:
+                ax.plot([b.target] * 2, [y - 0.4, y + 0.4], color="black", linewidth=2)
+                marks.append(b.target)
+            ax.text(b.goodness, y, f" {fmt_ratio(b.goodness)} ", va="center", fontsize=8,
+                    ha="left" if b.goodness >= 1 else "right")  # fmt: skip
         lo, hi = min([*marks, 1.0]), max([*marks, 1.0])
         ax.set_xlim(lo / 3, hi * 3)
-        ax.set_yticks(list(ys), [label for label, _ in items], fontsize=8)
+        ax.set_yticks(list(ys), [b.label for b in items], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(
-            "ratio against the peer, as each benchmark defines it (log scale; dashed: parity; "
-            "black tick: target)\ngreen: target met, red: missed, grey: no target",
+            "better than the peer to the right of the dashed line (log scale): ours/peer where "
+            "higher is better, peer/ours where lower is\nblack tick: target; green: met, red: "
+            "missed, grey: no target",
             fontsize=8,
         )
         ax.set_title(title, fontsize=10)
@@ -391,19 +446,18 @@ def plot(gathered: Gathered, outdir: Path) -> list[str]:
         plt.close(fig)
 
     written = []
-    everything: list[tuple[str, Row]] = []
-    for b in gathered.benches:
-        rows = [r for r in b.rows if ratio_of(r) is not None]
-        if not rows:
+    everything: list[Bar] = []
+    for bench in gathered.benches:
+        items = bars([("", r) for r in bench.rows])
+        if not items:
             continue
-        items = [(_short(f"{r.metric} vs {r.peer}"), r) for r in rows]
-        everything += [(_short(f"{b.name}: {r.metric}"), r) for r in rows]
-        name = f"{PLOT_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', b.name)}.png"
-        draw(items, _short(b.title, 90), outdir / name)
+        everything += bars([(f"{bench.name}: ", r) for r in bench.rows])
+        name = f"{PLOT_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', bench.name)}.png"
+        draw(items, _short(bench.title, 90), outdir / name)
         written.append(name)
     if everything:
         overview = f"{PLOT_PREFIX}ratios.png"
-        draw(everything, "The appliance against its peers", outdir / overview)
+        draw(everything, "The appliance against its peers (right is better)", outdir / overview)
         written.insert(0, overview)
     return written
 

@@ -4,6 +4,9 @@ Same run, same namespaces, same names, same upstream (dnsmasq in the segment as 
 site's resolver): a guest namespace runs dnsperf at the appliance's guest address,
 port 53 (ours) and port 5353 (dnsmasq forwarding to the same upstream, with its
 cache).  Both caches are warmed first, so this measures the cached-answer path.
+The guest is logged in (a lease and a session in the store) and its rate limit is set
+far above what dnsperf reaches: every query pays the session and bucket checks, none
+is dropped.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from appliance import store
 from appliance.lab import servers
-from appliance.lab.topology import Node, Topology
+from appliance.lab.topology import Node, Topology, guest_mac
+from appliance.sessions import SessionStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "netns"))
-from _guestside import write_config
+from _guestside import record_lease, write_config
 
 pytestmark = [pytest.mark.bench, pytest.mark.netns]
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +75,16 @@ def test_dns_cached_answers_against_dnsmasq(
     records = [(n, f"203.0.113.{i % 250 + 1}") for i, n in enumerate(names)]
     servers.start_resolver(seg, records, tmp_path, ttl=3600)
     cfg = write_config(tmp_path)
+    # one address asks for all eight dnsperf clients: checked per query, never reached
+    cfg.write_text(
+        cfg.read_text().replace("[dns]\n", "[dns]\nrate_limit = 1000000\nrate_burst = 1000000\n")
+    )
+    record_lease(tmp_path / "state", "192.168.1.101", guest_mac(1))
+    conn = store.connect(tmp_path / "state" / "state.sqlite")
+    SessionStore(conn).create(
+        user="bench", source="site", attributes={}, ip="192.168.1.101", mac=guest_mac(1)
+    )
+    conn.close()
     gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg), "dns", name="ours")
     gw.start(
         *servers.dnsmasq_argv(GW, tmp_path / "peer.pid", 5353),

@@ -18,6 +18,7 @@ import pytest
 
 from appliance import store
 from appliance.config import load
+from appliance.neighbours import neighbour_mac
 from appliance.policy import Policy
 from appliance.proxy.gate import Admission, PolicyGate
 from appliance.sessions import SessionStore
@@ -52,8 +53,14 @@ def test_gate_admit_cost_with_and_without_the_session_cache(tmp_path: Path) -> N
         leases.record(st.conn, "granted", leases.Lease(ip, mac, now + 3600), now - 1)
         st.create(user=f"u{n}", source="site", attributes={"role": "staff"}, ip=ip, mac=mac)
     policy = Policy.load(config)
-    cached = PolicyGate(config, policy, st)
-    uncached = PolicyGate(config, policy, st)
+    macs = {s.ip: s.mac for s in st.list()}
+
+    def neighbour(ip: str) -> str | None:  # the read the appliance pays, the bench's MACs
+        neighbour_mac(config.interfaces.guest, ip)
+        return macs.get(ip)
+
+    cached = PolicyGate(config, policy, st, neighbour=neighbour)
+    uncached = PolicyGate(config, policy, st, neighbour=neighbour)
     uncached.CACHE_TTL = 0.0
     assert isinstance(cached.admit(ips[0], "smtp"), Admission)
     ours, peer = per_admit_us(cached, ips), per_admit_us(uncached, ips)

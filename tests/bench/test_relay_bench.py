@@ -87,6 +87,8 @@ def start_relay(gw: Node, workdir: Path, name: str) -> Process:
         "--splice" if splice else "--no-splice",
         "--workers",
         str(workers),
+        "--max-connections",  # one source stands for many guests here
+        "1000000",
         name=name,
     )
     gw.wait_port(ports["web"], GW)

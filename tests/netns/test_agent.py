@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import sys
@@ -135,7 +136,7 @@ def test_alice_and_bob_log_in_through_their_agents(
     assert code == "appliance_not_allowed"
     key = appliance_key_id(config)
     assert f"{key}  pending" in agent_cli(a, "appliances", "list")
-    agent_cli(a, "appliances", "allow", "--name", "test site", "--", key[:10])  # may start "-"
+    agent_cli(a, "appliances", "allow", "--name", "test site", "--", key[:22])  # may start "-"
     assert f"{key}  allowed" in agent_cli(a, "appliances", "list")
 
     answer = login(topo, config, alice, "alice-secret")
@@ -180,6 +181,13 @@ def test_alice_and_bob_log_in_through_their_agents(
         .stdout
     )
     assert '"pop3": "203.0.113.3:110"' in out
+    # and what the portal takes from it: agent A is not in the trusted-agents table
+    assert json.loads(out)["session"] == {
+        "user": "alice@203.0.113.1",
+        "trusted": False,
+        "attributes": {"source": "agent", "agent": "203.0.113.1"},
+        "not_taken": ["department", "title"],
+    }
 
     # SIGHUP re-reads the tables and keeps serving (systemd's reload)
     proc_a.popen.send_signal(signal.SIGHUP)
@@ -241,3 +249,63 @@ def test_slow_and_garbage_agents_fail_within_the_deadline(
     # a home agent whose machine is off: nobody answers ARP, the deadline still holds
     code, took = refused(topo, config, f"alice@203.0.113.77#{fp}", "x")
     assert code in ("timeout", "unreachable") and took < 2.6, (code, took)
+
+
+def test_the_site_decides_whose_word_it_takes(
+    make_topology: Callable[..., Topology], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14/2, with two real agents: carol runs her own, answering role = staff; the
+    corp agent is in the site's trusted-agents table for `role` only.  What the portal
+    gets (gates.agent_authenticate, in the appliance's namespace) and what the example
+    access rights then allow."""
+    from appliance.atomic_file import write_atomically
+    from appliance.portal import gates
+
+    monkeypatch.setattr(gates, "_policy", None)
+    topo = make_topology(guests=0)
+    topo["home"].run("ip", "addr", "add", "203.0.113.2/24", "dev", "eth0")
+    config = appliance_config(tmp_path / "appliance")
+    staff: dict[str, str | tuple[str, ...]] = {"role": "staff", "department": "Sales 1"}
+    anyone = '[appliances]\naccept = "any"\n'
+    corp = make_agent_dir(
+        tmp_path / "corp", "203.0.113.1", users={"dave": ("pw-d", staff, {})}, extra=anyone
+    )
+    own = make_agent_dir(
+        tmp_path / "own",
+        "203.0.113.2",
+        users={"carol": ("pw-c", staff, {"pop3": "203.0.113.3:110"})},
+        extra=anyone,
+    )
+    fp_corp, _ = start_agent(topo, corp)
+    fp_own, _ = start_agent(topo, own)
+
+    def trust(attributes: str) -> None:
+        write_atomically(
+            config.policies.agents,
+            f'[agents."corp.example"]\nfingerprints = ["{fp_corp}"]\nattributes = {attributes}\n',
+        )
+
+    def log_in(spec: str, password: str) -> tuple[gates.AgentResult, list[str]]:
+        with NetnsSwitch(topo["gw"].netns):
+            r = gates.agent_authenticate(config, spec, password)
+        verdicts = gates.services(config, r.attributes) or []
+        return r, sorted(name for name, v in verdicts if v.allowed)
+
+    trust('["role"]')
+    carol, allowed = log_in(f"carol@203.0.113.2#{fp_own}", "pw-c")
+    assert carol.user == "carol@203.0.113.2" and not carol.trusted
+    assert dict(carol.attributes) == {"source": "agent", "agent": "203.0.113.2"}
+    assert allowed == ["pop3"]  # the example's visitors rule, not staff's smtp, pop3, http
+    assert carol.servers == {"pop3": "203.0.113.3:110"}  # her own mail server still works
+
+    dave, allowed = log_in(f"dave@203.0.113.1#{fp_corp}", "pw-d")
+    assert dave.user == "dave@corp.example" and dave.trusted
+    assert dict(dave.attributes) == {"role": "staff", "source": "agent", "agent": "corp.example"}
+    assert allowed == ["http", "pop3", "smtp"]
+
+    # an invalid edit changes nothing; a valid one applies at the next login
+    trust('["source"]')
+    assert log_in(f"dave@203.0.113.1#{fp_corp}", "pw-d")[1] == ["http", "pop3", "smtp"]
+    trust("[]")
+    dave, allowed = log_in(f"dave@203.0.113.1#{fp_corp}", "pw-d")
+    assert allowed == ["pop3"] and dave.user == "dave@corp.example"

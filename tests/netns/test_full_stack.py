@@ -36,6 +36,8 @@ GW = "192.168.1.1"
 PORTAL = f"http://{GW}"
 BOB_AGENT = "203.0.113.2"
 BOB_POP = "203.0.113.4"
+DAVE_AGENT = "203.0.113.5"  # a household that has not yet allowed this appliance
+DAVE = ("dave", "dave-pass", ["role=staff"])
 BOB = ("bob", "bob-pass", ["department=Research", "role=manager"])
 BOB_MAIL = (
     b"From: home@bob.example\r\nTo: bob@bob.example\r\nSubject: for bob only\r\n"
@@ -51,6 +53,7 @@ class Lab:
     directory: Path
     info: site.SiteInfo
     bob_fingerprint: str
+    dave_fingerprint: str
 
     def appliance(self, *args: str) -> str:
         argv = [sys.executable, "-m", "appliance", *args, "--config", self.info.config]
@@ -75,7 +78,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     _live.append(topo)  # removed even if the run is interrupted
     try:
         home = topo["home"]
-        for addr in (BOB_AGENT, BOB_POP):
+        for addr in (BOB_AGENT, BOB_POP, DAVE_AGENT):
             home.run("ip", "addr", "add", f"{addr}/24", "dev", "eth0")
         directory = tmp / "site"
         info = site.start(topo, directory)
@@ -89,8 +92,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             user=BOB,
             pop=BOB_POP,
             name="agent-bob",
+            trusted_as=None,  # bob's own household: the site does not take its word
         )
-        yield Lab(topo, directory, info, fp)
+        dave_fp = site.add_agent(
+            topo,
+            directory,
+            Path(info.config),
+            addr=DAVE_AGENT,
+            user=DAVE,
+            pop=BOB_POP,
+            name="agent-dave",
+            trusted_as=None,
+            allow=False,
+        )
+        yield Lab(topo, directory, info, fp, dave_fp)
         pop.stop()
     finally:
         topo.destroy()
@@ -152,23 +167,35 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
     status, page, _ = portal_login(g2, bob, bob_pw, f"{BOB_AGENT}#{lab.bob_fingerprint}")
     assert status == 200 and bob in page, page
 
-    # the appliance got each one's attributes and personal server from their own agent
+    # each one's personal server comes from their own agent; attributes only from the one
+    # the site trusts (agents.toml: alice's, for department and role): bob's agent says
+    # role = manager, and the site does not take its word for it (issue 14)
     s1, s2 = session_for(lab, ip1), session_for(lab, ip2)
-    assert s1 and s1["user"] == alice and s1["source"] == f"agent:{site.AGENT_ADDR}"
-    assert s1["attributes"] == {"department": "Sales 1", "role": "staff"}
+    alice_id, bob_id = f"{alice}@home.example", f"{bob}@{BOB_AGENT}"
+    assert s1 and s1["user"] == alice_id and s1["source"] == "agent:home.example"
+    assert s1["attributes"] == {
+        "department": "Sales 1",
+        "role": "staff",
+        "source": "agent",
+        "agent": "home.example",
+    }
     assert s1["personal_servers"] == {"pop3": f"{servers.POP_ADDR}:110"}
-    assert s2 and s2["user"] == bob and s2["source"] == f"agent:{BOB_AGENT}"
-    assert s2["attributes"] == {"department": "Research", "role": "manager"}
+    assert s2 and s2["user"] == bob_id and s2["source"] == f"agent:{BOB_AGENT}"
+    assert s2["attributes"] == {"source": "agent", "agent": BOB_AGENT}
     assert s2["personal_servers"] == {"pop3": f"{BOB_POP}:110"}
     shown = lab.appliance("sessions", "show", str(s2["id"]))
-    assert "Research" in shown and f"{BOB_POP}:110" in shown
+    assert bob_id in shown and f"{BOB_POP}:110" in shown
     # each one's status page: who, through which agent, and the services their
-    # attributes allow (the staff rule: smtp, pop3, http)
-    for node, user, host in ((g1, alice, site.AGENT_ADDR), (g2, bob, BOB_AGENT)):
+    # attributes allow (alice: the staff rule, smtp, pop3, http; bob: the visitors
+    # rule, his own mail only)
+    for node, user, host, services in (
+        (g1, alice_id, "home.example", ["http", "pop3", "smtp"]),
+        (g2, bob_id, BOB_AGENT, ["pop3"]),
+    ):
         page = status_page(node)
         assert f'id="who">{user}<' in page and f"personal agent {host}" in page, page
         allowed = re.findall(r'<strong>(\w+)</strong>:\s*<span class="ok">', page)
-        assert sorted(allowed) == ["http", "pop3", "smtp"], page
+        assert sorted(allowed) == services, page
 
     # each mail client keeps its home settings; the appliance intercepts port 110 and
     # sends each to that user's own server: each sees only their own mailbox
@@ -184,20 +211,27 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
     cases = [
         (alice, "wrong", lab.info.agent_spec, "refused the password"),
         ("mallory", "x-pass", lab.info.agent_spec, "does not know this user"),
-        (alice, alice_pw, f"{site.AGENT_ADDR}#{lab.bob_fingerprint}", "certificate is not"),
+        # another agent's fingerprint: told like every address with no agent (issue #14)
+        (alice, alice_pw, f"{site.AGENT_ADDR}#{lab.bob_fingerprint}", "No home agent answered"),
     ]
     for user, pw, agent, message in cases:
         status, page, took = portal_login(g3, user, pw, agent)
         assert status >= 400 and message in page, (user, agent, status, page)
         assert took < 5.5
+    # a household that has not yet allowed this appliance: the visitor is told what to
+    # run at home, with this appliance's key (the agent lists it as pending meanwhile)
+    key = lab.appliance("agent-key").split()[0]
+    status, page, _ = portal_login(g3, DAVE[0], DAVE[1], f"{DAVE_AGENT}#{lab.dave_fingerprint}")
+    assert status == 403, (status, page)
+    assert f"personal-agent appliances allow {'-- ' if key.startswith('-') else ''}{key}" in page
     agents = [p for p in lab.topo.processes if p.name == "personal-agent-bob"]
     assert agents and agents[0].alive()
     agents[0].stop()
     status, page, took = portal_login(g3, bob, bob_pw, f"{BOB_AGENT}#{lab.bob_fingerprint}")
-    assert status >= 400 and "could not be reached" in page, page
+    assert status >= 400 and "No home agent answered" in page, page
     assert took < 5.5  # the portal answers within 5 s when the agent is down
     assert session_for(lab, ip3) is None
-    assert {s["user"] for s in lab.sessions()} == {alice, bob}
+    assert {s["user"] for s in lab.sessions()} == {alice_id, bob_id}
 
 
 def test_a_scan_after_dhcp_sees_only_the_appliance(lab: Lab) -> None:
@@ -278,3 +312,33 @@ def test_a_browser_is_sent_to_the_portal_and_lands_on_the_origin(lab: Lab, artif
     assert "The internet, as seen through the site's web proxy." in str(seen["landed_body"])
     for name in ("e2e-browser-login.png", "e2e-browser-origin.png"):
         assert (artifacts / name).stat().st_size > 3000
+
+
+def test_a_rules_session_max_logs_the_user_out_on_time(lab: Lab) -> None:
+    """A rule's `session_max` (60 s here) ends the session, not only portal.session_max."""
+    conf = Path(lab.info.config)
+    access = conf.parent / "access.toml"
+    access.write_text(
+        access.read_text()
+        + '\n[[rules]]\nname = "short visits"\nmatch = { title = "short-visit" }\n'
+        'allow = ["http"]\nsession_max = 60\n'
+    )
+    subprocess.run(
+        [sys.executable, "-m", "appliance", "users", "add", "erin", "--attr", "title=short-visit",
+         "--password-stdin", "--config", str(conf)],
+        input="erin-pass\n", text=True, check=True, capture_output=True,
+    )  # fmt: skip
+    lab.appliance("reload")
+    g = lab.topo.add_guest()
+    ip = lab.address(g)
+    status, page, _ = portal_login(g, "erin", "erin-pass")
+    assert status == 200 and "erin" in page, page
+    s = session_for(lab, ip)
+    assert s is not None and s["user"] == "erin"
+    assert float(str(s["absolute_expiry"])) - float(str(s["created"])) == pytest.approx(60)
+    web = "http://www.example.com/"
+    assert "www.example.com" in g.run("curl", "-sS", "-m", "10", web, check=False).stdout
+    time.sleep(max(0.0, float(str(s["absolute_expiry"])) - time.time()) + 2)
+    assert session_for(lab, ip) is None  # ended on time, by the store's own clock
+    out = g.run("curl", "-sS", "-i", "-m", "10", web, check=False).stdout
+    assert out.startswith("HTTP/1.1 511"), out[:200]  # the relay sends erin to log in again

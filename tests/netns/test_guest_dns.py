@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
@@ -14,6 +15,7 @@ import pytest
 from _guestside import (
     BIG_COUNT,
     BIG_NAME,
+    banner_of,
     banners,
     give_address,
     lab_resolver,
@@ -21,7 +23,9 @@ from _guestside import (
     write_config,
 )
 
-from appliance.lab.topology import NetnsSwitch, Node, Topology
+from appliance import store
+from appliance.lab.topology import NetnsSwitch, Node, Topology, guest_mac
+from appliance.sessions import SessionStore
 
 pytestmark = pytest.mark.netns
 GW = "192.168.1.1"
@@ -33,6 +37,19 @@ def dig(node: Node, *args: str) -> str:
 
 def status(out: str) -> str:
     return out.split("status: ", 1)[1].split(",", 1)[0] if "status: " in out else "no answer"
+
+
+def log_in(tmp_path: Path, n: int, ip: str) -> None:
+    """What the portal does after a good password: a session for the guest's lease."""
+    conn = store.connect(tmp_path / "state" / "state.sqlite")
+    SessionStore(conn).create(user="visitor", source="site", attributes={}, ip=ip, mac=guest_mac(n))
+    conn.close()
+
+
+def with_rate(cfg: Path, rate: int, burst: int) -> None:
+    cfg.write_text(
+        cfg.read_text().replace("[dns]\n", f"[dns]\nrate_limit = {rate}\nrate_burst = {burst}\n", 1)
+    )
 
 
 def test_guest_dns_hides_the_segment(
@@ -47,6 +64,7 @@ def test_guest_dns_hides_the_segment(
     gw.wait_port(53, GW, proto="udp")
     gw.wait_port(53, GW)
     g = give_address(topo, 1, "192.168.1.101")
+    log_in(tmp_path, 1, "192.168.1.101")
 
     # the lab resolver knows it, and its real answer is a segment address: NXDOMAIN
     real = gw.run("dig", "+short", "@198.51.100.2", "intranet.site.example").stdout
@@ -111,3 +129,94 @@ def test_guest_dns_hides_the_segment(
     # the guest side is left closed (drop everything), not open
     left = gw.run("nft", "list", "table", "inet", "appliance").stdout
     assert "guest_closed" in left and "authenticated" not in left
+
+
+@pytest.mark.parametrize("mode", ["portal", "refuse"])
+def test_guest_dns_is_no_tunnel_before_login(
+    make_topology: Callable[..., Topology], tmp_path: Path, mode: str
+) -> None:
+    topo = make_topology(guests=1)
+    gw = topo["gw"]
+    cfg = write_config(tmp_path)
+    with_rate(cfg, 20, 40)
+    cfg.write_text(cfg.read_text().replace("[dns]\n", f'[dns]\nbefore_login = "{mode}"\n', 1))
+    seen = tmp_path / "upstream-queries.log"  # every query the site's resolver gets
+    extra = [f"--log-facility={seen}", "--log-queries"]
+    lab_resolver(topo, extra=["--txt-record=www.public.example,hello from upstream", *extra])
+    banners(gw, f"{GW},80,PORTAL")
+    run = gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg), "net", "dns")
+    gw.wait_port(53, GW, proto="udp")
+    gw.wait_port(53, GW)
+    g = give_address(topo, 1, "192.168.1.101")
+
+    # before login: no tunnel type for any name, not even the appliance's own
+    for args in (
+        ("www.public.example", "TXT"),
+        ("+tcp", "www.public.example", "TXT"),
+        ("portal.guest.example", "TXT"),
+        ("x1y2z3.public.example", "NULL"),
+        ("x1y2z3.public.example", "ANY"),
+        ("x1y2z3.public.example", "MX"),
+    ):
+        out = dig(g, *args)
+        assert status(out) == "REFUSED" and "hello" not in out and "203.0.113" not in out, args
+    # an outside name's address: refused, or the stand-in the portal answers behind
+    for extra_args in ((), ("+tcp",)):
+        out = dig(g, *extra_args, "www.public.example", "A")
+        assert "203.0.113" not in out
+        if mode == "refuse":
+            assert status(out) == "REFUSED"
+        else:
+            assert status(out) == "NOERROR"
+            assert dig(g, "+short", *extra_args, "x1y2z3.public.example").strip() == "198.18.0.1"
+    if mode == "portal":  # and a browser opening that name lands on the portal
+        assert banner_of(g, "198.18.0.1", 80) == "PORTAL"
+    # the portal, the appliance's names and the captive-portal probes work
+    assert dig(g, "+short", "portal.guest.example").strip() == GW
+    assert dig(g, "+short", "mail.guest.example").strip() == GW
+    assert dig(g, "+short", "captive.apple.com").strip() == GW
+    # and no outside name reached the site's resolver (only the probe did)
+    asked = seen.read_text() if seen.exists() else ""
+    assert "public.example" not in asked and "captive.apple.com" in asked, asked
+
+    # after login: as before
+    log_in(tmp_path, 1, "192.168.1.101")
+    assert '"hello from upstream"' in dig(g, "+short", "www.public.example", "TXT")
+    assert dig(g, "+short", "www.public.example").strip() == "203.0.113.80"
+
+    # a burst over the rate (20/s, bursts of 40): dropped and counted, and afterwards
+    # the guest is served again
+    query = (
+        bytes.fromhex("abcd01000001000000000000")
+        + b"\x06portal\x05guest\x07example\x00\x00\x01\x00\x01"
+    )
+    with NetnsSwitch(g.netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(1.0)
+        for _ in range(300):
+            sock.sendto(query, (GW, 53))
+        got = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                sock.recv(4096)
+                got += 1
+    assert 1 <= got <= 60, got  # at most the burst (40) and what refilled meanwhile
+    time.sleep(1.0)
+    assert dig(g, "+short", "www.public.example").strip() == "203.0.113.80"
+
+    # logout (any role ends the session in the store): before-login answers again
+    conn = store.connect(tmp_path / "state" / "state.sqlite")
+    sessions = SessionStore(conn)
+    session = sessions.lookup_ip("192.168.1.101")
+    assert session is not None
+    sessions.end(session.id, "logged out")
+    conn.close()
+    time.sleep(1.0)  # the DNS role looks at ended sessions twice a second
+    assert status(dig(g, "www.public.example", "TXT")) == "REFUSED"
+    run.stop()
+    out = run.output()
+    assert "over the rate" in out and "192.168.1.101" in out
+    line = next(ln for ln in out.splitlines() if "stopping:" in ln)
+    dropped = int(line.split(" dropped over the rate")[0].rsplit(" ", 1)[1])
+    assert dropped >= 100, line

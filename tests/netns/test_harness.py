@@ -1,4 +1,4 @@
-"""The namespace harness itself: the topology of DESIGN.md, and nothing left behind."""
+"""The namespace harness itself: the topology of docs/design.md, and nothing left behind."""
 
 from __future__ import annotations
 

@@ -79,9 +79,9 @@ def test_guest_reaches_only_the_appliance(
     assert nmap_open(g1, GW, APPLIANCE_PORTS) == {(GW, 53), (GW, 80)}
     assert (GW, 53) in nmap_open(g1, GW, "53", udp=True)
     g1.run("ping", "-c1", "-W2", GW)
-    assert g1.run("dig", "+short", f"@{GW}", "www.public.example").stdout.strip() == (
-        "203.0.113.80"
-    )
+    # (the appliance's DNS answers its own names; an outside name is refused until login)
+    assert g1.run("dig", "+short", f"@{GW}", "portal.guest.example").stdout.strip() == GW
+    assert "status: REFUSED" in g1.run("dig", f"@{GW}", "www.public.example").stdout
     # the segment: only port 80 answers anywhere, and what answers is the portal
     seg_open = nmap_open(g1, "198.51.100.2-4", SEGMENT_PORTS)
     assert {p for _, p in seg_open} <= {80}

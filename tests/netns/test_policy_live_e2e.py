@@ -25,9 +25,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import requests
 
-from appliance import store
+from appliance import sessions, store
 from appliance.config import load
+from appliance.lab import servers
 from appliance.lab.topology import NetnsSwitch, Topology, guest_mac
 from appliance.passwords import hash_password
 from dhcp import leases
@@ -89,11 +91,6 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
 def test_admin_edit_closes_a_denied_smtp_connection_within_1s(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:
-    pytest.importorskip("appliance.proxy.gate", reason="the relay is not in this build")
-    sessions = pytest.importorskip("appliance.sessions", reason="sessions not in this build")
-    servers = pytest.importorskip("appliance.lab.servers", reason="lab servers not in this build")
-    requests = pytest.importorskip("requests")
-
     site = tmp_path / "site"
     site.mkdir()
     for name in ("appliance.toml", "servers.toml", "access.toml"):

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from appliance.lab.servers import (
     start_relay,
     write_table,
 )
-from appliance.lab.topology import NetnsSwitch, Node, Topology
+from appliance.lab.topology import NETNS_ETC, NetnsSwitch, Node, Topology
 
 pytestmark = pytest.mark.netns
 
@@ -276,3 +277,104 @@ def test_one_gib_each_way_byte_identical_with_half_close(
     while not sha.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sha.read_text() == h.hexdigest()
+
+
+SECRET = "segment secret"
+
+
+def _secret_server(node: Node, host: str, port: int, workdir: Path) -> Path:
+    """A web server in the hidden segment; returns its log (one line per request seen)."""
+    d = workdir / f"secret-{host}-{port}"
+    d.mkdir()
+    (d / "index.html").write_text(f"<h1>{SECRET} at {host}:{port}</h1>\n")
+    proc = node.start(
+        sys.executable, "-m", "http.server", "-b", host, "-d", str(d), str(port), name="secret"
+    )
+    node.wait_port(port, host)
+    return proc.log_path
+
+
+def test_the_segment_stays_hidden_through_the_web_proxy(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """Issue #14, finding 1: every way a request could name a hidden host is refused by
+    the appliance before the site's web proxy is asked, and a name that the proxy's own
+    lookup turns into a hidden address (rebinding) is refused by the proxy's deny list."""
+    topo = site(make_topology, tmp_path)
+    seg, home, gw, g1 = topo["seg"], topo["home"], topo["gw"], topo["guest1"]
+    # the appliance's resolver and the proxy's disagree about rebind.example
+    servers.start_resolver(
+        seg,
+        {"www.example.com": "203.0.113.80", "intranet.site.example": "198.51.100.3"}
+        | {"rebind.example": "203.0.113.80"},
+        tmp_path,
+    )
+    servers.start_resolver(
+        seg,
+        {"www.example.com": "203.0.113.80", "rebind.example": "198.51.100.3"},
+        tmp_path,
+        host="198.51.100.3",
+    )
+    (NETNS_ETC / gw.netns / "resolv.conf").write_text("nameserver 198.51.100.2\n")
+    servers.start_web(home, files={"index.html": b"<h1>the internet</h1>\n"})
+    proxy = servers.start_webproxy(seg, resolver="198.51.100.3")
+    logs = [
+        _secret_server(gw, "198.51.100.1", 8000, tmp_path),  # the admin pages' address
+        _secret_server(seg, "198.51.100.3", 80, tmp_path),
+        _secret_server(seg, "198.51.100.3", 8000, tmp_path),
+    ]
+    start_relay(gw, tmp_path / "table.json", "192.168.1.1", "--connect-port", "80")
+    explicit = f"http://192.168.1.1:{EXPLICIT}"
+
+    def get(*args: str) -> str:
+        return g1.run("curl", "-sS", "-i", "-m", "10", *args, check=False).stdout
+
+    # the control: the public page through the site's web proxy
+    assert "the internet" in get("-H", "Host: www.example.com", "http://203.0.113.80/")
+    by_appliance = {
+        "absolute-form to the admin pages": (
+            "--request-target",
+            "http://198.51.100.1:8000/",
+            "-H",
+            "Host: www.example.com",
+            "http://203.0.113.80/",
+        ),
+        "absolute-form to a segment host": (
+            "--request-target",
+            "http://198.51.100.3/",
+            "-H",
+            "Host: www.example.com",
+            "http://203.0.113.80/",
+        ),
+        "Host with userinfo": ("-H", "Host: x@198.51.100.3", "http://203.0.113.80/"),
+        "Host as a bracketed mapped literal": (
+            "-H",
+            "Host: [::ffff:198.51.100.3]",
+            "http://203.0.113.80/",
+        ),
+        "absolute-form mapped literal": (
+            "--request-target",
+            "http://[::ffff:198.51.100.3]/",
+            "http://203.0.113.80/",
+        ),
+        "Host with another port": ("-H", "Host: 198.51.100.3:8000", "http://203.0.113.80/"),
+        "a segment name": ("-H", "Host: intranet.site.example", "http://203.0.113.80/"),
+        "a name nobody resolves": ("-H", "Host: nosuch.example", "http://203.0.113.80/"),
+        "explicit mapped literal": ("-x", explicit, "http://[::ffff:198.51.100.3]/"),
+        "explicit userinfo": ("-x", explicit, "http://x@198.51.100.3/"),
+        "CONNECT to a mapped literal": ("-p", "-x", explicit, "http://[::ffff:198.51.100.3]:80/"),
+        "CONNECT to a segment name": ("-p", "-x", explicit, "http://intranet.site.example:80/"),
+    }
+    for case, args in by_appliance.items():
+        page = get(*args)
+        assert page.startswith(("HTTP/1.1 400", "HTTP/1.1 403", "HTTP/1.1 502")), (case, page)
+        assert SECRET not in page, case
+    asked = proxy.extra["access_log"].read_text()
+    for hidden in ("198.51.100", "ffff", "intranet", "nosuch", "@"):
+        assert hidden not in asked.replace("198.51.100.1 ", ""), (hidden, asked)
+    # rebinding: the appliance's lookup says public, the proxy's says segment
+    page = get("-H", "Host: rebind.example", "http://203.0.113.80/")
+    assert page.startswith("HTTP/1.1 403") and SECRET not in page
+    assert "TCP_DENIED/403" in proxy.extra["access_log"].read_text()
+    for log_path in logs:
+        assert "GET" not in log_path.read_text(), log_path.read_text()

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from test_policy_live_e2e import closed_within, smtp_line
 
-from appliance import store
+from appliance import sessions, store
 from appliance.config import load
+from appliance.lab import servers
 from appliance.lab.topology import Topology, guest_mac
 from dhcp import leases
 
@@ -32,9 +33,6 @@ DAVE_IP, ERIN_IP = "192.168.1.100", "192.168.1.101"
 def test_sessions_end_closes_that_guests_smtp_connection_within_1s(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:
-    sessions = pytest.importorskip("appliance.sessions", reason="sessions not in this build")
-    servers = pytest.importorskip("appliance.lab.servers", reason="lab servers not in this build")
-
     site = tmp_path / "site"
     site.mkdir()
     for name in ("appliance.toml", "servers.toml", "access.toml"):

@@ -231,7 +231,7 @@ def test_add_and_remove_rows(app: Any, site: Config) -> None:
     )
     assert c.post("/access", data=fields).status_code == 302
     table = Policy.load(site).access
-    assert [r.name for r in table.rules] == ["sales", "staff", "research"]
+    assert [r.name for r in table.rules] == ["sales", "staff", "visitors", "research"]
     user = {"department": "R&D", "building": "B7"}
     assert table.decide(user, "pop3").allowed and table.decide(user, "pop3").max_connections == 2
     # a new row placed first takes precedence
@@ -310,6 +310,65 @@ def test_server_info_editing(app: Any, site: Config) -> None:
     assert "edit server info" in c.get("/audit").text
 
 
+def test_trusted_agents_editing(
+    app: Any, site: Config, notified: list[Config], fake_sessions: FakeSessions
+) -> None:
+    from appliance.agent import wire
+    from appliance.trusted_agents import load as load_agents
+
+    c = app.test_client()
+    assert c.get("/agents").status_code == 302  # the admin login first
+    login(c)
+    fields = form(c, "/agents")
+    assert 'id="none"' in c.get("/agents").text  # no table yet: nobody is trusted
+    assert "[agents." in fields["text"]  # a commented example to start from
+    pin = wire.fingerprint(b"corp agent")
+    text = f'[agents."corp.example"]\nfingerprints = ["{pin}"]\nattributes = ["role"]\n'
+    r = c.post("/agents", data={**fields, "text": text.replace('"role"', '"source"')})
+    assert r.status_code == 400 and "agents.toml:3: agents.corp.example.attributes" in r.text
+    assert not site.policies.agents.exists() and notified == []
+    r = c.post("/agents", data={k: v for k, v in {**fields, "text": text}.items() if k != "csrf"})
+    assert r.status_code == 400 and not site.policies.agents.exists()
+    assert c.post("/agents", data={**fields, "text": text}).status_code == 302
+    table = load_agents(site.policies.agents)
+    assert [(a.name, set(a.attributes), set(a.fingerprints)) for a in table.agents] == [
+        ("corp.example", {"role"}, {pin})
+    ]
+    assert notified == [site]
+    page = c.get("/agents").text
+    assert "<td>corp.example</td>" in page and "<td>role</td>" in page and pin in page
+    assert c.post("/agents", data={**fields, "text": text}).status_code == 409  # stale version
+    assert "edit trusted agents" in c.get("/audit").text
+
+    # taking `role` away ends the sessions that hold a role from that agent, not others
+    from types import SimpleNamespace
+
+    def agent_session(sid: str, user: str, agent: str, **attrs: str) -> Any:
+        return SimpleNamespace(
+            id=sid,
+            user=f"{user}@{agent}",
+            source=f"agent:{agent}",
+            attributes={**attrs, "source": "agent", "agent": agent},
+            ip="192.168.1.101",
+            mac="02:47:00:00:00:02",
+            created=0.0,
+            idle_expiry=1e12,
+        )
+
+    fake_sessions.items["s2"] = agent_session("s2", "dave", "corp.example", role="staff")
+    fake_sessions.items["s3"] = agent_session("s3", "erin", "corp.example")
+    fake_sessions.items["s4"] = agent_session("s4", "carol", "evil.example")
+    fields = form(c, "/agents")
+    assert c.post("/agents", data={**fields, "text": text.replace('"role"', "")}).status_code == 302
+    assert [sid for sid, _ in fake_sessions.ended] == ["s2"]
+    assert "trust in agent:corp.example changed" in fake_sessions.ended[0][1]
+    # a replaced certificate (perhaps a stolen key) ends every session of that agent
+    fields = form(c, "/agents")
+    new_pin = wire.fingerprint(b"corp agent, new key")
+    r = c.post("/agents", data={**fields, "text": fields["text"].replace(pin, new_pin)})
+    assert r.status_code == 302 and [sid for sid, _ in fake_sessions.ended] == ["s2", "s3"]
+
+
 def test_sessions_list_and_end(app: Any, fake_sessions: FakeSessions) -> None:
     c = app.test_client()
     login(c)
@@ -321,13 +380,6 @@ def test_sessions_list_and_end(app: Any, fake_sessions: FakeSessions) -> None:
     assert fake_sessions.ended == [("s1", "ended by admin alice")]
     assert "end session" in c.get("/audit").text
     assert c.post("/sessions/end", data=fields).status_code == 404
-
-
-def test_sessions_unavailable(site: Config) -> None:
-    app = create_app(site, sessions=lambda c: None, notify=lambda c: None)
-    c = app.test_client()
-    login(c)
-    assert "Sessions unavailable" in c.get("/sessions").text
 
 
 def test_logout(app: Any) -> None:
@@ -424,24 +476,10 @@ def test_the_grid_round_trips_a_table_without_changing_any_decision() -> None:
         assert after.may_use_network(attrs) == before.may_use_network(attrs)  # type: ignore[arg-type]
 
 
-def test_session_store_is_built_with_the_firewall_revoke(
-    site: Config, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import types
-
+def test_session_store_is_built_with_the_firewall_revoke(site: Config) -> None:
     from appliance.admin.app import session_store
+    from appliance.sessions import SessionStore, _no_revoke
 
-    made: list[str] = []
-
-    class Store:
-        @classmethod
-        def from_config(cls, config: Config) -> Store:
-            made.append("from_config")
-            return cls()
-
-    fake = types.ModuleType("appliance.sessions")
-    fake.SessionStore = Store  # type: ignore[attr-defined]
-    monkeypatch.setitem(__import__("sys").modules, "appliance.sessions", fake)
-    assert isinstance(session_store(site), Store) and made == ["from_config"]
-    monkeypatch.setitem(__import__("sys").modules, "appliance.sessions", None)
-    assert session_store(site) is None  # not in this build: "sessions unavailable"
+    store = session_store(site)
+    assert isinstance(store, SessionStore)
+    assert store.revoke is not _no_revoke  # ending a session takes it out of nftables

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance import passwords
-from appliance.agent import tables, wire
+from appliance.agent import api, tables, wire
 from appliance.agent.api import AgentApp, Request, Response
 from appliance.agent.guard import Lockout, NonceCache, RateLimiter
 
@@ -146,6 +146,74 @@ def test_unknown_appliance_is_pending_denied_is_refused(agent_dir: Path) -> None
     assert kid(stranger) in saved[-1]
     r = call(app, banned, {"user": "alice", "password": "alice-pw"}, clock)
     assert (r.status, r.body["error"]) == (403, "appliance_denied")
+
+
+def test_a_flood_of_unlisted_keys_from_one_source_keeps_the_visitors_pending_key(
+    agent_dir: Path,
+) -> None:
+    """The finding: 500 requests in 0.1 s, each with a new key, from one address."""
+    clock, visitor = Clock(), Ed25519PrivateKey.generate()
+    app, saved = make_app(agent_dir, clock, set())
+    r = call(app, visitor, {"user": "alice", "password": "alice-pw"}, clock, peer="192.0.2.7")
+    assert r.body["error"] == "appliance_not_allowed" and kid(visitor) in saved[-1]
+    flood = [Ed25519PrivateKey.generate() for _ in range(500)]
+    codes = []
+    for key in flood:
+        clock.now += 0.0002
+        codes.append(call(app, key, {"user": "alice", "password": "x"}, clock, "198.51.100.66"))
+    statuses = [c.status for c in codes]
+    # the burst (8) is answered, the rest is refused before the signature check
+    assert statuses.count(403) == 8 and statuses.count(429) == 492
+    assert codes[-1].body["error"] == "rate_limited" and codes[-1].headers["Retry-After"]
+    assert len(saved) <= 2  # not 501 rewrites of the pending file
+    assert kid(visitor) in app.pending and kid(visitor) in saved[-1]
+    # the flooding address holds a few pending slots, never the visitor's
+    from_flood = [k for k, e in app.pending.items() if e["address"] == "198.51.100.66"]
+    assert 1 <= len(from_flood) <= api.MAX_PENDING_PER_SOURCE
+    # what was noted is written later, coalesced into one write
+    clock.now += 2
+    app.flush_pending()
+    assert set(saved[-1]) == set(app.pending) and kid(visitor) in saved[-1]
+    assert app.dropped["rate_limited"] == 492
+
+
+def test_many_sources_evict_the_biggest_holder_first(agent_dir: Path) -> None:
+    clock, visitor = Clock(), Ed25519PrivateKey.generate()
+    app, _ = make_app(agent_dir, clock, set())
+    call(app, visitor, {"user": "alice", "password": "x"}, clock, peer="192.0.2.7")
+    # 60 addresses with 4 keys each overfill the table; the visitor's single entry stays
+    for i in range(60):
+        for _ in range(4):
+            clock.now += 0.001
+            key = Ed25519PrivateKey.generate()
+            call(app, key, {"user": "a", "password": "x"}, clock, peer=f"198.51.100.{i}")
+    assert len(app.pending) == api.MAX_PENDING and kid(visitor) in app.pending
+    assert app.dropped["pending_evicted"] == 60 * 4 + 1 - api.MAX_PENDING
+
+
+def test_the_source_limit_comes_before_the_signature_check(agent_dir: Path) -> None:
+    """Forged requests cost a signature check each: they are counted and refused too."""
+    clock, key = Clock(), Ed25519PrivateKey.generate()
+    app, _ = make_app(agent_dir, clock, {kid(key)})
+    bad = {"appliance-signature": wire.b64(b"x" * 64)}
+    codes = [
+        call(app, key, {"user": "alice", "password": "x"}, clock, tamper=bad).status
+        for _ in range(10)
+    ]
+    assert codes == [401] * 8 + [429, 429]
+    # another address is not affected
+    r = call(app, key, {"user": "alice", "password": "alice-pw"}, clock, peer="192.0.2.10")
+    assert r.status == 200
+
+
+def test_ipv6_sources_are_counted_per_64(agent_dir: Path) -> None:
+    """An IPv6 host has a whole /64 to pick addresses from: that is one source."""
+    clock, key, other = Clock(), Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    app, _ = make_app(agent_dir, clock, {kid(key), kid(other)})
+    body = {"user": "bob", "password": "x"}
+    codes = [call(app, key, body, clock, peer=f"2001:db8:1:2::{i:x}").status for i in range(10)]
+    assert codes == [401] * 8 + [429, 429]
+    assert call(app, other, body, clock, peer="2001:db8:1:3::1").status == 401
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from agent_helpers import appliance_config
 
+from appliance import config as config_mod
 from appliance.agent import client, wire
 from appliance.agent.client import AgentError, parse_spec
 from appliance.config import Config
@@ -75,6 +76,67 @@ def test_bad_agent_addresses(spec: str) -> None:
 )
 def test_forbidden_addresses(config: Config, address: str, allowed: bool) -> None:
     assert (client.forbidden_address(config, address) is None) == allowed
+
+
+@pytest.fixture(scope="module")
+def config6(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """The example config with IPv6 hidden networks: a segment prefix and the ULA range."""
+    d = tmp_path_factory.mktemp("appliance6")
+    appliance_config(d)
+    text = (d / "appliance.toml").read_text()
+    old = 'hidden_networks = ["198.51.100.0/24"]'
+    assert old in text
+    new = 'hidden_networks = ["198.51.100.0/24", "2001:db8:5::/48", "fc00::/7"]'
+    (d / "appliance.toml").write_text(text.replace(old, new))
+    return config_mod.load(d / "appliance.toml")
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("2001:db8:113::3", True),  # a home server on the internet
+        ("2001:db8:5::3", False),  # the segment's IPv6 prefix, listed as hidden
+        ("2001:db8:5:ffff::1", False),
+        ("fd12:3456::1", False),  # ULA, listed as hidden (fc00::/7)
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fe80::1%lo", False),
+        ("ff02::1", False),
+        ("fec0::1", False),  # site-local (deprecated, still routed somewhere)
+        ("::ffff:198.51.100.3", False),  # IPv4-mapped: the hidden segment
+        ("::ffff:c633:6403", False),  # the same, written in hex
+        ("::ffff:192.168.1.9", False),  # a guest
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:203.0.113.3", True),
+        ("::198.51.100.3", False),  # IPv4-compatible (deprecated)
+        ("64:ff9b::198.51.100.3", False),  # NAT64 to the hidden segment
+        ("64:ff9b::203.0.113.3", True),  # NAT64 to the internet
+        ("64:ff9b:1::c633:6403", False),  # local-use NAT64: the IPv4 end is not readable
+        ("2002:c633:6403::1", False),  # 6to4 of 198.51.100.3
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("not-an-address", False),
+    ],
+)
+def test_forbidden_ipv6_addresses(config6: Config, address: str, allowed: bool) -> None:
+    assert (client.forbidden_address(config6, address) is None) == allowed
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "[2001:db8:113::3]:110",  # IPv6 only: the relay could not use it
+        "[2001:db8:5::3]:110",
+        "[::ffff:198.51.100.3]:110",
+        "[64:ff9b::198.51.100.3]:110",
+    ],
+)
+def test_ipv6_personal_servers_are_refused_at_login(config6: Config, target: str) -> None:
+    spec = parse_spec("alice@203.0.113.1")
+    body = json.dumps({"user": "alice", "servers": {"pop3": target}}).encode()
+    with pytest.raises(AgentError) as err:
+        client._interpret(config6, spec, 200, body, "KEY", client._Deadline(2.0))
+    assert err.value.code == "refused_servers" and "pop3" in err.value.message
 
 
 def interpret(config: Config, status: int, body: object) -> client.AgentAnswer:

@@ -118,3 +118,55 @@ def test_expect_100_continue_is_answered(agent: RunningAgent) -> None:
         while chunk := tls.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_flood_of_new_keys_over_https_is_braked_and_coalesced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 signed requests, each with a new key, from 127.0.0.3; a visitor at 127.0.0.2."""
+    from appliance.agent import server as server_mod
+
+    writes: list[str] = []
+    real_write = server_mod.write_atomically
+
+    def counting_write(path: Path, text: str, mode: int = 0o644) -> None:
+        writes.append(text)
+        real_write(path, text, mode)
+
+    monkeypatch.setattr(server_mod, "write_atomically", counting_write)
+    s = make_agent_dir(tmp_path, port=free_port(), users={"alice": ("alice-pw", {}, {})})
+    running = RunningAgent(s)
+    fp = running.server.fingerprint
+
+    def send(key: Ed25519PrivateKey, source: str) -> int:
+        body, headers = signed(key, {"user": "alice", "password": "x"}, fp)
+        ctx = ssl.create_default_context(cafile=str(s.tls_certificate))
+        ctx.check_hostname = False
+        raw = socket.create_connection(
+            ("127.0.0.1", running.server.port), timeout=10, source_address=(source, 0)
+        )
+        with raw, ctx.wrap_socket(raw) as tls:
+            tls.sendall(post(body, headers))
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+        return int(reply.split()[1])
+
+    try:
+        visitor = Ed25519PrivateKey.generate()
+        assert send(visitor, "127.0.0.2") == 403
+        visitor_id = wire.public_key_id(visitor.public_key())
+        keys = [Ed25519PrivateKey.generate() for _ in range(500)]
+        start = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda k: send(k, "127.0.0.3"), keys))
+        took = time.monotonic() - start
+        assert set(codes) <= {403, 429, 503} and codes.count(429) >= 450, codes
+        time.sleep(1.5)  # the coalesced write of what was noted
+        pending = json.loads(s.pending_file.read_text())
+        assert visitor_id in pending
+        flood = [k for k, e in pending.items() if e["address"] == "127.0.0.3"]
+        assert 1 <= len(flood) <= 4
+        assert len(writes) <= 2 + took, (len(writes), took)  # at most one a second
+    finally:
+        running.close()

@@ -109,16 +109,46 @@ def test_cli_edits_users_servers_and_appliances(
     assert tables.load_users(s.users_file).users["alice"].locked
     assert run(capsys, cfg, "users", "del", "nobody")[0] == 2
 
-    # a pending appliance is allowed by a prefix of its key
+    # a pending appliance is allowed by its key, or a prefix of at least 128 bits
     key = wire.b64(bytes(range(32)))
     s.pending_file.write_text(json.dumps({key: {"last_seen": 0, "address": "192.0.2.7"}}))
     _, out = run(capsys, cfg, "appliances", "list")
     assert f"{key}  pending" in out and "192.0.2.7" in out
-    assert run(capsys, cfg, "appliances", "allow", key[:8], "--name", "hotel")[0] == 0
+    assert run(capsys, cfg, "appliances", "allow", key[:22], "--name", "hotel")[0] == 0
     assert tables.load_appliances(s.appliances_file).status(key) == "allowed"
     assert run(capsys, cfg, "appliances", "deny", key)[0] == 0
     assert tables.load_appliances(s.appliances_file).status(key) == "denied"
     assert run(capsys, cfg, "appliances", "allow", "zz")[0] == 2
+
+
+@pytest.mark.parametrize("length", [6, 8, 21])
+def test_a_short_prefix_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], length: int
+) -> None:
+    """A key is chosen by whoever asks: a short prefix can be ground to match a new key."""
+    s = make_agent_dir(tmp_path)
+    key = wire.b64(bytes(range(32)))
+    s.pending_file.write_text(json.dumps({key: {"last_seen": 0, "address": "192.0.2.7"}}))
+    for action in ("allow", "deny"):
+        assert cli.main(["appliances", action, "--config", str(s.path), key[:length]]) == 2
+        err = capsys.readouterr().err
+        assert "whole key (43 characters)" in err and "at least 22" in err
+    assert tables.load_appliances(s.appliances_file).status(key) is None
+
+
+def test_a_long_prefix_must_be_base64url_and_match_one_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = make_agent_dir(tmp_path)
+    a, b = wire.b64(bytes(32)), wire.b64(bytes(31) + b"\x01")  # the same first 42 characters
+    s.pending_file.write_text(json.dumps({a: {"last_seen": 0}, b: {"last_seen": 0}}))
+    assert cli.main(["appliances", "allow", "--config", str(s.path), a[:30]]) == 2
+    assert "matches 2 known keys" in capsys.readouterr().err
+    assert cli.main(["appliances", "allow", "--config", str(s.path), "A" * 21 + "!"]) == 2
+    assert "base64url" in capsys.readouterr().err
+    assert cli.main(["appliances", "allow", "--config", str(s.path), "B" * 22]) == 2
+    assert "matches 0 known keys" in capsys.readouterr().err
+    assert tables.load_appliances(s.appliances_file).entries == {}
 
 
 def test_a_key_that_starts_with_a_dash_is_allowed_by_the_suggested_command(

@@ -201,3 +201,27 @@ def test_the_report_script_runs_from_any_python(tmp_path: Path) -> None:
     assert "1 benchmarks, 3 rows" in r.stdout
     assert (tmp_path / "REPORT.md").exists()
     assert os.access(BENCH / "report", os.X_OK)
+
+
+def test_every_bar_names_its_peer_and_right_is_better(tmp_path: Path) -> None:
+    """Two rows of one metric against two peers get two labels; a latency ratio of 2.0
+    (ours twice the peer's, worse) is drawn left of parity, at 0.5."""
+    dhcp = br.load(write(tmp_path, "dhcp", DHCP))
+    portal = br.load(write(tmp_path, "portal", PORTAL))
+    items = br.bars([(f"{b.name}: ", r) for b in (dhcp, portal) for r in b.rows])
+    labels = [b.label for b in items]
+    assert len(labels) == len(set(labels)) == 5
+    assert "dhcp: DORA/s vs dnsmasq" in labels and "dhcp: DORA/s vs Kea" in labels
+    by = {b.label: b for b in items}
+    assert by["dhcp: DORA/s vs Kea"].goodness == pytest.approx(1.27)
+    assert by["dhcp: DORA/s vs Kea"].target == pytest.approx(1.5)
+    p99 = by["dhcp: p99 DORA vs dnsmasq (peer/ours)"]
+    assert p99.inverted and p99.goodness == pytest.approx(0.5) and p99.ratio == 2.0
+    assert by["portal: p99 vs nginx (peer/ours)"].goodness == pytest.approx(0.25)
+    # an explicit direction wins over the unit
+    row = br.Row("fds", "count", 10, "haproxy", 20, 0.5, "", better="lower")
+    assert br.bars([("", row)])[0].goodness == pytest.approx(2.0)
+    # a target of a lower-is-better ratio is drawn on the same side
+    row = br.Row("ttfb", "ms", 1, "haproxy", 2, 0.5, "ratio <= 0.8")
+    bar = br.bars([("", row)])[0]
+    assert bar.goodness == pytest.approx(2.0) and bar.target == pytest.approx(1.25)

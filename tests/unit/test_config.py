@@ -53,6 +53,18 @@ def test_example_matches_the_address_plan() -> None:
             "interfaces.hidden_networks",
             "overlaps the guest subnet",
         ),
+        (
+            'hidden_networks = ["198.51.100.0/24"]',
+            'hidden_networks = ["198.51.100.0/24", "2001:db8:5::1/48"]',
+            "interfaces.hidden_networks",
+            "'2001:db8:5::1/48' is not a network like 198.51.100.0/24 or 2001:db8:5::/48",
+        ),
+        (
+            'hidden_networks = ["198.51.100.0/24"]',
+            'hidden_networks = ["2001:db8::/129"]',
+            "interfaces.hidden_networks",
+            "is not a network",
+        ),
         ("port = 8000", "port = 70000", "admin.port", "out of range"),
         (
             'servers = "servers.toml"',
@@ -87,6 +99,7 @@ def test_example_matches_the_address_plan() -> None:
         ),
         ("workers = 0 ", "workers = -1 ", "proxy.workers", "-1"),
         ("workers = 0 ", 'workers = "all" ', "proxy.workers", "expected an integer"),
+        ("max_connections = 256 ", "max_connections = 0 ", "proxy.max_connections", "0"),
     ],
 )
 def test_each_mistake_names_file_line_and_key(
@@ -103,6 +116,25 @@ def test_each_mistake_names_file_line_and_key(
     assert e.line is not None
     # the line named is the one holding the key (or its table, for added keys)
     assert key.split(".")[-1] in lines[e.line - 1] or key.split(".")[0] in lines[e.line - 1]
+
+
+def test_ipv6_hidden_networks(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path,
+        'hidden_networks = ["198.51.100.0/24"]',
+        'hidden_networks = ["198.51.100.0/24", "2001:db8:5::/48", "fc00::/7"]',
+    )
+    cfg = load(path)
+    ifs = cfg.interfaces
+    assert ifs.hidden_networks == (ipaddress.IPv4Network("198.51.100.0/24"),)
+    assert ifs.hidden_networks6 == (
+        ipaddress.IPv6Network("2001:db8:5::/48"),
+        ipaddress.IPv6Network("fc00::/7"),
+    )
+    assert cfg.hidden(ipaddress.IPv6Address("2001:db8:5::3"))
+    assert cfg.hidden(ipaddress.IPv6Address("fd00::1"))
+    assert not cfg.hidden(ipaddress.IPv6Address("2001:db8:113::3"))
+    assert cfg.hidden(ipaddress.IPv4Address("198.51.100.3"))
 
 
 def test_broken_toml_names_the_line(tmp_path: Path) -> None:
@@ -152,3 +184,16 @@ def test_check_config_rejects_with_exit_2_and_no_traceback(tmp_path: Path) -> No
         i for i, t in enumerate(path.read_text().splitlines(), 1) if t.startswith("port = 0 ")
     )
     assert f"{path}:{line}: admin.port: 0 is out of range 1..65535" in proc.stderr
+
+
+def test_check_config_with_default_table_paths(tmp_path: Path) -> None:
+    """[policies] without users/admins: the defaults, beside the config file."""
+    text = variant(tmp_path, 'users = "users.toml"', "").read_text()
+    path = tmp_path / "appliance.toml"
+    path.write_text(text.replace('admins = "admins.toml"', "", 1))
+    proc = run_cli("check-config", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    cfg = load(path)
+    assert cfg.policies.users == tmp_path / "users.toml"
+    assert cfg.policies.admins == tmp_path / "admins.toml"

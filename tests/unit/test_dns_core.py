@@ -14,7 +14,7 @@ from appliance.dns.core import Drop, Forward, Reply, Resolver, Settings, error_r
 pytestmark = pytest.mark.unit
 
 
-def resolver(cache_size: int = 100) -> Resolver:
+def resolver(cache_size: int = 100, before_login: str = "refuse") -> Resolver:
     return Resolver(
         Settings.build(
             guest_ip=ipaddress.IPv4Address("192.168.1.1"),
@@ -24,6 +24,7 @@ def resolver(cache_size: int = 100) -> Resolver:
             hidden=[ipaddress.IPv4Network("198.51.100.0/24"), ipaddress.IPv4Network("10.0.0.0/8")],
             extra_names=["portal.guest.example"],
             cache_size=cache_size,
+            before_login=before_login,
         )
     )
 
@@ -46,7 +47,7 @@ def upstream(query: bytes, *records: RR, rcode: int = RCODE.NOERROR) -> bytes:
 def test_hidden_address_turns_the_name_into_nxdomain() -> None:
     r = resolver()
     q = ask("intranet.site.example")
-    fwd = r.query(q, now=0)
+    fwd = r.query(q, now=0, logged_in=True)
     assert isinstance(fwd, Forward)
     up = upstream(
         q,
@@ -61,7 +62,7 @@ def test_hidden_address_turns_the_name_into_nxdomain() -> None:
 def test_public_answer_passes_and_is_served_from_cache_with_the_new_id() -> None:
     r = resolver()
     q = ask("www.public.example")
-    fwd = r.query(q, now=0)
+    fwd = r.query(q, now=0, logged_in=True)
     assert isinstance(fwd, Forward)
     up = upstream(
         q,
@@ -70,21 +71,21 @@ def test_public_answer_passes_and_is_served_from_cache_with_the_new_id() -> None
     )
     out = DNSRecord.parse(r.answer(fwd, up, now=0))
     assert [str(rr.rdata) for rr in out.rr] == ["203.0.113.80"]  # AAAA removed
-    again = r.query(ask("www.public.example", qid=0x4242), now=50)
+    again = r.query(ask("www.public.example", qid=0x4242), now=50, logged_in=True)
     assert isinstance(again, Reply)
     hit = DNSRecord.parse(again.data)
     assert hit.header.id == 0x4242 and str(hit.rr[0].rdata) == "203.0.113.80"
     # expired after the smallest TTL
-    assert isinstance(r.query(ask("www.public.example"), now=101), Forward)
+    assert isinstance(r.query(ask("www.public.example"), now=101, logged_in=True), Forward)
 
 
 def test_local_names_reverse_zones_and_the_guest_domain() -> None:
     r = resolver()
     for name in ("mail.guest.example", "POP.Guest.Example", "portal.guest.example"):
-        out = r.query(ask(name), now=0)
+        out = r.query(ask(name), now=0, logged_in=True)
         assert isinstance(out, Reply)
         assert [str(rr.rdata) for rr in DNSRecord.parse(out.data).rr] == ["192.168.1.1"]
-    out = r.query(ask("mail.guest.example", "AAAA"), now=0)
+    out = r.query(ask("mail.guest.example", "AAAA"), now=0, logged_in=True)
     assert isinstance(out, Reply)
     rec = DNSRecord.parse(out.data)
     assert rec.header.rcode == RCODE.NOERROR and not rec.rr
@@ -93,41 +94,43 @@ def test_local_names_reverse_zones_and_the_guest_domain() -> None:
         ("3.100.51.198.in-addr.arpa", "PTR"),
         ("7.1.168.192.in-addr.arpa", "PTR"),
     ):
-        out = r.query(ask(name, qtype), now=0)
+        out = r.query(ask(name, qtype), now=0, logged_in=True)
         assert isinstance(out, Reply)
         assert DNSRecord.parse(out.data).header.rcode == RCODE.NXDOMAIN
-    assert isinstance(r.query(ask("80.113.0.203.in-addr.arpa", "PTR"), now=0), Forward)
+    assert isinstance(
+        r.query(ask("80.113.0.203.in-addr.arpa", "PTR"), now=0, logged_in=True), Forward
+    )
 
 
 def test_probe_names_resolve_when_upstream_fails() -> None:
     r = resolver()
     q = ask("captive.apple.com")
-    fwd = r.query(q, now=0)
+    fwd = r.query(q, now=0, logged_in=True)
     assert isinstance(fwd, Forward)
     out = DNSRecord.parse(r.answer(fwd, None, now=0))
     assert [str(rr.rdata) for rr in out.rr] == ["192.168.1.1"]
     q = ask("other.example")
-    fwd = r.query(q, now=0)
+    fwd = r.query(q, now=0, logged_in=True)
     assert isinstance(fwd, Forward)
     failed = DNSRecord.parse(r.answer(fwd, None, now=0))
     assert failed.header.rcode == RCODE.SERVFAIL and failed.header.id == 0x1234
     # the question is echoed: glibc's stub ignores an answer to another question
     assert str(failed.q.qname) == "other.example."
     # SERVFAIL is not cached
-    assert isinstance(r.query(q, now=1), Forward)
+    assert isinstance(r.query(q, now=1, logged_in=True), Forward)
 
 
 def test_negative_answers_are_cached_for_the_soa_minimum() -> None:
     r = resolver()
     q = ask("nx.public.example")
-    fwd = r.query(q, now=0)
+    fwd = r.query(q, now=0, logged_in=True)
     assert isinstance(fwd, Forward)
     reply = DNSRecord.parse(q).reply()
     reply.header.rcode = RCODE.NXDOMAIN
     reply.add_auth(RR("public.example", QTYPE.SOA, ttl=900, rdata=SOA("ns", "h", (1, 2, 3, 4, 30))))
     r.answer(fwd, bytes(reply.pack()), now=0)
-    assert isinstance(r.query(q, now=29), Reply)
-    assert isinstance(r.query(q, now=31), Forward)
+    assert isinstance(r.query(q, now=29, logged_in=True), Reply)
+    assert isinstance(r.query(q, now=31, logged_in=True), Forward)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +145,7 @@ def test_negative_answers_are_cached_for_the_soa_minimum() -> None:
 )
 def test_malformed_queries_get_formerr(data: bytes) -> None:
     r = resolver()
-    out = r.query(data, now=0)
+    out = r.query(data, now=0, logged_in=True)
     assert isinstance(out, Reply)
     assert out.data[:2] == data[:2] and out.data[2] & 0x80 and out.data[3] & 0x0F == 1
 
@@ -157,7 +160,7 @@ def test_cache_is_bounded() -> None:
     r = resolver(cache_size=10)
     for i in range(50):
         q = ask(f"n{i}.public.example")
-        fwd = r.query(q, now=0)
+        fwd = r.query(q, now=0, logged_in=True)
         assert isinstance(fwd, Forward)
         r.answer(fwd, upstream(q, RR(f"n{i}.public.example", rdata=A("203.0.113.1"))), now=0)
     assert len(r.cache.entries) <= 10
@@ -167,7 +170,7 @@ def test_cache_is_bounded() -> None:
 @given(data=st.binary(min_size=0, max_size=600))
 def test_any_bytes_get_an_answer_or_a_drop_never_an_exception(data: bytes) -> None:
     r = resolver()
-    out = r.query(data, now=0)
+    out = r.query(data, now=0, logged_in=True)
     if isinstance(out, Reply):
         assert out.data[:2] == data[:2]
     if isinstance(out, Forward):
@@ -182,5 +185,5 @@ def test_corrupted_real_queries_never_raise(flip: int, value: int) -> None:
     q = bytearray(ask("www.public.example"))
     q[flip % len(q)] = value
     r = resolver()
-    out = r.query(bytes(q), now=0)
+    out = r.query(bytes(q), now=0, logged_in=True)
     assert isinstance(out, Reply | Forward | Drop)

@@ -9,9 +9,20 @@ import pytest
 from dnslib import RCODE, DNSRecord
 from test_dns_core import ask, resolver
 
+from appliance.dns.logins import Logins
 from appliance.dns.service import GuestUdp, Server
 
 pytestmark = pytest.mark.unit
+
+
+class Member:
+    """A sessions store in which every address is logged in (made-up names get forwarded)."""
+
+    def lookup_ip(self, ip: str) -> object:
+        return type("S", (), {"expires": lambda self: 4e9})()
+
+    def ended_since(self, since: float) -> list[tuple[str, str, float]]:
+        return []
 
 
 def test_misses_beyond_the_pending_cap_get_servfail_at_once() -> None:
@@ -19,7 +30,9 @@ def test_misses_beyond_the_pending_cap_get_servfail_at_once() -> None:
         silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # upstream that never answers
         silent.bind(("127.0.0.1", 0))
         res = resolver()
-        server = Server(res, [silent.getsockname()], timeout=5.0, max_pending=2)
+        server = Server(
+            res, [silent.getsockname()], timeout=5.0, max_pending=2, logins=Logins(Member())
+        )
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         udp = GuestUdp(server, sock, asyncio.get_running_loop())

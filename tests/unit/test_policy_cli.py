@@ -41,7 +41,17 @@ def site(tmp_path: Path) -> Path:
 
 def test_check_and_show(site: Path) -> None:
     r = appliance("policy", "check", "--config", str(site))
-    assert r.returncode == 0 and "(3 services)" in r.stdout and "(3 rules)" in r.stdout
+    assert r.returncode == 0 and "(3 services)" in r.stdout and "(4 rules)" in r.stdout
+    assert "agents.toml: absent (no agent is trusted" in r.stdout
+    (site.parent / "agents.toml").write_text('[agents.corp]\ndomains = ["agent.corp.example"]\n')
+    r = appliance("policy", "check", "--config", str(site))
+    assert r.returncode == 0 and "agents.toml: ok (1 trusted agents)" in r.stdout
+    (site.parent / "agents.toml").write_text('[agents.corp]\ndomain = "agent.corp.example"\n')
+    r = appliance("policy", "check", "--config", str(site))
+    assert r.returncode == 2 and "agents.toml:2: agents.corp.domain: unknown key" in r.stderr
+    r = appliance("check-config", str(site))
+    assert r.returncode == 2 and "agents.corp.domain: unknown key" in r.stderr
+    (site.parent / "agents.toml").unlink()
     r = appliance("policy", "show", "--config", str(site))
     assert r.returncode == 0
     assert "smtp       :2525  intercepts 25" in r.stdout

@@ -266,6 +266,8 @@ SMTP = '[services.smtp]\nlisten_port = 2525\nupstream = "198.51.100.3:25"\n'
             "already used",
         ),
         (SMTP + 'protocol = "gopher"\n', 4, "services.smtp.protocol", "expected one of"),
+        # documented, never used: refused until the relay speaks TLS upstream (issue #16)
+        (SMTP + "tls = true\n", 4, "services.smtp.tls", "not supported yet"),
         (SMTP + 'guest_names = ["Mail Server"]\n', 4, "services.smtp.guest_names", "DNS label"),
         ("[services.smtp]\nlisten_port = 2525\n", 1, "services.smtp.upstream", "missing"),
         ('[services."Bad Name"]\nlisten_port = 2525\n', 1, "services.Bad Name", "service name"),

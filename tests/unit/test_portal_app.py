@@ -107,6 +107,7 @@ def test_captive_answers_before_login(site: Site) -> None:
     assert r.headers[CLOSE_HEADER] == "1"
     r = c.get("/data.json", headers={"Host": "api.example.com", "Accept": "application/json"})
     assert r.status_code == 511 and "captive-portal" in r.headers["Link"]
+    assert r.status == "511 Network Authentication Required"  # RFC 6585 section 6
     for path in ("/generate_204", "/hotspot-detect.html", "/connecttest.txt", "/ncsi.txt"):
         r = c.get(path, headers={"Host": "probe.example.net"})
         assert r.status_code == 302, path
@@ -117,6 +118,7 @@ def test_captive_answers_before_login(site: Site) -> None:
 
 def test_login_status_probes_api_logout(site: Site) -> None:
     c = site.client()
+    c.get("/x", headers={"Host": "www.example.com", "Accept": "text/html"})  # captured there
     r = login(c, "alice", "correct horse", url="http://www.example.com/x")
     assert r.status_code == 303 and r.headers["Location"] == "http://www.example.com/x"
     sess = site.sessions.lookup_ip(IP)
@@ -224,7 +226,7 @@ def test_japanese_by_accept_language(site: Site) -> None:
     assert 'lang="en"' in page and "Password" in page
 
 
-def test_agent_login_without_agent_module_is_a_clear_refusal(site: Site) -> None:
+def test_agent_login_to_an_agent_that_is_not_there_is_a_clear_refusal(site: Site) -> None:
     c = site.client()
     r = login(c, "alice", "pw-for-home", agent="home.example")
     body = r.get_data(as_text=True)
@@ -285,12 +287,14 @@ def fake_agent(monkeypatch: pytest.MonkeyPatch, behaviour: Any) -> list[str]:
         ("unknown_user", "does not know this user ID"),
         ("bad_password", "refused the password"),
         ("locked", "locked"),
-        ("unreachable", "could not be reached"),
-        ("timeout", "did not answer in time"),
-        ("bad_certificate", "certificate"),
-        ("bad_answer", "does not understand"),
         ("refused_servers", "servers this site does not allow"),
         ("something_new", "could not log you in"),
+        # told apart, these made the form a port scanner (issue #14): one message
+        ("unreachable", "No home agent answered at this address."),
+        ("timeout", "No home agent answered at this address."),
+        ("bad_certificate", "No home agent answered at this address."),
+        ("bad_answer", "No home agent answered at this address."),
+        ("bad_address", "No home agent answered at this address."),
     ],
 )
 def test_each_agent_error_has_its_own_message(
@@ -344,6 +348,7 @@ def test_access_rights_gate_the_login_and_explain_the_services(
                 rule="sales" if ok else None,
                 reason="rule sales" if ok else "no rule matches",
                 max_connections=None,
+                session_max=None,
             )
 
         def decide(self, attrs: Any, service: str) -> Any:
@@ -353,6 +358,7 @@ def test_access_rights_gate_the_login_and_explain_the_services(
                 rule="sales",
                 reason=f"rule sales {'allows' if ok else 'omits'} it",
                 max_connections=None,
+                session_max=None,
             )
 
     pol = SimpleNamespace(
@@ -392,3 +398,135 @@ def test_the_session_names_the_agent_that_was_asked(
     assert r.status_code == 303 and asked == ["alice@home.example#sha256:ab"]
     sess = site.sessions.lookup_ip(IP)
     assert sess is not None and sess.source == "agent:home.example"
+
+
+def test_a_visitors_own_agent_is_not_taken_at_its_word(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14/2: carol runs her own agent and has it answer role = staff.  The site's
+    example tables give role = staff smtp, pop3 and http; an agent the trusted-agents
+    table does not name asserts nothing, and her user id is carol@<agent>, not the site
+    account carol's (whose limits, identity header and log lines stay her own)."""
+    from types import SimpleNamespace
+
+    from appliance.proxy.counts import LocalCounts
+    from appliance.proxy.gate import Admission, PolicyGate
+
+    site.deps.network_gate = lambda attrs: gates.may_use_network(site.cfg, attrs)
+    site.deps.service_list = lambda attrs: gates.services(site.cfg, attrs)
+    monkeypatch.setattr(gates, "_policy", None)
+    fake_agent(
+        monkeypatch,
+        lambda spec, pw: SimpleNamespace(
+            user="carol",
+            attributes={"role": "staff", "department": "Sales 1", "source": "site"},
+            servers={"pop3": "203.0.113.3:110"},
+            agent="evil.example:8443",
+            fingerprint="sha256:" + "A" * 42 + "E",
+            verified_name="",
+        ),
+    )
+    c = site.client()
+    assert login(c, "carol", "pw", agent="evil.example#sha256:ab").status_code == 303
+    sess = site.sessions.lookup_ip(IP)
+    assert sess is not None and sess.user == "carol@evil.example"
+    assert dict(sess.attributes) == {"source": "agent", "agent": "evil.example"}
+    page = c.get("/status").get_data(as_text=True)
+    allowed = re.findall(r'<strong>(\w+)</strong>:\s*<span class="ok">', page)
+    assert allowed == ["pop3"], page  # the example's "visitors" rule: their own mail only
+    assert 'id="who">carol@evil.example<' in page
+
+    # the site's own carol on another device: a different user everywhere the proxy looks
+    other_ip, other_mac = "192.168.1.101", "02:47:00:00:00:02"
+    site.neigh[other_ip] = other_mac
+    leases.record(site.conn, "granted", Lease(other_ip, other_mac, time.time() + 60), time.time())
+    add_user(site.cfg, "carol", "site secret", role="staff")
+    c2 = site.app.test_client()
+    c2.environ_base["REMOTE_ADDR"] = other_ip
+    assert login(c2, "carol", "site secret").status_code == 303
+    cfg = SimpleNamespace(
+        proxy=SimpleNamespace(explicit_http_port=None, identity_header="X-Guest-User"),
+        portal=site.cfg.portal,
+        interfaces=site.cfg.interfaces,
+    )
+    macs = {IP: MAC, other_ip: other_mac}  # the kernel's neighbour table, as the gate reads it
+    gate = PolicyGate(cfg, gates.policy(site.cfg), site.sessions, neighbour=macs.get)
+    visitor, own = gate.admit(IP, "pop3"), gate.admit(other_ip, "pop3")
+    assert isinstance(visitor, Admission) and isinstance(own, Admission)
+    assert (visitor.user, visitor.identity) == ("carol@evil.example", "carol@evil.example")
+    assert (own.user, own.identity) == ("carol", "carol")
+    counts = LocalCounts()  # a limit of one connection each: carol@evil does not use carol's
+    assert counts.take(visitor.user, "pop3", 1) and counts.take(own.user, "pop3", 1)
+    assert not isinstance(gate.admit(IP, "smtp"), Admission)
+    assert isinstance(gate.admit(other_ip, "smtp"), Admission)
+
+
+def test_a_trusted_agent_asserts_only_its_listed_keys(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from appliance.agent import wire
+
+    pin = wire.fingerprint(b"corp agent certificate")
+    site.cfg.policies.agents.write_text(
+        f'[agents."corp.example"]\nfingerprints = ["{pin}"]\nattributes = ["role"]\n'
+    )
+    answer = {"fingerprint": pin}
+    fake_agent(
+        monkeypatch,
+        lambda spec, pw: SimpleNamespace(
+            user="dave",
+            attributes={"role": "staff", "department": "Sales 1", "agent": "forged"},
+            servers={},
+            agent=spec.split("#")[0].rpartition("@")[2] + ":8443",
+            fingerprint=answer["fingerprint"],
+            verified_name="",
+        ),
+    )
+    c = site.client()
+    assert login(c, "dave", "pw", agent="203.0.113.9#" + pin).status_code == 303
+    sess = site.sessions.lookup_ip(IP)
+    assert sess is not None and sess.user == "dave@corp.example"
+    assert sess.source == "agent:corp.example"
+    assert dict(sess.attributes) == {"role": "staff", "source": "agent", "agent": "corp.example"}
+    site.sessions.end(sess.id, "test")
+    # someone else's agent answering at the trusted agent's name is refused outright
+    answer["fingerprint"] = wire.fingerprint(b"another certificate")
+    r = login(c, "dave", "pw", agent="corp.example")
+    assert r.status_code == 502 and site.sessions.lookup_ip(IP) is None
+
+
+def test_failures_through_an_agent_do_not_lock_the_site_account_of_that_name(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """carol@evil.example's wrong passwords are carol@evil.example's: the site's carol
+    (another device) can still log in."""
+
+    def refuse(spec: str, password: str) -> object:
+        raise FakeAgentError("bad_password", "wrong password")
+
+    fake_agent(monkeypatch, refuse)
+    c = site.client()
+    for _ in range(3):
+        assert login(c, "carol", "guess", agent="evil.example").status_code == 401
+    assert login(c, "carol", "guess", agent="evil.example").status_code == 429
+    other_ip, other_mac = "192.168.1.101", "02:47:00:00:00:02"
+    site.neigh[other_ip] = other_mac
+    leases.record(site.conn, "granted", Lease(other_ip, other_mac, time.time() + 60), time.time())
+    add_user(site.cfg, "carol", "site secret")
+    c2 = site.app.test_client()
+    c2.environ_base["REMOTE_ADDR"] = other_ip
+    assert login(c2, "carol", "site secret").status_code == 303
+
+
+def test_a_login_the_firewall_cannot_enforce_is_refused(site: Site) -> None:
+    """No nftables entry, no login: the session it made is ended, the guest is told."""
+
+    def broken(ip: str, mac: str) -> None:
+        raise OSError("netlink: operation not permitted")
+
+    site.deps.authorize = broken
+    r = login(site.client(), "alice", "correct horse")
+    assert r.status_code == 500 and 'class="error"' in r.get_data(as_text=True)
+    assert site.sessions.lookup_ip(IP) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,9 +38,15 @@ class FakePolicy:
     @property
     def servers(self) -> Any:
         svc = {
-            "smtp": SimpleNamespace(name="smtp", protocol="smtp", listen_port=2525),
-            "pop3": SimpleNamespace(name="pop3", protocol="pop3", listen_port=1110),
-            "http": SimpleNamespace(name="http", protocol="http", listen_port=8081),
+            "smtp": SimpleNamespace(
+                name="smtp", protocol="smtp", listen_port=2525, personal_allowed=False
+            ),
+            "pop3": SimpleNamespace(
+                name="pop3", protocol="pop3", listen_port=1110, personal_allowed=True
+            ),
+            "http": SimpleNamespace(
+                name="http", protocol="http", listen_port=8081, personal_allowed=False
+            ),
         }
 
         def upstreams_for(service: str, personal: Mapping[str, str]) -> tuple[Endpoint, ...]:
@@ -80,11 +87,22 @@ class FakeSessions:
         self.touched.append(session_id)
 
 
+# the kernel's neighbour table as the gate reads it: alice's laptop at her address
+NEIGHBOURS = {"192.168.1.11": "02:47:00:00:00:01"}
+
+
 def config(identity: str | None = None) -> Any:
     return SimpleNamespace(
         proxy=SimpleNamespace(explicit_http_port=3128, identity_header=identity),
         portal=SimpleNamespace(base_url=lambda ip: f"http://{ip}"),
-        interfaces=SimpleNamespace(guest_ip=ipaddress.IPv4Address("192.168.1.1")),
+        interfaces=SimpleNamespace(
+            guest_ip=ipaddress.IPv4Address("192.168.1.1"),
+            guest_subnet=ipaddress.IPv4Network("192.168.1.0/24"),
+            management_address=ipaddress.IPv4Address("198.51.100.1"),
+            uplink_address=ipaddress.IPv4Interface("198.51.100.1/24"),
+            hidden_networks=(ipaddress.IPv4Network("198.51.100.0/24"),),
+            hidden_networks6=(ipaddress.IPv6Network("2001:db8:5::/48"),),
+        ),
     )
 
 
@@ -103,7 +121,7 @@ def session(user: str, dept: str, personal: dict[str, str] | None = None) -> Any
 def test_policy_gate_admits_refuses_and_names_upstreams() -> None:
     policy = FakePolicy({"Sales 1": {"smtp", "pop3"}})
     store = FakeSessions({"192.168.1.11": session("alice", "Sales 1", {"pop3": "203.0.113.3:110"})})
-    gate = PolicyGate(config("X-Guest-User"), policy, store)
+    gate = PolicyGate(config("X-Guest-User"), policy, store, neighbour=NEIGHBOURS.get)
     assert {(ls.service, ls.port, ls.explicit) for ls in gate.listeners()} >= {
         ("smtp", 2525, False),
         ("http", 3128, True),
@@ -123,3 +141,62 @@ def test_policy_gate_admits_refuses_and_names_upstreams() -> None:
     gate.subscribe(lambda: changed.append(1))
     gate.reload()
     assert changed == [1]
+
+
+@pytest.mark.parametrize(
+    ("personal", "words"),
+    [
+        ("[2001:db8:113::3]:110", "IPv6 server"),
+        ("198.51.100.3:110", "hidden from guests"),
+        ("192.168.1.9:110", "guest subnet"),
+        ("home.example:110", "not an IPv4 address"),
+        ("203.0.113.3", "not address:port"),
+    ],
+)
+def test_an_unusable_personal_server_is_a_refusal_with_its_reason(
+    personal: str, words: str
+) -> None:
+    policy = FakePolicy({"Sales 1": {"smtp", "pop3"}})
+    store = FakeSessions({"192.168.1.11": session("alice", "Sales 1", {"pop3": personal})})
+    gate = PolicyGate(config(), policy, store, neighbour=NEIGHBOURS.get)
+    r = gate.admit("192.168.1.11", "pop3")
+    assert isinstance(r, Refusal) and r.kind == "denied" and r.user == "alice"
+    assert words in r.reason and "198.51.100" not in r.reason and "2001:" not in r.reason
+    a = gate.admit("192.168.1.11", "smtp")  # not a personal service: the site's server
+    assert isinstance(a, Admission) and a.upstreams[0].host == "198.51.100.3"
+
+
+def test_no_neighbour_entry_is_no_admission() -> None:
+    """The session binds (IP, MAC): an address with no complete neighbour entry on the
+    guest interface (a forged source, a guest gone) proves nothing and is refused, as is
+    another MAC behind the address."""
+    policy = FakePolicy({"Sales 1": {"smtp"}})
+    store = FakeSessions({"192.168.1.11": session("alice", "Sales 1")})
+    for table in ({}, {"192.168.1.11": "02:47:00:00:00:99"}):
+        gate = PolicyGate(config(), policy, store, neighbour=table.get)
+        r = gate.admit("192.168.1.11", "smtp")
+        assert isinstance(r, Refusal) and r.kind == "login", table
+    gate = PolicyGate(config(), policy, store, neighbour=NEIGHBOURS.get)
+    assert isinstance(gate.admit("192.168.1.11", "smtp"), Admission)
+
+
+def test_the_neighbour_table_counts_only_complete_entries_on_the_guest_interface(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance import neighbours
+
+    arp = tmp_path / "arp"
+    arp.write_text(
+        "IP address       HW type     Flags       HW address            Mask     Device\n"
+        "192.168.1.11     0x1         0x2         02:47:00:00:00:01     *        guest0\n"
+        "192.168.1.12     0x1         0x0         02:47:00:00:00:02     *        guest0\n"
+        "192.168.1.13     0x1         0x2         02:47:00:00:00:03     *        uplink0\n"
+    )
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda f, *a, **k: real_open(arp if f == "/proc/net/arp" else f, *a, **k),
+    )
+    assert neighbours.neighbour_mac("guest0", "192.168.1.11") == "02:47:00:00:00:01"
+    assert neighbours.neighbour_mac("guest0", "192.168.1.12") is None  # incomplete
+    assert neighbours.neighbour_mac("guest0", "192.168.1.13") is None  # another interface

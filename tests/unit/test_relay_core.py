@@ -14,6 +14,7 @@ from relay_helpers import (  # noqa: F401  (loop_kind: a fixture, used by every 
     free_port,
     loop_kind,
     read_until,
+    resolver,
     run,
     table,
 )
@@ -299,6 +300,61 @@ def test_explicit_http_rewrites_heads_and_keeps_alive(via_proxy: bool) -> None:
     run(body())
 
 
+@pytest.mark.parametrize("splice", [False, True])
+def test_a_rule_without_max_connections_gets_the_default_cap(splice: bool) -> None:
+    """A rule that names no limit is not unlimited: one guest cannot hold every socket."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
+        port = free_port()
+        gate = StaticGate(table(up_port, port))  # alice's rule sets no max_connections
+        relay = Relay(gate, splice=splice, max_connections=3)
+        await relay.start("127.0.0.1", (Listener("pop3", "pop3", port),))
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        for r, _w in conns[:3]:
+            assert await read_until(r, b"\n") == b"HELLO\n"
+        r4, w4 = conns[3]
+        assert (await read_until(r4, b"\n")).startswith(b"+OK")  # the refusal dialog
+        w4.write(b"USER a\r\n")
+        assert (await read_until(r4, b"\n")).startswith(b"-ERR [SYS/TEMP] too many")
+        for _r, w in conns:
+            w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+def test_idle_web_connections_count_against_the_limit() -> None:
+    """A web connection counts from its first byte: two idle sockets hold alice's two."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"], max_connections=2)
+        t["servers"]["http"] = []
+        relay = Relay(StaticGate(t))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        url = f"http://127.0.0.1:{up_port}/"
+        out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 429"), out[:60]
+        for _r, w in idle:
+            w.close()
+        await asyncio.sleep(0.1)
+        out = await http_get(port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert out.startswith(b"HTTP/1.1 200")
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
 def test_connection_limits_count_per_user_per_service() -> None:
     async def body() -> None:
         relay = Relay(StaticGate(table(1, 2)), connect_timeout=1.0, idle_timeout=1.0)
@@ -367,7 +423,7 @@ def test_connect_after_a_get_on_one_connection_and_a_revoked_connect_right() -> 
         t = table(up_port, port, allow=["http", "connect"])
         t["servers"]["http"] = t["servers"]["connect"] = [f"127.0.0.1:{up_port}"]
         gate = StaticGate(t)
-        relay = Relay(gate, connect_ports=(443,))
+        relay = Relay(gate, connect_ports=(443,), resolve=resolver({"example.com": ["192.0.2.80"]}))
         await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")

@@ -20,6 +20,7 @@ from dhcp import leases
 
 pytestmark = pytest.mark.unit
 IP, MAC = "192.168.1.11", "02:47:00:00:00:01"
+NEIGHBOURS = {IP: MAC}  # the kernel's neighbour table, as the gate reads it
 IP2, MAC2 = "192.168.1.12", "02:47:00:00:00:02"
 
 
@@ -70,7 +71,7 @@ def test_follower_reports_each_end_once_even_when_committed_late() -> None:
 def test_policy_gate_cache_drops_an_ended_session_at_once(tmp_path: Path) -> None:
     st = sessions(tmp_path)
     s = st.create(user="alice", source="site", attributes={"department": "Sales 1"}, ip=IP, mac=MAC)
-    gate = PolicyGate(config(), FakePolicy({"Sales 1": {"smtp"}}), st)
+    gate = PolicyGate(config(), FakePolicy({"Sales 1": {"smtp"}}), st, neighbour=NEIGHBOURS.get)
     gate.CACHE_TTL = 60.0
     a = gate.admit(IP, "smtp")
     assert isinstance(a, Admission) and a.session == s.id
@@ -147,7 +148,7 @@ def test_policy_gate_asks_the_store_once_per_ttl_and_again_after_a_reload(tmp_pa
 
     st.lookup_ip = counted  # type: ignore[method-assign]
     policy = FakePolicy({"Sales 1": {"smtp"}})
-    gate = PolicyGate(config(), policy, st)
+    gate = PolicyGate(config(), policy, st, neighbour=NEIGHBOURS.get)
     answers = [gate.admit(IP, "smtp") for _ in range(100)]
     assert all(isinstance(a, Admission) for a in answers) and lookups == [IP]
     policy.allow = {}
