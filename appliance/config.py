@@ -15,6 +15,11 @@ from appliance.tomlfile import ConfigError, Reader, TomlFile
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 CAPTIVE_API_PATH = "/api/captive"
+STAND_IN = ipaddress.IPv4Address("198.18.0.1")
+"""Before login, the DNS answer for an outside name (dns.before_login = "portal"): port
+80 to it reaches the portal like any address, and the firewall resets every other
+connection to it at once, so a browser shows the login page instead of a DNS error and
+waits for nothing.  From the benchmarking range (RFC 2544): no real destination."""
 PORTAL_THREADS = 8
 """Worker threads of each portal server (waitress, cheroot): the agent-login caps stay
 below it, so a page always has a thread left."""
@@ -58,6 +63,8 @@ class DhcpConfig:
     domain: str
     decline_quarantine: int
     reservations: tuple[Reservation, ...]
+    relays: tuple[ipaddress.IPv4Address, ...] = ()  # DHCP relays trusted to vouch for chaddr
+    leases_per_mac: int = 2
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class DnsConfig:
     cache_size: int
     rate_limit: int = 50  # questions a second per guest address (appliance.dns.ratelimit)
     rate_burst: int = 200  # ... and at once
-    before_login: str = "refuse"  # outside names before login: "refuse" or "portal"
+    before_login: str = "portal"  # outside names before login: "portal" (STAND_IN) or "refuse"
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,12 @@ def _dhcp(r: Reader, subnet: ipaddress.IPv4Network, gw: ipaddress.IPv4Address) -
         domain=r.text("domain", "guest.example"),
         decline_quarantine=r.integer("decline_quarantine", 600, 0, 86400),
         reservations=tuple(_reservation(t, subnet) for t in r.tables("reservations")),
+        relays=tuple(_ips(r, "relays")),
+        leases_per_mac=r.integer("leases_per_mac", 2, 1, 64),
     )
+    for relay in cfg.relays:
+        if relay not in subnet:
+            raise r.error("relays", f"relay {relay} is outside the guest subnet {subnet}")
     for key in ("pool_start", "pool_end"):
         addr = getattr(cfg, key)
         if addr not in subnet or addr in (subnet.network_address, subnet.broadcast_address):
@@ -250,7 +262,7 @@ def _dns(r: Reader) -> DnsConfig:
         cache_size=r.integer("cache_size", 10000, 0, 10_000_000),
         rate_limit=r.integer("rate_limit", 50, 1, 1_000_000),
         rate_burst=r.integer("rate_burst", 200, 1, 10_000_000),
-        before_login=r.text("before_login", "refuse", choices=("refuse", "portal")),
+        before_login=r.text("before_login", "portal", choices=("refuse", "portal")),
     )
     if cfg.rate_burst < cfg.rate_limit:
         raise r.error("rate_burst", "rate_burst must not be below rate_limit")

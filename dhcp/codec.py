@@ -123,10 +123,14 @@ class Message:
 
     @property
     def client_key(self) -> bytes:
-        """Who the client is (RFC 2131 4.2): option 61 when sent, else htype + chaddr."""
+        """Who the client is (RFC 2131 4.2): option 61 when sent, else htype + chaddr.
+
+        With option 61 the key holds chaddr too: a client identifier is no secret (it
+        is broadcast), so it must not let another hardware address take over a lease.
+        """
         cid = self.options.get(OPT_CLIENT_ID)
         if cid:
-            return cid
+            return client_key(cid, self.chaddr[: self.hlen])
         return bytes((self.htype,)) + self.chaddr[: self.hlen]
 
     @property
@@ -135,6 +139,15 @@ class Message:
         if v is not None and len(v) == 2:
             return max(576, int.from_bytes(v, "big"))
         return 576
+
+
+def client_key(client_id: bytes | None, hwaddr: bytes, htype: int = 1) -> bytes:
+    """The index key of a client: 0xff + chaddr + option 61, or htype + chaddr without 61.
+
+    0xff never starts the second form (only Ethernet, htype 1, is served)."""
+    if client_id:
+        return b"\xff" + hwaddr + client_id
+    return bytes((htype,)) + hwaddr
 
 
 def _walk(data: bytes, start: int, end: int, out: dict[int, bytes], where: str) -> None:

@@ -16,6 +16,8 @@ import struct
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from dhcp import codec
+
 OFFER_HOLD = 30.0  # seconds an offered address stays kept for its client
 PERSISTED = frozenset(("granted", "renewed", "released", "expired", "declined"))
 
@@ -50,10 +52,8 @@ class Change(NamedTuple):
 
 
 def client_key(client_id: bytes | None, mac: str) -> bytes:
-    """The key a stored lease had when it was made (ethernet assumed without option 61)."""
-    if client_id:
-        return client_id
-    return b"\x01" + bytes.fromhex(mac.replace(":", ""))
+    """The key a stored lease had when it was made (Ethernet: only htype 1 is served)."""
+    return codec.client_key(client_id, bytes.fromhex(mac.replace(":", "")))
 
 
 class LeaseIndex:
@@ -66,6 +66,10 @@ class LeaseIndex:
         self.by_client: dict[bytes, str] = {}
         self.offers: dict[str, Binding] = {}
         self.offer_by_client: dict[bytes, str] = {}
+        # per hardware address: its bound leases and its offers, ip -> binding (the cap)
+        self.bound_by_mac: dict[str, dict[str, Binding]] = {}
+        self.offers_by_mac: dict[str, dict[str, Binding]] = {}
+        self.declined_by_mac: dict[str, dict[str, Binding]] = {}
         self._heap: list[tuple[float, str]] = []
         self._cursor = self.start
 
@@ -102,6 +106,25 @@ class LeaseIndex:
             return b
         return None
 
+    def held_by_mac(self, mac: str, client: bytes, now: float) -> list[Binding]:
+        """The live bound leases of this hardware address under other client keys, oldest first."""
+        held = self.bound_by_mac.get(mac)
+        if not held:
+            return []
+        out = [b for b in held.values() if b.client != client and b.expires > now]
+        out.sort(key=lambda b: b.expires)
+        return out
+
+    def quarantined_by_mac(self, mac: str, now: float) -> int:
+        """How many addresses this hardware address declined that are still in quarantine."""
+        held = self.declined_by_mac.get(mac)
+        return sum(1 for b in held.values() if b.expires > now) if held else 0
+
+    def offered_to_mac(self, mac: str, client: bytes) -> list[Binding]:
+        """The offers this hardware address holds under other client keys."""
+        held = self.offers_by_mac.get(mac)
+        return [b for b in held.values() if b.client != client] if held else []
+
     def allocate(self, now: float) -> str | None:
         """A free pool address nobody used yet, else the one free the longest, else None."""
         while self._cursor <= self.end:
@@ -127,7 +150,7 @@ class LeaseIndex:
     def forget_offers(self, now: float) -> None:
         for ip, o in list(self.offers.items()):
             if o.expires <= now:
-                del self.offers[ip]
+                self._drop_offer(ip)
                 if self.offer_by_client.get(o.client) == ip:
                     del self.offer_by_client[o.client]
         if len(self._heap) > 4 * (len(self.by_ip) + len(self.offers)) + 1024:
@@ -135,6 +158,16 @@ class LeaseIndex:
             heapq.heapify(self._heap)
 
     # -- updates ----------------------------------------------------------------
+    def _put_offer(self, b: Binding) -> None:
+        self._drop_offer(b.ip)
+        self.offers[b.ip] = b
+        self.offers_by_mac.setdefault(b.mac, {})[b.ip] = b
+
+    def _drop_offer(self, ip: str) -> None:
+        o = self.offers.pop(ip, None)
+        if o is not None:
+            _unmac(self.offers_by_mac, o)
+
     def load(self, bindings: Iterable[Binding]) -> None:
         """Fill from the store, oldest change first (so by_client ends on the latest)."""
         for b in bindings:
@@ -144,21 +177,31 @@ class LeaseIndex:
         b = change.binding
         kind = change.kind
         if kind == "offered":
-            self.offers[b.ip] = b
+            self._put_offer(b)
             self.offer_by_client[b.client] = b.ip
             heapq.heappush(self._heap, (b.expires, b.ip))
             return
         if kind == "unoffered":
             if self.offers.get(b.ip, b).client == b.client:
-                self.offers.pop(b.ip, None)
+                self._drop_offer(b.ip)
             if self.offer_by_client.get(b.client) == b.ip:
                 del self.offer_by_client[b.client]
             return
+        old = self.by_ip.get(b.ip)
+        if old is not None:
+            if old.state == "bound":
+                _unmac(self.bound_by_mac, old)
+            elif old.state == "declined":
+                _unmac(self.declined_by_mac, old)
         self.by_ip[b.ip] = b
+        if b.state == "bound":
+            self.bound_by_mac.setdefault(b.mac, {})[b.ip] = b
+        elif b.state == "declined":
+            self.declined_by_mac.setdefault(b.mac, {})[b.ip] = b
         heapq.heappush(self._heap, (b.expires, b.ip))
         o = self.offers.get(b.ip)
         if o is not None and (o.client == b.client or kind in ("granted", "renewed")):
-            del self.offers[b.ip]
+            self._drop_offer(b.ip)
         if self.offer_by_client.get(b.client) == b.ip:
             del self.offer_by_client[b.client]
         if kind == "declined":
@@ -166,3 +209,9 @@ class LeaseIndex:
                 del self.by_client[b.client]
         else:  # the latest address of a client is the one it gets back while free
             self.by_client[b.client] = b.ip
+
+
+def _unmac(table: dict[str, dict[str, Binding]], b: Binding) -> None:
+    held = table.get(b.mac)
+    if held is not None and held.pop(b.ip, None) is not None and not held:
+        del table[b.mac]

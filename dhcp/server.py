@@ -1,10 +1,19 @@
-"""The DHCP server as a pure function: (message, lease index, time, settings) -> Outcome.
+"""The DHCP server as a pure function: (message, source, lease index, time, settings) -> Outcome.
 
 No sockets, no clock, no database: the service feeds messages in, commits the
 persisted changes of the Outcome, applies them to the index, then sends the reply.
 That order is what makes an ACK durable before the client sees it.  RFC 2131
 section 4.3 is followed state by state; every silent path names a reason so the
 service can count it.
+
+A guest chooses every byte of its message, so nothing in it is trusted on its own
+word: chaddr must be the frame's Ethernet source (`Source`, read by the service
+from the link layer), relayed messages are taken only from configured relays, a
+RELEASE only from the lease's own (IP, MAC), and a client identifier never lets
+another hardware address take over a lease (the client key holds chaddr).  One
+hardware address holds at most `leases_per_mac` leases (and as many quarantined
+addresses it declined): a new client identity on it retires its oldest lease
+instead of taking another address from the pool.
 """
 
 from __future__ import annotations
@@ -39,6 +48,13 @@ CLIENT_PORT = 68
 SERVER_PORT = 67
 
 
+class Source(NamedTuple):
+    """Where a message came from, as the link layer says (not the message itself)."""
+
+    mac: bytes  # Ethernet source address, 6 bytes
+    ip: str  # IP source address
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the server needs from the config, precomputed into wire bytes once."""
@@ -54,6 +70,8 @@ class Settings:
     quarantine: int
     reservations: dict[str, str]
     params: dict[int, bytes]  # options sent when asked for (or when no list is sent)
+    relays: frozenset[str] = frozenset()  # giaddr values whose relayed messages we answer
+    leases_per_mac: int = 2
     always: tuple[int, ...] = (codec.OPT_SUBNET_MASK, codec.OPT_ROUTER, codec.OPT_DNS)
     server_id: bytes = field(init=False)
     # reply options by (type, lease, parameter request list); replies share these dicts
@@ -100,6 +118,8 @@ class Settings:
             quarantine=d.decline_quarantine,
             reservations={r.mac: str(r.address) for r in d.reservations},
             params=params,
+            relays=frozenset(str(r) for r in d.relays),
+            leases_per_mac=d.leases_per_mac,
         )
 
     def in_subnet(self, ip: str) -> bool:
@@ -156,8 +176,23 @@ def _options(req: Message, s: Settings, mtype: int, lease: bool) -> tuple[dict[i
     return hit
 
 
+def _echo_client_id(
+    req: Message, opts: dict[int, bytes], wire: bytes | None
+) -> tuple[dict[int, bytes], bytes | None]:
+    """RFC 6842 section 3: OFFER, ACK and NAK carry the client's option 61 unaltered."""
+    cid = req.options.get(codec.OPT_CLIENT_ID)
+    if cid is None:
+        return opts, wire
+    opts = {**opts, codec.OPT_CLIENT_ID: cid}
+    if wire is not None and len(cid) <= 255:
+        wire = wire[:-1] + bytes((codec.OPT_CLIENT_ID, len(cid))) + cid + b"\xff"
+    else:
+        wire = None
+    return opts, wire
+
+
 def _reply(req: Message, s: Settings, mtype: int, yiaddr: str, lease: bool = True) -> Message:
-    opts, wire = _options(req, s, mtype, lease)
+    opts, wire = _echo_client_id(req, *_options(req, s, mtype, lease))
     return Message(
         BOOTREPLY,
         req.htype,
@@ -184,6 +219,7 @@ def _nak(req: Message, s: Settings, why: str) -> Outcome:
         codec.OPT_SERVER_ID: s.server_id,
         codec.OPT_MESSAGE: why.replace("_", " ").encode(),
     }
+    opts, _ = _echo_client_id(req, opts, None)
     flags = req.flags | BROADCAST_FLAG if req.giaddr != ZERO_IP else req.flags
     reply = Message(
         BOOTREPLY,
@@ -237,7 +273,10 @@ def _discover(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outco
         req.options.get(codec.OPT_CLIENT_ID),
         _hostname(req),
     )
-    return Outcome(_reply(req, s, OFFER, ip), (Change("offered", b),))
+    # one hardware address, one offer: a new client identity on it withdraws the others
+    changes = [Change("unoffered", o) for o in index.offered_to_mac(mac, client)]
+    changes.append(Change("offered", b))
+    return Outcome(_reply(req, s, OFFER, ip), tuple(changes))
 
 
 def _ack(req: Message, ip: str, index: LeaseIndex, now: float, s: Settings) -> Outcome:
@@ -261,6 +300,11 @@ def _ack(req: Message, ip: str, index: LeaseIndex, now: float, s: Settings) -> O
     held = index.current(client, now)
     if held is not None and held.ip != ip:  # the client moves: its old lease ends
         changes.append(Change("released", _ended(held, "released", now)))
+    # the cap per hardware address: its oldest leases under other client ids end
+    others = index.held_by_mac(mac, client, now)
+    for old in others[: max(0, len(others) - s.leases_per_mac + 1)]:
+        if old.ip != ip:
+            changes.append(Change("released", _ended(old, "released", now)))
     b = Binding(
         ip,
         mac,
@@ -315,13 +359,16 @@ def _request(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outcom
     return _ack(req, req.ciaddr, index, now, s)
 
 
-def _release(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outcome:
+def _release(req: Message, src: Source, index: LeaseIndex, now: float, s: Settings) -> Outcome:
     sid = req.server_id
     if sid is not None and sid != s.server_ip:
         return _drop("other_server")
     b = index.by_ip.get(req.ciaddr)
-    if b is None or b.state != "bound" or b.client != req.client_key:
+    if b is None or b.state != "bound":
         return _drop("release_unknown")
+    # only the holder, from the address itself (RFC 2131 4.4.6: the client unicasts it)
+    if b.client != req.client_key or (req.giaddr == ZERO_IP and src.ip != req.ciaddr):
+        return _drop("release_not_owner")
     return Outcome(None, (Change("released", _ended(b, "released", now)),))
 
 
@@ -340,7 +387,14 @@ def _decline(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outcom
     )
     if not ours:
         return _drop("decline_unknown")
-    q = Binding(ip, req.mac, client, "declined", now + s.quarantine, req.options.get(61))
+    mac = req.mac
+    if index.quarantined_by_mac(mac, now) >= s.leases_per_mac:
+        # DISCOVER, DECLINE, again: one MAC could quarantine the whole pool.  Past the
+        # cap its DECLINE only gives the address back, unquarantined.
+        if b is not None and b.state == "bound" and b.client == client:
+            return _drop("decline_limit", Change("released", _ended(b, "released", now)))
+        return _drop("decline_limit", Change("unoffered", Binding(ip, mac, client, "offered", now)))
+    q = Binding(ip, mac, client, "declined", now + s.quarantine, req.options.get(61))
     return Outcome(None, (Change("declined", q),))
 
 
@@ -350,7 +404,7 @@ def _inform(req: Message, s: Settings) -> Outcome:
     return Outcome(_reply(req, s, ACK, ZERO_IP, lease=False))
 
 
-def handle(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outcome:
+def handle(req: Message, src: Source, index: LeaseIndex, now: float, s: Settings) -> Outcome:
     """Answer one decoded message; the index is only read, the changes say what to write."""
     if req.op != BOOTREQUEST:
         return _drop("bootreply")
@@ -360,14 +414,20 @@ def handle(req: Message, index: LeaseIndex, now: float, s: Settings) -> Outcome:
     mtype = req.message_type
     if mtype is None:
         return _drop("not_dhcp")
-    if req.giaddr != ZERO_IP and not s.in_subnet(req.giaddr):
-        return _drop("foreign_relay")
+    if req.giaddr != ZERO_IP:
+        if not s.in_subnet(req.giaddr):
+            return _drop("foreign_relay")
+        # a relay vouches for chaddr, so only a configured one, from its own address
+        if req.giaddr not in s.relays or src.ip != req.giaddr:
+            return _drop("untrusted_relay")
+    elif req.chaddr[:6] != src.mac:
+        return _drop("chaddr_mismatch")
     if mtype == DISCOVER:
         return _discover(req, index, now, s)
     if mtype == REQUEST:
         return _request(req, index, now, s)
     if mtype == RELEASE:
-        return _release(req, index, now, s)
+        return _release(req, src, index, now, s)
     if mtype == DECLINE:
         return _decline(req, index, now, s)
     if mtype == INFORM:

@@ -1,4 +1,11 @@
-"""The dhcp role: one UDP socket on the guest interface around the pure server.
+"""The dhcp role: a packet socket and a UDP socket on the guest interface around the pure server.
+
+Requests are read from the link (AF_PACKET, a BPF filter keeps IPv4 UDP to port
+67): the Ethernet source is what the server checks chaddr against and what the
+flood guard counts by, since everything inside a request is the sender's word.
+Replies leave through an ordinary UDP socket bound to port 67, which also keeps
+the kernel from answering requests with ICMP port unreachable; a filter that
+drops everything keeps that socket from queueing a second copy of each request.
 
 Per burst of datagrams: decode, answer from the in-memory index, commit every
 persisted lease change of the burst in one SQLite transaction, and only then send
@@ -10,12 +17,13 @@ did not ask for broadcast gets a unicast to yiaddr/chaddr: the kernel cannot ARP
 for an address the client does not have yet, so we first set the neighbour entry
 ourselves (SIOCSARP, as dnsmasq does; the entry is STALE, so the kernel re-checks
 it once the client uses the address).  When that fails we broadcast, which the RFC
-allows when unicast is not possible.  No raw or packet socket is needed.
+allows when unicast is not possible.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -32,10 +40,10 @@ from types import FrameType
 
 from appliance import store
 from appliance.config import Config
-from dhcp import codec, leases
+from dhcp import codec, frame, leases
 from dhcp.codec import TYPE_NAMES, DecodeError
 from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key
-from dhcp.server import BROADCAST_IP, SERVER_PORT, Settings, destination, handle
+from dhcp.server import BROADCAST_IP, SERVER_PORT, Settings, Source, destination, handle
 
 log = logging.getLogger("appliance.dhcp")
 
@@ -51,17 +59,40 @@ COMMIT_WINDOW = 0.002  # seconds a burst with lease changes waits for more befor
 RCVBUF = 1 << 20
 SIOCSARP = 0x8954 + 1
 ATF_COM = 0x02
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33  # needs CAP_NET_ADMIN; else SO_RCVBUF, capped by rmem_max
 
 
-def open_socket(ifname: str, port: int = SERVER_PORT) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-    for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    """Attach a classic BPF program (struct sock_filter[]); the kernel copies it."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def open_link(ifname: str) -> socket.socket:
+    """The packet socket requests are read from (needs CAP_NET_RAW).
+
+    Made with protocol 0, so it queues nothing until the filter is on and it is
+    bound to IPv4 on the guest interface."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    attach_filter(sock, frame.FILTER)
+    for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
             break
+    sock.bind((ifname, frame.ETH_P_IP))
+    sock.setblocking(False)
+    return sock
+
+
+def open_socket(ifname: str, port: int = SERVER_PORT) -> socket.socket:
+    """The UDP socket replies leave from; it reads nothing (see open_link)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attach_filter(sock, frame.DROP_ALL)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
     sock.bind(("0.0.0.0", port))
     sock.setblocking(False)
     return sock
@@ -102,7 +133,7 @@ def load_index(conn: sqlite3.Connection, settings: Settings) -> LeaseIndex:
 
 
 class FloodGuard:
-    """A token bucket per client hardware address: one noisy client cannot starve others."""
+    """A token bucket per sender (Ethernet source): one noisy guest cannot starve others."""
 
     def __init__(self, rate: float = FLOOD_RATE, burst: float = FLOOD_BURST):
         self.rate, self.burst = rate, burst
@@ -123,7 +154,12 @@ class FloodGuard:
 
 
 class Service:
-    def __init__(self, config: Config, sock: socket.socket | None = None):
+    def __init__(
+        self,
+        config: Config,
+        sock: socket.socket | None = None,
+        link: socket.socket | None = None,
+    ):
         self.config = config
         self.ifname = config.interfaces.guest
         self.settings = Settings.from_config(config)
@@ -131,8 +167,12 @@ class Service:
         leases.create_schema(self.conn)
         self.index = load_index(self.conn, self.settings)
         self.sock = sock or open_socket(self.ifname)
+        self.link = link or open_link(self.ifname)
+        iface = config.interfaces.guest_address
+        # what the kernel would deliver to a socket bound to 0.0.0.0:67 on this link
+        self.for_us = frozenset((str(iface.ip), BROADCAST_IP, str(iface.network.broadcast_address)))
         self._readable = select.poll()
-        self._readable.register(self.sock.fileno(), select.POLLIN)
+        self._readable.register(self.link.fileno(), select.POLLIN)
         self.guard = FloodGuard()
         self.counts: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
@@ -144,8 +184,13 @@ class Service:
 
     # -- the hot path -------------------------------------------------------------
     def pump(self) -> int:
-        """Handle what the socket holds (up to BATCH), commit once, then reply."""
-        sock, index, settings = self.sock, self.index, self.settings
+        """Handle what the socket holds (up to BATCH), commit once, then send the ACKs.
+
+        A reply that promises nothing the store must hold (OFFER, NAK, an ACK to
+        INFORM) leaves at once: an offer is no lease, and a REQUEST for it is
+        checked again against the index."""
+        link, index, settings = self.link, self.index, self.settings
+        relays, for_us, guard = settings.relays, self.for_us, self.guard
         now = time.time()
         pending: list[leases.Row] = []
         replies: list[tuple[codec.Message, codec.Message]] = []
@@ -153,7 +198,7 @@ class Service:
         window_end = 0.0
         while n < BATCH:
             try:
-                data = sock.recv(4096)
+                data = link.recv(4096)
             except (BlockingIOError, InterruptedError):
                 # group commit: a burst with lease writes waits a moment for more requests,
                 # so one commit (the costly part) covers several ACKs
@@ -165,29 +210,44 @@ class Service:
                 if left <= 0 or not self._readable.poll(left * 1000):
                     break
                 continue
+            except OSError as exc:  # ENETDOWN once when the link went down (and up)
+                log.warning("reading %s: %s", self.ifname, exc)
+                self.drops["link_error"] += 1
+                break
             n += 1
             try:
-                msg = codec.decode(data)
+                mac, src_ip, dst_ip, payload = frame.parse(data)
+                if dst_ip not in for_us:
+                    self._dropped("not_for_us", now)
+                    continue
+                # a trusted relay speaks for many clients: count those by chaddr
+                key = payload[28:34] if src_ip in relays else mac
+                if not guard.allow(key, now):
+                    self._dropped("flood", now)
+                    continue
+                msg = codec.decode(payload)
             except DecodeError as exc:
                 self._dropped(exc.reason, now)
                 continue
-            if not self.guard.allow(msg.chaddr, now):
-                self._dropped("flood", now)
-                continue
             try:
-                out = handle(msg, index, now, settings)
+                out = handle(msg, Source(mac, src_ip), index, now, settings)
             except Exception:  # a bug must cost one packet, never the service
                 log.exception("internal error answering %s from %s", msg.message_type, msg.mac)
                 self._dropped("internal_error", now)
                 continue
+            durable = False
             for ch in out.changes:
                 index.apply(ch)
                 if ch.kind in PERSISTED:
                     pending.append(to_row(ch.kind, ch.binding))
+                    durable = True
             if out.drop is not None:
                 self._dropped(out.drop, now)
             if out.reply is not None:
-                replies.append((msg, out.reply))
+                if durable:
+                    replies.append((msg, out.reply))
+                else:
+                    self._send(msg, out.reply)
                 if out.nak is not None:
                     self.counts["nak:" + out.nak] += 1
         if n == 0:
@@ -292,7 +352,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
         poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.link.fileno(), select.POLLIN)
         poller.register(wake_r.fileno(), select.POLLIN)
         next_sweep = time.monotonic()
         next_stats = time.monotonic()
@@ -326,6 +386,7 @@ class Service:
             self._stats_dirty = True
             self.write_stats()
             self.sock.close()
+            self.link.close()
             self.conn.close()
             wake_r.close()
             wake_w.close()

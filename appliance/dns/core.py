@@ -19,15 +19,14 @@ types a browser asks when it opens a page (A, AAAA, SVCB, HTTPS) only.  Any othe
 type (TXT, NULL, ANY, MX, SRV, PTR...) is REFUSED.  Any other name gets, by
 `Settings.before_login`:
 
-- "refuse" (the default): REFUSED.  Devices whose OS runs a captive-portal probe (or
-  reads the RFC 8908 API) find the portal; a browser opening any other page before
-  that gets a DNS error instead of the login page.
-- "portal" (off by default, not finished): A is answered with STAND_IN, TTL 0, and
-  AAAA/SVCB/HTTPS with no records.  Port 80 to STAND_IN goes to the portal like any
-  address before login.  But the firewall drops, silently, everything else to it:
-  Chromium's HTTPS attempts (page upgrades, its own background services) then hang
-  for 30 s instead of failing at once as on REFUSED.  Usable only once the net role
-  answers TCP to STAND_IN (other than port 80) with a reset.
+- "portal" (the default): A is answered with STAND_IN (appliance.config), TTL 0,
+  and AAAA/SVCB/HTTPS with no records, still without asking upstream.  Port 80 to
+  STAND_IN goes to the portal like any address before login; the firewall resets
+  every other connection to it at once (HTTPS upgrades fail fast, QUIC gets ICMP
+  port unreachable), so a browser opening any page shows the login page.
+- "refuse": REFUSED.  Devices whose OS runs a captive-portal probe (or reads the
+  RFC 8908 API) find the portal; a browser opening any other page before that gets
+  a DNS error instead of the login page.
 
 REFUSED, not NXDOMAIN: NXDOMAIN says the name does not exist, and stub resolvers cache
 that (RFC 2308), so names would stay broken for a while after login; REFUSED is a
@@ -44,6 +43,8 @@ from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from appliance.config import STAND_IN
+
 MAX_QUERY = 512  # a guest's question never needs more; anything bigger is refused
 MAX_TTL = 3600
 NEGATIVE_TTL = 60
@@ -53,9 +54,6 @@ _DROP_TYPES = {QTYPE.AAAA, 64, 65}  # AAAA, SVCB, HTTPS (address hints)
 # what a browser or an OS probe asks for a name before login; TXT, NULL, ANY, MX, SRV,
 # CNAME, PTR... carry more data per answer and a guest needs none of them yet
 BEFORE_LOGIN_TYPES = frozenset({QTYPE.A, QTYPE.AAAA, 64, 65})
-# the stand-in address for outside names before login: the benchmarking range
-# (RFC 2544, 198.18.0.0/15) is no real destination anywhere
-STAND_IN = ipaddress.IPv4Address("198.18.0.1")
 BEFORE_LOGIN_MODES = ("refuse", "portal")
 
 # Hosts the common OSes fetch to detect a captive portal.  Before login the fetch is
@@ -88,7 +86,7 @@ class Settings:
     guest_subnet: ipaddress.IPv4Network
     cache_size: int = 10000
     probe_names: frozenset[str] = PROBE_NAMES
-    before_login: str = "refuse"  # or "portal": see the module's docstring
+    before_login: str = "portal"  # or "refuse": see the module's docstring
 
     @classmethod
     def build(
@@ -100,7 +98,7 @@ class Settings:
         hidden: Iterable[ipaddress.IPv4Network],
         extra_names: Iterable[str] = (),
         cache_size: int = 10000,
-        before_login: str = "refuse",
+        before_login: str = "portal",
     ) -> Settings:
         domain = domain.lower().strip(".")
         names = {f"{n.lower().strip('.')}.{domain}" for n in guest_names}

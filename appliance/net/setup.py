@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from importlib import resources
 from string import Template
 
-from appliance.config import Config
+from appliance.config import STAND_IN, Config
 from appliance.net import nft
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
@@ -100,6 +100,7 @@ def render(
         portal_ports=", ".join(str(_port(p)) for p in portal_ports(config)),
         portal_conn_cap=int(config.portal.connections_per_guest),
         proxy_conn_cap=int(config.proxy.connections_per_guest),
+        stand_in=STAND_IN,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pytest
 from dhcp_lab import DhcpServer, ipv4, wait_for
@@ -293,6 +295,7 @@ def test_kill_9_mid_load_keeps_every_acked_lease(
         guest_address="10.20.0.1/16",
         pool_start="10.20.1.0",
         pool_end="10.20.40.255",
+        relays=["10.20.0.2"],
     )
     acks = tmp_path / "acks.log"
     gen = topo["guest1"].start(
@@ -325,3 +328,142 @@ def test_kill_9_mid_load_keeps_every_acked_lease(
     for mac, ip in promised:  # every ACK a client saw is in the store, bound to it
         assert stored[ip].mac == mac and stored[ip].state == "bound", (mac, ip)
     assert len({mac for mac, _ in promised}) == 3000
+    # the server never reads back its own replies to the relay (port 67, outgoing)
+    wait_for(lambda: srv.stats()["counts"].get("ack", 0) > 0, 5, "stats")
+    assert "bootreply" not in srv.stats()["drops"]
+
+
+# -- a hostile guest (issue #14, finding 4) ---------------------------------------------------
+
+FORGE = str(Path(__file__).with_name("dhcp_forge.py"))
+SERVER_IP = "192.168.1.1"
+POOL_RANGE = ["192.168.1.100", "192.168.1.199"]
+
+
+def forge(topo: Topology, node: str, action: str, **args: object) -> dict[str, Any]:
+    out = topo[node].run(sys.executable, FORGE, action, json.dumps(args), timeout=120).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def udhcpc_once(topo: Topology, node: str) -> None:
+    topo[node].run("udhcpc", "-q", "-n", "-i", "eth0", "-t", "5", "-T", "1", "-s", UDHCPC_SCRIPT)
+
+
+def test_made_up_chaddrs_get_no_lease(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """From one real MAC, 150 DISCOVERs and a REQUEST per pool address, each with a new
+    chaddr: not one lease, every packet counted, and the next real client is served."""
+    topo = make_topology(guests=2)
+    srv = DhcpServer(topo, tmp_path / "srv")
+    got = forge(topo, "guest2", "spoof", count=150, pool=POOL_RANGE, server=SERVER_IP)
+    assert got["offers"] == 0 and got["acks"] == 0, got
+    assert [x for x in srv.all_leases() if x.state == "bound"] == []
+
+    def refused() -> int:
+        d = srv.stats()["drops"]
+        return int(d.get("chaddr_mismatch", 0) + d.get("flood", 0))
+
+    wait_for(lambda: refused() == got["sent"], 5, "every forged packet counted")
+    # the flood guard keys on the Ethernet source: one sender, not 250 fresh "clients"
+    assert srv.stats()["drops"].get("flood", 0) > 100
+    udhcpc_once(topo, "guest1")
+    assert in_pool(ipv4(topo, "guest1"))
+
+
+def test_a_guest_posing_as_a_relay_gets_nothing(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """giaddr would let it name any chaddr: relays are answered only when configured."""
+    topo = make_topology(guests=2)
+    srv = DhcpServer(topo, tmp_path / "srv")
+    udhcpc_once(topo, "guest2")
+    own_ip = str(ipv4(topo, "guest2")).split("/")[0]
+    got = forge(topo, "guest2", "relay", own_ip=own_ip, server=SERVER_IP, pool=POOL_RANGE)
+    assert got["replies"] == 0, got
+    assert [x.mac for x in srv.all_leases() if x.state == "bound"] == [guest_mac(2)]
+
+    def refused() -> int:
+        d = srv.stats()["drops"]
+        return int(d.get("untrusted_relay", 0) + d.get("flood", 0))
+
+    wait_for(lambda: refused() == got["sent"], 5, "every relayed packet counted")
+    assert srv.stats()["drops"].get("untrusted_relay", 0) >= 25
+
+
+def test_one_mac_holds_few_leases_whatever_its_client_ids(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=2)
+    srv = DhcpServer(topo, tmp_path / "srv")
+    got = forge(topo, "guest2", "cids", count=20, pool=POOL_RANGE, server=SERVER_IP)
+    assert got["acks"] >= 1  # it is a real guest, it may have an address
+    mine = [x for x in srv.all_leases() if x.state == "bound" and x.mac == guest_mac(2)]
+    assert len(mine) <= 2, mine  # dhcp.leases_per_mac, default 2
+    udhcpc_once(topo, "guest1")
+    assert in_pool(ipv4(topo, "guest1"))
+
+
+def test_forged_release_decline_and_request_leave_the_victims_lease(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=2)
+    srv = DhcpServer(topo, tmp_path / "srv")  # an hour's lease: nothing renews by itself
+    victim_mac = guest_mac(1)
+    client = topo["guest1"].start(
+        "udhcpc", "-f", "-i", "eth0", "-t", "5", "-T", "1", "-s", UDHCPC_SCRIPT
+    )
+    wait_for(lambda: ipv4(topo, "guest1") is not None, 15, "the victim's address")
+    ip = str(ipv4(topo, "guest1")).split("/")[0]
+    udhcpc_once(topo, "guest2")  # the attacker is a guest with an address of its own
+    own_ip = str(ipv4(topo, "guest2")).split("/")[0]
+    cid = "01" + victim_mac.replace(":", "")  # udhcpc's client identifier: 1 + MAC
+    got = forge(
+        topo, "guest2", "victim", mac=victim_mac, ip=ip, cid=cid, own_ip=own_ip, server=SERVER_IP
+    )
+    assert ("ack", ip) not in got["renew_with_cid"] + got["select_with_cid"], got
+    assert ("offer", ip) not in got["discover_with_cid"], got
+    held = [x for x in srv.all_leases() if x.ip == ip]
+    assert [(x.mac, x.state) for x in held] == [(victim_mac, "bound")]
+    assert srv.kinds(victim_mac) == ["granted"]  # no release, no decline
+    assert not [e for e in srv.events() if e.ip == ip and e.mac != victim_mac]
+    wait_for(lambda: srv.stats()["drops"].get("chaddr_mismatch", 0) >= 2, 5, "drops counted")
+    assert srv.stats()["drops"].get("release_not_owner") == 1
+    # the victim renews its address as before
+    os.kill(client.popen.pid, signal.SIGUSR1)
+    wait_for(lambda: "renewed" in srv.kinds(victim_mac), 10, "the victim's renewal")
+    assert ipv4(topo, "guest1") == f"{ip}/24"
+    client.stop()
+
+
+def test_client_identifier_echoed_to_a_real_client(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """RFC 6842: OFFER and ACK carry the client identifier udhcpc sent, unaltered."""
+    topo = make_topology(guests=1)
+    DhcpServer(topo, tmp_path / "srv")
+    watcher = topo["guest1"].start(sys.executable, FORGE, "watch", json.dumps({"seconds": 8}))
+    wait_for(lambda: "watching" in watcher.output(), 30, "the sniffer")
+    udhcpc_once(topo, "guest1")
+    assert watcher.popen.wait(30) == 0
+    replies = json.loads(watcher.output().strip().splitlines()[-1])["replies"]
+    cid = "01" + guest_mac(1).replace(":", "")
+    assert {r["type"] for r in replies} >= {"offer", "ack"}, replies
+    assert all(r["client_id"] == cid for r in replies), replies
+
+
+def test_the_guest_link_going_down_and_up_does_not_stop_the_server(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """The packet socket reports ENETDOWN once after the link flaps: counted, not fatal."""
+    topo = make_topology(guests=1)
+    srv = DhcpServer(topo, tmp_path / "srv")
+    topo["gw"].run("ip", "link", "set", "guest0", "down")
+    time.sleep(0.5)
+    topo["gw"].run("ip", "link", "set", "guest0", "up")
+    topo["gw"].run("ip", "addr", "replace", "192.168.1.1/24", "dev", "guest0")
+    time.sleep(1)
+    udhcpc_once(topo, "guest1")
+    assert in_pool(ipv4(topo, "guest1"))
+    assert srv.proc is not None and srv.proc.alive()

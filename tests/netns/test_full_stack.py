@@ -341,4 +341,4 @@ def test_a_rules_session_max_logs_the_user_out_on_time(lab: Lab) -> None:
     time.sleep(max(0.0, float(str(s["absolute_expiry"])) - time.time()) + 2)
     assert session_for(lab, ip) is None  # ended on time, by the store's own clock
     out = g.run("curl", "-sS", "-i", "-m", "10", web, check=False).stdout
-    assert out.startswith("HTTP/1.1 511"), out[:200]  # the relay sends erin to log in again
+    assert out.startswith("HTTP/1.1 511"), out[:200]  # erin is sent to log in again

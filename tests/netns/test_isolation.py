@@ -79,9 +79,17 @@ def test_guest_reaches_only_the_appliance(
     assert nmap_open(g1, GW, APPLIANCE_PORTS) == {(GW, 53), (GW, 80)}
     assert (GW, 53) in nmap_open(g1, GW, "53", udp=True)
     g1.run("ping", "-c1", "-W2", GW)
-    # (the appliance's DNS answers its own names; an outside name is refused until login)
+    # (the appliance's DNS answers its own names; until login an outside name gets the
+    # stand-in, whose port 80 is the portal and whose other ports refuse at once, and
+    # any other question about it is refused: no tunnel)
     assert g1.run("dig", "+short", f"@{GW}", "portal.guest.example").stdout.strip() == GW
-    assert "status: REFUSED" in g1.run("dig", f"@{GW}", "www.public.example").stdout
+    assert g1.run("dig", "+short", f"@{GW}", "www.public.example").stdout.strip() == "198.18.0.1"
+    assert "status: REFUSED" in g1.run("dig", f"@{GW}", "TXT", "www.public.example").stdout
+    assert banner_of(g1, "198.18.0.1", 80) == "PORTAL"
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        g1.connect("198.18.0.1", 443, timeout=5).close()
+    assert time.monotonic() - t0 < 1.0  # a reset, not a silent drop a browser waits on
     # the segment: only port 80 answers anywhere, and what answers is the portal
     seg_open = nmap_open(g1, "198.51.100.2-4", SEGMENT_PORTS)
     assert {p for _, p in seg_open} <= {80}

@@ -39,6 +39,7 @@ OPS: dict[str, list[list[object]]] = {
     "dhcp": [
         ["udp", "0.0.0.0", 67, "guest0"],  # SO_BINDTODEVICE: no CAP_NET_RAW on Linux >= 5.7
         ["arp", "guest0", *GUEST],  # SIOCSARP before a unicast OFFER/ACK
+        ["packet", "guest0"],  # requests are read from the link, for the Ethernet source
     ],
     "dns": [["udp", "192.168.1.1", 53, None], ["tcp", "192.168.1.1", 53]],
     "portal": [["tcp", "192.168.1.1", 80]],
@@ -82,6 +83,9 @@ def run(op):
         raise OSError("could write " + path)
     elif kind == "read":
         open(a[0], "rb").read()
+    elif kind == "packet":
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        s.bind((a[0], 0x0800)); s.close()
     elif kind == "arp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         pa = struct.pack("=H2s4s8s", socket.AF_INET, b"", socket.inet_aton(a[1]), b"")

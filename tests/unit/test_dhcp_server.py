@@ -16,7 +16,7 @@ from dhcp import codec, leases
 from dhcp.codec import ACK, DECLINE, DISCOVER, INFORM, NAK, OFFER, RELEASE, REQUEST, Message
 from dhcp.labconfig import write_config
 from dhcp.pool import PERSISTED, LeaseIndex
-from dhcp.server import Outcome, Settings, destination, handle
+from dhcp.server import Outcome, Settings, Source, destination, handle
 from dhcp.service import load_index, to_lease
 
 pytestmark = pytest.mark.unit
@@ -44,8 +44,12 @@ class Sim:
         self.now = now
         self.persisted: list[tuple[str, str, str]] = []
 
-    def send(self, m: Message) -> Outcome:
-        out = handle(m, self.index, self.now, self.s)
+    def send(self, m: Message, src: Source | None = None) -> Outcome:
+        """Deliver m as if from its own chaddr (and ciaddr, or the relay), unless src says."""
+        if src is None:
+            ip = m.giaddr if m.giaddr != "0.0.0.0" else m.ciaddr
+            src = Source(m.chaddr[:6], ip)
+        out = handle(m, src, self.index, self.now, self.s)
         for ch in out.changes:
             if ch.kind in ("granted", "renewed"):  # the invariant: never two holders
                 assert self.index.is_free(ch.binding.ip, ch.binding.client, self.now)
@@ -244,7 +248,8 @@ def test_reply_addressing() -> None:
     assert destination(msg(DISCOVER, giaddr="192.168.1.9"), offer) == ("192.168.1.9", 67, False)
 
 
-def test_relayed_nak_sets_the_broadcast_bit(sim: Sim) -> None:
+def test_relayed_nak_sets_the_broadcast_bit(tmp_path: Path) -> None:
+    sim = Sim(make_settings(tmp_path, relays=["192.168.1.9"]))
     out = sim.send(msg(REQUEST, 1, requested="10.1.1.1", giaddr="192.168.1.9"))
     assert out.reply is not None and out.reply.broadcast and out.reply.giaddr == "192.168.1.9"
 
@@ -345,3 +350,123 @@ def test_non_ethernet_hardware_addresses_get_no_lease(sim: Sim, hlen: int) -> No
     out = sim.send(odd)
     assert out.reply is None and out.drop == "not_ethernet"
     assert sim.persisted == []
+
+
+# -- issue #14, finding 4: what a guest's message may claim ---------------------------------
+
+
+def test_client_identifier_is_echoed_in_offer_ack_and_nak(sim: Sim) -> None:
+    """RFC 6842 section 3 (updating RFC 2131's Table 3): option 61 back, unaltered."""
+    cid = b"\x00odd\xffid"
+    offer = sim.send(msg(DISCOVER, 1, o61=cid)).reply
+    assert offer is not None and offer.options[61] == cid
+    ack = sim.send(msg(REQUEST, 1, requested=offer.yiaddr, server=SERVER, o61=cid)).reply
+    assert ack is not None and ack.message_type == ACK and ack.options[61] == cid
+    nak = sim.send(msg(REQUEST, 1, requested="10.9.9.9", o61=cid)).reply
+    assert nak is not None and nak.message_type == NAK and nak.options[61] == cid
+    inform = sim.send(msg(INFORM, 1, ciaddr="192.168.1.50", o61=cid)).reply
+    assert inform is not None and inform.options[61] == cid
+    for r in (offer, ack, nak, inform):  # on the wire too (the cached option bytes)
+        assert codec.decode(codec.encode(r)).options[61] == cid
+    # the cache the replies share is not touched: a client without 61 gets none
+    other = sim.send(msg(DISCOVER, 2)).reply
+    assert other is not None and 61 not in other.options
+    assert 61 not in codec.decode(codec.encode(other)).options
+    long_cid = bytes(range(256)) + b"tail"  # over 255 bytes: split on the wire (RFC 3396)
+    r = sim.send(msg(DISCOVER, 3, o61=long_cid)).reply
+    assert r is not None and codec.decode(codec.encode(r)).options[61] == long_cid
+
+
+def test_chaddr_must_be_the_ethernet_source(sim: Sim) -> None:
+    for mtype in (DISCOVER, REQUEST, RELEASE, DECLINE, INFORM):
+        out = sim.send(msg(mtype, 1, requested="192.168.1.100"), Source(mac(2), "0.0.0.0"))
+        assert out.reply is None and out.drop == "chaddr_mismatch" and out.changes == ()
+    assert sim.index.offers == {} and sim.persisted == []
+
+
+def test_relayed_messages_only_from_a_configured_relay(tmp_path: Path) -> None:
+    sim = Sim(make_settings(tmp_path / "a"))
+    relayed = msg(DISCOVER, 1, giaddr="192.168.1.9")
+    assert sim.send(relayed).drop == "untrusted_relay"  # relays are off by default
+    sim = Sim(make_settings(tmp_path / "b", relays=["192.168.1.9"]))
+    assert sim.send(relayed, Source(mac(5), "192.168.1.66")).drop == "untrusted_relay"
+    out = sim.send(relayed, Source(mac(5), "192.168.1.9"))  # the relay's own frame
+    assert out.reply is not None and out.reply.message_type == OFFER
+
+
+def test_relays_outside_the_guest_subnet_are_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"relays.*10\.0\.0\.1 is outside the guest subnet"):
+        make_settings(tmp_path, relays=["10.0.0.1"])
+
+
+def test_release_only_from_the_holders_address_and_mac(sim: Sim) -> None:
+    ip = get_lease(sim, 1)
+    other = get_lease(sim, 2)
+    # another guest names the victim's address from its own chaddr
+    out = sim.send(msg(RELEASE, 2, ciaddr=ip, server=SERVER), Source(mac(2), other))
+    assert out.drop == "release_not_owner"
+    # the victim's chaddr (and Ethernet source) but sent from another address
+    out = sim.send(msg(RELEASE, 1, ciaddr=ip, server=SERVER), Source(mac(1), other))
+    assert out.drop == "release_not_owner" and out.changes == ()
+    # a DECLINE of someone else's address is refused the same way
+    assert sim.send(msg(DECLINE, 2, requested=ip, server=SERVER)).drop == "decline_unknown"
+    b = sim.index.current(b"\x01" + mac(1), sim.now)
+    assert b is not None and b.ip == ip
+    assert [k for k, _, _ in sim.persisted] == ["granted", "granted"]
+    assert sim.send(msg(RELEASE, 1, ciaddr=ip, server=SERVER)).changes[0].kind == "released"
+
+
+def test_a_client_identifier_never_moves_a_lease_to_another_mac(sim: Sim) -> None:
+    cid = b"\x01victim"
+    offer = sim.send(msg(DISCOVER, 1, o61=cid)).reply
+    assert offer is not None
+    ip = offer.yiaddr
+    assert sim.send(msg(REQUEST, 1, requested=ip, server=SERVER, o61=cid)).reply is not None
+    # guest 2 sends the victim's client identifier from its own MAC
+    r = sim.send(msg(DISCOVER, 2, o61=cid)).reply
+    assert r is not None and r.yiaddr != ip
+    assert sim.send(msg(REQUEST, 2, ciaddr=ip, o61=cid)).nak == "taken"
+    assert sim.send(msg(REQUEST, 2, requested=ip, server=SERVER, o61=cid)).nak == "taken"
+    assert sim.send(msg(REQUEST, 2, requested=ip, o61=cid)).nak == "not_yours"  # offered another
+    assert sim.send(msg(RELEASE, 2, ciaddr=ip, o61=cid)).drop == "release_not_owner"
+    assert sim.send(msg(DECLINE, 2, requested=ip, o61=cid)).drop == "decline_unknown"
+    held = sim.index.by_ip[ip]
+    assert (held.mac, held.state) == ("02:47:00:00:00:01", "bound")
+    assert [(k, m) for k, i, m in sim.persisted if i == ip] == [("granted", "02:47:00:00:00:01")]
+    # and the victim renews as before
+    renewed = sim.send(msg(REQUEST, 1, ciaddr=ip, o61=cid))
+    assert renewed.reply is not None and renewed.reply.message_type == ACK
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_one_mac_holds_at_most_leases_per_mac(tmp_path: Path, cap: int) -> None:
+    sim = Sim(make_settings(tmp_path, leases_per_mac=cap))  # a pool of 10
+    for i in range(40):  # forty client identities on one MAC
+        cid = f"id-{i}".encode()
+        offer = sim.send(msg(DISCOVER, 1, o61=cid)).reply
+        assert offer is not None, i  # the pool never runs dry
+        assert len(sim.index.offers_by_mac["02:47:00:00:00:01"]) == 1
+        sim.send(msg(REQUEST, 1, requested=offer.yiaddr, server=SERVER, o61=cid))
+        live = [b for b in sim.index.by_ip.values() if b.state == "bound"]
+        assert len(live) == min(i + 1, cap)
+    # the newest identities keep theirs; the older ones were released, not lost
+    assert [b.client_id for b in live] == [f"id-{i}".encode() for i in range(40 - cap, 40)]
+    assert sum(k == "released" for k, _, _ in sim.persisted) == 40 - cap
+    assert len({get_lease(sim, n) for n in range(2, 10 - cap + 2)}) == 10 - cap
+
+
+def test_one_mac_cannot_quarantine_the_pool_by_declining(sim: Sim) -> None:
+    """DISCOVER, DECLINE, again: past leases_per_mac quarantines a DECLINE only frees."""
+    for _ in range(10):  # the pool has 10 addresses
+        offer = sim.send(msg(DISCOVER, 1)).reply
+        assert offer is not None
+        sim.send(msg(DECLINE, 1, requested=offer.yiaddr, server=SERVER))
+    quarantined = [b for b in sim.index.by_ip.values() if b.state == "declined"]
+    assert len(quarantined) == 2  # dhcp.leases_per_mac
+    assert [k for k, _, _ in sim.persisted] == ["declined", "declined"]
+    assert len({get_lease(sim, n) for n in range(2, 10)}) == 8  # the rest is still there
+    sim.now += 601  # once the quarantine ends, the MAC may decline again
+    offer = sim.send(msg(DISCOVER, 1)).reply
+    assert offer is not None
+    out = sim.send(msg(DECLINE, 1, requested=offer.yiaddr, server=SERVER))
+    assert [c.kind for c in out.changes] == ["declined"]

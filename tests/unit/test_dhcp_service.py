@@ -26,8 +26,11 @@ def config_path(tmp_path: Path) -> Path:
 
 
 def service(config_path: Path) -> Service:
-    # an unbound socket: these tests never touch the network
-    return Service(load(config_path), sock=socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    # an unbound socket and a socket pair for the link: these tests never touch the network
+    link, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    return Service(
+        load(config_path), sock=socket.socket(socket.AF_INET, socket.SOCK_DGRAM), link=link
+    )
 
 
 def test_sweep_writes_expired_events_once(config_path: Path) -> None:

@@ -234,4 +234,4 @@ def test_rate_keys_are_checked(tmp_path: Path, new: str, key: str, words: str) -
 def test_rate_defaults(tmp_path: Path) -> None:
     cfg = load(variant(tmp_path, "[dns]\n", "[dns]\n"))
     assert cfg.dns.rate_limit == 50 and cfg.dns.rate_burst == 200
-    assert cfg.dns.before_login == "refuse"
+    assert cfg.dns.before_login == "portal"  # a browser opening any page finds the portal

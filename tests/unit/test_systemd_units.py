@@ -24,7 +24,7 @@ ROLE_UNITS = ["net", "dhcp", "dns", "portal", "proxy", "admin"]
 # role -> the capabilities it needs, and why (README, "Installing on a real box")
 CAPS = {
     "net": {"CAP_NET_ADMIN"},  # links, nftables, and /proc/sys/net as a non-root user
-    "dhcp": {"CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN"},  # port 67, SIOCSARP
+    "dhcp": {"CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN", "CAP_NET_RAW"},  # 67, SIOCSARP, AF_PACKET
     "dns": {"CAP_NET_BIND_SERVICE"},  # port 53
     # a login or logout is a row in the store; the net role alone writes nftables
     "portal": {"CAP_NET_BIND_SERVICE"},  # port 80
@@ -82,9 +82,11 @@ def test_role_unit_runs_the_role_as_appliance_with_only_its_capabilities(role: s
     assert set(svc["CapabilityBoundingSet"][-1].split()) == CAPS[role]
     assert set(svc["AmbientCapabilities"][-1].split()) == CAPS[role]
     families = set(svc["RestrictAddressFamilies"][-1].split())
-    assert families <= {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    assert families <= {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"}
     # nft talks netlink: exactly the roles that run it may open netlink sockets
     assert ("AF_NETLINK" in families) == (role == "net")
+    # only DHCP reads the link itself (the Ethernet source of a request)
+    assert ("AF_PACKET" in families) == (role == "dhcp")
     for key in ("NoNewPrivileges", "PrivateTmp", "LockPersonality", "MemoryDenyWriteExecute"):
         assert svc[key] == ["yes"], key
     assert svc["ProtectSystem"] == ["strict"]
