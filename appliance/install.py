@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,8 @@ def render_unit(text: str, layout: Layout) -> str:
     """The unit text with the command, configuration and state paths of `layout`."""
     text = text.replace(f"{DEFAULT_PREFIX}/bin/", f"{layout.prefix}/bin/")
     text = re.sub(rf"{re.escape(str(DEFAULT_CONFIG_DIR))}(?=[/\s])", str(layout.config_dir), text)
+    # files named inside the state directory (InaccessiblePaths= of the keys)
+    text = text.replace(f"{DEFAULT_STATE_DIR}/", f"{layout.state_dir}/")
     if layout.state_dir != DEFAULT_STATE_DIR:
         varlib = Path("/var/lib")
         if layout.state_dir.is_relative_to(varlib):
@@ -160,6 +163,43 @@ class Installer:
         sdir.chmod(0o750)
         self.chown(sdir, user=True)
         self.say(f"state directory {self.layout.state_dir}: ok")
+        self.make_keys()
+
+    def make_keys(self) -> None:
+        """The admin pages' signing key, the portal's agent-client and grant keys, made now.
+
+        Every role runs as the user appliance; the units hide these files from the
+        roles that do not use them (InaccessiblePaths=), which only works for a file
+        that exists when the unit starts, so they must not wait for first use.  The
+        formats are those the roles make on first use (appliance/admin/app.py and
+        appliance/net/members.py: 32 random bytes; appliance/agent/client.py:
+        Ed25519, PKCS#8 PEM)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from appliance.agent.client import KEY_FILE
+        from appliance.net.members import KEY_FILE as GRANT_KEY_FILE
+
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        for name, data in (
+            ("admin-secret.key", secrets.token_bytes(32)),
+            (KEY_FILE, pem),
+            (GRANT_KEY_FILE, secrets.token_bytes(32)),
+        ):
+            path = self.at(self.layout.state_dir / name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                self.say(f"kept {self.layout.state_dir / name} (exists)")
+                continue
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            self.chown(path, user=True)
+            self.say(f"made {self.layout.state_dir / name}")
 
     def link_commands(self) -> None:
         bindir = self.at(self.layout.prefix / "bin")

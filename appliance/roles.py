@@ -115,6 +115,6 @@ def supervise(roles: list[str], config_path: Path, log_level: str) -> int:
             child.wait(10)
         except subprocess.TimeoutExpired:
             child.kill()
-    if net_config is not None:  # even when the net role itself died: no table left behind
-        net.down(net_config)
+    if net_config is not None:  # even when the net role itself died: the guest side stays shut
+        net.close(net_config)
     return status

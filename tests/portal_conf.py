@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -14,20 +15,16 @@ from appliance.lab.topology import Node
 ROOT = Path(__file__).resolve().parent.parent
 
 
-APPLY_RULESET = """
-import sys
-from appliance.core import config
-from appliance.net import follower, setup
-cfg = config.load(sys.argv[1])
-setup.apply(cfg, {25: 2525, 110: 1110, 80: 8081})
-follower.load(cfg)
-"""
-
-
 def apply_ruleset(gw: Node, cfg_path: Path) -> None:
-    """The appliance's ruleset, applied inside gw (never in the namespace pytest runs in),
-    and the leased set loaded from the store, as the net role does before it starts."""
-    gw.run(sys.executable, "-c", APPLY_RULESET, str(cfg_path))
+    """The net role inside gw (never in the namespace pytest runs in): the ruleset, the
+    leased set, and the sessions followed into `authenticated` (a login waits for it)."""
+    proc = gw.start(sys.executable, "-m", "appliance", "run", "--config", str(cfg_path), "net",
+                    name="net")  # fmt: skip
+    deadline = time.monotonic() + 20
+    while "appliance.net.follower" not in proc.output():  # its first full load is logged
+        if not proc.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the net role did not start:\n{proc.output()}")
+        time.sleep(0.1)
 
 
 def write_config(directory: Path, http_port: int = 80, extra: str = "") -> Path:

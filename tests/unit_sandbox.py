@@ -118,14 +118,19 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 
 def fs_script(unit: Path, owner: int = 65534, setup: str = "", home: bool = True) -> str:
     """Shell commands (as root, in a private mount namespace) that lay out the file
-    system the way the unit's ProtectSystem=, StateDirectory=, PrivateTmp=,
-    ProtectHome=, ProtectKernelTunables=, ProtectProc= and ProcSubset= would.
+    system the way the unit's ProtectSystem=, StateDirectory=, InaccessiblePaths=,
+    PrivateTmp=, ProtectHome=, ProtectKernelTunables=, ProtectProc= and ProcSubset= would.
     The state directory is a fresh tmpfs owned by `owner` (the stand-in user);
     `setup` runs while /var/lib is still writable (e.g. to copy a configuration
     there); home=False leaves /home and /root alone (an interpreter lives there)."""
-    s = {k: v[-1] for k, v in unit_settings(unit).items()}
+    every = unit_settings(unit)
+    s = {k: v[-1] for k, v in every.items()}
     cmds = []
     state = s.get("StateDirectory")
+    # InaccessiblePaths= ("-": when present): a mode-0000 inode over each, after `setup`
+    hidden = [p.removeprefix("-") for v in every.get("InaccessiblePaths", []) for p in v.split()]
+    hide = ["I=$(mktemp /dev/shm/inaccessible.XXXXXX)", "chmod 0000 $I"] if hidden else []
+    hide += [f"if [ -e {p} ]; then mount --bind $I {p}; fi" for p in hidden]
     if state:
         cmds += [
             "mount -t tmpfs -o mode=0755 tmpfs /var/lib",
@@ -134,6 +139,7 @@ def fs_script(unit: Path, owner: int = 65534, setup: str = "", home: bool = True
             f"chmod {s.get('StateDirectoryMode', '0755')} /var/lib/{state}",
             setup,
             f"mount --bind /var/lib/{state} /var/lib/{state}",
+            *hide,  # after the (non-recursive) bind above, which would drop them
             "mount -o remount,bind,ro /var/lib",
         ]
     if s.get("ProtectSystem") == "strict":

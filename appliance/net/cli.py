@@ -1,4 +1,4 @@
-"""`appliance net up|down|status`: the guest-side isolation by hand, in this namespace."""
+"""`appliance net up|close|down|status`: the guest-side isolation by hand, in this namespace."""
 
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"net: {exc}", file=sys.stderr)
         return 1
     print("net: guest side closed (table inet appliance loaded)")
+    return 0
+
+
+def _cmd_close(args: argparse.Namespace) -> int:
+    from appliance.net import nft, service
+
+    try:
+        service.close(load(args.config))
+    except (nft.NftError, OSError) as exc:
+        print(f"net: {exc}", file=sys.stderr)
+        return 1
+    print("net: guest side closed (drop-everything table inet appliance loaded)")
     return 0
 
 
@@ -43,6 +55,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not nft.table_exists():
         print("table inet appliance: absent")
         return 3
+    from appliance.net import setup
+
+    if setup.is_closed():
+        print("table inet appliance: closed (the net role is not running; nothing gets through)")
+        return 4
     auth = nft.set_elements("authenticated")
     leased = nft.set_elements("leased")
     print(f"table inet appliance: loaded; {len(leased)} leased, {len(auth)} authenticated")
@@ -71,8 +88,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     nsub = p.add_subparsers(dest="net_command", required=True, metavar="ACTION")
     for name, fn, text in (
         ("up", _cmd_up, "bring the guest interface up and load the ruleset"),
-        ("down", _cmd_down, "remove the ruleset"),
-        ("status", _cmd_status, "interfaces, sets and drop counters (exit 3 when absent)"),
+        ("close", _cmd_close, "replace the ruleset with one that drops all guest traffic"),
+        ("down", _cmd_down, "remove the ruleset: the guest side is then unfiltered"),
+        (
+            "status",
+            _cmd_status,
+            "interfaces, sets and drop counters (exit 3 when absent, 4 when closed)",
+        ),
     ):
         sp = nsub.add_parser(name, help=text)
         add_config_arg(sp)

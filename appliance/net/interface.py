@@ -48,6 +48,14 @@ def guest_up(config: Config) -> None:
     _sysctl(f"net/ipv6/conf/{ifc.guest}/forwarding", "0")
     _sysctl(f"net/ipv6/conf/{ifc.guest}/accept_ra", "0")
     _sysctl(f"net/ipv6/conf/{ifc.guest}/disable_ipv6", "1")
+    # ARP on each side for that side's own address only: by default Linux answers for
+    # any local address on any interface, which tells a guest the segment address
+    # (and the segment the guest address).  arp_announce=2: the source of our own
+    # requests is an address of the interface they leave by.
+    for name in (ifc.guest, ifc.uplink):
+        if Path(f"/proc/sys/net/ipv4/conf/{name}").is_dir():
+            _sysctl(f"net/ipv4/conf/{name}/arp_ignore", "1")
+            _sysctl(f"net/ipv4/conf/{name}/arp_announce", "2")
 
 
 @dataclass(frozen=True)

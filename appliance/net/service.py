@@ -1,18 +1,22 @@
-"""The `net` role: guest interface and ruleset up, follow the leases, ruleset off on stop.
+"""The `net` role: guest interface and ruleset up, follow leases and sessions, closed on stop.
 
-`up`/`down` are also what `appliance net up|down` and the supervisor call, so the
-guest side is closed before any guest-facing role listens and is left clean on stop.
+`up`/`close`/`down` are also what `appliance net up|close|down`, the unit's
+ExecStartPre=/ExecStopPost= and the supervisor call, so the guest side is closed
+before any guest-facing role listens, and stays closed (drop everything) when the
+role stops or dies while the others still run.  Only `down` removes the table.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from collections.abc import Mapping
 
 from appliance.core.config import Config
-from appliance.net import follower, interface, setup, tables
+from appliance.net import follower, interface, members, setup, tables
+from appliance.state import store
 
 log = logging.getLogger("appliance.net")
 
@@ -35,13 +39,38 @@ def up(config: Config, intercepts: Mapping[int, int] | None = None) -> None:
     )
 
 
+def _no_receipts(config: Config) -> None:
+    """Nobody confirmed: a login waits for the net role again (after the kernel change,
+    so a failing store never keeps the guest side open)."""
+    try:
+        conn = store.connect(config.state.database)
+        try:
+            members.create_schema(conn)
+            members.clear(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.error("could not clear the firewall receipts in the store: %s", exc)
+
+
+def close(config: Config) -> None:
+    """The drop-everything table in place of the ruleset; no login is confirmed any more."""
+    setup.close(config)
+    _no_receipts(config)
+    log.info(
+        "guest side shut on %s: nothing in or out without the net role", config.interfaces.guest
+    )
+
+
 def down(config: Config) -> None:
+    """Remove the table altogether: the guest side is then unfiltered (an admin's choice)."""
     setup.remove(config)
+    _no_receipts(config)
     log.info("nftables table inet appliance removed")
 
 
 def main(config: Config, intercepts: Mapping[int, int] | None = None) -> int:
-    """Serve until SIGTERM: rules in place, leases followed; on stop the table goes."""
+    """Serve until SIGTERM: rules in place, leases and sessions followed; closed on stop."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -56,5 +85,5 @@ def main(config: Config, intercepts: Mapping[int, int] | None = None) -> int:
     try:
         follower.run(config, stop)
     finally:
-        down(config)
+        close(config)
     return 0

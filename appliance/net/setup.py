@@ -37,6 +37,13 @@ def check_pair(ip: str, mac: str) -> tuple[str, str]:
     return str(addr), mac
 
 
+def _guest_if(config: Config) -> str:
+    guest_if = config.interfaces.guest
+    if not _IFNAME.match(guest_if):
+        raise ValueError(f"bad interface name {guest_if!r}")
+    return guest_if
+
+
 def portal_ports(config: Config) -> list[int]:
     ports = [config.portal.http_port]
     if config.portal.https_port:
@@ -51,9 +58,7 @@ def render(
     leased: set[tuple[str, str]] | None = None,
 ) -> str:
     """The table as nft text; `intercepts` maps guest TCP port -> local listener port."""
-    guest_if = config.interfaces.guest
-    if not _IFNAME.match(guest_if):
-        raise ValueError(f"bad interface name {guest_if!r}")
+    guest_if = _guest_if(config)
     gip = str(config.interfaces.guest_ip)
     listen: list[int] = []
     intercept_lines = []
@@ -113,6 +118,25 @@ def apply(config: Config, intercepts: Mapping[int, int]) -> None:
     body = render(config, intercepts, keep_auth, keep_leased)
     # `table` first makes the delete valid when the table does not exist yet
     nft.run(f"table inet {nft.TABLE}\ndelete table inet {nft.TABLE}\n{body}")
+
+
+def render_closed(config: Config) -> str:
+    """The drop-everything table (closed.nft) for the guest interface."""
+    text = resources.files("appliance.net").joinpath("closed.nft").read_text()
+    return Template(text).substitute(guest_if=_guest_if(config))
+
+
+def close(config: Config) -> None:
+    """Replace our table with the drop-everything one, in one transaction; idempotent.
+
+    What the net role leaves when it stops: the guest side is never open without it."""
+    body = render_closed(config)
+    nft.run(f"table inet {nft.TABLE}\ndelete table inet {nft.TABLE}\n{body}")
+
+
+def is_closed() -> bool:
+    """Whether the loaded table is the drop-everything one."""
+    return nft.query("list", "counter", "inet", nft.TABLE, "guest_closed") is not None
 
 
 def remove(config: Config) -> None:

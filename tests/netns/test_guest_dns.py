@@ -126,7 +126,9 @@ def test_guest_dns_hides_the_segment(
     run.stop()
     assert time.monotonic() - t0 < 4
     assert "stopping:" in run.output()  # the dns role logged its counters on the way out
-    assert "appliance" not in gw.run("nft", "list", "tables").stdout
+    # the guest side is left closed (drop everything), not open
+    left = gw.run("nft", "list", "table", "inet", "appliance").stdout
+    assert "guest_closed" in left and "authenticated" not in left
 
 
 @pytest.mark.parametrize("mode", ["portal", "refuse"])

@@ -25,6 +25,8 @@ from _guestside import (
 from appliance.core.config import load
 from appliance.lab.topology import NetnsSwitch, Node, Topology, guest_mac
 from appliance.net.firewall import Firewall
+from appliance.state import store
+from appliance.state.sessions import SessionStore
 
 pytestmark = pytest.mark.netns
 
@@ -100,14 +102,15 @@ def test_guest_reaches_only_the_appliance(
     assert "198.51.100" not in g1.run("ip", "route").stdout
     assert "198.51.100" not in g1.run("ip", "neigh").stdout
 
-    # login: the session layer authorizes (ip, mac); it reaches nftables within 100 ms
+    # login: the portal writes a session, the net role puts (ip, mac) into nftables and
+    # confirms it; authorize returns on the confirmation, within 100 ms
+    t0 = time.monotonic()
+    st = _log_in(cfg, topo, 1, "192.168.1.101")
+    took = time.monotonic() - t0
     with NetnsSwitch(topo["gw"].netns):
-        fw = Firewall(load(cfg))  # made in the appliance's namespace, like the portal's
-        t0 = time.monotonic()
-        fw.authorize("192.168.1.101", guest_mac(1))
-        took = time.monotonic() - t0
+        fw = Firewall(load(cfg))
         assert ("192.168.1.101", guest_mac(1)) in fw.members()
-    assert took < 0.1, f"authorize took {took * 1000:.0f} ms"
+    assert took < 0.1, f"login took {took * 1000:.0f} ms"
     opened = nmap_open(g1, GW, APPLIANCE_PORTS)
     assert opened == {(GW, p) for p in (25, 53, 80, 110, 1110, 2525, 3128, 8081)}
     # intercepted: any address on 25/110/80 lands on the local proxies, never the segment
@@ -135,11 +138,14 @@ def test_guest_reaches_only_the_appliance(
     counters = topo["gw"].run("nft", "list", "counter", "inet", "appliance", "guest_spoofed")
     assert "packets 0 " not in counters.stdout
 
-    # logout: revoked, and guest1's port 25 is dropped again (the lease stays)
+    # logout: the session ends, revoke returns once the pair is out of nftables
+    sess = st.lookup_ip("192.168.1.101")
+    assert sess is not None
+    assert st.end(sess.id, "logout")
     with NetnsSwitch(topo["gw"].netns):
-        fw.revoke("192.168.1.101", guest_mac(1))
-        fw.revoke("192.168.1.101", guest_mac(1))  # idempotent
         assert fw.members() == set()
+    fw.revoke("192.168.1.101", guest_mac(1))  # idempotent
+    assert banner_of(g1, "198.51.100.3", 25) is None
 
     # the lease ends: its pair leaves the leased set within moments, the guest is cut off
     record_lease(tmp_path / "state", "192.168.1.101", guest_mac(1), kind="released")
@@ -148,9 +154,10 @@ def test_guest_reaches_only_the_appliance(
     assert time.monotonic() - t0 < 2
     assert g1.run("ping", "-c1", "-W1", GW, check=False).returncode != 0
 
-    # stop: the table is gone, nothing left in nftables
+    # stop: the guest side is left closed, not open
     run.stop()  # type: ignore[attr-defined]
-    assert "appliance" not in _tables(topo)
+    assert "table inet appliance" in _tables(topo)
+    assert "guest_closed" in topo["gw"].run("nft", "list", "table", "inet", "appliance").stdout
 
 
 def _ipv6_repliers(guest: Node) -> set[str]:
@@ -187,3 +194,157 @@ def test_net_cli_up_status_down(make_topology: Callable[..., Topology], tmp_path
     gw.run(*app, "net", "down", "--config", cfg)
     gw.run(*app, "net", "down", "--config", cfg)
     assert "appliance" not in gw.run("nft", "list", "tables").stdout
+
+
+# -- the guest side across restarts and stops of the net role (issue #14, finding 7) --------
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def _net_role(topo: Topology, cfg: Path) -> object:
+    """The net role alone, as appliance-net.service runs it; returns once its table is in."""
+    proc = topo["gw"].start(
+        sys.executable, "-m", "appliance", "run", "--config", str(cfg), "net", name="net"
+    )
+    assert _wait_for(lambda: "table inet appliance" in _tables(topo)), proc.output()
+    return proc
+
+
+def _log_in(cfg: Path, topo: Topology, n: int, ip: str) -> SessionStore:
+    """What the portal does on a good login: a session in the store, then authorize."""
+    config = load(cfg)
+    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st.create(user=f"user{n}", source="site", attributes={}, ip=ip, mac=guest_mac(n))
+    with NetnsSwitch(topo["gw"].netns):
+        Firewall(config).authorize(ip, guest_mac(n))
+    return st
+
+
+def test_a_restarted_net_role_keeps_logged_in_guests_logged_in(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=2)
+    cfg = write_config(tmp_path)
+    banners(topo["gw"], "0.0.0.0,2525,PROXY 2525 for {orig}")
+    net = _net_role(topo, cfg)
+    g1 = give_address(topo, 1, "192.168.1.101")
+    g2 = give_address(topo, 2, "192.168.1.102")
+    _log_in(cfg, topo, 1, "192.168.1.101")
+    assert banner_of(g1, "198.51.100.3", 25) == "PROXY 2525 for 198.51.100.3:25"
+    assert banner_of(g2, "198.51.100.3", 25) is None
+
+    net.stop()  # type: ignore[attr-defined]
+    net = _net_role(topo, cfg)
+    # the session is still active in the store: its guest still reaches its service ...
+    assert _wait_for(lambda: banner_of(g1, "198.51.100.3", 25) is not None, 5), net.output()  # type: ignore[attr-defined]
+    assert banner_of(g1, "198.51.100.3", 25) == "PROXY 2525 for 198.51.100.3:25"
+    # ... and a guest that never logged in still does not
+    assert banner_of(g2, "198.51.100.3", 25) is None
+    net.stop()  # type: ignore[attr-defined]
+
+
+def test_when_the_net_role_stops_the_guest_side_stays_closed(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=1)
+    gw = topo["gw"]
+    cfg = write_config(tmp_path)
+    banners(gw, f"{GW},80,PORTAL", "0.0.0.0,8000,SECRET 8000", "0.0.0.0,2525,PROXY 2525")
+    lab_resolver(topo)
+    app = [sys.executable, "-m", "appliance"]
+    net = _net_role(topo, cfg)
+    dns = gw.start(*app, "run", "--config", str(cfg), "dns", name="dns")
+    gw.wait_port(53, GW, proto="udp")
+    g1 = give_address(topo, 1, "192.168.1.101")
+    _log_in(cfg, topo, 1, "192.168.1.101")
+
+    def dig_ok() -> bool:
+        r = g1.run("dig", "+time=1", "+tries=1", f"@{GW}", "www.public.example", check=False)
+        return r.returncode == 0
+
+    assert dig_ok() and banner_of(g1, GW, 80) == "PORTAL"
+    assert banner_of(g1, GW, 8000) is None
+
+    def closed() -> bool:
+        return (
+            not dig_ok()
+            and banner_of(g1, GW, 80, timeout=1) is None
+            and banner_of(g1, GW, 8000, timeout=1) is None
+            and banner_of(g1, GW, 2525, timeout=1) is None
+            and g1.run("ping", "-c1", "-W1", GW, check=False).returncode != 0
+        )
+
+    # the net role stops (or dies) while the DNS role keeps running: nothing gets through
+    net.stop()  # type: ignore[attr-defined]
+    assert dns.alive()
+    assert "table inet appliance" in _tables(topo)
+    assert closed()
+    st = gw.run(*app, "net", "status", "--config", str(cfg), check=False)
+    assert st.returncode == 4 and "closed" in st.stdout, st.stdout
+
+    # killed outright (no clean-up in the process): what ExecStopPost= runs closes it
+    net = _net_role(topo, cfg)
+    assert _wait_for(dig_ok, 5)
+    gw.run("kill", "-9", str(net.popen.pid))  # type: ignore[attr-defined]
+    gw.run(*app, "net", "close", "--config", str(cfg))
+    assert dns.alive() and closed()
+    # an explicit `net down` is what opens the guest side again (the admin's choice)
+    gw.run(*app, "net", "down", "--config", str(cfg))
+    assert "appliance" not in _tables(topo)
+
+
+ARP_PROBE = r"""
+import sys
+from scapy.all import ARP, Ether, conf, srp
+conf.verb = 0
+for target in sys.argv[1:]:
+    ans, _ = srp(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=target, psrc="192.168.1.101"),
+                 iface="eth0", timeout=1, retry=1)
+    print(target, len(ans))
+"""
+
+
+def test_the_guest_side_answers_arp_only_for_the_guest_address(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    topo = make_topology(guests=1)
+    cfg = write_config(tmp_path)
+    net = _net_role(topo, cfg)
+    g1 = give_address(topo, 1, "192.168.1.101")
+    out = g1.run(sys.executable, "-c", ARP_PROBE, GW, "198.51.100.1").stdout.split()
+    answers = dict(zip(out[::2], map(int, out[1::2]), strict=True))
+    assert answers[GW] > 0  # the probe works: the guest address answers
+    assert answers["198.51.100.1"] == 0  # the segment address does not, on the guest side
+    net.stop()  # type: ignore[attr-defined]
+
+
+def test_a_session_written_straight_into_the_store_opens_nothing(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """Every role can write the shared store; only the portal's grant opens the firewall.
+
+    A role other than the portal (DNS, DHCP, proxy: they share the user appliance)
+    that writes a session row for a guest must not get that guest let in."""
+    topo = make_topology(guests=2)
+    cfg = write_config(tmp_path)
+    banners(topo["gw"], "0.0.0.0,2525,PROXY 2525 for {orig}")
+    net = _net_role(topo, cfg)
+    g1 = give_address(topo, 1, "192.168.1.101")
+    g2 = give_address(topo, 2, "192.168.1.102")
+    config = load(cfg)
+    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st.create(user="forged", source="site", attributes={}, ip="192.168.1.102", mac=guest_mac(2))
+    _log_in(cfg, topo, 1, "192.168.1.101")  # a real login, for comparison
+    time.sleep(0.5)  # many net-role polls
+    assert banner_of(g1, "198.51.100.3", 25) == "PROXY 2525 for 198.51.100.3:25"
+    assert banner_of(g2, "198.51.100.3", 25) is None
+    with NetnsSwitch(topo["gw"].netns):
+        assert ("192.168.1.102", guest_mac(2)) not in Firewall(config).members()
+    net.stop()  # type: ignore[attr-defined]

@@ -42,20 +42,12 @@ OPS: dict[str, list[list[object]]] = {
         ["packet", "guest0"],  # requests are read from the link, for the Ethernet source
     ],
     "dns": [["udp", "192.168.1.1", 53, None], ["tcp", "192.168.1.1", 53]],
-    "portal": [
-        ["tcp", "192.168.1.1", 80],
-        ["nft", f"add element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n"],
-    ],
+    "portal": [["tcp", "192.168.1.1", 80]],
     "proxy": [["tcp", "192.168.1.1", p] for p in (2525, 1110, 8081, 3128)],
-    "admin": [
-        ["tcp", "198.51.100.1", 8000],
-        [
-            "nft",
-            f"add element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n"
-            f"delete element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n",
-        ],
-    ],
+    "admin": [["tcp", "198.51.100.1", 8000]],
 }
+# a login or logout is a row in the store: only the net role may change the firewall
+NFT_ADD = ["nft", f"add element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n"]
 
 PROGRAM = r"""
 import fcntl, json, socket, struct, subprocess, sys
@@ -89,6 +81,8 @@ def run(op):
             return
         os.unlink(path)
         raise OSError("could write " + path)
+    elif kind == "read":
+        open(a[0], "rb").read()
     elif kind == "packet":
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         s.bind((a[0], 0x0800)); s.close()
@@ -122,11 +116,13 @@ def unit_caps() -> dict[str, set[str]]:
     return out
 
 
-def as_unit(node: Node, role: str, caps: set[str], ops: list[list[object]]) -> list[str | None]:
+def as_unit(
+    node: Node, role: str, caps: set[str], ops: list[list[object]], setup: str = ""
+) -> list[str | None]:
     """Run the ops as nobody with exactly `caps`, in the unit's sandbox."""
     unit = SOURCE / "systemd" / f"appliance-{role}.service"
     body = f"sys.argv[1:] = [{json.dumps(ops)!r}]\n{PROGRAM}"
-    argv = unit_sandbox.command(unit, "/usr/bin/python3", body, caps=sorted(caps))
+    argv = unit_sandbox.command(unit, "/usr/bin/python3", body, caps=sorted(caps), setup=setup)
     r = node.run(*argv, check=False, timeout=30)
     assert r.returncode == 0, r.stderr
     results: list[str | None] = json.loads(r.stdout)
@@ -154,4 +150,39 @@ def test_each_unit_has_exactly_the_capabilities_its_role_uses(
                 problems.append(f"{role}: {cap} is granted but nothing it does needs it")
     # the harness can fail: without any capability the privileged roles cannot work
     assert any(as_unit(gw, "portal", set(), OPS["portal"]))
+    for role in caps:
+        (result,) = as_unit(gw, role, caps[role], [NFT_ADD])
+        if (result is None) != (role == "net"):
+            problems.append(f"{role}: nft set change {'fails' if result else 'works'}")
+    assert problems == []
+
+
+# the keys in the shared state directory, and the roles each is for
+KEYS = {
+    "admin-secret.key": {"admin"},
+    "agent-client.key": {"portal"},
+    "firewall-grant.key": {"portal", "net"},  # the portal grants a login, net checks it
+}
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_each_key_is_readable_by_the_role_that_uses_it_only(
+    make_topology: Callable[..., Topology],
+) -> None:
+    """All roles run as one user; the units hide each key from every other role."""
+    gw = make_topology(guests=1)["gw"]
+    setup = "\n".join(
+        f"printf secret > /var/lib/appliance/{k}\nchown 65534:65534 /var/lib/appliance/{k}\n"
+        f"chmod 0600 /var/lib/appliance/{k}"
+        for k in KEYS
+    )
+    caps = unit_caps()
+    problems = []
+    for role in caps:
+        ops: list[list[object]] = [["read", f"/var/lib/appliance/{k}"] for k in KEYS]
+        for (key, owners), result in zip(
+            KEYS.items(), as_unit(gw, role, caps[role], ops, setup), strict=True
+        ):
+            if (result is None) != (role in owners):
+                problems.append(f"{role}: {key} {'unreadable' if result else 'readable'}")
     assert problems == []

@@ -129,3 +129,38 @@ def test_the_personal_agent_serves_in_its_units_sandbox(
                     "https://127.0.0.1:8443/", check=False)  # fmt: skip
     assert r.stdout.strip().isdigit() and r.stdout.strip() != "000", r.stdout + r.stderr
     assert "Traceback" not in proc.output()
+
+
+def test_the_net_units_stop_commands_close_the_guest_side_in_its_sandbox(
+    make_topology: Callable[..., Topology],
+) -> None:
+    """ExecStopPost= of appliance-net.service, with the unit's privileges, after a kill -9."""
+    if "net" not in built_roles():
+        pytest.skip("no net role in this build")
+    python = str(Path(sys.executable).absolute())
+    hidden = str(Path(sys.executable).resolve()).startswith(("/root/", "/home/"))
+    uid, home = (0, False) if hidden else (65534, True)
+    gw = make_topology(guests=1)["gw"]
+    unit = SOURCE / "systemd" / "appliance-net.service"
+    setup = f"mkdir -p /var/lib/etc-appliance\ncp {SOURCE}/policies/*.toml /var/lib/etc-appliance/"
+    stop_post = unit_sandbox.unit_settings(unit)["ExecStopPost"][-1].split()
+    assert stop_post[1:4] == ["net", "close", "--config"]
+    stop_post[4] = CONFIG  # the unit's configuration, where this sandbox keeps it
+
+    def as_unit(*args: str) -> list[str]:
+        body = f"sys.argv = ['appliance', *{list(args)!r}]\nfrom appliance.cli import main\n"
+        body += "sys.exit(main())\n"
+        return unit_sandbox.command(unit, python, body, uid=uid, setup=setup, home=home)
+
+    net = gw.start(*as_unit("run", "--config", CONFIG, "net"), name="net")
+    deadline = time.monotonic() + 20
+    while "authenticated" not in gw.run("nft", "list", "ruleset").stdout:
+        assert net.alive() and time.monotonic() < deadline, net.output()
+        time.sleep(0.2)
+    gw.run("kill", "-9", str(net.popen.pid))
+    net.popen.wait(5)
+    assert "authenticated" in gw.run("nft", "list", "ruleset").stdout  # a kill cleans nothing
+    r = gw.run(*as_unit(*stop_post[1:]), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    left = gw.run("nft", "list", "table", "inet", "appliance").stdout
+    assert "guest_closed" in left and "authenticated" not in left

@@ -35,6 +35,10 @@ def test_staged_install_puts_config_units_user_and_links_in_place(
     for src in unit_files():
         assert (units / src.name).read_text() == src.read_text(), src.name
     assert (root / "var" / "lib" / "appliance").is_dir()
+    # the keys the units hide from the roles that do not use them exist before any starts
+    for key in ("admin-secret.key", "agent-client.key", "firewall-grant.key"):
+        path = root / "var" / "lib" / "appliance" / key
+        assert path.stat().st_size > 0 and path.stat().st_mode & 0o777 == 0o600, key
     link = root / "usr" / "local" / "bin" / "appliance"
     assert link.is_symlink() and os.access(link, os.X_OK)
     assert (root / "etc" / "sysusers.d" / "appliance.conf").read_text().startswith("u appliance ")
@@ -86,9 +90,30 @@ def test_install_with_other_directories_rewrites_units_and_config(tmp_path: Path
     admin = (units / "appliance-admin.service").read_text()
     assert "ReadWritePaths=/srv/gg/etc\n" in admin
     assert "=/etc/appliance" not in admin and " /etc/appliance" not in admin
+    assert "InaccessiblePaths=-/srv/gg/state/admin-secret.key " in dns
+    assert "/var/lib/appliance" not in dns
     assert (root / "opt" / "gg" / "bin" / "appliance").is_symlink()
     assert not (units / "multi-user.target.wants").exists()
 
 
 def test_install_refuses_relative_paths(tmp_path: Path) -> None:
     assert install(tmp_path, "--config-dir=etc/appliance") == 2
+
+
+def test_the_keys_made_at_install_are_the_ones_the_roles_use(tmp_path: Path) -> None:
+    """Same formats as on first use: the agent client loads its key, the admin its secret."""
+    from dataclasses import replace
+
+    from appliance.agent import client
+    from appliance.core.config import load
+
+    root = tmp_path / "root"
+    assert install(root, "--no-enable") == 0
+    state = root / "var" / "lib" / "appliance"
+    made = (state / "agent-client.key").read_bytes()
+    cfg = load(root / "etc" / "appliance" / "appliance.toml")
+    cfg = replace(cfg, state=replace(cfg.state, directory=state))
+    client.appliance_key(cfg)  # loads (a bad file would raise), never remakes
+    assert (state / "agent-client.key").read_bytes() == made
+    assert install(root, "--no-enable") == 0  # a second install keeps them
+    assert (state / "agent-client.key").read_bytes() == made
