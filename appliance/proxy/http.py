@@ -50,6 +50,7 @@ from appliance.proxy.tracked import (
 log = logging.getLogger("appliance.proxy.http")
 
 
+TUNNEL_HOLD = 65536  # guest bytes held, and proxy answer read, while a tunnel is pending
 # never forwarded: Host is rebuilt from the checked target; Proxy-Connection is hop-by-hop
 _DROPPED = frozenset({b"host", b"proxy-connection"})
 
@@ -73,6 +74,8 @@ class HttpClient(Tracked, asyncio.Protocol):
         "parser",
         "pump",
         "raw",
+        "tunnel_head",
+        "tunnel_wait",
     )
 
     def __init__(self, relay: Relay, listener: Listener) -> None:
@@ -88,6 +91,10 @@ class HttpClient(Tracked, asyncio.Protocol):
         self.busy = False
         self.eofs = 0
         self.limited: Admission | None = None  # over the limit when it connected
+        # a CONNECT through the site's proxy: the guest's bytes wait here, and the proxy's
+        # answer gathers in tunnel_head, until the proxy says 2xx (anything else: closed)
+        self.tunnel_wait: bytearray | None = None
+        self.tunnel_head = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -109,10 +116,14 @@ class HttpClient(Tracked, asyncio.Protocol):
                 self.limited = verdict
 
     # -- client bytes ----------------------------------------------------------
+    def connecting(self) -> bool:
+        """Counted at connect, no upstream yet: a table change must still reach it."""
+        return self.admission is not None and self.pump is None
+
     def data_received(self, data: bytes) -> None:
         if self.raw and self.pump is not None:
+            self._send(data)
             self.bytes_up += len(data)
-            self.pump.transport.write(data)  # type: ignore[union-attr]
             return
         if self.parser is None:
             return
@@ -168,8 +179,48 @@ class HttpClient(Tracked, asyncio.Protocol):
             self._send(data)
 
     def _send(self, data: bytes) -> None:
+        if self.tunnel_wait is not None:
+            self.tunnel_wait += data  # not a byte to the proxy before it accepts the tunnel
+            if len(self.tunnel_wait) > TUNNEL_HOLD and self.client is not None:
+                self.client.pause_reading()
+            return
         if self.pump is not None and self.pump.transport is not None:
             self.pump.transport.write(data)
+
+    def _wait_for_tunnel(self) -> None:
+        """After sending CONNECT to the site's proxy: hold the guest's bytes until it says 2xx
+        (a proxy that refuses and keeps the connection must not get them as HTTP)."""
+        self.tunnel_wait = bytearray()
+        self.tunnel_head = b""
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.tunnel_wait is None:
+            super().from_upstream(data)
+            return
+        self.tunnel_head += data
+        end = self.tunnel_head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.tunnel_head) > TUNNEL_HOLD:
+                self.abort("bad-proxy-answer")
+            return
+        head, rest = self.tunnel_head[: end + 4], self.tunnel_head[end + 4 :]
+        super().from_upstream(head)
+        if not head.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")):
+            log.info("the site's proxy refused a tunnel for %s", self.src)
+            self.result = "proxy-refused"
+            self.parser = None
+            if self.client is not None:
+                self.client.close()  # after the proxy's answer, which the guest reads
+            if self.pump is not None and self.pump.transport is not None:
+                self.pump.transport.close()
+            return
+        held, self.tunnel_wait, self.tunnel_head = self.tunnel_wait, None, b""
+        if rest:
+            super().from_upstream(rest)
+        if held:
+            self._send(bytes(held))
+        if self.client is not None and not self.closed:
+            self.client.resume_reading()
 
     # -- a request head ----------------------------------------------------------
     def _request(self, ev: h11.Request) -> None:
@@ -183,20 +234,22 @@ class HttpClient(Tracked, asyncio.Protocol):
         if self.limited is not None:
             self._refuse(over_limit(self.limited), wants_html)
             return
-        if self.admission is None or connect:
+        if self.pump is None or connect:
+            # the verdict now, not the one at connect: the tables may have changed since
             verdict = self.relay.gate.admit(self.src, service)
             if isinstance(verdict, Refusal):
                 self._refuse(verdict, wants_html)
                 return
-            if self.admission is None and not self.admitted(verdict):
+            if not self.admitted(verdict):  # counts once per connection
                 self._refuse(over_limit(verdict), wants_html)
                 return
             self.admission = verdict
             self.right = service  # a tunnel holds the `connect` right, not `http`
         adm = self.admission
+        assert adm is not None  # admitted above, or when its upstream was connected
         proxies = adm.upstreams
         try:
-            check_framing(raw_headers)
+            check_framing(raw_headers, ev.http_version)
             if connect:
                 req = connect_target(target)
             elif self.listener.explicit:
@@ -215,7 +268,7 @@ class HttpClient(Tracked, asyncio.Protocol):
             reason = f"CONNECT is allowed to port {_ports(self.relay.connect_ports)} only"
             self._refuse(Refusal("denied", reason, "", adm.user, adm.rule), wants_html)
             return
-        if (checked.numeric and self.relay.hidden(checked.host)) or (
+        if (checked.numeric and (checked.host == STAND_IN or self.relay.hidden(checked.host))) or (
             # the DNS stand-in a guest may still have cached from before its login is no
             # destination: the checked Host is
             self.orig is not None and self.orig[0] != STAND_IN and self.relay.hidden(self.orig[0])
@@ -249,12 +302,16 @@ class HttpClient(Tracked, asyncio.Protocol):
                     assert self.client is not None
                     self.client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                     return
+                self._send(head)
+                self._wait_for_tunnel()
+                return
             self._send(head)
             return
         self.busy = True
         assert self.client is not None
         self.client.pause_reading()
         self.checked_name = host
+        self.dest = dest  # where this connection goes, as its next request will compare
         self.relay.loop.create_task(
             self._connect(candidates, head, connect and bool(proxies), name, port, adm)
         )
@@ -340,17 +397,18 @@ class HttpClient(Tracked, asyncio.Protocol):
                 return
             self.pump = pump
             self.upstream_name = up.name
-            self.dest = (up.host, up.port)
             if self.raw and not connect_via_proxy:
                 self.client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
                 self._send(head)
+                if connect_via_proxy:
+                    self._wait_for_tunnel()
             self.busy = False
             if self.raw and self.parser is not None:
                 self._next_cycle()
             else:
                 self._drain()
-            if not self.closed and not self.client.is_closing():
+            if not self.closed and not self.client.is_closing() and self.tunnel_wait is None:
                 self.client.resume_reading()
             return
         self.busy = False

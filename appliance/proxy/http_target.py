@@ -118,7 +118,7 @@ def _absolute(target: str) -> RequestTarget:
 
 
 def _path(path: str) -> str:
-    path = path.partition("#")[0]  # a fragment is the client's own
+    path = path.partition("#")[0] or "/"  # a fragment is the client's own
     if not _PATH.fullmatch(path):
         raise BadTarget("the request path must be visible ASCII, percent-encoded")
     return path
@@ -170,9 +170,12 @@ def connect_target(target: str) -> RequestTarget:
     return RequestTarget(dest, "")
 
 
-def check_framing(headers: list[tuple[bytes, bytes]]) -> None:
+def check_framing(headers: list[tuple[bytes, bytes]], version: bytes = b"1.1") -> None:
     """Refuse heads whose body length two parsers could read two ways (request
-    smuggling): Content-Length beside Transfer-Encoding (RFC 9112 section 6.1)."""
+    smuggling, RFC 9112 section 6.1): Content-Length beside Transfer-Encoding, and
+    Transfer-Encoding in HTTP/1.0, which a 1.0 reader may ignore."""
     names = {name.lower() for name, _ in headers}
+    if b"transfer-encoding" in names and version != b"1.1":
+        raise BadTarget("Transfer-Encoding needs HTTP/1.1")
     if b"content-length" in names and b"transfer-encoding" in names:
         raise BadTarget("Content-Length and Transfer-Encoding together")

@@ -551,8 +551,8 @@ class Relay:
 
     def done(self, conn: Tracked) -> None:
         self.conns.discard(conn)
-        if conn.counted and conn.user is not None:
-            self.counts.give(conn.user, conn.listener.service)
+        if conn.counted and conn.counted_user is not None:
+            self.counts.give(conn.counted_user, conn.listener.service)
         self.counters[(conn.listener.service, conn.result)] += 1
         self.access.connection(
             conn.started,

@@ -66,6 +66,7 @@ class Tracked:
         "client",
         "closed",
         "counted",
+        "counted_user",
         "listener",
         "relay",
         "result",
@@ -94,11 +95,16 @@ class Tracked:
         self.result = "ok"
         self.closed = False
         self.counted = False
+        self.counted_user: str | None = None  # whose count this connection holds
 
     def admitted(self, adm: Admission) -> bool:
         """Record the user; False when the per-user connection limit is reached."""
         self.user, self.rule, self.session = adm.user, adm.rule, adm.session
+        if self.counted:  # one count per connection, whatever is re-admitted later
+            return True
         self.counted = self.relay.count_user(adm.user, self.listener.service, adm.max_connections)
+        if self.counted:
+            self.counted_user = adm.user
         return self.counted
 
     def refused(self, r: Refusal) -> None:
@@ -124,6 +130,12 @@ class Tracked:
     def abort(self, result: str) -> None:
         """Close both sides now (idle timeout, policy revoked)."""
         raise NotImplementedError
+
+    def from_upstream(self, data: bytes) -> None:
+        """Bytes from the upstream: straight to the client (http.py looks at a tunnel's answer)."""
+        self.bytes_down += len(data)
+        assert self.client is not None
+        self.client.write(data)
 
     def upstream_eof(self) -> bool:
         """The upstream half-closed: pass it on; True keeps the transport for writing."""
@@ -158,10 +170,7 @@ class Pump(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        link = self.link
-        link.bytes_down += len(data)
-        assert link.client is not None
-        link.client.write(data)
+        self.link.from_upstream(data)
 
     def eof_received(self) -> bool:
         return self.link.upstream_eof()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from typing import cast
+from typing import ClassVar, cast
 
 import pytest
 from relay_helpers import (  # noqa: F401  (loop_kind: a fixture, used by every test)
@@ -497,5 +497,132 @@ def test_a_guest_leaving_mid_refusal_is_counted_once_and_forgotten() -> None:
             s.fileno() for s in relay.raw_listeners
         }
         await relay.stop()
+
+    run(body())
+
+
+async def _response(r: asyncio.StreamReader) -> bytes:
+    head = await read_until(r, b"\r\n\r\n")
+    n = int((re.findall(rb"Content-Length: (\d+)", head) or [b"0"])[0])
+    return head + await asyncio.wait_for(r.readexactly(n), 5)
+
+
+def test_direct_keep_alive_to_a_name_serves_both_requests() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"])
+        t["servers"]["http"] = []
+        relay = Relay(StaticGate(t), resolve=resolver({"example.com": ["127.0.0.1"]}))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        req = f"GET http://example.com:{up_port}/ HTTP/1.1\r\nHost: example.com\r\n\r\n".encode()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):
+            w.write(req)
+            assert (await _response(r)).startswith(b"HTTP/1.1 200")
+        w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+def test_an_idle_web_connection_loses_a_right_the_admin_takes_away() -> None:
+    """Counted at connect, it is re-checked on a table change like any open connection,
+    and its first request is decided by the tables of that moment."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"])
+        t["servers"]["http"] = []
+        gate = StaticGate(t)
+        relay = Relay(gate)
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        t["users"]["127.0.0.1"]["allow"] = []
+        gate.reload()
+        out = b""
+        with contextlib.suppress(ConnectionError):  # aborted by the re-check: a reset
+            w.write(f"GET http://127.0.0.1:{up_port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            out = await asyncio.wait_for(r.read(), 5)
+        assert not out.startswith(b"HTTP/1.1 200"), out[:80]
+        await asyncio.sleep(0.1)
+        assert relay.counts.get("alice", "http") == 0
+        w.close()
+        await relay.stop()
+        upstream.close()
+
+    run(body())
+
+
+def test_a_count_taken_at_connect_is_given_back_after_a_login_refusal() -> None:
+    async def body() -> None:
+        port = free_port()
+        t = table(1, port, allow=["http", "connect"])
+        t["servers"]["http"] = []
+        gate = StaticGate(t)
+        relay = Relay(gate)
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        assert relay.counts.get("alice", "http") == 1
+        t["users"] = {}  # the session ends; the connection is still open
+        gate.reload()
+        w.write(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(r.read(), 5)
+        w.close()
+        await asyncio.sleep(0.2)
+        assert relay.counts.get("alice", "http") == 0 and not relay.conns
+        await relay.stop()
+
+    run(body())
+
+
+class RefusingProxy(asyncio.Protocol):
+    """A web proxy that refuses every CONNECT with a framed 403 and keeps the connection."""
+
+    seen: ClassVar[list[bytes]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        RefusingProxy.seen.append(data)
+        if data.startswith(b"CONNECT"):
+            self.t.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_a_tunnel_the_site_proxy_refuses_passes_no_byte_after_it() -> None:
+    """The guest's bytes after CONNECT wait for the proxy's 2xx: a proxy that refuses
+    and keeps its connection must not get them (they would reach it as unchecked HTTP)."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(RefusingProxy, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http", "connect"])
+        t["servers"]["http"] = t["servers"]["connect"] = [f"127.0.0.1:{up_port}"]
+        relay = Relay(StaticGate(t), resolve=resolver({"example.com": ["192.0.2.80"]}))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+            b"GET http://198.51.100.3/ HTTP/1.1\r\nHost: 198.51.100.3\r\n\r\n"
+        )
+        assert (await read_until(r, b"\r\n\r\n")).startswith(b"HTTP/1.1 403")
+        assert await asyncio.wait_for(r.read(), 5) == b""  # and closed
+        await asyncio.sleep(0.1)
+        assert b"198.51.100.3" not in b"".join(RefusingProxy.seen)
+        w.close()
+        await relay.stop()
+        upstream.close()
 
     run(body())
