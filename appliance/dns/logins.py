@@ -24,6 +24,7 @@ from typing import Any, Protocol
 log = logging.getLogger("appliance.dns")
 
 TRUST = 5.0
+OVERLAP = 5.0  # seconds each poll of ended sessions looks back (as proxy/follow.py)
 """Seconds a found session is trusted without asking again: bounds how long a lease
 lapse not yet turned into an ended session keeps an address a member here."""
 
@@ -75,7 +76,9 @@ class Logins:
         if self.sessions is None:
             return
         try:
-            ended = self.sessions.ended_since(self.since)
+            # `ended` is the ending process's clock and its commit may land after a later
+            # one: look back OVERLAP seconds (forgetting an address twice only costs a query)
+            ended = self.sessions.ended_since(self.since - OVERLAP)
         except Exception as exc:
             self._failed(exc)
             self.known.clear()  # cannot tell who ended: nobody is trusted until asked again
@@ -94,4 +97,4 @@ class Logins:
             log.warning("dns: cannot read the sessions (%s); guests count as not logged in", exc)
 
 
-__all__ = ["TRUST", "Logins", "Sessions"]
+__all__ = ["OVERLAP", "TRUST", "Logins", "Sessions"]

@@ -151,6 +151,21 @@ class FakeSessions:
         return [e for e in self.ended if e[2] > since]
 
 
+def test_an_end_committed_late_is_still_seen() -> None:
+    """Another process's end may carry an earlier timestamp than one already seen."""
+    store = FakeSessions()
+    logins = Logins(store, wall=lambda: 1000.0)
+    store.members = {"192.168.1.101": 9999.0, "192.168.1.102": 9999.0}
+    assert logins.check("192.168.1.101", 0.0) and logins.check("192.168.1.102", 0.0)
+    store.ended.append(("s2", "192.168.1.102", 1003.0))
+    del store.members["192.168.1.102"]
+    logins.poll(1.0)
+    store.ended.append(("s1", "192.168.1.101", 1002.0))  # its commit lands after s2's
+    del store.members["192.168.1.101"]
+    logins.poll(1.5)
+    assert not logins.logged_in("192.168.1.101", 1.5)
+
+
 def test_logins_follow_the_store_and_fail_closed() -> None:
     store = FakeSessions()
     logins = Logins(store, wall=lambda: 1000.0)
