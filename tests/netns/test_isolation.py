@@ -24,7 +24,7 @@ from _guestside import (
 
 from appliance.core.config import load
 from appliance.lab.topology import NetnsSwitch, Node, Topology, guest_mac
-from appliance.net.firewall import Firewall
+from appliance.net.firewall import Firewall, revoker
 from appliance.state import store
 from appliance.state.sessions import SessionStore
 
@@ -220,7 +220,9 @@ def _net_role(topo: Topology, cfg: Path) -> object:
 def _log_in(cfg: Path, topo: Topology, n: int, ip: str) -> SessionStore:
     """What the portal does on a good login: a session in the store, then authorize."""
     config = load(cfg)
-    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st = SessionStore.from_config(
+        config, store.connect(config.state.database), revoke=revoker(config)
+    )
     st.create(user=f"user{n}", source="site", attributes={}, ip=ip, mac=guest_mac(n))
     with NetnsSwitch(topo["gw"].netns):
         Firewall(config).authorize(ip, guest_mac(n))
@@ -339,7 +341,9 @@ def test_a_session_written_straight_into_the_store_opens_nothing(
     g1 = give_address(topo, 1, "192.168.1.101")
     g2 = give_address(topo, 2, "192.168.1.102")
     config = load(cfg)
-    st = SessionStore.from_config(config, store.connect(config.state.database))
+    st = SessionStore.from_config(
+        config, store.connect(config.state.database), revoke=revoker(config)
+    )
     st.create(user="forged", source="site", attributes={}, ip="192.168.1.102", mac=guest_mac(2))
     _log_in(cfg, topo, 1, "192.168.1.101")  # a real login, for comparison
     time.sleep(0.5)  # many net-role polls
