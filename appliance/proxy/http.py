@@ -356,7 +356,10 @@ class HttpClient(Tracked, asyncio.Protocol):
             return "cannot resolve", ""
         if any(self.relay.hidden(a) for a in addresses):
             return "hidden", ""
-        return None, addresses[0]
+        ipv4 = [a for a in addresses if ":" not in a]  # direct connections go over IPv4
+        if not ipv4:
+            return "cannot resolve", ""
+        return None, ipv4[0]
 
     async def _connect(
         self,

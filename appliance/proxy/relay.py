@@ -406,9 +406,10 @@ class Relay:
         gate.subscribe(self.recheck)
 
     async def _getaddrinfo(self, name: str, port: int) -> list[str]:
-        """The site resolver's IPv4 answers for `name` (OSError when it has none)."""
+        """The site resolver's answers for `name`, IPv4 and IPv6 (OSError when none): the
+        caller checks every one, since the site's web proxy may connect to any of them."""
         infos = await self.loop.getaddrinfo(
-            name, port, family=socket.AF_INET, type=socket.SOCK_STREAM
+            name, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM
         )
         return [str(info[4][0]) for info in infos]
 

@@ -306,7 +306,8 @@ def test_the_segment_stays_hidden_through_the_web_proxy(
     servers.start_resolver(
         seg,
         {"www.example.com": "203.0.113.80", "intranet.site.example": "198.51.100.3"}
-        | {"rebind.example": "203.0.113.80"},
+        # a public A beside an AAAA in a hidden IPv6 prefix of the site
+        | {"rebind.example": "203.0.113.80", "dual.example": "203.0.113.80,2001:db8:51::3"},
         tmp_path,
     )
     servers.start_resolver(
@@ -323,7 +324,10 @@ def test_the_segment_stays_hidden_through_the_web_proxy(
         _secret_server(seg, "198.51.100.3", 80, tmp_path),
         _secret_server(seg, "198.51.100.3", 8000, tmp_path),
     ]
-    start_relay(gw, tmp_path / "table.json", "192.168.1.1", "--connect-port", "80")
+    start_relay(
+        gw, tmp_path / "table.json", "192.168.1.1", "--connect-port", "80",
+        "--hidden", "2001:db8:51::/48",
+    )  # fmt: skip
     explicit = f"http://192.168.1.1:{EXPLICIT}"
 
     def get(*args: str) -> str:
@@ -360,6 +364,7 @@ def test_the_segment_stays_hidden_through_the_web_proxy(
         "Host with another port": ("-H", "Host: 198.51.100.3:8000", "http://203.0.113.80/"),
         "a segment name": ("-H", "Host: intranet.site.example", "http://203.0.113.80/"),
         "a name nobody resolves": ("-H", "Host: nosuch.example", "http://203.0.113.80/"),
+        "a name with a hidden AAAA": ("-H", "Host: dual.example", "http://203.0.113.80/"),
         "explicit mapped literal": ("-x", explicit, "http://[::ffff:198.51.100.3]/"),
         "explicit userinfo": ("-x", explicit, "http://x@198.51.100.3/"),
         "CONNECT to a mapped literal": ("-p", "-x", explicit, "http://[::ffff:198.51.100.3]:80/"),
@@ -370,7 +375,7 @@ def test_the_segment_stays_hidden_through_the_web_proxy(
         assert page.startswith(("HTTP/1.1 400", "HTTP/1.1 403", "HTTP/1.1 502")), (case, page)
         assert SECRET not in page, case
     asked = proxy.extra["access_log"].read_text()
-    for hidden in ("198.51.100", "ffff", "intranet", "nosuch", "@"):
+    for hidden in ("198.51.100", "ffff", "intranet", "nosuch", "dual", "@"):
         assert hidden not in asked.replace("198.51.100.1 ", ""), (hidden, asked)
     # rebinding: the appliance's lookup says public, the proxy's says segment
     page = get("-H", "Host: rebind.example", "http://203.0.113.80/")

@@ -626,3 +626,29 @@ def test_a_tunnel_the_site_proxy_refuses_passes_no_byte_after_it() -> None:
         upstream.close()
 
     run(body())
+
+
+def test_a_name_with_a_hidden_ipv6_answer_is_refused() -> None:
+    """Every answer counts: the site's proxy may connect over IPv6 to an AAAA in a hidden
+    prefix though the A record is public."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"])
+        t["servers"]["http"] = [f"127.0.0.1:{up_port}"]
+        names = {"dual.example": ["192.0.2.80", "2001:db8:51::3"], "v4.example": ["192.0.2.80"]}
+        relay = Relay(
+            StaticGate(t), resolve=resolver(names), hidden=lambda ip: ip.startswith("2001:db8:51:")
+        )
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        out = await http_get(port, b"GET http://dual.example/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 403"), out[:60]
+        out = await http_get(port, b"GET http://v4.example/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200"), out[:60]
+        await relay.stop()
+        upstream.close()
+
+    run(body())
