@@ -51,6 +51,33 @@ def parse(frame: bytes) -> tuple[bytes, str, str, bytes]:
     return frame[6:12], _ntoa(src), _ntoa(dst), frame[u + 8 : u + ulen]
 
 
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`."""
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build(
+    src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, sport: int, dport: int, payload: bytes
+) -> bytes:
+    """One Ethernet frame of an IPv4 UDP datagram, checksums filled in: a reply sent on
+    the link straight to a client's hardware address, which has no address to ARP for
+    yet (RFC 2131 section 4.1), without asking the kernel for a neighbour entry."""
+    src, dst = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
+    ulen = 8 + len(payload)
+    pseudo = src + dst + struct.pack("!BBH", 0, 17, ulen)
+    udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
+    csum = _checksum(pseudo + udp) or 0xFFFF  # 0 would mean "no checksum"
+    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, 64, 17, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + udp
+
+
 def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 

@@ -14,17 +14,15 @@ WAL, which survives kill -9 with synchronous=NORMAL).
 
 Reply addressing follows RFC 2131 section 4.1.  A client without an address that
 did not ask for broadcast gets a unicast to yiaddr/chaddr: the kernel cannot ARP
-for an address the client does not have yet, so we first set the neighbour entry
-ourselves (SIOCSARP, as dnsmasq does; the entry is STALE, so the kernel re-checks
-it once the client uses the address).  When that fails we broadcast, which the RFC
-allows when unicast is not possible.
+for an address the client does not have yet, so that reply leaves as a whole
+Ethernet frame on the packet socket (frame.build), to chaddr, and needs no
+neighbour entry (no SIOCSARP, so no CAP_NET_ADMIN).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -57,7 +55,6 @@ COMMIT_WINDOW = 0.002  # seconds a burst with lease changes waits for more befor
 # A backlog deeper than ~0.2 s of work only answers clients that gave up already:
 # after a flood the server must be current again at once.
 RCVBUF = 1 << 20
-SIOCSARP = 0x8954 + 1
 ATF_COM = 0x02
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33  # needs CAP_NET_ADMIN; else SO_RCVBUF, capped by rmem_max
@@ -86,6 +83,15 @@ def open_link(ifname: str) -> socket.socket:
     return sock
 
 
+def link_mac(link: socket.socket) -> bytes:
+    """The hardware address of the interface a packet socket is bound to (its sll_addr;
+    zeros for a stand-in socket in tests)."""
+    name = link.getsockname()
+    if isinstance(name, tuple) and len(name) > 4:
+        return bytes(name[4])[:6].ljust(6, b"\0")
+    return bytes(6)
+
+
 def open_socket(ifname: str, port: int = SERVER_PORT) -> socket.socket:
     """The UDP socket replies leave from; it reads nothing (see open_link)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -96,14 +102,6 @@ def open_socket(ifname: str, port: int = SERVER_PORT) -> socket.socket:
     sock.bind(("0.0.0.0", port))
     sock.setblocking(False)
     return sock
-
-
-def set_neighbour(sock: socket.socket, ifname: str, ip: str, chaddr: bytes) -> None:
-    """Tell the kernel chaddr has ip (STALE entry), so a unicast needs no ARP answer."""
-    pa = struct.pack("=H2s4s8s", socket.AF_INET, b"", socket.inet_aton(ip), b"")
-    ha = struct.pack("=H14s", 1, chaddr[:6])  # ARPHRD_ETHER
-    req = pa + ha + struct.pack("=i", ATF_COM) + bytes(16) + ifname.encode()[:15].ljust(16, b"\0")
-    fcntl.ioctl(sock.fileno(), SIOCSARP, req)
 
 
 def to_row(kind: str, b: Binding) -> leases.Row:
@@ -168,6 +166,10 @@ class Service:
         self.index = load_index(self.conn, self.settings)
         self.sock = sock or open_socket(self.ifname)
         self.link = link or open_link(self.ifname)
+        # the link's own hardware address (AF_PACKET's sll_addr) and the server's address:
+        # the sources of a reply sent as a frame
+        self.mac = link_mac(self.link)
+        self.server_ip = str(config.interfaces.guest_ip)
         iface = config.interfaces.guest_address
         # what the kernel would deliver to a socket bound to 0.0.0.0:67 on this link
         self.for_us = frozenset((str(iface.ip), BROADCAST_IP, str(iface.network.broadcast_address)))
@@ -268,14 +270,16 @@ class Service:
 
     def _send(self, req: codec.Message, reply: codec.Message) -> None:
         ip, port, neighbour = destination(req, reply)
-        if neighbour:
-            try:
-                set_neighbour(self.sock, self.ifname, ip, req.chaddr)
-            except OSError as exc:
-                log.debug("no neighbour entry for %s (%s): broadcasting", ip, exc)
-                ip, neighbour = BROADCAST_IP, False
+        payload = codec.encode(reply, req.max_size)
         try:
-            self.sock.sendto(codec.encode(reply, req.max_size), (ip, port))
+            if neighbour:  # to chaddr on the link: the client has no address to ARP for yet
+                self.link.send(
+                    frame.build(
+                        self.mac, req.chaddr[:6], self.server_ip, ip, SERVER_PORT, port, payload
+                    )
+                )
+            else:
+                self.sock.sendto(payload, (ip, port))
         except OSError as exc:
             self.drops["send_error"] += 1
             log.debug("send to %s:%d failed: %s", ip, port, exc)

@@ -4,7 +4,7 @@ No systemd runs here, so the unit's credentials are re-created with setpriv(1):
 a non-root user (nobody, standing in for `appliance`), no new privileges, and
 exactly the unit's AmbientCapabilities= as inheritable, ambient and bounding set.
 Under them, in the appliance's namespace, a small program does what the role
-does with privileges (bind its ports, SO_BINDTODEVICE, SIOCSARP, nft set
+does with privileges (bind its ports, SO_BINDTODEVICE, a packet socket, nft set
 elements, /proc/sys/net writes), inside the unit's SystemCallFilter=,
 RestrictAddressFamilies= and MemoryDenyWriteExecute= (tests/unit_sandbox.py),
 which `nft` inherits.  All of it must work with the unit's set, and
@@ -38,8 +38,7 @@ OPS: dict[str, list[list[object]]] = {
     ],
     "dhcp": [
         ["udp", "0.0.0.0", 67, "guest0"],  # SO_BINDTODEVICE: no CAP_NET_RAW on Linux >= 5.7
-        ["arp", "guest0", *GUEST],  # SIOCSARP before a unicast OFFER/ACK
-        ["packet", "guest0"],  # requests are read from the link, for the Ethernet source
+        ["packet", "guest0"],  # requests read from the link, unicasts sent as frames on it
     ],
     "dns": [["udp", "192.168.1.1", 53, None], ["tcp", "192.168.1.1", 53]],
     "portal": [["tcp", "192.168.1.1", 80]],
@@ -86,12 +85,6 @@ def run(op):
     elif kind == "packet":
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         s.bind((a[0], 0x0800)); s.close()
-    elif kind == "arp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        pa = struct.pack("=H2s4s8s", socket.AF_INET, b"", socket.inet_aton(a[1]), b"")
-        ha = struct.pack("=H14s", 1, bytes.fromhex(a[2].replace(":", "")))
-        req = pa + ha + struct.pack("=i", 2) + bytes(16) + a[0].encode().ljust(16, b"\0")
-        fcntl.ioctl(s.fileno(), 0x8955, req); s.close()
 out = []
 for op in json.loads(sys.argv[1]):
     try:

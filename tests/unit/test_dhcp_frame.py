@@ -85,3 +85,18 @@ def test_truncated_frames() -> None:
 
 def test_the_filter_is_whole_instructions() -> None:
     assert len(frame.FILTER) % 8 == 0 and len(frame.DROP_ALL) == 8
+
+
+def test_a_built_frame_reads_back_and_its_checksums_hold() -> None:
+    """The reply the server sends on the link to a client's hardware address."""
+    src, dst = bytes.fromhex("020000000001"), bytes.fromhex("024700000002")
+    payload = b"\x02\x01\x06\x00" + bytes(240) + b"\xff"  # odd length: checksum padding
+    raw = frame.build(src, dst, "192.168.1.1", "192.168.1.100", 67, 68, payload)
+    assert raw[:6] == dst and raw[6:12] == src and raw[12:14] == b"\x08\x00"
+    ip = raw[14:34]
+    assert frame._checksum(ip) == 0  # a header with its checksum sums to zero
+    udp = raw[34:]
+    pseudo = ip[12:20] + bytes([0, 17]) + len(udp).to_bytes(2, "big")
+    assert frame._checksum(pseudo + udp) == 0
+    assert udp[:4] == (67).to_bytes(2, "big") + (68).to_bytes(2, "big")
+    assert udp[8:] == payload

@@ -24,7 +24,7 @@ ROLE_UNITS = ["net", "dhcp", "dns", "portal", "proxy", "admin"]
 # role -> the capabilities it needs, and why (README, "Installing on a real box")
 CAPS = {
     "net": {"CAP_NET_ADMIN"},  # links, nftables, and /proc/sys/net as a non-root user
-    "dhcp": {"CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN", "CAP_NET_RAW"},  # 67, SIOCSARP, AF_PACKET
+    "dhcp": {"CAP_NET_BIND_SERVICE", "CAP_NET_RAW"},  # 67, AF_PACKET (reads and unicasts)
     "dns": {"CAP_NET_BIND_SERVICE"},  # port 53
     # a login or logout is a row in the store; the net role alone writes nftables
     "portal": {"CAP_NET_BIND_SERVICE"},  # port 80
