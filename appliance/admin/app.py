@@ -253,20 +253,32 @@ def create_app(
             saved=request.args.get("saved"),
         )
 
-    @app.post("/servers")
-    def servers_save() -> Any:
-        path = config.policies.servers
+    def save_text(
+        path: Path, template: str, check: Callable[[str], object]
+    ) -> tuple[Any, str, str, object]:
+        """One table edited as text: validated by `check`, saved only over the version the
+        admin saw.  (error page or None, old text, new text, what `check` returned)."""
         old_text, _ = read_versioned(path)
         text = request.form.get("text", "").replace("\r\n", "\n")
         version = request.form.get("version", "")
         try:
-            check_texts(config, servers_text=text)
+            checked = check(text)
             save_if_unchanged(path, text, version)
         except ConfigError as exc:
-            return page("servers.html", 400, text=text, version=version, error=str(exc))
+            return page(template, 400, text=text, version=version, error=str(exc)), "", "", None
         except Conflict as exc:
-            _, now_version = read_versioned(path)
-            return page("servers.html", 409, text=text, version=now_version, conflict=str(exc))
+            _, now = read_versioned(path)
+            return page(template, 409, text=text, version=now, conflict=str(exc)), "", "", None
+        return None, old_text, text, checked
+
+    @app.post("/servers")
+    def servers_save() -> Any:
+        path = config.policies.servers
+        error, old_text, text, _ = save_text(
+            path, "servers.html", lambda t: check_texts(config, servers_text=t)
+        )
+        if error is not None:
+            return error
         changed(path, "edit server info", old_text, text)
         return redirect(url_for("servers_page", saved=1))
 
@@ -292,17 +304,12 @@ def create_app(
     @app.post("/agents")
     def agents_save() -> Any:
         path = config.policies.agents
-        old_text, _ = read_versioned(path)
-        text = request.form.get("text", "").replace("\r\n", "\n")
-        version = request.form.get("version", "")
-        try:
-            new_table = trusted_agents.parse_text(text, path)
-            save_if_unchanged(path, text, version)
-        except ConfigError as exc:
-            return page("agents.html", 400, text=text, version=version, error=str(exc))
-        except Conflict as exc:
-            _, now_version = read_versioned(path)
-            return page("agents.html", 409, text=text, version=now_version, conflict=str(exc))
+        error, old_text, text, new_table = save_text(
+            path, "agents.html", lambda t: trusted_agents.parse_text(t, path)
+        )
+        if error is not None:
+            return error
+        assert isinstance(new_table, trusted_agents.AgentTable)
         changed(path, "edit trusted agents", old_text, text)
         end_untrusted_sessions(old_text, new_table)
         return redirect(url_for("agents_page", saved=1))
