@@ -1,4 +1,4 @@
-"""Real servers for lab nodes: postfix, dovecot (POP3), squid, nginx.
+"""Real servers for lab nodes: postfix, dovecot (POP3, IMAP), squid, nginx.
 
 Each runs in a namespace through `node.start(...)` (so topology teardown kills
 it) with its own configuration in a private directory: nothing touches the
@@ -13,6 +13,12 @@ Why postfix and not aiosmtpd: postfix runs unprivileged-to-root fine in a
 namespace with `config_directory`/`queue_directory` in a temp dir and
 `start-fg`, and delivers to a maildir through its `virtual` agent, so the
 tests talk to the real MTA a site would run.
+
+TLS: given a `LabCA` (appliance.lab.tls), nginx, dovecot and postfix also speak
+TLS with a certificate the CA issued into their private directory, so real
+clients (curl, openssl s_client, swaks, imaplib) verify them with `ca.pem` as
+their only trust root; `server.extra["ca"]` is that file and
+`server.extra["cert"]` the server's chain (for `tls.fingerprint`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.lab.tls import LabCA
 from appliance.lab.topology import LabError, Node, Process
 
 SMTP_ADDR = "198.51.100.3"
@@ -62,6 +69,12 @@ class Server:
         return "\n".join(parts)
 
 
+def _issue(tls: LabCA, names: list[str], directory: Path, stem: str) -> dict[str, Path]:
+    """A certificate for `names` in the server's own directory; returns its `extra` entries."""
+    chain, key = tls.issue(list(dict.fromkeys(names)), directory, stem)
+    return {"ca": tls.cert, "cert": chain, "key": key}
+
+
 def _workdir(node: Node, name: str) -> Path:
     d = Path(tempfile.mkdtemp(prefix=f"{node.topology.prefix}-{name}-", dir="/tmp"))
     d.chmod(0o755)
@@ -73,9 +86,13 @@ def _chown(path: Path, user: str) -> None:
     os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
-def _started(node: Node, server: Server, timeout: float = 20.0) -> Server:
+def _started(
+    node: Node, server: Server, timeout: float = 20.0, more_ports: tuple[int, ...] = ()
+) -> Server:
+    """Wait for the server's port and `more_ports` on its host; stop it and say why if not."""
     try:
-        node.wait_port(server.port, server.host, timeout=timeout)
+        for port in (server.port, *more_ports):
+            node.wait_port(port, server.host, timeout=timeout)
     except LabError:
         out = server.log()
         server.stop()
@@ -148,6 +165,21 @@ anvil     unix  - - n - 1 anvil
 scache    unix  - - n - 1 scache
 postlog   unix-dgram n - n - 1 postlogd
 """
+# Mail submission over TLS, only with a CA: STARTTLS offered on 587, implicit TLS on 465
+# (RFC 8314).  No SASL: the same `permit_mynetworks` as port 25 lets the segment relay,
+# and port 25 itself is left exactly as without TLS (no STARTTLS offered there).
+_MASTER_CF_TLS = """\
+587       inet  n - n - - smtpd
+  -o syslog_name=postfix/submission
+  -o smtpd_tls_security_level=may
+465       inet  n - n - - smtpd
+  -o syslog_name=postfix/smtps
+  -o smtpd_tls_wrappermode=yes
+  -o smtpd_tls_security_level=encrypt
+tlsmgr    unix  - - n 1000? 1 tlsmgr
+"""
+SUBMISSION_PORT = 587
+SMTPS_PORT = 465
 
 
 def start_smtp(
@@ -155,9 +187,14 @@ def start_smtp(
     host: str = SMTP_ADDR,
     domains: tuple[str, ...] = ("example.net",),
     mynetworks: str = "198.51.100.0/24",
+    tls: LabCA | None = None,
+    names: tuple[str, ...] = ("smtp.segment.example",),
 ) -> Server:
     """Postfix on host:25 relaying only for `mynetworks`; every mail for `domains` lands in
-    one maildir (`server.extra["maildir"]`); read it with `maildir_messages`."""
+    one maildir (`server.extra["maildir"]`); read it with `maildir_messages`.
+
+    With `tls`, also submission on host:587 (STARTTLS) and smtps on host:465 (implicit
+    TLS), same relay rule, with a certificate for `names` and `host`."""
     d = _workdir(node, "postfix")
     etc, queue, data, mail = d / "etc", d / "queue", d / "data", d / "mail"
     for p in (etc, queue, data, mail):
@@ -165,7 +202,17 @@ def start_smtp(
     _chown(data, "postfix")
     _chown(mail, "postfix")
     pw = pwd.getpwnam("postfix")
-    (etc / "master.cf").write_text(_MASTER_CF)
+    extra = {"maildir": mail / "inbox"}
+    tls_cf = ""
+    if tls is not None:
+        extra |= _issue(tls, [*names, host], d, "smtp")
+        # security level stays "none" in main.cf (port 25); master.cf raises it per service
+        tls_cf = (
+            f"smtpd_tls_chain_files = {extra['key']}, {extra['cert']}\n"
+            "smtpd_tls_protocols = >=TLSv1.2\n"
+            "smtpd_tls_loglevel = 1\n"
+        )
+    (etc / "master.cf").write_text(_MASTER_CF + (_MASTER_CF_TLS if tls else ""))
     (etc / "main.cf").write_text(
         f"""compatibility_level = 3.6
 queue_directory = {queue}
@@ -189,11 +236,11 @@ alias_maps =
 alias_database =
 local_recipient_maps =
 biff = no
-"""
+{tls_cf}"""
     )
     proc = node.start("postfix", "-c", str(etc), "start-fg", name="postfix")
-    server = Server("postfix", proc, d, host, 25, {"maildir": mail / "inbox"})
-    return _started(node, server)
+    server = Server("postfix", proc, d, host, 25, extra)
+    return _started(node, server, more_ports=(SUBMISSION_PORT, SMTPS_PORT) if tls else ())
 
 
 def maildir_messages(maildir: Path) -> list[bytes]:
@@ -217,9 +264,31 @@ def wait_mail(maildir: Path, count: int = 1, timeout: float = 15.0) -> list[byte
 
 
 # -- dovecot -----------------------------------------------------------------------
-def start_pop3(node: Node, users: dict[str, str], host: str = POP_ADDR, port: int = 110) -> Server:
-    """Dovecot POP3 with passwd-file users (plaintext passwords, lab only); each user's
-    maildir is `server.extra["mail"] / user` (seed it with `add_pop_message`)."""
+IMAP_PORT, IMAPS_PORT, POP3S_PORT = 143, 993, 995
+
+
+def _listener(name: str, host: str, port: int, ssl: bool = False) -> str:
+    return (
+        f"  inet_listener {name} {{\n    address = {host}\n    port = {port}\n"
+        + ("    ssl = yes\n" if ssl else "")
+        + "  }\n"
+    )
+
+
+def start_mail_store(
+    node: Node,
+    users: dict[str, str],
+    host: str = POP_ADDR,
+    tls: LabCA | None = None,
+    names: tuple[str, ...] = ("mail.home.example",),
+    pop3_port: int = 110,
+    imap: bool = True,
+) -> Server:
+    """Dovecot over one set of maildirs: POP3 on host:`pop3_port`, and with `imap` IMAP on
+    host:143; with `tls` also IMAPS 993 and POP3S 995, STARTTLS offered on 143 and 110,
+    with a certificate for `names` and `host`.  Users are a passwd-file (plaintext
+    passwords, plaintext logins allowed: lab only); each user's maildir is
+    `server.extra["mail"] / user` (seed it with `add_pop_message`)."""
     d = _workdir(node, "dovecot")
     mail, run, state = d / "mail", d / "run", d / "state"
     for p in (mail, run, state):
@@ -230,13 +299,30 @@ def start_pop3(node: Node, users: dict[str, str], host: str = POP_ADDR, port: in
             (mail / u / sub).mkdir(parents=True)
     for p in [mail, *mail.rglob("*")]:
         _chown(p, "nobody")
+    extra = {"mail": mail}
+    ssl_conf = "ssl = no\n"
+    pop3 = _listener("pop3", host, pop3_port)
+    imap4 = _listener("imap", host, IMAP_PORT) if imap else ""
+    ports: list[int] = [IMAP_PORT] if imap else []
+    if tls is not None:
+        extra |= _issue(tls, [*names, host], d, "mail")
+        # the config process reads "<file" as root before the login processes drop
+        ssl_conf = (
+            f"ssl = yes\nssl_cert = <{extra['cert']}\nssl_key = <{extra['key']}\n"
+            "ssl_min_protocol = TLSv1.2\n"
+        )
+        pop3 += _listener("pop3s", host, POP3S_PORT, ssl=True)
+        ports.append(POP3S_PORT)
+        if imap:
+            imap4 += _listener("imaps", host, IMAPS_PORT, ssl=True)
+            ports.append(IMAPS_PORT)
+    imap_service = f"service imap-login {{\n{imap4}}}\n" if imap else ""
     (d / "dovecot.conf").write_text(
         f"""base_dir = {run}
 state_dir = {state}
-protocols = pop3
+protocols = pop3{" imap" if imap else ""}
 listen = {host}
-ssl = no
-disable_plaintext_auth = no
+{ssl_conf}disable_plaintext_auth = no
 auth_mechanisms = plain
 log_path = /dev/stderr
 first_valid_uid = 1
@@ -251,18 +337,28 @@ userdb {{
   args = uid=nobody gid=nogroup home={mail}/%u
 }}
 service pop3-login {{
-  inet_listener pop3 {{
-    address = {host}
-    port = {port}
-  }}
-}}
-service anvil {{
+{pop3}}}
+{imap_service}service anvil {{
   chroot =
 }}
 """
     )
     proc = node.start("dovecot", "-F", "-c", str(d / "dovecot.conf"), name="dovecot")
-    return _started(node, Server("dovecot", proc, d, host, port, {"mail": mail}))
+    server = Server("dovecot", proc, d, host, pop3_port, extra)
+    return _started(node, server, more_ports=tuple(ports))
+
+
+def start_pop3(
+    node: Node,
+    users: dict[str, str],
+    host: str = POP_ADDR,
+    port: int = 110,
+    tls: LabCA | None = None,
+    names: tuple[str, ...] = ("mail.home.example",),
+) -> Server:
+    """Dovecot POP3 only (host:port, and POP3S on 995 with `tls`): `start_mail_store`
+    without IMAP, as the relay's POP3 tests have always had it."""
+    return start_mail_store(node, users, host, tls, names, pop3_port=port, imap=False)
 
 
 def add_pop_message(server: Server, user: str, message: bytes) -> None:
@@ -316,20 +412,46 @@ shutdown_lifetime 0 seconds
 
 
 # -- nginx -------------------------------------------------------------------------
+HTTPS_PORT = 443
+# advertised on the HTTPS server while no HTTP/3 listens: the lab checks that a browser's
+# QUIC attempt (UDP 443, never relayed) falls back to TCP at once
+ALT_SVC = 'h3=":443"; ma=86400'
+
+
 def start_web(
     node: Node,
     host: str = WEB_ADDR,
     port: int = 80,
     files: dict[str, bytes] | None = None,
     workers: int = 1,
+    tls: LabCA | None = None,
+    names: tuple[str, ...] = ("www.example.com",),
 ) -> Server:
-    """Nginx serving `files` (path -> content) from host:port; access log with $remote_addr."""
+    """Nginx serving `files` (path -> content) from host:port; access log with $remote_addr.
+
+    With `tls`, the same files over HTTPS on host:443 too, with a certificate for `names`
+    only (a client must send one of them as SNI to verify), and an Alt-Svc header offering
+    HTTP/3 that nothing serves: a browser's QUIC attempt to UDP 443 must fail over to TCP."""
     d = _workdir(node, "nginx")
     www = d / "www"
     www.mkdir()
     for name, content in (files or {"index.html": b"<h1>the internet</h1>\n"}).items():
         (www / name).parent.mkdir(parents=True, exist_ok=True)
         (www / name).write_bytes(content)
+    extra = {"access_log": d / "access.log"}
+    https = ""
+    if tls is not None:
+        extra |= _issue(tls, list(names), d, "web")
+        https = f"""    server {{
+        listen {host}:{HTTPS_PORT} ssl http2 backlog=4096;
+        server_name {" ".join(names)};
+        ssl_certificate {extra["cert"]};
+        ssl_certificate_key {extra["key"]};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        add_header Alt-Svc '{ALT_SVC}' always;
+        root {www};
+    }}
+"""
     temps = "\n".join(
         f"    {k}_temp_path {d}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
@@ -347,13 +469,14 @@ http {{
         listen {host}:{port} backlog=4096;
         root {www};
     }}
-}}
+{https}}}
 """
     )
     proc = node.start(
         "nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;", name="nginx"
     )
-    return _started(node, Server("nginx", proc, d, host, port, {"access_log": d / "access.log"}))
+    server = Server("nginx", proc, d, host, port, extra)
+    return _started(node, server, more_ports=(HTTPS_PORT,) if tls else ())
 
 
 # -- the relay over a static table, and interception, for tests and the lab ---------
