@@ -18,8 +18,20 @@ from types import MappingProxyType
 
 from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
-PROTOCOLS = ("smtp", "pop3", "http", "tcp")
-PERSONAL_BY_DEFAULT = frozenset({"pop3", "imap", "nntp"})
+PROTOCOLS = ("smtp", "pop3", "imap", "http", "tls", "tcp")
+# where a tls service's connections go: its servers as for any service ("server"), the
+# site's web proxy asked for a tunnel to the name in the ClientHello ("proxy"), or the
+# address the guest connected to ("direct"; checked as every guest-chosen address is)
+ROUTES = ("server", "proxy", "direct")
+# services named by protocol when the table says nothing
+DEFAULT_PROTOCOL = {
+    "https": "tls",
+    "smtps": "tls",
+    "imaps": "tls",
+    "pop3s": "tls",
+    "submission": "smtp",
+}
+PERSONAL_BY_DEFAULT = frozenset({"pop3", "pop3s", "imap", "imaps", "nntp"})
 _SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
@@ -46,6 +58,7 @@ class Service:
     personal_allowed: bool
     guest_names: tuple[str, ...]
     tls: bool = False
+    route: str = "server"  # ROUTES; only a tls service has another
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -133,8 +146,11 @@ def _service(
 ) -> tuple[Service, list[str]]:
     if not _SERVICE_NAME.match(name):
         raise r.error(None, f"service name {name!r} must be lower-case letters, digits, - or _")
-    default_protocol = name if name in PROTOCOLS else "tcp"
+    default_protocol = name if name in PROTOCOLS else DEFAULT_PROTOCOL.get(name, "tcp")
     protocol = r.text("protocol", default_protocol, choices=PROTOCOLS)
+    route = r.text("route", "server", choices=ROUTES)
+    if route != "server" and protocol != "tls":
+        raise r.error("route", f"route {route!r} is for tls services (this one is {protocol})")
     listen_port = r.port("listen_port")
     intercept = r.array("intercept_ports", [])
     for p in intercept:
@@ -144,10 +160,16 @@ def _service(
             raise r.error("intercept_ports", f"port {p} is out of range 1..65535")
     if len(set(intercept)) != len(intercept):
         raise r.error("intercept_ports", "a port is listed twice")
-    personal = r.boolean("personal_allowed", name in PERSONAL_BY_DEFAULT)
+    personal = r.boolean("personal_allowed", name in PERSONAL_BY_DEFAULT and route != "direct")
     upstreams: list[Endpoint] = []
     keys: list[str] = []
-    if r.has("upstream") or not personal:
+    if route == "direct":
+        if r.has("upstream") or r.has("fallbacks"):
+            key = "upstream" if r.has("upstream") else "fallbacks"
+            raise r.error(key, "a direct route goes where the guest connected: no servers here")
+        if personal:
+            raise r.error("personal_allowed", "a direct route has no server to replace")
+    elif r.has("upstream") or not personal:
         keys.append("upstream")
         upstreams.append(_endpoint(r, "upstream", r.text("upstream"), guest_subnet))
     for text in r.text_list("fallbacks", ()):
@@ -173,6 +195,7 @@ def _service(
         personal_allowed=personal,
         guest_names=tuple(names),
         tls=tls,
+        route=route,
     )
     return svc, keys
 

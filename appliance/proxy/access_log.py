@@ -46,8 +46,12 @@ class AccessLog:
         bytes_up: int,
         bytes_down: int,
         result: str,
+        dest: str = "",
+        reason: str = "",
     ) -> None:
-        """The line of one finished connection (names only: never an upstream address)."""
+        """The line of one finished connection (names only: never an upstream address);
+        `dest` is the name a guest asked for where the relay reads one (a ClientHello's),
+        `reason` why it was refused or dropped."""
         if not self.enabled:
             return
         second = int(started)
@@ -55,8 +59,9 @@ class AccessLog:
             self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
         line = (
             f"{self.prefix}time={self._stamp[1]} user={user or '-'} ip={ip} service={service} "
-            f"rule={rule or '-'} upstream={upstream or '-'} bytes_up={bytes_up} "
-            f"bytes_down={bytes_down} duration={time.time() - started:.3f} result={result}\n"
+            f"rule={rule or '-'} upstream={upstream or '-'}{' dest=' + dest if dest else ''} "
+            f"bytes_up={bytes_up} bytes_down={bytes_down} duration={time.time() - started:.3f}"
+            f"{_reason(reason)} result={result}\n"
         )
         self.lines.append(line)
         self.size += len(line)
@@ -80,3 +85,11 @@ class AccessLog:
                 data = data[os.write(self.fd, data) :]
         except OSError:
             self.lost += count
+
+
+def _reason(reason: str) -> str:
+    """` reason="..."`: words, quoted; a quote or control character in them is dropped."""
+    if not reason:
+        return ""
+    clean = "".join(c for c in reason if c.isprintable() and c not in '"\\')
+    return f' reason="{clean}"'

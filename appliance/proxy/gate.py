@@ -63,7 +63,7 @@ class Listener:
     """One local listening port and the service behind it."""
 
     service: str
-    protocol: str  # smtp | pop3 | http | tcp: how refusals are worded
+    protocol: str  # smtp | pop3 | imap | http | tls | tcp: how it is read and refused
     port: int
     explicit: bool = False  # an explicit HTTP proxy port (no SO_ORIGINAL_DST)
 
@@ -77,6 +77,9 @@ class Admission:
     max_connections: int | None = None
     identity: str | None = None  # value of the identity header, when configured
     session: str | None = None  # the session id: its end closes the connection
+    # tls services: "server" (the upstreams), "proxy" (the upstreams are web proxies asked
+    # for a tunnel to the ClientHello's name), "direct" (the guest's own destination)
+    route: str = "server"
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ class StaticGate:
     `table` = {"portal_url": str, "listeners": [{"service", "protocol", "port", "explicit"}],
     "servers": {service: ["host:port", ...]}, "users": {ip: {"user", "allow": [service],
     "rule", "max_connections", "personal": {service: "host:port"}}},
-    "personal_allowed": [service]}.  `path` makes it reloadable (SIGHUP in the runner).
+    "personal_allowed": [service], "routes": {service: route}}.  `path` makes it
+    reloadable (SIGHUP in the runner).
     Answers are kept per (address, service) until `reload()`, as PolicyGate keeps
     them (so the relay benchmark pays what the appliance's gate costs, not a table
     walk per connection): whoever changes `table` calls `reload()`.
@@ -192,6 +196,7 @@ class StaticGate:
             user.get("max_connections"),
             user.get("identity", name),
             user.get("session"),
+            str(self.table.get("routes", {}).get(service, "server")),
         )
 
     def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
@@ -345,6 +350,7 @@ class PolicyGate:
             decision.max_connections,
             session.user if header else None,
             session.id,
+            svc.route if svc is not None else "server",
         )
 
     def _lookup(self, ip: str) -> tuple[Session | None, str | None, dict[str, Admission | Refusal]]:

@@ -103,7 +103,7 @@ class HttpClient(Tracked, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.src = peer[0] if peer else "-"
         if not self.listener.explicit:
-            self.orig = original_dst(transport)
+            self.orig = original_dst(transport.get_extra_info("socket"))
         self.relay.opened(self)
         # a logged-in guest's connection counts from its first byte, not its first request:
         # idle sockets are how one guest would hold them all

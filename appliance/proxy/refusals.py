@@ -5,7 +5,12 @@ dialog in the protocol: SMTP answers the greeting and EHLO, then refuses every
 mail transaction with the reply code (530/554) until QUIT; POP3 greets, lists
 AUTH-RESP-CODE in CAPA (RFC 2449/3206) and refuses USER/PASS/APOP/AUTH with
 `-ERR [AUTH]` / `[SYS/PERM]` / `[SYS/TEMP]`.  "Upstream down" in SMTP is the
-RFC 5321 421 greeting.  No text here ever carries an upstream address: the
+RFC 5321 421 greeting.  IMAP greets with `* BYE` (RFC 9051 7.1.5) and an
+`[ALERT]`, which clients must show, or `[UNAVAILABLE]` (RFC 5530).  A TLS
+service waits for the ClientHello and answers with a fatal alert
+(`access_denied`; `unrecognized_name` for a name that does not resolve,
+RFC 6066 3): a client that is sent an alert before its hello may see a
+reset instead of the alert.  No text here ever carries an upstream address: the
 wording is built from the refusal kind, the rule name and the portal URL only.
 """
 
@@ -14,7 +19,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from appliance.proxy.gate import Refusal
+from appliance.proxy.client_hello import BadHello, HelloReader
+from appliance.proxy.gate import NO_SUCH_HOST, Refusal
 
 MAX_LINE = 4096
 MAX_COMMANDS = 20  # commands a refusal dialog answers before it closes
@@ -42,18 +48,55 @@ def pop3_reply(r: Refusal) -> str:
     return "-ERR [SYS/TEMP] mail service temporarily unavailable, try again later"
 
 
+def imap_reply(r: Refusal) -> str:
+    if r.kind == "login":
+        return f"* BYE [ALERT] log in first at {r.portal_url}"
+    if r.kind == "denied":
+        rule = f" (rule {r.rule})" if r.rule else ""
+        return f"* BYE [ALERT] access denied by site policy{rule}"
+    if r.kind == "limit":
+        return "* BYE [UNAVAILABLE] too many connections from you, try again later"
+    return "* BYE [UNAVAILABLE] mail service temporarily unavailable, try again later"
+
+
+# TLS alert descriptions (RFC 8446 6)
+ACCESS_DENIED = 49
+INTERNAL_ERROR = 80
+UNRECOGNIZED_NAME = 112
+
+
+def tls_alert(description: int) -> bytes:
+    """One fatal alert record, in the clear (no handshake has happened)."""
+    return bytes((21, 3, 3, 0, 2, 2, description))
+
+
+def tls_refusal(r: Refusal) -> bytes:
+    if r.kind in ("login", "denied"):
+        return tls_alert(ACCESS_DENIED)
+    if r.reason == NO_SUCH_HOST:
+        return tls_alert(UNRECOGNIZED_NAME)
+    return tls_alert(INTERNAL_ERROR)
+
+
 @dataclass
 class RefusalDialog:
-    """A tiny SMTP or POP3 server that can only say no, politely and in protocol."""
+    """A tiny server that can only say no, politely and in protocol."""
 
-    protocol: str  # smtp | pop3 | tcp
+    protocol: str  # smtp | pop3 | imap | tls | tcp
     refusal: Refusal
     _buf: bytes = b""
     closed: bool = False
     answered: int = 0
+    hello: HelloReader | None = None  # tls: the ClientHello the alert answers
 
     def greeting(self) -> bytes:
         """Bytes to send at connect; `closed` is True when the dialog ends right there."""
+        if self.protocol == "tls":
+            self.hello = HelloReader()
+            return b""
+        if self.protocol == "imap":
+            self.closed = True
+            return (imap_reply(self.refusal) + "\r\n").encode()
         if self.protocol == "smtp":
             if self.refusal.kind in ("unavailable", "limit"):
                 self.closed = True
@@ -66,6 +109,8 @@ class RefusalDialog:
 
     def feed(self, data: bytes) -> bytes:
         """Client bytes in; reply bytes out.  Sets `closed` after QUIT or a line too long."""
+        if self.hello is not None:
+            return self._hello(data)
         self._buf += data
         out = []
         while not self.closed and b"\n" in self._buf:
@@ -77,6 +122,19 @@ class RefusalDialog:
         if len(self._buf) > MAX_LINE:
             self.closed = True
         return "".join(out).encode()
+
+    def _hello(self, data: bytes) -> bytes:
+        """The alert once the ClientHello is in (or cannot be one); nothing for bytes
+        that are not TLS at all."""
+        assert self.hello is not None
+        try:
+            if self.hello.feed(data) is None:
+                return b""
+        except BadHello as exc:
+            self.closed = True
+            return b"" if str(exc) == "not TLS" else tls_refusal(self.refusal)
+        self.closed = True
+        return tls_refusal(self.refusal)
 
     def _answer(self, line: str) -> str:
         verb = line.split(" ", 1)[0].upper()

@@ -82,6 +82,12 @@ class EdgePoll:
         """Same registration, new handler (a connected upstream joins its relay)."""
         self.handlers[fd] = handler
 
+    def forget(self, fd: int) -> None:
+        """Out of the epoll, socket kept open (it is watched again under a new owner; an
+        edge-triggered registration reports what is pending at once)."""
+        self.handlers.pop(fd, None)
+        self.ep.unregister(fd)
+
     def modify(self, fd: int, mask: int) -> None:
         self.ep.modify(fd, mask)
 
@@ -311,7 +317,9 @@ class SpliceConn:
     """Both directions of one relayed connection over raw non-blocking sockets.
 
     The upstream is already registered in `poll` (its connect was watched
-    there); `events` is the mask its connect completed with.
+    there); `events` is the mask its connect completed with.  `first_up` and
+    `first_down` are bytes read before the relay began (a ClientHello, what a
+    web proxy sent after its tunnel answer): they leave first, as a stash.
     """
 
     __slots__ = ("client", "closed", "done", "down", "on_close", "poll", "pool", "up", "upstream")
@@ -324,6 +332,8 @@ class SpliceConn:
         upstream: Sock,
         on_close: Callable[[SpliceConn, str], None],
         events: int = 0,
+        first_up: bytes = b"",
+        first_down: bytes = b"",
     ) -> None:
         self.poll = poll
         self.pool = pool
@@ -333,6 +343,8 @@ class SpliceConn:
         cfd, ufd = client.fileno(), upstream.fileno()
         self.up = Direction(cfd, ufd)
         self.down = Direction(ufd, cfd)
+        self.up.stash = first_up
+        self.down.stash = first_down
         self.done = 0
         self.closed = False
         poll.watch(cfd, self.client_event)
@@ -341,6 +353,8 @@ class SpliceConn:
         # now rather than after one more trip through the event loop (time to first byte)
         self.up.readable = True
         self.up.pump(self)
+        if first_down:
+            self.down.pump(self)
         if events & READ:
             self.upstream_event(events)
 

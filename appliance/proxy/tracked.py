@@ -44,9 +44,8 @@ HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 
 
-def original_dst(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+def original_dst(sock: socket.socket | socket.SocketType | None) -> tuple[str, int] | None:
     """Where the guest meant to connect before nft redirected it (SOL_IP, SO_ORIGINAL_DST)."""
-    sock = transport.get_extra_info("socket")
     if sock is None:
         return None
     try:
@@ -61,6 +60,7 @@ class Tracked:
     """Bookkeeping shared by every kind of relayed connection: log line, counters, limits."""
 
     __slots__ = (
+        "asked",
         "bytes_down",
         "bytes_up",
         "client",
@@ -68,6 +68,7 @@ class Tracked:
         "counted",
         "counted_user",
         "listener",
+        "reason",
         "relay",
         "result",
         "right",
@@ -96,6 +97,8 @@ class Tracked:
         self.closed = False
         self.counted = False
         self.counted_user: str | None = None  # whose count this connection holds
+        self.asked = ""  # the name (or address) a guest asked for, where the relay reads one
+        self.reason = ""  # why it was refused or dropped, in words (the access log)
 
     def admitted(self, adm: Admission) -> bool:
         """Record the user; False when the per-user connection limit is reached."""
@@ -108,7 +111,7 @@ class Tracked:
         return self.counted
 
     def refused(self, r: Refusal) -> None:
-        self.user, self.rule = r.user, r.rule
+        self.user, self.rule, self.reason = r.user, r.rule, r.reason
         self.result = {"login": "refused-login", "denied": "refused-denied"}.get(
             r.kind, "refused-limit" if r.kind == "limit" else "upstream-down"
         )

@@ -76,7 +76,10 @@ def test_tables_read_intercepts_and_guest_names(tmp_path: Path) -> None:
         text = text.replace(f'"{name}.toml"', f'"{ROOT / "policies" / (name + ".toml")}"')
     (tmp_path / "a.toml").write_text(text)
     cfg = load(tmp_path / "a.toml")
-    assert tables.intercepts(cfg) == {25: 2525, 110: 1110, 80: 8081}
+    assert tables.intercepts(cfg) == {
+        **{25: 2525, 110: 1110, 80: 8081, 443: 1443, 587: 1587, 465: 1465},
+        **{143: 1143, 993: 1993, 995: 1995},
+    }
     assert set(tables.guest_names(cfg)) >= {"mail", "smtp", "pop", "proxy"}
 
 

@@ -41,7 +41,7 @@ def site(tmp_path: Path) -> Path:
 
 def test_check_and_show(site: Path) -> None:
     r = appliance("policy", "check", "--config", str(site))
-    assert r.returncode == 0 and "(3 services)" in r.stdout and "(4 rules)" in r.stdout
+    assert r.returncode == 0 and "(9 services)" in r.stdout and "(4 rules)" in r.stdout
     assert "agents.toml: absent (no agent is trusted" in r.stdout
     (site.parent / "agents.toml").write_text('[agents.corp]\ndomains = ["agent.corp.example"]\n')
     r = appliance("policy", "check", "--config", str(site))
@@ -56,7 +56,8 @@ def test_check_and_show(site: Path) -> None:
     assert r.returncode == 0
     assert "smtp       :2525  intercepts 25" in r.stdout
     sales = next(line for line in r.stdout.splitlines() if " sales " in line)
-    assert sales.split()[2:5] == ["allow", "-", "allow"]  # http pop3 smtp
+    # http https imap imaps pop3 pop3s smtp smtps submission
+    assert sales.split()[2:11] == ["allow", "allow", "-", "-", "-", "-", "allow", "allow", "allow"]
 
 
 def test_check_refuses_a_bad_table_with_file_line_key(site: Path) -> None:

@@ -45,7 +45,11 @@ def site(tmp_path: Path) -> Path:
 
 def test_example_server_table() -> None:
     table = load_servers(POLICIES / "servers.toml", GUEST)
-    assert set(table.services) == {"smtp", "pop3", "http"}
+    assert set(table.services) == {
+        *("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "http", "https")
+    }
+    https = table.services["https"]
+    assert (https.protocol, https.route, https.intercept_ports) == ("tls", "proxy", (443,))
     smtp = table.services["smtp"]
     assert smtp.upstreams == (Endpoint("198.51.100.3", 25),)
     assert smtp.intercept_ports == (25,) and smtp.listen_port == 2525
@@ -269,6 +273,14 @@ SMTP = '[services.smtp]\nlisten_port = 2525\nupstream = "198.51.100.3:25"\n'
         # documented, never used: refused until the relay speaks TLS upstream (issue #16)
         (SMTP + "tls = true\n", 4, "services.smtp.tls", "not supported yet"),
         (SMTP + 'guest_names = ["Mail Server"]\n', 4, "services.smtp.guest_names", "DNS label"),
+        (SMTP + 'route = "proxy"\n', 4, "services.smtp.route", "for tls services"),
+        (SMTP + 'protocol = "tls"\nroute = "via"\n', 5, "services.smtp.route", "expected one of"),
+        (
+            SMTP + 'protocol = "tls"\nroute = "direct"\n',
+            3,
+            "services.smtp.upstream",
+            "where the guest connected",
+        ),
         ("[services.smtp]\nlisten_port = 2525\n", 1, "services.smtp.upstream", "missing"),
         ('[services."Bad Name"]\nlisten_port = 2525\n', 1, "services.Bad Name", "service name"),
         ("", None, "services", "no services"),
@@ -306,7 +318,10 @@ def test_reload_applies_a_valid_change_and_notifies(site: Path) -> None:
     sales = {"department": "Sales 1"}
     assert policy.decide(sales, "smtp").allowed
     path = site.parent / "access.toml"
-    path.write_text(path.read_text().replace('allow = ["smtp", "http"]', 'allow = ["http"]'))
+    text = path.read_text()
+    old = 'allow = ["smtp", "submission", "smtps", "http", "https"]'
+    assert old in text
+    path.write_text(text.replace(old, 'allow = ["http"]'))
     assert policy.reload()
     assert seen == [policy]
     assert not policy.decide(sales, "smtp").allowed
@@ -371,3 +386,18 @@ def test_check_config_validates_the_admins_table(site: Path) -> None:
     (site.parent / "admins.toml").write_text('[admins.root]\npassword_hash = "plain"\n')
     with pytest.raises(ConfigError, match=r"admins.toml:2: admins.root.password_hash: not an arg"):
         policy_files.check(cfg)
+
+
+def test_tls_services_by_name_and_a_direct_route_without_servers() -> None:
+    table = servers(
+        '[services.https]\nroute = "direct"\nlisten_port = 1443\nintercept_ports = [443]\n'
+        '[services.imaps]\nlisten_port = 1993\nupstream = "198.51.100.3:993"\n'
+    )
+    https, imaps = table.services["https"], table.services["imaps"]
+    assert (https.protocol, https.route, https.upstreams, https.personal_allowed) == (
+        "tls",
+        "direct",
+        (),
+        False,
+    )
+    assert (imaps.protocol, imaps.route, imaps.personal_allowed) == ("tls", "server", True)

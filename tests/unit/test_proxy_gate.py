@@ -39,13 +39,25 @@ class FakePolicy:
     def servers(self) -> Any:
         svc = {
             "smtp": SimpleNamespace(
-                name="smtp", protocol="smtp", listen_port=2525, personal_allowed=False
+                name="smtp",
+                protocol="smtp",
+                listen_port=2525,
+                personal_allowed=False,
+                route="server",
             ),
             "pop3": SimpleNamespace(
-                name="pop3", protocol="pop3", listen_port=1110, personal_allowed=True
+                name="pop3",
+                protocol="pop3",
+                listen_port=1110,
+                personal_allowed=True,
+                route="server",
             ),
             "http": SimpleNamespace(
-                name="http", protocol="http", listen_port=8081, personal_allowed=False
+                name="http",
+                protocol="http",
+                listen_port=8081,
+                personal_allowed=False,
+                route="server",
             ),
         }
 
