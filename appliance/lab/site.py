@@ -25,6 +25,7 @@ from pathlib import Path
 from appliance.core.atomic_file import write_atomically
 from appliance.core.tomlfile import toml_key, toml_value
 from appliance.lab import servers
+from appliance.lab.tls import LabCA
 from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,11 @@ class SiteInfo:
     agent_fingerprint: str = ""
     maildir: str = ""
     server_dirs: list[str] = field(default_factory=list)
+    # the lab CA's certificate: guests trust it to check the origins' own certificates
+    # (the appliance never decrypts, so what a guest sees is the origin's)
+    ca: str = ""
+    web_cert: str = ""  # www.example.com's certificate chain
+    mail_cert: str = ""  # alice's home mail store's
 
     @property
     def agent_spec(self) -> str:
@@ -161,7 +167,8 @@ def add_agent(
         ),
         stdin=pw + "\n",
     )
-    _run(None, _agent_cmd("servers", "set", *conf, uid, "pop3", f"{pop}:110"))
+    for service, port in (("pop3", 110), ("pop3s", 995), ("imap", 143), ("imaps", 993)):
+        _run(None, _agent_cmd("servers", "set", *conf, uid, service, f"{pop}:{port}"))
     key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
     if allow:  # `--`: a key may start with "-" (base64url)
         _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
@@ -186,9 +193,13 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
     servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)
     # the box's own resolver is the site's, as on a real box: the relay checks names with it
     (NETNS_ETC / topo["gw"].netns / "resolv.conf").write_text("nameserver 198.51.100.2\n")
-    smtp = servers.start_smtp(topo["seg"], domains=("example.net", "example.org"))
+    ca = LabCA.create(directory / "ca")
+    info.ca = str(ca.cert)
+    # the site's relay with submission (587, STARTTLS) and smtps (465); alice's home mail
+    # store with POP3, IMAP (STARTTLS), POP3S and IMAPS; www.example.com over HTTP and HTTPS
+    smtp = servers.start_smtp(topo["seg"], domains=("example.net", "example.org"), tls=ca)
     proxy = servers.start_webproxy(topo["seg"], resolver="198.51.100.2")
-    pop = servers.start_pop3(topo["home"], {HOME_USER[0]: HOME_USER[1]})
+    pop = servers.start_mail_store(topo["home"], {HOME_USER[0]: HOME_USER[1]}, tls=ca)
     servers.add_pop_message(pop, HOME_USER[0], WELCOME)
     web = servers.start_web(
         topo["home"],
@@ -196,7 +207,9 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
             "index.html": b"<h1>www.example.com</h1><p>The internet, as seen through the site's "
             b"web proxy.</p>\n"
         },
+        tls=ca,
     )
+    info.web_cert, info.mail_cert = str(web.extra["cert"]), str(pop.extra["cert"])
     info.server_dirs = [str(s.directory) for s in (smtp, proxy, pop, web)]
     info.maildir = str(smtp.extra["maildir"])
     _accounts(config)

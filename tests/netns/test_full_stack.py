@@ -152,6 +152,17 @@ def pop_subjects(node: Node, host: str, user: str, password: str) -> list[str]:
     return [ln for ln in out.splitlines() if ln.lower().startswith("subject:")]
 
 
+def mail_store(host: str) -> dict[str, str]:
+    """The personal servers a lab agent names: one home mail store, four services."""
+    return {"pop3": f"{host}:110", "pop3s": f"{host}:995", "imap": f"{host}:143",
+            "imaps": f"{host}:993"}  # fmt: skip
+
+
+STAFF_SERVICES = sorted(
+    ["http", "https", "imap", "imaps", "pop3", "pop3s", "smtp", "smtps", "submission"]
+)
+
+
 def session_for(lab: Lab, ip: str) -> dict[str, object] | None:
     return next((s for s in lab.sessions() if s["ip"] == ip), None)
 
@@ -179,18 +190,18 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
         "source": "agent",
         "agent": "home.example",
     }
-    assert s1["personal_servers"] == {"pop3": f"{servers.POP_ADDR}:110"}
+    assert s1["personal_servers"] == mail_store(servers.POP_ADDR)
     assert s2 and s2["user"] == bob_id and s2["source"] == f"agent:{BOB_AGENT}"
     assert s2["attributes"] == {"source": "agent", "agent": BOB_AGENT}
-    assert s2["personal_servers"] == {"pop3": f"{BOB_POP}:110"}
+    assert s2["personal_servers"] == mail_store(BOB_POP)
     shown = lab.appliance("sessions", "show", str(s2["id"]))
     assert bob_id in shown and f"{BOB_POP}:110" in shown
     # each one's status page: who, through which agent, and the services their
-    # attributes allow (alice: the staff rule, smtp, pop3, http; bob: the visitors
-    # rule, his own mail only)
+    # attributes allow (alice: the staff rule, mail and web; bob: the visitors rule, his
+    # own mail only)
     for node, user, host, services in (
-        (g1, alice_id, "home.example", ["http", "pop3", "smtp"]),
-        (g2, bob_id, BOB_AGENT, ["pop3"]),
+        (g1, alice_id, "home.example", STAFF_SERVICES),
+        (g2, bob_id, BOB_AGENT, ["imap", "imaps", "pop3", "pop3s"]),
     ):
         page = status_page(node)
         assert f'id="who">{user}<' in page and f"personal agent {host}" in page, page
@@ -342,3 +353,110 @@ def test_a_rules_session_max_logs_the_user_out_on_time(lab: Lab) -> None:
     assert session_for(lab, ip) is None  # ended on time, by the store's own clock
     out = g.run("curl", "-sS", "-i", "-m", "10", web, check=False).stdout
     assert out.startswith("HTTP/1.1 511"), out[:200]  # erin is sent to log in again
+
+
+# What a guest's own TLS client sees: the certificate's fingerprint and what it said.
+TLS_CLIENT = r"""
+import hashlib, imaplib, poplib, socket, ssl, sys
+kind, host, port, ca = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+def fp(der): return "sha256:" + hashlib.sha256(der).hexdigest()
+if kind == "tls":
+    with ctx.wrap_socket(socket.create_connection((host, port), 10), server_hostname=host) as s:
+        print(fp(s.getpeercert(binary_form=True)))
+elif kind == "imaps":
+    m = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=15)
+    print(fp(m.sock.getpeercert(binary_form=True)))
+    m.login(sys.argv[5], sys.argv[6]); m.select("INBOX", readonly=True)
+    print(m.fetch("1", "(BODY[HEADER.FIELDS (SUBJECT)])")[1][0][1].decode().strip())
+elif kind == "imap-starttls":
+    m = imaplib.IMAP4(host, port, timeout=15); m.starttls(ctx)
+    m.login(sys.argv[5], sys.argv[6]); m.select("INBOX", readonly=True)
+    print(m.fetch("1", "(BODY[HEADER.FIELDS (SUBJECT)])")[1][0][1].decode().strip())
+elif kind == "pop3s":
+    p = poplib.POP3_SSL(host, port, context=ctx, timeout=15)
+    p.user(sys.argv[5]); p.pass_(sys.argv[6])
+    print([ln.decode() for ln in p.retr(1)[1] if ln.lower().startswith(b"subject:")][0])
+elif kind == "imap-greeting":
+    with socket.create_connection((host, port), 10) as s:
+        print(s.recv(4096).decode().strip())
+"""
+
+
+def tls_client(node: Node, *args: str) -> tuple[int, str]:
+    r = node.run(sys.executable, "-c", TLS_CLIENT, *args, timeout=60, check=False)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+def test_https_and_mail_over_tls_pass_end_to_end_and_refusals_speak_tls(lab: Lab) -> None:
+    """Issue 16: after login a guest's HTTPS, submission with STARTTLS, SMTPS, IMAP with
+    STARTTLS, IMAPS and POP3S work with unchanged clients; each TLS client checks the
+    server's certificate against the lab CA and sees the origin's own certificate (the
+    appliance never decrypts).  A guest without the right gets a TLS alert, a refused
+    IMAP a `* BYE [ALERT]`, and a name in a hidden network is never relayed."""
+    from appliance.lab.tls import fingerprint
+
+    ca = lab.info.ca
+    g = lab.topo.add_guest()
+    lab.address(g)
+    alice, alice_pw, _ = site.HOME_USER
+    status, page, _ = portal_login(g, alice, alice_pw, lab.info.agent_spec)
+    assert status == 200, page
+    # HTTPS through the site's web proxy (CONNECT www.example.com:443), the origin's page
+    # and the origin's own certificate
+    out = g.run("curl", "-sS", "-m", "15", "--cacert", ca, "https://www.example.com/").stdout
+    assert "<h1>www.example.com</h1>" in out
+    code, out = tls_client(g, "tls", "www.example.com", "443", ca)
+    assert code == 0 and out == fingerprint(Path(lab.info.web_cert)), out
+    squid_log = next(Path(d) for d in lab.info.server_dirs if "squid" in d) / "access.log"
+    assert "CONNECT www.example.com:443" in squid_log.read_text()
+    # mail: the client's own settings (smtp.example.org), intercepted to the site's relay
+    for port, mode in (("587", "--tls"), ("465", "--tlsc")):
+        r = g.run(
+            "swaks", "--server", f"smtp.example.org:{port}", mode, "--tls-verify",
+            "--tls-ca-path", ca, "--to", "someone@example.net", "--from", "alice@home.example",
+            "--header", f"Subject: over {port}", timeout=60, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+    subjects = b"".join(servers.wait_mail(Path(lab.info.maildir), 2))
+    assert b"Subject: over 587" in subjects and b"Subject: over 465" in subjects
+    # alice's own mail store at home, named by her agent, over IMAPS, IMAP+STARTTLS, POP3S
+    home = "mail.home.example"
+    code, out = tls_client(g, "imaps", home, "993", ca, alice, alice_pw)
+    assert code == 0 and "Subject: welcome home" in out, out
+    assert out.splitlines()[0] == fingerprint(Path(lab.info.mail_cert))
+    for kind, port in (("imap-starttls", "143"), ("pop3s", "995")):
+        code, out = tls_client(g, kind, home, port, ca, alice, alice_pw)
+        assert code == 0 and "welcome home" in out, (kind, out)
+
+    # a guest whose rule allows the web on port 80 only
+    conf = Path(lab.info.config)
+    access = conf.parent / "access.toml"
+    access.write_text(
+        access.read_text()
+        + '\n[[rules]]\nname = "kiosk"\nmatch = { title = "kiosk" }\nallow = ["http"]\n'
+    )
+    subprocess.run(
+        [sys.executable, "-m", "appliance", "users", "add", "frank", "--attr", "title=kiosk",
+         "--password-stdin", "--config", str(conf)],
+        input="frank-pass\n", text=True, check=True, capture_output=True,
+    )  # fmt: skip
+    lab.appliance("reload")
+    k = lab.topo.add_guest()
+    lab.address(k)
+    status, page, _ = portal_login(k, "frank", "frank-pass")
+    assert status == 200, page
+    r = k.run("curl", "-sS", "-m", "15", "--cacert", ca, "https://www.example.com/", check=False)
+    assert r.returncode == 35 and "alert access denied" in r.stderr, r.stderr
+    code, out = tls_client(k, "imap-greeting", home, "143", ca)
+    assert out == "* BYE [ALERT] access denied by site policy", out  # no rule names imap
+    code, out = tls_client(k, "imaps", home, "993", ca, alice, alice_pw)
+    assert code != 0 and "ALERT_ACCESS_DENIED" in out, out
+    # alice and a name of the hidden segment, at a public address: refused, not relayed
+    r = g.run(
+        "curl", "-sS", "-m", "15", "--cacert", ca, "--resolve",
+        f"intranet.site.example:443:{servers.WEB_ADDR}", "https://intranet.site.example/",
+        check=False,
+    )  # fmt: skip
+    assert r.returncode == 35 and "alert access denied" in r.stderr, r.stderr
+    assert "intranet.site.example" not in squid_log.read_text()
