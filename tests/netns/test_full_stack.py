@@ -460,3 +460,56 @@ def test_https_and_mail_over_tls_pass_end_to_end_and_refusals_speak_tls(lab: Lab
     )  # fmt: skip
     assert r.returncode == 35 and "alert access denied" in r.stderr, r.stderr
     assert "intranet.site.example" not in squid_log.read_text()
+
+
+def spki_pin(cert_pem: Path) -> str:
+    """Chromium's key pin: base64 of the SHA-256 of the certificate's public key info."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(cert_pem.read_bytes())
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def quic_refused(lab: Lab) -> int:
+    out = lab.topo["gw"].run("nft", "list", "counter", "inet", "appliance", "guest_quic").stdout
+    m = re.search(r"packets (\d+)", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def test_a_browser_loads_https_with_the_origins_key_and_quic_falls_back_at_once(
+    lab: Lab,
+) -> None:
+    """Issue 16: headless Chromium that trusts only www.example.com's own key loads the
+    page through the appliance; with QUIC on (Alt-Svc h3 learnt on the first load) its
+    QUIC attempt is refused with ICMP port unreachable and the page comes over TCP as
+    fast as with QUIC off."""
+    g = lab.topo.add_guest()
+    lab.address(g)
+    user, pw, _ = site.SITE_USER
+    status, page, _ = portal_login(g, user, pw)
+    assert status == 200, page
+    pin = spki_pin(Path(lab.info.web_cert))
+    seen = {}
+    before = quic_refused(lab)
+    for mode in ("noquic", "quic"):
+        out = g.run(
+            sys.executable, str(Path(__file__).with_name("tls_browser.py")),
+            "https://www.example.com/", pin, str(lab.directory / f"chromium-{mode}"), mode,
+            timeout=120,
+        ).stdout  # fmt: skip
+        seen[mode] = json.loads(out.strip().splitlines()[-1])
+        assert seen[mode]["h1"] == "www.example.com", seen
+        if mode == "noquic":
+            assert quic_refused(lab) == before  # no QUIC tried: nothing refused
+    print(seen)
+    assert quic_refused(lab) > before  # Chromium tried QUIC, and was told no at once
+    assert seen["quic"]["protocol"] in ("h2", "http/1.1"), seen  # it came over TCP
+    assert float(seen["quic"]["seconds"]) < float(seen["noquic"]["seconds"]) + 1.0, seen
