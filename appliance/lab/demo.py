@@ -1,9 +1,11 @@
 """`appliance lab demo`: one visitor's walk through the lab, each step checked and printed.
 
 Everything happens from the guest namespaces with real clients: dhclient for the
-address, curl for the captive page and the web, an HTTP login with the form's
-CSRF token, swaks for mail out, POP3 for mail in, ping and curl against the hidden
-segment.  A step that does not do what a visitor would expect fails the demo.
+address, curl for the captive page and the web (HTTP and HTTPS, the origin's
+certificate checked against the lab CA), an HTTP login with the form's CSRF
+token, swaks for mail out (port 25, and submission with STARTTLS), POP3 and IMAPS
+for mail in, ping and curl against the hidden segment.  A step that does not do
+what a visitor would expect fails the demo.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import requests
 
 from appliance.lab import servers, site
+from appliance.lab.tls import fingerprint
 from appliance.lab.topology import LabError, NetnsSwitch, Node
 
 PORTAL = "http://192.168.1.1"
@@ -194,6 +197,80 @@ def browse(node: Node) -> Outcome:
     )
 
 
+# A guest's TLS client: the certificate it was shown (fingerprint) and, for IMAPS, the
+# subjects in the mailbox.  Trusts the lab CA only: the server's own certificate or nothing.
+TLS_CLIENT = """
+import hashlib, imaplib, socket, ssl, sys
+kind, host, port, ca = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+if kind == "imaps":
+    m = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=15)
+    der = m.sock.getpeercert(binary_form=True)
+    m.login(sys.argv[5], sys.argv[6])
+    m.select("INBOX", readonly=True)
+    for part in m.fetch("1:*", "(BODY[HEADER.FIELDS (SUBJECT)])")[1]:
+        if isinstance(part, tuple):
+            print(part[1].decode().strip())
+else:
+    with ctx.wrap_socket(socket.create_connection((host, port), 10), server_hostname=host) as s:
+        der = s.getpeercert(binary_form=True)
+print("sha256:" + hashlib.sha256(der).hexdigest())
+"""
+
+
+def tls_client(node: Node, *args: str) -> tuple[bool, list[str]]:
+    proc = node.run(sys.executable, "-c", TLS_CLIENT, *args, check=False, timeout=60)
+    lines = proc.stdout.strip().splitlines()
+    return proc.returncode == 0, lines or (proc.stderr.strip().splitlines() or ["no answer"])[-1:]
+
+
+def browse_https(node: Node, ca: str, cert: str) -> Outcome:
+    out = node.run(
+        "curl", "-s", "-m", "15", "--cacert", ca, "https://www.example.com/", check=False
+    ).stdout
+    ok, lines = tls_client(node, "tls", "www.example.com", "443", ca)
+    own = ok and lines[-1] == fingerprint(Path(cert))
+    return Outcome(
+        "<h1>www.example.com</h1>" in out and own,
+        "page over TLS, never decrypted: "
+        + ("the origin's own certificate" if own else f"another certificate! {lines[-1]}"),
+    )
+
+
+def refused_https(node: Node, ca: str) -> Outcome:
+    proc = node.run(
+        "curl", "-sS", "-m", "15", "--cacert", ca, "https://www.example.com/", check=False
+    )
+    said = (proc.stderr.strip().splitlines() or [""])[-1]
+    return Outcome("alert access denied" in said, f"the appliance answered: {said}")
+
+
+def submit_mail(node: Node, maildir: Path, ca: str, subject: str) -> Outcome:
+    before = len(servers.maildir_messages(maildir))
+    proc = swaks(
+        node, "alice@home.example", "--port", "587", "--tls", "--tls-verify",
+        "--tls-ca-path", ca, "--header", f"Subject: {subject}",
+    )  # fmt: skip
+    if proc.returncode != 0:
+        return Outcome(False, f"swaks failed: {proc.stdout[-200:]}")
+    try:
+        servers.wait_mail(maildir, before + 1)
+    except LabError as exc:
+        return Outcome(False, str(exc))
+    return Outcome(True, "STARTTLS with the site's relay, its certificate checked; arrived")
+
+
+def imaps_mail(node: Node, user: str, password: str, ca: str, cert: str) -> Outcome:
+    ok, lines = tls_client(node, "imaps", "mail.home.example", "993", ca, user, password)
+    own = ok and lines[-1] == fingerprint(Path(cert))
+    subjects = [ln for ln in lines if ln.lower().startswith("subject:")]
+    return Outcome(
+        own and bool(subjects),
+        f"{len(subjects)} message(s) over IMAPS on {user}'s home server "
+        f"({'its own certificate' if own else lines[-1]}): {'; '.join(subjects)}",
+    )
+
+
 def segment_hidden(node: Node) -> Outcome:
     ping = node.run("ping", "-c1", "-W1", "198.51.100.3", check=False).returncode
     tcp = node.run("nc", "-z", "-w", "2", "198.51.100.3", "22", check=False).returncode
@@ -244,6 +321,18 @@ def run(nodes: dict[str, Node], directory: Path, echo: Callable[[str], None] = p
             lambda: fetch_mail(g1, home_user, home_pw),
         ),
         ("guest1 browses the web (port 80)", lambda: browse(g1)),
+        (
+            "guest1 opens an HTTPS page (port 443)",
+            lambda: browse_https(g1, info.ca, info.web_cert),
+        ),
+        (
+            "guest1 sends mail over submission with STARTTLS (port 587)",
+            lambda: submit_mail(g1, maildir, info.ca, f"demo tls {int(time.time())}"),
+        ),
+        (
+            "guest1 reads her home mail over IMAPS (port 993)",
+            lambda: imaps_mail(g1, home_user, home_pw, info.ca, info.mail_cert),
+        ),
         ("guest1 tries to reach the hidden segment", lambda: segment_hidden(g1)),
         ("guest2 asks for an address (dhclient)", lambda: dhcp(g2, directory)),
         (
@@ -253,6 +342,10 @@ def run(nodes: dict[str, Node], directory: Path, echo: Callable[[str], None] = p
         (
             "guest2 tries to send mail: not allowed for contractors",
             lambda: refused_mail(g2, "carol@example.org"),
+        ),
+        (
+            "guest2 opens an HTTPS page: not allowed for contractors",
+            lambda: refused_https(g2, info.ca),
         ),
     ]
     failed = 0

@@ -493,8 +493,8 @@ def test_a_browser_loads_https_with_the_origins_key_and_quic_falls_back_at_once(
     fast as with QUIC off."""
     g = lab.topo.add_guest()
     lab.address(g)
-    user, pw, _ = site.SITE_USER
-    status, page, _ = portal_login(g, user, pw)
+    user, pw, _ = site.HOME_USER
+    status, page, _ = portal_login(g, user, pw, lab.info.agent_spec)
     assert status == 200, page
     pin = spki_pin(Path(lab.info.web_cert))
     seen = {}

@@ -49,7 +49,7 @@ def test_lab_up_demo_down() -> None:
         demo = lab("demo")
         print(demo.stdout)
         assert demo.returncode == 0, demo.stdout + demo.stderr
-        assert "10 passed, 0 failed" in demo.stdout
+        assert "14 passed, 0 failed" in demo.stdout
         again = lab("demo")  # a second walk: the laptops release and start over
         assert again.returncode == 0, again.stdout + again.stderr
     finally:
