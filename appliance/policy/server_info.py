@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,11 @@ class Service:
     upstreams: tuple[Endpoint, ...]  # the site's server first, then its fallbacks in order
     personal_allowed: bool
     guest_names: tuple[str, ...]
-    tls: bool = False
+    tls: bool = False  # the relay speaks TLS to the upstream (the guest's side is plain)
     route: str = "server"  # ROUTES; only a tls service has another
+    tls_name: str = ""  # the name the upstream's certificate must carry (default: its host)
+    tls_ca: str = ""  # a CA file to verify it by, instead of the system's CAs
+    tls_fingerprint: str = ""  # or a pin: hex SHA-256 of its certificate (DER)
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -181,10 +185,7 @@ def _service(
         if not _LABEL.match(n):
             raise r.error("guest_names", f"{n!r} is not a DNS label (a-z, 0-9, -)")
     tls = r.boolean("tls", False)
-    if tls:
-        # parsed and shown, but the relay does not yet speak TLS upstream: refusing it beats
-        # relaying in plaintext a connection the admin meant to be encrypted
-        raise r.error("tls", "TLS to the upstream is not supported yet; remove the key")
+    tls_name, tls_ca, pin = _upstream_tls(r, tls, protocol, personal)
     r.finish()
     svc = Service(
         name=name,
@@ -196,8 +197,50 @@ def _service(
         guest_names=tuple(names),
         tls=tls,
         route=route,
+        tls_name=tls_name,
+        tls_ca=tls_ca,
+        tls_fingerprint=pin,
     )
     return svc, keys
+
+
+_PIN = re.compile(r"^sha256:((?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2})$")
+
+
+def _upstream_tls(r: Reader, tls: bool, protocol: str, personal: bool) -> tuple[str, str, str]:
+    """tls_name, tls_ca and the pin (lower-case hex) of a service with `tls = true`."""
+    keys = ("tls_name", "tls_ca", "tls_fingerprint")
+    if not tls:
+        for key in keys:
+            if r.has(key):
+                raise r.error(key, "only with tls = true")
+        return "", "", ""
+    if protocol in ("tls", "http"):
+        why = "its TLS is the guest's own, end to end" if protocol == "tls" else "not for http"
+        raise r.error("tls", f"TLS to the upstream is for plain services ({why})")
+    if personal:
+        # a home server has no name a CA vouches for, and the site holds no pin for it:
+        # refused rather than spoken to with a certificate nobody checked
+        raise r.error("tls", "a visitor's personal server cannot be verified: set "
+                      "personal_allowed = false")  # fmt: skip
+    name = r.text("tls_name", "")
+    if name and not _HOSTNAME.match(name):
+        raise r.error("tls_name", f"{name!r} is not a host name")
+    ca = r.text("tls_ca", "")
+    if ca:
+        try:
+            ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise r.error("tls_ca", f"cannot load {ca}: {exc}") from None
+    pin = r.text("tls_fingerprint", "")
+    if pin:
+        m = _PIN.match(pin)
+        if m is None:
+            raise r.error("tls_fingerprint", "expected sha256: and 64 hex digits")
+        pin = m.group(1).replace(":", "").lower()
+        if ca:
+            raise r.error("tls_fingerprint", "a pin or a CA file, not both")
+    return name, ca, pin
 
 
 def _endpoint(

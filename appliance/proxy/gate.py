@@ -24,6 +24,7 @@ from appliance.core import reach
 from appliance.core.config import Config
 from appliance.core.neighbours import neighbour_mac
 from appliance.policy import Policy
+from appliance.proxy.upstream_tls import UpstreamTls
 from appliance.state.sessions import Session, SessionStore, read_only
 
 log = logging.getLogger("appliance.proxy.gate")
@@ -38,6 +39,7 @@ class Upstream:
     name: str
     host: str
     port: int
+    tls: UpstreamTls | None = None  # the relay speaks TLS to it (servers.toml `tls = true`)
     # a dotted IPv4 address, connectable as it is (else a name for the resolver); worked
     # out once here, not on every connection that the gate's cached answer serves
     numeric: bool = field(init=False, compare=False, repr=False)
@@ -66,6 +68,7 @@ class Listener:
     protocol: str  # smtp | pop3 | imap | http | tls | tcp: how it is read and refused
     port: int
     explicit: bool = False  # an explicit HTTP proxy port (no SO_ORIGINAL_DST)
+    upstream_tls: bool = False  # its upstreams are spoken to over TLS
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,15 @@ class StaticGate:
         return cls(json.loads(path.read_text()), path)
 
     def listeners(self) -> tuple[Listener, ...]:
+        tls = self.table.get("tls", {})
         return tuple(
-            Listener(d["service"], d["protocol"], int(d["port"]), bool(d.get("explicit", False)))
+            Listener(
+                d["service"],
+                d["protocol"],
+                int(d["port"]),
+                bool(d.get("explicit", False)),
+                d["service"] in tls,
+            )
             for d in self.table["listeners"]
         )
 
@@ -186,9 +196,13 @@ class StaticGate:
                 user.get("identity", name),
                 user.get("session"),
             )
+        tls = self.table.get("tls", {}).get(service)
         for i, spec in enumerate(self.table.get("servers", {}).get(service, ())):
             host, port = _split(spec)
-            ups.append(Upstream(f"{service}/site" + (f"#{i + 1}" if i else ""), host, port))
+            how = None
+            if tls is not None:
+                how = UpstreamTls(tls.get("name", host), tls.get("ca", ""), tls.get("pin", ""))
+            ups.append(Upstream(f"{service}/site" + (f"#{i + 1}" if i else ""), host, port, how))
         return Admission(
             name,
             rule,
@@ -286,7 +300,7 @@ class PolicyGate:
 
     def listeners(self) -> tuple[Listener, ...]:
         out = [
-            Listener(s.name, s.protocol, s.listen_port)
+            Listener(s.name, s.protocol, s.listen_port, upstream_tls=s.tls)
             for s in self.policy.servers.services.values()
         ]
         port = self.config.proxy.explicit_http_port
@@ -341,7 +355,11 @@ class PolicyGate:
         ups = []
         for i, ep in enumerate(endpoints):
             where = "personal" if personal == f"{ep.host}:{ep.port}" else "site"
-            ups.append(Upstream(f"{name}/{where}" + (f"#{i + 1}" if i else ""), ep.host, ep.port))
+            tls = None
+            if svc is not None and svc.tls:  # (never personal: servers.toml refuses that)
+                tls = UpstreamTls(svc.tls_name or ep.host, svc.tls_ca, svc.tls_fingerprint)
+            label = f"{name}/{where}" + (f"#{i + 1}" if i else "")
+            ups.append(Upstream(label, ep.host, ep.port, tls))
         header = self.config.proxy.identity_header
         return Admission(
             session.user,

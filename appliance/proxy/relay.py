@@ -109,13 +109,28 @@ class Link(Tracked, asyncio.Protocol):
 
     async def _connect(self, adm: Admission) -> None:
         for up in adm.upstreams:
+            tls = up.tls
             try:
                 async with asyncio.timeout(self.relay.connect_timeout):
-                    _t, pump = await self.relay.loop.create_connection(
-                        lambda: Pump(self), up.host, up.port
-                    )
-            except (TimeoutError, OSError) as exc:
+                    if tls is None:
+                        transport, pump = await self.relay.loop.create_connection(
+                            lambda: Pump(self), up.host, up.port
+                        )
+                    else:  # TLS to the server: its certificate checked before a byte goes
+                        transport, pump = await self.relay.loop.create_connection(
+                            lambda: Pump(self),
+                            up.host,
+                            up.port,
+                            ssl=tls.context(),
+                            server_hostname=tls.server_hostname(),
+                        )
+            except (TimeoutError, OSError) as exc:  # (ssl.SSLError is an OSError)
                 upstream_failed(self.listener.service, up, failure(exc))
+                continue
+            why = tls.problem(transport.get_extra_info("ssl_object")) if tls else None
+            if why is not None:
+                transport.abort()
+                upstream_failed(self.listener.service, up, why)
                 continue
             if self.closed or self.client is None or self.client.is_closing():
                 pump.transport.close()  # type: ignore[union-attr]
@@ -693,7 +708,9 @@ class Relay:
             factory: Callable[[], asyncio.Protocol]
             if ls.protocol == "http":
                 factory = _bind(HttpClient, self, ls)
-            elif ls.protocol == "tls" or (ls.protocol in RAW_PROTOCOLS and self.splice):
+            elif ls.protocol == "tls" or (
+                ls.protocol in RAW_PROTOCOLS and self.splice and not ls.upstream_tls
+            ):
                 self._listen_raw(host, ls)
                 log.info(
                     "listening on %s:%d for %s (%s, raw)", host, ls.port, ls.service, ls.protocol

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -150,6 +151,10 @@ class Tracked:
 
 def failure(exc: BaseException) -> str:
     """Why a connect failed, without the address the stock loop puts in its message."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: certificate not accepted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or 'handshake failed'}"
     return (exc.strerror if isinstance(exc, OSError) else None) or "timed out"
 
 

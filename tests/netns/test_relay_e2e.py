@@ -383,3 +383,62 @@ def test_the_segment_stays_hidden_through_the_web_proxy(
     assert "TCP_DENIED/403" in proxy.extra["access_log"].read_text()
     for log_path in logs:
         assert "GET" not in log_path.read_text(), log_path.read_text()
+
+
+def test_plain_pop3_travels_encrypted_to_a_server_that_only_offers_pop3s(
+    make_topology: Callable[..., Topology], tmp_path: Path
+) -> None:
+    """Issue 16, `tls = true`: the guest's unchanged client speaks POP3 on 110; the relay
+    speaks TLS to the server's 995, verified by the site's CA file and the server's name.
+    The server's plain port is closed, so a relay that did not encrypt would fail; a
+    server whose name the certificate does not carry is not spoken to at all."""
+    import json
+
+    from appliance.lab.tls import LabCA
+
+    topo = make_topology(guests=1)
+    install_redirects(topo["gw"])
+    guest_address(topo["guest1"], ALICE)
+    ca = LabCA.create(tmp_path / "ca")
+    store = servers.start_mail_store(
+        topo["seg"], {"alice": "alicepw"}, host="198.51.100.3", tls=ca, pop3_port=1100,
+        imap=False, names=("pop.site.example",),
+    )  # fmt: skip
+    servers.add_pop_message(store, "alice", b"Subject: sealed\r\n\r\nover TLS all the way\r\n")
+    assert topo["gw"].run("nc", "-z", "-w", "2", "198.51.100.3", "110", check=False).returncode
+    try:
+        for name, readable in (("pop.site.example", True), ("other.site.example", False)):
+            table = tmp_path / f"table-{name}.json"
+            table.write_text(
+                json.dumps(
+                    {
+                        "portal_url": PORTAL,
+                        "listeners": [{"service": "pop3", "protocol": "pop3", "port": 1110}],
+                        "servers": {"pop3": ["198.51.100.3:995"]},
+                        "tls": {"pop3": {"name": name, "ca": str(ca.cert)}},
+                        "users": {ALICE: {"user": "alice", "allow": ["pop3"], "rule": "staff"}},
+                    }
+                )
+            )
+            relay = topo["gw"].start(
+                sys.executable, "-m", "appliance.proxy", str(table), "--host", "192.168.1.1",
+                "--hidden", "198.51.100.0/24", name=f"relay-{name}",
+            )  # fmt: skip
+            topo["gw"].wait_port(1110, "192.168.1.1", timeout=20)
+            with NetnsSwitch(topo["guest1"].netns):
+                p = poplib.POP3("10.20.30.40", 110, timeout=10)
+                if readable:
+                    p.user("alice")
+                    p.pass_("alicepw")
+                    assert b"over TLS all the way" in b"\n".join(p.retr(1)[1])
+                    p.quit()
+                else:  # the certificate names another server: refused, in POP3's words
+                    with pytest.raises(poplib.error_proto, match="temporarily unavailable"):
+                        p.user("alice")
+            relay.stop()
+            if not readable:
+                said = "TLS: certificate not accepted (Hostname mismatch"
+                assert said in relay.output(), relay.output()
+        assert "rip=198.51.100.1" in store.log() and "TLS" in store.log()
+    finally:
+        store.stop()

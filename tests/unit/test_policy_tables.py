@@ -270,8 +270,21 @@ SMTP = '[services.smtp]\nlisten_port = 2525\nupstream = "198.51.100.3:25"\n'
             "already used",
         ),
         (SMTP + 'protocol = "gopher"\n', 4, "services.smtp.protocol", "expected one of"),
-        # documented, never used: refused until the relay speaks TLS upstream (issue #16)
-        (SMTP + "tls = true\n", 4, "services.smtp.tls", "not supported yet"),
+        (SMTP + 'tls_name = "a.example"\n', 4, "services.smtp.tls_name", "only with tls"),
+        (SMTP + 'protocol = "tls"\ntls = true\n', 5, "services.smtp.tls", "guest's own"),
+        (SMTP + "tls = true\npersonal_allowed = true\n", 4, "services.smtp.tls", "personal"),
+        (
+            SMTP + 'tls = true\ntls_fingerprint = "md5:00"\n',
+            5,
+            "services.smtp.tls_fingerprint",
+            "64 hex",
+        ),
+        (
+            SMTP + 'tls = true\ntls_ca = "/nonexistent/ca.pem"\n',
+            5,
+            "services.smtp.tls_ca",
+            "cannot load",
+        ),
         (SMTP + 'guest_names = ["Mail Server"]\n', 4, "services.smtp.guest_names", "DNS label"),
         (SMTP + 'route = "proxy"\n', 4, "services.smtp.route", "for tls services"),
         (SMTP + 'protocol = "tls"\nroute = "via"\n', 5, "services.smtp.route", "expected one of"),
@@ -401,3 +414,10 @@ def test_tls_services_by_name_and_a_direct_route_without_servers() -> None:
         False,
     )
     assert (imaps.protocol, imaps.route, imaps.personal_allowed) == ("tls", "server", True)
+
+
+def test_tls_to_an_upstream_with_a_pin() -> None:
+    pin = ":".join(["AB"] * 32)
+    table = servers(SMTP + f'tls = true\ntls_fingerprint = "sha256:{pin}"\n')
+    smtp = table.services["smtp"]
+    assert (smtp.tls, smtp.tls_fingerprint, smtp.tls_ca) == (True, "ab" * 32, "")

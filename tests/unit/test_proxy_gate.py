@@ -44,6 +44,7 @@ class FakePolicy:
                 listen_port=2525,
                 personal_allowed=False,
                 route="server",
+                tls=False,
             ),
             "pop3": SimpleNamespace(
                 name="pop3",
@@ -51,6 +52,7 @@ class FakePolicy:
                 listen_port=1110,
                 personal_allowed=True,
                 route="server",
+                tls=False,
             ),
             "http": SimpleNamespace(
                 name="http",
@@ -58,6 +60,7 @@ class FakePolicy:
                 listen_port=8081,
                 personal_allowed=False,
                 route="server",
+                tls=False,
             ),
         }
 

@@ -313,3 +313,60 @@ def test_bad_hellos_are_counted_drops_never_relayed(cert: tuple[Path, Path]) -> 
         server.close()
 
     run(body())
+
+
+# -- tls = true: the relay speaks TLS to the server, the guest speaks plain ------------
+def pop3_table(port: int, oport: int, tls: dict[str, str]) -> dict[str, Any]:
+    return {
+        "portal_url": "http://192.168.1.1/",
+        "listeners": [{"service": "pop3", "protocol": "pop3", "port": port}],
+        "servers": {"pop3": [f"127.0.0.1:{oport}"]},
+        "tls": {"pop3": tls},
+        "users": {"127.0.0.1": {"user": "alice", "rule": "staff", "allow": ["pop3"]}},
+    }
+
+
+async def plain_line(port: int) -> bytes:
+    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    w.write(b"stat\n")
+    answer = await asyncio.wait_for(r.readline(), 5)
+    w.close()
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("how", "works"),
+    [
+        ({"name": NAME, "ca": "CERT"}, True),  # the site's CA file and the name
+        ({"name": "other.example", "ca": "CERT"}, False),  # right CA, wrong name
+        ({"name": NAME}, False),  # the system's CAs do not know the lab's
+        ({"name": "", "pin": "PIN"}, True),  # the pin alone
+        ({"name": "", "pin": "0" * 64}, False),  # another certificate's pin
+    ],
+)
+def test_tls_to_the_upstream_is_verified_or_no_connection(
+    cert: tuple[Path, Path], how: dict[str, str], works: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    how = {k: v.replace("CERT", str(cert[0])) for k, v in how.items()}
+    if how.get("pin") == "PIN":
+        how["pin"] = fingerprint(cert[0]).hex()
+
+    async def body() -> None:
+        server, oport = await origin(cert)  # speaks TLS only
+        port = free_port()
+        relay = Relay(StaticGate(pop3_table(port, oport, how)), splice=True)
+        await relay.start("127.0.0.1")
+        answer = await plain_line(port)
+        if works:
+            assert answer == b"ORIGIN STAT\n"  # plain in, TLS out, the answer back
+        else:  # never spoken to unverified: the guest hears "unavailable"
+            assert answer.startswith(b"+OK guest gateway")
+            await asyncio.sleep(0.05)
+            assert relay.counters[("pop3", "upstream-down")] == 1
+        await relay.stop()
+        server.close()
+
+    run(body())
+    if not works:
+        assert "pop3 upstream pop3/site failed: " in caplog.text
+        assert "TLS" in caplog.text or "pin" in caplog.text
