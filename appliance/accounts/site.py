@@ -8,8 +8,8 @@ The file is small and edited by `appliance users ...` (or by hand):
     department = "Sales 1"
     roles = ["staff", "sales"]
 
-Attributes are free-form: a string or a list of strings per key; the
-access-rights table matches on them.  Passwords are argon2id hashes
+Attributes are a string or a list of strings per key, under the rules of
+`appliance.core.attributes`; the access-rights table matches on them.  Passwords are argon2id hashes
 (`appliance.core.passwords`); writes go to a temporary file that replaces the table
 in one rename, so a crash or a concurrent reader never sees half a file.
 """
@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.core import attributes as attrs_rules
 from appliance.core import passwords
 from appliance.core.atomic_file import write_atomically
-from appliance.core.tomlfile import ConfigError, TomlFile, toml_key, toml_string, toml_value
+from appliance.core.attributes import Attributes
+from appliance.core.tomlfile import ConfigError, TomlFile, toml_key, toml_string
 
-Attributes = Mapping[str, str | tuple[str, ...]]
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ATTR_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -60,15 +60,7 @@ def load(path: str | Path) -> dict[str, Account]:
                 "password", "expected an argon2 hash (set it with appliance users passwd)"
             )
         a = r.sub("attributes")
-        attrs: dict[str, str | tuple[str, ...]] = {}
-        for key in list(a.keys()):
-            value = a.raw(key)
-            if isinstance(value, str):
-                attrs[key] = value
-            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                attrs[key] = tuple(value)
-            else:
-                raise a.error(key, "expected a string or an array of strings")
+        attrs = attrs_rules.read_attributes(a)
         a.finish()
         r.finish()
         out[name] = Account(name, pw, attrs)
@@ -94,8 +86,7 @@ def render(accounts: Mapping[str, Account]) -> str:
         lines += [f"[users.{toml_key(name)}]", f"password = {toml_string(acc.password_hash)}"]
         if acc.attributes:
             lines.append(f"[users.{toml_key(name)}.attributes]")
-            for k in sorted(acc.attributes):
-                lines.append(f"{toml_key(k)} = {toml_value(acc.attributes[k])}")
+            lines += attrs_rules.toml_lines(acc.attributes)
         lines.append("")
     return "\n".join(lines)
 
@@ -105,24 +96,11 @@ def save(path: str | Path, accounts: Mapping[str, Account]) -> None:
     write_atomically(Path(path), render(accounts), 0o600)
 
 
-def parse_attributes(items: list[str]) -> dict[str, str | tuple[str, ...]]:
-    """`key=value` items from the command line; `key=a,b` gives a list."""
-    out: dict[str, str | tuple[str, ...]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not ATTR_KEY.match(key):
-            raise ValueError(f"attribute {item!r}: expected key=value (key: letters, digits, _)")
-        out[key] = tuple(v.strip() for v in value.split(",")) if "," in value else value.strip()
-    return out
-
-
 __all__ = [
     "Account",
     "ConfigError",
     "authenticate",
     "load",
-    "parse_attributes",
     "render",
     "save",
     "valid_user_id",

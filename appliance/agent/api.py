@@ -29,6 +29,7 @@ from appliance.agent.settings import AgentSettings
 from appliance.agent.tables import ApplianceTable, UserTable
 from appliance.core import agent_protocol as wire
 from appliance.core import passwords
+from appliance.core.attributes import as_json
 
 log = logging.getLogger("appliance.agent")
 
@@ -165,9 +166,7 @@ class AgentApp:
             200,
             {
                 "user": user.name,
-                "attributes": {
-                    k: list(v) if isinstance(v, tuple) else v for k, v in user.attributes.items()
-                },
+                "attributes": as_json(user.attributes),
                 "servers": dict(user.servers),
             },
         )

@@ -12,8 +12,8 @@ import argparse
 import getpass
 import json
 import sys
-from collections.abc import Mapping
 
+from appliance.core.attributes import as_json
 from appliance.core.config import load
 
 
@@ -58,12 +58,12 @@ def _cmd_login(args: argparse.Namespace) -> int:
                 "user": answer.user,
                 "agent": answer.agent,
                 "fingerprint": answer.fingerprint,
-                "attributes": _plain(answer.attributes),
+                "attributes": as_json(answer.attributes),
                 "servers": dict(answer.servers),
                 "session": {
                     "user": taken.user,
                     "trusted": taken.trusted,
-                    "attributes": _plain(taken.attributes),
+                    "attributes": as_json(taken.attributes),
                     "not_taken": list(taken.dropped),
                 },
             },
@@ -71,10 +71,6 @@ def _cmd_login(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-def _plain(attrs: Mapping[str, str | tuple[str, ...]]) -> dict[str, str | list[str]]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

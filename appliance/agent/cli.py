@@ -25,6 +25,13 @@ from appliance.agent.settings import AgentSettings
 from appliance.core import agent_protocol as wire
 from appliance.core import logs, passwords
 from appliance.core.atomic_file import locked, write_atomically
+from appliance.core.attributes import (
+    CLI_HELP,
+    AttrValue,
+    BadAttribute,
+    check_attributes,
+    parse_attribute_args,
+)
 from appliance.core.tomlfile import ConfigError
 
 log = logging.getLogger("appliance.agent")
@@ -48,15 +55,12 @@ def _read_password(args: argparse.Namespace) -> str:
     return pw
 
 
-def _attr_pairs(pairs: list[str]) -> dict[str, str | tuple[str, ...]]:
-    """--attr department=Sales --attr groups=a,b (a comma makes a list)."""
-    out: dict[str, str | tuple[str, ...]] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not wire.ATTRIBUTE_RE.fullmatch(key):
-            raise UsageError(f"--attr {pair!r}: expected name=value")
-        out[key] = tuple(v.strip() for v in value.split(",")) if "," in value else value
-    return out
+def _attr_pairs(pairs: list[str]) -> dict[str, AttrValue]:
+    """--attr department=Sales --attr groups=a,b (the syntax of appliance.core.attributes)."""
+    try:
+        return parse_attribute_args(pairs)
+    except BadAttribute as exc:
+        raise UsageError(f"--attr: {exc}") from None
 
 
 def _edit_users(s: AgentSettings, change: Callable[[dict[str, tables.User]], str]) -> None:
@@ -125,6 +129,10 @@ def cmd_users(args: argparse.Namespace) -> int:
             merged = {**_need(users, name).attributes, **new_attrs}
             for k in args.unset or ():
                 merged.pop(k, None)
+            try:
+                merged = check_attributes(merged)
+            except BadAttribute as exc:
+                raise UsageError(str(exc)) from None
             users[name] = replace(users[name], attributes=merged)
             return f"attributes of {name} updated"
 
@@ -283,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("user")
         sp.add_argument("--password-stdin", action="store_true", help="read one line from stdin")
         if action == "add":
-            sp.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE")
+            sp.add_argument(
+                "--attr", action="append", default=[], metavar="NAME=VALUE", help=CLI_HELP
+            )
     for action in ("del", "lock", "unlock"):
         with_config(usub.add_parser(action)).add_argument("user")
     sp = with_config(usub.add_parser("attr", help="set (--attr) or remove (--unset) attributes"))
     sp.add_argument("user")
-    sp.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE")
+    sp.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE", help=CLI_HELP)
     sp.add_argument("--unset", action="append", metavar="NAME")
     users.set_defaults(func=cmd_users)
 

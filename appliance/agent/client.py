@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.core import agent_protocol as wire
 from appliance.core import reach
+from appliance.core.attributes import Attributes, AttrValue, BadAttribute, check_attributes
 from appliance.core.config import Config
 
 log = logging.getLogger("appliance.agent.client")
@@ -61,7 +62,7 @@ CODES = (
 @dataclass(frozen=True)
 class AgentAnswer:
     user: str
-    attributes: Mapping[str, str | tuple[str, ...]]
+    attributes: Attributes
     servers: Mapping[str, str]
     agent: str = ""  # "host:port" the answer came from, for Session.source "agent:<host>"
     # what the appliance verified about the agent (the trusted-agents table matches on it):
@@ -413,24 +414,12 @@ def _interpret(
     return AgentAnswer(spec.user, attributes, servers, spec.address)
 
 
-def _attributes(raw: Any) -> dict[str, str | tuple[str, ...]]:
-    if not isinstance(raw, dict) or len(raw) > wire.MAX_ATTRIBUTES:
-        raise AgentError("bad_answer", "the agent's attributes are not a small object")
-    out: dict[str, str | tuple[str, ...]] = {}
-    for k, v in raw.items():
-        if not wire.ATTRIBUTE_RE.fullmatch(k):
-            raise AgentError("bad_answer", "the agent sent a malformed attribute name")
-        if isinstance(v, str) and len(v) <= wire.MAX_VALUE_LEN:
-            out[k] = v
-        elif (
-            isinstance(v, list)
-            and len(v) <= wire.MAX_ATTRIBUTES
-            and all(isinstance(x, str) and len(x) <= wire.MAX_VALUE_LEN for x in v)
-        ):
-            out[k] = tuple(v)
-        else:
-            raise AgentError("bad_answer", f"the agent sent a malformed value for {k}")
-    return out
+def _attributes(raw: Any) -> dict[str, AttrValue]:
+    """The answer's attributes under the rules every other part holds them to."""
+    try:
+        return check_attributes(raw)
+    except BadAttribute as exc:
+        raise AgentError("bad_answer", f"the agent sent bad attributes: {exc}") from None
 
 
 def _servers(config: Config, raw: Any, deadline: _Deadline) -> dict[str, str]:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core import agent_protocol as wire
-from appliance.core.tomlfile import ConfigError, Reader, TomlFile, toml_string, toml_value
+from appliance.core.attributes import Attributes, read_attributes, toml_lines
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile, toml_string
 
 log = logging.getLogger("appliance.agent")
-AttrValue = str | tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class User:
     name: str
     password_hash: str
     locked: bool = False
-    attributes: Mapping[str, AttrValue] = field(default_factory=dict)
+    attributes: Attributes = field(default_factory=dict)
     servers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -57,21 +57,6 @@ class ApplianceTable:
 # -- reading -------------------------------------------------------------------------
 
 
-def _attributes(r: Reader) -> dict[str, AttrValue]:
-    out: dict[str, AttrValue] = {}
-    for key in list(r.keys()):
-        if not wire.ATTRIBUTE_RE.fullmatch(key):
-            raise r.error(key, "attribute names are letters, digits, '_', '.', '-'")
-        value = r.raw(key)
-        if isinstance(value, str):
-            out[key] = value
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            out[key] = tuple(value)
-        else:
-            raise r.error(key, "an attribute is a string or an array of strings")
-    return out
-
-
 def _servers(r: Reader) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in list(r.keys()):
@@ -98,7 +83,7 @@ def parse_users(doc: TomlFile) -> UserTable:
             name=name,
             password_hash=r.text("password"),
             locked=r.boolean("locked", False),
-            attributes=_attributes(r.sub("attributes")),
+            attributes=read_attributes(r.sub("attributes")),
             servers=_servers(r.sub("servers")),
         )
         if not user.password_hash.startswith("$argon2id$"):
@@ -151,7 +136,7 @@ def dump_users(table: UserTable) -> str:
         if u.locked:
             lines.append("locked = true")
         lines.append(f"[users.{toml_string(name)}.attributes]")
-        lines += [f"{toml_string(k)} = {toml_value(v)}" for k, v in sorted(u.attributes.items())]
+        lines += toml_lines(u.attributes)
         lines.append(f"[users.{toml_string(name)}.servers]")
         lines += [f"{toml_string(k)} = {toml_string(v)}" for k, v in sorted(u.servers.items())]
     return "\n".join(lines) + "\n"

@@ -33,12 +33,9 @@ MAX_REQUEST_BODY = 16384  # the longest valid request: 1024 escaped non-ASCII ch
 MAX_ANSWER_BYTES = 65536
 MAX_USER_LEN = 64
 MAX_PASSWORD_LEN = 1024
-MAX_ATTRIBUTES = 32
 MAX_SERVERS = 32
-MAX_VALUE_LEN = 256
 
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-ATTRIBUTE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 SERVICE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from fnmatch import translate
 from pathlib import Path
 
+from appliance.core.attributes import KEY_RULE, Attributes, valid_key
 from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
-Attributes = Mapping[str, "str | tuple[str, ...]"]
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 _MEMO_LIMIT = 100_000
 
 
@@ -120,8 +119,8 @@ def normalize(attributes: Mapping[str, object]) -> dict[str, tuple[str, ...]]:
 
 def compile_pattern(key: str, value: object) -> Condition:
     """A match entry -> Condition; ValueError says why the pattern is unusable."""
-    if not _KEY.match(key):
-        raise ValueError(f"attribute name {key!r} is not usable (letters, digits, _ . : -)")
+    if not valid_key(key):
+        raise ValueError(f"attribute name {key!r} is not usable ({KEY_RULE})")
     if isinstance(value, str):
         if value == "":
             raise ValueError('empty pattern (use "*" for any value)')

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from appliance.core.attributes import CLI_HELP, AttrValue, parse_attribute_args, read_attributes
 from appliance.core.config import load
 from appliance.core.tomlfile import ConfigError, TomlFile
 from appliance.policy import trusted_agents
@@ -24,45 +23,17 @@ from appliance.policy.tables import Policy
 NETWORK = "network"  # `explain USER network`: the network-use right itself
 
 
-def site_user_attributes(path: Path, user: str) -> Mapping[str, str | tuple[str, ...]] | None:
+def site_user_attributes(path: Path, user: str) -> dict[str, AttrValue] | None:
     """A site user's attributes from the users table, or None if there is no such user.
 
-    The accounts module owns that file's format; this reads only what explain needs and
-    accepts `[users.NAME]` with an `attributes` table (or plain keys), or `[[users]]`
-    entries with `id`/`name`.  Password hashes are never read into the result.
+    The accounts module owns that file's format (`[users.NAME.attributes]`); this
+    reads only the attributes, under the same rules a login reads them with, and never
+    the password hash.
     """
-    data: Any = TomlFile.load(path).data.get("users", {})
-    entry: Any = None
-    if isinstance(data, dict):
-        entry = data.get(user)
-    elif isinstance(data, list):
-        entry = next(
-            (e for e in data if isinstance(e, dict) and user in (e.get("id"), e.get("name"))),
-            None,
-        )
-    if not isinstance(entry, dict):
+    users = TomlFile.load(path).reader().sub("users")
+    if not users.has(user):
         return None
-    source = entry.get("attributes", entry)
-    out: dict[str, str | tuple[str, ...]] = {}
-    for k, v in source.items():
-        if "password" in k or "hash" in k or k in ("id", "name", "attributes", "disabled"):
-            continue
-        if isinstance(v, str):
-            out[k] = v
-        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
-            out[k] = tuple(v)
-    return out
-
-
-def parse_attr(items: list[str]) -> dict[str, str | tuple[str, ...]]:
-    """`key=value` pairs; a key given twice becomes a multi-valued attribute."""
-    out: dict[str, list[str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"appliance: --attr wants key=value, got {item!r}")
-        out.setdefault(key.strip(), []).append(value.strip())
-    return {k: v[0] if len(v) == 1 else tuple(v) for k, v in out.items()}
+    return read_attributes(users.sub(user).sub("attributes"))
 
 
 def format_servers(table: ServerTable) -> list[str]:
@@ -128,7 +99,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     config = load(args.config)
     policy = Policy.load(config)
     if args.attr:
-        attrs = parse_attr(args.attr)
+        try:
+            attrs = parse_attribute_args(args.attr)
+        except ValueError as exc:
+            print(f"appliance: {exc}", file=sys.stderr)
+            return 2
     else:
         if not config.policies.users.exists():
             print(f"appliance: no users table {config.policies.users}; use --attr", file=sys.stderr)
@@ -139,7 +114,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 f"appliance: no site user {args.user!r} in {config.policies.users}", file=sys.stderr
             )
             return 2
-        attrs = dict(found)
+        attrs = found
     shown = ", ".join(f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in attrs.items())
     print(f"user {args.user} ({shown or 'no attributes'})")
     if args.service == NETWORK:
@@ -191,7 +166,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="attributes instead of the users table (repeat a key for several values)",
+        help=f"attributes instead of the users table: {CLI_HELP}",
     )
     explain.set_defaults(func=_cmd_explain)
 

@@ -15,9 +15,10 @@ import hashlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
+from appliance.core.attributes import Attributes
 from appliance.core.config import Config
 from appliance.core.tomlfile import ConfigError, TomlFile
 from appliance.policy.access_rights import AccessTable, Decision, parse_access
@@ -146,10 +147,10 @@ class Policy:
             signal.signal(signal.SIGHUP, lambda _s, _f: self.reload_logged())
 
     # conveniences for callers holding a Policy
-    def decide(self, attributes: Mapping[str, str | tuple[str, ...]], service: str) -> Decision:
+    def decide(self, attributes: Attributes, service: str) -> Decision:
         return self.access.decide(attributes, service)
 
-    def may_use_network(self, attributes: Mapping[str, str | tuple[str, ...]]) -> Decision:
+    def may_use_network(self, attributes: Attributes) -> Decision:
         return self.access.may_use_network(attributes)
 
 

@@ -28,16 +28,15 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.core import agent_protocol as wire
+from appliance.core.attributes import Attributes, AttrValue, valid_key
 from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 log = logging.getLogger("appliance.policy.trusted_agents")
 
-Attributes = Mapping[str, str | tuple[str, ...]]
 APPLIANCE_KEYS = ("source", "agent")
 """Attributes the appliance sets on every agent login; no agent may assert them."""
 SOURCE = "agent"
@@ -62,7 +61,7 @@ class Vouched:
     user: str  # "user@agent": the session's user id
     agent: str  # the agent's id: a trusted entry's name, or the host as typed
     trusted: bool
-    attributes: dict[str, str | tuple[str, ...]]
+    attributes: dict[str, AttrValue]
     dropped: tuple[str, ...]  # the asserted keys not taken (for the log; values never logged)
 
 
@@ -114,7 +113,7 @@ class AgentTable:
                     f" {claimed.name}"
                 )
             agent_id = _agent_id(host, port, default_port)
-            kept: dict[str, str | tuple[str, ...]] = {}
+            kept: dict[str, AttrValue] = {}
         else:
             agent_id = entry.name
             kept = {
@@ -178,7 +177,7 @@ def parse_agents(doc: TomlFile) -> AgentTable:
         domains = _domains(r, by_name, name)
         keys = r.text_list("attributes", ())
         for key in keys:
-            if not wire.ATTRIBUTE_RE.fullmatch(key):
+            if not valid_key(key):
                 raise r.error("attributes", f"{key!r} is not an attribute name")
             if key in APPLIANCE_KEYS:
                 raise r.error("attributes", f"{key!r} is set by the appliance, no agent asserts it")

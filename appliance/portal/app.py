@@ -26,6 +26,7 @@ from flask import Flask, Response, redirect, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from appliance.accounts import site as accounts
+from appliance.core.attributes import Attributes
 from appliance.core.config import CAPTIVE_API_PATH, Config
 from appliance.core.neighbours import neighbour_mac
 from appliance.portal import gates, i18n, pages
@@ -65,8 +66,8 @@ class Deps:
     clock: Callable[[], float] = time.time
     authorize: Callable[[str, str], None] | None = None
     revoke: Callable[[str, str], None] | None = None
-    network_gate: Callable[[gates.Attributes], gates.Verdict] | None = None
-    service_list: Callable[[gates.Attributes], list[tuple[str, gates.Verdict]]] | None = None
+    network_gate: Callable[[Attributes], gates.Verdict] | None = None
+    service_list: Callable[[Attributes], list[tuple[str, gates.Verdict]]] | None = None
 
 
 def real_deps(config: Config, deps: Deps | None = None) -> Deps:

@@ -16,6 +16,7 @@ from pathlib import Path
 from appliance.accounts import site as accounts
 from appliance.core import passwords
 from appliance.core.atomic_file import locked
+from appliance.core.attributes import CLI_HELP, Attributes, as_json, parse_attribute_args
 from appliance.core.config import Config, load
 from appliance.net.firewall import revoker
 from appliance.state.sessions import Session, SessionStore
@@ -52,7 +53,7 @@ def _users_add(args: argparse.Namespace) -> int:
             print(f"appliance: user {args.user} exists (use passwd)", file=sys.stderr)
             return 1
         try:
-            attrs = accounts.parse_attributes(args.attr)
+            attrs = parse_attribute_args(args.attr)
         except ValueError as exc:
             print(f"appliance: {exc}", file=sys.stderr)
             return 2
@@ -94,7 +95,7 @@ def _users_passwd(args: argparse.Namespace) -> int:
         return 0
 
 
-def _fmt_attrs(attrs: dict[str, str | tuple[str, ...]]) -> str:
+def _fmt_attrs(attrs: Attributes) -> str:
     return ", ".join(
         f"{k}={'|'.join(v) if isinstance(v, tuple) else v}" for k, v in sorted(attrs.items())
     )
@@ -106,7 +107,7 @@ def _users_list(args: argparse.Namespace) -> int:
         print(json.dumps({u: dict(a.attributes) for u, a in sorted(table.items())}, indent=2))
         return 0
     for user, acc in sorted(table.items()):
-        print(f"{user}\t{_fmt_attrs(dict(acc.attributes))}")
+        print(f"{user}\t{_fmt_attrs(acc.attributes)}")
     return 0
 
 
@@ -134,7 +135,7 @@ def _session_json(s: Session, now: float) -> dict[str, object]:
         "id": s.id,
         "user": s.user,
         "source": s.source,
-        "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in s.attributes.items()},
+        "attributes": as_json(s.attributes),
         "personal_servers": dict(s.personal_servers),
         "ip": s.ip,
         "mac": s.mac,
@@ -176,9 +177,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = usub.add_parser("add", help="add a site account")
     add_config_arg(p)
     p.add_argument("user")
-    p.add_argument(
-        "--attr", action="append", default=[], metavar="KEY=VALUE", help="attribute (repeat)"
-    )
+    p.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE", help=CLI_HELP)
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(func=_users_add)
     p = usub.add_parser("del", help="remove a site account")

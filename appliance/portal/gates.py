@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.core import agent_protocol as wire
+from appliance.core.attributes import Attributes
 from appliance.core.config import Config
 from appliance.policy import trusted_agents
 
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
     from appliance.policy import Policy
 
 log = logging.getLogger("appliance.portal")
-
-Attributes = Mapping[str, str | tuple[str, ...]]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from appliance.core.attributes import Attributes, as_json
 from dhcp import leases
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("appliance.state.sessions")
 
-Attributes = Mapping[str, str | tuple[str, ...]]
 Revoke = Callable[[str, str], None]
 
 SCHEMA = """
@@ -230,7 +230,6 @@ class SessionStore:
             idle_expiry=now + self.idle,
             absolute_expiry=now + min(self.maximum, max_seconds or self.maximum),
         )
-        attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in sess.attributes.items()}
         self.conn.execute(
             f"INSERT INTO sessions ({_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
@@ -238,7 +237,7 @@ class SessionStore:
                 sess.id,
                 sess.user,
                 sess.source,
-                json.dumps(attrs, sort_keys=True),
+                json.dumps(as_json(sess.attributes), sort_keys=True),
                 json.dumps(dict(sess.personal_servers), sort_keys=True),
                 sess.ip,
                 sess.mac,
