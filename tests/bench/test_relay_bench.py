@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import statistics
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from middlebox import main_pid, row, tree, tree_rss_kib, widen_ports, write_report, wrk
 
 from appliance.lab import servers
 from appliance.lab.topology import NetnsSwitch, Node, Process, Topology
@@ -46,7 +46,6 @@ VARIANTS = {
 HTTP_PORT = 21080
 ROUNDS = 5
 IDLE_CONNS = 5000
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def relay_table(path: Path, ports: dict[str, int]) -> None:
@@ -166,43 +165,6 @@ def iperf(home: Node, host: str, port: int, streams: int, seconds: int = 3) -> f
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time these processes have used so far."""
-    ticks = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def wrk(
-    home: Node,
-    host: str,
-    port: int,
-    seconds: int = 3,
-    script: Path | None = None,
-    cpu_of: list[int] | None = None,
-) -> tuple[float, float]:
-    """Requests a second, and the CPU µs per request that the `cpu_of` processes used."""
-    cpu0 = cpu_seconds(cpu_of or [])
-    out = home.run(
-        "wrk",
-        "-t2",
-        "-c64",
-        f"-d{seconds}s",
-        "-H",
-        "Connection: close",
-        *(("-s", str(script)) if script else ()),
-        f"http://{host}:{port}/1k.bin",
-        timeout=seconds + 30,
-    ).stdout
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    n = re.search(r"(\d+) requests in", out)
-    assert m and n, out
-    used = cpu_seconds(cpu_of or []) - cpu0
-    return float(m.group(1)), used / max(1, int(n.group(1))) * 1e6
-
-
 def ttfb(
     home: Node, host: str, port: int, n: int = 300, target: str = "/1k.bin"
 ) -> tuple[float, float]:
@@ -218,31 +180,6 @@ def ttfb(
                 samples.append((time.perf_counter() - t0) * 1000)
     samples.sort()
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def main_pid(proc: Process) -> int:
-    """The server's own pid (the child of `ip netns exec`, which execs: same pid)."""
-    return proc.popen.pid
-
-
-def tree(pid: int) -> list[int]:
-    """pid and its descendants (the relay's workers)."""
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            out += tree(int(child))
-    return out
-
-
-def tree_rss_kib(pid: int) -> int:
-    return sum(rss_kib(p) for p in tree(pid))
 
 
 def idle_rss_per_conn(home: Node, gw: Node, proc: Process, port: int) -> float:
@@ -269,33 +206,13 @@ def idle_rss_per_conn(home: Node, gw: Node, proc: Process, port: int) -> float:
     return (after - before) / IDLE_CONNS
 
 
-def row(
-    metric: str, unit: str, ours: float, peer: str, peer_value: float, target: str
-) -> dict[str, Any]:
-    ratio = ours / peer_value if peer_value else 0.0
-    return {
-        "metric": metric,
-        "unit": unit,
-        "ours": round(ours, 3),
-        "peer": peer,
-        "peer_value": round(peer_value, 3),
-        "ratio": round(ratio, 3),
-        "target": target,
-    }
-
-
 def test_relay_against_haproxy_and_forwarding(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:
     topo = make_topology(guests=0)
     seg = topo["seg"]
     for node in (topo["home"], topo["gw"]):
-        # wrk -c64 with Connection: close opens ~10,000 connections a second to one
-        # address and port: with the default 28,000 ephemeral ports the fastest peer ran
-        # into its own TIME_WAIT leftovers within a few rounds (HAProxy fell from 10,000
-        # to 90 req/s).  Our namespaces only, every peer alike.
-        node.run("sysctl", "-w", "net.ipv4.ip_local_port_range=1024 65000")
-        node.run("sysctl", "-w", "net.ipv4.tcp_tw_reuse=1")
+        widen_ports(node)
     seg.start("iperf3", "-s", "-B", SEG_SRV, "-p", str(IPERF_PORT), name="iperf3")
     web = servers.start_web(seg, host=SEG_SRV, files={"1k.bin": b"x" * 1024}, workers=1)
     try:
@@ -432,19 +349,5 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
         f" Relay fds after the idle test: {fds}. "
         f"Raw samples: {json.dumps(samples)}"
     )
-    report = {"title": "Relay vs HAProxy vs kernel forwarding", "rows": rows, "notes": notes}
-    out = ROOT / "tests" / "artifacts" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "relay.json").write_text(json.dumps(report, indent=1))
-    print()
-    print(
-        f"{'metric':52} {'unit':7} {'ours':>10} {'peer':>20} {'peer value':>11} "
-        f"{'ratio':>6}  target"
-    )
-    for r in rows:
-        print(
-            f"{r['metric'][:52]:52} {r['unit']:7} {r['ours']:>10.3f} {r['peer'][:20]:>20} "
-            f"{r['peer_value']:>11.3f} {r['ratio']:>6.2f}  {r['target']}"
-        )
-    print(notes)
+    write_report("relay", "Relay vs HAProxy vs kernel forwarding", rows, notes)
     assert all(r["ours"] > 0 for r in rows if r["unit"] != "ms")
