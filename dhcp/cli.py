@@ -12,8 +12,7 @@ import sys
 import time
 
 from appliance.core.config import load
-from appliance.state import store
-from dhcp import leases
+from appliance.state import leases, store
 
 
 def _cmd_leases(args: argparse.Namespace) -> int:

@@ -16,10 +16,12 @@ import struct
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from appliance.state import leases
 from dhcp import codec
 
 OFFER_HOLD = 30.0  # seconds an offered address stays kept for its client
-PERSISTED = frozenset(("granted", "renewed", "released", "expired", "declined"))
+# the kinds the store records (leases.EVENT_KINDS); "offered" and "unoffered" stay in memory
+PERSISTED = leases.EVENT_KINDS
 
 
 def ip_to_int(ip: str) -> int:
@@ -200,7 +202,7 @@ class LeaseIndex:
             self.declined_by_mac.setdefault(b.mac, {})[b.ip] = b
         heapq.heappush(self._heap, (b.expires, b.ip))
         o = self.offers.get(b.ip)
-        if o is not None and (o.client == b.client or kind in ("granted", "renewed")):
+        if o is not None and (o.client == b.client or kind in leases.BINDING_KINDS):
             self._drop_offer(b.ip)
         if self.offer_by_client.get(b.client) == b.ip:
             del self.offer_by_client[b.client]

@@ -37,8 +37,8 @@ from pathlib import Path
 from types import FrameType
 
 from appliance.core.config import Config
-from appliance.state import store
-from dhcp import codec, frame, leases
+from appliance.state import leases, store
+from dhcp import codec, frame
 from dhcp.codec import TYPE_NAMES, DecodeError
 from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key
 from dhcp.server import BROADCAST_IP, SERVER_PORT, Settings, Source, destination, handle

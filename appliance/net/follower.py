@@ -24,12 +24,10 @@ from collections.abc import Callable
 from appliance.core.config import Config
 from appliance.net import members, nft
 from appliance.net.setup import check_pair
-from appliance.state import store
-from dhcp import leases
+from appliance.state import leases, store
 
 log = logging.getLogger("appliance.net.follower")
 
-ADD_KINDS = ("granted", "renewed")
 POLL = 0.02  # one PRAGMA per poll; the event queries run only after a change
 RESYNC = 30.0  # expiries are written lazily; a periodic full load catches them anyway
 
@@ -55,20 +53,13 @@ def full_sync(
     """Make `leased` exactly the bound leases and `authenticated` exactly the sessions that
     hold, in one transaction; returns the last event id it covers, the pairs it put into
     `authenticated` and when that next changes by the clock."""
-    conn.execute("BEGIN")  # one snapshot: the id and the leases agree
-    try:
-        row = conn.execute("SELECT COALESCE(MAX(id), 0) FROM lease_events").fetchone()
-        last = int(row[0])
-        rows = leases.all_leases(conn)
-    finally:
-        conn.execute("COMMIT")
+    last, rows = leases.snapshot(conn, now)
     bound = set()
     for lease in rows:
-        if lease.state == "bound" and lease.expires > now:
-            try:
-                bound.add(check_pair(lease.ip, lease.mac))
-            except ValueError:  # never let one odd row take the guest side's rules down
-                log.warning("ignoring a lease with a bad address: %r %r", lease.ip, lease.mac)
+        try:
+            bound.add(check_pair(lease.ip, lease.mac))
+        except ValueError:  # never let one odd row take the guest side's rules down
+            log.warning("ignoring a lease with a bad address: %r %r", lease.ip, lease.mac)
     auth, due = members.wanted(conn, now, key)
     table = f"inet {nft.TABLE}"
     script = f"flush set {table} leased\nflush set {table} authenticated\n"
@@ -144,7 +135,7 @@ def apply_events(
         except ValueError:
             log.warning("ignoring lease event %d with a bad address: %r %r", ev.id, ev.ip, ev.mac)
             continue
-        final[pair] = ev.kind in ADD_KINDS
+        final[pair] = ev.kind in leases.BINDING_KINDS
         if not final[pair]:
             ended.add(pair)
     adds = {p for p, on in final.items() if on}

@@ -27,6 +27,7 @@ import sqlite3
 from pathlib import Path
 
 from appliance.net.setup import check_pair
+from appliance.state import leases
 from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.net.members")
@@ -97,14 +98,12 @@ def prune_grants(conn: sqlite3.Connection) -> None:
 # of the address since: the rule of `SessionStore.lookup_ip`), with its grant.  Read
 # here as one join: the net role runs it after every change to the store, so it must
 # stay cheap with thousands of guests (SessionStore.list() parses every row's JSON).
-_WANTED = """
-SELECT s.id, s.ip, s.mac, MIN(s.idle_expiry, s.absolute_expiry, l.expires), g.signature
+_WANTED = f"""
+SELECT s.id, s.ip, s.mac, MIN(s.idle_expiry, s.absolute_expiry, lease.expires), g.signature
 FROM sessions AS s
-JOIN leases AS l ON l.ip = s.ip
+{leases.binding_join("s", ":now")}
 JOIN firewall_grants AS g ON g.session_id = s.id
 WHERE s.ended IS NULL AND s.idle_expiry > :now AND s.absolute_expiry > :now
-  AND l.state = 'bound' AND l.expires > :now AND l.mac = lower(s.mac)
-  AND l.bound_since <= s.created
 """
 _refused: set[str] = set()  # sessions whose bad grant was logged already
 # rows already checked (address parsed, grant verified): most syncs change a few rows

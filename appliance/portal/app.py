@@ -33,7 +33,6 @@ from appliance.portal import gates, i18n, pages
 from appliance.portal.security import Csrf, InFlight, RateLimiter, ReturnUrls
 from appliance.state import store
 from appliance.state.sessions import Session, SessionStore
-from dhcp import leases
 
 log = logging.getLogger("appliance.portal")
 API_CACHE_SECONDS = 1.0
@@ -161,7 +160,7 @@ class Portal:
         mac = self.deps.mac_of(ip)
         if mac is None:
             return None
-        lease = leases.lookup_ip(self.store().conn, ip, self.deps.clock())
+        lease = self.store().lease(ip, self.deps.clock())
         return mac if lease is not None and lease.mac == mac else None
 
 

@@ -1,1 +1,1 @@
-"""Shared state of the roles: the store, sessions (and the leases they are bound to)."""
+"""Shared state of the roles: the store, the leases (dhcp/ writes them), the sessions."""

@@ -7,8 +7,8 @@ released or expires, another MAC takes the address, the guest is idle too long,
 or the absolute limit passes.  Every end revokes the firewall entry through the
 `revoke` callable, so the (IP, MAC) pair loses its network access with it.
 
-All state lives in SQLite (the file the leases use), so sessions survive a
-restart of any role or of the box while their lease is valid.  The SQL is kept
+All state lives in SQLite (the file the leases of appliance/state/leases.py use), so
+sessions survive a restart of any role or of the box while their lease is valid.  The SQL is kept
 in this module only, so another store (PostgreSQL) can replace it later.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.core.attributes import Attributes, as_json
-from dhcp import leases
+from appliance.state import leases
 
 if TYPE_CHECKING:
     from appliance.core.config import Config
@@ -63,8 +63,12 @@ _COLUMNS = (
     "idle_expiry, absolute_expiry, ended, end_reason"
 )
 
-# lease events after which the (ip, mac) binding of a session no longer holds
-_ENDING_EVENTS = {"released": "lease released", "expired": "lease expired", "declined": "declined"}
+# why a session ends with each lease kind that ends its binding (leases.ENDING_KINDS)
+END_REASONS: Mapping[str, str] = {
+    "released": "lease released",
+    "expired": "lease expired",
+    "declined": "declined",
+}
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,10 @@ class SessionStore:
         if lease is None or lease.mac != sess.mac or lease.bound_since > sess.created:
             return None
         return sess
+
+    def lease(self, ip: str, now: float | None = None) -> leases.Lease | None:
+        """The bound, unexpired lease of a guest address (whichever session it has)."""
+        return leases.lookup_ip(self.conn, ip, time.time() if now is None else now)
 
     def list(self, include_ended: bool = False) -> builtins.list[Session]:
         where = "" if include_ended else " WHERE ended IS NULL"
@@ -307,8 +315,8 @@ class SessionStore:
                 last = ev.id
                 # only sessions made before the event: a guest that released, got its
                 # address again and logged in anew before we got here keeps the new one
-                if ev.kind in _ENDING_EVENTS:
-                    why = _ENDING_EVENTS[ev.kind]
+                if ev.kind in leases.ENDING_KINDS:
+                    why = END_REASONS[ev.kind]
                     matches = self._active_where(
                         "ip = ? AND mac = ? AND created <= ?", (ev.ip, ev.mac, ev.time)
                     )

@@ -1,7 +1,7 @@
 """The shared state store: one SQLite file (WAL) that every role of the appliance opens.
 
 Each module owns its own tables and creates them with CREATE TABLE IF NOT EXISTS
-(leases: dhcp/leases.py, sessions: appliance/state/sessions.py).  WAL lets the DHCP
+(leases: appliance/state/leases.py, sessions: appliance/state/sessions.py).  WAL lets the DHCP
 writer and the readers (portal, proxy, DNS) work at once; synchronous=NORMAL in
 WAL mode keeps every committed transaction across a crash or kill -9 of the
 process (not across a power cut before the next checkpoint).  Keep callers behind

@@ -20,9 +20,8 @@ from appliance.core.config import load
 from appliance.core.neighbours import neighbour_mac
 from appliance.policy import Policy
 from appliance.proxy.gate import Admission, PolicyGate
-from appliance.state import store
+from appliance.state import leases, store
 from appliance.state.sessions import SessionStore
-from dhcp import leases
 
 pytestmark = pytest.mark.bench
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,9 +22,8 @@ from appliance.accounts import site as accounts
 from appliance.core import passwords
 from appliance.core.config import CAPTIVE_API_PATH
 from appliance.lab.topology import Node, Topology, guest_mac
-from appliance.state import store
-from dhcp import leases
-from dhcp.leases import Lease
+from appliance.state import leases, store
+from appliance.state.leases import Lease
 
 pytestmark = pytest.mark.bench
 GUEST_IP = "192.168.1.100"

@@ -17,8 +17,7 @@ import pyroute2.config
 
 from appliance.lab import servers
 from appliance.lab.topology import Node, Process, Topology, guest_mac
-from appliance.state import store
-from dhcp import leases
+from appliance.state import leases, store
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERCEPTS = {25: 2525, 110: 1110, 80: 8081}

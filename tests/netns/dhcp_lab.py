@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.lab.topology import Process, Topology
-from appliance.state import store
-from dhcp import leases
+from appliance.state import leases, store
 from dhcp.labconfig import write_config
 
 

@@ -32,8 +32,7 @@ from appliance.core.passwords import hash_password
 from appliance.lab import servers
 from appliance.lab.topology import NetnsSwitch, Topology, guest_mac
 from appliance.net.firewall import revoker
-from appliance.state import sessions, store
-from dhcp import leases
+from appliance.state import leases, sessions, store
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]

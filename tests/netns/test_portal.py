@@ -26,10 +26,9 @@ from portal_conf import add_user, apply_ruleset, load, write_config
 from appliance.core.config import CAPTIVE_API_PATH, Config
 from appliance.lab.topology import Node, Topology, guest_mac
 from appliance.portal.service import CONNECTION_LIMIT
-from appliance.state import store
+from appliance.state import leases, store
+from appliance.state.leases import Lease
 from appliance.state.sessions import SessionStore
-from dhcp import leases
-from dhcp.leases import Lease
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,8 +23,7 @@ from appliance.core.config import load
 from appliance.lab import servers
 from appliance.lab.topology import Topology, guest_mac
 from appliance.net.firewall import revoker
-from appliance.state import sessions, store
-from dhcp import leases
+from appliance.state import leases, sessions, store
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,10 +14,9 @@ from portal_conf import load, write_config
 from appliance import cli
 from appliance.accounts import site as accounts
 from appliance.core.tomlfile import ConfigError
-from appliance.state import store
+from appliance.state import leases, store
+from appliance.state.leases import Lease
 from appliance.state.sessions import SessionStore
-from dhcp import leases
-from dhcp.leases import Lease
 
 pytestmark = pytest.mark.unit
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.core.config import load
-from appliance.state import store
-from dhcp import codec, leases
+from appliance.state import leases, store
+from dhcp import codec
 from dhcp.codec import ACK, DECLINE, DISCOVER, INFORM, NAK, OFFER, RELEASE, REQUEST, Message
 from dhcp.labconfig import write_config
 from dhcp.pool import PERSISTED, LeaseIndex

@@ -11,10 +11,9 @@ import pytest
 
 from appliance.cli import main as cli_main
 from appliance.core.config import load
-from appliance.state import store
-from dhcp import leases
+from appliance.state import leases, store
+from appliance.state.leases import Lease
 from dhcp.labconfig import write_config
-from dhcp.leases import Lease
 from dhcp.service import FloodGuard, Service
 
 pytestmark = pytest.mark.unit

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.state import store
-from dhcp import leases
-from dhcp.leases import Lease
+from appliance.state import leases, store
+from appliance.state.leases import Lease
 
 pytestmark = pytest.mark.unit
 
@@ -52,3 +51,24 @@ def test_a_binding_keeps_its_start_on_renewal_and_restarts_after_release(tmp_pat
     leases.record(conn, "granted", Lease(ip, "02:47:00:00:00:02", expires=5000.0), now=400.0)
     lease = leases.lookup_ip(conn, ip, now=450.0)
     assert lease is not None and lease.bound_since == 400.0  # another MAC: a new binding
+
+
+def test_a_snapshot_is_the_bound_leases_and_the_last_event_they_cover(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "state.sqlite")
+    leases.create_schema(conn)
+    assert leases.snapshot(conn, now=0.0) == (0, [])
+    kept = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0)
+    leases.record(conn, "granted", kept, now=1.0)
+    leases.record(conn, "granted", Lease("192.168.1.101", "02:47:00:00:00:02", 50.0), now=1.0)
+    gone = Lease("192.168.1.102", "02:47:00:00:00:03", expires=1000.0)
+    leases.record(conn, "granted", gone, now=1.0)
+    last = leases.record(conn, "released", gone, now=2.0)
+    bound = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0, bound_since=1.0)
+    assert leases.snapshot(conn, now=100.0) == (last, [bound])  # not expired, not released
+    assert leases.events_since(conn, last) == []  # following from its id misses nothing
+
+
+def test_the_lease_kinds_are_one_list_split_into_binding_and_ending() -> None:
+    assert {"granted", "renewed"} == leases.BINDING_KINDS
+    assert {"released", "expired", "declined"} == leases.ENDING_KINDS
+    assert leases.BINDING_KINDS | leases.ENDING_KINDS == leases.EVENT_KINDS

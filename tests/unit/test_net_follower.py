@@ -11,9 +11,8 @@ import pytest
 
 from appliance.core.config import load
 from appliance.net import follower, members, nft, tables
-from appliance.state import store
+from appliance.state import leases, store
 from appliance.state.sessions import Session, SessionStore
-from dhcp import leases
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

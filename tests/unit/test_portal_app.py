@@ -15,10 +15,9 @@ from appliance.core.config import CAPTIVE_API_PATH
 from appliance.portal import gates, i18n
 from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, Deps, create_app
 from appliance.portal.security import Csrf, RateLimiter
-from appliance.state import store
+from appliance.state import leases, store
+from appliance.state.leases import Lease
 from appliance.state.sessions import SessionStore
-from dhcp import leases
-from dhcp.leases import Lease
 
 pytestmark = pytest.mark.unit
 

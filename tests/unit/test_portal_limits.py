@@ -162,8 +162,8 @@ def test_agent_logins_in_progress_are_capped_per_guest_and_in_all(
 
     other = "192.168.1.101"
     site.neigh[other] = "02:47:00:00:00:02"
-    from dhcp import leases
-    from dhcp.leases import Lease
+    from appliance.state import leases
+    from appliance.state.leases import Lease
 
     leases.record(site.conn, "granted", Lease(other, site.neigh[other], time.time() + 60), 0)
     held = [threading.Thread(target=attempt, args=(IP, *form_for(IP))) for _ in range(2)]

@@ -14,9 +14,8 @@ from test_relay_core import Echo, free_port, read_until, run, table
 from appliance.proxy.follow import EndedFollower
 from appliance.proxy.gate import Admission, Listener, PolicyGate, Refusal, StaticGate
 from appliance.proxy.relay import Relay
-from appliance.state import store
+from appliance.state import leases, store
 from appliance.state.sessions import SessionStore
-from dhcp import leases
 
 pytestmark = pytest.mark.unit
 IP, MAC = "192.168.1.11", "02:47:00:00:00:01"

@@ -27,9 +27,9 @@ from appliance.core.config import Config
 from appliance.policy import Policy
 from appliance.proxy.gate import Listener, PolicyGate, StaticGate
 from appliance.proxy.relay import Relay
+from appliance.state import leases
+from appliance.state.leases import Lease
 from appliance.state.sessions import SessionStore, read_only
-from dhcp import leases
-from dhcp.leases import Lease
 
 pytestmark = pytest.mark.unit
 V6_CONFIG = 'hidden_networks = ["198.51.100.0/24", "2001:db8:5::/48"]'

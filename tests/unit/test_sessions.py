@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.state import store
+from appliance.state import leases, store
+from appliance.state.leases import Lease
 from appliance.state.sessions import SessionStore
-from dhcp import leases
-from dhcp.leases import Lease
 
 pytestmark = pytest.mark.unit
 
@@ -181,3 +180,15 @@ def test_a_late_follower_does_not_end_the_login_made_after_the_release(tmp_path:
     assert st.follow_leases(now=5) == 0  # the follower reads the release only now
     assert st.lookup_ip(IP, now=6) == st.get(new.id)
     assert revoked == []  # and the new login keeps its firewall entry
+
+
+@pytest.mark.parametrize("kind", sorted(leases.ENDING_KINDS))
+def test_every_lease_kind_that_ends_a_binding_ends_its_session(tmp_path: Path, kind: str) -> None:
+    revoked: list[tuple[str, str]] = []
+    st = make(tmp_path, revoked)
+    grant(st, IP, MAC, 0)
+    sess = st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=1)
+    leases.record(st.conn, kind, Lease(IP, MAC, 0), now=2)
+    assert st.follow_leases(now=3) == 1 and revoked == [(IP, MAC)]
+    ended = st.get(sess.id)
+    assert ended is not None and ended.end_reason

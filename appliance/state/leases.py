@@ -1,15 +1,20 @@
 """The lease table in the shared state store, and the lease events other roles follow.
 
-The DHCP server is the only writer.  Every change to a lease and its event row are
-committed in one transaction before the reply leaves, so a crash never loses an
-ACKed lease and followers (sessions, firewall) never miss a change.  Readers in
-other processes use `lookup_ip`, `lookup_mac` and `events_since`.
+The DHCP server (`dhcp/`) is the only writer.  Every change to a lease and its event
+row are committed in one transaction before the reply leaves, so a crash never loses
+an ACKed lease and followers (sessions, the net role's firewall sets) never miss a
+change.  Readers in other processes (portal, net, proxy) use `lookup_ip`, `lookup_mac`,
+`events_since` and `snapshot`.  This module is the only one that knows the lease SQL;
+it lives in appliance/state, not in dhcp/, so that `dhcp` depends on `appliance` and
+never the other way round.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -32,14 +37,21 @@ CREATE TABLE IF NOT EXISTS lease_events (
 );
 """
 
-LEASE_EVENT_KINDS = ("granted", "renewed", "released", "expired", "declined")
-_STATE_AFTER = {
-    "granted": "bound",
-    "renewed": "bound",
-    "released": "released",
-    "expired": "expired",
-    "declined": "declined",
-}
+# The one list of lease event kinds, with the state each leaves the lease row in.
+STATE_AFTER: Mapping[str, str] = MappingProxyType(
+    {
+        "granted": "bound",
+        "renewed": "bound",
+        "released": "released",
+        "expired": "expired",
+        "declined": "declined",
+    }
+)
+EVENT_KINDS = frozenset(STATE_AFTER)
+# kinds after which the (ip, mac) pair holds the address ...
+BINDING_KINDS = frozenset(k for k, state in STATE_AFTER.items() if state == "bound")
+# ... and kinds that end the binding (and every session made on it)
+ENDING_KINDS = EVENT_KINDS - BINDING_KINDS
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,11 @@ class LeaseEvent:
     mac: str
 
 
+# the columns of a Lease, in its field order
+_SELECT = "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases"
+_HOLDS = "state = 'bound' AND expires > ?"  # a lease that binds its address at time ?
+
+
 def create_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
@@ -69,15 +86,16 @@ def create_schema(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE leases ADD COLUMN bound_since REAL NOT NULL DEFAULT 0")
 
 
-def _lease(row: tuple[str, str, float, str, bytes | None, str | None] | None) -> Lease | None:
+def _lease(
+    row: tuple[str, str, float, str, bytes | None, str | None, float] | None,
+) -> Lease | None:
     return Lease(*row) if row else None
 
 
 def lookup_ip(conn: sqlite3.Connection, ip: str, now: float) -> Lease | None:
     """The bound, unexpired lease of an address, or None."""
     row = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases "
-        "WHERE ip = ? AND state = 'bound' AND expires > ?",
+        f"{_SELECT} WHERE ip = ? AND {_HOLDS}",
         (ip, now),
     ).fetchone()
     return _lease(row)
@@ -86,8 +104,7 @@ def lookup_ip(conn: sqlite3.Connection, ip: str, now: float) -> Lease | None:
 def lookup_mac(conn: sqlite3.Connection, mac: str, now: float) -> Lease | None:
     """The bound, unexpired lease of a MAC address, or None."""
     row = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases "
-        "WHERE mac = ? AND state = 'bound' AND expires > ? ORDER BY expires DESC LIMIT 1",
+        f"{_SELECT} WHERE mac = ? AND {_HOLDS} ORDER BY expires DESC LIMIT 1",
         (mac.lower(), now),
     ).fetchone()
     return _lease(row)
@@ -95,7 +112,7 @@ def lookup_mac(conn: sqlite3.Connection, mac: str, now: float) -> Lease | None:
 
 def record(conn: sqlite3.Connection, kind: str, lease: Lease, now: float) -> int:
     """Write one lease change and its event in a single transaction; returns the event id."""
-    if kind not in _STATE_AFTER:
+    if kind not in STATE_AFTER:
         raise ValueError(f"unknown lease event kind {kind!r}")
     return write_rows(
         conn, [(kind, lease.ip, lease.mac, lease.client_id, lease.hostname, lease.expires)], now
@@ -112,10 +129,37 @@ def events_since(conn: sqlite3.Connection, last_id: int, limit: int = 1000) -> l
 
 
 def all_leases(conn: sqlite3.Connection) -> list[Lease]:
-    rows = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases ORDER BY ip"
-    ).fetchall()
+    rows = conn.execute(f"{_SELECT} ORDER BY ip").fetchall()
     return [Lease(*r) for r in rows]
+
+
+def snapshot(conn: sqlite3.Connection, now: float) -> tuple[int, list[Lease]]:
+    """The last event id and the bound, unexpired leases, read in one transaction so the
+    two agree: a follower that loads this and then follows `events_since(id)` misses no
+    change and sees none twice."""
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute("SELECT COALESCE(MAX(id), 0) FROM lease_events").fetchone()
+        rows = conn.execute(
+            f"{_SELECT} WHERE {_HOLDS} ORDER BY ip",
+            (now,),
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return int(row[0]), [Lease(*r) for r in rows]
+
+
+def binding_join(session: str, now: str) -> str:
+    """SQL: `JOIN leases AS lease ...` keeping a session row (alias `session`) only while
+    its lease binds it: bound, unexpired at the parameter `now`, the same MAC, and not
+    granted anew since the session was made (the rule `SessionStore.lookup_ip` applies
+    to one address).  For a query over many sessions at once (the net role's set of
+    who is let in); `lease.expires` is there for the caller to select."""
+    return (
+        f"JOIN leases AS lease ON lease.ip = {session}.ip AND lease.state = 'bound' "
+        f"AND lease.expires > {now} AND lease.mac = lower({session}.mac) "
+        f"AND lease.bound_since <= {session}.created"
+    )
 
 
 # A binding that goes on (a renewal: bound before and after, same MAC) keeps its start;
@@ -147,14 +191,14 @@ def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> int:
     if not rows:
         return 0
     for row in rows:
-        if row[0] not in _STATE_AFTER:
+        if row[0] not in STATE_AFTER:
             raise ValueError(f"unknown lease event kind {row[0]!r}")
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.executemany(
             _UPSERT,
             [
-                (ip, mac.lower(), cid, name, _STATE_AFTER[kind], end, now, now)
+                (ip, mac.lower(), cid, name, STATE_AFTER[kind], end, now, now)
                 for kind, ip, mac, cid, name, end in rows
             ],
         )
@@ -172,8 +216,5 @@ def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> int:
 
 def history(conn: sqlite3.Connection) -> list[Lease]:
     """Every lease row, the least recently changed first (how the server rebuilds its index)."""
-    rows = conn.execute(
-        "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM leases "
-        "ORDER BY updated, ip"
-    ).fetchall()
+    rows = conn.execute(f"{_SELECT} ORDER BY updated, ip").fetchall()
     return [Lease(*r) for r in rows]
