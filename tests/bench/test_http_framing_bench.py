@@ -12,10 +12,10 @@ skipped by arithmetic, so chunked framing must run far faster than any link
 from __future__ import annotations
 
 import json
-from importlib.metadata import version
 import os
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import h11
