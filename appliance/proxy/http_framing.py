@@ -63,6 +63,7 @@ _CHUNK_EXT = (
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})" + _CHUNK_EXT + rb"\r\n")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _TCHAR_ONLY = re.compile(_TOKEN)
+_METHOD = re.compile(_TCHAR + rb"*")
 
 
 class BadMessage(ValueError):
@@ -511,6 +512,10 @@ def _early_request_line(data: bytes | bytearray) -> None:
     start = _skip_crlf(data) if data[:1] == b"\r" else 0
     eol = data.find(b"\r\n", start)
     if eol == -1:
+        if start < len(data) and data[start] != 13:  # a CR may begin an empty line
+            method_end = _METHOD.match(data, start).end()  # type: ignore[union-attr]
+            if method_end == start or (method_end < len(data) and data[method_end] != 32):
+                raise BadMessage("a bad request line")
         return
     m = _REQUEST_LINE.fullmatch(data, start, eol)
     if m is None:

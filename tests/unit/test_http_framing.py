@@ -295,6 +295,8 @@ BAD_REQUESTS = [
     (b"GET / http/1.1\r\n\r\n", 400),
     (b"GET /\r\n\r\n", 400),  # HTTP/0.9
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n", 400),  # TLS on port 80, at once
+    (b"\x16\x03\x01\x02\x00\x01", 400),  # the first bytes of a TLS hello suffice
+    (b"GET\t/", 400),  # a method must be followed by SP
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # the HTTP/2 preface
     (b"GET / HTTP/1.2\r\n\r\n", 505),
     (b"GET / HTTP/2.0\r\nHost: x\r\n", 505),  # refused before the head is complete
