@@ -110,7 +110,11 @@ class _UntilClose:
 
 
 class BodyFraming:
-    """Counts one message body's bytes as they pass (the bytes pass through unchanged)."""
+    """Counts one message body's bytes as they pass (the bytes pass through unchanged).
+
+    `until_close` is both the factory (`BodyFraming.until_close()`) and, on a body, whether
+    it is one (`body.until_close`): a descriptor tells the two apart.
+    """
 
     __slots__ = ("_left", "_line", "_mode", "_state", "_status", "_trailer", "done", "remaining")
 
@@ -402,9 +406,7 @@ class ResponseHead:
             if codings and codings[-1] == b"chunked":
                 if b"chunked" in codings[:-1]:
                     raise BadMessage("chunked applied twice", 502)
-                body = BodyFraming.chunked()
-                body._status = 502
-                return body
+                return BodyFraming(_CHUNKED, status=502)  # a bad chunk is the upstream's fault
             return BodyFraming.until_close()
         if cl:
             return BodyFraming.length(_content_length(cl, 502))
