@@ -29,9 +29,9 @@ from appliance.proxy.gate import (
     no_upstream,
     over_limit,
 )
+from appliance.proxy.http_framing import BadMessage, check_framing
 from appliance.proxy.http_target import (
     BadTarget,
-    check_framing,
     connect_target,
     explicit_target,
     transparent_target,
@@ -259,7 +259,7 @@ class HttpClient(Tracked, asyncio.Protocol):
             else:
                 hosts = [v.decode("latin-1") for k, v in raw_headers if k.lower() == b"host"]
                 req = transparent_target(target, hosts, self.orig)
-        except BadTarget as exc:
+        except (BadTarget, BadMessage) as exc:
             self._fail(400, str(exc))
             return
         checked = req.dest

@@ -22,7 +22,6 @@ __all__ = [
     "BadTarget",
     "HostPort",
     "RequestTarget",
-    "check_framing",
     "connect_target",
     "explicit_target",
     "parse_host",
@@ -168,14 +167,3 @@ def connect_target(target: str) -> RequestTarget:
         raise BadTarget("CONNECT needs host:port")
     dest = parse_host(target, 0)
     return RequestTarget(dest, "")
-
-
-def check_framing(headers: list[tuple[bytes, bytes]], version: bytes = b"1.1") -> None:
-    """Refuse heads whose body length two parsers could read two ways (request
-    smuggling, RFC 9112 section 6.1): Content-Length beside Transfer-Encoding, and
-    Transfer-Encoding in HTTP/1.0, which a 1.0 reader may ignore."""
-    names = {name.lower() for name, _ in headers}
-    if b"transfer-encoding" in names and version != b"1.1":
-        raise BadTarget("Transfer-Encoding needs HTTP/1.1")
-    if b"content-length" in names and b"transfer-encoding" in names:
-        raise BadTarget("Content-Length and Transfer-Encoding together")

@@ -472,6 +472,26 @@ def test_an_explicit_url_that_does_not_parse_gets_400() -> None:
     run(body())
 
 
+def test_heads_two_parsers_could_frame_two_ways_get_400() -> None:
+    async def body() -> None:
+        port = free_port()
+        t = table(1, port, allow=["http"])
+        t["servers"]["http"] = []
+        relay = Relay(StaticGate(t))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        for version, framing in (
+            (b"1.1", b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"),
+            (b"1.0", b"Transfer-Encoding: chunked\r\n"),
+        ):
+            head = b"POST http://a/ HTTP/" + version + b"\r\nHost: a\r\n" + framing + b"\r\n"
+            out = await http_get(port, head + b"0\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 400"), (framing, out[:60])
+            assert b"Transfer-Encoding" in out, out  # the page says why
+        await relay.stop()
+
+    run(body())
+
+
 def test_a_guest_leaving_mid_refusal_is_counted_once_and_forgotten() -> None:
     """On the raw path the refusal dialog is the relay's own: a guest that hangs up in
     the middle of it, or floods it, leaves no connection behind."""
