@@ -34,7 +34,8 @@ from appliance.proxy.refusals import INTERNAL_ERROR, RefusalDialog, tls_alert, t
 from appliance.proxy.splice import READ, EdgePoll, PipePool, Sock, SpliceConn
 from appliance.proxy.tracked import Relay as TrackedRelay
 from appliance.proxy.tracked import Tracked, upstream_failed
-from appliance.proxy.tunnel import AnswerReader, connect_request
+from appliance.proxy.tunnel import AnswerReader, TunnelAnswer, connect_request
+from appliance.proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("appliance.proxy")
 
@@ -49,6 +50,9 @@ class RawRelay(TrackedRelay, Protocol):
     connecting: Deadlines
     waits: Deadlines
     original: Callable[[Sock], tuple[str, int] | None]
+    upstreams: UpstreamPool
+
+    async def check_name(self, name: str, port: int) -> list[str] | None: ...
 
     async def resolve_then_connect(
         self, conn: Spliced, upstreams: tuple[Upstream, ...]
@@ -116,7 +120,7 @@ class Spliced(Tracked):
             self.result = result
         self.finish()
 
-    def connected(self, up: Sock, events: int) -> None:
+    def connected(self, up: Sock, events: int, upstream: Upstream) -> None:
         """The upstream answered the connect (the Connector's socket, in the epoll)."""
         if self.tunnel_to is not None:
             self._ask_tunnel(up)
@@ -272,11 +276,7 @@ class Spliced(Tracked):
         """The site resolver's answers for the name, every one of them: a name of a hidden
         host is refused even though the proxy would fetch it; a name that does not resolve
         is refused too (fail closed: the proxy's answer could differ from ours)."""
-        try:
-            async with asyncio.timeout(self.owner.connect_timeout):
-                addresses = await self.owner.resolve(name, port)
-        except (TimeoutError, OSError):
-            addresses = []
+        addresses = await self.owner.check_name(name, port)
         if self.closed:
             return
         adm = self.adm
@@ -303,11 +303,15 @@ class Spliced(Tracked):
         self.edges.rehandle(up.fileno(), self._tunnel_event)
         self.owner.waits.start(self)
         try:
-            sent = up.send(connect_request(*self.tunnel_to))
+            sent = up.send(self.tunnel_request())
         except OSError:
             sent = 0
         if not sent:
             self._tunnel_failed("unavailable")
+
+    def tunnel_request(self) -> bytes:
+        assert self.tunnel_to is not None
+        return connect_request(*self.tunnel_to)
 
     def _tunnel_event(self, ev: int) -> None:
         up, tunnel = self.upsock, self.tunnel
@@ -326,24 +330,26 @@ class Spliced(Tracked):
             answer = tunnel.feed(data)
             if answer is None:
                 continue
+            self.owner.waits.end(self)
             if not answer.ok:
                 log.info("the site's proxy refused a tunnel (status %d)", answer.status)
-                self._tunnel_failed("denied" if answer.status == 403 else "unavailable")
+                self.tunnel_refused(answer)
                 return
-            self.owner.waits.end(self)
             self.upsock, self.tunnel = None, None
-            assert self.hello is not None
+            first_up, first_down = self.tunnel_open(answer)
             self.conn = SpliceConn(
-                self.edges,
-                self.owner.pool,
-                self.sock,
-                up,
-                self.ended,
-                0,
-                self.hello.raw,
-                answer.rest,
+                self.edges, self.owner.pool, self.sock, up, self.ended, 0, first_up, first_down
             )
             return
+
+    def tunnel_open(self, answer: TunnelAnswer) -> tuple[bytes, bytes]:
+        """The proxy said 2xx: what goes first each way (here: the ClientHello up, and
+        whatever the proxy sent after its answer down; the guest never sees the answer)."""
+        assert self.hello is not None
+        return self.hello.raw, answer.rest
+
+    def tunnel_refused(self, answer: TunnelAnswer) -> None:
+        self._tunnel_failed("denied" if answer.status == 403 else "unavailable")
 
     def _tunnel_failed(self, kind: str) -> None:
         adm = self.adm
@@ -415,7 +421,7 @@ class Connector:
         conn = self.conn
         conn.connector = None
         conn.upstream_name = up.name
-        conn.connected(s, ev)
+        conn.connected(s, ev, up)
 
     def expired(self) -> None:
         self._drop()

@@ -44,6 +44,7 @@ from appliance.proxy.gate import (
     over_limit,
 )
 from appliance.proxy.http import HttpClient
+from appliance.proxy.http_conn import HttpConn
 from appliance.proxy.raw import Connector, Deadlines, Spliced, numeric
 from appliance.proxy.refusals import RefusalDialog
 from appliance.proxy.splice import EdgePoll, PipePool, Sock
@@ -56,6 +57,7 @@ from appliance.proxy.tracked import (
     original_dst,
     upstream_failed,
 )
+from appliance.proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("appliance.proxy")
 
@@ -230,7 +232,7 @@ class Relay:
         idle_timeout: float = 600.0,
         identity_header: str | None = None,
         hidden: Callable[[str], bool] | None = None,
-        splice: bool = False,
+        splice: bool = True,
         follow_period: float = 0.25,
         connect_ports: Iterable[int] = (443,),
         counts: Counts | None = None,
@@ -238,6 +240,7 @@ class Relay:
         resolve: Resolver | None = None,
         max_connections: int = 256,
         hello_timeout: float = HELLO_TIMEOUT,
+        name_ttl: float = 5.0,
     ) -> None:
         self.gate = gate
         self.counts: Counts = counts if counts is not None else LocalCounts()
@@ -255,6 +258,9 @@ class Relay:
         self.identity_header = identity_header
         self.hidden = hidden or (lambda _ip: False)
         self.resolve: Resolver = resolve or self._getaddrinfo
+        self.name_ttl = name_ttl
+        self.names: dict[str, tuple[float, list[str] | None]] = {}  # check_name's answers
+        self.upstreams = UpstreamPool(self.edges, self.loop)  # kept-alive HTTP upstreams
         # where a redirected guest connection was going (tests replace it: no nft there)
         self.original: Callable[[Sock], tuple[str, int] | None] = original_dst
         self.max_connections = max_connections  # per user and service, where a rule sets none
@@ -267,6 +273,24 @@ class Relay:
         self.access = AccessLog(self.loop)
         gate.subscribe(self.recheck)
 
+    async def check_name(self, name: str, port: int) -> list[str] | None:
+        """Every answer of the site's resolver for a name a guest asked for (None: none, or
+        none in time), kept `name_ttl` seconds: HTTP and HTTPS check each name before
+        relaying to it, and a page asks for the same few names many times a second."""
+        now = self.loop.time()
+        hit = self.names.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                addresses: list[str] | None = await self.resolve(name, port) or None
+        except (TimeoutError, OSError):
+            addresses = None
+        if len(self.names) > 4096:
+            self.names.clear()
+        self.names[name] = (self.loop.time() + self.name_ttl, addresses)
+        return addresses
+
     async def _getaddrinfo(self, name: str, port: int) -> list[str]:
         """The site resolver's answers for `name`, IPv4 and IPv6 (OSError when none): the
         caller checks every one, since the site's web proxy may connect to any of them."""
@@ -278,9 +302,9 @@ class Relay:
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
         for ls in listeners if listeners is not None else self.gate.listeners():
             factory: Callable[[], asyncio.Protocol]
-            if ls.protocol == "http":
+            if ls.protocol == "http" and not self.splice:
                 factory = _bind(HttpClient, self, ls)
-            elif ls.protocol == "tls" or (
+            elif ls.protocol in ("tls", "http") or (
                 ls.protocol in RAW_PROTOCOLS and self.splice and not ls.upstream_tls
             ):
                 self._listen_raw(host, ls)
@@ -330,6 +354,11 @@ class Relay:
                 return
             csock = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             csock.setblocking(False)
+            if ls.protocol == "http":
+                http = HttpConn(self, ls, csock, addr[0])
+                self.opened(http)
+                http.start()
+                continue
             conn = Spliced(self, ls, csock, addr[0])
             self.opened(conn)
             verdict = self.gate.admit(conn.src, ls.service)
@@ -376,6 +405,7 @@ class Relay:
                 task.cancel()
         self.connecting.cancel()
         self.waits.cancel()
+        self.upstreams.close()
         for conn in list(self.conns):
             conn.abort("shutdown")
         self.edges.shutdown()

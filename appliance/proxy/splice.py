@@ -78,6 +78,14 @@ class EdgePoll:
         self.ep.register(fd, mask)
         self.handlers[fd] = handler
 
+    def claim(self, fd: int, handler: Handler) -> None:
+        """Watch fd with this handler, whether it was watched before (by another owner)
+        or not."""
+        if fd in self.handlers:
+            self.handlers[fd] = handler
+        else:
+            self.watch(fd, handler)
+
     def rehandle(self, fd: int, handler: Handler) -> None:
         """Same registration, new handler (a connected upstream joins its relay)."""
         self.handlers[fd] = handler
@@ -347,7 +355,7 @@ class SpliceConn:
         self.down.stash = first_down
         self.done = 0
         self.closed = False
-        poll.watch(cfd, self.client_event)
+        poll.claim(cfd, self.client_event)
         poll.rehandle(ufd, self.upstream_event)
         # the client has usually sent its request while the upstream connected: move it
         # now rather than after one more trip through the event loop (time to first byte)

@@ -279,14 +279,14 @@ def test_a_scan_after_dhcp_sees_only_the_appliance(lab: Lab) -> None:
 
     status, page, _ = portal_login(g4, *site.SITE_USER[:2])
     assert status == 200 and site.SITE_USER[0] in page
-    # after login: the service proxies too (intercepted 25/110, their listeners, the
-    # explicit web proxy), still nothing else (admin 8000, ssh 22, https 443)
+    # after login: the service proxies too (intercepted 25/110/443, their listeners, the
+    # explicit web proxy), still nothing else (admin 8000, ssh 22)
     after = nmap_open(g4, GW, APPLIANCE_PORTS)
-    assert {p for _, p in after} == {25, 53, 80, 110, 1110, 2525, 3128, 8081}
+    assert {p for _, p in after} == {25, 53, 80, 110, 443, 1110, 2525, 3128, 8081}
     # the segment: only the intercepted ports answer, and it is the appliance that does
     # (dnsmasq on .2:53, postfix's ssh-less host .3, squid on .4:3128 never show)
     seg = nmap_open(g4, "198.51.100.2-4", SEGMENT_PORTS)
-    assert {p for _, p in seg} <= {25, 80, 110}
+    assert {p for _, p in seg} <= {25, 80, 110, 443}
     # carol (a contractor) may not send mail: the appliance greets to refuse; the segment's
     # postfix (smtp.segment.example) never shows
     banner = g4.run("nc", "-w", "5", "198.51.100.2", "25", check=False, timeout=20).stdout

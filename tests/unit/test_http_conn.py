@@ -1,0 +1,230 @@
+"""The HTTP path on raw sockets, on loopback: a scripted upstream (the site's web proxy)
+that counts its connections and answers in the framings real servers use.  What a guest
+checks: every response whole and in order, a cut one never taken as whole; what the site
+sees: kept-alive upstream connections reused across requests and across guests."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+from relay_helpers import free_port, loop_kind, run  # noqa: F401
+
+from appliance.proxy.gate import Listener, StaticGate
+from appliance.proxy.relay import Relay
+
+pytestmark = pytest.mark.unit
+
+
+class Upstream:
+    """A web proxy that answers each request by its path:
+    /len  200 with Content-Length;   /chunked  200 chunked with a trailer;
+    /close  200 without length, then closes;   /head-like: HEAD requests get no body;
+    /nocontent 204;   /continue  100 Continue first;   /cut  half a body, then closes;
+    /upgrade  101 and then echoes;   /garbage  not HTTP;   /closeafter  answers, then closes
+    the idle connection (what a server's keep-alive timeout does)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                self.requests.append(head)
+                line = head.split(b"\r\n", 1)[0]
+                method, target = line.split(b" ")[:2]
+                path = target.rsplit(b"/", 1)[-1]
+                m = re.search(rb"(?i)content-length: (\d+)", head)
+                if m:
+                    await r.readexactly(int(m.group(1)))
+                if path == b"len":
+                    body = b"" if method == b"HEAD" else b"0123456789"
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + body)
+                elif path == b"chunked":
+                    w.write(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+                    )
+                elif path == b"close":
+                    w.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+                    await w.drain()
+                    w.close()
+                    return
+                elif path == b"nocontent":
+                    w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                elif path == b"continue":
+                    w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                elif path == b"cut":
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly half")
+                    await w.drain()
+                    w.close()
+                    return
+                elif path == b"upgrade":
+                    w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\n")
+                    w.write(b"Connection: upgrade\r\n\r\n")
+                    while data := await r.read(4096):
+                        w.write(data.upper())
+                        await w.drain()
+                    w.close()
+                    return
+                elif path == b"garbage":
+                    w.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+                elif path == b"closeafter":
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await w.drain()
+                    await asyncio.sleep(0.05)
+                    w.close()
+                    return
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            w.close()
+
+
+def http_table(port: int, up_port: int) -> dict[str, Any]:
+    return {
+        "portal_url": "http://192.168.1.1/",
+        "listeners": [{"service": "http", "protocol": "http", "port": port, "explicit": True}],
+        "servers": {"http": [f"127.0.0.1:{up_port}"]},
+        "users": {"127.0.0.1": {"user": "alice", "rule": "staff", "allow": ["http"]}},
+    }
+
+
+async def setup() -> tuple[Relay, Upstream, asyncio.Server, int]:
+    up = Upstream()
+    up_port = free_port()
+    server = await asyncio.start_server(up.serve, "127.0.0.1", up_port)
+    port = free_port()
+    relay = Relay(StaticGate(http_table(port, up_port)), connect_timeout=1.0)
+    await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+    return relay, up, server, port
+
+
+def request(path: str, method: str = "GET", extra: str = "", body: bytes = b"") -> bytes:
+    head = f"{method} http://192.0.2.80/{path} HTTP/1.1\r\nHost: 192.0.2.80\r\n{extra}"
+    if body:
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def exchange(port: int, data: bytes, until: bytes | None = None) -> bytes:
+    """Send, then read until `until` appears (or the relay closes)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    out = b""
+    while until is None or until not in out:
+        chunk = await asyncio.wait_for(r.read(65536), 5)
+        if not chunk:
+            break
+        out += chunk
+    w.close()
+    return out
+
+
+def test_upstream_connections_are_reused_across_requests_and_guests() -> None:
+    async def body() -> None:
+        relay, up, server, port = await setup()
+        # a page of three objects, pipelined, then two more guests one after another
+        last = b"X-Trailer: t\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"
+        out = await exchange(port, request("len") + request("chunked") + request("len"), last)
+        assert out.count(b"HTTP/1.1 200 OK") == 3
+        assert b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n" in out
+        for _ in range(2):
+            out = await exchange(port, request("len", extra="Connection: close\r\n"))
+            assert out.endswith(b"0123456789")  # and the relay closed the guest's side
+        assert up.connections == 1 and len(up.requests) == 5  # one upstream connection
+        assert relay.upstreams.reused == 4
+        # the guest's Connection: close is the guest's: never forwarded to the proxy
+        assert not any(b"onnection: close" in r for r in up.requests)
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_framings_without_a_body_and_interim_answers() -> None:
+    async def body() -> None:
+        relay, up, server, port = await setup()
+        reqs = request("len", "HEAD") + request("nocontent") + request("continue", body=b"abc")
+        out = await exchange(port, reqs + request("len"), b"0123456789")
+        heads = re.findall(rb"HTTP/1.1 (\d{3})", out)
+        assert heads == [b"200", b"204", b"100", b"200", b"200"]
+        assert out.endswith(b"ok" + b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
+        assert up.connections == 1
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_a_body_until_close_ends_both_connections_and_is_not_pooled() -> None:
+    async def body() -> None:
+        relay, _up, server, port = await setup()
+        out = await exchange(port, request("close") + request("len"))
+        assert out.endswith(b"until the end")  # the second request is never answered
+        assert relay.upstreams.idle_conns.get(
+            ("127.0.0.1", server.sockets[0].getsockname()[1])
+        ) in (None, [])
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_a_pooled_connection_the_server_closed_is_retried_once_on_a_new_one() -> None:
+    async def body() -> None:
+        relay, up, server, port = await setup()
+        assert (await exchange(port, request("closeafter"), b"\r\n\r\nok")).endswith(b"ok")
+        await asyncio.sleep(0.2)  # the server closed the idle connection meanwhile
+        assert (await exchange(port, request("len"), b"0123456789")).endswith(b"0123456789")
+        assert up.connections == 2
+        # closed just as it is taken (no time to notice): the request goes again, once
+        pool = relay.upstreams
+        sock = pool.take(next(iter(pool.idle_conns)))
+        assert sock is not None
+        sock.shutdown(2)  # (as if the server's FIN crossed our request)
+        taken = [sock]
+        pool.take = lambda key: taken.pop() if taken else None  # type: ignore[method-assign]
+        assert (await exchange(port, request("len"), b"0123456789")).endswith(b"0123456789")
+        assert not taken and up.connections == 3
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_a_cut_or_bad_answer_is_never_passed_on_as_whole() -> None:
+    async def body() -> None:
+        relay, _up, server, port = await setup()
+        out = await exchange(port, request("cut"))
+        assert b"only half" in out  # what came is passed on, then the guest is reset
+        await asyncio.sleep(0.05)
+        assert relay.counters[("http", "upstream-reset")] == 1
+        out = await exchange(port, request("garbage"))
+        assert out.startswith(b"HTTP/1.1 502 Bad Gateway")
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_an_accepted_upgrade_becomes_a_tunnel() -> None:
+    async def body() -> None:
+        relay, up, server, port = await setup()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(request("upgrade", extra="Connection: Upgrade\r\nUpgrade: echo\r\n"))
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"PING"
+        w.close()
+        assert b"Upgrade: echo" in up.requests[0] and b"Connection: upgrade" in up.requests[0]
+        await relay.stop()
+        server.close()
+
+    run(body())
