@@ -22,6 +22,7 @@ lab: up. A whole site runs in network namespaces (appliance lab status shows wha
 
   appliance = gw: guests 192.168.1.0/24, segment 198.51.100.0/24 (hidden), home 203.0.113.0/24
   config    = {config}
+  lab CA    = {ca}   (guests trust it: curl --cacert, to check the servers' own certificates)
 
 Try next:
   appliance lab demo                                  one visitor, every step checked
@@ -31,7 +32,7 @@ Try next:
   appliance lab exec guest1 -- ping -c1 198.51.100.3  the segment stays unreachable
 
 Accounts:
-  site account  carol / carol-pass           (a contractor: web only)
+  site account  carol / carol-pass           (a contractor: web on port 80 only)
   home account  alice / alice-pass  agent {spec}
   admin pages   http://198.51.100.1:8000/  admin / admin-pass  (from the segment:
                 appliance lab exec seg -- curl http://198.51.100.1:8000/)
@@ -62,7 +63,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"lab: {exc}\nlab: removed again", file=sys.stderr)
             return 1
         raise
-    print(LAB_READY.format(config=info.config, spec=info.agent_spec))
+    print(LAB_READY.format(config=info.config, spec=info.agent_spec, ca=info.ca))
     return 0
 
 
@@ -92,6 +93,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
             except OSError:
                 continue
         print(f"{short:8} {full:16} {' '.join(procs) or '-'}")
+    from appliance.lab import site
+
+    try:
+        print(f"lab CA: {site.load_info(STATE_DIR).ca}")
+    except topology.LabError:
+        pass
     return 0
 
 
