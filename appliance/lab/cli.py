@@ -7,6 +7,7 @@ script) finds them again; `lab down` removes them all, whatever state they are i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -95,10 +96,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{short:8} {full:16} {' '.join(procs) or '-'}")
     from appliance.lab import site
 
-    try:
+    with contextlib.suppress(topology.LabError):
         print(f"lab CA: {site.load_info(STATE_DIR).ca}")
-    except topology.LabError:
-        pass
     return 0
 
 

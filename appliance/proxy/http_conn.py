@@ -63,11 +63,31 @@ ROUNDS = 16  # steps per event before yielding to other connections
 _DROPPED = frozenset(
     {b"host", b"connection", b"proxy-connection", b"keep-alive", b"te", b"trailer", b"upgrade"}
 )
+_RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 # phases of a request cycle
 HEAD, WAIT, EXCHANGE, CLOSING = range(4)
+
+
+def _guest_head(data: bytes, head: ResponseHead, keep: bool, version: bytes) -> bytes:
+    """The response head the guest gets: the upstream's, with its hop-by-hop headers
+    (RFC 9110 7.6.1) replaced by what holds between the guest and us: the upstream
+    connection's fate is ours, the guest's connection stays open or is closed as said."""
+    named = {t.strip().lower() for _n, v in head.headers if _n.lower() == b"connection"
+             for t in v.split(b",")}  # fmt: skip
+    lines = [data[: data.find(b"\r\n")]]
+    for name, value in head.headers:
+        low = name.lower()
+        if low in _RESPONSE_HOP or low in named:
+            continue
+        lines.append(name + b": " + value)
+    if not keep:
+        lines.append(b"Connection: close")
+    elif version == b"1.0":
+        lines.append(b"Connection: keep-alive")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def _ports(ports: frozenset[int]) -> str:
@@ -486,7 +506,8 @@ class HttpConn(Spliced):
         except BadMessage as exc:
             self._bad_upstream(str(exc))
             return
-        self.to_guest += data[: head.size]
+        keep = req.keep_alive() and not self.resp_body.until_close and not self.guest_eof
+        self.to_guest += _guest_head(data, head, keep, req.version)
         self._response_body(data[head.size :])
 
     def _response_body(self, data: bytes) -> None:

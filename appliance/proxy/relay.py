@@ -10,10 +10,11 @@ bookkeeping (`Tracked`: counters, limits, the access log, revocation):
   no transport objects, no task or timer per connection; small exchanges are
   copied through one buffer, bulk is spliced.  A refused guest gets the refusal
   in its protocol's words (refusals.py) on the raw socket;
-- asyncio Protocols (`Link`, `Pump`, and http.py's `HttpClient`) where the
-  relay parses the bytes (HTTP), and for every service when splicing is off:
-  `data_received` writes into the peer transport, whose `pause_writing` and
-  `resume_writing` pause and resume reading on this side.
+- asyncio Protocols (`Link`, `Pump`) where asyncio's TLS transport speaks to
+  an upstream (`tls = true`), and for the plain services when splicing is off
+  (the benchmark's comparison): `data_received` writes into the peer
+  transport, whose `pause_writing` and `resume_writing` pause and resume
+  reading on this side.
 
 Idle connections are swept by one periodic timer (not one timer per
 connection: memory).  A policy change re-admits every open connection and
@@ -43,7 +44,6 @@ from appliance.proxy.gate import (
     no_upstream,
     over_limit,
 )
-from appliance.proxy.http import HttpClient
 from appliance.proxy.http_conn import HttpConn
 from appliance.proxy.raw import Connector, Deadlines, Spliced, numeric
 from appliance.proxy.refusals import RefusalDialog
@@ -302,9 +302,7 @@ class Relay:
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
         for ls in listeners if listeners is not None else self.gate.listeners():
             factory: Callable[[], asyncio.Protocol]
-            if ls.protocol == "http" and not self.splice:
-                factory = _bind(HttpClient, self, ls)
-            elif ls.protocol in ("tls", "http") or (
+            if ls.protocol in ("tls", "http") or (
                 ls.protocol in RAW_PROTOCOLS and self.splice and not ls.upstream_tls
             ):
                 self._listen_raw(host, ls)

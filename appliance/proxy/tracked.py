@@ -1,9 +1,9 @@
 """One relayed connection's bookkeeping and its upstream pump, shared by every path.
 
 `Tracked` is what the relay counts, limits, logs and re-checks; `Pump` is the
-upstream side of a Protocol-path connection (relay.py's `Link`, http.py's
-`HttpClient`).  Here, not in relay.py, so that http.py and relay.py need not
-import each other.
+upstream side of a Protocol-path connection (relay.py's `Link`).  Here, not in
+relay.py, so that the connection modules (raw.py, http_conn.py) and relay.py
+need not import each other.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Tracked:
         raise NotImplementedError
 
     def from_upstream(self, data: bytes) -> None:
-        """Bytes from the upstream: straight to the client (http.py looks at a tunnel's answer)."""
+        """Bytes from the upstream: straight to the client."""
         self.bytes_down += len(data)
         assert self.client is not None
         self.client.write(data)

@@ -137,6 +137,8 @@ def test_upstream_connections_are_reused_across_requests_and_guests() -> None:
         for _ in range(2):
             out = await exchange(port, request("len", extra="Connection: close\r\n"))
             assert out.endswith(b"0123456789")  # and the relay closed the guest's side
+            # the guest is told its connection closes, whatever the upstream's stays
+            assert b"\r\nConnection: close\r\n" in out
         assert up.connections == 1 and len(up.requests) == 5  # one upstream connection
         assert relay.upstreams.reused == 4
         # the guest's Connection: close is the guest's: never forwarded to the proxy
