@@ -161,7 +161,7 @@ def cmd_servers(args: argparse.Namespace) -> int:
     target = args.target
     if args.action == "set":
         try:
-            wire.parse_hostport(target)
+            wire.parse_server(target)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 
@@ -309,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(ssub.add_parser("set"))
     sp.add_argument("user")
     sp.add_argument("service")
-    sp.add_argument("target", metavar="HOST:PORT")
+    sp.add_argument(
+        "target",
+        metavar="HOST:PORT[#sha256:PIN]",
+        help="with #PIN the appliance speaks TLS to it and accepts only that certificate",
+    )
     sp = with_config(ssub.add_parser("del"))
     sp.add_argument("user")
     sp.add_argument("service")

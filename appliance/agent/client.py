@@ -430,10 +430,10 @@ def _servers(config: Config, raw: Any, deadline: _Deadline) -> dict[str, str]:
         if not wire.SERVICE_RE.fullmatch(service) or not isinstance(target, str):
             raise AgentError("bad_answer", "the agent's server table is malformed")
         try:
-            host, port = wire.parse_hostport(target)
+            host, port, pin = wire.parse_server(target)
         except ValueError:
             raise AgentError(
-                "bad_answer", f"the agent's {service} server is not host:port"
+                "bad_answer", f"the agent's {service} server is not host:port[#pin]"
             ) from None
         addrs = _resolve(host, port, deadline)
         if not addrs:
@@ -453,7 +453,7 @@ def _servers(config: Config, raw: Any, deadline: _Deadline) -> dict[str, str]:
                 f"your agent's {service} server has no IPv4 address, and this appliance"
                 " relays to IPv4 servers only",
             )
-        out[service] = f"{ipv4[0]}:{port}"
+        out[service] = wire.server_text(ipv4[0], port, pin)
     return out
 
 

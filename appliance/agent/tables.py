@@ -64,7 +64,7 @@ def _servers(r: Reader) -> dict[str, str]:
             raise r.error(key, "service names are lower-case letters, digits, '_', '-'")
         value = r.text(key)
         try:
-            wire.parse_hostport(value)
+            wire.parse_server(value)
         except ValueError as exc:
             raise r.error(key, str(exc)) from None
         out[key] = value

@@ -182,6 +182,24 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     return _check_host(host, text), int(port_text)
 
 
+def parse_server(text: str) -> tuple[str, int, str]:
+    """A household's own server as its agent names it: 'host:port' (plain, as the
+    guest's client speaks), or 'host:port#sha256:...' (the appliance speaks TLS to it
+    and accepts only the certificate with that fingerprint: a home server has no name
+    a CA vouches for).  -> (host, port, fingerprint or "")."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not host:port")
+    where, sep, pin = text.partition("#")
+    host, port = parse_hostport(where)
+    return host, port, parse_fingerprint(pin) if sep else ""
+
+
+def server_text(host: str, port: int, pin: str = "") -> str:
+    """The inverse of parse_server (the form stored in sessions)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{where}#{pin}" if pin else where
+
+
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )

@@ -25,7 +25,7 @@ from pathlib import Path
 from appliance.core.atomic_file import write_atomically
 from appliance.core.tomlfile import toml_key, toml_value
 from appliance.lab import servers
-from appliance.lab.tls import LabCA
+from appliance.lab.tls import LabCA, fingerprint
 from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +136,7 @@ def add_agent(
     trusted_as: str | None = "home.example",
     trusted_keys: tuple[str, ...] = ("department", "role"),
     allow: bool = True,
+    pop3_pin: str = "",
 ) -> str:
     """A personal agent at home on `addr` with one user whose POP server is `pop`; this
     appliance's key allowed (unless `allow` is false: a household that has not yet).
@@ -167,8 +168,12 @@ def add_agent(
         ),
         stdin=pw + "\n",
     )
-    for service, port in (("pop3", 110), ("pop3s", 995), ("imap", 143), ("imaps", 993)):
-        _run(None, _agent_cmd("servers", "set", *conf, uid, service, f"{pop}:{port}"))
+    # with the mail store's pin, the visitor's plain POP3 on 110 goes to its 995 as TLS
+    pop3 = f"{pop}:995#{pop3_pin}" if pop3_pin else f"{pop}:110"
+    for service, target in (
+        ("pop3", pop3), ("pop3s", f"{pop}:995"), ("imap", f"{pop}:143"), ("imaps", f"{pop}:993")
+    ):  # fmt: skip
+        _run(None, _agent_cmd("servers", "set", *conf, uid, service, target))
     key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
     if allow:  # `--`: a key may start with "-" (base64url)
         _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
@@ -213,7 +218,9 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
     info.server_dirs = [str(s.directory) for s in (smtp, proxy, pop, web)]
     info.maildir = str(smtp.extra["maildir"])
     _accounts(config)
-    info.agent_fingerprint = add_agent(topo, directory, config)
+    info.agent_fingerprint = add_agent(
+        topo, directory, config, pop3_pin=fingerprint(Path(info.mail_cert))
+    )
     gw = topo["gw"]
     gw.start(*_appliance("run", "--config", str(config)), name="appliance")
     for port, host, proto in (

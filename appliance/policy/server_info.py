@@ -130,8 +130,10 @@ class ServerTable:
         return svc.upstreams
 
     def personal_endpoint(self, text: str) -> Endpoint | None:
+        """A personal server's endpoint; the certificate pin after '#' (the agent's
+        `host:port#sha256:...`) is the relay's business, not where it goes."""
         try:
-            ep = parse_endpoint(text)
+            ep = parse_endpoint(text.partition("#")[0])
         except ValueError:
             return None
         try:

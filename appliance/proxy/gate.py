@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from appliance.core import agent_protocol as wire
 from appliance.core import reach
 from appliance.core.config import Config
 from appliance.core.neighbours import neighbour_mac
@@ -187,11 +188,13 @@ class StaticGate:
             why = personal_problem(str(personal[service]))
             if why is not None:
                 return Refusal("denied", f"your personal {service} server {why}", portal, name)
-            host, port = _split(personal[service])
+            where, _, pin = str(personal[service]).partition("#")
+            host, port = _split(where)
+            how = UpstreamTls.pinned(pin) if pin else None
             return Admission(
                 name,
                 rule,
-                (Upstream(f"{service}/personal", host, port),),
+                (Upstream(f"{service}/personal", host, port, how),),
                 user.get("max_connections"),
                 user.get("identity", name),
                 user.get("session"),
@@ -237,11 +240,17 @@ def _split(spec: str) -> tuple[str, int]:
 
 
 def personal_problem(text: str, interfaces: Any = None) -> str | None:
-    """Why the relay cannot use a personal server "address:port" (from the visitor's
-    agent), as words for the visitor without the address; None: it can.  Such a server
+    """Why the relay cannot use a personal server "address:port[#sha256:pin]" (from the
+    visitor's agent), as words for the visitor without the address; None: it can.  Such a server
     is refused, never replaced by the site's: that would hand the visitor's home
     credentials to the site.  `interfaces` (config.interfaces) adds appliance.core.reach's
     verdict; the agent client checked it at login, this is the seam's own check."""
+    text, hashed, pin = text.partition("#")
+    if hashed:
+        try:
+            wire.parse_fingerprint(pin)
+        except ValueError:
+            return "has a certificate pin that is not a sha256 fingerprint"
     host, sep, port = text.rpartition(":")
     if host.startswith("[") or ":" in host:
         return "is an IPv6 server, and this appliance relays to IPv4 servers only"
@@ -340,7 +349,7 @@ class PolicyGate:
             why = personal_problem(personal, self.config.interfaces)
             if why is None:
                 endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
-                if [f"{ep.host}:{ep.port}" for ep in endpoints] != [personal]:
+                if [f"{ep.host}:{ep.port}" for ep in endpoints] != [personal.partition("#")[0]]:
                     why = "is not accepted by the server table"
             if why is not None:
                 log.warning(
@@ -353,10 +362,13 @@ class PolicyGate:
         else:
             endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
         ups = []
+        mine, _, pin = (personal or "").partition("#")
         for i, ep in enumerate(endpoints):
-            where = "personal" if personal == f"{ep.host}:{ep.port}" else "site"
+            where = "personal" if mine == f"{ep.host}:{ep.port}" else "site"
             tls = None
-            if svc is not None and svc.tls:  # (never personal: servers.toml refuses that)
+            if where == "personal" and pin:  # the household's own server, by its pin
+                tls = UpstreamTls.pinned(pin)
+            elif svc is not None and svc.tls:  # (site servers: servers.toml allows no other)
                 tls = UpstreamTls(svc.tls_name or ep.host, svc.tls_ca, svc.tls_fingerprint)
             label = f"{name}/{where}" + (f"#{i + 1}" if i else "")
             ups.append(Upstream(label, ep.host, ep.port, tls))

@@ -136,8 +136,11 @@ class Link(Tracked, asyncio.Protocol):
                 self.bytes_up += len(self.pending)
                 pump.transport.write(self.pending)  # type: ignore[union-attr]
                 self.pending = b""
-            if self.eofs and pump.transport is not None and pump.transport.can_write_eof():
-                pump.transport.write_eof()
+            if self.eofs and pump.transport is not None:
+                if pump.transport.can_write_eof():
+                    pump.transport.write_eof()
+                else:
+                    pump.transport.close()
             self.client.resume_reading()
             return
         self._refuse(no_upstream(self.user, self.rule))
@@ -177,8 +180,12 @@ class Link(Tracked, asyncio.Protocol):
                 return True
             return False
         self.eofs += 1
-        if self.pump.transport.can_write_eof():
-            self.pump.transport.write_eof()
+        if not self.pump.transport.can_write_eof():
+            # TLS to the upstream cannot half-close here: the guest is done, so is the
+            # upstream connection (close() still sends what is buffered, then close_notify)
+            self.pump.transport.close()
+            return False
+        self.pump.transport.write_eof()
         if self.eofs >= 2:
             self.pump.transport.close()
             return False
@@ -357,9 +364,12 @@ class Relay:
                 self.opened(http)
                 http.start()
                 continue
+            verdict = self.gate.admit(addr[0], ls.service)
+            if isinstance(verdict, Admission) and _speaks_tls(verdict, ls):
+                self._to_protocol_path(csock, ls)
+                continue
             conn = Spliced(self, ls, csock, addr[0])
             self.opened(conn)
-            verdict = self.gate.admit(conn.src, ls.service)
             if isinstance(verdict, Refusal):
                 conn.refuse_now(verdict)
             elif not conn.admitted(verdict):
@@ -370,6 +380,19 @@ class Relay:
                 Connector(self, conn, verdict.upstreams).next()
             else:  # names need the resolver first
                 self.loop.create_task(self.resolve_then_connect(conn, verdict.upstreams))
+
+    def _to_protocol_path(self, csock: Sock, ls: Listener) -> None:
+        """This guest's server wants TLS from us (a household's own server with a pin):
+        the connection goes to asyncio's TLS transport (Link), which admits it itself."""
+        sock = socket.socket(fileno=csock.detach())
+        self.loop.create_task(self._protocol_path(sock, ls))
+
+    async def _protocol_path(self, sock: socket.socket, ls: Listener) -> None:
+        try:
+            await self.loop.connect_accepted_socket(_bind(Link, self, ls), sock)
+        except OSError as exc:  # the guest went away meanwhile
+            log.info("%s: guest gone before its TLS upstream: %s", ls.service, exc)
+            sock.close()
 
     def _resume_accept(self, lsock: socket.socket) -> None:
         if lsock.fileno() >= 0:
@@ -485,6 +508,11 @@ class Relay:
 
     def stats(self) -> dict[str, Any]:
         return {f"{s}/{r}": n for (s, r), n in sorted(self.counters.items())}
+
+
+def _speaks_tls(adm: Admission, ls: Listener) -> bool:
+    """An upstream to speak TLS to, on a plain service (a tls service's TLS is the guest's)."""
+    return ls.protocol != "tls" and any(up.tls is not None for up in adm.upstreams)
 
 
 def _bind(cls: Any, relay: Relay, ls: Listener) -> Callable[[], asyncio.Protocol]:

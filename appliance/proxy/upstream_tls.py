@@ -14,12 +14,19 @@ import hashlib
 import ssl
 from dataclasses import dataclass
 
+from appliance.core import agent_protocol as wire
+
 
 @dataclass(frozen=True)
 class UpstreamTls:
     name: str  # what the certificate must name (and the SNI); "" with a pin
     cafile: str = ""  # "" : the system's CAs
     pin: str = ""  # hex SHA-256 of the certificate's DER; set: only the pin is checked
+
+    @classmethod
+    def pinned(cls, fingerprint: str) -> UpstreamTls:
+        """A household's server named by its agent as host:port#sha256:... ."""
+        return cls("", "", wire.unb64(wire.parse_fingerprint(fingerprint)[7:]).hex())
 
     def context(self) -> ssl.SSLContext:
         return _context(self.cafile, bool(self.pin))

@@ -152,10 +152,19 @@ def pop_subjects(node: Node, host: str, user: str, password: str) -> list[str]:
     return [ln for ln in out.splitlines() if ln.lower().startswith("subject:")]
 
 
-def mail_store(host: str) -> dict[str, str]:
-    """The personal servers a lab agent names: one home mail store, four services."""
-    return {"pop3": f"{host}:110", "pop3s": f"{host}:995", "imap": f"{host}:143",
+def mail_store(host: str, pin: str = "") -> dict[str, str]:
+    """The personal servers a lab agent names: one home mail store, four services; with
+    the store's pin, POP3 goes to its 995 over TLS."""
+    pop3 = f"{host}:995#{pin}" if pin else f"{host}:110"
+    return {"pop3": pop3, "pop3s": f"{host}:995", "imap": f"{host}:143",
             "imaps": f"{host}:993"}  # fmt: skip
+
+
+def mail_pin(lab: Lab) -> str:
+    from appliance.core.agent_protocol import parse_fingerprint
+    from appliance.lab.tls import fingerprint
+
+    return parse_fingerprint(fingerprint(Path(lab.info.mail_cert)))
 
 
 STAFF_SERVICES = sorted(
@@ -190,11 +199,11 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
         "source": "agent",
         "agent": "home.example",
     }
-    assert s1["personal_servers"] == mail_store(servers.POP_ADDR)
+    assert s1["personal_servers"] == mail_store(servers.POP_ADDR, mail_pin(lab))
     assert s2 and s2["user"] == bob_id and s2["source"] == f"agent:{BOB_AGENT}"
     assert s2["attributes"] == {"source": "agent", "agent": BOB_AGENT}
     assert s2["personal_servers"] == mail_store(BOB_POP)
-    shown = lab.appliance("sessions", "show", str(s2["id"]))
+    shown = lab.appliance("sessions", "show", str(s2["id"]))  # (bob's: no pin)
     assert bob_id in shown and f"{BOB_POP}:110" in shown
     # each one's status page: who, through which agent, and the services their
     # attributes allow (alice: the staff rule, mail and web; bob: the visitors rule, his
@@ -211,6 +220,11 @@ def test_two_households_log_in_through_their_agents_and_read_their_own_mail(lab:
     # each mail client keeps its home settings; the appliance intercepts port 110 and
     # sends each to that user's own server: each sees only their own mailbox
     assert pop_subjects(g1, "mail.home.example", alice, alice_pw) == ["Subject: welcome home"]
+    # alice's agent names her store with its pin: her client's plain POP3 on 110 went to
+    # the store's 995 over TLS (dovecot logs the login as TLS)
+    out = "\n".join(p.output() for p in lab.topo.processes if p.name == "dovecot")
+    logins = [ln for ln in out.splitlines() if "pop3-login" in ln and "user=<alice>" in ln]
+    assert logins and all("TLS" in ln for ln in logins), logins
     assert pop_subjects(g2, BOB_POP, bob, bob_pw) == ["Subject: for bob only"]
     # bob's client pointed at alice's server still reaches bob's own (the session decides)
     assert pop_subjects(g2, servers.POP_ADDR, bob, bob_pw) == ["Subject: for bob only"]
@@ -428,6 +442,24 @@ def test_https_and_mail_over_tls_pass_end_to_end_and_refusals_speak_tls(lab: Lab
     for kind, port in (("imap-starttls", "143"), ("pop3s", "995")):
         code, out = tls_client(g, kind, home, port, ca, alice, alice_pw)
         assert code == 0 and "welcome home" in out, (kind, out)
+    # and the mail tools people use: openssl s_client on IMAPS, fetchmail on POP3S, both
+    # checking the certificate against the lab CA and the name
+    r = g.run(
+        "openssl", "s_client", "-connect", f"{home}:993", "-servername", home, "-CAfile", ca,
+        "-verify_return_error", "-verify_hostname", home, "-quiet",
+        input="a LOGIN alice alice-pass\r\nb LOGOUT\r\n", timeout=30, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0 and "a OK" in r.stdout, r.stdout + r.stderr
+    rc = lab.directory / "fetchmailrc"
+    rc.write_text(
+        f'poll {home} protocol POP3 port 995 user "alice" password "{alice_pw}" '
+        f"ssl sslcertck sslcertfile {ca} sslcommonname {home}\n"
+    )
+    rc.chmod(0o600)
+    r = g.run("fetchmail", "-c", "-f", str(rc), timeout=60, check=False)
+    assert "message" in r.stdout and "for alice at mail.home.example" in r.stdout, (
+        r.stdout + r.stderr
+    )
 
     # a guest whose rule allows the web on port 80 only
     conf = Path(lab.info.config)

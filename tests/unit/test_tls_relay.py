@@ -370,3 +370,38 @@ def test_tls_to_the_upstream_is_verified_or_no_connection(
     if not works:
         assert "pop3 upstream pop3/site failed: " in caplog.text
         assert "TLS" in caplog.text or "pin" in caplog.text
+
+
+@pytest.mark.parametrize("right_pin", [True, False])
+def test_a_households_server_named_with_a_pin_is_spoken_to_over_tls(
+    cert: tuple[Path, Path], right_pin: bool
+) -> None:
+    """The agent names `host:port#sha256:...`: the guest's plain POP3 goes out as TLS to
+    that server, and only to the certificate with that fingerprint."""
+    from appliance.core import agent_protocol as wire
+
+    pin = wire.fingerprint(ssl.PEM_cert_to_DER_cert(cert[0].read_text()))
+    if not right_pin:
+        pin = wire.fingerprint(b"another certificate")
+
+    async def body() -> None:
+        server, oport = await origin(cert)  # TLS only
+        port = free_port()
+        t = pop3_table(port, oport, {})
+        del t["tls"]  # the site's own pop3 server is plain: the pin is the household's
+        t["personal_allowed"] = ["pop3"]
+        t["users"]["127.0.0.1"]["personal"] = {"pop3": f"127.0.0.1:{oport}#{pin}"}
+        relay = Relay(StaticGate(t), splice=True)
+        await relay.start("127.0.0.1")
+        answer = await plain_line(port)
+        if right_pin:
+            assert answer == b"ORIGIN STAT\n"
+        else:
+            assert answer.startswith(b"+OK guest gateway")  # refusing: unavailable
+        await asyncio.sleep(0.2)
+        result = "ok" if right_pin else "upstream-down"
+        assert relay.counters[("pop3", result)] == 1, relay.counters
+        await relay.stop()
+        server.close()
+
+    run(body())
