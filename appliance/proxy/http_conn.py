@@ -102,9 +102,11 @@ class HttpConn(Spliced):
         "c_readable",
         "c_writable",
         "candidates",
+        "fresh",
         "guest_eof",
         "had_body",
         "inbuf",
+        "keep",
         "limited",
         "orig",
         "phase",
@@ -135,6 +137,8 @@ class HttpConn(Spliced):
         self.c_writable = self.u_writable = True
         self.guest_eof = False
         self.had_body = False
+        self.keep = False  # the guest keeps its connection after this request
+        self.fresh = -1  # admitted at accept under this table generation (-1: ask again)
         self.phase = HEAD
         self.req: RequestHead | None = None
         self.req_body = BodyFraming.none()
@@ -159,6 +163,7 @@ class HttpConn(Spliced):
         if isinstance(verdict, Admission):
             if self.admitted(verdict):
                 self.adm = verdict
+                self.fresh = self.owner.generation  # its first request needs no new answer
             else:
                 self.limited = verdict
         self.edges.watch(self.sock.fileno(), self._client_event)
@@ -297,7 +302,12 @@ class HttpConn(Spliced):
         if self.limited is not None:
             self.refuse_now(over_limit(self.limited))
             return
-        verdict = self.owner.gate.admit(self.src, service)
+        fresh = self.adm if self.fresh == self.owner.generation else None
+        self.fresh = -1
+        if fresh is not None and service == self.listener.service:
+            verdict: Admission | Refusal = fresh  # asked at accept, tables unchanged since
+        else:
+            verdict = self.owner.gate.admit(self.src, service)
         if isinstance(verdict, Refusal):
             self.refuse_now(verdict)
             return
@@ -345,6 +355,7 @@ class HttpConn(Spliced):
             target = req.absolute() if proxies else req.path
             self.sent_head = self._rebuild(head, target, checked.authority(80), verdict)
         self.had_body = not self.req_body.done
+        self.keep = head.keep_alive()
         self.phase = WAIT
         if checked.numeric:
             self._go()
@@ -506,7 +517,7 @@ class HttpConn(Spliced):
         except BadMessage as exc:
             self._bad_upstream(str(exc))
             return
-        keep = req.keep_alive() and not self.resp_body.until_close and not self.guest_eof
+        keep = self.keep and not self.resp_body.until_close and not self.guest_eof
         self.to_guest += _guest_head(data, head, keep, req.version)
         self._response_body(data[head.size :])
 
@@ -537,7 +548,7 @@ class HttpConn(Spliced):
             else:
                 self._drop_upstream()
         self.req = None
-        if req.keep_alive() and not self.resp_body.until_close and not self.guest_eof:
+        if self.keep and not self.resp_body.until_close and not self.guest_eof:
             self.phase = HEAD
             self.req_body = BodyFraming.none()
         else:

@@ -15,6 +15,7 @@ no numeric forms a resolver would read as an address (`3325256707`,
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -90,8 +91,10 @@ def _host(text: str) -> tuple[str, bool]:
     return host, False
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_host(text: str, default_port: int) -> HostPort:
-    """A Host header or an authority: `host` or `host:port`, strictly."""
+    """A Host header or an authority: `host` or `host:port`, strictly (cached: a page
+    names the same few hosts many times; a refusal is not cached, it raises)."""
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, ""

@@ -51,6 +51,7 @@ class RawRelay(TrackedRelay, Protocol):
     waits: Deadlines
     original: Callable[[Sock], tuple[str, int] | None]
     upstreams: UpstreamPool
+    generation: int
 
     async def check_name(self, name: str, port: int) -> list[str] | None: ...
 

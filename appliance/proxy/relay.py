@@ -268,6 +268,7 @@ class Relay:
         self.name_ttl = name_ttl
         self.names: dict[str, tuple[float, list[str] | None]] = {}  # check_name's answers
         self.upstreams = UpstreamPool(self.edges, self.loop)  # kept-alive HTTP upstreams
+        self.generation = 0  # table changes seen
         # where a redirected guest connection was going (tests replace it: no nft there)
         self.original: Callable[[Sock], tuple[str, int] | None] = original_dst
         self.max_connections = max_connections  # per user and service, where a rule sets none
@@ -463,6 +464,7 @@ class Relay:
 
     def recheck(self) -> None:
         """After a table change: close every open connection the new tables no longer allow."""
+        self.generation += 1  # an admission from before is not reused (HttpConn)
         closed = 0
         for conn in list(self.conns):
             if conn.user is None or (conn.upstream_name is None and not conn.connecting()):

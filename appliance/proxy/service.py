@@ -221,6 +221,7 @@ def static_main(argv: list[str] | None = None) -> int:
         StaticGate.load(args.table)  # a broken table fails here, once, before any fork
     nets = [ipaddress.ip_network(n) for n in args.hidden]
 
+    @functools.lru_cache(maxsize=4096)  # as guest_hidden is: the web path asks per request
     def hidden(ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
