@@ -337,7 +337,11 @@ class PolicyGate:
     def _decide(self, session: Session, service: str) -> Admission | Refusal:
         portal = self.portal_url()
         services: Mapping[str, Any] = self.policy.servers.services
-        checked = service if service in services or service != "connect" else "http"
+        # a tunnel is decided by the `connect` service when the table has one, else by
+        # `https` (what a tunnel to port 443 is), else by `http`
+        checked = service
+        if service == "connect" and service not in services:
+            checked = "https" if "https" in services else "http"
         decision = self.policy.access.decide(session.attributes, checked)
         if not decision.allowed:
             return Refusal("denied", decision.reason, portal, session.user, decision.rule)
@@ -347,6 +351,8 @@ class PolicyGate:
         if personal is not None and svc is not None and svc.personal_allowed:
             # the visitor's own server or nothing: never the site's in its place
             why = personal_problem(personal, self.config.interfaces)
+            if why is None and "#" in personal and svc.protocol in ("http", "tls"):
+                why = "has a certificate pin, and this service's TLS is the guest's own"
             if why is None:
                 endpoints = self.policy.servers.upstreams_for(name, session.personal_servers)
                 if [f"{ep.host}:{ep.port}" for ep in endpoints] != [personal.partition("#")[0]]:

@@ -22,7 +22,10 @@ by EAGAIN, as in splice.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import struct
 
 from appliance.core.config import STAND_IN_TEXT as STAND_IN
 from appliance.proxy.gate import (
@@ -63,7 +66,11 @@ ROUNDS = 16  # steps per event before yielding to other connections
 _DROPPED = frozenset(
     {b"host", b"connection", b"proxy-connection", b"keep-alive", b"te", b"trailer", b"upgrade"}
 )
+_CUT = frozenset({"upstream-reset", "bad-response"})
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+# what the relay counts the body by: never dropped, whatever Connection names
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -76,7 +83,7 @@ def _guest_head(data: bytes, head: ResponseHead, keep: bool, version: bytes) -> 
     (RFC 9110 7.6.1) replaced by what holds between the guest and us: the upstream
     connection's fate is ours, the guest's connection stays open or is closed as said."""
     named = {t.strip().lower() for _n, v in head.headers if _n.lower() == b"connection"
-             for t in v.split(b",")}  # fmt: skip
+             for t in v.split(b",")} - _FRAMING  # fmt: skip
     lines = [data[: data.find(b"\r\n")]]
     for name, value in head.headers:
         low = name.lower()
@@ -88,6 +95,16 @@ def _guest_head(data: bytes, head: ResponseHead, keep: bool, version: bytes) -> 
     elif version == b"1.0":
         lines.append(b"Connection: keep-alive")
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _poolable(req: RequestHead, resp: ResponseHead) -> bool:
+    """May another guest's request use this upstream connection next?  Not when the
+    exchange may have bound it to this guest (connection-oriented authentication:
+    NTLM and Negotiate authenticate the connection, not the request), nor when the
+    guest spoke HTTP/1.0 (the server then means to close)."""
+    if req.version != b"1.1" or resp.status in (401, 407):
+        return False
+    return req.header(b"authorization") is None and req.header(b"proxy-authorization") is None
 
 
 def _ports(ports: frozenset[int]) -> str:
@@ -262,6 +279,8 @@ class HttpConn(Spliced):
         return True
 
     def _head(self) -> bool:
+        if self.to_guest:
+            return False  # the last answer first: a tunnel that follows starts after it
         try:
             head = parse_request_head(self.inbuf) if self.inbuf else None
         except BadMessage as exc:
@@ -292,11 +311,18 @@ class HttpConn(Spliced):
         if n:
             self.to_up += bytes(self.inbuf[:n])
             del self.inbuf[:n]
+        if self.req_body.done and self.resp is not None and self.resp_body.done:
+            self._cycle_done()  # the answer came before the body's end (a 401, a 413)
         return n > 0
 
     # -- one request ---------------------------------------------------------------
     def _request(self, head: RequestHead) -> None:
         connect = head.method == "CONNECT"
+        if connect and not self.listener.explicit:
+            # a tunnel on the transparent port would reach any name on any port past the
+            # rules (the tls services decide port 443 by the ClientHello)
+            self._answer(405, "Method Not Allowed", "CONNECT is for the explicit proxy port")
+            return
         service = "connect" if connect else self.listener.service
         self.wants_html = b"text/html" in (head.header(b"accept") or b"")
         if self.limited is not None:
@@ -365,13 +391,14 @@ class HttpConn(Spliced):
     def _rebuild(self, head: RequestHead, target: str, authority: str, adm: Admission) -> bytes:
         """The head we send on: request line and Host from the checked target."""
         ident = self.owner.identity_header
-        ident_l = ident.lower().encode() if ident else b""
+        # (X_Guest_User is X-Guest-User to a CGI or WSGI server: dropped too)
+        ident_l = ident.lower().replace("_", "-").encode() if ident else b""
         lines = [f"{head.method} {target} HTTP/{head.version.decode()}".encode()]
         lines.append(b"Host: " + authority.encode())
         upgrade = head.upgrade()
         for name, value in head.headers:
             low = name.lower()
-            if low in _DROPPED or (ident and low == ident_l):
+            if low in _DROPPED or (ident and low.replace(b"_", b"-") == ident_l):
                 if upgrade and low == b"upgrade":
                     lines.append(name + b": " + value)
                 continue
@@ -475,8 +502,9 @@ class HttpConn(Spliced):
         except BlockingIOError:
             self.u_readable = False
             return False
-        except OSError:
-            data = b""
+        except OSError:  # a reset: never an end, even of a body that ends with the close
+            self._upstream_gone()
+            return True
         if not data:
             self._upstream_eof()
             return True
@@ -504,13 +532,17 @@ class HttpConn(Spliced):
                 self.resp_buf = data
                 return
             if 100 <= head.status < 200 and head.status != 101:
-                self.to_guest += data[: head.size]  # 100 Continue and friends: passed on
+                if req.version == b"1.1":  # (a 1.0 client knows no interim answers)
+                    self.to_guest += data[: head.size]  # 100 Continue and friends
                 data = data[head.size :]
                 continue
             break
         self.resp, self.resp_buf = head, b""
-        if head.status == 101 and req.upgrade():
-            self._tunnel_after(data[: head.size], data[head.size :])
+        if head.status == 101:
+            if req.upgrade():
+                self._tunnel_after(data[: head.size], data[head.size :])
+            else:
+                self._bad_upstream("switching protocols nobody asked for")
             return
         try:
             self.resp_body = head.body(req.method)
@@ -542,7 +574,7 @@ class HttpConn(Spliced):
         req, resp = self.req, self.resp
         assert req is not None and resp is not None
         if self.up is not None and self.up_key is not None:
-            if resp.keep_alive() and not self.to_up:
+            if resp.keep_alive() and not self.to_up and _poolable(req, resp):
                 self.owner.upstreams.put(self.up_key, self.up)
                 self.up = None
             else:
@@ -605,13 +637,14 @@ class HttpConn(Spliced):
         up = self.up
         assert up is not None
         self.up = None
-        first_up = bytes(self.inbuf)
+        first_up = self.to_up + bytes(self.inbuf)
         self.inbuf.clear()
+        events = READ if self.u_readable else 0  # what the last read left in the socket
         self.conn = SpliceConn(
-            self.edges, self.owner.pool, self.sock, up, self.ended, 0, first_up,
+            self.edges, self.owner.pool, self.sock, up, self.ended, events, first_up,
             self.to_guest + head + rest,
         )  # fmt: skip
-        self.to_guest = b""
+        self.to_guest = self.to_up = b""
 
     def tunnel_request(self) -> bytes:
         assert self.tunnel_to is not None
@@ -671,4 +704,9 @@ class HttpConn(Spliced):
 
     def abort(self, result: str) -> None:
         self._drop_upstream()
+        if result in _CUT and self.conn is None:
+            # a cut answer must not end like a whole one: a reset, not a FIN (a body that
+            # ends with the connection would otherwise look complete)
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         super().abort(result)

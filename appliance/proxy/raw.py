@@ -391,7 +391,11 @@ class Connector:
         while self.i < len(self.ups) and not self.conn.closed:
             up = self.ups[self.i]
             self.i += 1
-            s = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                s = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:  # out of file descriptors: this upstream fails, counted
+                upstream_failed(self.conn.listener.service, up, exc.strerror or "no socket")
+                continue
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = s.connect_ex((up.host, up.port))
             if err in (0, errno.EINPROGRESS):
@@ -472,8 +476,11 @@ class Deadlines:
             expired.append(waiter)
         for waiter in expired:
             del self.due[waiter]
-            waiter.expired()
-        if self.due:
+            try:
+                waiter.expired()  # (may start a wait again, and so arm the timer itself)
+            except Exception:  # one connection's bug must not stop everyone's deadlines
+                log.exception("deadline of %r", waiter)
+        if self.due and self.timer is None:
             first = next(iter(self.due.values()))
             self.timer = self.loop.call_later(max(0.05, first - now), self._fire)
 

@@ -61,8 +61,8 @@ from appliance.proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("appliance.proxy")
 
-# services relayed over raw sockets (splice.py) when splicing is on; HTTP is parsed (http.py);
-# tls is always relayed over raw sockets (its ClientHello is read there)
+# services relayed over raw sockets (splice.py) when splicing is on; HTTP (http_conn.py)
+# and tls (its ClientHello is read, raw.py) are always on raw sockets
 RAW_PROTOCOLS = frozenset({"tcp", "smtp", "pop3", "imap"})
 HELLO_TIMEOUT = 10.0  # a ClientHello, and a web proxy's tunnel answer, come in this long
 # a name and a port -> the addresses a connection to it would go to (OSError: none)

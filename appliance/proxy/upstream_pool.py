@@ -6,9 +6,11 @@ ended cleanly, with both sides willing to keep it, is put here; the next request
 for the same upstream takes the newest one.  An idle connection that becomes
 readable (the server closed it, or sent something it should not have) is closed
 at once; one idle longer than `idle` seconds is closed by the sweep; at most
-`keep` are kept per upstream.  A connection taken may still have been closed by
-the server a moment ago: the caller retries an idempotent request once on a new
-connection when a reused one closes before its answer (RFC 9112 9.3.1).
+`keep` are kept per upstream and `keep_total` in all (direct mode has as many
+upstreams as there are origins: a guest must not hold the relay's descriptors).
+A connection taken may still have been closed by the server a moment ago: the
+caller retries an idempotent request once on a new connection when a reused one
+closes before its answer (RFC 9112 9.3.1).
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ Key = tuple[str, int]
 
 class UpstreamPool:
     def __init__(
-        self, edges: EdgePoll, loop: asyncio.AbstractEventLoop, keep: int = 32, idle: float = 30.0
+        self,
+        edges: EdgePoll,
+        loop: asyncio.AbstractEventLoop,
+        keep: int = 32,
+        idle: float = 30.0,
+        keep_total: int = 256,
     ) -> None:
         self.edges = edges
         self.loop = loop
         self.keep = keep
+        self.keep_total = keep_total
         self.idle = idle
         self.idle_conns: dict[Key, list[tuple[Sock, float]]] = {}
         self._sweep_timer: asyncio.TimerHandle | None = None
@@ -58,10 +66,21 @@ class UpstreamPool:
         if len(conns) >= self.keep:
             oldest, _ = conns.pop(0)
             self.edges.close(oldest)
+        elif self.size() >= self.keep_total:
+            self._evict_oldest()  # many upstreams (direct mode): a bound for all of them
         conns.append((sock, time.monotonic()))
         self.edges.rehandle(sock.fileno(), self._idle_handler(key, sock))
         if self._sweep_timer is None:
             self._sweep_timer = self.loop.call_later(self.idle / 2, self._sweep)
+
+    def size(self) -> int:
+        return sum(len(c) for c in self.idle_conns.values())
+
+    def _evict_oldest(self) -> None:
+        key = min(
+            (k for k, c in self.idle_conns.items() if c), key=lambda k: self.idle_conns[k][0][1]
+        )
+        self.edges.close(self.idle_conns[key].pop(0)[0])
 
     def _idle_handler(self, key: Key, sock: Sock) -> Callable[[int], None]:
         def idle_event(ev: int) -> None:

@@ -295,17 +295,19 @@ def test_the_site_decides_whose_word_it_takes(
     carol, allowed = log_in(f"carol@203.0.113.2#{fp_own}", "pw-c")
     assert carol.user == "carol@203.0.113.2" and not carol.trusted
     assert dict(carol.attributes) == {"source": "agent", "agent": "203.0.113.2"}
-    assert allowed == ["pop3"]  # the example's visitors rule, not staff's smtp, pop3, http
+    # the example's visitors rule (their own mail), not staff's smtp, pop3, http
+    assert allowed == ["imap", "imaps", "pop3", "pop3s"]
     assert carol.servers == {"pop3": "203.0.113.3:110"}  # her own mail server still works
 
     dave, allowed = log_in(f"dave@203.0.113.1#{fp_corp}", "pw-d")
     assert dave.user == "dave@corp.example" and dave.trusted
     assert dict(dave.attributes) == {"role": "staff", "source": "agent", "agent": "corp.example"}
-    assert allowed == ["http", "pop3", "smtp"]
+    staff = ["http", "https", "imap", "imaps", "pop3", "pop3s", "smtp", "smtps", "submission"]
+    assert allowed == staff
 
     # an invalid edit changes nothing; a valid one applies at the next login
     trust('["source"]')
-    assert log_in(f"dave@203.0.113.1#{fp_corp}", "pw-d")[1] == ["http", "pop3", "smtp"]
+    assert log_in(f"dave@203.0.113.1#{fp_corp}", "pw-d")[1] == staff
     trust("[]")
     dave, allowed = log_in(f"dave@203.0.113.1#{fp_corp}", "pw-d")
-    assert allowed == ["pop3"] and dave.user == "dave@corp.example"
+    assert allowed == ["imap", "imaps", "pop3", "pop3s"] and dave.user == "dave@corp.example"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import struct
 from typing import Any
 
 import pytest
@@ -29,9 +31,11 @@ class Upstream:
     def __init__(self) -> None:
         self.connections = 0
         self.requests: list[bytes] = []
+        self.bound: set[int] = set()  # connections a guest authenticated
 
     async def serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
+        me = self.connections
         try:
             while True:
                 head = await r.readuntil(b"\r\n\r\n")
@@ -40,7 +44,7 @@ class Upstream:
                 method, target = line.split(b" ")[:2]
                 path = target.rsplit(b"/", 1)[-1]
                 m = re.search(rb"(?i)content-length: (\d+)", head)
-                if m:
+                if m and path != b"early":
                     await r.readexactly(int(m.group(1)))
                 if path == b"len":
                     body = b"" if method == b"HEAD" else b"0123456789"
@@ -75,6 +79,24 @@ class Upstream:
                     return
                 elif path == b"garbage":
                     w.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+                elif path == b"early":  # answers before reading the body, keeps the connection
+                    w.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
+                elif path == b"auth":  # connection-oriented auth: this connection is bound
+                    self.bound.add(me)
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+                elif path == b"who":
+                    who = b"bound" if me in self.bound else b"anon!"
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + who)
+                elif path == b"strip":  # names its own framing header as hop-by-hop
+                    w.write(b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\n")
+                    w.write(b"Content-Length: 3\r\n\r\nabc")
+                elif path == b"resetbody":  # a body until close, cut by a reset
+                    w.write(b"HTTP/1.1 200 OK\r\n\r\npartial")
+                    await w.drain()
+                    sock = w.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    w.transport.abort()
+                    return
                 elif path == b"closeafter":
                     w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     await w.drain()
@@ -203,8 +225,8 @@ def test_a_pooled_connection_the_server_closed_is_retried_once_on_a_new_one() ->
 def test_a_cut_or_bad_answer_is_never_passed_on_as_whole() -> None:
     async def body() -> None:
         relay, _up, server, port = await setup()
-        out = await exchange(port, request("cut"))
-        assert b"only half" in out  # what came is passed on, then the guest is reset
+        with pytest.raises(ConnectionResetError):  # a cut answer ends with a reset
+            await exchange(port, request("cut"))
         await asyncio.sleep(0.05)
         assert relay.counters[("http", "upstream-reset")] == 1
         out = await exchange(port, request("garbage"))
@@ -226,6 +248,97 @@ def test_an_accepted_upgrade_becomes_a_tunnel() -> None:
         assert await asyncio.wait_for(r.readexactly(4), 5) == b"PING"
         w.close()
         assert b"Upgrade: echo" in up.requests[0] and b"Connection: upgrade" in up.requests[0]
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_connect_is_for_the_explicit_port_only() -> None:
+    """On the transparent port a CONNECT would reach any name on any port past the
+    rules (issue #16 review): it is answered 405, never tunnelled."""
+
+    async def body() -> None:
+        relay, up, server, _port = await setup()
+        port = free_port()
+        await relay.start("127.0.0.1", (Listener("http", "http", port),))
+        relay.original = lambda _sock: ("192.0.2.80", 80)
+        out = await exchange(port, b"CONNECT www.example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 405"), out
+        assert up.connections == 0
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_an_answer_before_the_body_ends_still_ends_the_cycle() -> None:
+    async def body() -> None:
+        relay, _up, server, port = await setup()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        head = request("early", "POST", "Content-Length: 10\r\n")
+        w.write(head + b"01234")  # half the body; the answer comes already
+        assert (await asyncio.wait_for(r.readuntil(b"nope"), 5)).startswith(b"HTTP/1.1 401")
+        w.write(b"56789" + request("len"))  # the rest, then the next request
+        assert (await asyncio.wait_for(r.readuntil(b"0123456789"), 5)).endswith(b"0123456789")
+        w.close()
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_a_connection_a_guest_authenticated_is_never_anothers() -> None:
+    async def body() -> None:
+        relay, up, server, port = await setup()
+        auth = "Authorization: NTLM TlRMTVNTUAABAAAA\r\n"
+        assert (await exchange(port, request("auth", extra=auth), b"hi")).endswith(b"hi")
+        out = await exchange(port, request("who"), b"!")
+        assert out.endswith(b"anon!"), out  # another guest: a fresh upstream connection
+        assert up.connections == 2
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_an_upstream_cannot_strip_the_framing_or_pass_a_reset_as_an_end() -> None:
+    async def body() -> None:
+        relay, _up, server, port = await setup()
+        out = await exchange(port, request("strip"), b"abc")
+        assert b"Content-Length: 3\r\n" in out and out.endswith(b"abc")
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(request("resetbody"))
+        got = b""
+        with pytest.raises(ConnectionResetError):  # a cut answer, never a clean end
+            while chunk := await asyncio.wait_for(r.read(65536), 5):
+                got += chunk
+        assert got.endswith(b"partial")
+        w.close()
+        await asyncio.sleep(0.05)
+        assert relay.counters[("http", "upstream-reset")] == 1
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_idle_upstreams_are_bounded_in_all() -> None:
+    async def body() -> None:
+        relay, _up, server, _ = await setup()
+        pool = relay.upstreams
+        pool.keep_total = 3
+        a, b = socket.socketpair()
+        others = []
+        for i in range(5):  # five upstreams, one idle connection each
+            x, y = socket.socketpair()
+            others.append(y)
+            relay.edges.watch(x.fileno(), lambda _ev: None)
+            pool.put((f"192.0.2.{i}", 80), x)
+        assert pool.size() == 3
+        assert set(pool.idle_conns) >= {("192.0.2.3", 80), ("192.0.2.4", 80)}
+        a.close()
+        b.close()
         await relay.stop()
         server.close()
 

@@ -366,3 +366,49 @@ def test_urgent_data_does_not_stall_a_direction(bulk_first: bool) -> None:
         upstream.close()
 
     run(body())
+
+
+def test_deadlines_keep_one_timer_when_a_waiter_starts_again_as_it_expires() -> None:
+    """A connect that times out and moves to the next upstream starts its wait again from
+    inside the timer's callback: that must not leave a second timer behind (one more per
+    such moment, for ever, was found in review)."""
+    from appliance.proxy.raw import Deadlines
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        handles: list[asyncio.TimerHandle] = []
+        real = loop.call_later
+
+        def call_later(delay: float, cb: Any, *args: Any) -> asyncio.TimerHandle:
+            h = real(delay, cb, *args)
+            if getattr(cb, "__self__", None) is d:  # (the sleeps here are timers too)
+                handles.append(h)
+            return h
+
+        loop.call_later = call_later  # type: ignore[method-assign]
+        d = Deadlines(loop, 0.03)
+
+        class Retrying:
+            tries = 0
+
+            def expired(self) -> None:
+                self.tries += 1
+                if self.tries < 8:
+                    d.start(self)  # the next upstream: a new wait, from the callback
+                now = loop.time() + 0.005  # (uvloop fires timers up to a millisecond early)
+                most[0] = max(
+                    most[0], sum(1 for h in handles if not h.cancelled() and h.when() > now)
+                )
+
+        most = [0]  # timers pending at once, the most seen
+        waiters = [Retrying() for _ in range(3)]
+        for w in waiters:
+            d.start(w)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.6)
+        pending = [h for h in handles if not h.cancelled() and h.when() > loop.time()]
+        assert all(w.tries == 8 for w in waiters) and not d.due
+        assert len(pending) <= 1 and most[0] <= 1, (len(pending), most)
+        d.cancel()
+
+    run(body())
