@@ -439,7 +439,9 @@ class HttpConn(Spliced):
         cands = self.candidates
         if self.sent_head and numeric(cands):  # (a tunnel always gets its own connection)
             key = (cands[0].host, cands[0].port)
-            sock = self.owner.upstreams.take(key)
+            req = self.req
+            retryable = req is not None and req.method in _IDEMPOTENT and not self.had_body
+            sock = self.owner.upstreams.take(key, check=not retryable)
             if sock is not None:
                 self.upstream_name = cands[0].name
                 self._attach(sock, key, reused=True)

@@ -213,7 +213,7 @@ def test_a_pooled_connection_the_server_closed_is_retried_once_on_a_new_one() ->
         assert sock is not None
         sock.shutdown(2)  # (as if the server's FIN crossed our request)
         taken = [sock]
-        pool.take = lambda key: taken.pop() if taken else None  # type: ignore[method-assign]
+        pool.take = lambda key, check=True: taken.pop() if taken else None  # type: ignore[method-assign]
         assert (await exchange(port, request("len"), b"0123456789")).endswith(b"0123456789")
         assert not taken and up.connections == 3
         await relay.stop()
