@@ -26,37 +26,41 @@ MAX_LINE = 4096
 MAX_COMMANDS = 20  # commands a refusal dialog answers before it closes
 
 
+# The words are the same in every mail protocol; each has its own codes in front
+# (login, denied, limit, unavailable)
+_WORDS = {
+    "login": "log in first at {portal}",
+    "denied": "access denied by site policy{rule}",
+    "limit": "too many connections from you, try again later",
+    "unavailable": "mail service temporarily unavailable, try again later",
+}
+_CODES = {
+    "smtp": {"login": "530 5.7.0", "denied": "554 5.7.1", "limit": "421 4.7.0",
+             "unavailable": "421 4.3.0"},
+    "pop3": {"login": "-ERR [AUTH]", "denied": "-ERR [SYS/PERM]", "limit": "-ERR [SYS/TEMP]",
+             "unavailable": "-ERR [SYS/TEMP]"},
+    "imap": {"login": "* BYE [ALERT]", "denied": "* BYE [ALERT]",
+             "limit": "* BYE [UNAVAILABLE]", "unavailable": "* BYE [UNAVAILABLE]"},
+}  # fmt: skip
+
+
+def mail_reply(protocol: str, r: Refusal) -> str:
+    """The refusal line of a mail protocol (smtp, pop3, imap), without CRLF."""
+    rule = f" (rule {r.rule})" if r.rule and r.kind == "denied" else ""
+    words = _WORDS[r.kind].format(portal=r.portal_url, rule=rule)
+    return f"{_CODES[protocol][r.kind]} {words}"
+
+
 def smtp_reply(r: Refusal) -> str:
-    if r.kind == "login":
-        return f"530 5.7.0 log in first at {r.portal_url}"
-    if r.kind == "denied":
-        rule = f" (rule {r.rule})" if r.rule else ""
-        return f"554 5.7.1 access denied by site policy{rule}"
-    if r.kind == "limit":
-        return "421 4.7.0 too many connections from you, try again later"
-    return "421 4.3.0 mail service temporarily unavailable, try again later"
+    return mail_reply("smtp", r)
 
 
 def pop3_reply(r: Refusal) -> str:
-    if r.kind == "login":
-        return f"-ERR [AUTH] log in first at {r.portal_url}"
-    if r.kind == "denied":
-        rule = f" (rule {r.rule})" if r.rule else ""
-        return f"-ERR [SYS/PERM] access denied by site policy{rule}"
-    if r.kind == "limit":
-        return "-ERR [SYS/TEMP] too many connections from you, try again later"
-    return "-ERR [SYS/TEMP] mail service temporarily unavailable, try again later"
+    return mail_reply("pop3", r)
 
 
 def imap_reply(r: Refusal) -> str:
-    if r.kind == "login":
-        return f"* BYE [ALERT] log in first at {r.portal_url}"
-    if r.kind == "denied":
-        rule = f" (rule {r.rule})" if r.rule else ""
-        return f"* BYE [ALERT] access denied by site policy{rule}"
-    if r.kind == "limit":
-        return "* BYE [UNAVAILABLE] too many connections from you, try again later"
-    return "* BYE [UNAVAILABLE] mail service temporarily unavailable, try again later"
+    return mail_reply("imap", r)
 
 
 # TLS alert descriptions (RFC 8446 6)
