@@ -60,7 +60,9 @@ _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])
 _CHUNK_EXT = (
     rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
 )
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})" + _CHUNK_EXT + rb"\r\n")
+# at most 15 hex digits (under 2^60): a server that reads sizes as signed 64-bit integers
+# must not see another end of the body than the relay does
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})" + _CHUNK_EXT + rb"\r\n")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _TCHAR_ONLY = re.compile(_TOKEN)
 _METHOD = re.compile(_TCHAR + rb"*")
