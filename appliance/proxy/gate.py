@@ -69,7 +69,6 @@ class Listener:
     protocol: str  # smtp | pop3 | imap | http | tls | tcp: how it is read and refused
     port: int
     explicit: bool = False  # an explicit HTTP proxy port (no SO_ORIGINAL_DST)
-    upstream_tls: bool = False  # its upstreams are spoken to over TLS
 
 
 @dataclass(frozen=True)
@@ -152,15 +151,8 @@ class StaticGate:
         return cls(json.loads(path.read_text()), path)
 
     def listeners(self) -> tuple[Listener, ...]:
-        tls = self.table.get("tls", {})
         return tuple(
-            Listener(
-                d["service"],
-                d["protocol"],
-                int(d["port"]),
-                bool(d.get("explicit", False)),
-                d["service"] in tls,
-            )
+            Listener(d["service"], d["protocol"], int(d["port"]), bool(d.get("explicit", False)))
             for d in self.table["listeners"]
         )
 
@@ -309,7 +301,7 @@ class PolicyGate:
 
     def listeners(self) -> tuple[Listener, ...]:
         out = [
-            Listener(s.name, s.protocol, s.listen_port, upstream_tls=s.tls)
+            Listener(s.name, s.protocol, s.listen_port)
             for s in self.policy.servers.services.values()
         ]
         port = self.config.proxy.explicit_http_port

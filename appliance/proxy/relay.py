@@ -310,9 +310,9 @@ class Relay:
     async def start(self, host: str, listeners: tuple[Listener, ...] | None = None) -> None:
         for ls in listeners if listeners is not None else self.gate.listeners():
             factory: Callable[[], asyncio.Protocol]
-            if ls.protocol in ("tls", "http") or (
-                ls.protocol in RAW_PROTOCOLS and self.splice and not ls.upstream_tls
-            ):
+            # (a connection whose upstream wants TLS from us leaves the raw core at
+            # accept, whatever made it so: servers.toml `tls = true` or a household's pin)
+            if ls.protocol in ("tls", "http") or (ls.protocol in RAW_PROTOCOLS and self.splice):
                 self._listen_raw(host, ls)
                 log.info(
                     "listening on %s:%d for %s (%s, raw)", host, ls.port, ls.service, ls.protocol
@@ -383,8 +383,9 @@ class Relay:
                 self.loop.create_task(self.resolve_then_connect(conn, verdict.upstreams))
 
     def _to_protocol_path(self, csock: Sock, ls: Listener) -> None:
-        """This guest's server wants TLS from us (a household's own server with a pin):
-        the connection goes to asyncio's TLS transport (Link), which admits it itself."""
+        """This guest's server wants TLS from us (servers.toml `tls = true`, or a
+        household's own server with a pin): the connection goes to asyncio's TLS
+        transport (Link), which admits it itself."""
         sock = socket.socket(fileno=csock.detach())
         self.loop.create_task(self._protocol_path(sock, ls))
 
