@@ -11,15 +11,10 @@ from typing import Any
 
 import pytest
 
+from appliance.policy.server_info import Endpoint, Service
 from appliance.proxy.gate import Admission, PolicyGate, Refusal
 
 pytestmark = pytest.mark.unit
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
 
 
 @dataclass(frozen=True)
@@ -37,32 +32,13 @@ class FakePolicy:
 
     @property
     def servers(self) -> Any:
+        # the real Service type: a fake would drift from it as it grows keys
         svc = {
-            "smtp": SimpleNamespace(
-                name="smtp",
-                protocol="smtp",
-                listen_port=2525,
-                personal_allowed=False,
-                route="server",
-                tls=False,
-            ),
-            "pop3": SimpleNamespace(
-                name="pop3",
-                protocol="pop3",
-                listen_port=1110,
-                personal_allowed=True,
-                route="server",
-                tls=False,
-            ),
-            "http": SimpleNamespace(
-                name="http",
-                protocol="http",
-                listen_port=8081,
-                personal_allowed=False,
-                route="server",
-                tls=False,
-            ),
-        }
+            name: Service(name, name, port, (), (), personal, ())
+            for name, port, personal in (
+                ("smtp", 2525, False), ("pop3", 1110, True), ("http", 8081, False)
+            )
+        }  # fmt: skip
 
         def upstreams_for(service: str, personal: Mapping[str, str]) -> tuple[Endpoint, ...]:
             if service == "pop3" and "pop3" in personal:
