@@ -11,6 +11,7 @@ small functions so PostgreSQL can replace this later.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 
@@ -25,6 +26,24 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     )
     conn.execute("PRAGMA busy_timeout = 5000")
     if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
+        _wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """WAL mode, persistent in the file.  Switching takes an exclusive lock that SQLite
+    does not wait for (no busy handler): roles opening the store at the same moment
+    (the proxy's forked workers) would fail with "database is locked", so an already-WAL
+    file is left as it is and a switch that meets a lock is tried again briefly."""
+    for attempt in range(50):
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() == "wal":
+            return
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.05)
