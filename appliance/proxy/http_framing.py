@@ -118,15 +118,28 @@ class BodyFraming:
     it is one (`body.until_close`): a descriptor tells the two apart.
     """
 
-    __slots__ = ("_left", "_line", "_mode", "_state", "_status", "_trailer", "done", "remaining")
+    __slots__ = (
+        "_left",
+        "_line",
+        "_mode",
+        "_state",
+        "_status",
+        "_trailer",
+        "_trailers_allowed",
+        "done",
+        "remaining",
+    )
 
     until_close = _UntilClose()
 
     done: bool  # the body's last byte (for chunked: the trailer section's last CRLF) was consumed
     remaining: int  # for length(): bytes still to come (may be spliced as they are); -1 otherwise
 
-    def __init__(self, mode: int, n: int = -1, status: int = 400) -> None:
+    def __init__(self, mode: int, n: int = -1, status: int = 400, trailers: bool = True) -> None:
         self._mode = mode
+        # A request's trailer fields would reach the upstream unchecked (an identity
+        # header among them), so only a response's may pass.
+        self._trailers_allowed = trailers
         self._state = _SIZE
         self._left = 0  # chunk data bytes to go
         self._line = b""  # a chunk-size or trailer line received in part
@@ -150,9 +163,10 @@ class BodyFraming:
         return cls(_LENGTH, n)
 
     @classmethod
-    def chunked(cls) -> BodyFraming:
-        """A chunked body: done after the last chunk and the trailer section."""
-        return cls(_CHUNKED)
+    def chunked(cls, trailers: bool = True) -> BodyFraming:
+        """A chunked body: done after the last chunk and the trailer section (which must
+        be empty when `trailers` is false: a guest's request)."""
+        return cls(_CHUNKED, trailers=trailers)
 
     def feed(self, data: Buffer) -> int:
         """How many leading bytes of `data` belong to this body (<= len(data)); sets
@@ -250,6 +264,8 @@ class BodyFraming:
                         break
                     if _FIELD_LINE.fullmatch(line) is None:
                         raise self._bad("bad trailer field line")
+                    if not self._trailers_allowed:
+                        raise self._bad("request trailer fields are not relayed")
                 else:  # _END
                     break
         finally:
@@ -326,7 +342,7 @@ def _request_body(headers: Sequence[tuple[bytes, bytes]], version: bytes) -> Bod
             if b"chunked" in codings[:-1] or not all(_TCHAR_ONLY.fullmatch(c) for c in codings):
                 raise BadMessage("bad Transfer-Encoding")
             raise BadMessage("transfer codings other than chunked are not relayed", 501)
-        return BodyFraming.chunked()
+        return BodyFraming.chunked(trailers=False)
     if cl:
         n = _content_length(cl, 400)
         return BodyFraming.length(n)
