@@ -1,0 +1,181 @@
+"""The relay's registration table (seed 003): who owns each household name, and presence.
+
+Sans-IO: the caller passes `now`.  A name belongs to the first key that registers it
+(claims are persisted, so a restart hands no name to a squatter); a registration with
+the owner's key replaces the owner's current link at once (takeover).  Only the owner's
+own attempts count towards the per-household rate limit, so nobody else can lock a
+household out by spamming registrations for its name.
+
+Persistence goes through `HouseholdStore` (SQLite here; PostgreSQL later, issue #18).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from appliance.homelink.frames import Reset
+from appliance.homerelay.registration import CLOSE_CLAIMED, CLOSE_TOO_MANY, RegistrationRefused
+from appliance.state.store import connect
+
+MAX_ATTEMPTS = 4  # registrations per household ...
+ATTEMPT_WINDOW = 10.0  # ... in this many seconds
+MAX_STREAMS = 64  # open streams per household
+MAX_CLAIMS = 100_000  # household names one relay hands out
+
+
+class State(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    IN_USE = "in_use"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    name: str
+    key: str
+    claimed_at: float
+    last_seen: float
+
+
+class HouseholdStore(Protocol):
+    """Where claims live across restarts."""
+
+    def load(self) -> list[Claim]: ...
+    def claim(self, name: str, key: str, claimed_at: float) -> None: ...
+    def seen(self, name: str, last_seen: float) -> None: ...
+
+
+class SqliteHouseholds:
+    """All the relay's SQL: one table in one SQLite file (WAL)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.conn = connect(path)
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS households (name TEXT PRIMARY KEY, key TEXT NOT NULL,"
+            " claimed_at REAL NOT NULL, last_seen REAL NOT NULL)"
+        )
+
+    def load(self) -> list[Claim]:
+        rows = self.conn.execute("SELECT name, key, claimed_at, last_seen FROM households")
+        return [Claim(str(n), str(k), float(c), float(s)) for n, k, c, s in rows]
+
+    def claim(self, name: str, key: str, claimed_at: float) -> None:
+        self.conn.execute(
+            "INSERT INTO households (name, key, claimed_at, last_seen) VALUES (?, ?, ?, ?)",
+            (name, key, claimed_at, claimed_at),
+        )
+
+    def seen(self, name: str, last_seen: float) -> None:
+        self.conn.execute("UPDATE households SET last_seen = ? WHERE name = ?", (last_seen, name))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass(slots=True)
+class _Household:
+    key: str
+    last_seen: float
+    link_id: int | None = None
+    streams: int = 0
+    attempts: deque[float] = field(default_factory=deque)
+
+
+class Registrations:
+    """The table in memory, written through to `store` on claim and on going offline."""
+
+    def __init__(
+        self,
+        store: HouseholdStore | None = None,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        attempt_window: float = ATTEMPT_WINDOW,
+        max_streams: int = MAX_STREAMS,
+        max_claims: int = MAX_CLAIMS,
+    ) -> None:
+        self.store = store
+        self.max_attempts = max_attempts
+        self.attempt_window = attempt_window
+        self.max_streams = max_streams
+        self.max_claims = max_claims
+        self._households: dict[str, _Household] = {}
+        for c in store.load() if store else []:
+            self._households[c.name] = _Household(c.key, c.last_seen)
+
+    def claim_or_check(self, household: str, key: str, now: float) -> RegistrationRefused | None:
+        """After a verified registration: None when `key` may use the name (claiming it
+        if free), else the refusal to close the link with (4403, 4429)."""
+        entry = self._households.get(household)
+        if entry is not None and entry.key != key:
+            return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
+        if entry is None:
+            if len(self._households) >= self.max_claims:
+                return RegistrationRefused(CLOSE_TOO_MANY, "this relay holds no more names")
+            if self.store:
+                self.store.claim(household, key, now)
+            entry = self._households[household] = _Household(key, now)
+        while entry.attempts and entry.attempts[0] <= now - self.attempt_window:
+            entry.attempts.popleft()
+        if len(entry.attempts) >= self.max_attempts:
+            return RegistrationRefused(CLOSE_TOO_MANY, "too many registrations; wait")
+        entry.attempts.append(now)
+        return None
+
+    def online(self, household: str, key: str, link_id: int, now: float) -> int | None:
+        """`link_id` now carries the household; returns the link it replaces (to close)."""
+        entry = self._households[household]
+        if entry.key != key:
+            raise ValueError("online() for a key that does not own the household")
+        previous = entry.link_id
+        entry.link_id = link_id
+        entry.last_seen = now
+        return previous if previous != link_id else None
+
+    def offline(self, household: str, link_id: int, now: float) -> bool:
+        """The link ended; False (nothing changes) when it had already been replaced."""
+        entry = self._households.get(household)
+        if entry is None or entry.link_id != link_id:
+            return False
+        entry.link_id = None
+        entry.last_seen = now
+        if self.store:
+            self.store.seen(household, now)
+        return True
+
+    def link(self, household: str) -> int | None:
+        entry = self._households.get(household)
+        return entry.link_id if entry else None
+
+    def streams_opened(self, household: str, now: float) -> Reset | None:
+        """Count a new stream to the household; the RESET to answer the OPEN with if not."""
+        entry = self._households.get(household)
+        if entry is None or entry.link_id is None:
+            return Reset.OFFLINE
+        if entry.streams >= self.max_streams:
+            return Reset.LIMIT
+        entry.streams += 1
+        entry.last_seen = now
+        return None
+
+    def streams_closed(self, household: str, now: float) -> None:
+        entry = self._households.get(household)
+        if entry is not None and entry.streams > 0:
+            entry.streams -= 1
+            entry.last_seen = now
+
+    def presence(self, household: str, now: float | None = None) -> dict[str, object] | None:
+        """The answer to GET /v1/households/NAME; None (404) for a name never claimed.
+        An online household is seen `now` when given."""
+        entry = self._households.get(household)
+        if entry is None:
+            return None
+        if entry.link_id is None:
+            state = State.OFFLINE
+        else:
+            state = State.IN_USE if entry.streams else State.ONLINE
+        seen = now if now is not None and entry.link_id is not None else entry.last_seen
+        return {"household": household, "state": str(state), "last_seen": int(seen)}

@@ -1,0 +1,239 @@
+"""The relay's registration: signed answers to its challenge, and the table of names."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.core.agent_protocol import b64, fingerprint
+from appliance.homelink.frames import Reset
+from appliance.homerelay.registration import (
+    Registration,
+    RegistrationRefused,
+    challenge,
+    challenge_message,
+    parse_challenge,
+    sign_registration,
+    verify_registration,
+)
+from appliance.homerelay.table import Registrations, SqliteHouseholds
+
+pytestmark = pytest.mark.unit
+HOST = "relay.example"
+
+
+def make_cert(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent")])
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.DER)
+
+
+KEY = ec.generate_private_key(ec.SECP256R1())
+CERT = make_cert(KEY)
+OTHER = ec.generate_private_key(ec.SECP256R1())
+
+
+def good(nonce: bytes, household: str = "alice-home") -> dict[str, str]:
+    return sign_registration(KEY, CERT, nonce, household, HOST)
+
+
+def test_good_registration_gives_name_and_fingerprint_key() -> None:
+    nonce = challenge()
+    assert parse_challenge(json.dumps(challenge_message(nonce))) == nonce
+    message = json.dumps(good(nonce))
+    assert verify_registration(message, nonce, HOST) == Registration(
+        "alice-home", fingerprint(CERT)
+    )
+    # the relay host compares like DNS names do
+    assert isinstance(verify_registration(message, nonce, "Relay.Example."), Registration)
+
+
+def refusal(message: object, nonce: bytes, host: str = HOST) -> int:
+    result = verify_registration(message, nonce, host)
+    assert isinstance(result, RegistrationRefused), result
+    assert result.reason
+    return result.code
+
+
+def test_signature_bound_to_nonce_host_and_key() -> None:
+    nonce = challenge()
+    assert refusal(good(nonce), challenge()) == 4401
+    assert refusal(good(nonce), nonce, "other-relay.example") == 4401
+    forged = dict(good(nonce))
+    forged["signature"] = sign_registration(OTHER, CERT, nonce, "alice-home", HOST)["signature"]
+    assert refusal(forged, nonce) == 4401
+    renamed = dict(good(nonce), household="bob-home")
+    assert refusal(renamed, nonce) == 4401
+
+
+def test_malformed_messages_are_4400() -> None:
+    nonce = challenge()
+    msg = good(nonce)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    cases: list[object] = [
+        "not json",
+        "[" * 5000,
+        json.dumps(msg) + " " * 9000,
+        [msg],
+        None,
+        dict(msg, type="challenge"),
+        dict(msg, extra="x"),
+        {k: v for k, v in msg.items() if k != "signature"},
+        dict(msg, household="Alice"),
+        dict(msg, household="alice-home\n"),
+        dict(msg, household=7),
+        dict(msg, certificate=msg["certificate"][:-20]),
+        dict(msg, certificate="!!not base64!!"),
+        dict(msg, certificate=""),
+        dict(msg, certificate=b64(b"\x30\x82garbage")),
+        dict(msg, certificate=b64(make_cert(rsa_key))),
+        dict(msg, certificate=b64(make_cert(p384))),
+        dict(msg, certificate="A" * 100_000),
+        dict(msg, signature="A" * 1000),
+        dict(msg, signature=["x"]),
+        dict(msg, certificate=None),
+    ]
+    for case in cases:
+        assert refusal(case, nonce) == 4400, case
+
+
+def test_truncated_signature_is_refused() -> None:
+    nonce = challenge()
+    msg = good(nonce)
+    assert refusal(dict(msg, signature=msg["signature"][:-8]), nonce) in (4400, 4401)
+    assert refusal(dict(msg, signature=b64(b"\x30\x06garbage")), nonce) == 4401
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=20,
+)
+fields = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["register", "x"]) | json_values,
+        "household": st.sampled_from(["alice-home", ""]) | json_values,
+        "certificate": st.sampled_from([b64(CERT), b64(CERT)[:50]]) | json_values,
+        "signature": st.text(alphabet="AB-_", max_size=100) | json_values,
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, fields, st.binary(max_size=200), st.text(max_size=200)))
+def test_hostile_input_never_raises(message: object) -> None:
+    result = verify_registration(message, b"\0" * 32, HOST)
+    assert isinstance(result, RegistrationRefused)
+    assert result.code in (4400, 4401)
+
+
+# The table
+
+
+def test_first_claim_wins_and_takeover_returns_old_link() -> None:
+    table = Registrations()
+    assert table.presence("alice-home") is None
+    assert table.claim_or_check("alice-home", "key-a", 100.0) is None
+    assert table.online("alice-home", "key-a", 1, 100.0) is None
+    other = table.claim_or_check("alice-home", "key-b", 101.0)
+    assert other is not None and other.code == 4403
+    assert table.claim_or_check("alice-home", "key-a", 102.0) is None
+    assert table.online("alice-home", "key-a", 2, 102.0) == 1
+    assert table.offline("alice-home", 1, 103.0) is False  # the replaced link ends late
+    assert table.presence("alice-home") == {
+        "household": "alice-home",
+        "state": "online",
+        "last_seen": 102,
+    }
+    assert table.offline("alice-home", 2, 110.0) is True
+    assert table.presence("alice-home") == {
+        "household": "alice-home",
+        "state": "offline",
+        "last_seen": 110,
+    }
+
+
+def test_in_use_and_stream_limit() -> None:
+    table = Registrations(max_streams=2)
+    assert table.streams_opened("alice-home", 1.0) is Reset.OFFLINE
+    table.claim_or_check("alice-home", "k", 1.0)
+    assert table.streams_opened("alice-home", 1.0) is Reset.OFFLINE
+    table.online("alice-home", "k", 1, 1.0)
+    assert table.streams_opened("alice-home", 2.0) is None
+    assert table.presence("alice-home", now=5.0) == {
+        "household": "alice-home",
+        "state": "in_use",
+        "last_seen": 5,
+    }
+    assert table.streams_opened("alice-home", 2.0) is None
+    assert table.streams_opened("alice-home", 2.0) is Reset.LIMIT
+    table.streams_closed("alice-home", 3.0)
+    table.streams_closed("alice-home", 3.0)
+    presence = table.presence("alice-home")
+    assert presence is not None and presence["state"] == "online"
+
+
+def test_registration_rate_limit_counts_only_the_owner() -> None:
+    table = Registrations()
+    for i in range(4):
+        assert table.claim_or_check("alice-home", "k", 100.0 + i) is None
+    refused = table.claim_or_check("alice-home", "k", 104.0)
+    assert refused is not None and refused.code == 4429
+    assert table.claim_or_check("alice-home", "k", 110.5) is None  # window moved on
+    # a squatter gets 4403 however often it tries, and does not use up the owner's budget
+    for _ in range(10):
+        squat = table.claim_or_check("alice-home", "evil", 111.0)
+        assert squat is not None and squat.code == 4403
+    assert table.claim_or_check("alice-home", "k", 121.0) is None
+
+
+def test_global_claim_cap() -> None:
+    table = Registrations(max_claims=2)
+    assert table.claim_or_check("a", "k1", 1.0) is None
+    assert table.claim_or_check("b", "k2", 1.0) is None
+    refused = table.claim_or_check("c", "k3", 1.0)
+    assert refused is not None and refused.code == 4429
+    assert table.claim_or_check("a", "k1", 2.0) is None  # owners still get in
+
+
+def test_claims_and_last_seen_survive_reopening(tmp_path: object) -> None:
+    path = f"{tmp_path}/relay.sqlite"
+    store = SqliteHouseholds(path)
+    table = Registrations(store)
+    table.claim_or_check("alice-home", "key-a", 100.0)
+    table.online("alice-home", "key-a", 1, 100.0)
+    table.offline("alice-home", 1, 150.0)
+    store.close()
+    store = SqliteHouseholds(path)
+    again = Registrations(store)
+    assert again.presence("alice-home") == {
+        "household": "alice-home",
+        "state": "offline",
+        "last_seen": 150,
+    }
+    squat = again.claim_or_check("alice-home", "key-b", 200.0)
+    assert squat is not None and squat.code == 4403
+    assert again.claim_or_check("alice-home", "key-a", 200.0) is None
+    mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert str(mode).lower() == "wal"
+    store.close()
