@@ -29,7 +29,7 @@ MAX_OFFSET = 2**63 - 1
 
 # A household name is one DNS label, lower case: it is the first label of the name a
 # visitor types (alice-home.relay.example), so it must be one.
-HOUSEHOLD_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+HOUSEHOLD_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # use with fullmatch
 
 
 class Kind(IntEnum):
@@ -107,7 +107,7 @@ def encode_resume(token: bytes, received: int, household: str, answer: bool) -> 
 
 
 def _household_bytes(household: str) -> bytes:
-    if not HOUSEHOLD_RE.match(household):
+    if not HOUSEHOLD_RE.fullmatch(household):
         raise ValueError(f"not a household name: {household!r}")
     return household.encode("ascii")
 
@@ -126,7 +126,7 @@ def _household(body: bytes | memoryview) -> str:
         name = bytes(body).decode("ascii")
     except UnicodeDecodeError:
         raise FrameError("household name is not ASCII") from None
-    if not HOUSEHOLD_RE.match(name):
+    if not HOUSEHOLD_RE.fullmatch(name):
         raise FrameError("not a household name")
     return name
 

@@ -65,7 +65,7 @@ def test_resume_round_trips(offset: int, name: str, answer: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "Alice", "a_b", "-a", "a-", "a.b", "x" * 64, "caf\u00e9", "a b"]
+    "name", ["", "Alice", "a_b", "alice-home\n", "-a", "a-", "a.b", "x" * 64, "caf\u00e9", "a b"]
 )
 def test_a_household_is_one_lower_case_dns_label(name: str) -> None:
     with pytest.raises(ValueError):
