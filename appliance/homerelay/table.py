@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.homelink.frames import Reset
-from appliance.homerelay.registration import CLOSE_CLAIMED, CLOSE_TOO_MANY, RegistrationRefused
+from appliance.homelink.registration import CLOSE_CLAIMED, CLOSE_TOO_MANY, RegistrationRefused
 from appliance.state.store import connect
 
 MAX_ATTEMPTS = 4  # registrations per household ...

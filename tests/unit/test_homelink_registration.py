@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from appliance.core.agent_protocol import b64, fingerprint
 from appliance.homelink.frames import Reset
-from appliance.homerelay.registration import (
+from appliance.homelink.registration import (
     Registration,
     RegistrationRefused,
     challenge,

@@ -1,7 +1,8 @@
 """Registration of an agent link: the challenge, the signed answer, and its check.
 
-Sans-IO and shared by both ends, so the bytes the agent signs (`sign_registration`) are
-exactly the bytes the relay checks (`verify_registration`).  The signature binds the
+Sans-IO and shared by the agent and the relay (so it lives here, not in either role),
+so the bytes the agent signs (`sign_registration`) are exactly the bytes the relay
+checks (`verify_registration`).  The signature binds the
 relay's fresh nonce (no replay), the household name and the relay's host name (a
 signature made for one relay is worthless at another).  The household's key is the
 fingerprint of the certificate it registered with, the string a visitor types after '#'.
@@ -60,6 +61,19 @@ class RegistrationRefused:
     reason: str
 
 
+def _parsed(message: object) -> object:
+    """A message as it arrived (JSON text) or already parsed; ValueError when its text
+    is too long or not JSON."""
+    if not isinstance(message, str | bytes):
+        return message
+    if len(message) > MAX_MESSAGE:
+        raise ValueError("too long")
+    try:
+        return json.loads(message)
+    except (ValueError, RecursionError):
+        raise ValueError("is not JSON") from None
+
+
 def challenge() -> bytes:
     """A fresh nonce for one agent link; a registration is valid only for it."""
     return os.urandom(NONCE_LEN)
@@ -71,13 +85,10 @@ def challenge_message(nonce: bytes) -> dict[str, str]:
 
 def parse_challenge(message: object) -> bytes:
     """The agent's side: the nonce of a challenge message; ValueError for anything else."""
-    if isinstance(message, str | bytes):
-        if len(message) > MAX_MESSAGE:
-            raise ValueError("challenge too long")
-        try:
-            message = json.loads(message)
-        except (ValueError, RecursionError):
-            raise ValueError("challenge is not JSON") from None
+    try:
+        message = _parsed(message)
+    except ValueError as exc:
+        raise ValueError(f"challenge {exc}") from None
     if not isinstance(message, dict) or message.get("type") != "challenge":
         raise ValueError("not a challenge")
     text = message.get("nonce")
@@ -163,13 +174,10 @@ def verify_registration(
 ) -> Registration | RegistrationRefused:
     """Check an agent's register message (its JSON text, or that text already parsed)
     against the nonce this link's challenge carried and this relay's host name."""
-    if isinstance(message, str | bytes):
-        if len(message) > MAX_MESSAGE:
-            return _malformed("register message too long")
-        try:
-            message = json.loads(message)
-        except (ValueError, RecursionError):
-            return _malformed("register message is not JSON")
+    try:
+        message = _parsed(message)
+    except ValueError as exc:
+        return _malformed(f"register message {exc}")
     if not isinstance(message, dict):
         return _malformed("register message is not a JSON object")
     if set(message) != _REGISTER_KEYS:
