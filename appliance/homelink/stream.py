@@ -141,12 +141,23 @@ class Stream:
             self._resume_due = True
 
     def expired(self, now: float) -> bool:
-        """The peer did not come back within linger: the stream resets EXPIRED."""
+        """The peer did not come back within linger: the stream resets EXPIRED.
+
+        Either our link was lost that long, or the peer's was: then our link is fine but
+        the peer is silent while we wait for it to acknowledge bytes (or our FIN).  A
+        stream idle both ways never expires; its next byte starts the clock."""
         if self.reset_code is Reset.EXPIRED:
             return True
+        if self.reset_code is not None:
+            return False
         lost_at = self._lost_at
-        if self.reset_code is None and lost_at is not None and now - lost_at >= self.linger:
+        if lost_at is not None and now - lost_at >= self.linger:
             self._reset(Reset.EXPIRED, "link lost longer than linger", tell_peer=True)
+            return True
+        waiting = self.unacked() > 0 or (self._fin_sent and not self._fin_acked)
+        heard = self.last_heard
+        if waiting and heard is not None and now - heard >= self.linger:
+            self._reset(Reset.EXPIRED, "peer silent longer than linger", tell_peer=True)
             return True
         return False
 

@@ -243,6 +243,17 @@ def test_a_link_gone_longer_than_linger_resets_expired() -> None:
     assert stream.done
 
 
+def test_a_peer_silent_while_bytes_wait_for_its_ack_expires_the_stream() -> None:
+    stream = Stream(TOKEN, HOUSEHOLD, linger=120.0)
+    stream.receive(frames.decode(frames.encode_ack(TOKEN, 0)), 1000.0)  # opened
+    assert not stream.expired(5000.0)  # idle both ways: no clock runs
+    stream.send(b"pending")
+    stream.frames_to_send()
+    assert not stream.expired(1119.0)
+    assert stream.expired(1120.0)
+    assert stream.reset_code is Reset.EXPIRED
+
+
 def test_a_resume_with_answer_is_answered_once_and_the_answer_is_not() -> None:
     link = pair(bytes(10_000), bytes(3000), window=65536)
     a, b = link.ends
