@@ -11,7 +11,11 @@ import asyncio
 import datetime
 import json
 import os
+import re
+import signal
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -160,6 +164,8 @@ class Client:
         data = await reader.read()
         writer.close()
         head, _, body = data.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 200"):
+            assert b"\r\nContent-Type: application/json" in head
         return int(head.split()[1]), body
 
     async def presence(self, household: str) -> dict[str, Any]:
@@ -535,3 +541,45 @@ def test_cli_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[
     path.write_text('[relay]\nhost = "relay.example"\n')
     assert cli.main(["--config", str(path)]) == 2
     assert "relay.certificate" in capsys.readouterr().err
+
+
+def test_cli_serves_until_sigterm(
+    relay_tls: tuple[Path, Path, ssl.SSLContext], tmp_path: Path
+) -> None:
+    cert, key, tls = relay_tls
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
+        f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.homerelay.cli", "--config", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert proc.stderr is not None
+        port = 0
+        for line in proc.stderr:
+            m = re.search(r"home relay relay.test on 127.0.0.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port
+
+        async def ask() -> None:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=tls, server_hostname=HOST
+            )
+            writer.write(b"GET /v1/households/nobody HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.1 404")
+            writer.close()
+
+        run(ask())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert (tmp_path / "state" / "households.db").exists()
+    finally:
+        proc.kill()
+        proc.wait()
