@@ -30,7 +30,7 @@ USER = "appliance"
 UNIT_DIR = Path("/etc/systemd/system")
 SYSUSERS = Path("/etc/sysusers.d/appliance.conf")
 SYSUSERS_LINE = f'u {USER} - "Guest gateway appliance" /var/lib/appliance /usr/sbin/nologin\n'
-COMMANDS = ("appliance", "personal-agent")
+COMMANDS = ("appliance", "personal-agent", "home-relay")
 
 # what the unit files in systemd/ say, rewritten by render_unit()
 DEFAULT_PREFIX = Path("/usr/local")

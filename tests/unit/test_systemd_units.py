@@ -125,11 +125,20 @@ def test_personal_agent_unit_runs_the_agent_unprivileged() -> None:
     assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
 
 
+def test_home_relay_unit_runs_the_relay_with_only_the_low_port_capability() -> None:
+    svc = parse(units()["home-relay.service"])["Service"]
+    assert svc["ExecStart"] == ["/usr/local/bin/home-relay --config /etc/home-relay/relay.toml"]
+    assert svc["User"] == ["home-relay"]
+    assert svc["StateDirectory"] == ["home-relay"]
+    assert svc["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+    assert svc["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+
+
 def _render_all(tmp_path: Path) -> list[Path]:
     """The units as `appliance install --prefix TMP` writes them, with stand-in commands."""
     prefix = tmp_path / "prefix"
     (prefix / "bin").mkdir(parents=True)
-    for cmd in ("appliance", "personal-agent"):
+    for cmd in ("appliance", "personal-agent", "home-relay"):
         exe = prefix / "bin" / cmd
         exe.write_text("#!/bin/sh\nexit 0\n")
         exe.chmod(0o755)

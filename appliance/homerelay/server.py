@@ -1,0 +1,561 @@
+"""The home relay's server: WebSocket links over TLS, registration, and routing by token.
+
+Agents link to `/v1/agent` and register a household (`homelink.registration`, the
+`Registrations` table); appliances link to `/v1/appliance` and open streams to
+households.  The relay never reads a stream: it holds no stream state beyond a route
+per token (which household, which appliance link) and the two FIN offsets it needs to
+know when the stream is over.  The TLS inside the streams is end to end.
+
+Back-pressure: a frame is forwarded with `await send(...)` inside the reader loop of
+the link it came from, so a slow destination slows its source; the per-stream WINDOW
+of the ends bounds what is in flight.  A destination that has gone away is counted and
+the frame dropped: the ends resume on a new link (docs/home-relay.md "Resume").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import logging
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from appliance.homelink import frames
+from appliance.homelink.frames import Frame, FrameError, Kind, Reset
+from appliance.homelink.registration import (
+    CLOSE_MALFORMED,
+    RegistrationRefused,
+    challenge,
+    challenge_message,
+    registered_message,
+    verify_registration,
+)
+from appliance.homelink.stream import LINGER
+from appliance.homerelay.config import RelayConfig
+from appliance.homerelay.table import HouseholdStore, Registrations, SqliteHouseholds
+
+log = logging.getLogger("appliance.homerelay")
+
+AGENT_PATH = "/v1/agent"
+APPLIANCE_PATH = "/v1/appliance"
+PRESENCE_PREFIX = "/v1/households/"
+PING_INTERVAL = 3.0
+PING_TIMEOUT = 5.0
+REGISTER_TIMEOUT = 10.0  # an agent link has this long to answer the challenge
+MAX_MESSAGE = frames.MAX_FRAME + 64  # websockets closes 1009 above; FrameError below
+CLOSE_REPLACED = 4000  # an agent link taken over by a new one of the same key
+
+COUNTER_NAMES = (
+    "agent_links",
+    "appliance_links",
+    "registered",
+    "takeovers",
+    "registration_refused",
+    "source_limit",  # handshakes refused with 429
+    "bad_frames",  # links closed 4400 for a frame that is not one
+    "text_after_registration",
+    "cross_household",
+    "unknown_token",
+    "open_offline",
+    "open_limit",
+    "protocol",
+    "forwarded",
+    "dropped_no_agent",  # the household's agent link is gone
+    "dropped_no_appliance",  # the route's appliance link is gone
+    "dropped_closed",  # the destination closed while we sent
+    "routes_opened",
+    "routes_learned",
+    "routes_reset",
+    "routes_finished",
+    "routes_expired",
+    "internal_errors",
+)
+
+
+class Side(StrEnum):
+    APPLIANCE = "appliance"
+    AGENT = "agent"
+
+
+@dataclass(eq=False)
+class _Link:
+    id: int
+    ws: ServerConnection
+    side: Side
+    household: str = ""  # agent links, once registered
+    tokens: set[bytes] = field(default_factory=set)  # appliance links: routes they hold
+
+
+@dataclass(eq=False)
+class _Route:
+    """What the relay knows of one stream: whose it is and where its appliance end is.
+
+    `fin[S]` is the length side S announced with FIN; `finished[S]` is set when the
+    other side acknowledged it (`ACK length+1`).  Both set: the stream is over."""
+
+    household: str
+    appliance: _Link | None
+    counted: bool  # counted by Registrations.streams_opened (so streams_closed on forget)
+    fin: dict[Side, int] = field(default_factory=dict)
+    finished: set[Side] = field(default_factory=set)
+    gone_since: float | None = None  # since when one end's link has been missing
+
+
+class _Bucket:
+    """A token bucket of bytes per second with one second of burst (at least a frame).
+
+    Debt is allowed: `delay(n)` takes n bytes now and says how long the caller waits
+    so the average rate holds."""
+
+    def __init__(self, rate: int, now: float) -> None:
+        self.rate = float(rate)
+        self.capacity = float(max(rate, frames.MAX_PAYLOAD))
+        self.level = self.capacity
+        self.stamp = now
+
+    def delay(self, n: int, now: float) -> float:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.level -= n
+        return 0.0 if self.level >= 0 else -self.level / self.rate
+
+
+class RelayServer:
+    """The relay: `await start()`, serve until `await close()`.
+
+    `clock` (monotonic) times linger and rate limits; `wall_clock` is the UNIX time the
+    registration table stores and presence reports.  `linger` is how long a route
+    survives one of its ends being gone (the ends' own `stream.LINGER`).
+
+    `[limits] household_bytes_per_second` delays the forwarding of a household's DATA
+    frames, which back-pressures the link they came from.  The caveat: a link is one
+    ordered pipe, so while a frame of a throttled household waits, every later frame on
+    the same source link waits too (head-of-line blocking).  An agent link carries one
+    household only, so that direction is fair; an appliance link shared by several
+    households is slowed for all of them by the one over its rate.
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        store: HouseholdStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        linger: float = LINGER,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.linger = linger
+        self._own_store: SqliteHouseholds | None = None
+        if store is None:
+            config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            store = self._own_store = SqliteHouseholds(config.households_db)
+        self.registrations = Registrations(store)
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._links: dict[int, _Link] = {}
+        self._next_link = 0
+        self._routes: dict[bytes, _Route] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._per_source: Counter[str] = Counter()
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._server: Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _tls(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.config.certificate, self.config.key)
+        return ctx
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.config.listen,
+            self.config.port,
+            ssl=self._tls(),
+            process_request=self._process_request,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            max_size=MAX_MESSAGE,
+            # the streams carry TLS ciphertext, which does not compress; and inflating
+            # is work a hostile link should not get out of the relay
+            compression=None,
+            server_header=None,
+        )
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        log.info("home relay %s on %s:%d", self.config.host, self.config.listen, self.port)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the relay is not started")
+        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        return port
+
+    @property
+    def route_count(self) -> int:
+        """Streams the relay currently routes."""
+        return len(self._routes)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._watchers):
+            task.cancel()
+        if self._own_store is not None:
+            self._own_store.close()
+            self._own_store = None
+
+    # -- HTTP: presence, limits, 404 ----------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path in (AGENT_PATH, APPLIANCE_PATH):
+            source = _source(connection)
+            if self._per_source[source] >= self.config.limits.links_per_source:
+                self.counters["source_limit"] += 1
+                log.warning("refused a link from %s: too many links from it", source)
+                return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "too many links\n")
+            self._per_source[source] += 1
+            watcher = asyncio.create_task(self._release_source(connection, source))
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
+            return None
+        if path.startswith(PRESENCE_PREFIX):
+            name = path[len(PRESENCE_PREFIX) :]
+            if not frames.HOUSEHOLD_RE.fullmatch(name):
+                return connection.respond(http.HTTPStatus.BAD_REQUEST, "not a household name\n")
+            presence = self.registrations.presence(name, self.wall_clock())
+            if presence is None:
+                return connection.respond(http.HTTPStatus.NOT_FOUND, "no such household\n")
+            response = connection.respond(http.HTTPStatus.OK, json.dumps(presence) + "\n")
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            return response
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _release_source(self, connection: ServerConnection, source: str) -> None:
+        try:
+            await connection.wait_closed()
+        finally:
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
+
+    # -- links -------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        path = ws.request.path.partition("?")[0] if ws.request else ""
+        self._next_link += 1
+        side = Side.AGENT if path == AGENT_PATH else Side.APPLIANCE
+        link = _Link(self._next_link, ws, side)
+        self._links[link.id] = link
+        self.counters[f"{side}_links"] += 1
+        try:
+            if side is Side.AGENT and not await self._register(link):
+                return
+            await self._read(link)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            # a bug must cost one link, never the relay
+            self.counters["internal_errors"] += 1
+            log.exception("link %d (%s) failed", link.id, side)
+            await ws.close(1011, "internal error")
+        finally:
+            self._links.pop(link.id, None)
+            self._link_gone(link)
+
+    async def _register(self, link: _Link) -> bool:
+        ws = link.ws
+        source = _source(ws)
+        nonce = challenge()
+        await ws.send(json.dumps(challenge_message(nonce)))
+        try:
+            message = await asyncio.wait_for(ws.recv(), REGISTER_TIMEOUT)
+        except TimeoutError:
+            return await self._refuse(link, RegistrationRefused(CLOSE_MALFORMED, "no register"))
+        if not isinstance(message, str):
+            return await self._refuse(
+                link, RegistrationRefused(CLOSE_MALFORMED, "register is a text message")
+            )
+        result = verify_registration(message, nonce, self.config.host)
+        if isinstance(result, RegistrationRefused):
+            return await self._refuse(link, result)
+        now = self.wall_clock()
+        refusal = self.registrations.claim_or_check(result.household, result.key, now)
+        if refusal is not None:
+            log.warning(
+                "refused household %s key %s from %s: %s",
+                result.household,
+                result.key,
+                source,
+                refusal.reason,
+            )
+            return await self._refuse(link, refusal, logged=True)
+        link.household = result.household
+        previous = self.registrations.online(result.household, result.key, link.id, now)
+        old = self._links.get(previous) if previous is not None else None
+        if old is not None:
+            self.counters["takeovers"] += 1
+            log.info("household %s: link %d replaces link %d", link.household, link.id, old.id)
+            task = asyncio.create_task(old.ws.close(CLOSE_REPLACED, "replaced"))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+        self.counters["registered"] += 1
+        log.info("household %s registered by key %s from %s", link.household, result.key, source)
+        await ws.send(json.dumps(registered_message(result.household)))
+        return True
+
+    async def _refuse(
+        self, link: _Link, refusal: RegistrationRefused, *, logged: bool = False
+    ) -> bool:
+        self.counters["registration_refused"] += 1
+        if not logged:
+            log.warning(
+                "refused a registration from %s: %d %s",
+                _source(link.ws),
+                refusal.code,
+                refusal.reason,
+            )
+        await link.ws.close(refusal.code, refusal.reason)
+        return False
+
+    async def _read(self, link: _Link) -> None:
+        async for message in link.ws:
+            if isinstance(message, str):
+                counter = "text_after_registration" if link.side is Side.AGENT else "bad_frames"
+                self.counters[counter] += 1
+                await link.ws.close(CLOSE_MALFORMED, "a text message where a frame belongs")
+                return
+            try:
+                frame = frames.decode(message)
+            except FrameError as exc:
+                self.counters["bad_frames"] += 1
+                log.info("link %d (%s): closed for a bad frame: %s", link.id, link.side, exc)
+                await link.ws.close(CLOSE_MALFORMED, "not a frame")
+                return
+            if link.side is Side.AGENT:
+                await self._from_agent(link, frame, message)
+            else:
+                await self._from_appliance(link, frame, message)
+
+    def _link_gone(self, link: _Link) -> None:
+        if link.side is Side.AGENT:
+            if link.household and self.registrations.offline(
+                link.household, link.id, self.wall_clock()
+            ):
+                log.info("household %s offline (link %d closed)", link.household, link.id)
+            return
+        for token in link.tokens:
+            route = self._routes.get(token)
+            if route is not None and route.appliance is link:
+                route.appliance = None
+        link.tokens.clear()
+
+    # -- routing -----------------------------------------------------------------
+
+    def _agent_of(self, household: str) -> _Link | None:
+        link_id = self.registrations.link(household)
+        return self._links.get(link_id) if link_id is not None else None
+
+    async def _send(self, link: _Link, data: bytes) -> bool:
+        try:
+            await link.ws.send(data)
+        except ConnectionClosed:
+            self.counters["dropped_closed"] += 1
+            return False
+        return True
+
+    async def _reset_back(self, link: _Link, token: bytes, code: Reset, reason: str) -> None:
+        await self._send(link, frames.encode_reset(token, code, reason))
+
+    async def _from_appliance(self, link: _Link, frame: Frame, raw: bytes) -> None:
+        token = frame.token
+        route = self._routes.get(token)
+        if frame.kind is Kind.OPEN:
+            await self._open(link, frame, raw, route)
+            return
+        if frame.kind is Kind.RESUME:
+            if route is None:
+                if self.registrations.presence(frame.household) is None:
+                    self.counters["unknown_token"] += 1
+                    await self._reset_back(link, token, Reset.UNKNOWN, "no such household")
+                    return
+                counted = self.registrations.streams_opened(frame.household, self.wall_clock())
+                route = self._routes[token] = _Route(frame.household, None, counted is None)
+                self.counters["routes_learned"] += 1
+            elif route.household != frame.household:
+                self.counters["cross_household"] += 1
+                await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+                return
+            if route.appliance is not link:
+                if route.appliance is not None:
+                    route.appliance.tokens.discard(token)
+                route.appliance = link
+                link.tokens.add(token)
+        elif route is None:
+            if frame.kind is not Kind.RESET:  # never answer a RESET with one
+                self.counters["unknown_token"] += 1
+                await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+            return
+        await self._forward(route, token, frame, raw, Side.APPLIANCE)
+
+    async def _open(self, link: _Link, frame: Frame, raw: bytes, route: _Route | None) -> None:
+        token = frame.token
+        if route is not None:
+            self.counters["protocol"] += 1
+            await self._reset_back(link, token, Reset.PROTOCOL, "stream token in use")
+            return
+        agent = self._agent_of(frame.household)
+        if agent is None:
+            self.counters["open_offline"] += 1
+            await self._reset_back(link, token, Reset.OFFLINE, "household offline")
+            return
+        if len(link.tokens) >= self.config.limits.streams_per_appliance_link:
+            self.counters["open_limit"] += 1
+            await self._reset_back(link, token, Reset.LIMIT, "too many streams on this link")
+            return
+        refusal = self.registrations.streams_opened(frame.household, self.wall_clock())
+        if refusal is not None:
+            counter = "open_offline" if refusal is Reset.OFFLINE else "open_limit"
+            self.counters[counter] += 1
+            await self._reset_back(link, token, refusal, "household refused the stream")
+            return
+        self._routes[token] = _Route(frame.household, link, counted=True)
+        link.tokens.add(token)
+        self.counters["routes_opened"] += 1
+        if await self._send(agent, raw):
+            self.counters["forwarded"] += 1
+        else:
+            self._forget(token, "routes_reset")
+            await self._reset_back(link, token, Reset.OFFLINE, "household offline")
+
+    async def _from_agent(self, link: _Link, frame: Frame, raw: bytes) -> None:
+        token = frame.token
+        route = self._routes.get(token)
+        if frame.kind is Kind.OPEN:
+            self.counters["protocol"] += 1
+            await self._reset_back(link, token, Reset.PROTOCOL, "an agent does not open")
+            return
+        if route is not None and route.household != link.household:
+            self.counters["cross_household"] += 1
+            log.warning(
+                "household %s used a stream of household %s", link.household, route.household
+            )
+            await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+            return
+        if route is None:
+            if frame.kind is not Kind.RESUME:
+                if frame.kind is not Kind.RESET:
+                    self.counters["unknown_token"] += 1
+                    await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+                return
+            counted = self.registrations.streams_opened(link.household, self.wall_clock())
+            route = self._routes[token] = _Route(link.household, None, counted is None)
+            self.counters["routes_learned"] += 1
+        await self._forward(route, token, frame, raw, Side.AGENT)
+
+    async def _forward(
+        self, route: _Route, token: bytes, frame: Frame, raw: bytes, sender: Side
+    ) -> None:
+        if frame.kind is Kind.DATA:
+            await self._throttle(route.household, len(frame.payload))
+        if sender is Side.APPLIANCE:
+            destination = self._agent_of(route.household)
+        else:
+            destination = route.appliance
+        done = self._track(route, frame, sender)
+        if destination is None:
+            self.counters[
+                "dropped_no_agent" if sender is Side.APPLIANCE else "dropped_no_appliance"
+            ] += 1
+        elif await self._send(destination, raw):
+            self.counters["forwarded"] += 1
+        if done is not None and self._routes.get(token) is route:
+            self._forget(token, done)
+
+    def _track(self, route: _Route, frame: Frame, sender: Side) -> str | None:
+        """Whether this frame ends the route (the counter to count it under)."""
+        if frame.kind is Kind.RESET:
+            return "routes_reset"
+        other = Side.AGENT if sender is Side.APPLIANCE else Side.APPLIANCE
+        if frame.kind is Kind.FIN:
+            route.fin.setdefault(sender, frame.offset)
+        elif frame.kind is Kind.ACK and route.fin.get(other) == frame.offset - 1:
+            route.finished.add(other)
+            if len(route.finished) == 2:
+                return "routes_finished"
+        return None
+
+    async def _throttle(self, household: str, n: int) -> None:
+        rate = self.config.limits.household_bytes_per_second
+        if rate <= 0:
+            return
+        now = self.clock()
+        bucket = self._buckets.get(household)
+        if bucket is None:
+            bucket = self._buckets[household] = _Bucket(rate, now)
+        wait = bucket.delay(n, now)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _forget(self, token: bytes, why: str) -> None:
+        route = self._routes.pop(token, None)
+        if route is None:
+            return
+        self.counters[why] += 1
+        if route.appliance is not None:
+            route.appliance.tokens.discard(token)
+        if route.counted:
+            self.registrations.streams_closed(route.household, self.wall_clock())
+
+    # -- linger ------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Forget routes one of whose ends has been gone longer than the linger time
+        (the ends have given up on the stream by then)."""
+        now = self.clock()
+        for token, route in list(self._routes.items()):
+            present = route.appliance is not None and self._agent_of(route.household) is not None
+            if present:
+                route.gone_since = None
+            elif route.gone_since is None:
+                route.gone_since = now
+            elif now - route.gone_since > self.linger:
+                self._forget(token, "routes_expired")
+        for household, bucket in list(self._buckets.items()):
+            if bucket.level + (now - bucket.stamp) * bucket.rate >= bucket.capacity:
+                del self._buckets[household]
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.05, min(5.0, self.linger / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
+
+
+def _source(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "?"

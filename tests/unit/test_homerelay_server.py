@@ -1,0 +1,585 @@
+"""The home relay server in process: real TLS and WebSockets on 127.0.0.1, port 0.
+
+Agents are played by hand (challenge, signed register, frames); appliances send raw
+frames.  What is checked is what a household or an appliance would see: close codes,
+presence answers, frames arriving byte for byte, RESETs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from appliance.core.tomlfile import ConfigError, TomlFile
+from appliance.homelink import frames
+from appliance.homelink.frames import Kind, Reset
+from appliance.homelink.registration import parse_challenge, sign_registration
+from appliance.homerelay import cli
+from appliance.homerelay.config import RelayConfig, parse
+from appliance.homerelay.server import RelayServer
+
+pytestmark = pytest.mark.unit
+
+HOST = "relay.test"
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+@dataclass
+class Agent:
+    key: ec.EllipticCurvePrivateKey
+    der: bytes
+
+
+def make_agent() -> Agent:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return Agent(key, _self_signed(key, "agent").public_bytes(serialization.Encoding.DER))
+
+
+@pytest.fixture(scope="module")
+def relay_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, ssl.SSLContext]:
+    d = tmp_path_factory.mktemp("relay-tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _self_signed(key, HOST)
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    client = ssl.create_default_context(cafile=str(d / "cert.pem"))
+    return d / "cert.pem", d / "key.pem", client
+
+
+ConfigMaker = Callable[..., RelayConfig]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, relay_tls: tuple[Path, Path, ssl.SSLContext]) -> ConfigMaker:
+    cert, key, _ = relay_tls
+
+    def make(**limits: int) -> RelayConfig:
+        lines = "".join(f"{k} = {v}\n" for k, v in limits.items())
+        text = (
+            f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
+            f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
+            f"[limits]\n{lines}"
+        )
+        return parse(TomlFile.parse(text, tmp_path / "relay.toml"))
+
+    return make
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(coro, 10)
+
+    asyncio.run(bounded())
+
+
+@asynccontextmanager
+async def relay_running(config: RelayConfig, **kw: Any) -> AsyncIterator[RelayServer]:
+    server = RelayServer(config, **kw)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+class Client:
+    """A test end: the relay's TLS context and where it listens."""
+
+    def __init__(self, server: RelayServer, tls: ssl.SSLContext) -> None:
+        self.server = server
+        self.tls = tls
+
+    def _connect(self, path: str) -> Any:
+        return connect(
+            f"wss://127.0.0.1:{self.server.port}{path}",
+            ssl=self.tls,
+            server_hostname=HOST,
+            max_size=None,
+        )
+
+    async def appliance(self) -> ClientConnection:
+        ws: ClientConnection = await self._connect("/v1/appliance")
+        return ws
+
+    async def agent_link(self, agent: Agent, household: str) -> ClientConnection:
+        """A link that has sent its register message (the answer is not read yet)."""
+        ws: ClientConnection = await self._connect("/v1/agent")
+        nonce = parse_challenge(await ws.recv())
+        await ws.send(json.dumps(sign_registration(agent.key, agent.der, nonce, household, HOST)))
+        return ws
+
+    async def agent(self, agent: Agent, household: str) -> ClientConnection:
+        ws = await self.agent_link(agent, household)
+        answer = json.loads(await ws.recv())
+        assert answer == {"type": "registered", "household": household}
+        return ws
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.server.port, ssl=self.tls, server_hostname=HOST
+        )
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 200"):
+            assert b"\r\nContent-Type: application/json" in head
+        return int(head.split()[1]), body
+
+    async def presence(self, household: str) -> dict[str, Any]:
+        status, body = await self.get(f"/v1/households/{household}")
+        assert status == 200, (status, body)
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+
+async def frame_of(ws: ClientConnection) -> frames.Frame:
+    message = await asyncio.wait_for(ws.recv(), 3)
+    return frames.decode(message)
+
+
+async def close_code(ws: ClientConnection) -> int | None:
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), 3)
+    return ws.close_code
+
+
+def token() -> bytes:
+    return os.urandom(16)
+
+
+def test_config_defaults_and_given_limits(make_config: ConfigMaker) -> None:
+    cfg = make_config(links_per_source=5)
+    assert cfg.host == HOST and cfg.port == 0 and cfg.limits.links_per_source == 5
+    assert cfg.limits.streams_per_appliance_link == 256
+    assert cfg.households_db.name == "households.db"
+
+
+TestBody = Callable[[Client], Awaitable[None]]
+
+
+def with_relay(
+    make_config: ConfigMaker,
+    relay_tls: tuple[Path, Path, ssl.SSLContext],
+    body: TestBody,
+    **limits: int,
+) -> None:
+    async def main() -> None:
+        async with relay_running(make_config(**limits)) as server:
+            await body(Client(server, relay_tls[2]))
+
+    run(main())
+
+
+def test_registration_then_presence_online_and_offline_after_leaving(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        alice = make_agent()
+        ws = await c.agent(alice, "alice-home")
+        assert (await c.presence("alice-home"))["state"] == "online"
+        await ws.close()
+        await asyncio.sleep(0.1)
+        gone = await c.presence("alice-home")
+        assert gone["state"] == "offline" and gone["household"] == "alice-home"
+        assert abs(gone["last_seen"] - c.server.wall_clock()) < 5
+        assert (await c.get("/v1/households/nobody"))[0] == 404
+        assert (await c.get("/v1/households/Not_A_Name"))[0] == 400
+        assert (await c.get("/elsewhere"))[0] == 404
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_bad_signature_and_claimed_name_are_refused(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        alice, mallory = make_agent(), make_agent()
+        ws = await c._connect("/v1/agent")
+        nonce = parse_challenge(await ws.recv())
+        message = sign_registration(alice.key, alice.der, nonce, "alice-home", "other.relay")
+        await ws.send(json.dumps(message))
+        assert await close_code(ws) == 4401
+
+        await c.agent(alice, "alice-home")
+        intruder = await c.agent_link(mallory, "alice-home")
+        assert await close_code(intruder) == 4403
+        assert (await c.presence("alice-home"))["state"] == "online"
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_takeover_by_the_same_key_closes_the_old_link_and_stays_online(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        alice = make_agent()
+        old = await c.agent(alice, "alice-home")
+        new = await c.agent(alice, "alice-home")
+        async with asyncio.timeout(1):
+            assert await close_code(old) == 4000
+        assert old.close_reason == "replaced"
+        await asyncio.sleep(0.05)
+        assert (await c.presence("alice-home"))["state"] == "online"
+        # and the new link carries the household's streams
+        app = await c.appliance()
+        t = token()
+        await app.send(frames.encode_open(t, "alice-home"))
+        assert (await frame_of(new)).kind is Kind.OPEN
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_open_offline_household_is_reset_at_once(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        app = await c.appliance()
+        t = token()
+        await app.send(frames.encode_open(t, "nobody-home"))
+        f = await frame_of(app)
+        assert (f.kind, f.token, f.code) == (Kind.RESET, t, Reset.OFFLINE)
+
+    with_relay(make_config, relay_tls, body)
+
+
+async def open_stream(c: Client, app: ClientConnection, agent: ClientConnection, h: str) -> bytes:
+    t = token()
+    await app.send(frames.encode_open(t, h))
+    f = await frame_of(agent)
+    assert (f.kind, f.token, f.household) == (Kind.OPEN, t, h)
+    await agent.send(frames.encode_ack(t, 0))
+    f = await frame_of(app)
+    assert (f.kind, f.token, f.offset) == (Kind.ACK, t, 0)
+    return t
+
+
+async def data_both_ways(app: ClientConnection, agent: ClientConnection, t: bytes) -> None:
+    up = os.urandom(frames.MAX_PAYLOAD)
+    await app.send(frames.encode_data(t, 0, up))
+    f = await frame_of(agent)
+    assert (f.kind, f.token, f.offset, f.payload) == (Kind.DATA, t, 0, up)
+    down = b"\x00\xffhello" * 7
+    await agent.send(frames.encode_data(t, 5, down))
+    f = await frame_of(app)
+    assert (f.kind, f.token, f.offset, f.payload) == (Kind.DATA, t, 5, down)
+
+
+def test_stream_opens_and_data_is_routed_byte_exact_then_forgotten_after_fin_ack(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        agent = await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        t = await open_stream(c, app, agent, "alice-home")
+        assert (await c.presence("alice-home"))["state"] == "in_use"
+        await data_both_ways(app, agent, t)
+        # both directions end: FIN n, ACK n+1 each way
+        await app.send(frames.encode_fin(t, 65536))
+        assert (await frame_of(agent)).kind is Kind.FIN
+        await agent.send(frames.encode_fin(t, 100))
+        assert (await frame_of(app)).kind is Kind.FIN
+        await agent.send(frames.encode_ack(t, 65537))
+        assert (await frame_of(app)).offset == 65537
+        assert c.server.route_count == 1  # one direction still open
+        await app.send(frames.encode_ack(t, 101))
+        assert (await frame_of(agent)).offset == 101
+        await asyncio.sleep(0.05)
+        assert c.server.route_count == 0
+        assert c.server.counters["routes_finished"] == 1
+        assert (await c.presence("alice-home"))["state"] == "online"
+        # the token is no longer routed
+        await app.send(frames.encode_data(t, 0, b"late"))
+        f = await frame_of(app)
+        assert (f.kind, f.code) == (Kind.RESET, Reset.UNKNOWN)
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_reset_forgets_the_route(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        agent = await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        t = await open_stream(c, app, agent, "alice-home")
+        await agent.send(frames.encode_reset(t, Reset.REFUSED, "no service"))
+        f = await frame_of(app)
+        assert (f.kind, f.code, f.reason) == (Kind.RESET, Reset.REFUSED, "no service")
+        await asyncio.sleep(0.05)
+        assert c.server.route_count == 0
+        assert (await c.presence("alice-home"))["state"] == "online"
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_token_of_household_a_used_from_b_is_refused_and_a_is_unaffected(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        a = await c.agent(make_agent(), "alice-home")
+        b = await c.agent(make_agent(), "bob-home")
+        app = await c.appliance()
+        t = await open_stream(c, app, a, "alice-home")
+        await b.send(frames.encode_data(t, 0, b"injected"))
+        await b.send(frames.encode_resume(t, 0, "bob-home", answer=True))
+        for _ in range(2):
+            f = await frame_of(b)
+            assert (f.kind, f.token, f.code) == (Kind.RESET, t, Reset.UNKNOWN)
+        assert c.server.counters["cross_household"] == 2
+        await data_both_ways(app, a, t)
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_relay_restart_then_resume_from_both_sides_relearns_the_route(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def main() -> None:
+        config = make_config()
+        alice = make_agent()
+        t = token()
+        async with relay_running(config) as server:
+            c = Client(server, relay_tls[2])
+            agent = await c.agent(alice, "alice-home")
+            app = await c.appliance()
+            t = await open_stream(c, app, agent, "alice-home")
+        async with relay_running(config) as server:
+            c = Client(server, relay_tls[2])
+            # the claim survived: another key cannot take the name
+            squatter = await c.agent_link(make_agent(), "alice-home")
+            assert await close_code(squatter) == 4403
+            agent = await c.agent(alice, "alice-home")
+            app = await c.appliance()
+            await agent.send(frames.encode_resume(t, 10, "alice-home", answer=True))
+            await app.send(frames.encode_resume(t, 20, "alice-home", answer=True))
+            f = await frame_of(agent)
+            assert (f.kind, f.token, f.offset, f.answer) == (Kind.RESUME, t, 20, True)
+            await data_both_ways(app, agent, t)
+
+    run(main())
+
+
+def test_resume_from_an_appliance_for_an_unclaimed_household_is_unknown(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        app = await c.appliance()
+        t = token()
+        await app.send(frames.encode_resume(t, 0, "nobody-home", answer=True))
+        f = await frame_of(app)
+        assert (f.kind, f.token, f.code) == (Kind.RESET, t, Reset.UNKNOWN)
+        await app.send(frames.encode_data(t, 0, b"x"))
+        assert (await frame_of(app)).code is Reset.UNKNOWN
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_garbage_closes_only_that_link(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        a = await c.agent(make_agent(), "alice-home")
+        b = await c.agent(make_agent(), "bob-home")
+        app = await c.appliance()
+        t = await open_stream(c, app, b, "bob-home")
+        await a.send(b"\x63" + os.urandom(40))
+        assert await close_code(a) == 4400
+        other = await c.appliance()
+        await other.send(b"short")
+        assert await close_code(other) == 4400
+        agent_text = await c.agent(make_agent(), "carol-home")
+        await agent_text.send("hello")
+        assert await close_code(agent_text) == 4400
+        assert c.server.counters["bad_frames"] == 2
+        assert c.server.counters["text_after_registration"] == 1
+        await data_both_ways(app, b, t)
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_links_per_source_are_limited_with_429(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        first = await c.appliance()
+        await c.agent(make_agent(), "alice-home")
+        with pytest.raises(InvalidStatus) as refused:
+            await c.appliance()
+        assert refused.value.response.status_code == 429
+        # presence is not a link and still answers
+        assert (await c.presence("alice-home"))["state"] == "online"
+        await first.close()
+        await asyncio.sleep(0.1)
+        await c.appliance()
+
+    with_relay(make_config, relay_tls, body, links_per_source=2)
+
+
+def test_streams_per_appliance_link_are_limited(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        agent = await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        for _ in range(2):
+            await open_stream(c, app, agent, "alice-home")
+        t = token()
+        await app.send(frames.encode_open(t, "alice-home"))
+        f = await frame_of(app)
+        assert (f.kind, f.token, f.code) == (Kind.RESET, t, Reset.LIMIT)
+        # another link has its own allowance
+        await open_stream(c, await c.appliance(), agent, "alice-home")
+
+    with_relay(make_config, relay_tls, body, streams_per_appliance_link=2)
+
+
+def test_routes_of_a_vanished_end_expire_after_linger(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def main() -> None:
+        async with relay_running(make_config(), linger=0.2) as server:
+            c = Client(server, relay_tls[2])
+            agent = await c.agent(make_agent(), "alice-home")
+            app = await c.appliance()
+            await open_stream(c, app, agent, "alice-home")
+            await app.close()
+            await asyncio.sleep(0.2)
+            assert server.route_count == 1  # the appliance may still come back
+            await asyncio.sleep(0.5)
+            assert server.route_count == 0
+            assert (await c.presence("alice-home"))["state"] == "online"
+
+    run(main())
+
+
+def test_household_rate_limit_delays_data(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        agent = await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        t = await open_stream(c, app, agent, "alice-home")
+        chunk = b"x" * frames.MAX_PAYLOAD
+        start = asyncio.get_running_loop().time()
+        # a second's worth (two frames) passes at once, the third waits half a second
+        for i in range(3):
+            await app.send(frames.encode_data(t, i * len(chunk), chunk))
+        for _ in range(3):
+            assert (await frame_of(agent)).payload == chunk
+        elapsed = asyncio.get_running_loop().time() - start
+        assert 0.4 <= elapsed < 2
+
+    with_relay(make_config, relay_tls, body, household_bytes_per_second=131072)
+
+
+def test_config_errors_name_the_key_and_line(tmp_path: Path) -> None:
+    text = '[relay]\nhost = "relay.example"\ncertificate = "c.pem"\nkey = "k.pem"\nprot = 1\n'
+    with pytest.raises(ConfigError) as err:
+        parse(TomlFile.parse(text, tmp_path / "relay.toml"))
+    assert err.value.key == "relay.prot" and err.value.line == 5
+    with pytest.raises(ConfigError) as err:
+        parse(TomlFile.parse(text.replace("prot = 1", "[limits]\nlinks_per_source = 0")))
+    assert err.value.key == "limits.links_per_source" and err.value.line == 6
+    with pytest.raises(ConfigError) as err:
+        parse(TomlFile.parse('[relay]\nhost = "no such host!"\n'))
+    assert err.value.key == "relay.host"
+
+
+def test_example_config_loads() -> None:
+    example = Path(cli.__file__).with_name("relay.example.toml")
+    cfg = parse(TomlFile.load(example))
+    assert cfg.port == 443 and cfg.listen == "0.0.0.0"
+    assert cfg.limits.household_bytes_per_second == 0
+
+
+def test_cli_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[relay]\nhost = "relay.example"\n')
+    assert cli.main(["--config", str(path)]) == 2
+    assert "relay.certificate" in capsys.readouterr().err
+
+
+def test_cli_serves_until_sigterm(
+    relay_tls: tuple[Path, Path, ssl.SSLContext], tmp_path: Path
+) -> None:
+    cert, key, tls = relay_tls
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
+        f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.homerelay.cli", "--config", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert proc.stderr is not None
+        port = 0
+        for line in proc.stderr:
+            m = re.search(r"home relay relay.test on 127.0.0.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port
+
+        async def ask() -> None:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=tls, server_hostname=HOST
+            )
+            writer.write(b"GET /v1/households/nobody HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.1 404")
+            writer.close()
+
+        run(ask())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert (tmp_path / "state" / "households.db").exists()
+    finally:
+        proc.kill()
+        proc.wait()
