@@ -7,7 +7,20 @@ The topology is the address plan of docs/design.md ("Address plan"):
                                               [gw] home0 -- eth0 [home] 203.0.113.0/24
 
 `gw` is the appliance, `seg` the hidden segment's servers, `home` a visitor's home
-network (and the stand-in for the internet), `sw` the guest-side switch.  Every
+network (and the stand-in for the internet), `sw` the guest-side switch.
+
+With `nat_household=True` the internet becomes a switch of its own, so that more
+hosts share 203.0.113.0/24 with `gw` and `home` (whose interfaces and addresses
+stay as above), and a household sits behind a NAT router:
+
+    [gw] home0 --+
+    [home] eth0 -+-- inet (bridge inet0)                     203.0.113.0/24
+    [relay] eth0 +     relay 203.0.113.10
+                 +-- wan0 [natrouter] lan0 -- eth0 [bobhome]  192.0.2.0/24
+                      203.0.113.20 (masquerade)   agent 192.0.2.1, POP/IMAP 192.0.2.3
+
+The household is reachable only through connections it opens itself: the router
+masquerades on wan0 and forwards nothing new inbound.  Every
 veth is created directly inside its namespaces, so nothing is ever configured
 in the machine's own namespace.  Namespace names carry the creating process's
 pid, so two runs never collide and a later run can sweep what a killed run left.
@@ -45,6 +58,55 @@ GW_SEGMENT = "198.51.100.1/24"
 GW_HOME = "203.0.113.254/24"
 SEGMENT_HOSTS = ("198.51.100.2/24", "198.51.100.3/24", "198.51.100.4/24")
 HOME_HOSTS = ("203.0.113.1/24", "203.0.113.3/24", "203.0.113.80/24")
+# The internet beside `home` (only with nat_household): a relay, and a household's
+# router whose public side is one address, with the household's LAN behind it.
+RELAY_HOST = "203.0.113.10/24"
+NAT_ROUTER_WAN = "203.0.113.20/24"
+NAT_ROUTER_LAN = "192.0.2.254/24"
+HOUSEHOLD_HOSTS = ("192.0.2.1/24", "192.0.2.3/24")  # its agent, its POP/IMAP server
+INTERNET_GATEWAY = "203.0.113.254"  # the appliance's home0: the route back to the segment
+
+# The household router's own rules: masquerade out of wan0, only replies back in.
+NAT_ROUTER_RULES = """\
+table ip household {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "wan0" accept
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iifname "wan0" ct state established,related accept
+        iifname "wan0" icmp type echo-request accept
+        iifname "wan0" drop
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat;
+        oifname "wan0" masquerade
+    }
+}
+"""
+# A cut uplink: every IP packet through wan0 vanishes, both ways, before conntrack sees
+# it; ARP, addresses, routes and the NAT mappings themselves stay as they were.
+UPLINK_CUT_TABLE = "household_uplink_cut"
+UPLINK_CUT_RULES = f"""\
+table ip {UPLINK_CUT_TABLE} {{}}
+flush table ip {UPLINK_CUT_TABLE}
+table ip {UPLINK_CUT_TABLE} {{
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "wan0" drop
+    }}
+    chain postrouting {{
+        type filter hook postrouting priority raw; policy accept;
+        oifname "wan0" drop
+    }}
+}}
+"""
+UPLINK_RESTORE_RULES = f"""\
+table ip {UPLINK_CUT_TABLE} {{}}
+delete table ip {UPLINK_CUT_TABLE}
+"""
 
 
 class LabError(RuntimeError):
@@ -203,14 +265,19 @@ class Topology:
         prefix: str | None = None,
         workdir: Path | None = None,
         route_uplinks: bool = True,
+        nat_household: bool = False,
     ) -> Topology:
-        """Create the whole site; on any failure what was made is removed again."""
+        """Create the whole site; on any failure what was made is removed again.
+
+        `nat_household` adds the internet switch, the relay and the household behind
+        NAT (see the module docstring); without it the site is exactly as before.
+        """
         prefix = prefix or run_prefix()
         workdir = workdir or Path(f"/tmp/{prefix}")
         workdir.mkdir(parents=True, exist_ok=True)
         topo = cls(prefix, workdir)
         try:
-            topo._build(guests, route_uplinks)
+            topo._build(guests, route_uplinks, nat_household)
         except BaseException:
             topo.destroy()
             raise
@@ -265,9 +332,16 @@ class Topology:
         with NetNS(self.nodes[node].netns) as ns:
             ns.route("add", dst="0.0.0.0/0", gateway=gateway)
 
-    def _build(self, guests: int, route_uplinks: bool) -> None:
+    def _bridge(self, node: str, ifname: str) -> None:
+        with NetNS(self.nodes[node].netns) as ns:
+            ns.link("add", ifname=ifname, kind="bridge")
+            ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
+
+    def _build(self, guests: int, route_uplinks: bool, nat_household: bool = False) -> None:
         for name in ("gw", "sw", "seg", "home"):
             self._add_node(name)
+        if nat_household:
+            self._build_internet()
         with NetNS(self.nodes["sw"].netns) as ns:
             ns.link("add", ifname="br0", kind="bridge")
             ns.link("set", index=ns.link_lookup(ifname="br0")[0], state="up")
@@ -278,7 +352,15 @@ class Topology:
         self._up("gw", "seg0", GW_SEGMENT)
         self._up("seg", "eth0", *SEGMENT_HOSTS)
         self._route("seg", "198.51.100.1")
-        self._veth("gw", "home0", "home", "eth0")
+        if nat_household:
+            # gw and home each meet the internet switch instead of each other; same
+            # interface names and addresses, so nothing that uses them can tell.
+            self._veth("gw", "home0", "inet", "p-gw")
+            self._up("inet", "p-gw", master="inet0")
+            self._veth("home", "eth0", "inet", "p-home")
+            self._up("inet", "p-home", master="inet0")
+        else:
+            self._veth("gw", "home0", "home", "eth0")
         self._up("gw", "home0", GW_HOME)
         self._up("home", "eth0", *HOME_HOSTS)
         self._route("home", "203.0.113.254")
@@ -292,6 +374,42 @@ class Topology:
         gw.run("sysctl", "-qw", "net.ipv4.conf.guest0.forwarding=0")
         for _ in range(guests):
             self.add_guest()
+
+    def _build_internet(self) -> None:
+        """The internet switch, the relay, and the household behind its NAT router."""
+        for name in ("inet", "relay", "natrouter", "bobhome"):
+            self._add_node(name)
+        self._bridge("inet", "inet0")
+        self._veth("relay", "eth0", "inet", "p-relay")
+        self._up("inet", "p-relay", master="inet0")
+        self._up("relay", "eth0", RELAY_HOST)
+        # Replies to the segment (the site's proxies reach the internet through gw, unNATed).
+        self._route("relay", INTERNET_GATEWAY)
+        self._veth("natrouter", "wan0", "inet", "p-nat")
+        self._up("inet", "p-nat", master="inet0")
+        self._up("natrouter", "wan0", NAT_ROUTER_WAN)
+        self._route("natrouter", INTERNET_GATEWAY)
+        self._veth("natrouter", "lan0", "bobhome", "eth0")
+        self._up("natrouter", "lan0", NAT_ROUTER_LAN)
+        self._up("bobhome", "eth0", *HOUSEHOLD_HOSTS)
+        self._route("bobhome", str(ipaddress.IPv4Interface(NAT_ROUTER_LAN).ip))
+        router = self.nodes["natrouter"]
+        router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        router.run("nft", "-f", "-", input=NAT_ROUTER_RULES)
+
+    def cut_household_link(self, down: bool) -> None:
+        """Black-hole (down=True) or restore the household's uplink, keeping all state.
+
+        Drops every IP packet through the router's wan0 both ways, silently, like an
+        uplink that went dark upstream: nobody gets a reset or an ICMP error, both ends
+        only see silence and time out.  The link, its routes and the router's NAT
+        mappings stay, so a connection that outlives a short cut carries on afterwards
+        (a lost mapping would also need the router's conntrack flushed).  A link-down
+        of wan0 would instead answer the household at once with "network unreachable"
+        and delete wan0's routes, which a real dead uplink rarely does.
+        """
+        router = self.node("natrouter")
+        router.run("nft", "-f", "-", input=UPLINK_CUT_RULES if down else UPLINK_RESTORE_RULES)
 
     def add_guest(self) -> Node:
         """Plug one more guest (no address yet: it asks DHCP) into the guest switch."""
