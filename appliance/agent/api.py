@@ -10,6 +10,10 @@ Every refusal is a 4xx with `{"error": code, "message": text}`.
 
 A key that is not allowed yet is noted as pending for the household to see.  That
 table is bounded per source and in all, and written at most once a second.
+
+`POST /v1/connect` passes the same checks up to the signature and the key's rate
+limit, then asks for a login this agent accepted for that key and user within
+LOGIN_TTL; its answer is a `Tunnel` (the server does the socket work), not a body.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ log = logging.getLogger("appliance.agent")
 MAX_PENDING = 100
 MAX_PENDING_PER_SOURCE = 4  # a source with this many replaces its own, never others'
 PENDING_SAVE_INTERVAL = 1.0  # seconds between writes of the pending file, at least
+LOGIN_TTL = 24 * 3600  # a login opens server streams for this long (docs/home-relay.md)
+MAX_LOGINS = 10000  # remembered logins; the oldest goes first
 _STAMP = re.compile(r"[0-9]{1,12}")  # not str.isdigit: '²' is a digit to it, not to int()
 
 
@@ -59,6 +65,23 @@ class Response:
         return json.dumps(self.body, ensure_ascii=True).encode("ascii")
 
 
+@dataclass(frozen=True)
+class Tunnel:
+    """The answer to an admitted /v1/connect: open TCP to host:port and splice."""
+
+    host: str
+    port: int
+    user: str
+    service: str
+    key: str  # the appliance key id, for the log
+
+    def describe(self) -> str:
+        return f"{self.service} for {self.user} (appliance {self.key[:12]})"
+
+
+LoginKey = tuple[str, str]  # (appliance key id, user)
+
+
 def refuse(status: int, code: str, message: str, **headers: str) -> Response:
     return Response(status, {"error": code, "message": message}, headers)
 
@@ -75,6 +98,8 @@ class AgentApp:
         persist_pending: Callable[[dict[str, dict[str, Any]]], None] | None = None,
         clock: Callable[[], float] = time.time,
         verify: Callable[[str | None, str], bool] = passwords.verify_password,
+        logins: Mapping[LoginKey, float] | None = None,
+        persist_logins: Callable[[dict[LoginKey, float]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.fingerprint = fingerprint
@@ -89,7 +114,11 @@ class AgentApp:
         self.lockout = Lockout(lim.max_failures, lim.lockout)
         self.nonces = NonceCache(wire.MAX_CLOCK_SKEW)
         self.pending: dict[str, dict[str, Any]] = {}
-        self.dropped: Counter[str] = Counter()  # rate_limited, pending_evicted
+        self.dropped: Counter[str] = Counter()  # rate_limited, pending_evicted, no_login, ...
+        self.persist_logins = persist_logins
+        self.logins: dict[LoginKey, float] = {}
+        for login, at in sorted((logins or {}).items(), key=lambda kv: kv[1]):
+            self._remember(login, at)
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # one writer at a time, in order
         self._pending_dirty = False
@@ -97,7 +126,7 @@ class AgentApp:
         self._save_error = ""
 
     # -- routing ----------------------------------------------------------------
-    def handle(self, req: Request) -> Response:
+    def handle(self, req: Request) -> Response | Tunnel:
         path = req.path.split("?", 1)[0]
         if path == wire.INFO_PATH:
             if req.method not in ("GET", "HEAD"):
@@ -110,11 +139,15 @@ class AgentApp:
             if req.method != "POST":
                 return refuse(405, "method_not_allowed", "use POST", Allow="POST")
             return self.authenticate(req)
+        if path == wire.CONNECT_PATH:
+            if req.method != "POST":
+                return refuse(405, "method_not_allowed", "use POST", Allow="POST")
+            return self.connect(req)
         return refuse(404, "not_found", "no such path; the API is POST /v1/authenticate")
 
-    # -- POST /v1/authenticate ----------------------------------------------------
-    def authenticate(self, req: Request) -> Response:
-        now = self.clock()
+    # -- the checks every signed POST passes --------------------------------------
+    def _admit(self, req: Request, now: float) -> Response | None:
+        """Before the body is parsed: the source's rate limit, size, media type."""
         with self._lock:
             admitted = self.by_source.allow(source_of(req.peer), now)
             if not admitted:
@@ -126,19 +159,35 @@ class AgentApp:
         ctype = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
             return refuse(415, "unsupported_media_type", "send application/json")
+        return None
+
+    def _check_signed(self, req: Request, now: float) -> tuple[str, Response | None]:
+        """After the body's shape: the signature, the key's trust and its rate limit."""
+        key = req.headers.get(wire.HEADER_KEY, "")
+        verdict = self._check_appliance(req, key, now)
+        if verdict is not None:
+            return key, verdict
+        with self._lock:
+            if not self.by_key.allow(key, now):
+                self.dropped["rate_limited"] += 1
+                return key, _rate_limited()
+        return key, None
+
+    # -- POST /v1/authenticate ----------------------------------------------------
+    def authenticate(self, req: Request) -> Response:
+        now = self.clock()
+        early = self._admit(req, now)
+        if early is not None:
+            return early
         parsed = parse_credentials(req.body)
         if isinstance(parsed, Response):
             return parsed
         user_name, password = parsed
 
-        key = req.headers.get(wire.HEADER_KEY, "")
-        verdict = self._check_appliance(req, key, now)
+        key, verdict = self._check_signed(req, now)
         if verdict is not None:
             return verdict
         with self._lock:
-            if not self.by_key.allow(key, now):
-                self.dropped["rate_limited"] += 1
-                return _rate_limited()
             if self.lockout.locked(user_name, now):
                 log.info("login for %s refused: locked (appliance %s)", user_name, key[:12])
                 return refuse(423, "locked", "too many wrong passwords; try again later")
@@ -161,6 +210,8 @@ class AgentApp:
             return refuse(401, "bad_password", "wrong password")
         with self._lock:
             self.lockout.success(user_name)
+            self._remember((key, user.name), self.clock())
+        self._save_logins()
         log.info("login for %s accepted (appliance %s from %s)", user_name, key[:12], req.peer)
         return Response(
             200,
@@ -170,6 +221,84 @@ class AgentApp:
                 "servers": dict(user.servers),
             },
         )
+
+    # -- POST /v1/connect ---------------------------------------------------------
+    def connect(self, req: Request) -> Response | Tunnel:
+        now = self.clock()
+        early = self._admit(req, now)
+        if early is not None:
+            return early
+        parsed = parse_connect(req.body)
+        if isinstance(parsed, Response):
+            return parsed
+        user_name, service = parsed
+        key, verdict = self._check_signed(req, now)
+        if verdict is not None:
+            return verdict
+        with self._lock:
+            at = self.logins.get((key, user_name))
+            fresh = at is not None and 0 <= now - at <= LOGIN_TTL
+            if not fresh:
+                self.dropped["no_login"] += 1
+        if not fresh:
+            log.info(
+                "stream to %s for %s refused: no login (appliance %s)", service, user_name, key[:12]
+            )
+            return refuse(
+                403, "no_login", "this appliance has not logged this user in within 24 hours"
+            )
+        user = self.users().get(user_name)
+        if user is None or user.locked:  # removed or locked by the household since the login
+            with self._lock:
+                self.dropped["no_login"] += 1
+            return refuse(403, "no_login", "this user can no longer log in here")
+        target = user.servers.get(service)
+        if target is None:
+            return refuse(404, "no_server", f"this user has no {service} server at this agent")
+        try:
+            host, port, _pin = wire.parse_server(target)  # a pin is the appliance's business
+        except ValueError:  # the table reader checked it; a hand edit may not have
+            return refuse(404, "no_server", f"this user's {service} server is not host:port")
+        log.info(
+            "stream to %s for %s accepted (appliance %s from %s)",
+            service,
+            user_name,
+            key[:12],
+            req.peer,
+        )
+        return Tunnel(host, port, user_name, service, key)
+
+    # -- the login record ---------------------------------------------------------
+    def note_drop(self, what: str) -> None:
+        """Count a refusal the server made (the counter is shared with worker threads)."""
+        with self._lock:
+            self.dropped[what] += 1
+
+    def _remember(self, login: LoginKey, at: float) -> None:
+        """Note a login (caller holds the lock, or is __init__); the oldest past MAX_LOGINS goes."""
+        self.logins.pop(login, None)
+        self.logins[login] = at  # insertion order is age order
+        while len(self.logins) > MAX_LOGINS:
+            del self.logins[next(iter(self.logins))]
+            self.dropped["login_evicted"] += 1
+        while self.logins:  # expired ones from the front, so the record stays small
+            oldest = next(iter(self.logins))
+            if at - self.logins[oldest] <= LOGIN_TTL:
+                break
+            del self.logins[oldest]
+
+    def _save_logins(self) -> None:
+        """Write the record (a snapshot taken under the write lock, so writes stay in order)."""
+        if self.persist_logins is None:
+            return
+        with self._save_lock:
+            with self._lock:
+                now = self.clock()
+                current = {k: t for k, t in self.logins.items() if now - t <= LOGIN_TTL}
+            try:
+                self.persist_logins(current)
+            except OSError as exc:  # the login stands; only a restart forgets it
+                log.warning("cannot save the login record: %s", exc)
 
     def _check_appliance(self, req: Request, key: str, now: float) -> Response | None:
         h = req.headers
@@ -302,3 +431,54 @@ def parse_credentials(body: bytes) -> tuple[str, str] | Response:
     if not 1 <= len(password) <= wire.MAX_PASSWORD_LEN:
         return refuse(400, "bad_request", f"password: 1 to {wire.MAX_PASSWORD_LEN} characters")
     return user, password
+
+
+def parse_connect(body: bytes) -> tuple[str, str] | Response:
+    """Exactly {"user": str, "service": str}; anything else is a 400 naming the problem."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return refuse(400, "bad_json", "the body is not JSON")
+    if not isinstance(doc, dict):
+        return refuse(400, "bad_request", "the body must be a JSON object")
+    unknown = sorted(set(doc) - {"user", "service"})
+    if unknown:
+        return refuse(400, "unknown_field", f"unknown field: {unknown[0][:64]}")
+    user, service = doc.get("user"), doc.get("service")
+    if not isinstance(user, str) or not isinstance(service, str):
+        return refuse(400, "bad_request", "user and service are required strings")
+    if not wire.USER_RE.fullmatch(user):
+        return refuse(400, "bad_request", "user: letters, digits and . _ + - (at most 64)")
+    if not wire.SERVICE_RE.fullmatch(service):
+        return refuse(400, "bad_request", "service: like pop3 or imap (a-z, 0-9, _ -)")
+    return user, service
+
+
+def dump_logins(logins: Mapping[LoginKey, float]) -> str:
+    """The login record as the agent keeps it in its state directory."""
+    rows = [{"key": k, "user": u, "time": t} for (k, u), t in logins.items()]
+    return json.dumps({"logins": rows}, indent=1)
+
+
+def parse_logins(text: str, now: float) -> dict[LoginKey, float]:
+    """The saved record without entries older than LOGIN_TTL (or from the future); a
+    malformed row is skipped: the record is a convenience, never a reason not to start."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    rows = doc.get("logins") if isinstance(doc, dict) else None
+    out: dict[LoginKey, float] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, dict):
+            continue
+        key, user, at = row.get("key"), row.get("user"), row.get("time")
+        if not (isinstance(key, str) and wire.valid_key_id(key)):
+            continue
+        if not (isinstance(user, str) and wire.USER_RE.fullmatch(user)):
+            continue
+        if isinstance(at, bool) or not isinstance(at, (int, float)):
+            continue
+        if 0 <= now - at <= LOGIN_TTL:
+            out[(key, user)] = float(at)
+    return out

@@ -11,10 +11,16 @@ Answers are checked strictly: servers in the guest subnet, on hidden networks
 or on the appliance itself are refused (`refused_servers`), host names are
 resolved once here and replaced by the address, so a later DNS change cannot
 point the proxy into the hidden segment.
+
+`open_server_stream(config, spec, user, service)` asks the agent for a stream to
+that user's own server (`POST /v1/connect`, after a login through the same key)
+and returns the TLS socket positioned at the server's first byte.  Both take an
+already-connected `sock` instead of dialling (a link through the home relay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -25,7 +31,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +63,8 @@ CODES = (
     "appliance_not_allowed",
     "rate_limited",
 )
+# open_server_stream's own refusals (besides bad_address, timeout, unreachable, ...)
+STREAM_CODES = ("no_login", "no_server", "server_unreachable")
 
 
 @dataclass(frozen=True)
@@ -317,14 +325,29 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _exchange(
-    tls: ssl.SSLSocket, spec: AgentSpec, key: Ed25519PrivateKey, body: bytes, deadline: _Deadline
-) -> tuple[int, bytes]:
+def _open(
+    config: Config, spec: AgentSpec, deadline: _Deadline, sock: socket.socket | None
+) -> ssl.SSLSocket:
+    """TLS to the agent: dialled here (its addresses checked), or over the caller's socket."""
+    if sock is None:
+        return _connect(config, spec, deadline)[0]
+    return _tls(sock, spec, deadline)
+
+
+def _send_signed(
+    tls: ssl.SSLSocket,
+    spec: AgentSpec,
+    key: Ed25519PrivateKey,
+    path: str,
+    body: bytes,
+    deadline: _Deadline,
+) -> h11.Connection:
+    """Send the signed POST; the h11 connection that now waits for the answer."""
     der = tls.getpeercert(binary_form=True) or b""
     headers = wire.sign_headers(
         key,
         "POST",
-        wire.AUTHENTICATE_PATH,
+        path,
         wire.fingerprint(der),
         body,
         time.time(),
@@ -333,7 +356,7 @@ def _exchange(
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=wire.MAX_ANSWER_BYTES)
     req = h11.Request(
         method="POST",
-        target=wire.AUTHENTICATE_PATH,
+        target=path,
         headers=[
             ("Host", spec.address),
             ("Content-Type", "application/json"),
@@ -343,11 +366,36 @@ def _exchange(
             *headers.items(),
         ],
     )
-    try:
+    with _broken_connection(deadline):
         out = (conn.send(req) or b"") + (conn.send(h11.Data(data=body)) or b"")
         out += conn.send(h11.EndOfMessage()) or b""
         tls.settimeout(deadline.left())
         tls.sendall(out)
+    return conn
+
+
+@contextlib.contextmanager
+def _broken_connection(deadline: _Deadline) -> Iterator[None]:
+    """What a timeout, bad HTTP or a broken connection means to the visitor."""
+    try:
+        yield
+    except TimeoutError:
+        raise AgentError(
+            "timeout", f"your home agent did not answer within {deadline.seconds:g} seconds"
+        ) from None
+    except h11.ProtocolError:
+        raise AgentError("bad_answer", "the agent's answer is not HTTP") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise AgentError(
+            "unreachable", f"the connection to your home agent broke ({exc})"
+        ) from None
+
+
+def _read_answer(
+    conn: h11.Connection, tls: ssl.SSLSocket, deadline: _Deadline
+) -> tuple[int, bytes]:
+    """The agent's whole answer (status, body) through h11."""
+    with _broken_connection(deadline):
         status = 0
         answer = bytearray()
         while True:
@@ -367,16 +415,13 @@ def _exchange(
                 continue
             else:
                 raise AgentError("bad_answer", "the agent closed the connection mid-answer")
-    except TimeoutError:
-        raise AgentError(
-            "timeout", f"your home agent did not answer within {deadline.seconds:g} seconds"
-        ) from None
-    except h11.ProtocolError:
-        raise AgentError("bad_answer", "the agent's answer is not HTTP") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise AgentError(
-            "unreachable", f"the connection to your home agent broke ({exc})"
-        ) from None
+
+
+def _exchange(
+    tls: ssl.SSLSocket, spec: AgentSpec, key: Ed25519PrivateKey, body: bytes, deadline: _Deadline
+) -> tuple[int, bytes]:
+    conn = _send_signed(tls, spec, key, wire.AUTHENTICATE_PATH, body, deadline)
+    return _read_answer(conn, tls, deadline)
 
 
 _REFUSALS = {
@@ -389,6 +434,12 @@ _REFUSALS = {
     ),
     "appliance_denied": ("appliance_not_allowed", "your household has denied this appliance"),
     "rate_limited": ("rate_limited", "too many attempts at your home agent; try again in a minute"),
+    "no_login": ("no_login", "log in through your home agent first (a login opens it for 24 h)"),
+    "no_server": ("no_server", "your home agent names no such server for you"),
+    "server_unreachable": (
+        "server_unreachable",
+        "your home agent cannot reach your server; try again later",
+    ),
 }
 
 
@@ -457,15 +508,23 @@ def _servers(config: Config, raw: Any, deadline: _Deadline) -> dict[str, str]:
     return out
 
 
-def authenticate(config: Config, agent_spec: str, password: str) -> AgentAnswer:
-    """Ask the visitor's personal agent; AgentAnswer or AgentError within config.agent.timeout."""
+def authenticate(
+    config: Config, agent_spec: str, password: str, sock: socket.socket | None = None
+) -> AgentAnswer:
+    """Ask the visitor's personal agent; AgentAnswer or AgentError within config.agent.timeout.
+
+    With `sock` (already connected, e.g. through the home relay) nothing is dialled:
+    the caller chose where it leads; TLS, pin and signature are as always.  The
+    socket is closed when this returns."""
     deadline = _Deadline(config.agent.timeout)
     spec = parse_spec(agent_spec, config.agent.default_port)
     if not 1 <= len(password) <= wire.MAX_PASSWORD_LEN:
+        if sock is not None:
+            sock.close()
         raise AgentError("bad_password", "wrong password")
     key = appliance_key(config)
     body = json.dumps({"user": spec.user, "password": password}).encode("utf-8")
-    tls, _addr = _connect(config, spec, deadline)
+    tls = _open(config, spec, deadline, sock)
     with tls:
         seen = wire.fingerprint(tls.getpeercert(binary_form=True) or b"")
         status, answer = _exchange(tls, spec, key, body, deadline)
@@ -475,8 +534,79 @@ def authenticate(config: Config, agent_spec: str, password: str) -> AgentAnswer:
     return dataclasses.replace(ans, fingerprint=seen, verified_name=verified)
 
 
+def _refusal(status: int, body: bytes, key_id: str) -> AgentError:
+    """The AgentError for a non-200 answer."""
+    try:
+        doc: Any = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        doc = None
+    code = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(code, str) and code in _REFUSALS:
+        mapped, message = _REFUSALS[code]
+        return AgentError(mapped, message.format(command=wire.allow_command(key_id)))
+    return AgentError("bad_answer", f"the agent refused with HTTP {status}")
+
+
+def open_server_stream(
+    config: Config,
+    agent_spec: str,
+    user: str,
+    service: str,
+    sock: socket.socket | None = None,
+) -> ssl.SSLSocket:
+    """A stream to `user`'s own `service` server through their agent (`POST /v1/connect`).
+
+    The agent allows it for a user this appliance key logged in within 24 hours.  The
+    returned TLS socket (blocking, no timeout) reads the server's first byte next;
+    the caller closes it.  The setup shares one config.agent.timeout deadline;
+    refusals are AgentError: no_login, no_server, server_unreachable, or as
+    authenticate's (appliance_not_allowed, rate_limited, timeout, bad_answer, ...)."""
+    deadline = _Deadline(config.agent.timeout)
+    spec = parse_spec(agent_spec, config.agent.default_port)
+    if not wire.USER_RE.fullmatch(user) or not wire.SERVICE_RE.fullmatch(service):
+        if sock is not None:
+            sock.close()
+        raise AgentError("bad_address", "not a user and service an agent accepts")
+    key = appliance_key(config)
+    body = json.dumps({"user": user, "service": service}).encode("utf-8")
+    tls = _open(config, spec, deadline, sock)
+    try:
+        conn = _send_signed(tls, spec, key, wire.CONNECT_PATH, body, deadline)
+        head = _read_head(tls, deadline)
+        with _broken_connection(deadline):
+            conn.receive_data(head)
+            event = conn.next_event()
+        if not isinstance(event, h11.Response):
+            raise AgentError("bad_answer", "the agent's answer is not HTTP")
+        if event.status_code != 200:
+            _status, answer = _read_answer(conn, tls, deadline)
+            raise _refusal(event.status_code, answer, wire.public_key_id(key.public_key()))
+    except BaseException:
+        tls.close()
+        raise
+    tls.settimeout(None)
+    return tls
+
+
+def _read_head(tls: ssl.SSLSocket, deadline: _Deadline) -> bytes:
+    """The answer's head up to its blank line, and not a byte more: what follows is the
+    server's.  A byte at a time (TLS buffers the record; the head is short)."""
+    head = bytearray()
+    with _broken_connection(deadline):
+        while not head.endswith(b"\r\n\r\n"):
+            if len(head) >= wire.MAX_ANSWER_BYTES:
+                raise AgentError("bad_answer", "the agent's answer head is far too long")
+            tls.settimeout(deadline.left())
+            byte = tls.recv(1)
+            if not byte:
+                raise AgentError("bad_answer", "the agent closed the connection mid-answer")
+            head += byte
+    return bytes(head)
+
+
 __all__ = [
     "CODES",
+    "STREAM_CODES",
     "AgentAnswer",
     "AgentError",
     "AgentSpec",
@@ -484,5 +614,6 @@ __all__ = [
     "appliance_key_id",
     "authenticate",
     "forbidden_address",
+    "open_server_stream",
     "parse_spec",
 ]

@@ -7,6 +7,12 @@ well-tested HTTP/1.1 state machine (no parsing of our own); the pure
 `AgentApp.handle` runs in a small thread pool because argon2id is CPU- and
 memory-hard.  One request per connection, bounded header and body sizes, a
 deadline per request and a cap on connections: slow or hostile clients cost little.
+
+An admitted `/v1/connect` turns its connection into a server stream: the server
+opens TCP to the user's own server, answers `200 Connection established` and
+splices bytes both ways until either side is done (or nothing moved for
+STREAM_IDLE_TIMEOUT).  Streams have their own cap and leave the connection cap,
+so a few long mail sessions cannot lock out logins.
 """
 
 from __future__ import annotations
@@ -22,12 +28,23 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import h11
 
 from appliance.agent import tables, tlscert
-from appliance.agent.api import PENDING_SAVE_INTERVAL, AgentApp, Request, Response, refuse
+from appliance.agent.api import (
+    PENDING_SAVE_INTERVAL,
+    AgentApp,
+    LoginKey,
+    Request,
+    Response,
+    Tunnel,
+    dump_logins,
+    parse_logins,
+    refuse,
+)
 from appliance.agent.settings import AgentSettings
 from appliance.core import passwords
 from appliance.core.atomic_file import write_atomically
@@ -36,11 +53,31 @@ log = logging.getLogger("appliance.agent")
 
 MAX_CONNECTIONS = 128
 MAX_HEADER_BYTES = 16384
+MAX_STREAMS = 64  # server streams open at once, besides MAX_CONNECTIONS
+SERVER_CONNECT_TIMEOUT = 5.0
+STREAM_IDLE_TIMEOUT = 3600.0  # no byte either way for this long ends a stream (IMAP IDLE: 29 min)
+STREAM_CHUNK = 65536
 DROP_REPORT_INTERVAL = 60.0  # seconds between log lines that sum up refused floods
 _DROPS = {
     "rate_limited": "requests refused over a rate limit (429)",
     "pending_evicted": "pending appliance keys replaced by newer ones",
+    "no_login": "server streams refused without a login (403)",
+    "server_unreachable": "server streams whose server did not answer (502)",
+    "streams_busy": "server streams refused over the cap (503)",
+    "login_evicted": "remembered logins forgotten for newer ones",
 }
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+@dataclass
+class _Stream:
+    """A server stream being set up: the connection to the user's server, and the bytes
+    the appliance sent after its request (h11 holds them)."""
+
+    tunnel: Tunnel
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    early: bytes
 
 
 class AgentServer:
@@ -65,7 +102,10 @@ class AgentServer:
             self.appliance_table.get,
             persist_pending=self._save_pending,
             verify=verify,
+            logins=self._load_logins(),
+            persist_logins=self._save_logins,
         )
+        self.open_streams = 0
         self.pool = ThreadPoolExecutor(settings.limits.workers, thread_name_prefix="agent-auth")
         self.busy = asyncio.Semaphore(MAX_CONNECTIONS)
         self.queue = asyncio.Semaphore(settings.limits.workers * 8)
@@ -82,6 +122,19 @@ class AgentServer:
 
     def _save_pending(self, pending: dict[str, dict[str, Any]]) -> None:
         write_atomically(self.settings.pending_file, json.dumps(pending, indent=1), 0o600)
+
+    def _load_logins(self) -> dict[LoginKey, float]:
+        try:
+            text = self.settings.logins_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read the login record, starting without it: %s", exc)
+            return {}
+        return parse_logins(text, time.time())
+
+    def _save_logins(self, logins: dict[LoginKey, float]) -> None:
+        write_atomically(self.settings.logins_file, dump_logins(logins), 0o600)
 
     async def start(self) -> None:
         ctx = tlscert.server_context(self.settings.tls_certificate, self.settings.tls_key)
@@ -133,19 +186,23 @@ class AgentServer:
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        async with self.busy:
-            try:
-                await asyncio.wait_for(
-                    self._serve(reader, writer), self.settings.limits.request_timeout + 30
-                )
-            except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
-                pass
-            except Exception:  # a bug: log it, keep serving others
-                log.exception("error serving a connection")
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 2)
+        stream: _Stream | None = None
+        try:
+            async with self.busy:
+                try:
+                    stream = await asyncio.wait_for(
+                        self._serve(reader, writer), self.settings.limits.request_timeout + 30
+                    )
+                except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
+                    pass
+                except Exception:  # a bug: log it, keep serving others
+                    log.exception("error serving a connection")
+            if stream is not None:
+                await self._splice(reader, writer, stream)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _read_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -178,7 +235,9 @@ class AgentServer:
             else:  # ConnectionClosed, PAUSED
                 raise ConnectionError("client went away")
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> _Stream | None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         peer = writer.get_extra_info("peername")
         peer_ip = str(peer[0]) if peer else "?"
@@ -212,8 +271,119 @@ class AgentServer:
             else:
                 async with self.queue:
                     loop = asyncio.get_running_loop()
-                    response = await loop.run_in_executor(self.pool, self.app.handle, request)
+                    answer = await loop.run_in_executor(self.pool, self.app.handle, request)
+                if isinstance(answer, Tunnel):
+                    opened = await self._open_stream(answer, conn, writer)
+                    if isinstance(opened, _Stream):
+                        return opened
+                    answer = opened
+                response = answer
         await self._send(conn, writer, response, head_only=method == "HEAD")
+        return None
+
+    # -- server streams -----------------------------------------------------------
+    async def _open_stream(
+        self, tunnel: Tunnel, conn: h11.Connection, writer: asyncio.StreamWriter
+    ) -> _Stream | Response:
+        """Connect to the user's server and tell the appliance; a Response if that fails."""
+        if self.open_streams >= MAX_STREAMS:
+            self.app.note_drop("streams_busy")
+            return refuse(503, "busy", "too many server streams at once", **{"Retry-After": "5"})
+        try:
+            sreader, swriter = await asyncio.wait_for(
+                asyncio.open_connection(tunnel.host, tunnel.port, limit=STREAM_CHUNK),
+                SERVER_CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            self.app.note_drop("server_unreachable")
+            log.info(
+                "stream %s: server %s:%d does not answer (%s)",
+                tunnel.describe(),
+                tunnel.host,
+                tunnel.port,
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else "timeout",
+            )
+            return refuse(
+                502, "server_unreachable", f"the user's {tunnel.service} server does not answer"
+            )
+        try:
+            writer.write(ESTABLISHED)
+            await asyncio.wait_for(writer.drain(), 10)
+        except BaseException:
+            swriter.close()
+            raise
+        early, _closed = conn.trailing_data
+        return _Stream(tunnel, sreader, swriter, bytes(early))
+
+    async def _splice(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: _Stream
+    ) -> None:
+        """Bytes both ways until the server is done, the appliance is gone, or all is idle.
+
+        EOF from the appliance shuts the server's write side (its answer may still come,
+        where the appliance's transport can take it); EOF from the server is passed on
+        after everything before it, then the stream closes: TLS cannot half-close."""
+        loop = asyncio.get_running_loop()
+        last = [loop.time()]
+        moved = [0, 0]  # up (to the server), down (to the appliance)
+        self.open_streams += 1
+        log.info("stream %s open", stream.tunnel.describe())
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, way: int) -> None:
+            while data := await src.read(STREAM_CHUNK):
+                dst.write(data)
+                await dst.drain()
+                moved[way] += len(data)
+                last[0] = loop.time()
+            if way == 1:
+                return  # the server is done: the caller closes the appliance's side
+            if dst.can_write_eof():
+                dst.write_eof()
+
+        async def up() -> None:
+            if stream.early:
+                stream.writer.write(stream.early)
+                moved[0] += len(stream.early)
+            await pump(reader, stream.writer, 0)
+
+        to_server = asyncio.create_task(up())
+        to_appliance = asyncio.create_task(pump(stream.reader, writer, 1))
+        pending: set[asyncio.Task[None]] = {to_server, to_appliance}
+        try:
+            while True:
+                idle = loop.time() - last[0]
+                if idle >= STREAM_IDLE_TIMEOUT:
+                    log.info("stream %s idle, closed", stream.tunnel.describe())
+                    break
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=min(60.0, STREAM_IDLE_TIMEOUT - idle),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if to_appliance in done:
+                    break  # the server is done (or its side broke)
+                # the appliance is done: its EOF went on to the server as a half-close, but
+                # asyncio ends a TLS transport wholly on EOF, so no answer could reach it now
+                if to_server.done() and (
+                    to_server.exception() is not None
+                    or not writer.can_write_eof()
+                    or writer.transport.is_closing()
+                ):
+                    break
+        finally:
+            for task in (to_server, to_appliance):
+                task.cancel()
+            await asyncio.gather(to_server, to_appliance, return_exceptions=True)
+            stream.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.writer.wait_closed(), 2)
+            self.open_streams -= 1
+            log.info(
+                "stream %s closed: %d bytes to the server, %d to the appliance",
+                stream.tunnel.describe(),
+                moved[0],
+                moved[1],
+            )
 
     async def _send(
         self,

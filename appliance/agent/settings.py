@@ -7,11 +7,13 @@ tables live in their own files because the CLI edits them while the agent runs.
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.core import agent_protocol as wire
 from appliance.core.tomlfile import ConfigError, Reader, TomlFile
+from appliance.homelink.frames import HOUSEHOLD_RE
 
 DEFAULT_PATH = Path("/etc/personal-agent/agent.toml")
 
@@ -28,6 +30,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """`[relay]`: the home relay this agent keeps a link to (docs/home-relay.md)."""
+
+    url: str  # wss://HOST[:PORT]/path
+    host: str
+    port: int
+    path: str
+    household: str
+    pin: str | None  # the relay certificate's sha256: fingerprint (no CA involved)
+    ca: Path | None  # else the CA bundle the relay's certificate must verify under
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     path: Path
     listen_address: str
@@ -41,10 +56,16 @@ class AgentSettings:
     tls_key: Path
     tls_names: tuple[str, ...]
     limits: Limits
+    relay: RelaySettings | None = None
 
     @property
     def pending_file(self) -> Path:
         return self.state_directory / "pending-appliances.json"
+
+    @property
+    def logins_file(self) -> Path:
+        """Who logged in through which appliance key, so a restart keeps server streams open."""
+        return self.state_directory / "logins.json"
 
 
 def parse(doc: TomlFile) -> AgentSettings:
@@ -96,6 +117,7 @@ def parse(doc: TomlFile) -> AgentSettings:
         request_timeout=_positive(lim, "request_timeout", 10.0),
     )
     lim.finish()
+    relay = _relay(top) if top.has("relay") else None
     top.finish()
     return AgentSettings(
         path=doc.path,
@@ -110,7 +132,43 @@ def parse(doc: TomlFile) -> AgentSettings:
         tls_key=key,
         tls_names=tuple(names),
         limits=limits,
+        relay=relay,
     )
+
+
+def _relay(top: Reader) -> RelaySettings:
+    r = top.sub("relay")
+    url: str = r.text("url")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "wss":
+        raise r.error("url", f"{url!r}: the relay is reached as wss://HOST[:PORT]/path")
+    if "@" in parts.netloc or not parts.netloc:
+        raise r.error("url", f"{url!r}: expected wss://HOST[:PORT]/path")
+    try:
+        host, port = wire.parse_hostport(parts.netloc, 443)
+    except ValueError as exc:
+        raise r.error("url", str(exc)) from None
+    if not parts.path.startswith("/") or parts.query or parts.fragment or "?" in url:
+        raise r.error("url", f"{url!r}: expected wss://HOST[:PORT]/path (no query)")
+    household: str = r.text("household")
+    if not HOUSEHOLD_RE.fullmatch(household):
+        raise r.error(
+            "household", f"{household!r}: lower-case letters, digits and '-' (at most 63)"
+        )
+    pin_text: str | None = r.text("pin", None)
+    pin = None
+    if pin_text is not None:
+        try:
+            pin = wire.parse_fingerprint(pin_text)
+        except ValueError as exc:
+            raise r.error("pin", str(exc)) from None
+    ca: Path | None = r.filepath("ca", None)
+    if pin is not None and ca is not None:
+        raise r.error("ca", "give the relay's pin or a CA, not both")
+    if ca is not None and not ca.is_file():
+        raise r.error("ca", f"{ca} is not a file")
+    r.finish()
+    return RelaySettings(url, host, port, parts.path, household, pin, ca)
 
 
 def _positive(r: Reader, key: str, default: float) -> float:
@@ -122,4 +180,12 @@ def load(path: str | Path) -> AgentSettings:
     return parse(TomlFile.load(path))
 
 
-__all__ = ["DEFAULT_PATH", "AgentSettings", "ConfigError", "Limits", "load", "parse"]
+__all__ = [
+    "DEFAULT_PATH",
+    "AgentSettings",
+    "ConfigError",
+    "Limits",
+    "RelaySettings",
+    "load",
+    "parse",
+]

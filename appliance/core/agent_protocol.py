@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 API_PREFIX = "/v1"
 AUTHENTICATE_PATH = "/v1/authenticate"
+CONNECT_PATH = "/v1/connect"  # a stream to a logged-in user's own server (home-relay.md)
 INFO_PATH = "/v1/info"
 DEFAULT_PORT = 8443
 
