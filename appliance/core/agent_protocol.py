@@ -201,6 +201,20 @@ def server_text(host: str, port: int, pin: str = "") -> str:
     return f"{where}#{pin}" if pin else where
 
 
+RELAYED_PREFIX = "agent:"
+
+
+def relayed_server_text(agent_spec: str) -> str:
+    """A session's personal server reached through the visitor's agent behind a relay:
+    the proxy asks that agent (`/v1/connect`) instead of dialling an address."""
+    return RELAYED_PREFIX + agent_spec
+
+
+def relayed_server_spec(text: str) -> str | None:
+    """The agent spec of a relayed personal server; None for an ordinary host:port."""
+    return text[len(RELAYED_PREFIX) :] if text.startswith(RELAYED_PREFIX) else None
+
+
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )

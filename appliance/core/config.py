@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +139,24 @@ class AgentClientConfig:
 
 
 @dataclass(frozen=True)
+class HomeRelayConfig:
+    """Relays through which visitors' agents behind NAT are reached (docs/home-relay.md).
+
+    No relays (the default): off; a `USER@HOUSEHOLD.RELAY#PIN` login is then an
+    ordinary agent name and fails as one."""
+
+    relays: Mapping[str, str]  # relay name (what visitors type) -> wss:// URL of its /v1/appliance
+    ca: Path | None  # the relays' CA (None: the system's)
+    socket: Path  # the dialer role's stream socket
+    proxy: str  # "" or http://HOST:PORT: reach the relays with CONNECT through the site's proxy
+    open_timeout: float  # a stream's OPEN must be answered within this
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.relays)
+
+
+@dataclass(frozen=True)
 class Policies:
     servers: Path
     access: Path
@@ -166,6 +186,7 @@ class Config:
     agent: AgentClientConfig
     policies: Policies
     state: StateConfig
+    home_relay: HomeRelayConfig
 
     def hidden(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True when the address is in a hidden network (the segment and the listed ones);
@@ -354,6 +375,38 @@ def _agent(r: Reader) -> AgentClientConfig:
     return cfg
 
 
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_RELAY_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})+")
+_RELAY_URL = re.compile(r"wss://[A-Za-z0-9.-]+(:[0-9]{1,5})?/[A-Za-z0-9/._-]*")
+
+
+def _home_relay(r: Reader) -> HomeRelayConfig:
+    relays = r.sub("relays")
+    table: dict[str, str] = {}
+    for name in list(relays.keys()):
+        url = relays.text(name)
+        if not _RELAY_NAME.fullmatch(name):
+            raise relays.error(name, "a relay's name is a lower-case DNS name with a dot")
+        if not _RELAY_URL.fullmatch(url):
+            raise relays.error(name, f"expected wss://HOST[:PORT]/PATH, found {url!r}")
+        table[name] = url
+    relays.finish()
+    proxy = r.text("proxy", "")
+    if proxy and not re.fullmatch(r"http://[A-Za-z0-9.-]+:[0-9]{1,5}", proxy):
+        raise r.error("proxy", f"expected http://HOST:PORT, found {proxy!r}")
+    cfg = HomeRelayConfig(
+        relays=table,
+        ca=r.filepath("ca", None),
+        socket=r.filepath("socket", "/run/appliance/homelink.sock"),
+        proxy=proxy,
+        open_timeout=r.number("open_timeout", 10.0, lo=0.5),
+    )
+    if cfg.ca is not None and not cfg.ca.is_file():
+        raise r.error("ca", f"file not found: {cfg.ca}")
+    r.finish()
+    return cfg
+
+
 def _policies(r: Reader) -> Policies:
     cfg = Policies(
         servers=r.filepath("servers", "servers.toml"),
@@ -391,6 +444,7 @@ def parse(doc: TomlFile) -> Config:
         agent=_agent(top.sub("agent")),
         policies=_policies(top.sub("policies")),
         state=_state(top.sub("state")),
+        home_relay=_home_relay(top.sub("home_relay")),
     )
     ports = {"portal.http_port": cfg.portal.http_port, "admin.port": cfg.admin.port}
     if cfg.portal.https_port:

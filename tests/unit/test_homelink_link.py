@@ -121,12 +121,12 @@ async def _round_trip(ls: LinkStream, payload: bytes, during=None) -> bytes:  # 
     async def send() -> None:
         for i in range(0, len(payload), 100_000):
             await ls.write(payload[i : i + 100_000])
-            if during is not None and i >= len(payload) // 3:
+            if during is not None and i >= len(payload) // 3 and not cut_done:
+                cut_done.append(True)
                 await during()
-                during_done.set()
         ls.close()
 
-    during_done = asyncio.Event()
+    cut_done: list[bool] = []
     sender = asyncio.ensure_future(send())
     got = bytearray()
     while data := await ls.read():
