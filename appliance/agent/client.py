@@ -444,7 +444,13 @@ _REFUSALS = {
 
 
 def _interpret(
-    config: Config, spec: AgentSpec, status: int, body: bytes, key_id: str, deadline: _Deadline
+    config: Config,
+    spec: AgentSpec,
+    status: int,
+    body: bytes,
+    key_id: str,
+    deadline: _Deadline,
+    relayed_spec: str = "",
 ) -> AgentAnswer:
     try:
         doc: Any = json.loads(body.decode("utf-8"))
@@ -461,8 +467,25 @@ def _interpret(
     if doc.get("user") != spec.user:
         raise AgentError("bad_answer", "the agent answered for another user")
     attributes = _attributes(doc.get("attributes", {}))
-    servers = _servers(config, doc.get("servers", {}), deadline)
+    if relayed_spec:
+        servers = _relayed_servers(doc.get("servers", {}), relayed_spec)
+    else:
+        servers = _servers(config, doc.get("servers", {}), deadline)
     return AgentAnswer(spec.user, attributes, servers, spec.address)
+
+
+def _relayed_servers(raw: Any, agent_spec: str) -> dict[str, str]:
+    """An agent behind a relay names servers on its own network, which the appliance
+    never dials: each is reached through that agent (`/v1/connect`), so the session
+    keeps the agent's name per service, not the address."""
+    if not isinstance(raw, dict) or len(raw) > wire.MAX_SERVERS:
+        raise AgentError("bad_answer", "the agent's server table is not a small object")
+    out: dict[str, str] = {}
+    for service, target in raw.items():
+        if not wire.SERVICE_RE.fullmatch(service) or not isinstance(target, str):
+            raise AgentError("bad_answer", "the agent's server table is malformed")
+        out[service] = wire.relayed_server_text(agent_spec)
+    return out
 
 
 def _attributes(raw: Any) -> dict[str, AttrValue]:
@@ -509,13 +532,18 @@ def _servers(config: Config, raw: Any, deadline: _Deadline) -> dict[str, str]:
 
 
 def authenticate(
-    config: Config, agent_spec: str, password: str, sock: socket.socket | None = None
+    config: Config,
+    agent_spec: str,
+    password: str,
+    sock: socket.socket | None = None,
+    relayed: bool = False,
 ) -> AgentAnswer:
     """Ask the visitor's personal agent; AgentAnswer or AgentError within config.agent.timeout.
 
     With `sock` (already connected, e.g. through the home relay) nothing is dialled:
     the caller chose where it leads; TLS, pin and signature are as always.  The
-    socket is closed when this returns."""
+    socket is closed when this returns.  `relayed`: the agent is behind a relay, so
+    its servers are reached through it (the answer's servers name the agent)."""
     deadline = _Deadline(config.agent.timeout)
     spec = parse_spec(agent_spec, config.agent.default_port)
     if not 1 <= len(password) <= wire.MAX_PASSWORD_LEN:
@@ -528,7 +556,9 @@ def authenticate(
     with tls:
         seen = wire.fingerprint(tls.getpeercert(binary_form=True) or b"")
         status, answer = _exchange(tls, spec, key, body, deadline)
-    ans = _interpret(config, spec, status, answer, wire.public_key_id(key.public_key()), deadline)
+    key_id = wire.public_key_id(key.public_key())
+    relayed_spec = agent_spec.strip() if relayed else ""
+    ans = _interpret(config, spec, status, answer, key_id, deadline, relayed_spec)
     # without a pin the default context checked the certificate against the CAs for spec.host
     verified = "" if spec.fingerprint else spec.host
     return dataclasses.replace(ans, fingerprint=seen, verified_name=verified)

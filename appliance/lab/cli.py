@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from appliance.lab import topology
@@ -35,6 +36,8 @@ Try next:
 Accounts:
   site account  carol / carol-pass           (a contractor: web on port 80 only)
   home account  alice / alice-pass  agent {spec}
+  behind NAT    bob / bob-pass      agent {bob}
+                (appliance lab cut-home 10: his home link drops for 10 s)
   admin pages   http://198.51.100.1:8000/  admin / admin-pass  (from the segment:
                 appliance lab exec seg -- curl http://198.51.100.1:8000/)
 
@@ -53,7 +56,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from appliance.lab import site
 
     STATE_DIR.mkdir(parents=True, exist_ok=True)
-    topo = Topology.build(guests=max(args.guests, 2), prefix=LAB_PREFIX, workdir=STATE_DIR)
+    topo = Topology.build(
+        guests=max(args.guests, 3), prefix=LAB_PREFIX, workdir=STATE_DIR, nat_household=True
+    )
     print(f"lab: namespaces up: {', '.join(sorted(topo.nodes))}; starting servers...")
     try:
         info = site.start(topo, STATE_DIR)
@@ -64,7 +69,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"lab: {exc}\nlab: removed again", file=sys.stderr)
             return 1
         raise
-    print(LAB_READY.format(config=info.config, spec=info.agent_spec, ca=info.ca))
+    print(LAB_READY.format(config=info.config, spec=info.agent_spec, ca=info.ca, bob=info.bob_spec))
     return 0
 
 
@@ -111,6 +116,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(topo.nodes, STATE_DIR)
 
 
+def _cmd_cut_home(args: argparse.Namespace) -> int:
+    """bob's home uplink goes silent for a while (his agent's link to the relay dies and
+    comes back; his open streams resume)."""
+    topo = Topology.attach(LAB_PREFIX, STATE_DIR)
+    if "natrouter" not in topo.nodes:
+        print("lab: no household behind NAT in this lab", file=sys.stderr)
+        return 1
+    topo.cut_household_link(True)
+    print(f"lab: bob's home link is cut for {args.seconds:g} s")
+    try:
+        time.sleep(args.seconds)
+    finally:
+        topo.cut_household_link(False)
+    print("lab: bob's home link is back")
+    return 0
+
+
 def _resolve(node: str) -> str:
     nodes = _nodes()
     if node not in nodes:
@@ -150,6 +172,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex.add_argument("node")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     ex.set_defaults(func=_cmd_exec)
+    cut = labsub.add_parser("cut-home", help="drop bob's home link (behind NAT) for SECONDS")
+    cut.add_argument("seconds", type=float)
+    cut.set_defaults(func=_cmd_cut_home)
     sh = labsub.add_parser("shell", help="an interactive shell in a node")
     sh.add_argument("node")
     sh.set_defaults(func=_cmd_shell)

@@ -10,6 +10,9 @@ what a visitor would expect fails the demo.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -20,9 +23,9 @@ from pathlib import Path
 
 import requests
 
-from appliance.lab import servers, site
+from appliance.lab import household, servers, site
 from appliance.lab.tls import fingerprint
-from appliance.lab.topology import LabError, NetnsSwitch, Node
+from appliance.lab.topology import LabError, NetnsSwitch, Node, Topology
 
 PORTAL = "http://192.168.1.1"
 
@@ -188,6 +191,50 @@ def fetch_mail(node: Node, user: str, password: str) -> Outcome:
     )
 
 
+def big_message(size: int) -> bytes:
+    """A message of about `size` bytes whose body is CRLF lines of base64 (no line starts
+    with a dot), so what a POP client writes out is the message byte for byte."""
+    body = base64.encodebytes(os.urandom(size * 3 // 4)).replace(b"\n", b"\r\n")
+    return b"From: home@bob-home.example\r\nSubject: a large one\r\n\r\n" + body
+
+
+def fetch_through_cut(
+    node: Node, maildir: Path, user: str, password: str, cut: Callable[[bool], None], seconds: float
+) -> Outcome:
+    """curl (POP3, port 110) fetches a large message at a bounded rate while the home
+    link is cut for `seconds`: the copy must be the message, byte for byte."""
+    message = big_message(16 << 20)
+    servers.deliver(maildir, message)
+    listing = node.run(
+        "curl", "-s", "--max-time", "30", "-u", f"{user}:{password}", "pop3://mail.home.example/",
+        check=False, timeout=40,
+    )  # fmt: skip
+    numbers = [line.split()[0] for line in listing.stdout.splitlines() if line.strip()]
+    if listing.returncode != 0 or not numbers:
+        return Outcome(False, f"no message list (curl exit {listing.returncode})")
+    out = Path(f"/tmp/lab-demo-{node.name}-fetch")
+    fetch = node.start(
+        "curl", "-s", "--limit-rate", "2M", "-u", f"{user}:{password}", "-o", str(out),
+        f"pop3://mail.home.example/{numbers[-1]}", name=f"{node.name}-curl-pop3",
+    )  # fmt: skip
+    time.sleep(2)
+    cut(True)
+    time.sleep(seconds)
+    cut(False)
+    started = time.monotonic()
+    while fetch.alive() and time.monotonic() - started < 120:
+        time.sleep(0.2)
+    code = fetch.stop(timeout=1)
+    got = out.read_bytes() if out.exists() else b""
+    out.unlink(missing_ok=True)
+    same = hashlib.sha256(got).digest() == hashlib.sha256(message).digest()
+    return Outcome(
+        code == 0 and same,
+        f"{len(got)} of {len(message)} bytes, curl exit {code}, "
+        + ("SHA-256 identical" if same else "NOT identical"),
+    )
+
+
 def browse(node: Node) -> Outcome:
     out = node.run("curl", "-s", "-m", "15", "http://www.example.com/", check=False).stdout
     return Outcome(
@@ -348,6 +395,26 @@ def run(nodes: dict[str, Node], directory: Path, echo: Callable[[str], None] = p
             lambda: refused_https(g2, info.ca),
         ),
     ]
+    if info.bob_spec and "guest3" in nodes:
+        g3, (bob, bob_pw) = nodes["guest3"], household.USER
+        topo = Topology.attach(nodes["gw"].netns.rpartition("-")[0], directory)
+        steps += [
+            ("guest3 asks for an address (dhclient)", lambda: dhcp(g3, directory)),
+            (
+                "guest3 logs in through his agent at home behind NAT, via the relay",
+                lambda: login(g3, bob, bob_pw, info.bob_spec),
+            ),
+            (
+                "guest3 fetches mail from his POP server at home, via the relay",
+                lambda: fetch_mail(g3, bob, bob_pw),
+            ),
+            (
+                "guest3 fetches 16 MiB while his home link is cut for 5 s",
+                lambda: fetch_through_cut(
+                    g3, Path(info.bob_maildir), bob, bob_pw, topo.cut_household_link, 5
+                ),
+            ),
+        ]
     failed = 0
     for n, (title, step) in enumerate(steps, 1):
         try:

@@ -362,8 +362,12 @@ def start_pop3(
 
 
 def add_pop_message(server: Server, user: str, message: bytes) -> None:
-    box = server.extra["mail"] / user
-    name = f"{time.time_ns()}.lab.{user}"
+    deliver(server.extra["mail"] / user, message)
+
+
+def deliver(box: Path, message: bytes) -> None:
+    """A message into one user's maildir, as an MDA does (tmp, then new)."""
+    name = f"{time.time_ns()}.lab.{box.name}"
     tmp = box / "tmp" / name
     tmp.write_bytes(message)
     _chown(tmp, "nobody")

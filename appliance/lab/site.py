@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from appliance.core.atomic_file import write_atomically
 from appliance.core.tomlfile import toml_key, toml_value
-from appliance.lab import servers
+from appliance.lab import household, servers
+from appliance.lab.commands import agent_cmd, appliance_cmd, run_checked
 from appliance.lab.tls import LabCA, fingerprint
-from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
+from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -64,18 +63,12 @@ class SiteInfo:
     ca: str = ""
     web_cert: str = ""  # www.example.com's certificate chain
     mail_cert: str = ""  # alice's home mail store's
+    bob_spec: str = ""  # bob's agent behind NAT, through the relay (appliance/lab/household.py)
+    bob_maildir: str = ""  # his POP server's maildir (demo and tests add messages)
 
     @property
     def agent_spec(self) -> str:
         return f"{AGENT_ADDR}#{self.agent_fingerprint}"
-
-
-def _appliance(*args: str) -> list[str]:
-    return [sys.executable, "-m", "appliance", *args]
-
-
-def _agent_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "appliance.agent.cli", *args]
 
 
 def write_config(directory: Path) -> Path:
@@ -91,21 +84,11 @@ def write_config(directory: Path) -> Path:
     return path
 
 
-def _run(node: Node | None, argv: list[str], stdin: str | None = None) -> str:
-    full = node.argv(argv) if node else argv
-    proc = subprocess.run(
-        full, input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
-    if proc.returncode != 0:
-        raise LabError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
 def _accounts(config: Path) -> None:
     user, pw, attrs = SITE_USER
-    _run(
+    run_checked(
         None,
-        _appliance(
+        appliance_cmd(
             "users",
             "add",
             "--config",
@@ -117,9 +100,9 @@ def _accounts(config: Path) -> None:
         stdin=pw + "\n",
     )
     name, apw = ADMIN
-    _run(
+    run_checked(
         None,
-        _appliance("admins", "add", "--config", str(config), name, "--password-stdin"),
+        appliance_cmd("admins", "add", "--config", str(config), name, "--password-stdin"),
         stdin=apw + "\n",
     )
 
@@ -156,9 +139,9 @@ def add_agent(
     )
     conf = ("--config", str(agent_toml))
     uid, pw, attrs = user
-    _run(
+    run_checked(
         None,
-        _agent_cmd(
+        agent_cmd(
             "users",
             "add",
             *conf,
@@ -173,13 +156,15 @@ def add_agent(
     for service, target in (
         ("pop3", pop3), ("pop3s", f"{pop}:995"), ("imap", f"{pop}:143"), ("imaps", f"{pop}:993")
     ):  # fmt: skip
-        _run(None, _agent_cmd("servers", "set", *conf, uid, service, target))
-    key = _run(gw, _appliance("agent-key", "--config", str(config))).split()[0]
+        run_checked(None, agent_cmd("servers", "set", *conf, uid, service, target))
+    key = run_checked(gw, appliance_cmd("agent-key", "--config", str(config))).split()[0]
     if allow:  # `--`: a key may start with "-" (base64url)
-        _run(None, _agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key))
-    home.start(*_agent_cmd("run", *conf), name=f"personal-{name}")
+        run_checked(
+            None, agent_cmd("appliances", "allow", *conf, "--name", "lab appliance", "--", key)
+        )
+    home.start(*agent_cmd("run", *conf), name=f"personal-{name}")
     home.wait_port(AGENT_PORT, addr, timeout=30)
-    fingerprint = _run(None, _agent_cmd("fingerprint", *conf)).split()[0]
+    fingerprint = run_checked(None, agent_cmd("fingerprint", *conf)).split()[0]
     if trusted_as is not None:
         table = config.parent / "agents.toml"
         old = table.read_text() if table.exists() else ""
@@ -192,9 +177,13 @@ def add_agent(
 
 
 def start(topo: Topology, directory: Path) -> SiteInfo:
-    """Start every server and the appliance; returns what a person needs to try it."""
+    """Start every server and the appliance; returns what a person needs to try it.
+
+    A topology built with its household behind NAT (`nat_household`) also gets the
+    home relay and bob's home (appliance/lab/household.py)."""
     config = write_config(directory)
     info = SiteInfo(str(directory), str(config))
+    with_household = "relay" in topo.nodes
     servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)
     # the box's own resolver is the site's, as on a real box: the relay checks names with it
     (NETNS_ETC / topo["gw"].netns / "resolv.conf").write_text("nameserver 198.51.100.2\n")
@@ -221,8 +210,17 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
     info.agent_fingerprint = add_agent(
         topo, directory, config, pop3_pin=fingerprint(Path(info.mail_cert))
     )
+    if with_household:
+        household.start_relay(topo, directory, ca)
+        with config.open("a") as f:
+            f.write(household.relay_section(ca, directory))
+        key = run_checked(topo["gw"], appliance_cmd("agent-key", "--config", str(config)))
+        pin, bob_pop = household.start_household(topo, directory, config, ca, key.split()[0])
+        info.bob_spec = household.bob_spec(pin)
+        info.bob_maildir = str(bob_pop.extra["mail"] / household.USER[0])
+        info.server_dirs.append(str(bob_pop.directory))
     gw = topo["gw"]
-    gw.start(*_appliance("run", "--config", str(config)), name="appliance")
+    gw.start(*appliance_cmd("run", "--config", str(config)), name="appliance")
     for port, host, proto in (
         (67, "0.0.0.0", "udp"),
         (53, "192.168.1.1", "udp"),

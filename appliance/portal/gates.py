@@ -9,6 +9,7 @@ decision exists when it does not).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from appliance.core import agent_protocol as wire
 from appliance.core.attributes import Attributes
 from appliance.core.config import Config
+from appliance.homelink import dialer_client
 from appliance.policy import trusted_agents
 
 if TYPE_CHECKING:
@@ -123,8 +125,9 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
     pass from an agent the trusted-agents table names, and only its listed keys."""
     from appliance.agent import client  # here: tests put a fake agent in sys.modules
 
+    sock = _through_relay(config, spec)
     try:
-        ans = client.authenticate(config, spec, password)
+        ans = client.authenticate(config, spec, password, sock=sock, relayed=sock is not None)
     except client.AgentError as exc:
         raise AgentFailure(str(exc.code), str(exc.message)) from None
     where = str(getattr(ans, "agent", "") or spec.split("#")[0].rpartition("@")[2])
@@ -153,6 +156,36 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
             ", ".join(v.dropped),
         )
     return AgentResult(v.user, v.attributes, dict(ans.servers), v.agent, v.trusted)
+
+
+# the dialer's refusals as the portal's agent failure codes (portal/app.py _agent_refusal)
+_DIALER_FAILURES = {"offline": "offline", "limit": "rate_limited", "timeout": "timeout"}
+
+
+def _through_relay(config: Config, spec: str) -> socket.socket | None:
+    """A stream to the agent when `spec` names a household behind a relay the site
+    lists (USER@HOUSEHOLD.RELAY#PIN), else None (the agent is dialled directly)."""
+    if not config.home_relay.enabled:
+        return None
+    where, _, pin = spec.strip().partition("#")
+    try:
+        host, _port = wire.parse_hostport(where.rpartition("@")[2], config.agent.default_port)
+    except ValueError:
+        return None  # authenticate says what is wrong with it
+    hop = dialer_client.relayed(config.home_relay, host)
+    if hop is None:
+        return None
+    if not pin:
+        raise AgentFailure(
+            "bad_address",
+            "a household behind a relay is named with its fingerprint:"
+            " user@household.relay#sha256:...",
+        )
+    try:
+        return dialer_client.dial(config.home_relay, *hop, config.agent.timeout)
+    except dialer_client.DialerError as exc:
+        log.warning("agent login via relay %s for %s: %s", hop[0], hop[1], exc)
+        raise AgentFailure(_DIALER_FAILURES.get(exc.code, "unreachable"), exc.message) from None
 
 
 def allow_command(config: Config) -> str:

@@ -19,8 +19,10 @@ MESSAGES: dict[str, dict[str, str]] = {
     "password": {"en": "Password", "ja": "パスワード"},
     "agent": {"en": "Home agent", "ja": "ホームエージェント"},
     "agent_hint": {
-        "en": "Leave empty for a site account; otherwise e.g. home.example or 203.0.113.1",
-        "ja": "サイトのアカウントなら空欄。自宅なら例: home.example や 203.0.113.1",
+        "en": "Leave empty for a site account; otherwise e.g. home.example or 203.0.113.1,"
+        " or behind a relay household.relay.example#sha256:… (your agent's fingerprint)",
+        "ja": "サイトのアカウントなら空欄。自宅なら例: home.example や 203.0.113.1、"
+        "リレー経由なら household.relay.example#sha256:…（エージェントのフィンガープリント）",
     },
     "login": {"en": "Log in", "ja": "ログイン"},
     "logout": {"en": "Log out", "ja": "ログアウト"},
@@ -113,6 +115,10 @@ MESSAGES: dict[str, dict[str, str]] = {
     "agent_refused_servers": {
         "en": "Your home agent named servers this site does not allow.",
         "ja": "ホームエージェントが、このサイトで許可されないサーバーを指定しました。",
+    },
+    "agent_offline": {
+        "en": "Your home agent is not connected to its relay right now. Try again later.",
+        "ja": "ホームエージェントは現在リレーに接続していません。後でお試しください。",
     },
     "agent_other": {
         "en": "Your home agent could not log you in.",
