@@ -402,3 +402,50 @@ def test_a_name_claimed_by_another_key_is_retried_with_backoff(
         and "claimed by another key" in rec.getMessage()
     ]
     assert len(warnings) == 1  # once per change, not at every retry
+
+
+def test_an_agent_key_that_is_not_p256_leaves_the_link_off_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    settings = make_agent_dir(
+        tmp_path,
+        port=free_port(),
+        extra=f'[relay]\nurl = "wss://{HOST}:1/v1/agent"\nhousehold = "{HOUSEHOLD}"\n',
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    settings.tls_certificate.parent.mkdir(parents=True, exist_ok=True)
+    settings.tls_certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    settings.tls_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    async def body() -> None:
+        agent = AgentServer(settings)
+        await agent.start()
+        try:
+            assert agent.relay is None and agent.relay_status() is None
+            assert agent.port > 0  # the direct API still serves
+        finally:
+            await agent.close()
+
+    with caplog.at_level(logging.ERROR, logger="appliance.agent"):
+        run(body())
+    assert any("not a P-256" in rec.getMessage() for rec in caplog.records)
