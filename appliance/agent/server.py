@@ -33,7 +33,7 @@ from typing import Any
 
 import h11
 
-from appliance.agent import tables, tlscert
+from appliance.agent import relay_link, tables, tlscert
 from appliance.agent.api import (
     PENDING_SAVE_INTERVAL,
     AgentApp,
@@ -112,6 +112,8 @@ class AgentServer:
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self.relay: relay_link.RelayLink | None = None  # `[relay]`: the link to the home relay
+        self._relay_task: asyncio.Task[None] | None = None
         self._reported: Counter[str] = Counter()
 
     @property
@@ -150,9 +152,27 @@ class AgentServer:
         log.info(
             "personal agent listening on %s:%d, certificate fingerprint %s",
             self.settings.listen_address,
-            self.settings.port,
+            self.port,
             self.fingerprint,
         )
+        if self.settings.relay is not None:
+            self._start_relay()
+
+    def _start_relay(self) -> None:
+        """`[relay]`: keep a link to the home relay; a key it cannot use leaves it off."""
+        try:
+            self.relay = relay_link.make_link(
+                self.settings, relay_link.api_address(self.settings), self.port
+            )
+        except (relay_link.RelayKeyError, OSError, ValueError) as exc:
+            log.error("relay link not started: %s", exc)
+            return
+        log.info("relay link to %s for household %s", self.relay.relay.url, self.relay.household)
+        self._relay_task = asyncio.create_task(self.relay.run())
+
+    def relay_status(self) -> dict[str, Any] | None:
+        """The relay link's state and counters; None without `[relay]` (or when it is off)."""
+        return None if self.relay is None else self.relay.status()
 
     async def _tick(self) -> None:
         """Write pending keys held back by the write interval; now and then sum up drops."""
@@ -166,6 +186,7 @@ class AgentServer:
             if time.monotonic() >= next_report:
                 next_report = time.monotonic() + DROP_REPORT_INTERVAL
                 self._report_drops()
+                self._report_relay()
 
     def _report_drops(self) -> None:
         now = Counter(self.app.dropped)
@@ -177,6 +198,15 @@ class AgentServer:
                 ", ".join(f"{n} {_DROPS.get(what, what)}" for what, n in sorted(new.items())),
             )
         self._reported = now
+
+    def _report_relay(self) -> None:
+        status = self.relay_status()
+        if status is not None:
+            log.info(
+                "relay link %s: %s",
+                "up" if status.pop("up") else "down",
+                ", ".join(f"{k}={v}" for k, v in status.items() if v != ""),
+            )
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.busy.locked():
@@ -429,6 +459,10 @@ class AgentServer:
         log.info("tables re-read")
 
     async def close(self) -> None:
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay_task
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,259 @@
+"""The agent's link to its home relay (`[relay]` in agent.toml, docs/home-relay.md).
+
+A household's agent behind NAT dials out to the relay and keeps that WebSocket up
+(`homelink.link.Link` does the keeping, the backoff and the resume); this module
+supplies the agent's three parts of it:
+
+- dial: TLS to the relay, checked against `pin` (the relay certificate's fingerprint)
+  or `ca`, else the system CAs.  A pinned relay is checked right after the handshake
+  and before the challenge is even read: a machine in the middle never gets a
+  registration signature.
+- register: the relay's challenge signed with the agent's own TLS key (P-256), so the
+  household's key at the relay is the same fingerprint visitors pin.
+- accept: each stream an appliance opens is joined to a plain TCP connection to the
+  agent's own API listener on loopback; the TLS inside the stream is the appliance's,
+  end to end, so a relayed request meets exactly the checks of a direct one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import ssl
+import time
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from appliance.agent.settings import AgentSettings, RelaySettings
+from appliance.core import agent_protocol as wire
+from appliance.homelink import frames
+from appliance.homelink.frames import Reset
+from appliance.homelink.link import Link, LinkDown, LinkStream
+from appliance.homelink.registration import (
+    CLOSE_BAD_SIGNATURE,
+    CLOSE_CLAIMED,
+    CLOSE_MALFORMED,
+    CLOSE_TOO_MANY,
+    parse_challenge,
+    sign_registration,
+)
+
+log = logging.getLogger("appliance.agent.relay")
+
+REGISTER_TIMEOUT = 10.0  # for the challenge, and again for the answer to the register
+API_CONNECT_TIMEOUT = 5.0
+_REFUSALS = {
+    CLOSE_MALFORMED: "the relay found the registration malformed",
+    CLOSE_BAD_SIGNATURE: "the relay says the signature does not verify (check [relay] url)",
+    CLOSE_CLAIMED: "household name is claimed by another key",
+    CLOSE_TOO_MANY: "too many registrations from here; the relay asks to slow down",
+}
+
+
+class RelayKeyError(ValueError):
+    """The agent's TLS key cannot register at a relay (the relay takes P-256 only)."""
+
+
+def load_identity(settings: AgentSettings) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """The agent's TLS private key and its leaf certificate's DER; RelayKeyError unless P-256."""
+    loaded = serialization.load_pem_private_key(settings.tls_key.read_bytes(), password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(
+        loaded.curve, ec.SECP256R1
+    ):
+        raise RelayKeyError(
+            f"{settings.tls_key} is not a P-256 (prime256v1) key; a home relay registers"
+            " P-256 keys only, so the relay link stays off (the direct API still runs)"
+        )
+    cert = x509.load_pem_x509_certificate(settings.tls_certificate.read_bytes())
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != loaded.public_key().public_bytes(*spki):
+        raise RelayKeyError(f"{settings.tls_certificate} does not belong to {settings.tls_key}")
+    return loaded, cert.public_bytes(serialization.Encoding.DER)
+
+
+def relay_context(relay: RelaySettings) -> ssl.SSLContext:
+    """TLS to the relay: its CA bundle, else the system CAs; with a pin no chain at all
+    (the fingerprint, checked by `RelayLink._dial`, is the whole check)."""
+    if relay.pin is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif relay.ca is not None:
+        ctx = ssl.create_default_context(cafile=str(relay.ca))
+    else:
+        ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def api_address(settings: AgentSettings) -> str:
+    """Where the agent's own listener is reached from this host.  asyncio binds "::"
+    IPv6-only, so a wildcard is replaced by the loopback of its own family."""
+    if settings.listen_address == "0.0.0.0":
+        return "127.0.0.1"
+    if settings.listen_address == "::":
+        return "::1"
+    return settings.listen_address
+
+
+def describe_close(exc: ConnectionClosed) -> str:
+    """A close during registration as a log line: the code, what it means, the reason."""
+    close = exc.rcvd
+    if close is None:
+        return "the relay closed the link during registration without a close code"
+    meaning = _REFUSALS.get(close.code, "closed during registration")
+    reason = f": {close.reason}" if close.reason else ""
+    return f"relay refused the registration ({close.code}, {meaning}){reason}"
+
+
+class RelayLink:
+    """The agent's `Link` to its relay and what its status reports."""
+
+    def __init__(self, settings: AgentSettings, api_host: str, api_port: int) -> None:
+        assert settings.relay is not None
+        self.relay = settings.relay
+        self.household = settings.relay.household
+        self.api_host = api_host
+        self.api_port = api_port
+        self.key, self.certificate = load_identity(settings)
+        self.fingerprint = wire.fingerprint(self.certificate)
+        self.ssl = relay_context(settings.relay)
+        self.link = Link(
+            self._dial,
+            name=f"{self.relay.host}:{self.relay.port}",
+            register=self._register,
+            accept=self._accept,
+        )
+        self.ws: ClientConnection | None = None  # the current WebSocket (tests abort it)
+        self.dials = 0
+        self.dial_started = 0.0  # monotonic: when the latest dial began
+        self.registered_at = 0.0  # monotonic: when the latest registration was answered
+        self.registered = False
+        self._logged_refusal: str | None = None  # a WARNING is logged once per change
+
+    @property
+    def last_error(self) -> str:
+        return self.link.last_error
+
+    def status(self) -> dict[str, Any]:
+        """What `personal-agent` can report: up or down, the last error, the counters."""
+        return {
+            "relay": self.relay.url,
+            "household": self.household,
+            "up": self.link.up.is_set(),
+            "last_error": self.link.last_error,
+            "streams": len(self.link.streams),
+            **self.link.counters,
+        }
+
+    async def run(self) -> None:
+        await self.link.run()
+
+    # -- the Link's parts --------------------------------------------------------------
+
+    async def _dial(self) -> Connection:
+        if self.registered:
+            self.registered = False
+            log.info(
+                "relay link to %s down (%s); dialling again",
+                self.relay.url,
+                self.link.last_error or "closed",
+            )
+        self.dials += 1
+        self.dial_started = time.monotonic()
+        ws = await connect(
+            self.relay.url,
+            ssl=self.ssl,
+            server_hostname=self.relay.host,
+            compression=None,
+            ping_interval=3,
+            ping_timeout=5,
+            close_timeout=2,
+            open_timeout=10,
+            proxy=None,
+            max_size=frames.MAX_FRAME + 256,
+        )
+        if self.relay.pin is not None:
+            tls = ws.transport.get_extra_info("ssl_object")
+            der = tls.getpeercert(binary_form=True) if tls is not None else None
+            seen = wire.fingerprint(der or b"")
+            if not secrets.compare_digest(seen, self.relay.pin):
+                ws.transport.abort()  # no close handshake: nothing more to say to it
+                message = f"relay certificate pin mismatch: {seen}, expected {self.relay.pin}"
+                self._note_refusal(message)
+                raise LinkDown(message)
+        self.ws = ws
+        return ws
+
+    async def _register(self, ws: Connection) -> None:
+        try:
+            try:
+                async with asyncio.timeout(REGISTER_TIMEOUT):
+                    nonce = parse_challenge(await ws.recv())
+            except ValueError as exc:
+                raise LinkDown(f"the relay's first message: {exc}") from None
+            message = sign_registration(
+                self.key, self.certificate, nonce, self.household, self.relay.host
+            )
+            await ws.send(json.dumps(message))
+            async with asyncio.timeout(REGISTER_TIMEOUT):
+                answer = await ws.recv()
+        except ConnectionClosed as exc:
+            text = describe_close(exc)
+            self._note_refusal(text)
+            raise LinkDown(text) from None
+        except TimeoutError:
+            raise LinkDown("the relay did not answer the registration in time") from None
+        try:
+            doc = json.loads(answer)
+        except (ValueError, TypeError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict) or doc.get("type") != "registered":
+            raise LinkDown("the relay answered the registration with something else")
+        self.registered = True
+        self.registered_at = time.monotonic()
+        if self._logged_refusal is not None:
+            self._logged_refusal = None
+        log.info(
+            "relay link up: household %s registered at %s with key %s (%.0f ms)",
+            self.household,
+            self.relay.url,
+            self.fingerprint,
+            (self.registered_at - self.dial_started) * 1000,
+        )
+
+    def _note_refusal(self, text: str) -> None:
+        """Refusals repeat at every retry: WARNING the first time, INFO (from Link) after."""
+        if text != self._logged_refusal:
+            self._logged_refusal = text
+            log.warning("relay link to %s: %s", self.relay.url, text)
+
+    async def _accept(self, ls: LinkStream) -> None:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.api_host, self.api_port), API_CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning(
+                "relayed stream: the agent's own API at %s:%d does not answer (%s)",
+                self.api_host,
+                self.api_port,
+                exc,
+            )
+            ls.abort(Reset.REFUSED, "the agent's API does not answer")
+            return
+        ls.hold()
+        await ls.bridge(reader, writer)
+
+
+def make_link(settings: AgentSettings, api_host: str, api_port: int) -> RelayLink:
+    """The relay link for `settings.relay`; RelayKeyError if the agent's key cannot register."""
+    return RelayLink(settings, api_host, api_port)

@@ -1,0 +1,451 @@
+"""The agent's link to a home relay, end to end in process: a real RelayServer, a real
+AgentServer with `[relay]`, an appliance-side Link, and the appliance's own client code
+speaking TLS to the agent through the relayed stream.  All on loopback, real TLS.
+
+What is checked is what a household and a visitor would see: presence online, a login
+answered, a mailbox fetched byte for byte, also across a dropped agent link; and that a
+wrong relay pin or a name claimed by another key keeps the agent out (without a storm of
+retries, and without handing a signature to the wrong relay)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_helpers import appliance_config, free_port, make_agent_dir
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+from websockets.asyncio.client import connect
+
+from appliance.agent import client
+from appliance.agent.server import AgentServer
+from appliance.core import agent_protocol as wire
+from appliance.core.tomlfile import TomlFile
+from appliance.homelink.link import Link
+from appliance.homelink.registration import parse_challenge, sign_registration
+from appliance.homerelay.config import parse as parse_relay_config
+from appliance.homerelay.server import RelayServer
+
+pytestmark = pytest.mark.unit
+
+HOST = "localhost"  # the relay's name: a DNS name (the relay insists) that reaches loopback
+HOUSEHOLD = "alice-home"
+KEY = Ed25519PrivateKey.generate()  # the appliance's key, trusted by the agent
+KID = wire.public_key_id(KEY.public_key())
+MAILBOX = os.urandom(4 << 20)
+RETR_HEAD = b"+OK 4194304 octets\r\n"
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+@pytest.fixture(scope="module")
+def relay_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """The relay's certificate and key files, and the certificate's fingerprint."""
+    d = tmp_path_factory.mktemp("relay-tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _self_signed(key, HOST)
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return (
+        d / "cert.pem",
+        d / "key.pem",
+        wire.fingerprint(cert.public_bytes(serialization.Encoding.DER)),
+    )
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The appliance's config, its key the one the agent trusts."""
+    cfg = appliance_config(tmp_path_factory.mktemp("relay-appliance"), timeout=5.0)
+    state = Path(cfg.state.directory)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / client.KEY_FILE).write_bytes(
+        KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (state / client.KEY_FILE).chmod(0o600)
+    return cfg
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(coro, 15)
+
+    asyncio.run(bounded())
+
+
+class PopLike:
+    """A POP-like server: greets, sends the 4 MiB mailbox on RETR, says bye on QUIT."""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"+OK hello\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"RETR"):
+                writer.write(RETR_HEAD + MAILBOX)
+            elif line.startswith(b"QUIT"):
+                writer.write(b"+OK bye\r\n")
+                await writer.drain()
+                break
+            await writer.drain()
+        writer.close()
+
+
+class Rig:
+    """Relay, agent and an appliance link on one event loop."""
+
+    def __init__(self, relay: RelayServer, agent: AgentServer, appliance: Link, pop: PopLike):
+        self.relay = relay
+        self.agent = agent
+        self.appliance = appliance
+        self.pop = pop
+        self.bridges: list[asyncio.Task[None]] = []
+
+    @property
+    def spec(self) -> str:
+        return f"alice@{HOUSEHOLD}.{HOST}#{self.agent.fingerprint}"
+
+    async def presence(self) -> tuple[int, dict[str, Any]]:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.relay.port, ssl=ctx, server_hostname=HOST
+        )
+        writer.write(
+            f"GET /v1/households/{HOUSEHOLD} HTTP/1.1\r\nHost: {HOST}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = await reader.read()
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split()[1])
+        return status, json.loads(body) if status == 200 else {}
+
+    async def wait_online(self, within: float) -> float:
+        """Seconds until presence says the household is reachable."""
+        start = time.monotonic()
+        async with asyncio.timeout(within):
+            while True:
+                status, doc = await self.presence()
+                if status == 200 and doc["state"] in ("online", "in_use"):
+                    return time.monotonic() - start
+                await asyncio.sleep(0.02)
+
+    async def relayed_socket(self) -> socket.socket:
+        """A stream through the relay to the agent, as a blocking socket for client.py."""
+        ls = self.appliance.open(HOUSEHOLD)
+        assert await ls.wait_opened(5) is None
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        self.bridges.append(asyncio.create_task(ls.bridge(reader, writer)))
+        return theirs
+
+
+async def claim(relay: RelayServer, cert: Path) -> None:
+    """Register HOUSEHOLD with a P-256 key that is not the agent's, then leave."""
+    squatter = ec.generate_private_key(ec.SECP256R1())
+    der = _self_signed(squatter, "squatter").public_bytes(serialization.Encoding.DER)
+    async with connect(
+        f"wss://127.0.0.1:{relay.port}/v1/agent",
+        ssl=ssl.create_default_context(cafile=str(cert)),
+        server_hostname=HOST,
+    ) as ws:
+        nonce = parse_challenge(await ws.recv())
+        await ws.send(json.dumps(sign_registration(squatter, der, nonce, HOUSEHOLD, HOST)))
+        assert json.loads(await ws.recv())["type"] == "registered"
+
+
+def fetch(tls: ssl.SSLSocket, progress: list[int]) -> str:
+    """RETR the mailbox (noting bytes so far in `progress`), QUIT; the mailbox's sha256."""
+    tls.settimeout(10)
+
+    def until(end: bytes) -> bytes:
+        got = bytearray()
+        while not got.endswith(end):
+            chunk = tls.recv(1)
+            assert chunk, "EOF mid-line"
+            got += chunk
+        return bytes(got)
+
+    assert until(b"\r\n") == b"+OK hello\r\n"
+    tls.sendall(b"RETR 1\r\n")
+    assert until(b"\r\n") == RETR_HEAD
+    got = bytearray()
+    while len(got) < len(MAILBOX):
+        chunk = tls.recv(65536)
+        assert chunk, f"EOF after {len(got)} bytes"
+        got += chunk
+        progress[0] = len(got)
+    tls.sendall(b"QUIT\r\n")
+    assert until(b"\r\n") == b"+OK bye\r\n"
+    tls.close()
+    return hashlib.sha256(got).hexdigest()
+
+
+@asynccontextmanager
+async def rig(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str], pin: str | None = None, squat: bool = False
+) -> AsyncIterator[Rig]:
+    """`pin`: the relay pin the agent is given (default the right one); `squat`: the
+    household's name is claimed by another key before the agent starts."""
+    cert, key, relay_pin = relay_tls
+    relay_config = parse_relay_config(
+        TomlFile.parse(
+            f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
+            f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n',
+            tmp_path / "relay.toml",
+        )
+    )
+    relay = RelayServer(relay_config)
+    await relay.start()
+    if squat:
+        await claim(relay, cert)
+    pop = PopLike()
+    await pop.start()
+    settings = make_agent_dir(
+        tmp_path / "agent",
+        port=free_port(),
+        users={
+            "alice": ("alice-pw", {}, {"pop3": f"127.0.0.1:{pop.port}"}),
+            "bob": ("bob-pw", {"name": "Bob"}, {}),
+        },
+        extra=(
+            f'[appliances]\ntrusted = ["{KID}"]\n[limits]\nrate = 10000\nburst = 10000\n'
+            f'[relay]\nurl = "wss://{HOST}:{relay.port}/v1/agent"\n'
+            f'household = "{HOUSEHOLD}"\npin = "{pin or relay_pin}"\n'
+        ),
+    )
+    agent = AgentServer(
+        settings, verify=lambda stored, pw: stored is not None and pw.endswith("-pw")
+    )
+    trust = ssl.create_default_context(cafile=str(cert))
+
+    async def dial_appliance() -> Any:
+        return await connect(
+            f"wss://127.0.0.1:{relay.port}/v1/appliance",
+            ssl=trust,
+            server_hostname=HOST,
+            compression=None,
+            proxy=None,
+            max_size=None,
+        )
+
+    appliance = Link(dial_appliance, name="appliance")
+    appliance_task = asyncio.create_task(appliance.run())
+    await agent.start()
+    r = Rig(relay, agent, appliance, pop)
+    try:
+        yield r
+    finally:
+        for task in (*r.bridges, appliance_task):
+            task.cancel()
+        await asyncio.gather(*r.bridges, appliance_task, return_exceptions=True)
+        await agent.close()
+        pop.server.close()
+        await relay.close()
+
+
+def test_relayed_login_and_fetch_survive_a_dropped_agent_link(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str], config: Any
+) -> None:
+    figures: dict[str, float] = {}
+
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls) as r:
+            figures["online"] = await r.wait_online(2)
+            assert r.agent.relay is not None
+            link = r.agent.relay
+
+            # a login through the relay: TLS end to end, pinned to the agent's certificate
+            answer = await asyncio.to_thread(
+                client.authenticate,
+                config,
+                f"bob@{HOUSEHOLD}.{HOST}#{r.agent.fingerprint}",
+                "bob-pw",
+                sock=await r.relayed_socket(),
+            )
+            assert answer.user == "bob" and answer.attributes["name"] == "Bob"
+            assert answer.fingerprint == r.agent.fingerprint
+            with pytest.raises(client.AgentError) as err:  # the portal refuses loopback
+                await asyncio.to_thread(  # servers, but the agent noted alice's login
+                    client.authenticate, config, r.spec, "alice-pw", sock=await r.relayed_socket()
+                )
+            assert err.value.code == "refused_servers"
+
+            async def stream() -> ssl.SSLSocket:
+                tls: ssl.SSLSocket = await asyncio.to_thread(
+                    client.open_server_stream,
+                    config,
+                    r.spec,
+                    "alice",
+                    "pop3",
+                    sock=await r.relayed_socket(),
+                )
+                return tls
+
+            progress = [0]
+            digest = await asyncio.to_thread(fetch, await stream(), progress)
+            assert digest == hashlib.sha256(MAILBOX).hexdigest()
+
+            # the agent's link dies mid-fetch (a NAT mapping lost): it comes back, and the
+            # stream resumes on the new link
+            progress = [0]
+            fetching = asyncio.ensure_future(asyncio.to_thread(fetch, await stream(), progress))
+            async with asyncio.timeout(5):
+                while progress[0] < 1 << 20:
+                    await asyncio.sleep(0.005)
+            dials, registrations = link.dials, r.relay.counters["registered"]
+            assert link.ws is not None
+            cut = time.monotonic()
+            link.ws.transport.abort()
+            async with asyncio.timeout(3):
+                while link.registered_at < cut:
+                    await asyncio.sleep(0.005)
+            figures["back_total"] = link.registered_at - cut
+            figures["back_registering"] = link.registered_at - link.dial_started
+            assert link.dials == dials + 1
+            assert r.relay.counters["registered"] == registrations + 1
+            assert await asyncio.wait_for(fetching, 10) == hashlib.sha256(MAILBOX).hexdigest()
+            assert await r.wait_online(1) < 1
+            assert link.status()["up"] is True
+
+    run(body())
+    print("measured:", {k: f"{v * 1000:.0f} ms" for k, v in figures.items()})
+    assert figures["online"] < 2
+    assert figures["back_registering"] < 1
+    assert figures["back_total"] < 2
+
+
+def test_a_wrong_relay_pin_never_gets_a_registration(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str]
+) -> None:
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls, pin="sha256:" + "A" * 43) as r:
+            await asyncio.sleep(1.5)
+            assert r.agent.relay is not None
+            assert "pin mismatch" in r.agent.relay.last_error
+            assert r.agent.relay.dials >= 1
+            assert (await r.presence())[0] == 404
+            assert r.relay.counters["registered"] == 0
+            assert r.relay.counters["registration_refused"] == 0
+            assert r.relay.counters["agent_links"] >= 1  # it did reach the relay, no further
+
+    run(body())
+
+
+def test_a_name_claimed_by_another_key_is_retried_with_backoff(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.agent.relay")
+
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls, squat=True) as r:
+            assert r.agent.relay is not None
+            await asyncio.sleep(3)
+            link = r.agent.relay
+            assert "4403" in link.last_error and "claimed by another key" in link.last_error
+            print("dials in 3 s:", link.dials)
+            assert 2 <= link.dials <= 8, link.dials  # retried, with backoff (0.5, 1, 2 s caps)
+            assert link.status()["up"] is False
+            assert r.relay.counters["registered"] == 1  # the squatter's, never the agent's
+            status, doc = await r.presence()
+            assert status == 200 and doc["state"] == "offline"
+
+    run(body())
+    warnings = [
+        rec
+        for rec in caplog.records
+        if rec.name == "appliance.agent.relay"
+        and rec.levelno == logging.WARNING
+        and "claimed by another key" in rec.getMessage()
+    ]
+    assert len(warnings) == 1  # once per change, not at every retry
+
+
+def test_an_agent_key_that_is_not_p256_leaves_the_link_off_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    settings = make_agent_dir(
+        tmp_path,
+        port=free_port(),
+        extra=f'[relay]\nurl = "wss://{HOST}:1/v1/agent"\nhousehold = "{HOUSEHOLD}"\n',
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    settings.tls_certificate.parent.mkdir(parents=True, exist_ok=True)
+    settings.tls_certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    settings.tls_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    async def body() -> None:
+        agent = AgentServer(settings)
+        await agent.start()
+        try:
+            assert agent.relay is None and agent.relay_status() is None
+            assert agent.port > 0  # the direct API still serves
+        finally:
+            await agent.close()
+
+    with caplog.at_level(logging.ERROR, logger="appliance.agent"):
+        run(body())
+    assert any("not a P-256" in rec.getMessage() for rec in caplog.records)
