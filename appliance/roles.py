@@ -29,6 +29,7 @@ ROLES: dict[str, str] = {
     "portal": "appliance.portal.service:main",
     "proxy": "appliance.proxy.service:main",
     "admin": "appliance.admin.service:main",
+    "homelink": "appliance.homelink.service:main",
 }
 
 
