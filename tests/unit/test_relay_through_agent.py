@@ -191,22 +191,25 @@ def spec(agent: RunningAgent, household: str, pin: str | None = None) -> str:
     return f"alice@{household}.{RELAY}#{pin or agent.server.fingerprint}"
 
 
-async def guest_relay(home: Home, personal: str) -> tuple[Relay, int]:
+async def guest_relay(home: Home, personal: str, splice: bool = True) -> tuple[Relay, int]:
     """The proxy for pop3, its gate over alice's session whose pop3 server is `personal`."""
     store = logged_in(home.config, personal)
     gate = PolicyGate(home.config, Policy.load(home.config), store, neighbour=NEIGHBOURS.get)
     port = free_port()
-    relay = Relay(gate, connect_timeout=1.0, idle_timeout=10.0)
+    relay = Relay(gate, connect_timeout=1.0, idle_timeout=10.0, splice=splice)
     await relay.start("127.0.0.1", (Listener("pop3", "pop3", port),))
     return relay, port
 
 
-def test_the_guests_pop_client_reads_its_home_mail_through_the_agent(home: Home) -> None:
+@pytest.mark.parametrize("splice", [True, False])  # raw accept, or the Protocol path throughout
+def test_the_guests_pop_client_reads_its_home_mail_through_the_agent(
+    home: Home, splice: bool
+) -> None:
     home.dialer.answer = b"OK\n"
     personal = wire.relayed_server_text(spec(home.agent, "alice-home"))
 
     async def body() -> None:
-        relay, port = await guest_relay(home, personal)
+        relay, port = await guest_relay(home, personal, splice)
         try:
             r, w = await asyncio.open_connection("127.0.0.1", port)
             assert await read_until(r, b"\r\n") == b"+OK home POP\r\n"
