@@ -334,24 +334,26 @@ def _open(
     return _tls(sock, spec, deadline)
 
 
-def _send_signed(
-    tls: ssl.SSLSocket,
+def _signed_request(
     spec: AgentSpec,
     key: Ed25519PrivateKey,
+    peer_fingerprint: str,
     path: str,
     body: bytes,
-    deadline: _Deadline,
-) -> h11.Connection:
-    """Send the signed POST; the h11 connection that now waits for the answer."""
-    der = tls.getpeercert(binary_form=True) or b""
+    now: float | None = None,
+    nonce: str | None = None,
+) -> tuple[h11.Connection, bytes]:
+    """A signed POST as bytes to send, and the h11 connection that will read its answer
+    (sans-IO: the blocking client and the proxy's event loop send the same request).
+    The signature binds the agent certificate's fingerprint the caller saw."""
     headers = wire.sign_headers(
         key,
         "POST",
         path,
-        wire.fingerprint(der),
+        peer_fingerprint,
         body,
-        time.time(),
-        secrets.token_urlsafe(18),
+        time.time() if now is None else now,
+        nonce or secrets.token_urlsafe(18),
     )
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=wire.MAX_ANSWER_BYTES)
     req = h11.Request(
@@ -366,12 +368,108 @@ def _send_signed(
             *headers.items(),
         ],
     )
+    out = (conn.send(req) or b"") + (conn.send(h11.Data(data=body)) or b"")
+    out += conn.send(h11.EndOfMessage()) or b""
+    return conn, out
+
+
+def _send_signed(
+    tls: ssl.SSLSocket,
+    spec: AgentSpec,
+    key: Ed25519PrivateKey,
+    path: str,
+    body: bytes,
+    deadline: _Deadline,
+) -> h11.Connection:
+    """Send the signed POST; the h11 connection that now waits for the answer."""
+    der = tls.getpeercert(binary_form=True) or b""
+    conn, out = _signed_request(spec, key, wire.fingerprint(der), path, body)
     with _broken_connection(deadline):
-        out = (conn.send(req) or b"") + (conn.send(h11.Data(data=body)) or b"")
-        out += conn.send(h11.EndOfMessage()) or b""
         tls.settimeout(deadline.left())
         tls.sendall(out)
     return conn
+
+
+class ConnectCall:
+    """One `POST /v1/connect`, sans-IO: `request` to send once TLS to the agent is up,
+    then `head(data)` on the bytes received so far until it gives the status; the
+    bytes after the head (`head_length`) are the server's on a 200, else `refusal`
+    reads the agent's JSON error.  Used by `open_server_stream` (blocking) and by the
+    proxy (appliance/proxy/agent_stream.py, its event loop)."""
+
+    def __init__(
+        self,
+        spec: AgentSpec,
+        key: Ed25519PrivateKey,
+        peer_fingerprint: str,
+        user: str,
+        service: str,
+        now: float | None = None,
+        nonce: str | None = None,
+    ) -> None:
+        if not wire.USER_RE.fullmatch(user) or not wire.SERVICE_RE.fullmatch(service):
+            raise AgentError("bad_address", "not a user and service an agent accepts")
+        body = json.dumps({"user": user, "service": service}).encode("utf-8")
+        self.key_id = wire.public_key_id(key.public_key())
+        self.conn, self.request = _signed_request(
+            spec, key, peer_fingerprint, wire.CONNECT_PATH, body, now, nonce
+        )
+        self.head_length = 0
+        self.status = 0
+        self._body = bytearray()
+
+    def head(self, data: bytes) -> int | None:
+        """The answer's status once `data` (all received so far) holds its whole head;
+        None: not yet.  AgentError bad_answer for a head that is not HTTP or too long."""
+        if self.status:
+            return self.status
+        end = data.find(b"\r\n\r\n", 0, wire.MAX_ANSWER_BYTES)
+        if end < 0:
+            if len(data) >= wire.MAX_ANSWER_BYTES:
+                raise AgentError("bad_answer", "the agent's answer head is far too long")
+            return None
+        try:
+            self.conn.receive_data(data[: end + 4])
+            event = self.conn.next_event()
+        except h11.ProtocolError:
+            raise AgentError("bad_answer", "the agent's answer is not HTTP") from None
+        if not isinstance(event, h11.Response):
+            raise AgentError("bad_answer", "the agent's answer is not HTTP")
+        self.head_length = end + 4
+        self.status = event.status_code
+        return self.status
+
+    def refusal(self, more: bytes, ended: bool) -> AgentError | None:
+        """After a status other than 200: feed the bytes after the head as they come
+        (`ended`: the agent closed); the AgentError once the body is whole, else None."""
+        try:
+            if more:
+                self.conn.receive_data(more)
+            if ended:
+                self.conn.receive_data(b"")
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    if ended:
+                        return AgentError("bad_answer", "the agent closed mid-answer")
+                    return None
+                if isinstance(event, h11.Data):
+                    self._body += event.data
+                    if len(self._body) > wire.MAX_ANSWER_BYTES:
+                        return AgentError("bad_answer", "the agent's answer is far too long")
+                elif isinstance(event, h11.EndOfMessage):
+                    return connect_refusal(self.status, bytes(self._body), self.key_id)
+                else:
+                    return AgentError("bad_answer", "the agent closed the connection mid-answer")
+        except h11.ProtocolError:
+            return AgentError("bad_answer", "the agent's answer is not HTTP")
+
+
+def signed_connect_request(
+    spec: AgentSpec, key: Ed25519PrivateKey, peer_fingerprint: str, user: str, service: str
+) -> bytes:
+    """The bytes of a signed `POST /v1/connect` (ConnectCall reads its answer)."""
+    return ConnectCall(spec, key, peer_fingerprint, user, service).request
 
 
 @contextlib.contextmanager
@@ -564,8 +662,8 @@ def authenticate(
     return dataclasses.replace(ans, fingerprint=seen, verified_name=verified)
 
 
-def _refusal(status: int, body: bytes, key_id: str) -> AgentError:
-    """The AgentError for a non-200 answer."""
+def connect_refusal(status: int, body: bytes, key_id: str) -> AgentError:
+    """The AgentError for a non-200 answer (its JSON `error` code, mapped)."""
     try:
         doc: Any = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -598,19 +696,17 @@ def open_server_stream(
             sock.close()
         raise AgentError("bad_address", "not a user and service an agent accepts")
     key = appliance_key(config)
-    body = json.dumps({"user": user, "service": service}).encode("utf-8")
     tls = _open(config, spec, deadline, sock)
     try:
-        conn = _send_signed(tls, spec, key, wire.CONNECT_PATH, body, deadline)
-        head = _read_head(tls, deadline)
+        seen = wire.fingerprint(tls.getpeercert(binary_form=True) or b"")
+        call = ConnectCall(spec, key, seen, user, service)
         with _broken_connection(deadline):
-            conn.receive_data(head)
-            event = conn.next_event()
-        if not isinstance(event, h11.Response):
-            raise AgentError("bad_answer", "the agent's answer is not HTTP")
-        if event.status_code != 200:
-            _status, answer = _read_answer(conn, tls, deadline)
-            raise _refusal(event.status_code, answer, wire.public_key_id(key.public_key()))
+            tls.settimeout(deadline.left())
+            tls.sendall(call.request)
+        status = call.head(_read_head(tls, deadline))
+        if status != 200:
+            _status, answer = _read_answer(call.conn, tls, deadline)
+            raise connect_refusal(call.status, answer, call.key_id)
     except BaseException:
         tls.close()
         raise
@@ -640,10 +736,13 @@ __all__ = [
     "AgentAnswer",
     "AgentError",
     "AgentSpec",
+    "ConnectCall",
     "appliance_key",
     "appliance_key_id",
     "authenticate",
+    "connect_refusal",
     "forbidden_address",
     "open_server_stream",
     "parse_spec",
+    "signed_connect_request",
 ]

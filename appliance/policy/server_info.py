@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from appliance.core.agent_protocol import RELAYED_PREFIX
 from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 PROTOCOLS = ("smtp", "pop3", "imap", "http", "tls", "tcp")
@@ -124,6 +125,8 @@ class ServerTable:
         if svc is None:
             return ()
         if svc.personal_allowed and service in personal:
+            if personal[service].startswith(RELAYED_PREFIX):
+                return ()  # reached through the visitor's agent (the proxy's gate), no address
             ep = self.personal_endpoint(personal[service])
             if ep is not None:
                 return (ep,)
@@ -131,7 +134,10 @@ class ServerTable:
 
     def personal_endpoint(self, text: str) -> Endpoint | None:
         """A personal server's endpoint; the certificate pin after '#' (the agent's
-        `host:port#sha256:...`) is the relay's business, not where it goes."""
+        `host:port#sha256:...`) is the relay's business, not where it goes.  None for
+        one reached through the visitor's agent ("agent:USER@HOUSEHOLD.RELAY#PIN")."""
+        if text.startswith(RELAYED_PREFIX):
+            return None
         try:
             ep = parse_endpoint(text.partition("#")[0])
         except ValueError:

@@ -18,15 +18,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from appliance.agent.client import AgentError, parse_spec
 from appliance.core import agent_protocol as wire
 from appliance.core import reach
-from appliance.core.config import Config
+from appliance.core.config import Config, HomeRelayConfig
 from appliance.core.neighbours import neighbour_mac
+from appliance.homelink.dialer_client import relayed
 from appliance.policy import Policy
 from appliance.proxy.upstream_tls import UpstreamTls
 from appliance.state.sessions import Session, SessionStore, read_only
+
+if TYPE_CHECKING:  # (agent_stream imports tracked, which imports this module)
+    from appliance.proxy.agent_stream import AgentStreams
 
 log = logging.getLogger("appliance.proxy.gate")
 
@@ -41,6 +46,9 @@ class Upstream:
     host: str
     port: int
     tls: UpstreamTls | None = None  # the relay speaks TLS to it (servers.toml `tls = true`)
+    # a household's own server reached through its agent behind a home relay: the agent
+    # spec (USER@HOUSEHOLD.RELAY#PIN); host and port are then unused (agent_stream.py)
+    agent: str = ""
     # a dotted IPv4 address, connectable as it is (else a name for the resolver); worked
     # out once here, not on every connection that the gate's cached answer serves
     numeric: bool = field(init=False, compare=False, repr=False)
@@ -112,6 +120,9 @@ def no_upstream(user: str | None, rule: str | None) -> Refusal:
 
 
 class Gate(Protocol):
+    # how the relay reaches an upstream with `agent` set (None: no home relay here)
+    agent_streams: AgentStreams | None
+
     def listeners(self) -> tuple[Listener, ...]: ...
 
     def admit(self, src_ip: str, service: str) -> Admission | Refusal: ...
@@ -134,7 +145,8 @@ class StaticGate:
     "servers": {service: ["host:port", ...]}, "users": {ip: {"user", "allow": [service],
     "rule", "max_connections", "personal": {service: "host:port"}}},
     "personal_allowed": [service], "routes": {service: route}}.  `path` makes it
-    reloadable (SIGHUP in the runner).
+    reloadable (SIGHUP in the runner).  A personal server "agent:USER@HOUSEHOLD.RELAY#PIN"
+    is admitted only with `agent_streams` (its home relay settings) listing that relay.
     Answers are kept per (address, service) until `reload()`, as PolicyGate keeps
     them (so the relay benchmark pays what the appliance's gate costs, not a table
     walk per connection): whoever changes `table` calls `reload()`.
@@ -145,6 +157,7 @@ class StaticGate:
     _subscribers: list[Callable[[], None]] = field(default_factory=list)
     ended: list[tuple[str, str, float]] = field(default_factory=list)
     _answers: dict[tuple[str, str], Admission | Refusal] = field(default_factory=dict)
+    agent_streams: AgentStreams | None = None
 
     @classmethod
     def load(cls, path: Path) -> StaticGate:
@@ -177,7 +190,18 @@ class StaticGate:
         ups: list[Upstream] = []
         personal = user.get("personal", {})
         if service in personal and service in self.table.get("personal_allowed", ()):
-            why = personal_problem(str(personal[service]))
+            text = str(personal[service])
+            if wire.relayed_server_spec(text) is not None:
+                protocol = next(
+                    (d["protocol"] for d in self.table["listeners"] if d["service"] == service),
+                    "tcp",
+                )
+                home = self.agent_streams.home_relay if self.agent_streams else None
+                return _relayed_admission(
+                    text, home, service, protocol, portal, name, rule, user.get("session"),
+                    user.get("max_connections"), user.get("identity", name),
+                )  # fmt: skip
+            why = personal_problem(text)
             if why is not None:
                 return Refusal("denied", f"your personal {service} server {why}", portal, name)
             where, _, pin = str(personal[service]).partition("#")
@@ -231,12 +255,65 @@ def _split(spec: str) -> tuple[str, int]:
     return host, int(port)
 
 
+RELAY_NOT_USED = "is behind a relay this appliance does not use"
+
+
+def relayed_problem(text: str, home_relay: HomeRelayConfig | None, protocol: str) -> str | None:
+    """Why a personal server "agent:USER@HOUSEHOLD.RELAY#PIN" (a visitor whose agent sits
+    behind a home relay) cannot be reached through its agent, as words for the visitor;
+    None: it can.  Refused, like any unusable personal server, never replaced by the
+    site's.  The relay must be one this appliance lists and the agent pinned: the relay
+    forwards bytes it cannot read, the pin is the whole proof of who answers."""
+    spec_text = wire.relayed_server_spec(text)
+    if spec_text is None:
+        return "is not reached through an agent"
+    if home_relay is None or not home_relay.enabled:
+        return RELAY_NOT_USED
+    try:
+        spec = parse_spec(spec_text)
+    except AgentError:
+        return "names its agent in a form this appliance cannot read"
+    if relayed(home_relay, spec.host) is None:
+        return RELAY_NOT_USED
+    if not spec.fingerprint:
+        return "names an agent behind a relay without its certificate fingerprint"
+    if protocol in ("http", "tls"):
+        return "is reached through its agent, and this service's TLS is the guest's own"
+    return None
+
+
+def _relayed_admission(
+    text: str,
+    home_relay: HomeRelayConfig | None,
+    service: str,
+    protocol: str,
+    portal: str,
+    user: str,
+    rule: str | None,
+    session: str | None,
+    max_connections: int | None,
+    identity: str | None,
+) -> Admission | Refusal:
+    """A relayed personal server: the one upstream, through the agent, or a refusal."""
+    why = relayed_problem(text, home_relay, protocol)
+    if why is not None:
+        log.warning("personal %s server of %s refused, the site's not used instead: %s",
+                    service, user, why)  # fmt: skip
+        return Refusal("denied", f"your personal {service} server {why}", portal, user, rule)
+    agent = wire.relayed_server_spec(text) or ""
+    ups = (Upstream(f"{service}/personal", "", 0, agent=agent),)
+    return Admission(user, rule, ups, max_connections, identity, session)
+
+
 def personal_problem(text: str, interfaces: Any = None) -> str | None:
     """Why the relay cannot use a personal server "address:port[#sha256:pin]" (from the
     visitor's agent), as words for the visitor without the address; None: it can.  Such a server
     is refused, never replaced by the site's: that would hand the visitor's home
     credentials to the site.  `interfaces` (config.interfaces) adds appliance.core.reach's
-    verdict; the agent client checked it at login, this is the seam's own check."""
+    verdict; the agent client checked it at login, this is the seam's own check.
+    The relayed form ("agent:...") is no address: see relayed_problem."""
+    if wire.relayed_server_spec(text) is not None:
+        return "is reached through its agent, not at an address"
     text, hashed, pin = text.partition("#")
     if hashed:
         try:
@@ -288,6 +365,11 @@ class PolicyGate:
             str, tuple[float, Session, str | None, dict[str, Admission | Refusal]]
         ] = {}
         self.policy.subscribe(lambda _p: self._changed())
+        self.agent_streams: AgentStreams | None = None
+        if config.home_relay.enabled:
+            from appliance.proxy.agent_stream import AgentStreams
+
+            self.agent_streams = AgentStreams.from_config(config)
 
     @staticmethod
     def check(config: Config) -> None:
@@ -341,6 +423,12 @@ class PolicyGate:
         personal = session.personal_servers.get(name)
         svc = services.get(name)
         if personal is not None and svc is not None and svc.personal_allowed:
+            if wire.relayed_server_spec(personal) is not None:  # through the agent, or nothing
+                return _relayed_admission(
+                    personal, self.config.home_relay, name, svc.protocol, portal, session.user,
+                    decision.rule, session.id, decision.max_connections,
+                    session.user if self.config.proxy.identity_header else None,
+                )  # fmt: skip
             # the visitor's own server or nothing: never the site's in its place
             why = personal_problem(personal, self.config.interfaces)
             if why is None and "#" in personal and svc.protocol in ("http", "tls"):

@@ -30,9 +30,11 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from typing import Any, cast
 
 from appliance.proxy.access_log import AccessLog
+from appliance.proxy.agent_stream import AgentPump, AgentStreamFailed
 from appliance.proxy.counts import Counts, LocalCounts
 from appliance.proxy.follow import Ended, EndedFollower
 from appliance.proxy.gate import (
@@ -103,7 +105,16 @@ class Link(Tracked, asyncio.Protocol):
         self.relay.loop.create_task(self._connect(verdict))
 
     async def _connect(self, adm: Admission) -> None:
+        refusal = no_upstream(self.user, self.rule)
         for up in adm.upstreams:
+            if up.agent:  # a household's own server, through its agent (agent_stream.py)
+                joined = await self._through_agent(up)
+                if isinstance(joined, AgentPump):
+                    if self._join(up, joined):
+                        joined.join()
+                    return
+                refusal = replace(refusal, reason=f"{refusal.reason} (the agent: {joined})")
+                continue
             tls = up.tls
             try:
                 async with asyncio.timeout(self.relay.connect_timeout):
@@ -127,23 +138,48 @@ class Link(Tracked, asyncio.Protocol):
                 transport.abort()
                 upstream_failed(self.listener.service, up, why)
                 continue
-            if self.closed or self.client is None or self.client.is_closing():
-                pump.transport.close()  # type: ignore[union-attr]
-                return
-            self.pump = pump
-            self.upstream_name = up.name
-            if self.pending:
-                self.bytes_up += len(self.pending)
-                pump.transport.write(self.pending)  # type: ignore[union-attr]
-                self.pending = b""
-            if self.eofs and pump.transport is not None:
-                if pump.transport.can_write_eof():
-                    pump.transport.write_eof()
-                else:
-                    pump.transport.close()
-            self.client.resume_reading()
+            self._join(up, pump)
             return
-        self._refuse(no_upstream(self.user, self.rule))
+        self._refuse(refusal)
+
+    def _join(self, up: Upstream, pump: Pump) -> bool:
+        """The upstream is there: bytes flow from now on (False: the guest went away)."""
+        if self.closed or self.client is None or self.client.is_closing():
+            pump.transport.close()  # type: ignore[union-attr]
+            return False
+        self.pump = pump
+        self.upstream_name = up.name
+        if self.pending:
+            self.bytes_up += len(self.pending)
+            pump.transport.write(self.pending)  # type: ignore[union-attr]
+            self.pending = b""
+        if self.eofs and pump.transport is not None:
+            if pump.transport.can_write_eof():
+                pump.transport.write_eof()
+            else:
+                pump.transport.close()
+        self.client.resume_reading()
+        return True
+
+    async def _through_agent(self, up: Upstream) -> AgentPump | str:
+        """The stream to a household's server through its agent, or the failure's code
+        (logged as the upstream's failure).  Bounded by the agent deadline
+        (`AgentStreams.timeout`: the config's [agent] timeout)."""
+        streams = self.relay.gate.agent_streams
+        if streams is None:
+            upstream_failed(self.listener.service, up, "no home relay on this appliance")
+            return "bad_address"
+        try:
+            async with asyncio.timeout(streams.timeout):
+                return await streams.open(self, up.agent, self.listener.service)
+        except AgentStreamFailed as exc:
+            upstream_failed(self.listener.service, up, f"{exc.code}: {exc.reason}")
+            return exc.code
+        except TimeoutError:
+            upstream_failed(
+                self.listener.service, up, f"timeout: no stream in {streams.timeout:g} s"
+            )
+            return "timeout"
 
     def _refuse(self, r: Refusal) -> None:
         self.refused(r)
@@ -514,8 +550,9 @@ class Relay:
 
 
 def _speaks_tls(adm: Admission, ls: Listener) -> bool:
-    """An upstream to speak TLS to, on a plain service (a tls service's TLS is the guest's)."""
-    return ls.protocol != "tls" and any(up.tls is not None for up in adm.upstreams)
+    """An upstream to speak TLS to, on a plain service (a tls service's TLS is the guest's):
+    servers.toml `tls = true`, a household's pin, or its agent (agent_stream.py)."""
+    return ls.protocol != "tls" and any(up.tls is not None or up.agent for up in adm.upstreams)
 
 
 def _bind(cls: Any, relay: Relay, ls: Listener) -> Callable[[], asyncio.Protocol]:

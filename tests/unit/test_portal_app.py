@@ -445,6 +445,7 @@ def test_a_visitors_own_agent_is_not_taken_at_its_word(
     c2.environ_base["REMOTE_ADDR"] = other_ip
     assert login(c2, "carol", "site secret").status_code == 303
     cfg = SimpleNamespace(
+        home_relay=site.cfg.home_relay,
         proxy=SimpleNamespace(explicit_http_port=None, identity_header="X-Guest-User"),
         portal=site.cfg.portal,
         interfaces=site.cfg.interfaces,

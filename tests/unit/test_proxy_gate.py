@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from appliance.core.config import HomeRelayConfig
 from appliance.policy.server_info import Endpoint, Service
 from appliance.proxy.gate import Admission, PolicyGate, Refusal
 
@@ -82,8 +83,13 @@ class FakeSessions:
 NEIGHBOURS = {"192.168.1.11": "02:47:00:00:00:01"}
 
 
-def config(identity: str | None = None) -> Any:
+OFF = HomeRelayConfig({}, None, Path("/nonexistent/dialer.sock"), "", 5.0)
+
+
+def config(identity: str | None = None, home_relay: HomeRelayConfig = OFF) -> Any:
     return SimpleNamespace(
+        home_relay=home_relay,
+        agent=SimpleNamespace(timeout=5.0),
         proxy=SimpleNamespace(explicit_http_port=3128, identity_header=identity),
         portal=SimpleNamespace(base_url=lambda ip: f"http://{ip}"),
         interfaces=SimpleNamespace(
