@@ -101,7 +101,7 @@ class LinkStream:
             if room <= 0:
                 await self._wait()
                 continue
-            self.stream.send(bytes(view[:room]))
+            self.stream.send(view[:room])
             view = view[room:]
             self.link.due(self)
 

@@ -93,7 +93,7 @@ class Stream:
 
     # -- local side ------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         """Queue local bytes; more than `send_room()` is the caller's bug."""
         if self._fin_queued or self.reset_code is not None:
             raise ValueError("send on a stream that is closed or reset")
@@ -267,12 +267,15 @@ class Stream:
                 out.append(frames.encode_ack(self.token, value))
         while self._next < self._queued and (max_frames is None or len(out) < max_frames):
             start = self._next - self._out_base
-            chunk = bytes(self._out[start : start + frames.MAX_PAYLOAD])
-            out.append(frames.encode_data(self.token, self._next, chunk))
-            first = max(0, self._next + len(chunk) - self._sent_high)
+            with memoryview(self._out) as view:  # one copy: into the frame (released
+                chunk = view[start : start + frames.MAX_PAYLOAD]  # before _out resizes)
+                size = len(chunk)
+                out.append(frames.encode_data(self.token, self._next, chunk))
+                chunk.release()
+            first = max(0, self._next + size - self._sent_high)
             self.bytes_sent += first
-            self.bytes_retransmitted += len(chunk) - first
-            self._next += len(chunk)
+            self.bytes_retransmitted += size - first
+            self._next += size
             self._sent_high = max(self._sent_high, self._next)
         fin_due = self._fin_queued and not self._fin_sent and self._next == self._queued
         if fin_due and (max_frames is None or len(out) < max_frames):
