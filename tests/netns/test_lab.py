@@ -40,16 +40,19 @@ def test_lab_up_demo_down() -> None:
         up = lab("up")
         assert up.returncode == 0, up.stdout + up.stderr
         assert "alice / alice-pass" in up.stdout and "appliance lab demo" in up.stdout
+        assert "bob / bob-pass" in up.stdout and "@bob-home.relay.example#sha256:" in up.stdout
         status = lab("status")
         for proc in ("master", "squid", "dnsmasq", "dovecot", "nginx"):  # master: postfix
             assert proc in status.stdout, status.stdout
+        relay = [line for line in status.stdout.splitlines() if line.startswith("relay ")]
+        assert relay and "python" in relay[0], status.stdout  # the home relay runs there
         ex = lab("exec", "gw", "--", "nft", "list", "table", "inet", "appliance")
         assert ex.returncode == 0 and "authenticated" in ex.stdout
         assert lab("exec", "guest1", "--", "sh", "-c", "exit 7").returncode == 7
         demo = lab("demo")
         print(demo.stdout)
         assert demo.returncode == 0, demo.stdout + demo.stderr
-        assert "14 passed, 0 failed" in demo.stdout
+        assert "18 passed, 0 failed" in demo.stdout  # the last 4: bob, behind NAT
         again = lab("demo")  # a second walk: the laptops release and start over
         assert again.returncode == 0, again.stdout + again.stderr
     finally:
