@@ -70,6 +70,7 @@ class Frame:
     code: Reset | None = None  # RESET
     reason: str = ""  # RESET
     answer: bool = False  # RESUME
+    source: str = ""  # OPEN, relay -> agent: the appliance link's source address
 
 
 def _head(kind: Kind, token: bytes, flags: int = 0) -> bytes:
@@ -78,8 +79,19 @@ def _head(kind: Kind, token: bytes, flags: int = 0) -> bytes:
     return HEADER.pack(kind, flags, token)
 
 
-def encode_open(token: bytes, household: str) -> bytes:
-    return _head(Kind.OPEN, token) + _household_bytes(household)
+SOURCE_RE = re.compile(r"[0-9A-Za-z.:\[\]-]{1,64}")  # an address, as the relay saw it
+
+
+def encode_open(token: bytes, household: str, source: str = "") -> bytes:
+    """OPEN from an appliance names the household; the relay, passing it on to the
+    agent, adds the appliance link's source address, so the agent's per-source brakes
+    tell relayed appliances apart (they all reach its API from loopback)."""
+    head = _head(Kind.OPEN, token) + _household_bytes(household)
+    if not source:
+        return head
+    if not SOURCE_RE.fullmatch(source):
+        raise ValueError(f"not a source address: {source!r}")
+    return head + b"\0" + source.encode("ascii")
 
 
 def encode_data(token: bytes, offset: int, payload: bytes | memoryview) -> bytes:
@@ -146,7 +158,11 @@ def decode(message: bytes | memoryview | str) -> Frame:
         raise FrameError(f"unknown frame type {kind_value}") from None
     body = memoryview(message)[HEADER.size :]
     if kind is Kind.OPEN:
-        return Frame(kind, token, household=_household(body))
+        name, sep, source = bytes(body).partition(b"\0")
+        text = source.decode("ascii", "replace")
+        if sep and not SOURCE_RE.fullmatch(text):
+            raise FrameError("OPEN with a malformed source")
+        return Frame(kind, token, household=_household(name), source=text)
     if kind is Kind.DATA:
         return Frame(kind, token, offset=_offset(body), payload=bytes(body[OFFSET.size :]))
     if kind in (Kind.ACK, Kind.FIN):

@@ -124,3 +124,15 @@ def test_any_body_behind_a_valid_header_decodes_or_raises_frame_error(
     except FrameError:
         return
     assert frame.kind is kind
+
+
+def test_an_open_passed_on_by_the_relay_carries_the_appliance_links_source() -> None:
+    token = bytes(range(16))
+    plain = frames.decode(frames.encode_open(token, "bob-home"))
+    assert plain.household == "bob-home" and plain.source == ""
+    marked = frames.decode(frames.encode_open(token, "bob-home", "203.0.113.254"))
+    assert marked.household == "bob-home" and marked.source == "203.0.113.254"
+    with pytest.raises(ValueError):
+        frames.encode_open(token, "bob-home", "bad source\n")
+    with pytest.raises(frames.FrameError):
+        frames.decode(frames.encode_open(token, "bob-home") + b"\0evil source\xff")
