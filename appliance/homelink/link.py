@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.connection import Connection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import WebSocketException
 
 from appliance.homelink import frames
 from appliance.homelink.frames import Frame, FrameError, Kind, Reset
@@ -233,10 +233,16 @@ class Link:
                 started = self.clock()
                 try:
                     await self._one_link()
-                except (OSError, TimeoutError, ConnectionClosed, LinkDown) as exc:
+                except (OSError, TimeoutError, WebSocketException, LinkDown) as exc:
+                    # (WebSocketException: a closed link, and every refused handshake: a
+                    # 429 from the relay, a 502 from a load balancer, a proxy's refusal)
                     self.last_error = str(exc) or type(exc).__name__
                     self.counters["link_failures"] += 1
                     log.info("link to %s: %s", self.name, self.last_error)
+                except Exception as exc:  # a bug must not end the link for good
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.counters["link_failures"] += 1
+                    log.exception("link to %s failed", self.name)
                 if self.clock() - started >= STEADY:
                     failures = 0
                 failures += 1
@@ -376,4 +382,5 @@ class Link:
                         continue
                 if ls.held:
                     stream.ack_now()
+                    stream.keepalive(now)
                     self.due(ls)

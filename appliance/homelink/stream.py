@@ -55,6 +55,8 @@ class Stream:
         self._acked = 0  # the highest ACK or RESUME offset we sent the peer
         self._ack_due = False
         self._ack_ever = False
+        self._ack_again = False  # a keepalive: the same ACK once more
+        self._keepalive_at = 0.0
         self._peer_fin: int | None = None
         # Link, end of stream
         self._lost_at: float | None = None
@@ -123,6 +125,17 @@ class Stream:
         """The caller is idle: acknowledge what was delivered (or ACK 0 for an open)."""
         if self._handed > self._acked or not self._ack_ever:
             self._ack_due = True
+
+    def keepalive(self, now: float) -> None:
+        """While the peer waits on us (bytes we hold undelivered: our local side is slow
+        or paused), repeat our ACK every quarter linger, so the peer hears from us and
+        does not take the pause for a peer gone (`expired`)."""
+        waiting = self._received > self._acked or (self._peer_fin is not None and not self.done)
+        if not waiting or self.reset_code is not None or self._lost_at is not None:
+            return
+        if now - self._keepalive_at >= self.linger / 4:
+            self._keepalive_at = now
+            self._ack_due = self._ack_again = True
 
     def abort(self, code: Reset = Reset.CLOSED, reason: str = "") -> None:
         """End the stream at once and tell the peer."""
@@ -262,9 +275,10 @@ class Stream:
         if self._ack_due:
             self._ack_due = False
             value = self._handed + (1 if self.eof_received else 0)
-            if value > self._acked or not self._ack_ever:
-                self._acked, self._ack_ever = value, True
+            if value > self._acked or not self._ack_ever or self._ack_again:
+                self._acked, self._ack_ever = max(self._acked, value), True
                 out.append(frames.encode_ack(self.token, value))
+            self._ack_again = False
         while self._next < self._queued and (max_frames is None or len(out) < max_frames):
             start = self._next - self._out_base
             with memoryview(self._out) as view:  # one copy: into the frame (released
@@ -284,6 +298,8 @@ class Stream:
         return out
 
     def _resume(self, answer: bool) -> bytes:
-        """A RESUME acknowledges what was received, so it counts as our ACK."""
-        self._acked = max(self._acked, self._received)
-        return frames.encode_resume(self.token, self._received, self.household, answer)
+        """A RESUME says what the local side was handed (not merely received: bytes still
+        in our buffer come again and are dropped as duplicates), and counts as our ACK;
+        so a relink never lets the peer send past what our local side took."""
+        self._acked = max(self._acked, self._handed)
+        return frames.encode_resume(self.token, self._handed, self.household, answer)

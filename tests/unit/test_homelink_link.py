@@ -9,6 +9,7 @@ relay server itself has its own tests.
 from __future__ import annotations
 
 import asyncio
+import http
 import contextlib
 import hashlib
 import os
@@ -212,5 +213,31 @@ def test_a_resume_for_a_stream_the_agent_never_held_is_reset() -> None:
                     await ls.read()
             assert ls.stream.reset_code is Reset.UNKNOWN
             assert agent.counters["unknown_streams"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_refused_handshake_is_retried_with_backoff_not_the_end_of_the_link() -> None:
+    async def main() -> None:
+        dials = 0
+
+        def refuse(conn, request):  # type: ignore[no-untyped-def]
+            return conn.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "too many links\n")
+
+        async with serve(lambda ws: None, "127.0.0.1", 0, process_request=refuse) as srv:
+            port = srv.sockets[0].getsockname()[1]
+
+            async def dial():  # type: ignore[no-untyped-def]
+                nonlocal dials
+                dials += 1
+                return await connect(f"ws://127.0.0.1:{port}/v1/appliance", proxy=None)
+
+            link = Link(dial, name="relay")
+            task = asyncio.ensure_future(link.run())
+            await asyncio.sleep(2.5)
+            assert not task.done()
+            assert dials >= 2  # backoff 0.5, 1, 2 s (full jitter): at least one retry
+            assert "429" in link.last_error
+            task.cancel()
 
     asyncio.run(main())

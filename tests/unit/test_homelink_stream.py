@@ -275,14 +275,50 @@ def test_a_resume_with_answer_is_answered_once_and_the_answer_is_not() -> None:
     assert a.stream.bytes_retransmitted == 10_000 and b.stream.bytes_retransmitted == 3000
 
 
-def test_resume_retransmits_only_what_the_peer_lacks() -> None:
+def test_resume_retransmits_only_what_the_peers_local_side_lacks() -> None:
     link = pair(bytes(range(256)) * 100, b"", window=1 << 20)
     a, b = link.ends
     a.write(1 << 30)
     link.pump(0)
     link.deliver(1, 1, duplicate=False)  # all 25 600 bytes in one DATA; the FIN is lost
+    b.read(10_000)  # b's local side took 10 000 of them before the link broke
     link.cut({0, 1})
     link.restore()
     link.settle()
     assert bytes(b.got) == a.data
-    assert a.stream.bytes_retransmitted == 0
+    # what b held undelivered comes again (a RESUME says what was handed, so that
+    # relinks never let a sender run ahead of a stuck receiver), and not a byte more
+    assert a.stream.bytes_retransmitted == 25_600 - 10_000
+    assert b.stream.duplicates_dropped == 25_600 - 10_000
+
+
+def test_relinks_never_let_a_sender_run_past_a_stuck_receivers_window() -> None:
+    link = pair(bytes(1 << 20) * 4, b"", window=65536 * 4)
+    a, b = link.ends
+    for _ in range(6):  # b's local side never reads; the link breaks again and again
+        a.write(1 << 30)
+        link.pump(0)
+        link.deliver(1, 1 << 30, duplicate=False)
+        link.cut({0, 1})
+        link.restore()
+        for side in (0, 1):
+            link.pump(side)
+            link.deliver(1 - side, 1 << 30, duplicate=False)
+        assert len(b.stream.readable()) <= b.stream.window
+    assert b.stream.reset_code is None
+
+
+def test_a_receiver_holding_bytes_repeats_its_ack_so_the_sender_does_not_expire() -> None:
+    link = pair(bytes(300_000), b"", window=1 << 20)
+    a, b = link.ends
+    a.write(1 << 30)
+    link.pump(0)
+    link.deliver(1, 1 << 30, duplicate=False)  # b holds it all; its local side is paused
+    for t in range(0, 600, 5):  # ten minutes of a paused reader on a healthy link
+        link.now = 1000.0 + t
+        b.stream.keepalive(link.now)
+        link.pump(1)
+        link.deliver(0, 1 << 30, duplicate=False)
+        assert not a.stream.expired(link.now)
+    acks = [f for f in link.sent if f.kind is Kind.ACK]
+    assert 2 * 600 / 120 <= len(acks) <= 600 / 30 + 2  # a quarter linger apart
