@@ -9,9 +9,9 @@ relay server itself has its own tests.
 from __future__ import annotations
 
 import asyncio
-import http
 import contextlib
 import hashlib
+import http
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
