@@ -643,14 +643,17 @@ def authenticate(
     socket is closed when this returns.  `relayed`: the agent is behind a relay, so
     its servers are reached through it (the answer's servers name the agent)."""
     deadline = _Deadline(config.agent.timeout)
-    spec = parse_spec(agent_spec, config.agent.default_port)
-    if not 1 <= len(password) <= wire.MAX_PASSWORD_LEN:
-        if sock is not None:
+    try:
+        spec = parse_spec(agent_spec, config.agent.default_port)
+        if not 1 <= len(password) <= wire.MAX_PASSWORD_LEN:
+            raise AgentError("bad_password", "wrong password")
+        key = appliance_key(config)
+        body = json.dumps({"user": spec.user, "password": password}).encode("utf-8")
+        tls = _open(config, spec, deadline, sock)
+    except BaseException:
+        if sock is not None:  # (a relay stream held open would hold a relay slot)
             sock.close()
-        raise AgentError("bad_password", "wrong password")
-    key = appliance_key(config)
-    body = json.dumps({"user": spec.user, "password": password}).encode("utf-8")
-    tls = _open(config, spec, deadline, sock)
+        raise
     with tls:
         seen = wire.fingerprint(tls.getpeercert(binary_form=True) or b"")
         status, answer = _exchange(tls, spec, key, body, deadline)

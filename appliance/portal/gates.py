@@ -175,12 +175,14 @@ def _through_relay(config: Config, spec: str) -> socket.socket | None:
     hop = dialer_client.relayed(config.home_relay, host)
     if hop is None:
         return None
-    if not pin:
+    try:
+        wire.parse_fingerprint(pin)
+    except ValueError:  # checked before a stream is opened for it
         raise AgentFailure(
             "bad_address",
             "a household behind a relay is named with its fingerprint:"
             " user@household.relay#sha256:...",
-        )
+        ) from None
     try:
         return dialer_client.dial(config.home_relay, *hop, config.agent.timeout)
     except dialer_client.DialerError as exc:

@@ -219,7 +219,10 @@ def test_the_portal_dials_only_households_of_listed_relays(tmp_path: Path) -> No
         with pytest.raises(gates.AgentFailure) as err:
             gates.agent_authenticate(cfg, "bob@bob-home.relay.example", "pw")
         assert err.value.code == "bad_address" and "fingerprint" in err.value.message
-        assert len(d.lines) == 1
+        with pytest.raises(gates.AgentFailure) as err:  # a pin that is no fingerprint
+            gates.agent_authenticate(cfg, "bob@bob-home.relay.example#sha256:short", "pw")
+        assert err.value.code == "bad_address"
+        assert len(d.lines) == 1  # neither of them opened a stream
     finally:
         d.close()
 
