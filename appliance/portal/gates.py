@@ -127,7 +127,10 @@ def agent_authenticate(config: Config, spec: str, password: str) -> AgentResult:
 
     sock = _through_relay(config, spec)
     try:
-        ans = client.authenticate(config, spec, password, sock=sock, relayed=sock is not None)
+        if sock is None:
+            ans = client.authenticate(config, spec, password)
+        else:
+            ans = client.authenticate(config, spec, password, sock=sock, relayed=True)
     except client.AgentError as exc:
         raise AgentFailure(str(exc.code), str(exc.message)) from None
     where = str(getattr(ans, "agent", "") or spec.split("#")[0].rpartition("@")[2])
