@@ -15,13 +15,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 MAX_TRACKED = 10000
+RELAYED = "relay:"  # the peer of a request that came through the home relay
 
 
 def source_of(peer: str) -> str:
     """The unit a source brake counts: an IPv4 address, or an IPv6 /64.
 
     One IPv6 host is routinely given a whole /64, so counting single addresses
-    would give it 2**64 fresh buckets."""
+    would give it 2**64 fresh buckets.  A relayed request (`relay:<address>`, the
+    address the relay saw) is counted the same way, apart from direct ones."""
+    if peer.startswith(RELAYED):
+        return RELAYED + source_of(peer[len(RELAYED) :].strip("[]"))
     try:
         addr = ipaddress.ip_address(peer)
     except ValueError:

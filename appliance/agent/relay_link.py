@@ -12,12 +12,15 @@ supplies the agent's three parts of it:
   household's key at the relay is the same fingerprint visitors pin.
 - accept: each stream an appliance opens is joined to a plain TCP connection to the
   agent's own API listener on loopback; the TLS inside the stream is the appliance's,
-  end to end, so a relayed request meets exactly the checks of a direct one.
+  end to end, so a relayed request meets exactly the checks of a direct one.  Each
+  bridge's local port is noted with the source the relay gave in the OPEN, so the
+  API's per-source brakes count the appliance, not loopback (`relayed_source`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
@@ -32,6 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
+from appliance.agent import guard
 from appliance.agent.settings import AgentSettings, RelaySettings
 from appliance.core import agent_protocol as wire
 from appliance.homelink import frames
@@ -50,6 +54,7 @@ log = logging.getLogger("appliance.agent.relay")
 
 REGISTER_TIMEOUT = 10.0  # for the challenge, and again for the answer to the register
 API_CONNECT_TIMEOUT = 5.0
+BRIDGE_GRACE = 2.0  # a bridge's source outlives it this long: the API may not have looked yet
 _REFUSALS = {
     CLOSE_MALFORMED: "the relay found the registration malformed",
     CLOSE_BAD_SIGNATURE: "the relay says the signature does not verify (check [relay] url)",
@@ -138,6 +143,11 @@ class RelayLink:
         self.registered_at = 0.0  # monotonic: when the latest registration was answered
         self.registered = False
         self._logged_refusal: str | None = None  # a WARNING is logged once per change
+        # the local end (address, port) of each bridge to the API -> (serial, "relay:<source>"):
+        # every relayed request reaches the API from loopback, so its per-source brakes key
+        # on this instead (one entry per open stream, and per one ended in BRIDGE_GRACE)
+        self.bridges: dict[tuple[str, int], tuple[int, str]] = {}
+        self._bridge_serials = itertools.count()
 
     @property
     def last_error(self) -> str:
@@ -250,8 +260,29 @@ class RelayLink:
             )
             ls.abort(Reset.REFUSED, "the agent's API does not answer")
             return
-        ls.hold()
-        await ls.bridge(reader, writer)
+        local = writer.get_extra_info("sockname")
+        bridge = (str(local[0]), int(local[1])) if local else None
+        if bridge is not None:  # before any byte moves: the API looks once TLS is up
+            entry = (next(self._bridge_serials), guard.RELAYED + (ls.source or "unknown"))
+            self.bridges[bridge] = entry
+        try:
+            ls.hold()
+            await ls.bridge(reader, writer)
+        finally:
+            if bridge is not None:  # a stream reset right after its handshake still counts
+                asyncio.get_running_loop().call_later(
+                    BRIDGE_GRACE, self._forget_bridge, bridge, entry
+                )
+
+    def _forget_bridge(self, bridge: tuple[str, int], entry: tuple[int, str]) -> None:
+        if self.bridges.get(bridge) == entry:  # not a newer bridge that got the same port
+            del self.bridges[bridge]
+
+    def relayed_source(self, peer: tuple[str, int]) -> str | None:
+        """Who opened the relayed stream a connection to the API came in on (as
+        `relay:<address>`), or None if `peer` is not one of this link's bridges."""
+        entry = self.bridges.get(peer)
+        return None if entry is None else entry[1]
 
 
 def make_link(settings: AgentSettings, api_host: str, api_port: int) -> RelayLink:

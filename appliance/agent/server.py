@@ -269,8 +269,7 @@ class AgentServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> _Stream | None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        peer = writer.get_extra_info("peername")
-        peer_ip = str(peer[0]) if peer else "?"
+        peer = self._peer_name(writer.get_extra_info("peername"))  # once TLS is up
         try:
             got = await asyncio.wait_for(
                 self._read_request(conn, reader, writer), self.settings.limits.request_timeout
@@ -292,7 +291,7 @@ class AgentServer:
                 path=head.target.decode("ascii", "replace"),
                 headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers},
                 body=body,
-                peer=peer_ip,
+                peer=peer,
             )
             if self.queue.locked():
                 response = refuse(
@@ -311,6 +310,17 @@ class AgentServer:
         await self._send(conn, writer, response, head_only=method == "HEAD")
         return None
 
+    def _peer_name(self, peer: Any) -> str:
+        """What the API counts a request against: the peer's address, or for a relayed
+        stream's bridge (loopback) `relay:<who opened the stream>`."""
+        if not peer:
+            return "?"
+        if self.relay is not None:
+            relayed = self.relay.relayed_source((str(peer[0]), int(peer[1])))
+            if relayed is not None:
+                return relayed
+        return str(peer[0])
+
     # -- server streams -----------------------------------------------------------
     async def _open_stream(
         self, tunnel: Tunnel, conn: h11.Connection, writer: asyncio.StreamWriter
@@ -319,6 +329,18 @@ class AgentServer:
         if self.open_streams >= MAX_STREAMS:
             self.app.note_drop("streams_busy")
             return refuse(503, "busy", "too many server streams at once", **{"Retry-After": "5"})
+        self.open_streams += 1  # reserved before the awaits below; `_splice` gives it back
+        opened: _Stream | Response | None = None
+        try:
+            opened = await self._connect_stream(tunnel, conn, writer)
+            return opened
+        finally:
+            if not isinstance(opened, _Stream):
+                self.open_streams -= 1
+
+    async def _connect_stream(
+        self, tunnel: Tunnel, conn: h11.Connection, writer: asyncio.StreamWriter
+    ) -> _Stream | Response:
         try:
             sreader, swriter = await asyncio.wait_for(
                 asyncio.open_connection(tunnel.host, tunnel.port, limit=STREAM_CHUNK),
@@ -356,7 +378,6 @@ class AgentServer:
         loop = asyncio.get_running_loop()
         last = [loop.time()]
         moved = [0, 0]  # up (to the server), down (to the appliance)
-        self.open_streams += 1
         log.info("stream %s open", stream.tunnel.describe())
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, way: int) -> None:

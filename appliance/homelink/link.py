@@ -52,11 +52,17 @@ class LinkDown(Exception):
 class LinkStream:
     """One stream on a link, for the local side: bytes in, bytes out, an end."""
 
-    def __init__(self, link: Link, stream: Stream, held: bool) -> None:
+    def __init__(self, link: Link, stream: Stream, held: bool, source: str = "") -> None:
         self.link = link
         self.stream = stream
         self.held = held  # the local side is up (an accepted stream: once `hold` is called)
+        self._source = source
         self._changed = asyncio.Event()
+
+    @property
+    def source(self) -> str:
+        """An accepted stream: who opened it, as the relay saw it ("" from an old relay)."""
+        return self._source
 
     @property
     def token(self) -> bytes:
@@ -328,7 +334,7 @@ class Link:
     def _accepted(self, frame: Frame) -> LinkStream:
         stream = Stream(frame.token, frame.household, self.window, self.linger)
         stream.last_heard = self.clock()
-        ls = LinkStream(self, stream, held=False)
+        ls = LinkStream(self, stream, held=False, source=frame.source)
         self.streams[frame.token] = ls
         assert self.accept is not None
         task = asyncio.ensure_future(self._run_accept(ls))

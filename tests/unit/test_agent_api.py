@@ -217,6 +217,21 @@ def test_ipv6_sources_are_counted_per_64(agent_dir: Path) -> None:
     assert call(app, other, body, clock, peer="2001:db8:1:3::1").status == 401
 
 
+def test_relayed_sources_are_counted_apart_and_ipv6_per_64(agent_dir: Path) -> None:
+    """A relayed request's peer is `relay:<address the relay saw>`: counted per that
+    address (an IPv6 one per /64), apart from the same address reaching the agent directly."""
+    clock, key = Clock(), Ed25519PrivateKey.generate()
+    app, _ = make_app(agent_dir, clock, {kid(key)})
+    forged = {"appliance-signature": wire.b64(b"x" * 64)}
+    body = {"user": "alice", "password": "x"}
+    peers = [f"relay:[2001:db8:1:2::{i:x}]" for i in range(10)]
+    codes = [call(app, key, body, clock, peer=p, tamper=forged).status for p in peers]
+    assert codes == [401] * 8 + [429, 429]
+    ok = {"user": "alice", "password": "alice-pw"}
+    for other in ("relay:2001:db8:1:3::1", "relay:198.51.100.4", "2001:db8:1:2::1"):
+        assert call(app, key, ok, clock, peer=other).status == 200, other
+
+
 @pytest.mark.parametrize(
     ("tamper", "code"),
     [

@@ -7,6 +7,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,59 @@ def test_a_restarted_agent_remembers_the_login(agent: RunningAgent) -> None:
     again = AgentServer(load(agent.server.settings.path))  # not started: only its record
     assert (KID, "alice") in again.app.logins
     again.pool.shutdown(wait=False)
+
+
+def test_concurrent_connects_never_open_more_streams_than_the_cap(
+    config: Any, agent: RunningAgent, pop: PopLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cap is checked before the agent connects to the user's server, an await: a slow
+    server (here: 0.3 s to connect) must not let a burst of connects all pass the check."""
+    from appliance.agent import server as agent_server
+
+    cap = 2
+    monkeypatch.setattr(agent_server, "MAX_STREAMS", cap)
+    real_open = asyncio.open_connection
+
+    async def slow_open(host: Any = None, port: Any = None, **kw: Any) -> Any:
+        if port == pop.port:
+            await asyncio.sleep(0.3)
+        return await real_open(host, port, **kw)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_open)
+    with pytest.raises(client.AgentError):  # loopback servers are refused; the login is noted
+        client.authenticate(config, spec(agent), "alice-pw", sock=dial(agent))
+
+    def one() -> Any:
+        try:
+            return client.open_server_stream(config, spec(agent), "alice", "pop3", sock=dial(agent))
+        except client.AgentError as exc:
+            return exc
+
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(one())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    opened = [r for r in results if not isinstance(r, client.AgentError)]
+    refused = [r for r in results if isinstance(r, client.AgentError)]
+    try:
+        assert len(results) == 6
+        assert len(opened) == cap, [str(r) for r in refused]
+        assert agent.server.open_streams == cap
+        assert all("HTTP 503" in str(r) for r in refused), [str(r) for r in refused]
+        assert agent.server.app.dropped["streams_busy"] >= len(refused)
+        for tls in opened:
+            tls.settimeout(10)
+            assert recv_until(tls, b"\r\n") == b"+OK hello\r\n"  # the admitted ones work
+    finally:
+        for tls in opened:
+            tls.close()
+    deadline = time.monotonic() + 5
+    while agent.server.open_streams and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert agent.server.open_streams == 0  # closed streams give their slots back
+    with pytest.raises(client.AgentError) as err:  # and so does a connect that fails
+        client.open_server_stream(config, spec(agent), "alice", "imap", sock=dial(agent))
+    assert err.value.code == "server_unreachable"
+    assert agent.server.open_streams == 0

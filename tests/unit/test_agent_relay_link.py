@@ -18,7 +18,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ from appliance.agent import client
 from appliance.agent.server import AgentServer
 from appliance.core import agent_protocol as wire
 from appliance.core.tomlfile import TomlFile
+from appliance.homelink import frames
+from appliance.homelink.frames import Frame
 from appliance.homelink.link import Link
 from appliance.homelink.registration import parse_challenge, sign_registration
 from appliance.homerelay.config import parse as parse_relay_config
@@ -136,8 +138,16 @@ class PopLike:
 class Rig:
     """Relay, agent and an appliance link on one event loop."""
 
-    def __init__(self, relay: RelayServer, agent: AgentServer, appliance: Link, pop: PopLike):
+    def __init__(
+        self,
+        relay: RelayServer,
+        agent: AgentServer,
+        appliance: Link,
+        pop: PopLike,
+        dial_appliance: Callable[[], Awaitable[Any]],
+    ):
         self.relay = relay
+        self.dial_appliance = dial_appliance  # another appliance's link dials the same way
         self.agent = agent
         self.appliance = appliance
         self.pop = pop
@@ -173,9 +183,9 @@ class Rig:
                     return time.monotonic() - start
                 await asyncio.sleep(0.02)
 
-    async def relayed_socket(self) -> socket.socket:
+    async def relayed_socket(self, appliance: Link | None = None) -> socket.socket:
         """A stream through the relay to the agent, as a blocking socket for client.py."""
-        ls = self.appliance.open(HOUSEHOLD)
+        ls = (appliance or self.appliance).open(HOUSEHOLD)
         assert await ls.wait_opened(5) is None
         ours, theirs = socket.socketpair()
         reader, writer = await asyncio.open_connection(sock=ours)
@@ -226,10 +236,15 @@ def fetch(tls: ssl.SSLSocket, progress: list[int]) -> str:
 
 @asynccontextmanager
 async def rig(
-    tmp_path: Path, relay_tls: tuple[Path, Path, str], pin: str | None = None, squat: bool = False
+    tmp_path: Path,
+    relay_tls: tuple[Path, Path, str],
+    pin: str | None = None,
+    squat: bool = False,
+    limits: tuple[int, int] = (10000, 10000),
 ) -> AsyncIterator[Rig]:
     """`pin`: the relay pin the agent is given (default the right one); `squat`: the
-    household's name is claimed by another key before the agent starts."""
+    household's name is claimed by another key before the agent starts; `limits`: the
+    agent's rate limits, (per minute, burst)."""
     cert, key, relay_pin = relay_tls
     relay_config = parse_relay_config(
         TomlFile.parse(
@@ -252,7 +267,8 @@ async def rig(
             "bob": ("bob-pw", {"name": "Bob"}, {}),
         },
         extra=(
-            f'[appliances]\ntrusted = ["{KID}"]\n[limits]\nrate = 10000\nburst = 10000\n'
+            f'[appliances]\ntrusted = ["{KID}"]\n[limits]\nrate = {limits[0]}\n'
+            f"burst = {limits[1]}\n"
             f'[relay]\nurl = "wss://{HOST}:{relay.port}/v1/agent"\n'
             f'household = "{HOUSEHOLD}"\npin = "{pin or relay_pin}"\n'
         ),
@@ -275,7 +291,7 @@ async def rig(
     appliance = Link(dial_appliance, name="appliance")
     appliance_task = asyncio.create_task(appliance.run())
     await agent.start()
-    r = Rig(relay, agent, appliance, pop)
+    r = Rig(relay, agent, appliance, pop, dial_appliance)
     try:
         yield r
     finally:
@@ -356,6 +372,77 @@ def test_relayed_login_and_fetch_survive_a_dropped_agent_link(
     assert figures["online"] < 2
     assert figures["back_registering"] < 1
     assert figures["back_total"] < 2
+
+
+def junk_post(tls_sock: socket.socket) -> int:
+    """One unsigned POST /v1/authenticate on a relayed stream, as a flood sends them: the status."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    tls_sock.settimeout(10)
+    with ctx.wrap_socket(tls_sock, server_hostname=HOST) as tls:
+        tls.sendall(
+            b"POST /v1/authenticate HTTP/1.1\r\nHost: agent\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        head = tls.recv(4096)
+    return int(head.split()[1])
+
+
+def test_a_flood_through_the_relay_brakes_only_the_appliance_that_sends_it(
+    tmp_path: Path,
+    relay_tls: tuple[Path, Path, str],
+    config: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every relayed request reaches the agent's API from loopback; the relay's OPEN says
+    who opened the stream, and the agent's per-source brake counts that address.  Here
+    the two appliances' links get different source addresses at the relay (on loopback
+    both would be 127.0.0.1): one floods junk until it gets 429, the other still logs in."""
+    sources: dict[int, str] = {}  # appliance link's port at the relay -> the source it gets
+    real_open = RelayServer._open
+
+    async def open_with_source(
+        self: RelayServer, link: Any, frame: Frame, raw: bytes, route: Any
+    ) -> None:
+        source = sources.setdefault(link.ws.remote_address[1], f"192.0.2.{len(sources) + 1}")
+        raw = frames.encode_open(frame.token, frame.household, source)
+        await real_open(self, link, frame, raw, route)
+
+    monkeypatch.setattr(RelayServer, "_open", open_with_source)
+
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls, limits=(1, 5)) as r:
+            await r.wait_online(2)
+            assert r.agent.relay is not None
+            flooder = Link(r.dial_appliance, name="flooder")
+            flooding = asyncio.create_task(flooder.run())
+            try:
+                statuses = []
+                while 429 not in statuses:
+                    assert len(statuses) < 20, statuses
+                    sock = await r.relayed_socket(flooder)
+                    statuses.append(await asyncio.to_thread(junk_post, sock))
+                assert statuses == [400] * 5 + [429]  # the burst, then the brake
+                assert await asyncio.to_thread(junk_post, await r.relayed_socket(flooder)) == 429
+
+                answer = await asyncio.to_thread(  # another appliance behind the same relay
+                    client.authenticate,
+                    config,
+                    f"bob@{HOUSEHOLD}.{HOST}#{r.agent.fingerprint}",
+                    "bob-pw",
+                    sock=await r.relayed_socket(),
+                )
+                assert answer.user == "bob"
+                assert sorted(sources.values()) == ["192.0.2.1", "192.0.2.2"]
+                # one entry per open stream: the ended ones are gone
+                async with asyncio.timeout(5):
+                    while r.agent.relay.bridges:
+                        await asyncio.sleep(0.02)
+            finally:
+                flooding.cancel()
+                await asyncio.gather(flooding, return_exceptions=True)
+
+    run(body())
 
 
 def test_a_wrong_relay_pin_never_gets_a_registration(
