@@ -23,6 +23,7 @@ class RelayLimits:
     links_per_source: int  # concurrent links (agent or appliance) from one IP address
     streams_per_appliance_link: int  # open streams one appliance link may hold
     household_bytes_per_second: int  # DATA bytes per household per second; 0: unlimited
+    link_queue_bytes: int  # frames waiting for one link beyond this: it is closed 1013
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ def parse(doc: TomlFile) -> RelayConfig:
         links_per_source=lim.integer("links_per_source", 32, 1, 100_000),
         streams_per_appliance_link=lim.integer("streams_per_appliance_link", 256, 1, 100_000),
         household_bytes_per_second=lim.integer("household_bytes_per_second", 0, 0, 2**40),
+        # at least one stream's window (homelink.stream.WINDOW, 1 MiB)
+        link_queue_bytes=lim.integer("link_queue_bytes", 16 << 20, 1 << 20, 2**40),
     )
     lim.finish()
     top.finish()

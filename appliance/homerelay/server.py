@@ -3,13 +3,19 @@
 Agents link to `/v1/agent` and register a household (`homelink.registration`, the
 `Registrations` table); appliances link to `/v1/appliance` and open streams to
 households.  The relay never reads a stream: it holds no stream state beyond a route
-per token (which household, which appliance link) and the two FIN offsets it needs to
-know when the stream is over.  The TLS inside the streams is end to end.
+per token (which household, which appliance link), the two FIN offsets it needs to
+know when the stream is over, and the offsets each end acknowledged (the window).
+The TLS inside the streams is end to end.
 
-Back-pressure: a frame is forwarded with `await send(...)` inside the reader loop of
-the link it came from, so a slow destination slows its source; the per-stream WINDOW
-of the ends bounds what is in flight.  A destination that has gone away is counted and
-the frame dropped: the ends resume on a new link (docs/home-relay.md "Resume").
+Forwarding never waits for the destination: each link has a bounded outbound queue
+drained by its own sender task, so a destination that stops reading cannot stall the
+reader of the link a frame came from (an appliance link carries many households).
+What may wait in the queues is bounded twice: the relay enforces the ends' per-stream
+WINDOW (DATA beyond the receiver's last ACK or RESUME offset plus WINDOW resets the
+stream), and a link whose queue grows past `[limits] link_queue_bytes` is closed
+1013 (its streams resume when it comes back).  A destination that has gone away is
+counted and the frame dropped: the ends resume on a new link (docs/home-relay.md
+"Resume").
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import logging
 import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -40,7 +46,7 @@ from appliance.homelink.registration import (
     registered_message,
     verify_registration,
 )
-from appliance.homelink.stream import LINGER
+from appliance.homelink.stream import LINGER, WINDOW
 from appliance.homerelay.config import RelayConfig
 from appliance.homerelay.table import HouseholdStore, Registrations, SqliteHouseholds
 
@@ -54,6 +60,12 @@ PING_TIMEOUT = 5.0
 REGISTER_TIMEOUT = 10.0  # an agent link has this long to answer the challenge
 MAX_MESSAGE = frames.MAX_FRAME + 64  # websockets closes 1009 above; FrameError below
 CLOSE_REPLACED = 4000  # an agent link taken over by a new one of the same key
+CLOSE_TOO_SLOW = 1013  # a link whose outbound queue outgrew [limits] link_queue_bytes
+IDLE_MARGIN = 30.0  # past linger, before a silent half-closed route is forgotten
+# A route that carried no frame for this long is forgotten: the agent ends a server
+# stream after an hour with no byte (appliance/agent/server.py STREAM_IDLE_TIMEOUT),
+# and an end whose peer is gone gives up after linger, so nobody uses it any more.
+ROUTE_IDLE = 3600.0 + LINGER + IDLE_MARGIN
 
 COUNTER_NAMES = (
     "agent_links",
@@ -73,11 +85,15 @@ COUNTER_NAMES = (
     "dropped_no_agent",  # the household's agent link is gone
     "dropped_no_appliance",  # the route's appliance link is gone
     "dropped_closed",  # the destination closed while we sent
+    "slow_links_closed",  # closed 1013: outbound queue beyond link_queue_bytes
+    "window_violations",  # DATA beyond the receiver's acknowledged offset + WINDOW
+    "resume_limit",  # RESUMEs of unknown tokens refused (stream limits)
     "routes_opened",
     "routes_learned",
     "routes_reset",
     "routes_finished",
     "routes_expired",
+    "routes_idle",  # forgotten after carrying no frame for too long
     "internal_errors",
 )
 
@@ -89,11 +105,19 @@ class Side(StrEnum):
 
 @dataclass(eq=False)
 class _Link:
+    """One WebSocket link; frames to it wait in `outbound` for its sender task."""
+
     id: int
     ws: ServerConnection
     side: Side
+    source: str = ""  # the remote IP address, as the per-source limit counts it
     household: str = ""  # agent links, once registered
     tokens: set[bytes] = field(default_factory=set)  # appliance links: routes they hold
+    outbound: deque[bytes] = field(default_factory=deque)
+    outbound_bytes: int = 0
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    sender: asyncio.Task[None] | None = None
+    closing: bool = False  # closed for slowness (or closed): queue nothing more
 
 
 @dataclass(eq=False)
@@ -101,13 +125,17 @@ class _Route:
     """What the relay knows of one stream: whose it is and where its appliance end is.
 
     `fin[S]` is the length side S announced with FIN; `finished[S]` is set when the
-    other side acknowledged it (`ACK length+1`).  Both set: the stream is over."""
+    other side acknowledged it (`ACK length+1`).  Both set: the stream is over.
+    `acked[S]` is the highest offset of S's bytes the other side acknowledged (ACK or
+    RESUME): S may send no DATA beyond it plus WINDOW."""
 
     household: str
     appliance: _Link | None
     counted: bool  # counted by Registrations.streams_opened (so streams_closed on forget)
+    last_frame: float  # clock() of the last frame it carried
     fin: dict[Side, int] = field(default_factory=dict)
     finished: set[Side] = field(default_factory=set)
+    acked: dict[Side, int] = field(default_factory=lambda: dict.fromkeys(Side, 0))
     gone_since: float | None = None  # since when one end's link has been missing
 
 
@@ -135,7 +163,9 @@ class RelayServer:
 
     `clock` (monotonic) times linger and rate limits; `wall_clock` is the UNIX time the
     registration table stores and presence reports.  `linger` is how long a route
-    survives one of its ends being gone (the ends' own `stream.LINGER`).
+    survives one of its ends being gone (the ends' own `stream.LINGER`); `idle` is how
+    long a route that carries no frame survives (a route that has seen a FIN: linger
+    plus a margin, as the relay may have missed the other FIN before a restart).
 
     `[limits] household_bytes_per_second` delays the forwarding of a household's DATA
     frames, which back-pressures the link they came from.  The caveat: a link is one
@@ -153,11 +183,13 @@ class RelayServer:
         *,
         wall_clock: Callable[[], float] = time.time,
         linger: float = LINGER,
+        idle: float = ROUTE_IDLE,
     ) -> None:
         self.config = config
         self.clock = clock
         self.wall_clock = wall_clock
         self.linger = linger
+        self.idle = idle
         self._own_store: SqliteHouseholds | None = None
         if store is None:
             config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -269,12 +301,16 @@ class RelayServer:
         path = ws.request.path.partition("?")[0] if ws.request else ""
         self._next_link += 1
         side = Side.AGENT if path == AGENT_PATH else Side.APPLIANCE
-        link = _Link(self._next_link, ws, side)
+        source = _source(ws)  # the agent learns it with each OPEN, if it is an address
+        link = _Link(
+            self._next_link, ws, side, source if frames.SOURCE_RE.fullmatch(source) else ""
+        )
         self._links[link.id] = link
         self.counters[f"{side}_links"] += 1
         try:
             if side is Side.AGENT and not await self._register(link):
                 return
+            link.sender = asyncio.create_task(self._send_forever(link))
             await self._read(link)
         except ConnectionClosed:
             pass
@@ -284,6 +320,11 @@ class RelayServer:
             log.exception("link %d (%s) failed", link.id, side)
             await ws.close(1011, "internal error")
         finally:
+            link.closing = True
+            if link.sender is not None:
+                link.sender.cancel()
+            link.outbound.clear()
+            link.outbound_bytes = 0
             self._links.pop(link.id, None)
             self._link_gone(link)
 
@@ -380,35 +421,84 @@ class RelayServer:
         link_id = self.registrations.link(household)
         return self._links.get(link_id) if link_id is not None else None
 
-    async def _send(self, link: _Link, data: bytes) -> bool:
-        try:
-            await link.ws.send(data)
-        except ConnectionClosed:
+    def _send(self, link: _Link, data: bytes) -> bool:
+        """Queue `data` for `link` without waiting; False when it is dropped (the link
+        is closing, or this frame took its queue past the limit and closed it)."""
+        if link.closing:
             self.counters["dropped_closed"] += 1
             return False
+        link.outbound.append(data)
+        link.outbound_bytes += len(data)
+        if link.outbound_bytes > self.config.limits.link_queue_bytes:
+            self._close_slow(link)
+            return False
+        link.wakeup.set()
         return True
 
-    async def _reset_back(self, link: _Link, token: bytes, code: Reset, reason: str) -> None:
-        await self._send(link, frames.encode_reset(token, code, reason))
+    def _close_slow(self, link: _Link) -> None:
+        """The link does not read what it is sent: close it, never its sources."""
+        self.counters["slow_links_closed"] += 1
+        self.counters["dropped_closed"] += len(link.outbound)
+        log.warning(
+            "link %d (%s %s) closed: %d bytes wait for it",
+            link.id,
+            link.side,
+            link.household or link.source,
+            link.outbound_bytes,
+        )
+        link.closing = True
+        link.outbound.clear()
+        link.outbound_bytes = 0
+        if link.sender is not None:
+            link.sender.cancel()  # it may be waiting in send() for the link to drain
+        task = asyncio.create_task(link.ws.close(CLOSE_TOO_SLOW, "too slow"))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _send_forever(self, link: _Link) -> None:
+        """The link's sender task: the only place that waits for the link to drain."""
+        while True:
+            await link.wakeup.wait()
+            link.wakeup.clear()
+            while link.outbound:
+                data = link.outbound.popleft()
+                link.outbound_bytes -= len(data)
+                try:
+                    await link.ws.send(data)
+                except ConnectionClosed:
+                    self.counters["dropped_closed"] += 1 + len(link.outbound)
+                    link.closing = True
+                    link.outbound.clear()
+                    link.outbound_bytes = 0
+                    return
+                except Exception:
+                    # a bug must cost one link, never the relay
+                    self.counters["internal_errors"] += 1
+                    log.exception("link %d (%s): sending failed", link.id, link.side)
+                    link.closing = True
+                    link.outbound.clear()
+                    link.outbound_bytes = 0
+                    await link.ws.close(1011, "internal error")
+                    return
+
+    def _reset_back(self, link: _Link, token: bytes, code: Reset, reason: str) -> None:
+        self._send(link, frames.encode_reset(token, code, reason))
 
     async def _from_appliance(self, link: _Link, frame: Frame, raw: bytes) -> None:
         token = frame.token
         route = self._routes.get(token)
         if frame.kind is Kind.OPEN:
-            await self._open(link, frame, raw, route)
+            await self._open(link, frame, route)
             return
         if frame.kind is Kind.RESUME:
             if route is None:
-                if self.registrations.presence(frame.household) is None:
-                    self.counters["unknown_token"] += 1
-                    await self._reset_back(link, token, Reset.UNKNOWN, "no such household")
+                learned = self._learn_from_appliance(link, frame)
+                if learned is None:
                     return
-                counted = self.registrations.streams_opened(frame.household, self.wall_clock())
-                route = self._routes[token] = _Route(frame.household, None, counted is None)
-                self.counters["routes_learned"] += 1
+                route = learned
             elif route.household != frame.household:
                 self.counters["cross_household"] += 1
-                await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+                self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
                 return
             if route.appliance is not link:
                 if route.appliance is not None:
@@ -418,89 +508,157 @@ class RelayServer:
         elif route is None:
             if frame.kind is not Kind.RESET:  # never answer a RESET with one
                 self.counters["unknown_token"] += 1
-                await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+                self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
             return
-        await self._forward(route, token, frame, raw, Side.APPLIANCE)
+        await self._forward(route, link, frame, raw, Side.APPLIANCE)
 
-    async def _open(self, link: _Link, frame: Frame, raw: bytes, route: _Route | None) -> None:
+    def _learn_from_appliance(self, link: _Link, frame: Frame) -> _Route | None:
+        """A RESUME of a token the relay does not know, from an appliance link: the
+        route, within the limits an OPEN has (None: refused, answered).  While the
+        household is offline the route is learned uncounted (the per-link limit bounds
+        it; the linger sweep ends it) and counted when the agent speaks on it."""
+        token = frame.token
+        if self.registrations.presence(frame.household) is None:
+            self.counters["unknown_token"] += 1
+            self._reset_back(link, token, Reset.UNKNOWN, "no such household")
+            return None
+        if len(link.tokens) >= self.config.limits.streams_per_appliance_link:
+            self.counters["resume_limit"] += 1
+            self._reset_back(link, token, Reset.LIMIT, "too many streams on this link")
+            return None
+        refusal = self.registrations.streams_opened(frame.household, self.wall_clock())
+        if refusal is Reset.LIMIT:
+            self.counters["resume_limit"] += 1
+            self._reset_back(link, token, Reset.LIMIT, "household refused the stream")
+            return None
+        route = self._routes[token] = _Route(
+            frame.household, None, refusal is None, last_frame=self.clock()
+        )
+        self.counters["routes_learned"] += 1
+        return route
+
+    async def _open(self, link: _Link, frame: Frame, route: _Route | None) -> None:
         token = frame.token
         if route is not None:
             self.counters["protocol"] += 1
-            await self._reset_back(link, token, Reset.PROTOCOL, "stream token in use")
+            self._reset_back(link, token, Reset.PROTOCOL, "stream token in use")
             return
         agent = self._agent_of(frame.household)
         if agent is None:
             self.counters["open_offline"] += 1
-            await self._reset_back(link, token, Reset.OFFLINE, "household offline")
+            self._reset_back(link, token, Reset.OFFLINE, "household offline")
             return
         if len(link.tokens) >= self.config.limits.streams_per_appliance_link:
             self.counters["open_limit"] += 1
-            await self._reset_back(link, token, Reset.LIMIT, "too many streams on this link")
+            self._reset_back(link, token, Reset.LIMIT, "too many streams on this link")
             return
         refusal = self.registrations.streams_opened(frame.household, self.wall_clock())
         if refusal is not None:
             counter = "open_offline" if refusal is Reset.OFFLINE else "open_limit"
             self.counters[counter] += 1
-            await self._reset_back(link, token, refusal, "household refused the stream")
+            self._reset_back(link, token, refusal, "household refused the stream")
             return
-        self._routes[token] = _Route(frame.household, link, counted=True)
+        self._routes[token] = _Route(frame.household, link, counted=True, last_frame=self.clock())
         link.tokens.add(token)
         self.counters["routes_opened"] += 1
-        if await self._send(agent, raw):
+        # the agent learns the source as the relay saw it, never what the appliance wrote
+        if self._send(agent, frames.encode_open(token, frame.household, source=link.source)):
             self.counters["forwarded"] += 1
         else:
             self._forget(token, "routes_reset")
-            await self._reset_back(link, token, Reset.OFFLINE, "household offline")
+            self._reset_back(link, token, Reset.OFFLINE, "household offline")
 
     async def _from_agent(self, link: _Link, frame: Frame, raw: bytes) -> None:
         token = frame.token
         route = self._routes.get(token)
         if frame.kind is Kind.OPEN:
             self.counters["protocol"] += 1
-            await self._reset_back(link, token, Reset.PROTOCOL, "an agent does not open")
+            self._reset_back(link, token, Reset.PROTOCOL, "an agent does not open")
             return
         if route is not None and route.household != link.household:
             self.counters["cross_household"] += 1
             log.warning(
                 "household %s used a stream of household %s", link.household, route.household
             )
-            await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+            self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
             return
         if route is None:
             if frame.kind is not Kind.RESUME:
                 if frame.kind is not Kind.RESET:
                     self.counters["unknown_token"] += 1
-                    await self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+                    self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
                 return
-            counted = self.registrations.streams_opened(link.household, self.wall_clock())
-            route = self._routes[token] = _Route(link.household, None, counted is None)
+            # counted, so the household's MAX_STREAMS bounds what one agent link learns
+            if self.registrations.streams_opened(link.household, self.wall_clock()) is not None:
+                self.counters["resume_limit"] += 1
+                self._reset_back(link, token, Reset.LIMIT, "too many streams")
+                return
+            route = self._routes[token] = _Route(
+                link.household, None, counted=True, last_frame=self.clock()
+            )
             self.counters["routes_learned"] += 1
-        await self._forward(route, token, frame, raw, Side.AGENT)
+        elif not route.counted and frame.kind is not Kind.RESET:
+            # learned from an appliance while the household was offline
+            if self.registrations.streams_opened(link.household, self.wall_clock()) is not None:
+                self.counters["resume_limit"] += 1
+                self._reset_both(route, token, link, Reset.LIMIT, "too many streams")
+                return
+            route.counted = True
+        await self._forward(route, link, frame, raw, Side.AGENT)
 
     async def _forward(
-        self, route: _Route, token: bytes, frame: Frame, raw: bytes, sender: Side
+        self, route: _Route, source: _Link, frame: Frame, raw: bytes, sender: Side
     ) -> None:
+        token = frame.token
         if frame.kind is Kind.DATA:
+            end = frame.offset + len(frame.payload)
+            if end > route.acked[sender] + WINDOW:
+                self.counters["window_violations"] += 1
+                log.info(
+                    "stream of household %s: %s sent DATA up to %d, acknowledged %d",
+                    route.household,
+                    sender,
+                    end,
+                    route.acked[sender],
+                )
+                self._reset_both(route, token, source, Reset.PROTOCOL, "DATA beyond the window")
+                return
             await self._throttle(route.household, len(frame.payload))
         if sender is Side.APPLIANCE:
             destination = self._agent_of(route.household)
         else:
             destination = route.appliance
+        route.last_frame = self.clock()
         done = self._track(route, frame, sender)
         if destination is None:
             self.counters[
                 "dropped_no_agent" if sender is Side.APPLIANCE else "dropped_no_appliance"
             ] += 1
-        elif await self._send(destination, raw):
+        elif self._send(destination, raw):
             self.counters["forwarded"] += 1
         if done is not None and self._routes.get(token) is route:
             self._forget(token, done)
+
+    def _reset_both(
+        self, route: _Route, token: bytes, source: _Link, code: Reset, reason: str
+    ) -> None:
+        """End the stream for both ends (the one that sent `source` its frame too) and
+        forget it."""
+        ends = {source, route.appliance, self._agent_of(route.household)}
+        for end in ends:
+            if end is not None:
+                self._reset_back(end, token, code, reason)
+        if self._routes.get(token) is route:
+            self._forget(token, "routes_reset")
 
     def _track(self, route: _Route, frame: Frame, sender: Side) -> str | None:
         """Whether this frame ends the route (the counter to count it under)."""
         if frame.kind is Kind.RESET:
             return "routes_reset"
         other = Side.AGENT if sender is Side.APPLIANCE else Side.APPLIANCE
+        if frame.kind in (Kind.ACK, Kind.RESUME):
+            # the receiver's word on what it has of the other side's bytes: the window
+            route.acked[other] = max(route.acked[other], frame.offset)
         if frame.kind is Kind.FIN:
             route.fin.setdefault(sender, frame.offset)
         elif frame.kind is Kind.ACK and route.fin.get(other) == frame.offset - 1:
@@ -535,9 +693,15 @@ class RelayServer:
 
     def sweep(self) -> None:
         """Forget routes one of whose ends has been gone longer than the linger time
-        (the ends have given up on the stream by then)."""
+        (the ends have given up on the stream by then), and routes silent too long
+        (`idle`; after a FIN, linger and a margin: the other FIN may have passed before
+        a restart of the relay, so the route would never finish)."""
         now = self.clock()
         for token, route in list(self._routes.items()):
+            silent = now - route.last_frame
+            if silent > self.idle or (route.fin and silent > self.linger + IDLE_MARGIN):
+                self._forget(token, "routes_idle")
+                continue
             present = route.appliance is not None and self._agent_of(route.household) is not None
             if present:
                 route.gone_since = None

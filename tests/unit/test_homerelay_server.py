@@ -34,9 +34,11 @@ from appliance.core.tomlfile import ConfigError, TomlFile
 from appliance.homelink import frames
 from appliance.homelink.frames import Kind, Reset
 from appliance.homelink.registration import parse_challenge, sign_registration
+from appliance.homelink.stream import LINGER, WINDOW
 from appliance.homerelay import cli
 from appliance.homerelay.config import RelayConfig, parse
-from appliance.homerelay.server import RelayServer
+from appliance.homerelay.server import IDLE_MARGIN, ROUTE_IDLE, RelayServer
+from appliance.homerelay.table import MAX_STREAMS
 
 pytestmark = pytest.mark.unit
 
@@ -195,6 +197,7 @@ def test_config_defaults_and_given_limits(make_config: ConfigMaker) -> None:
     cfg = make_config(links_per_source=5)
     assert cfg.host == HOST and cfg.port == 0 and cfg.limits.links_per_source == 5
     assert cfg.limits.streams_per_appliance_link == 256
+    assert cfg.limits.link_queue_bytes == 16 << 20
     assert cfg.households_db.name == "households.db"
 
 
@@ -583,3 +586,179 @@ def test_cli_serves_until_sigterm(
     finally:
         proc.kill()
         proc.wait()
+
+
+async def wait_for_counter(server: RelayServer, name: str, value: int) -> None:
+    try:
+        async with asyncio.timeout(5):
+            while server.counters[name] < value:
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError({k: v for k, v in server.counters.items() if v}) from None
+
+
+async def frame_for(ws: ClientConnection, t: bytes) -> frames.Frame:
+    """The next frame of stream `t` (others' RESETs are skipped)."""
+    while True:
+        f = await frame_of(ws)
+        if f.token == t:
+            return f
+
+
+def test_an_agent_that_stops_reading_stalls_neither_the_appliance_link_nor_others(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    """The reviewer's case: one appliance link carries streams of two households, and
+    one household's agent never reads.  Its queue at the relay overflows, so its link
+    is closed 1013; the appliance link and the other household's stream carry on."""
+
+    async def body(c: Client) -> None:
+        alice = await c.agent(make_agent(), "alice-home")
+        stuck = await c.agent(make_agent(), "stuck-home")  # never reads from here on
+        app = await c.appliance()
+        t_alice = await open_stream(c, app, alice, "alice-home")
+        chunk = b"x" * frames.MAX_PAYLOAD
+        # 24 streams of one window each: within every stream's window, and far more
+        # than the kernel's socket buffers and the 1 MiB queue limit hold
+        for _ in range(24):
+            t = token()
+            await app.send(frames.encode_open(t, "stuck-home"))
+            for i in range(WINDOW // len(chunk)):
+                await app.send(frames.encode_data(t, i * len(chunk), chunk))
+        await wait_for_counter(c.server, "slow_links_closed", 1)
+        up = os.urandom(1000)
+        await app.send(frames.encode_data(t_alice, 0, up))
+        assert (await frame_of(alice)).payload == up
+        await alice.send(frames.encode_data(t_alice, 0, b"down"))
+        assert (await frame_for(app, t_alice)).payload == b"down"
+        assert c.server.counters["window_violations"] == 0
+        # the stuck link, read at last, ends with 1013; the shared link is still up
+        assert await close_code(stuck) == 1013
+        await app.send(frames.encode_ack(t_alice, 10))
+        assert (await frame_of(alice)).offset == 10
+        assert app.close_code is None
+
+    with_relay(make_config, relay_tls, body, link_queue_bytes=1 << 20)
+
+
+def test_data_beyond_the_window_resets_the_stream_at_the_relay(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        agent = await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        t = await open_stream(c, app, agent, "alice-home")
+        chunk = b"y" * frames.MAX_PAYLOAD
+        frames_per_window = WINDOW // len(chunk)
+        for i in range(frames_per_window):  # exactly one window: all of it passes
+            await app.send(frames.encode_data(t, i * len(chunk), chunk))
+        for i in range(frames_per_window):
+            assert (await frame_of(agent)).offset == i * len(chunk)
+        await agent.send(frames.encode_ack(t, len(chunk)))  # one chunk more may follow
+        assert (await frame_of(app)).kind is Kind.ACK
+        await app.send(frames.encode_data(t, WINDOW, chunk))
+        assert (await frame_of(agent)).offset == WINDOW
+        await app.send(frames.encode_data(t, WINDOW + len(chunk), chunk))  # one too many
+        for ws in (app, agent):
+            f = await frame_of(ws)
+            assert (f.kind, f.token, f.code) == (Kind.RESET, t, Reset.PROTOCOL)
+        assert c.server.counters["window_violations"] == 1
+        assert c.server.route_count == 0
+        assert (await c.presence("alice-home"))["state"] == "online"
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_resumes_of_unknown_tokens_learn_no_more_routes_than_opens_could(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        alice = await c.agent(make_agent(), "alice-home")
+        await alice.close()  # offline; the name stays claimed
+        await asyncio.sleep(0.05)
+        app = await c.appliance()
+        for _ in range(3000):
+            await app.send(frames.encode_resume(token(), 0, "alice-home", True))
+        for _ in range(2998):
+            f = await frame_of(app)
+            assert (f.kind, f.code) == (Kind.RESET, Reset.LIMIT)
+        assert c.server.route_count == 2  # streams_per_appliance_link
+        # an agent link (any fresh name, a self-made key) learns at most MAX_STREAMS
+        mallory = await c.agent(make_agent(), "mallory")
+        for _ in range(3000):
+            await mallory.send(frames.encode_resume(token(), 0, "mallory", True))
+        for _ in range(3000 - MAX_STREAMS):
+            f = await frame_of(mallory)
+            assert (f.kind, f.code) == (Kind.RESET, Reset.LIMIT)
+        assert c.server.route_count == 2 + MAX_STREAMS
+        assert c.server.counters["routes_learned"] == 2 + MAX_STREAMS
+
+    with_relay(make_config, relay_tls, body, streams_per_appliance_link=2)
+
+
+def test_a_route_half_closed_before_a_relay_restart_is_forgotten_when_silent(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    now = [1000.0]
+
+    def clock() -> float:
+        return now[0]
+
+    async def main() -> None:
+        config = make_config()
+        alice = make_agent()
+        async with relay_running(config, clock=clock) as server:
+            c = Client(server, relay_tls[2])
+            agent = await c.agent(alice, "alice-home")
+            app = await c.appliance()
+            t = await open_stream(c, app, agent, "alice-home")
+            idle = await open_stream(c, app, agent, "alice-home")  # open, just quiet
+            await app.send(frames.encode_fin(t, 0))  # the appliance's direction ends
+            assert (await frame_of(agent)).kind is Kind.FIN
+            await agent.send(frames.encode_ack(t, 1))
+            assert (await frame_of(app)).offset == 1
+        async with relay_running(config, clock=clock) as server:
+            c = Client(server, relay_tls[2])
+            agent = await c.agent(alice, "alice-home")
+            app = await c.appliance()
+            for stream in (t, idle):
+                await agent.send(frames.encode_resume(stream, 0, "alice-home", answer=True))
+                await app.send(frames.encode_resume(stream, 1, "alice-home", answer=False))
+                assert (await frame_of(agent)).kind is Kind.RESUME
+            await agent.send(frames.encode_fin(t, 0))  # the other direction ends
+            assert (await frame_of(app)).kind is Kind.FIN
+            await app.send(frames.encode_ack(t, 1))
+            assert (await frame_of(agent)).offset == 1
+            await asyncio.sleep(0.05)
+            assert server.route_count == 2  # the relay never saw the first FIN
+            now[0] += LINGER + IDLE_MARGIN + 1
+            server.sweep()
+            assert server.route_count == 1  # the quiet stream stays
+            assert server.counters["routes_idle"] == 1
+            await data_both_ways(app, agent, idle)
+            now[0] += ROUTE_IDLE + 1
+            server.sweep()
+            assert server.route_count == 0
+            assert (await c.presence("alice-home"))["state"] == "online"
+
+    run(main())
+
+
+def test_the_agent_learns_the_appliance_links_source_address_never_the_appliances_word(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        agent = await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        for claimed in ("", "192.0.2.66"):
+            t = token()
+            await app.send(frames.encode_open(t, "alice-home", source=claimed))
+            f = await frame_of(agent)
+            assert (f.kind, f.token, f.household, f.source) == (
+                Kind.OPEN,
+                t,
+                "alice-home",
+                "127.0.0.1",
+            )
+
+    with_relay(make_config, relay_tls, body)
