@@ -56,6 +56,7 @@ AGENT_PATH = "/v1/agent"
 APPLIANCE_PATH = "/v1/appliance"
 PRESENCE_PREFIX = "/v1/households/"
 PING_INTERVAL = 3.0
+CLOSE_TIMEOUT = 1.0
 PING_TIMEOUT = 5.0
 REGISTER_TIMEOUT = 10.0  # an agent link has this long to answer the challenge
 MAX_MESSAGE = frames.MAX_FRAME + 64  # websockets closes 1009 above; FrameError below
@@ -115,7 +116,6 @@ class _Link:
     tokens: set[bytes] = field(default_factory=set)  # appliance links: routes they hold
     outbound: deque[bytes] = field(default_factory=deque)
     outbound_bytes: int = 0
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     sender: asyncio.Task[None] | None = None
     closing: bool = False  # closed for slowness (or closed): queue nothing more
 
@@ -227,6 +227,10 @@ class RelayServer:
             # is work a hostile link should not get out of the relay
             compression=None,
             server_header=None,
+            # a link whose pongs stopped is dead: close it at once, not after the
+            # default 10 s wait for a closing handshake that cannot come (the design's
+            # "dead within 10 s" holds at the relay too)
+            close_timeout=CLOSE_TIMEOUT,
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("home relay %s on %s:%d", self.config.host, self.config.listen, self.port)
@@ -310,7 +314,6 @@ class RelayServer:
         try:
             if side is Side.AGENT and not await self._register(link):
                 return
-            link.sender = asyncio.create_task(self._send_forever(link))
             await self._read(link)
         except ConnectionClosed:
             pass
@@ -432,7 +435,8 @@ class RelayServer:
         if link.outbound_bytes > self.config.limits.link_queue_bytes:
             self._close_slow(link)
             return False
-        link.wakeup.set()
+        if link.sender is None:  # one sender at a time, and none for an idle link
+            link.sender = asyncio.create_task(self._drain(link))
         return True
 
     def _close_slow(self, link: _Link) -> None:
@@ -455,31 +459,36 @@ class RelayServer:
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    async def _send_forever(self, link: _Link) -> None:
-        """The link's sender task: the only place that waits for the link to drain."""
-        while True:
-            await link.wakeup.wait()
-            link.wakeup.clear()
-            while link.outbound:
-                data = link.outbound.popleft()
-                link.outbound_bytes -= len(data)
-                try:
-                    await link.ws.send(data)
-                except ConnectionClosed:
-                    self.counters["dropped_closed"] += 1 + len(link.outbound)
-                    link.closing = True
-                    link.outbound.clear()
-                    link.outbound_bytes = 0
-                    return
-                except Exception:
-                    # a bug must cost one link, never the relay
-                    self.counters["internal_errors"] += 1
-                    log.exception("link %d (%s): sending failed", link.id, link.side)
-                    link.closing = True
-                    link.outbound.clear()
-                    link.outbound_bytes = 0
-                    await link.ws.close(1011, "internal error")
-                    return
+    async def _drain(self, link: _Link) -> None:
+        """The link's sender task while it has frames queued: the only place that waits
+        for the link to drain.  It ends when the queue is empty (an idle household then
+        costs no task), and `_send` starts the next one."""
+        try:
+            await self._drain_queue(link)
+        finally:
+            link.sender = None
+
+    async def _drain_queue(self, link: _Link) -> None:
+        while link.outbound:
+            data = link.outbound.popleft()
+            link.outbound_bytes -= len(data)
+            try:
+                await link.ws.send(data)
+            except ConnectionClosed:
+                self.counters["dropped_closed"] += 1 + len(link.outbound)
+                link.closing = True
+                link.outbound.clear()
+                link.outbound_bytes = 0
+                return
+            except Exception:
+                # a bug must cost one link, never the relay
+                self.counters["internal_errors"] += 1
+                log.exception("link %d (%s): sending failed", link.id, link.side)
+                link.closing = True
+                link.outbound.clear()
+                link.outbound_bytes = 0
+                await link.ws.close(1011, "internal error")
+                return
 
     def _reset_back(self, link: _Link, token: bytes, code: Reset, reason: str) -> None:
         self._send(link, frames.encode_reset(token, code, reason))

@@ -36,7 +36,6 @@ from appliance.agent import client
 from appliance.agent.server import AgentServer
 from appliance.core import agent_protocol as wire
 from appliance.core.tomlfile import TomlFile
-from appliance.homelink import frames
 from appliance.homelink.frames import Frame
 from appliance.homelink.link import Link
 from appliance.homelink.registration import parse_challenge, sign_registration
@@ -401,12 +400,10 @@ def test_a_flood_through_the_relay_brakes_only_the_appliance_that_sends_it(
     sources: dict[int, str] = {}  # appliance link's port at the relay -> the source it gets
     real_open = RelayServer._open
 
-    async def open_with_source(
-        self: RelayServer, link: Any, frame: Frame, raw: bytes, route: Any
-    ) -> None:
-        source = sources.setdefault(link.ws.remote_address[1], f"192.0.2.{len(sources) + 1}")
-        raw = frames.encode_open(frame.token, frame.household, source)
-        await real_open(self, link, frame, raw, route)
+    async def open_with_source(self: RelayServer, link: Any, frame: Frame, route: Any) -> None:
+        # the relay passes on the appliance link's address (link.source) with each OPEN
+        link.source = sources.setdefault(link.ws.remote_address[1], f"192.0.2.{len(sources) + 1}")
+        await real_open(self, link, frame, route)
 
     monkeypatch.setattr(RelayServer, "_open", open_with_source)
 
