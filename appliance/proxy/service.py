@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.proxy import metrics
 from appliance.proxy.counts import Counts, SharedCounts
 from appliance.proxy.gate import Gate, StaticGate
 from appliance.proxy.relay import Relay
@@ -69,6 +70,7 @@ async def serve(
     counts: Counts | None = None,
     reuse_port: bool = False,
     max_connections: int = 256,
+    snapshot: Path | None = None,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -85,6 +87,9 @@ async def serve(
     )
     await relay.start(host)
     loop = asyncio.get_running_loop()
+    writer = None
+    if snapshot is not None:  # this worker's counters for the metrics (proxy/metrics.py)
+        writer = loop.create_task(metrics.keep_writing(snapshot, relay.snapshot))
     stop = asyncio.Event()
 
     def reload() -> None:
@@ -102,6 +107,9 @@ async def serve(
     gc.freeze()
     await stop.wait()
     await relay.stop()
+    if writer is not None:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
     log.info("counters: %s", json.dumps(relay.stats()))
     return 0
 
@@ -111,16 +119,26 @@ def run(
     workers: int,
     loop_kind: str = "auto",
     ready_file: Path | None = None,
+    snapshots: Path | None = None,
+    serve_metrics: Callable[[], None] | None = None,
     **options: Any,
 ) -> int:
     """The relay in this process, or in `workers` forked ones that share the ports and the
-    per-user counts.  Each worker makes its own gate (its own store connection)."""
+    per-user counts.  Each worker makes its own gate (its own store connection).
+
+    With `snapshots` each worker writes its counters there; `serve_metrics` (which
+    serves their sum) runs once all workers listen, in this process: after the
+    forks, so no worker inherits the metrics thread."""
+    if snapshots is not None:
+        metrics.clear(snapshots)
 
     def ready() -> None:
+        if serve_metrics is not None:
+            serve_metrics()
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))
 
-    def one(listening: Callable[[], None], counts: Counts | None, reuse_port: bool) -> int:
+    def one(i: int, listening: Callable[[], None], counts: Counts | None, reuse_port: bool) -> int:
         loop = new_loop(loop_kind)
         log.info("event loop: %s", type(loop).__module__)
         try:
@@ -130,6 +148,7 @@ def run(
                     listening=listening,
                     counts=counts,
                     reuse_port=reuse_port,
+                    snapshot=None if snapshots is None else snapshots / f"worker-{i}.json",
                     **options,
                 )
             )
@@ -137,10 +156,10 @@ def run(
             loop.close()
 
     if workers <= 1:
-        return one(ready, None, False)
+        return one(0, ready, None, False)
     counts = SharedCounts()
     log.info("%d proxy workers", workers)
-    return run_workers(workers, lambda _i, listening: one(listening, counts, True), ready)
+    return run_workers(workers, lambda i, listening: one(i, listening, counts, True), ready)
 
 
 def guest_hidden(config: Any) -> Callable[[str], bool]:
@@ -166,9 +185,12 @@ def main(config: Any) -> int:
     workers = worker_count(config.proxy.workers)
     if workers > 1:
         PolicyGate.check(config)  # a broken table fails here, once, before any fork
+    snapshots = metrics.snapshot_dir(config) if config.metrics.enabled else None
     return run(
         lambda: PolicyGate(config),
         workers,
+        snapshots=snapshots,
+        serve_metrics=lambda: _serve_metrics(config, snapshots),
         host=host,
         connect_timeout=config.proxy.connect_timeout,
         idle_timeout=config.proxy.idle_timeout,
@@ -177,6 +199,13 @@ def main(config: Any) -> int:
         connect_ports=config.proxy.connect_ports,
         max_connections=config.proxy.max_connections,
     )
+
+
+def _serve_metrics(config: Any, snapshots: Path | None) -> None:
+    if snapshots is not None:
+        from appliance.core import metrics as core_metrics
+
+        core_metrics.serve(config, "proxy", metrics.collector(snapshots))
 
 
 def static_main(argv: list[str] | None = None) -> int:
