@@ -115,13 +115,18 @@ def serve(config: Any, role: str, *families: Families) -> Any:
     mc: MetricsConfig = config.metrics
     if not mc.enabled:
         return None
+    return serve_on(str(mc.address), mc.port(role), role, *families)
+
+
+def serve_on(address: str, port: int, role: str, *families: Families) -> Any:
+    """`serve` without a configuration (the relay's static mode: tests, benchmarks)."""
     registry = registry_for(*families)
     try:
-        server, _thread = start_http_server(mc.port(role), str(mc.address), registry=registry)
+        server, _thread = start_http_server(port, address, registry=registry)
     except OSError as exc:
-        log.error("%s metrics on %s:%d: %s", role, mc.address, mc.port(role), exc)
+        log.error("%s metrics on %s:%d: %s", role, address, port, exc)
         return None
-    log.info("%s metrics on http://%s:%d/metrics", role, mc.address, mc.port(role))
+    log.info("%s metrics on http://%s:%d/metrics", role, address, port)
     return server
 
 
@@ -136,4 +141,5 @@ __all__ = [
     "one_gauge",
     "registry_for",
     "serve",
+    "serve_on",
 ]

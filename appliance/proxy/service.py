@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,18 @@ def static_main(argv: list[str] | None = None) -> int:
         help="per user and service where the table sets none (default 256)",
     )
     p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve the relay's Prometheus metrics there (its workers' sum)",
+    )
+    p.add_argument(
+        "--metrics-dir",
+        type=Path,
+        default=None,
+        help="where the workers write their counters for --metrics (default: a new temp dir)",
+    )
+    p.add_argument(
         "--splice",
         action=argparse.BooleanOptionalAction,
         default=SPLICE_DEFAULT,
@@ -249,6 +262,16 @@ def static_main(argv: list[str] | None = None) -> int:
     if workers > 1:
         StaticGate.load(args.table)  # a broken table fails here, once, before any fork
     nets = [ipaddress.ip_network(n) for n in args.hidden]
+    snapshots = serve_metrics = None
+    if args.metrics:
+        from appliance.core import metrics as core_metrics
+
+        host, _, port = args.metrics.rpartition(":")
+        snapshots = args.metrics_dir or Path(tempfile.mkdtemp(prefix="proxy-metrics-"))
+        where = snapshots
+
+        def serve_metrics() -> None:
+            core_metrics.serve_on(host, int(port), "proxy", metrics.collector(where))
 
     @functools.lru_cache(maxsize=4096)  # as guest_hidden is: the web path asks per request
     def hidden(ip: str) -> bool:
@@ -265,6 +288,8 @@ def static_main(argv: list[str] | None = None) -> int:
         workers,
         args.loop,
         args.ready_file,
+        snapshots=snapshots,
+        serve_metrics=serve_metrics,
         host=args.host,
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
