@@ -33,14 +33,18 @@ import sqlite3
 import struct
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from prometheus_client.core import Metric
+
+from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.state import leases, store
 from dhcp import codec, frame
 from dhcp.codec import TYPE_NAMES, DecodeError
-from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key
+from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key, ip_to_int
 from dhcp.server import BROADCAST_IP, SERVER_PORT, Settings, Source, destination, handle
 
 log = logging.getLogger("appliance.dhcp")
@@ -177,6 +181,7 @@ class Service:
         self._readable.register(self.link.fileno(), select.POLLIN)
         self.guard = FloodGuard()
         self.counts: Counter[str] = Counter()
+        self.requests: Counter[int | None] = Counter()  # by message type (option 53)
         self.drops: Counter[str] = Counter()
         self.stats_path = config.state.directory / "dhcp-stats.json"
         self.stopping = False
@@ -231,6 +236,7 @@ class Service:
             except DecodeError as exc:
                 self._dropped(exc.reason, now)
                 continue
+            self.requests[msg.message_type] += 1
             try:
                 out = handle(msg, Source(mac, src_ip), index, now, settings)
             except Exception:  # a bug must cost one packet, never the service
@@ -341,6 +347,46 @@ class Service:
         tmp.replace(self.stats_path)
         self._stats_dirty = False
 
+    def metric_families(self) -> Iterator[Metric]:
+        """The server's counters as Prometheus families; called from the metrics thread,
+        so every shared dict is copied first (one C call each, under the GIL)."""
+        counts, drops, requests = dict(self.counts), dict(self.drops), dict(self.requests)
+        bindings, offers = list(self.index.by_ip.values()), len(self.index.offers)
+        packets: dict[tuple[str, ...], float] = {}
+        for kind, n in requests.items():
+            packets[("received", TYPE_NAMES.get(kind or 0, "other"))] = n
+        for name in (*TYPE_NAMES.values(), "reply"):
+            if name in counts:
+                packets[("sent", name)] = counts[name]
+        yield metrics.counter(
+            "dhcp_packets", "DHCP messages by direction and type.", ("direction", "type"), packets
+        )
+        yield metrics.counter(
+            "dhcp_drops",
+            "DHCP messages dropped (or replies withheld), by reason.",
+            ("reason",),
+            {(reason,): n for reason, n in drops.items()},
+        )
+        yield metrics.counter(
+            "dhcp_naks",
+            "NAKs sent, by reason.",
+            ("reason",),
+            {(k.removeprefix("nak:"),): n for k, n in counts.items() if k.startswith("nak:")},
+        )
+        states: Counter[tuple[str, ...]] = Counter({("offered",): offers})
+        now = time.time()
+        for b in bindings:
+            states[(b.state if b.state != "bound" or b.expires > now else "expired",)] += 1
+        yield metrics.gauge("dhcp_leases", "Leases in the index, by state.", ("state",), states)
+        yield metrics.one_gauge(
+            "dhcp_pool_addresses", "Addresses in the pool.", len(_pool(self.settings))
+        )
+        yield metrics.one_gauge(
+            "dhcp_pool_used",
+            "Pool addresses bound or offered now.",
+            states[("bound",)] + states[("offered",)],
+        )
+
     def run(self) -> int:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -404,4 +450,10 @@ def main(config: Config) -> int:
         log.info("dhcp is disabled in %s", config.path)
         return 0
     Path(config.state.directory).mkdir(parents=True, exist_ok=True)
-    return Service(config).run()
+    service = Service(config)
+    metrics.serve(config, "dhcp", service.metric_families)
+    return service.run()
+
+
+def _pool(settings: Settings) -> range:
+    return range(ip_to_int(settings.pool_start), ip_to_int(settings.pool_end) + 1)

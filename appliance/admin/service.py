@@ -15,12 +15,14 @@ import threading
 from waitress.server import create_server
 
 from appliance.admin.app import create_app
+from appliance.core import metrics
 from appliance.core.config import Config
 
 log = logging.getLogger("appliance.admin")
 
 
 def main(config: Config) -> int:
+    metrics.serve(config, "admin")  # up, with the process's own metrics
     if not config.admin.enabled:
         # stay up doing nothing: under `appliance run` a role that exits stops the others
         log.info("admin pages disabled in the configuration")

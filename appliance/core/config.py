@@ -12,8 +12,10 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
+from appliance.core.metrics import DEFAULT_BASE_PORT, ROLE_OFFSETS, MetricsConfig
 from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
@@ -174,6 +176,9 @@ class StateConfig:
         return self.directory / "state.sqlite"
 
 
+METRICS_OFF = MetricsConfig(False, IPv4Address("127.0.0.1"))
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -187,6 +192,7 @@ class Config:
     policies: Policies
     state: StateConfig
     home_relay: HomeRelayConfig
+    metrics: MetricsConfig = METRICS_OFF  # what a Config built in code (tests) gets
 
     def hidden(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True when the address is in a hidden network (the segment and the listed ones);
@@ -407,6 +413,29 @@ def _home_relay(r: Reader) -> HomeRelayConfig:
     return cfg
 
 
+def _metrics(r: Reader, ifs: Interfaces, admin_port: int) -> MetricsConfig:
+    """The roles' Prometheus endpoints: on the management address or loopback only,
+    never where a guest could reach them."""
+    address = r.ip("address", ifs.management_address)
+    if address in ifs.guest_subnet:
+        raise r.error("address", f"{address} is on the guest side; metrics stay on management")
+    if address != ifs.management_address and not address.is_loopback:
+        raise r.error(
+            "address",
+            f"{address} is neither the management address {ifs.management_address} nor loopback",
+        )
+    top = 65535 - max(ROLE_OFFSETS.values())
+    cfg = MetricsConfig(
+        enabled=r.boolean("enabled", True),
+        address=address,
+        base_port=r.integer("base_port", DEFAULT_BASE_PORT, 1, top),
+    )
+    if admin_port in {cfg.port(role) for role in ROLE_OFFSETS}:
+        raise r.error("base_port", f"a role's metrics port would be the admin pages' {admin_port}")
+    r.finish()
+    return cfg
+
+
 def _policies(r: Reader) -> Policies:
     cfg = Policies(
         servers=r.filepath("servers", "servers.toml"),
@@ -433,18 +462,20 @@ def parse(doc: TomlFile) -> Config:
     """Validate a parsed file into a Config; raises ConfigError naming file, line and key."""
     top = doc.reader()
     interfaces = _interfaces(top.sub("interfaces"))
+    admin = _admin(top.sub("admin"))
     cfg = Config(
         path=doc.path,
         interfaces=interfaces,
         dhcp=_dhcp(top.sub("dhcp"), interfaces.guest_subnet, interfaces.guest_ip),
         dns=_dns(top.sub("dns")),
         portal=_portal(top.sub("portal")),
-        admin=_admin(top.sub("admin")),
+        admin=admin,
         proxy=_proxy(top.sub("proxy")),
         agent=_agent(top.sub("agent")),
         policies=_policies(top.sub("policies")),
         state=_state(top.sub("state")),
         home_relay=_home_relay(top.sub("home_relay")),
+        metrics=_metrics(top.sub("metrics"), interfaces, admin.port),
     )
     ports = {"portal.http_port": cfg.portal.http_port, "admin.port": cfg.admin.port}
     if cfg.portal.https_port:

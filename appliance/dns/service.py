@@ -25,11 +25,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from dnslib import RCODE
+from prometheus_client.core import Metric
 
+from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.dns.core import Action, Drop, Forward, Reply, Resolver, Settings, error_reply
 from appliance.dns.logins import Logins
@@ -228,6 +230,7 @@ class GuestUdp:
         self.sock = sock
         self.loop = loop
         self.closing = False
+        self.fast_hits = 0  # cache hits answered here (the resolver's Stats never sees them)
         self.thread = threading.Thread(target=self._serve, name="dns-udp", daemon=True)
 
     def start(self) -> None:
@@ -262,6 +265,7 @@ class GuestUdp:
             # query's ID; no parse at all
             hit = entries.get(data[2:])
             if hit is not None and hit[0] > t and known.get(addr[0], 0.0) > t:
+                self.fast_hits += 1  # only this thread writes it
                 try:  # noqa: SIM105 (no context manager per packet)
                     send(data[:2] + hit[2], addr)
                 except OSError:
@@ -379,6 +383,7 @@ async def serve(
     sock.bind((bind, config.dns.port))
     udp = GuestUdp(server, sock, loop)
     udp.start()
+    metrics.serve(config, "dns", lambda: metric_families(server, udp))
     sem = asyncio.Semaphore(MAX_TCP_CLIENTS)
     tcp = await asyncio.start_server(
         lambda r, w: handle_tcp(server, sem, r, w), bind, config.dns.port, reuse_address=True
@@ -412,6 +417,41 @@ async def serve(
             s.stand_in,
             server.limiter.dropped,
         )
+
+
+def metric_families(server: Server, udp: GuestUdp) -> Iterator[Metric]:
+    """The resolver's counters and the UDP thread's cache hits, at scrape time."""
+    s, fast = server.resolver.stats, udp.fast_hits
+    yield metrics.one_counter("dns_queries", "Guest queries (UDP and TCP).", s.queries + fast)
+    yield metrics.one_counter("dns_cache_hits", "Queries answered from the cache.", s.hits + fast)
+    yield metrics.counter(
+        "dns_answers",
+        "Queries answered other than from the cache, by how.",
+        ("kind",),
+        {
+            ("forwarded",): s.forwarded,
+            ("local",): s.local,
+            ("formerr",): s.formerr,
+        },
+    )
+    yield metrics.counter(
+        "dns_filtered",
+        "Answers filtered: hidden addresses removed, refused or a stand-in before login.",
+        ("reason",),
+        {("hidden",): s.hidden, ("refused",): s.refused, ("stand_in",): s.stand_in},
+    )
+    yield metrics.one_counter(
+        "dns_servfails", "SERVFAIL answers, overload ones included.", s.servfail
+    )
+    yield metrics.one_counter(
+        "dns_overloads", "SERVFAIL at once: too many questions already upstream.", s.overload
+    )
+    yield metrics.one_counter(
+        "dns_rate_limited", "Queries dropped over a guest's rate.", server.limiter.dropped
+    )
+    yield metrics.one_gauge(
+        "dns_cache_entries", "Replies in the cache.", len(server.resolver.cache.entries)
+    )
 
 
 def main(config: Config, guest_names: Iterable[str] | None = None) -> int:

@@ -11,7 +11,12 @@ import asyncio
 import json
 import logging
 import signal
+from collections.abc import Iterator
+from typing import Any
 
+from prometheus_client.core import Metric
+
+from appliance.core import metrics as core_metrics
 from appliance.core.config import Config
 from appliance.homelink.dialer import Dialer
 
@@ -28,15 +33,48 @@ async def serve(config: Config) -> None:
     cfg = config.home_relay
     if not cfg.enabled:
         log.info("home relay off: no [home_relay] relays in %s", config.path)
+        core_metrics.serve(config, "homelink")  # up, with the process's own metrics only
         await stop.wait()
         return
     dialer = Dialer(cfg)
     await dialer.start()
+    core_metrics.serve(config, "homelink", lambda: metric_families(dialer.stats()))
     try:
         await stop.wait()
     finally:
         await dialer.close()
         log.info("counters: %s", json.dumps(dialer.stats()))
+
+
+FAILURES = ("busy", "bad_requests", "unreachable", "offline", "limit", "refused", "timeout")
+
+
+def metric_families(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The dialer's counters and each relay link's (labelled by the relay's configured
+    name, an admin's word, never a household's)."""
+    dialer: dict[str, int] = stats["dialer"]
+    yield core_metrics.one_counter(
+        "homelink_clients", "Local clients (the proxy) that asked for a stream.", dialer["clients"]
+    )
+    yield core_metrics.one_counter(
+        "homelink_streams", "Streams opened through a home relay.", dialer["streams_opened"]
+    )
+    yield core_metrics.counter(
+        "homelink_stream_failures",
+        "Streams asked for and not opened, by reason.",
+        ("reason",),
+        {(k,): dialer[k] for k in (*FAILURES, "protocol", "errors") if k in dialer},
+    )
+    links: dict[tuple[str, ...], float] = {}
+    for relay, counters in stats["links"].items():
+        for event, n in counters.items():
+            links[(relay, event)] = n
+    yield core_metrics.counter(
+        "homelink_link_events",
+        "Per relay link: links made (registrations), failures, bad frames, expired streams.",
+        ("relay", "event"),
+        links,
+    )
 
 
 def main(config: Config) -> int:

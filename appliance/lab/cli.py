@@ -40,6 +40,8 @@ Accounts:
                 (appliance lab cut-home 10: his home link drops for 10 s)
   admin pages   http://198.51.100.1:8000/  admin / admin-pass  (from the segment:
                 appliance lab exec seg -- curl http://198.51.100.1:8000/)
+  metrics       Prometheus at http://198.51.100.5:9090/ scrapes every role on 198.51.100.1:9101-9107
+                (appliance lab exec seg -- curl -s 'http://198.51.100.5:9090/api/v1/targets')
 
   appliance lab down                                  removes everything
 """

@@ -41,6 +41,9 @@ from appliance.lab.topology import LabError, Node, Process
 
 SMTP_ADDR = "198.51.100.3"
 WEBPROXY_ADDR = "198.51.100.4"
+PROMETHEUS_ADDR = "198.51.100.5"
+PROMETHEUS_PORT = 9090
+SCRAPE_INTERVAL = 2  # seconds: tests wait a few of these at most
 POP_ADDR = "203.0.113.3"
 WEB_ADDR = "203.0.113.80"
 
@@ -598,3 +601,40 @@ def start_bulk(node: Node, mode: str, host: str, port: int, workdir: Path) -> Pr
     )
     node.wait_port(port, host)
     return proc
+
+
+# -- prometheus --------------------------------------------------------------------
+def prometheus_config(targets: dict[str, str], interval: int = SCRAPE_INTERVAL) -> str:
+    """One scrape job per role (`job` is the role's name), every `interval` seconds."""
+    lines = ["global:", f"  scrape_interval: {interval}s", f"  scrape_timeout: {interval}s"]
+    lines.append("scrape_configs:")
+    for role, target in targets.items():
+        lines += [
+            f"  - job_name: {json.dumps(role)}",
+            "    static_configs:",
+            f"      - targets: [{json.dumps(target)}]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def start_prometheus(
+    node: Node,
+    targets: dict[str, str],
+    workdir: Path,
+    host: str = PROMETHEUS_ADDR,
+    port: int = PROMETHEUS_PORT,
+) -> Server:
+    """Debian's Prometheus scraping `targets` (job -> HOST:PORT), its data in `workdir`."""
+    d = workdir / "prometheus"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "prometheus.yml"
+    conf.write_text(prometheus_config(targets))
+    proc = node.start(
+        "/usr/bin/prometheus",
+        f"--config.file={conf}",
+        f"--storage.tsdb.path={d / 'data'}",
+        f"--web.listen-address={host}:{port}",
+        "--log.level=warn",
+        name="prometheus",
+    )
+    return _started(node, Server("prometheus", proc, d, host, port), timeout=60)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from appliance.core.atomic_file import write_atomically
+from appliance.core.config import load
 from appliance.core.tomlfile import toml_key, toml_value
 from appliance.lab import household, servers
 from appliance.lab.commands import agent_cmd, appliance_cmd, run_checked
@@ -233,6 +234,8 @@ def start(topo: Topology, directory: Path) -> SiteInfo:
         if time.monotonic() > deadline:
             raise LabError("the appliance did not install its nftables table")
         time.sleep(0.2)
+    # the segment's Prometheus scrapes every role's metrics on the management address
+    servers.start_prometheus(topo["seg"], load(config).metrics.targets(), directory)
     (directory / "site.json").write_text(json.dumps(asdict(info), indent=2))
     return info
 

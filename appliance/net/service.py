@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Mapping
 
+from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.net import follower, interface, members, setup, tables
 from appliance.state import store
@@ -82,6 +83,7 @@ def main(config: Config, intercepts: Mapping[int, int] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     up(config, intercepts)
+    metrics.serve(config, "net")  # up, with the process's own metrics
     try:
         follower.run(config, stop)
     finally:

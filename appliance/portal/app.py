@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,24 @@ class Deps:
     revoke: Callable[[str, str], None] | None = None
     network_gate: Callable[[Attributes], gates.Verdict] | None = None
     service_list: Callable[[Attributes], list[tuple[str, gates.Verdict]]] | None = None
+    logins: LoginCounts = field(default_factory=lambda: LoginCounts())
+
+
+class LoginCounts:
+    """Login attempts by source (site, agent) and result, for the metrics; the portal's
+    threads share it, hence the lock (a login costs far more than taking it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, source: str, result: str) -> None:
+        with self._lock:
+            self._counts[(source, result)] += 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
 
 
 def real_deps(config: Config, deps: Deps | None = None) -> Deps:
@@ -332,8 +351,10 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
         password = request.form.get("password", "")[:1024]
         agent = request.form.get("agent", "").strip()[:256]
         url = return_url(request.form.get("url"))
+        kind = "agent" if agent else "site"  # the metrics' source label (no names)
 
         def refuse(key: str, status: int, **kw: object) -> Response:
+            d.logins.add(kind, key.removeprefix("err_"))
             return render(
                 pages.LOGIN,
                 status,
@@ -450,6 +471,7 @@ def create_app(config: Config, deps: Deps | None = None) -> Flask:
             st.end(sess.id, "firewall authorize failed")
             portal.forget(ip)
             return refuse("err_firewall", 500)
+        d.logins.add(kind, "ok")
         log.info(
             "login from %s (%s) as %s via %s: allowed by %s", ip, mac, who, source, verdict.rule
         )

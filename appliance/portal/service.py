@@ -19,12 +19,16 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import Metric
 from waitress import create_server
 from waitress.channel import HTTPChannel
 from waitress.task import WSGITask
 
+from appliance.core import metrics
 from appliance.core.config import PORTAL_THREADS, Config
 from appliance.net.firewall import revoker
 from appliance.portal import gates
@@ -162,6 +166,28 @@ def room_for_connections(n: int = CONNECTION_LIMIT + 200) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def metric_families(config: Config, portal: Any) -> Iterator[Metric]:
+    """Logins by source and result (counted in app.py), active sessions from the store
+    (its own connection per scrape: the scrape runs in the metrics server's thread)."""
+    yield metrics.counter(
+        "portal_logins",
+        "Login attempts by source (site account or personal agent) and result.",
+        ("source", "result"),
+        portal.deps.logins.snapshot(),
+    )
+    conn = store.connect(config.state.database, readonly=True)
+    try:
+        sources = conn.execute("SELECT source FROM sessions WHERE ended IS NULL").fetchall()
+    finally:
+        conn.close()
+    by_source: Counter[tuple[str, ...]] = Counter({("site",): 0, ("agent",): 0})
+    for (source,) in sources:
+        by_source[("site" if source == "site" else "agent",)] += 1
+    yield metrics.gauge(
+        "portal_sessions", "Sessions active now, by source.", ("source",), by_source
+    )
+
+
 def main(config: Config) -> int:
     room_for_connections()
     host = str(config.interfaces.guest_ip)
@@ -173,6 +199,7 @@ def main(config: Config) -> int:
     st.maintain()  # catch up on what happened while we were down
     tls = start_https(config, app)
     server = make_server(app, host, port)
+    metrics.serve(config, "portal", lambda: metric_families(config, app.extensions["portal"]))
     # waitress warns on every queued request once all threads are busy: one line per
     # request under load, which slows the server further; saturation shows in wrk/latency.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)

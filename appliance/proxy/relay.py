@@ -53,6 +53,7 @@ from appliance.proxy.splice import EdgePoll, PipePool, Sock
 from appliance.proxy.tracked import (
     HIGH_WATER,
     LOW_WATER,
+    UPSTREAM_FAILURES,
     Pump,
     Tracked,
     failure,
@@ -309,7 +310,8 @@ class Relay:
         self.original: Callable[[Sock], tuple[str, int] | None] = original_dst
         self.max_connections = max_connections  # per user and service, where a rule sets none
         self.conns: set[Tracked] = set()
-        self.counters: Counter[tuple[str, str]] = Counter()
+        self.counters: Counter[tuple[str, str]] = Counter()  # (service, result)
+        self.bytes: Counter[tuple[str, str]] = Counter()  # (service, "up" | "down")
         self.servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -484,7 +486,10 @@ class Relay:
         self.conns.discard(conn)
         if conn.counted and conn.counted_user is not None:
             self.counts.give(conn.counted_user, conn.listener.service)
-        self.counters[(conn.listener.service, conn.result)] += 1
+        service = conn.listener.service
+        self.counters[(service, conn.result)] += 1
+        self.bytes[(service, "up")] += conn.bytes_up
+        self.bytes[(service, "down")] += conn.bytes_down
         self.access.connection(
             conn.started,
             conn.user,
@@ -547,6 +552,15 @@ class Relay:
 
     def stats(self) -> dict[str, Any]:
         return {f"{s}/{r}": n for (s, r), n in sorted(self.counters.items())}
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the metrics need, as JSON (each worker writes its own: proxy/metrics.py)."""
+        return {
+            "connections": [[s, r, n] for (s, r), n in self.counters.items()],
+            "bytes": [[s, d, n] for (s, d), n in self.bytes.items()],
+            "upstream_failures": dict(UPSTREAM_FAILURES),
+            "open": len(self.conns),
+        }
 
 
 def _speaks_tls(adm: Admission, ls: Listener) -> bool:

@@ -19,10 +19,12 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.proxy import metrics
 from appliance.proxy.counts import Counts, SharedCounts
 from appliance.proxy.gate import Gate, StaticGate
 from appliance.proxy.relay import Relay
@@ -69,6 +71,7 @@ async def serve(
     counts: Counts | None = None,
     reuse_port: bool = False,
     max_connections: int = 256,
+    snapshot: Path | None = None,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -85,6 +88,9 @@ async def serve(
     )
     await relay.start(host)
     loop = asyncio.get_running_loop()
+    writer = None
+    if snapshot is not None:  # this worker's counters for the metrics (proxy/metrics.py)
+        writer = loop.create_task(metrics.keep_writing(snapshot, relay.snapshot))
     stop = asyncio.Event()
 
     def reload() -> None:
@@ -102,6 +108,9 @@ async def serve(
     gc.freeze()
     await stop.wait()
     await relay.stop()
+    if writer is not None:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
     log.info("counters: %s", json.dumps(relay.stats()))
     return 0
 
@@ -111,16 +120,26 @@ def run(
     workers: int,
     loop_kind: str = "auto",
     ready_file: Path | None = None,
+    snapshots: Path | None = None,
+    serve_metrics: Callable[[], None] | None = None,
     **options: Any,
 ) -> int:
     """The relay in this process, or in `workers` forked ones that share the ports and the
-    per-user counts.  Each worker makes its own gate (its own store connection)."""
+    per-user counts.  Each worker makes its own gate (its own store connection).
+
+    With `snapshots` each worker writes its counters there; `serve_metrics` (which
+    serves their sum) runs once all workers listen, in this process: after the
+    forks, so no worker inherits the metrics thread."""
+    if snapshots is not None:
+        metrics.clear(snapshots)
 
     def ready() -> None:
+        if serve_metrics is not None:
+            serve_metrics()
         if ready_file is not None:
             ready_file.write_text(str(os.getpid()))
 
-    def one(listening: Callable[[], None], counts: Counts | None, reuse_port: bool) -> int:
+    def one(i: int, listening: Callable[[], None], counts: Counts | None, reuse_port: bool) -> int:
         loop = new_loop(loop_kind)
         log.info("event loop: %s", type(loop).__module__)
         try:
@@ -130,6 +149,7 @@ def run(
                     listening=listening,
                     counts=counts,
                     reuse_port=reuse_port,
+                    snapshot=None if snapshots is None else snapshots / f"worker-{i}.json",
                     **options,
                 )
             )
@@ -137,10 +157,10 @@ def run(
             loop.close()
 
     if workers <= 1:
-        return one(ready, None, False)
+        return one(0, ready, None, False)
     counts = SharedCounts()
     log.info("%d proxy workers", workers)
-    return run_workers(workers, lambda _i, listening: one(listening, counts, True), ready)
+    return run_workers(workers, lambda i, listening: one(i, listening, counts, True), ready)
 
 
 def guest_hidden(config: Any) -> Callable[[str], bool]:
@@ -166,9 +186,12 @@ def main(config: Any) -> int:
     workers = worker_count(config.proxy.workers)
     if workers > 1:
         PolicyGate.check(config)  # a broken table fails here, once, before any fork
+    snapshots = metrics.snapshot_dir(config) if config.metrics.enabled else None
     return run(
         lambda: PolicyGate(config),
         workers,
+        snapshots=snapshots,
+        serve_metrics=lambda: _serve_metrics(config, snapshots),
         host=host,
         connect_timeout=config.proxy.connect_timeout,
         idle_timeout=config.proxy.idle_timeout,
@@ -177,6 +200,13 @@ def main(config: Any) -> int:
         connect_ports=config.proxy.connect_ports,
         max_connections=config.proxy.max_connections,
     )
+
+
+def _serve_metrics(config: Any, snapshots: Path | None) -> None:
+    if snapshots is not None:
+        from appliance.core import metrics as core_metrics
+
+        core_metrics.serve(config, "proxy", metrics.collector(snapshots))
 
 
 def static_main(argv: list[str] | None = None) -> int:
@@ -207,6 +237,18 @@ def static_main(argv: list[str] | None = None) -> int:
         help="per user and service where the table sets none (default 256)",
     )
     p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve the relay's Prometheus metrics there (its workers' sum)",
+    )
+    p.add_argument(
+        "--metrics-dir",
+        type=Path,
+        default=None,
+        help="where the workers write their counters for --metrics (default: a new temp dir)",
+    )
+    p.add_argument(
         "--splice",
         action=argparse.BooleanOptionalAction,
         default=SPLICE_DEFAULT,
@@ -220,6 +262,16 @@ def static_main(argv: list[str] | None = None) -> int:
     if workers > 1:
         StaticGate.load(args.table)  # a broken table fails here, once, before any fork
     nets = [ipaddress.ip_network(n) for n in args.hidden]
+    snapshots = serve_metrics = None
+    if args.metrics:
+        from appliance.core import metrics as core_metrics
+
+        host, _, port = args.metrics.rpartition(":")
+        snapshots = args.metrics_dir or Path(tempfile.mkdtemp(prefix="proxy-metrics-"))
+        where = snapshots
+
+        def serve_metrics() -> None:
+            core_metrics.serve_on(host, int(port), "proxy", metrics.collector(where))
 
     @functools.lru_cache(maxsize=4096)  # as guest_hidden is: the web path asks per request
     def hidden(ip: str) -> bool:
@@ -236,6 +288,8 @@ def static_main(argv: list[str] | None = None) -> int:
         workers,
         args.loop,
         args.ready_file,
+        snapshots=snapshots,
+        serve_metrics=serve_metrics,
         host=args.host,
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,

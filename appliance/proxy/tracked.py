@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
@@ -158,8 +159,13 @@ def failure(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or "timed out"
 
 
+# per service: upstreams that could not be reached (one process's; the metrics sum workers)
+UPSTREAM_FAILURES: Counter[str] = Counter()
+
+
 def upstream_failed(service: str, upstream: Upstream | None, why: str) -> None:
     """The log line of an upstream that could not be reached: its name, never its address."""
+    UPSTREAM_FAILURES[service] += 1
     log.warning("%s upstream %s failed: %s", service, upstream.name if upstream else "-", why)
 
 
