@@ -44,6 +44,7 @@ OPS: dict[str, list[list[object]]] = {
     "portal": [["tcp", "192.168.1.1", 80]],
     "proxy": [["tcp", "192.168.1.1", p] for p in (2525, 1110, 8081, 3128)],
     "admin": [["tcp", "198.51.100.1", 8000]],
+    "homelink": [["tcp", "198.51.100.1", 9107]],  # its metrics; the relays it dials out to
 }
 # a login or logout is a row in the store: only the net role may change the firewall
 NFT_ADD = ["nft", f"add element inet {TABLE} authenticated {{ {GUEST[0]} . {GUEST[1]} }}\n"]
@@ -153,7 +154,7 @@ def test_each_unit_has_exactly_the_capabilities_its_role_uses(
 # the keys in the shared state directory, and the roles each is for
 KEYS = {
     "admin-secret.key": {"admin"},
-    "agent-client.key": {"portal"},
+    "agent-client.key": {"portal", "proxy"},  # proxy: /v1/connect behind a home relay
     "firewall-grant.key": {"portal", "net"},  # the portal grants a login, net checks it
 }
 
