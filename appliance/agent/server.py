@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
+import uvloop
 
 from appliance.agent import relay_link, tables, tlscert
 from appliance.agent.api import (
@@ -520,5 +521,6 @@ async def _run(settings: AgentSettings) -> int:
 
 
 def serve(settings: AgentSettings) -> int:
-    """Serve until SIGTERM or SIGINT."""
-    return asyncio.run(_run(settings))
+    """Serve until SIGTERM or SIGINT (on uvloop: a relayed stream crosses the event loop
+    twice, through the relay link and the agent's own TLS listener)."""
+    return uvloop.run(_run(settings))
