@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 TOKEN_LEN = 16
-MAX_PAYLOAD = 65536  # bytes of stream data in one DATA frame
+MAX_PAYLOAD = 262144  # bytes of stream data in one DATA frame (a quarter window)
 MAX_REASON = 200  # bytes of UTF-8 in a RESET reason
 HEADER = struct.Struct("!BB16s")
 OFFSET = struct.Struct("!Q")
@@ -96,7 +96,7 @@ def encode_open(token: bytes, household: str, source: str = "") -> bytes:
 
 def encode_data(token: bytes, offset: int, payload: bytes | memoryview) -> bytes:
     if len(payload) > MAX_PAYLOAD:
-        raise ValueError("a DATA frame carries at most 64 KiB")
+        raise ValueError(f"a DATA frame carries at most {MAX_PAYLOAD} bytes")
     return b"".join((_head(Kind.DATA, token), OFFSET.pack(offset), payload))
 
 

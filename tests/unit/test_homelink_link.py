@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from appliance.homelink import frames
 from appliance.homelink.frames import Reset
 from appliance.homelink.link import Link, LinkStream
 
@@ -71,7 +72,7 @@ class PairingRelay:
                 ping_timeout=1,
                 close_timeout=1,
                 proxy=None,
-                max_size=1 << 17,
+                max_size=frames.MAX_FRAME + 256,
             )
 
         return dial
@@ -102,7 +103,9 @@ async def rig(
         ls.hold()
         await ls.bridge(reader, writer)
 
-    async with serve(relay.handler, "127.0.0.1", 0, compression=None, max_size=1 << 17) as srv:
+    async with serve(
+        relay.handler, "127.0.0.1", 0, compression=None, max_size=frames.MAX_FRAME + 256
+    ) as srv:
         relay.port = srv.sockets[0].getsockname()[1]
         agent = Link(relay.dial("/agent"), name="agent", accept=accept, linger=linger)
         appliance = Link(relay.dial("/appliance"), name="appliance", linger=linger)

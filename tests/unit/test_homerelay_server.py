@@ -516,7 +516,7 @@ def test_household_rate_limit_delays_data(
         elapsed = asyncio.get_running_loop().time() - start
         assert 0.4 <= elapsed < 2
 
-    with_relay(make_config, relay_tls, body, household_bytes_per_second=131072)
+    with_relay(make_config, relay_tls, body, household_bytes_per_second=2 * frames.MAX_PAYLOAD)
 
 
 def test_config_errors_name_the_key_and_line(tmp_path: Path) -> None:
