@@ -412,46 +412,39 @@ def _nonce_ok(nonce: str) -> bool:
     return bool(wire.NONCE_RE.fullmatch(nonce))
 
 
-def parse_credentials(body: bytes) -> tuple[str, str] | Response:
-    """Exactly {"user": str, "password": str}; anything else is a 400 naming the problem."""
+def _two_strings(body: bytes, first: str, second: str) -> tuple[str, str] | Response:
+    """Exactly {first: str, second: str} (first is the user id); else a 400 naming it."""
     try:
         doc = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return refuse(400, "bad_json", "the body is not JSON")
     if not isinstance(doc, dict):
         return refuse(400, "bad_request", "the body must be a JSON object")
-    unknown = sorted(set(doc) - {"user", "password"})
+    unknown = sorted(set(doc) - {first, second})
     if unknown:
         return refuse(400, "unknown_field", f"unknown field: {unknown[0][:64]}")
-    user, password = doc.get("user"), doc.get("password")
-    if not isinstance(user, str) or not isinstance(password, str):
-        return refuse(400, "bad_request", "user and password are required strings")
+    user, other = doc.get(first), doc.get(second)
+    if not isinstance(user, str) or not isinstance(other, str):
+        return refuse(400, "bad_request", f"{first} and {second} are required strings")
     if not wire.USER_RE.fullmatch(user):
         return refuse(400, "bad_request", "user: letters, digits and . _ + - (at most 64)")
-    if not 1 <= len(password) <= wire.MAX_PASSWORD_LEN:
+    return user, other
+
+
+def parse_credentials(body: bytes) -> tuple[str, str] | Response:
+    """Exactly {"user": str, "password": str}; anything else is a 400 naming the problem."""
+    got = _two_strings(body, "user", "password")
+    if isinstance(got, tuple) and not 1 <= len(got[1]) <= wire.MAX_PASSWORD_LEN:
         return refuse(400, "bad_request", f"password: 1 to {wire.MAX_PASSWORD_LEN} characters")
-    return user, password
+    return got
 
 
 def parse_connect(body: bytes) -> tuple[str, str] | Response:
     """Exactly {"user": str, "service": str}; anything else is a 400 naming the problem."""
-    try:
-        doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return refuse(400, "bad_json", "the body is not JSON")
-    if not isinstance(doc, dict):
-        return refuse(400, "bad_request", "the body must be a JSON object")
-    unknown = sorted(set(doc) - {"user", "service"})
-    if unknown:
-        return refuse(400, "unknown_field", f"unknown field: {unknown[0][:64]}")
-    user, service = doc.get("user"), doc.get("service")
-    if not isinstance(user, str) or not isinstance(service, str):
-        return refuse(400, "bad_request", "user and service are required strings")
-    if not wire.USER_RE.fullmatch(user):
-        return refuse(400, "bad_request", "user: letters, digits and . _ + - (at most 64)")
-    if not wire.SERVICE_RE.fullmatch(service):
+    got = _two_strings(body, "user", "service")
+    if isinstance(got, tuple) and not wire.SERVICE_RE.fullmatch(got[1]):
         return refuse(400, "bad_request", "service: like pop3 or imap (a-z, 0-9, _ -)")
-    return user, service
+    return got
 
 
 def dump_logins(logins: Mapping[LoginKey, float]) -> str:
