@@ -43,6 +43,7 @@ STEADY = 10.0  # a WebSocket that stayed up this long resets the backoff
 TICK = 0.05  # acknowledgements of idle streams, linger expiry
 FRAMES_PER_TURN = 4  # a stream's share of the WebSocket before the next stream's turn
 READ_CHUNK = frames.MAX_PAYLOAD
+MAX_FINISHED = 4096  # ended streams remembered for a linger (a few hundred bytes each)
 
 
 class LinkDown(Exception):
@@ -207,6 +208,9 @@ class Link:
         }
         self._ws: Connection | None = None
         self._due: dict[LinkStream, None] = {}  # insertion-ordered set: round robin
+        # streams that ended cleanly, for a linger: the peer may not have heard our last
+        # ACK and RESUMEs (oldest first, at most MAX_FINISHED)
+        self._finished: dict[bytes, tuple[LinkStream, float]] = {}
         self._control: deque[bytes] = deque()  # OPENs and answers to unknown tokens
         self._wake_writer = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -313,6 +317,13 @@ class Link:
 
     def _receive(self, frame: Frame) -> None:
         ls = self.streams.get(frame.token)
+        if ls is None and frame.token in self._finished:
+            # a stream that ended cleanly here, but the peer did not hear our last ACK
+            # (the link broke): it answers the peer's RESUME or FIN as it did then
+            ls = self._finished[frame.token][0]
+            ls.stream.receive(frame, self.clock())
+            self.due(ls)
+            return
         if ls is None:
             if frame.kind is Kind.OPEN and self.accept is not None:
                 ls = self._accepted(frame)
@@ -372,12 +383,21 @@ class Link:
         self.streams.pop(ls.token, None)
         self._due.pop(ls, None)
         ls._wake()
+        if ls.stream.reset_code is None:  # ended cleanly: kept a linger, bounded
+            self._finished[ls.token] = (ls, self.clock())
+            while len(self._finished) > MAX_FINISHED:
+                del self._finished[next(iter(self._finished))]
 
     async def _ticker(self) -> None:
         """Acknowledge what idle streams delivered; expire streams past their linger."""
         while True:
             await asyncio.sleep(TICK)
             now = self.clock()
+            while self._finished:
+                token, (_, ended) = next(iter(self._finished.items()))
+                if now - ended < self.linger:
+                    break
+                del self._finished[token]
             for ls in list(self.streams.values()):
                 stream = ls.stream
                 if stream.expired(now):

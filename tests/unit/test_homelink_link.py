@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import http
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from appliance.homelink import frames
-from appliance.homelink.frames import Reset
+from appliance.homelink.frames import Kind, Reset
 from appliance.homelink.link import Link, LinkStream
 
 pytestmark = pytest.mark.unit
@@ -36,6 +36,7 @@ class PairingRelay:
         self.port = 0
         self.cut = False  # while set, new WebSockets are refused
         self.forwarded = 0
+        self.lose: Callable[[str, bytes], bool] = lambda side, message: False
 
     async def handler(self, ws: ServerConnection) -> None:
         if self.cut:
@@ -47,7 +48,7 @@ class PairingRelay:
         try:
             async for message in ws:
                 peer = self.sides.get(other)
-                if peer is not None:
+                if peer is not None and not self.lose(side, message):
                     self.forwarded += 1
                     with contextlib.suppress(ConnectionClosed):
                         await peer.send(message)
@@ -242,5 +243,52 @@ def test_a_refused_handshake_is_retried_with_backoff_not_the_end_of_the_link() -
             assert dials >= 2  # backoff 0.5, 1, 2 s (full jitter): at least one retry
             assert "429" in link.last_error
             task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_stream_that_ended_here_still_answers_a_peer_that_missed_its_last_ack() -> None:
+    async def main() -> None:
+        async with rig() as (relay, agent, appliance):
+            held: list[LinkStream] = []
+            inner = agent.accept
+            assert inner is not None
+
+            async def accept(ls: LinkStream) -> None:
+                held.append(ls)
+                await inner(ls)
+
+            agent.accept = accept
+            lost: list[bytes] = []
+
+            def lose(side: str, message: bytes) -> bool:
+                frame = frames.decode(message)
+                # the appliance's ACK of the agent's FIN (5 bytes echoed: ACK 6), once
+                ack = side == "/appliance" and frame.kind is Kind.ACK and frame.offset == 6
+                if ack and not lost:
+                    lost.append(message)
+                    return True
+                return False
+
+            relay.lose = lose
+            ls = appliance.open("bob-home")
+            assert await ls.wait_opened(5) is None
+            await ls.write(b"hello")
+            ls.close()
+            got = b""
+            while data := await ls.read():
+                got += data
+            assert got == b"hello"
+            async with asyncio.timeout(5):
+                while ls.token in appliance.streams or not lost:
+                    await asyncio.sleep(0.02)
+            # the appliance is done with it; the agent still waits for that ACK
+            assert ls.stream.done and held and not held[0].stream.done
+            relay.drop("/agent")  # its link breaks before the ACK ever comes
+            async with asyncio.timeout(10):
+                while not held[0].stream.done:
+                    await asyncio.sleep(0.05)
+            assert held[0].stream.reset_code is None  # ended cleanly, not UNKNOWN
+            assert appliance.counters["unknown_streams"] == 0
 
     asyncio.run(main())
