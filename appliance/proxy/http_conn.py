@@ -50,6 +50,7 @@ from appliance.proxy.http_target import (
     connect_target,
     explicit_target,
     transparent_target,
+    web_port,
 )
 from appliance.proxy.raw import Connector, RawRelay, Spliced, numeric
 from appliance.proxy.refusals import http_refusal
@@ -360,6 +361,11 @@ class HttpConn(Spliced):
         if connect and checked.port not in self.owner.connect_ports:
             # a tunnel to any port would be a way around every other service's rule
             reason = f"CONNECT is allowed to port {_ports(self.owner.connect_ports)} only"
+            self.refuse_now(Refusal("denied", reason, "", verdict.user, verdict.rule))
+            return
+        if not connect and not verdict.upstreams and not web_port(checked.port):
+            # relayed by us, not by a site proxy with its own rules: web ports only
+            reason = f"a web request to port {checked.port}: only web ports are relayed"
             self.refuse_now(Refusal("denied", reason, "", verdict.user, verdict.rule))
             return
         hidden = self.owner.hidden

@@ -156,6 +156,17 @@ def transparent_target(target: str, hosts: list[str], orig: tuple[str, int]) -> 
     return RequestTarget(dest, path)
 
 
+# Where a plain web request may go when the appliance relays it itself (no site web
+# proxy): squid's default Safe_ports.  Other low ports are mail, DNS, SSH...: an
+# HTTP request sent there is cross-protocol abuse (a form posted to an SMTP port).
+WEB_PORTS = frozenset({80, 21, 443, 70, 210, 280, 488, 591, 777})
+
+
+def web_port(port: int) -> bool:
+    """May a guest's plain web request be relayed to this port?"""
+    return port in WEB_PORTS or port >= 1025
+
+
 def explicit_target(target: str) -> RequestTarget:
     """A request to the explicit proxy port: an absolute http:// URL.  Its Host header,
     whatever it says, is replaced by the URL's authority (RFC 9112 section 3.2.2)."""

@@ -472,6 +472,23 @@ def test_an_explicit_url_that_does_not_parse_gets_400() -> None:
     run(body())
 
 
+def test_without_a_site_proxy_plain_requests_go_to_web_ports_only() -> None:
+    async def body() -> None:
+        port = free_port()
+        t = table(1, port, allow=["http"])
+        t["servers"]["http"] = []  # no site web proxy: the relay goes direct
+        # (loopback: were the rule broken, nothing leaves this machine)
+        relay = Relay(StaticGate(t), resolve=resolver({"a.example": ["127.0.0.1"]}))
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        for target in ("http://a.example:25/", "http://a.example:110/", "http://a.example:22/"):
+            out = await http_get(port, f"POST {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert out.startswith(b"HTTP/1.1 403"), (target, out[:80])
+            assert b"only web ports" in out
+        await relay.stop()
+
+    run(body())
+
+
 def test_heads_two_parsers_could_frame_two_ways_get_400() -> None:
     async def body() -> None:
         port = free_port()
