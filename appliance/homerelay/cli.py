@@ -12,6 +12,7 @@ from pathlib import Path
 
 import uvloop
 
+from appliance.core import metrics
 from appliance.homerelay import config as relay_config
 from appliance.homerelay.server import RelayServer
 
@@ -22,6 +23,8 @@ async def serve(cfg: relay_config.RelayConfig, ready: asyncio.Event | None = Non
     """Serve until SIGTERM or SIGINT; `ready` is set once the port is bound."""
     server = RelayServer(cfg)
     await server.start()
+    if cfg.metrics_port:
+        metrics.serve_on(cfg.metrics_listen, cfg.metrics_port, "home-relay", server.metric_families)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,6 +36,8 @@ class RelayConfig:
     key: Path
     state_directory: Path
     limits: RelayLimits
+    metrics_listen: str = "127.0.0.1"  # Prometheus endpoint: address and port (0: off)
+    metrics_port: int = 0
 
     @property
     def households_db(self) -> Path:
@@ -82,6 +84,16 @@ def parse(doc: TomlFile) -> RelayConfig:
         link_queue_bytes=lim.integer("link_queue_bytes", 16 << 20, 1 << 20, 2**40),
     )
     lim.finish()
+    met = top.sub("metrics")
+    metrics_listen = met.text("listen", "127.0.0.1")
+    try:
+        ipaddress.ip_address(metrics_listen)
+    except ValueError:
+        raise met.error("listen", f"{metrics_listen!r} is not an IP address") from None
+    metrics_port = met.integer("port", 0, 0, 65535)
+    if metrics_port and metrics_port == port and metrics_listen in (listen, "0.0.0.0"):
+        raise met.error("port", f"port {metrics_port} is the relay's own")
+    met.finish()
     top.finish()
     return RelayConfig(
         path=doc.path,
@@ -92,6 +104,8 @@ def parse(doc: TomlFile) -> RelayConfig:
         key=key,
         state_directory=state_directory,
         limits=limits,
+        metrics_listen=metrics_listen,
+        metrics_port=metrics_port,
     )
 
 

@@ -32,10 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from prometheus_client.core import Metric
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from appliance.core import metrics
 from appliance.homelink import frames
 from appliance.homelink.frames import Frame, FrameError, Kind, Reset
 from appliance.homelink.registration import (
@@ -234,6 +236,30 @@ class RelayServer:
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("home relay %s on %s:%d", self.config.host, self.config.listen, self.port)
+
+    def metric_families(self) -> list[Metric]:
+        """The relay's counters and table as Prometheus families (called per scrape, in
+        the metrics server's thread: reads copies, never the live dicts' iterators)."""
+        counters = self.counters.copy()
+        links: dict[tuple[str, ...], float] = {}
+        for link in list(self._links.values()):
+            links[(str(link.side),)] = links.get((str(link.side),), 0) + 1
+        return [
+            metrics.counter(
+                "home_relay_events_total",
+                "Registrations, takeovers, refusals, drops and routes, by event",
+                ["event"],
+                {(name,): float(value) for name, value in counters.items()},
+            ),
+            metrics.gauge(
+                "home_relay_households",
+                "Claimed households by state",
+                ["state"],
+                {(state,): float(n) for state, n in self.registrations.states().items()},
+            ),
+            metrics.gauge("home_relay_links", "Open links by side", ["side"], links),
+            metrics.one_gauge("home_relay_routes", "Streams the relay routes", len(self._routes)),
+        ]
 
     @property
     def port(self) -> int:

@@ -167,6 +167,16 @@ class Registrations:
             entry.streams -= 1
             entry.last_seen = now
 
+    def states(self) -> dict[str, int]:
+        """How many claimed households are online, in use and offline (for metrics)."""
+        counts = dict.fromkeys((str(s) for s in State), 0)
+        for entry in list(self._households.values()):
+            if entry.link_id is None:
+                counts[str(State.OFFLINE)] += 1
+            else:
+                counts[str(State.IN_USE if entry.streams else State.ONLINE)] += 1
+        return counts
+
     def presence(self, household: str, now: float | None = None) -> dict[str, object] | None:
         """The answer to GET /v1/households/NAME; None (404) for a name never claimed.
         An online household is seen `now` when given."""

@@ -8,6 +8,7 @@ presence answers, frames arriving byte for byte, RESETs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -760,5 +761,34 @@ def test_the_agent_learns_the_appliance_links_source_address_never_the_appliance
                 "alice-home",
                 "127.0.0.1",
             )
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_the_relays_metrics_count_households_links_and_events(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.core.metrics import registry_for
+
+    async def body(c: Client) -> None:
+        await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        await app.send(b"\x01garbage")  # a bad frame: that link is closed and counted
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(app.recv(), 2)
+        text = generate_latest(registry_for(c.server.metric_families)).decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+        assert samples[("appliance_home_relay_households", (("state", "online"),))] == 1
+        assert samples[("appliance_home_relay_links", (("side", "agent"),))] == 1
+        assert samples[("appliance_home_relay_events_total", (("event", "registered"),))] == 1
+        assert samples[("appliance_home_relay_events_total", (("event", "bad_frames"),))] == 1
+        assert "alice" not in text  # no household name is a label value
 
     with_relay(make_config, relay_tls, body)
