@@ -115,6 +115,7 @@ class AgentApp:
         self.nonces = NonceCache(wire.MAX_CLOCK_SKEW)
         self.pending: dict[str, dict[str, Any]] = {}
         self.dropped: Counter[str] = Counter()  # rate_limited, pending_evicted, no_login, ...
+        self.accepted: Counter[str] = Counter()  # logins, streams (for the metrics)
         self.persist_logins = persist_logins
         self.logins: dict[LoginKey, float] = {}
         for login, at in sorted((logins or {}).items(), key=lambda kv: kv[1]):
@@ -212,6 +213,8 @@ class AgentApp:
             self.lockout.success(user_name)
             self._remember((key, user.name), self.clock())
         self._save_logins()
+        with self._lock:
+            self.accepted["logins"] += 1
         log.info("login for %s accepted (appliance %s from %s)", user_name, key[:12], req.peer)
         return Response(
             200,
@@ -259,6 +262,8 @@ class AgentApp:
             host, port, _pin = wire.parse_server(target)  # a pin is the appliance's business
         except ValueError:  # the table reader checked it; a hand edit may not have
             return refuse(404, "no_server", f"this user's {service} server is not host:port")
+        with self._lock:
+            self.accepted["streams"] += 1
         log.info(
             "stream to %s for %s accepted (appliance %s from %s)",
             service,

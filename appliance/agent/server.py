@@ -33,6 +33,7 @@ from typing import Any
 
 import h11
 import uvloop
+from prometheus_client.core import Metric
 
 from appliance.agent import relay_link, tables, tlscert
 from appliance.agent.api import (
@@ -47,7 +48,7 @@ from appliance.agent.api import (
     refuse,
 )
 from appliance.agent.settings import AgentSettings
-from appliance.core import passwords
+from appliance.core import metrics, passwords
 from appliance.core.atomic_file import write_atomically
 
 log = logging.getLogger("appliance.agent")
@@ -170,6 +171,31 @@ class AgentServer:
             return
         log.info("relay link to %s for household %s", self.relay.relay.url, self.relay.household)
         self._relay_task = asyncio.create_task(self.relay.run())
+
+    def metric_families(self) -> list[Metric]:
+        """The agent's counters as Prometheus families (per scrape, in the metrics
+        server's thread: copies only).  No user name is a label."""
+        out = [
+            metrics.counter(
+                "agent_accepted_total", "Logins and server streams accepted", ["kind"],
+                {(k,): float(v) for k, v in self.app.accepted.copy().items()},
+            ),
+            metrics.counter(
+                "agent_refused_total", "Requests refused or dropped, by reason", ["reason"],
+                {(k,): float(v) for k, v in self.app.dropped.copy().items()},
+            ),
+            metrics.one_gauge("agent_server_streams", "Open server streams", self.open_streams),
+        ]  # fmt: skip
+        if self.relay is not None:
+            link = self.relay.link
+            out.append(metrics.one_gauge("agent_relay_up", "Relay link up", link.up.is_set()))
+            out.append(
+                metrics.counter(
+                    "agent_relay_link_events_total", "The relay link's events", ["event"],
+                    {(k,): float(v) for k, v in link.counters.copy().items()},
+                )
+            )  # fmt: skip
+        return out
 
     def relay_status(self) -> dict[str, Any] | None:
         """The relay link's state and counters; None without `[relay]` (or when it is off)."""
@@ -509,6 +535,10 @@ def _phrase(status: int) -> str:
 async def _run(settings: AgentSettings) -> int:
     server = AgentServer(settings)
     await server.start()
+    if settings.metrics_port:
+        metrics.serve_on(
+            settings.metrics_listen, settings.metrics_port, "agent", server.metric_families
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

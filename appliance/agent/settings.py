@@ -57,6 +57,8 @@ class AgentSettings:
     tls_names: tuple[str, ...]
     limits: Limits
     relay: RelaySettings | None = None
+    metrics_listen: str = "127.0.0.1"  # Prometheus endpoint (port 0: off)
+    metrics_port: int = 0
 
     @property
     def pending_file(self) -> Path:
@@ -118,6 +120,16 @@ def parse(doc: TomlFile) -> AgentSettings:
     )
     lim.finish()
     relay = _relay(top) if top.has("relay") else None
+    met = top.sub("metrics")
+    metrics_listen = met.text("listen", "127.0.0.1")
+    try:
+        ipaddress.ip_address(metrics_listen)
+    except ValueError:
+        raise met.error("listen", f"{metrics_listen!r} is not an IP address") from None
+    metrics_port = met.integer("port", 0, 0, 65535)
+    if metrics_port and metrics_port == port:
+        raise met.error("port", f"port {metrics_port} is the agent's own")
+    met.finish()
     top.finish()
     return AgentSettings(
         path=doc.path,
@@ -133,6 +145,8 @@ def parse(doc: TomlFile) -> AgentSettings:
         tls_names=tuple(names),
         limits=limits,
         relay=relay,
+        metrics_listen=metrics_listen,
+        metrics_port=metrics_port,
     )
 
 

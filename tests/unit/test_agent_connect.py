@@ -397,3 +397,37 @@ def test_concurrent_connects_never_open_more_streams_than_the_cap(
         client.open_server_stream(config, spec(agent), "alice", "imap", sock=dial(agent))
     assert err.value.code == "server_unreachable"
     assert agent.server.open_streams == 0
+
+
+def test_the_agents_metrics_count_logins_streams_and_refusals(
+    config: Any, agent: RunningAgent
+) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.core.metrics import registry_for
+
+    def value(name: str, **labels: str) -> float:
+        text = generate_latest(registry_for(agent.server.metric_families)).decode()
+        assert "alice" not in text and "carol" not in text  # no user is a label
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and s.labels == labels:
+                    return float(s.value)
+        return 0.0
+
+    logins, streams = (
+        value("appliance_agent_accepted_total", kind="logins"),
+        value("appliance_agent_accepted_total", kind="streams"),
+    )
+    no_login = value("appliance_agent_refused_total", reason="no_login")
+    with pytest.raises(client.AgentError):
+        client.open_server_stream(config, spec(agent, "carol"), "carol", "pop3", sock=dial(agent))
+    with pytest.raises(client.AgentError):  # (loopback servers: refused by the portal side)
+        client.authenticate(config, spec(agent, "carol"), "carol-pw", sock=dial(agent))
+    client.open_server_stream(
+        config, spec(agent, "carol"), "carol", "pop3", sock=dial(agent)
+    ).close()
+    assert value("appliance_agent_refused_total", reason="no_login") == no_login + 1
+    assert value("appliance_agent_accepted_total", kind="logins") == logins + 1
+    assert value("appliance_agent_accepted_total", kind="streams") == streams + 1
