@@ -114,6 +114,17 @@ def set_elements(name: str) -> set[tuple[str, str]]:
     return out
 
 
+def counters() -> dict[str, tuple[int, int]]:
+    """Our table's named counters: name -> (packets, bytes); empty when it is absent."""
+    doc = query("list", "counters", "table", "inet", TABLE)
+    out: dict[str, tuple[int, int]] = {}
+    for item in (doc or {}).get("nftables", []):
+        body = item.get("counter")
+        if isinstance(body, dict) and isinstance(body.get("name"), str):
+            out[body["name"]] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
+    return out
+
+
 def elements_text(pairs: set[tuple[str, str]] | list[tuple[str, str]]) -> str:
     """`ip . mac, ...` for an nft elements block (callers validate the values first)."""
     return ", ".join(f"{ip} . {mac}" for ip, mac in sorted(pairs))

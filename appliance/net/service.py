@@ -14,9 +14,11 @@ import sqlite3
 import threading
 from collections.abc import Mapping
 
+from prometheus_client.core import Metric
+
 from appliance.core import metrics
 from appliance.core.config import Config
-from appliance.net import follower, interface, members, setup, tables
+from appliance.net import follower, interface, members, nft, setup, tables
 from appliance.state import store
 
 log = logging.getLogger("appliance.net")
@@ -70,6 +72,30 @@ def down(config: Config) -> None:
     log.info("nftables table inet appliance removed")
 
 
+def _nft_families() -> list[Metric]:
+    """The ruleset's named counters (guest_dropped, guest_spoofed, ...), read with
+    `nft -j` at scrape time: the kernel counts, the role does nothing per packet."""
+    try:
+        found = nft.counters()
+    except (OSError, ValueError, nft.NftError) as exc:
+        log.warning("nftables counters for the metrics: %s", exc)
+        found = {}
+    return [
+        metrics.counter(
+            "net_guest_packets_total",
+            "Guest-side packets the ruleset dropped, refused or capped, by counter",
+            ["counter"],
+            {(name,): float(p) for name, (p, _b) in found.items()},
+        ),
+        metrics.counter(
+            "net_guest_bytes_total",
+            "Bytes of those packets, by counter",
+            ["counter"],
+            {(name,): float(b) for name, (_p, b) in found.items()},
+        ),
+    ]
+
+
 def main(config: Config, intercepts: Mapping[int, int] | None = None) -> int:
     """Serve until SIGTERM: rules in place, leases and sessions followed; closed on stop."""
     stop = threading.Event()
@@ -83,7 +109,7 @@ def main(config: Config, intercepts: Mapping[int, int] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     up(config, intercepts)
-    metrics.serve(config, "net")  # up, with the process's own metrics
+    metrics.serve(config, "net", _nft_families)  # up, with the ruleset's drop counters
     try:
         follower.run(config, stop)
     finally:

@@ -168,3 +168,5 @@ def test_a_guest_reaches_no_metrics_port(visited: Lab) -> None:
         "curl", "-sf", "--max-time", "5", f"http://{MANAGEMENT}:{BASE_PORT + 5}/metrics"
     )
     assert "appliance_proxy_connections_total" in seg.stdout
+    # the guest's tries above were dropped by the ruleset, and its counter says so
+    assert visited.until('appliance_net_guest_packets_total{counter="guest_dropped"}') >= 1
