@@ -34,6 +34,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 from appliance.proxy.access_log import AccessLog
+from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.agent_stream import AgentPump, AgentStreamFailed
 from appliance.proxy.counts import Counts, LocalCounts
 from appliance.proxy.follow import Ended, EndedFollower
@@ -285,8 +286,10 @@ class Relay:
         max_connections: int = 256,
         hello_timeout: float = HELLO_TIMEOUT,
         name_ttl: float = 5.0,
+        usage: UsageRecorder | None = None,
     ) -> None:
         self.gate = gate
+        self.usage = usage  # per-user accounting (None: off)
         self.counts: Counts = counts if counts is not None else LocalCounts()
         self.reuse_port = reuse_port  # several workers share each port (workers.py)
         self.connect_ports = frozenset(connect_ports)
@@ -371,6 +374,8 @@ class Relay:
         self._sweeper = self.loop.create_task(self._sweep())
         follower = EndedFollower(self.gate.ended_since, self.sessions_ended, self.follow_period)
         self._follower = self.loop.create_task(follower.run())
+        if self.usage is not None:
+            self.usage.start(self.loop)
 
     def _listen_raw(self, host: str, ls: Listener) -> None:
         sock = socket.create_server((host, ls.port), backlog=4096, reuse_port=self.reuse_port)
@@ -471,6 +476,8 @@ class Relay:
             conn.abort("shutdown")
         self.edges.shutdown()
         self.access.flush()
+        if self.usage is not None:  # after the aborts: their bytes are counted too
+            await self.usage.stop()
         await asyncio.sleep(0)
 
     # -- bookkeeping -------------------------------------------------------------
@@ -490,6 +497,10 @@ class Relay:
         self.counters[(service, conn.result)] += 1
         self.bytes[(service, "up")] += conn.bytes_up
         self.bytes[(service, "down")] += conn.bytes_down
+        if self.usage is not None and conn.user is not None and conn.result[:8] != "refused-":
+            self.usage.record(
+                conn.user, service, conn.session, conn.bytes_up, conn.bytes_down, conn.messages
+            )
         self.access.connection(
             conn.started,
             conn.user,

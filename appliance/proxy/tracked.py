@@ -70,6 +70,7 @@ class Tracked:
         "counted",
         "counted_user",
         "listener",
+        "messages",
         "reason",
         "relay",
         "result",
@@ -94,6 +95,7 @@ class Tracked:
         self.upstream_name: str | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        self.messages = 0  # SMTP messages the server accepted, where the path reads them
         self.started = time.time()
         self.result = "ok"
         self.closed = False
