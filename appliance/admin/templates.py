@@ -78,7 +78,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 <input type="hidden" name="version" value="{{ version }}">
 <table><tr><th>pos</th><th>name</th><th>attribute pattern</th>
 {% for s in services %}<th>{{ s }}</th>{% endfor %}
-<th>max conn.</th><th>session s</th><th>remove</th></tr>
+<th>max conn.</th><th>session s</th><th>quota B/day</th><th>remove</th></tr>
 {% for row in rows %}{% set i = loop.index0 %}
 <tr><td><input class="narrow" name="order-{{ i }}" value="{{ loop.index }}"></td>
 <td><input type="text" name="name-{{ i }}" value="{{ row.name }}"></td>
@@ -91,6 +91,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 {% endfor %}
 <td><input class="narrow" name="max-{{ i }}" value="{{ row.max_connections }}"></td>
 <td><input class="narrow" name="session-{{ i }}" value="{{ row.session_max }}"></td>
+<td><input class="narrow" name="quota-{{ i }}" value="{{ row.quota_bytes_per_day }}"></td>
 <td><input type="checkbox" name="remove-{{ i }}" value="1"></td></tr>
 {% endfor %}
 <tr><td><input class="narrow" name="order-new" value="{{ rows|length + 1 }}"></td>
@@ -100,6 +101,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 <option value="">-</option><option value="allow">allow</option><option value="deny">deny</option>
 </select></td>{% endfor %}
 <td><input class="narrow" name="max-new"></td><td><input class="narrow" name="session-new"></td>
+<td><input class="narrow" name="quota-new"></td>
 <td></td></tr>
 </table>
 <p><button type="submit" id="save">Validate and save</button></p>

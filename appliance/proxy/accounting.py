@@ -5,9 +5,13 @@ session): a dict lookup and four additions, on the connection-rate path.  Every
 FLUSH_EVERY seconds, and at stop, the aggregate is swapped for an empty one and
 written in one transaction on a thread of its own (off the event loop: a busy store
 must not stall the relay).  Each worker process has its own recorder; the UPSERTs
-add, so the workers' batches sum in the store.  A batch that cannot be written is
-kept and tried again with the next one (counted in `failed`), so a locked store
-loses nothing; what a crash loses is at most the last FLUSH_EVERY seconds.
+add, so the workers' batches sum in the store.  After each flush the day's totals
+are read back: a rule's `quota_bytes_per_day` is checked against them plus this
+worker's counts since (`used_today`), so a quota may be overrun by what the other
+workers counted in their last FLUSH_EVERY seconds, and by connections already open.
+A batch that cannot be written is kept and tried again with the next one (counted
+in `failed`), so a locked store loses nothing; what a crash loses is at most the
+last FLUSH_EVERY seconds.
 
 Refused connections are not accounted (no bytes reach a server); a connection
 without a user (not logged in) neither.
@@ -42,6 +46,8 @@ class UsageRecorder:
         self._day = (-1, "")  # (UTC day number, its name): one strftime a day
         self._lock = threading.Lock()  # one writer at a time (flush thread, stop)
         self._task: asyncio.Task[None] | None = None
+        # today's bytes per (user, service) in the store, read after each flush (quotas)
+        self.stored_today: tuple[str, dict[tuple[str, str], int]] = ("", {})
         self.written = 0  # batch lines written
         self.failed = 0  # flushes that failed (their lines were kept)
 
@@ -96,11 +102,38 @@ class UsageRecorder:
                 if self._conn is None:
                     self._conn = self._connect()
                 self.written += usage.add(self._conn, batch)
+                self._read_today(self._conn)
                 return True
             except sqlite3.Error as exc:
                 self.failed += 1
                 log.warning("usage: %d line(s) not written yet: %s", len(batch), exc)
         return False
+
+    def _read_today(self, conn: sqlite3.Connection) -> None:
+        day = usage.day_of()
+        self.stored_today = (day, usage.bytes_of_day(conn, day))
+
+    def refresh(self) -> None:
+        """Read today's totals from the store (blocking; the flushes do it after writing)."""
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = self._connect()
+                self._read_today(self._conn)
+            except sqlite3.Error as exc:
+                log.warning("usage: today's totals not read: %s", exc)
+
+    def used_today(self, user: str, service: str, when: float | None = None) -> int:
+        """Bytes both ways of a user and service today: the store's as of the last flush
+        (every worker's) plus what this worker counted since.  Only asked for users
+        whose rule sets a quota: a walk over the few keys pending since the flush."""
+        day = usage.day_of(when)
+        stored_day, stored = self.stored_today
+        total = stored.get((user, service), 0) if stored_day == day else 0
+        for (d, u, s, _session), counts in self.pending.items():
+            if u == user and s == service and d == day:
+                total += counts[1] + counts[2]
+        return total
 
     def put_back(self, batch: list[usage.Entry]) -> None:
         """A batch not written goes back into the aggregate (on the loop's thread)."""
@@ -115,10 +148,13 @@ class UsageRecorder:
     async def flush(self) -> None:
         """Write what is pending on a thread (the loop goes on meanwhile)."""
         batch = self.take()
-        if batch and not await asyncio.to_thread(self.write, batch):
+        if not batch:  # nothing of ours: still the other workers' counts, for quotas
+            await asyncio.to_thread(self.refresh)
+        elif not await asyncio.to_thread(self.write, batch):
             self.put_back(batch)
 
     async def _run(self, every: float) -> None:
+        await asyncio.to_thread(self.refresh)  # today's totals so far, for quotas
         while True:
             await asyncio.sleep(every)
             try:

@@ -45,7 +45,6 @@ from appliance.proxy.gate import (
     Refusal,
     Upstream,
     no_upstream,
-    over_limit,
 )
 from appliance.proxy.http_conn import HttpConn
 from appliance.proxy.raw import Connector, Deadlines, Spliced, numeric
@@ -102,7 +101,7 @@ class Link(Tracked, asyncio.Protocol):
             self._refuse(verdict)
             return
         if not self.admitted(verdict):
-            self._refuse(over_limit(verdict))
+            self._refuse(self.limit_refusal(verdict))
             return
         self.relay.loop.create_task(self._connect(verdict))
 
@@ -290,6 +289,7 @@ class Relay:
     ) -> None:
         self.gate = gate
         self.usage = usage  # per-user accounting (None: off)
+        self._quota_warned = False
         self.counts: Counts = counts if counts is not None else LocalCounts()
         self.reuse_port = reuse_port  # several workers share each port (workers.py)
         self.connect_ports = frozenset(connect_ports)
@@ -417,7 +417,7 @@ class Relay:
             if isinstance(verdict, Refusal):
                 conn.refuse_now(verdict)
             elif not conn.admitted(verdict):
-                conn.refuse_now(over_limit(verdict))
+                conn.refuse_now(conn.limit_refusal(verdict))
             elif ls.protocol == "tls":
                 conn.read_hello(verdict)
             elif numeric(verdict.upstreams):
@@ -488,6 +488,18 @@ class Relay:
         """The rule's max_connections is per user *per service*, across all workers; a rule
         without one gets the relay's default, so no guest holds connections without bound."""
         return self.counts.take(user, service, self.max_connections if limit is None else limit)
+
+    def over_quota(self, user: str, service: str, quota: int) -> bool:
+        """Today's bytes of this user and service reached the rule's quota (the store's
+        count as of the last flush plus this worker's since; other workers' last few
+        seconds are not in it).  Without accounting there is nothing to count: a quota
+        is then not enforced (said once in the log)."""
+        if self.usage is None:
+            if not self._quota_warned:
+                self._quota_warned = True
+                log.warning("a rule sets quota_bytes_per_day, but accounting is off: ignored")
+            return False
+        return self.usage.used_today(user, service) >= quota
 
     def done(self, conn: Tracked) -> None:
         self.conns.discard(conn)

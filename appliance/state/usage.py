@@ -175,6 +175,14 @@ def bytes_today(conn: sqlite3.Connection, user: str, service: str, day: str) -> 
     return int(row[0]) if row else 0
 
 
+def bytes_of_day(conn: sqlite3.Connection, day: str) -> dict[tuple[str, str], int]:
+    """Every (user, service)'s bytes both ways on one day (the relay's quota view)."""
+    rows = conn.execute(
+        "SELECT user, service, bytes_up + bytes_down FROM usage WHERE day = ?", (day,)
+    ).fetchall()
+    return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+
 def of_session(conn: sqlite3.Connection, session: str) -> list[Usage]:
     """One session's totals per service."""
     rows = conn.execute(
@@ -201,6 +209,7 @@ __all__ = [
     "Usage",
     "add",
     "by_user_service",
+    "bytes_of_day",
     "bytes_today",
     "create_schema",
     "csv_rows",
