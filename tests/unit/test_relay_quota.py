@@ -125,3 +125,34 @@ def test_without_accounting_a_quota_is_not_enforced(tmp_path: Path) -> None:
 
 def test_refusal_kinds_are_words_not_addresses() -> None:
     assert "198.51.100" not in imap_reply(Refusal("quota", "x", PORTAL, "alice", "m"))
+
+
+def test_a_spent_quota_answers_the_web_with_429(tmp_path: Path) -> None:
+    from test_relay_core import HeadEcho, http_get
+
+    db = tmp_path / "state.sqlite"
+    conn = store.connect(db)
+    usage.create_schema(conn)
+    usage.add(conn, [usage.Entry(usage.day_of(), "alice", "http", None, 1, 500, 500)])
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        up_port = free_port()
+        upstream = await loop.create_server(HeadEcho, "127.0.0.1", up_port)
+        port = free_port()
+        t = table(up_port, port, allow=["http"], quota_bytes_per_day=2000)
+        t["servers"]["http"] = []
+        rec = UsageRecorder.at(db)
+        relay = Relay(StaticGate(t), usage=rec)
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        await asyncio.sleep(0.2)  # the recorder's first read of today's totals
+        get = f"GET http://127.0.0.1:{up_port}/{'x' * 600} HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert (await http_get(port, get.encode())).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.1)
+        assert rec.used_today("alice", "http") >= 2000
+        out = await http_get(port, get.encode())
+        assert out.startswith(b"HTTP/1.1 429") and b"quota for today" in out, out[:200]
+        await relay.stop()
+        upstream.close()
+
+    run(body())
