@@ -26,7 +26,7 @@ from flask import Flask, Response, abort, redirect, render_template, request, se
 from jinja2 import DictLoader
 
 from appliance.accounts import admins as accounts
-from appliance.admin import audit, grid
+from appliance.admin import audit, grid, usage_page
 from appliance.admin.files import Conflict, read_versioned, save_if_unchanged
 from appliance.admin.logins import AdminLogins
 from appliance.admin.templates import CSS, TEMPLATES
@@ -36,7 +36,7 @@ from appliance.net.firewall import revoker
 from appliance.policy import trusted_agents
 from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
-from appliance.state import store
+from appliance.state import store, usage
 from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.admin")
@@ -107,6 +107,7 @@ def create_app(
         return token
 
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.filters["human_bytes"] = usage_page.human_bytes
 
     @app.before_request
     def guard() -> Any:
@@ -356,6 +357,31 @@ def create_app(
             return page("error.html", 404, error="No such active session.")
         audit.record(config, admin(), "end session", f"{s.user} {s.ip} {s.mac}")
         return redirect(url_for("sessions_page"))
+
+    # -- usage --------------------------------------------------------------
+    def usage_store() -> Any:
+        """This thread's connection to the accounting tables (the proxy writes them)."""
+        conn = getattr(per_thread, "usage", None)
+        if conn is None:
+            conn = per_thread.usage = store.connect(config.state.database)
+            usage.create_schema(conn)
+        return conn
+
+    @app.get("/usage")
+    def usage_page_view() -> Any:
+        period = usage_page.period_days(request.args.get("period"))
+        return page("usage.html", **usage_page.page_data(usage_store(), period))
+
+    @app.get("/usage.csv")
+    def usage_csv() -> Response:
+        period = usage_page.period_days(request.args.get("period"))
+        first, last = usage.days_back(int(period))
+        text = usage_page.csv_text(usage.csv_rows(usage_store(), first, last))
+        return Response(
+            text,
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="usage-{first}-{last}.csv"'},
+        )
 
     # -- audit --------------------------------------------------------------
     @app.get("/audit")

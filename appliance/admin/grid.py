@@ -27,6 +27,7 @@ class Row:
     cells: dict[str, str] = field(default_factory=dict)
     max_connections: str = ""
     session_max: str = ""
+    quota_bytes_per_day: str = ""
 
 
 def rows_of(table: AccessTable) -> list[Row]:
@@ -47,6 +48,7 @@ def rows_of(table: AccessTable) -> list[Row]:
                 cells,
                 str(r.max_connections or ""),
                 str(r.session_max or ""),
+                str(r.quota_bytes_per_day or ""),
             )
         )
     return rows
@@ -54,7 +56,7 @@ def rows_of(table: AccessTable) -> list[Row]:
 
 def rows_from_form(form: Mapping[str, str], services: Sequence[str]) -> list[Row]:
     """The posted grid: fields name-N, pattern-N, cell-N-SERVICE, max-N, session-N,
-    order-N, remove-N; the blank row "new" becomes a rule when it has a name."""
+    quota-N, order-N, remove-N; the blank row "new" becomes a rule when it has a name."""
     ids = sorted({k.split("-", 1)[1] for k in form if k.startswith("name-")})
     keyed = []
     for n, i in enumerate(ids):
@@ -79,6 +81,7 @@ def rows_from_form(form: Mapping[str, str], services: Sequence[str]) -> list[Row
             cells,
             form.get(f"max-{i}", "").strip(),
             form.get(f"session-{i}", "").strip(),
+            form.get(f"quota-{i}", "").strip(),
         )
         keyed.append((order, i == "new", n, row))
     keyed.sort(key=lambda t: (t[0], t[1], t[2]))
@@ -118,6 +121,7 @@ def to_toml(rows: Sequence[Row], header: str) -> str:
         for key, text in (
             ("max_connections", row.max_connections),
             ("session_max", row.session_max),
+            ("quota_bytes_per_day", row.quota_bytes_per_day),
         ):
             if text:
                 if not text.isdecimal() or not text.isascii():  # "²" is a digit to isdigit

@@ -26,6 +26,10 @@ textarea { width: 100%; height: 28em; font-family: monospace; }
 .ok { background: #dff3e4; border: 1px solid #393; padding: .5rem; }
 pre.diff { background: #fff; border: 1px solid #ccd; padding: .4rem; font-size: .85em; }
 button { padding: .3rem .8rem; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+nav.periods a { margin-right: .8rem; } nav.periods a.here { font-weight: bold; }
+svg.plot { background: #fff; border: 1px solid #ccd; }
+svg.plot rect { fill: #1d3557; } svg.plot line { stroke: #ccd; }
 """
 
 BASE = """<!doctype html>
@@ -37,6 +41,7 @@ BASE = """<!doctype html>
 <a href="{{ url_for('servers_page') }}">Server info</a>
 <a href="{{ url_for('agents_page') }}">Trusted agents</a>
 <a href="{{ url_for('sessions_page') }}">Sessions</a>
+<a href="{{ url_for('usage_page_view') }}">Usage</a>
 <a href="{{ url_for('audit_page') }}">Audit log</a>
 <form method="post" action="{{ url_for('logout') }}"><input type="hidden" name="csrf" value="{{ csrf_token() }}">
 {{ admin }} <button type="submit" id="logout">Log out</button></form>
@@ -73,7 +78,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 <input type="hidden" name="version" value="{{ version }}">
 <table><tr><th>pos</th><th>name</th><th>attribute pattern</th>
 {% for s in services %}<th>{{ s }}</th>{% endfor %}
-<th>max conn.</th><th>session s</th><th>remove</th></tr>
+<th>max conn.</th><th>session s</th><th>quota B/day</th><th>remove</th></tr>
 {% for row in rows %}{% set i = loop.index0 %}
 <tr><td><input class="narrow" name="order-{{ i }}" value="{{ loop.index }}"></td>
 <td><input type="text" name="name-{{ i }}" value="{{ row.name }}"></td>
@@ -86,6 +91,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 {% endfor %}
 <td><input class="narrow" name="max-{{ i }}" value="{{ row.max_connections }}"></td>
 <td><input class="narrow" name="session-{{ i }}" value="{{ row.session_max }}"></td>
+<td><input class="narrow" name="quota-{{ i }}" value="{{ row.quota_bytes_per_day }}"></td>
 <td><input type="checkbox" name="remove-{{ i }}" value="1"></td></tr>
 {% endfor %}
 <tr><td><input class="narrow" name="order-new" value="{{ rows|length + 1 }}"></td>
@@ -95,6 +101,7 @@ no such row: denied. A user matching no row at all may not use the network.</p>
 <option value="">-</option><option value="allow">allow</option><option value="deny">deny</option>
 </select></td>{% endfor %}
 <td><input class="narrow" name="max-new"></td><td><input class="narrow" name="session-new"></td>
+<td><input class="narrow" name="quota-new"></td>
 <td></td></tr>
 </table>
 <p><button type="submit" id="save">Validate and save</button></p>
@@ -165,6 +172,33 @@ AUDIT = """{% extends "base.html" %}{% block title %}Audit log{% endblock %}{% b
 </td></tr>{% endfor %}</table>{% endblock %}
 """
 
+USAGE = """{% extends "base.html" %}{% block title %}Usage{% endblock %}{% block body %}
+<h1>Usage per user and service</h1>
+<nav class="periods">{% for key, label in periods.items() %}
+<a href="{{ url_for('usage_page_view', period=key) }}" id="period-{{ key }}"{% if key == period %} class="here"{% endif %}>{{ label }}</a>
+{% endfor %}<a href="{{ url_for('usage_csv', period=period) }}" id="csv">Download CSV</a></nav>
+<p>{{ first }} to {{ last }} (UTC days). Bytes up: guest to server; down: server to guest.
+The plot shows bytes per day, both ways, from {{ plot_first }}. The relay adds its counts
+every few seconds. SMTP messages: not counted yet ("-"), the relay passes SMTP through unread.</p>
+{% if not users %}<p id="none">No usage in this period.</p>
+{% else %}<table id="usage"><tr><th>user</th><th>service</th><th>connections</th><th>bytes up</th>
+<th>bytes down</th><th>SMTP messages</th><th>bytes per day</th></tr>
+{% for u in users %}{% for s in u.services %}
+<tr class="usage-row" data-user="{{ u.user }}" data-service="{{ s.service }}">
+{% if loop.first %}<td rowspan="{{ u.services|length }}" class="user">{{ u.user }}</td>{% endif %}
+<td class="service">{{ s.service }}</td><td class="num connections">{{ s.connections }}</td>
+<td class="num bytes-up" title="{{ s.bytes_up }} bytes" data-bytes="{{ s.bytes_up }}">{{ s.bytes_up|human_bytes }}</td>
+<td class="num bytes-down" title="{{ s.bytes_down }} bytes" data-bytes="{{ s.bytes_down }}">{{ s.bytes_down|human_bytes }}</td>
+<td class="num messages">{{ (s.messages or '-') if s.service == 'smtp' else '' }}</td>
+{% if loop.first %}<td rowspan="{{ u.services|length }}">
+<svg class="plot" data-user="{{ u.user }}" width="{{ plot_w }}" height="{{ plot_h }}"
+ viewBox="0 0 {{ plot_w }} {{ plot_h }}" role="img" aria-label="bytes per day of {{ u.user }}, peak {{ u.peak|human_bytes }}">
+<line x1="0" y1="{{ plot_h - 0.5 }}" x2="{{ plot_w }}" y2="{{ plot_h - 0.5 }}"></line>
+{% for b in u.bars %}<rect x="{{ b.x }}" y="{{ b.y }}" width="{{ b.w }}" height="{{ b.h }}"><title>{{ b.title }}</title></rect>{% endfor %}
+</svg><br>total {{ u.total|human_bytes }}</td>{% endif %}</tr>
+{% endfor %}{% endfor %}</table>{% endif %}{% endblock %}
+"""
+
 ERROR = """{% extends "base.html" %}{% block title %}Error{% endblock %}{% block body %}{% endblock %}
 """
 
@@ -176,5 +210,6 @@ TEMPLATES = {
     "agents.html": AGENTS,
     "sessions.html": SESSIONS,
     "audit.html": AUDIT,
+    "usage.html": USAGE,
     "error.html": ERROR,
 }

@@ -132,6 +132,7 @@ class ProxyConfig:
     max_connections: int = 256  # per guest and service, where a rule sets no max_connections
     # nftables' cap on one guest address's open connections to the proxies' ports
     connections_per_guest: int = 256
+    accounting: bool = True  # per-user usage by service and day, in the state store
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,7 @@ def _proxy(r: Reader) -> ProxyConfig:
         workers=r.integer("workers", 0, lo=0, hi=64),
         max_connections=r.integer("max_connections", 256, lo=1, hi=1_000_000),
         connections_per_guest=r.integer("connections_per_guest", 256, 4, 65535),
+        accounting=r.boolean("accounting", True),
     )
     r.finish()
     return cfg

@@ -3,7 +3,8 @@
 Seed 001's table 23B: attribute -> per-service rights.  Each `[[rules]]` entry has a
 `match` (attribute key -> pattern; several keys are ANDed), `allow` and `deny` lists
 of service names, and optional limits (`max_connections` per user per service,
-`session_max` in seconds).
+`session_max` in seconds, `quota_bytes_per_day`: bytes both ways per user per
+service per UTC day, refused at the next connection once spent).
 
 Precedence, documented and tested: **first match wins, per service**.  For a
 service, the first rule (in file order) whose match fits the user's attributes
@@ -46,6 +47,7 @@ class Decision:
     reason: str
     max_connections: int | None = None
     session_max: int | None = None
+    quota_bytes_per_day: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Rule:
     max_connections: int | None
     session_max: int | None
     line: int | None = None
+    quota_bytes_per_day: int | None = None
     # the pattern as written in the file: key -> str | list[str] (for the admin grid)
     raw_match: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
 
@@ -286,6 +289,7 @@ class AccessTable:
                 f"rule {rule.name!r} ({rule.describe_match()}) {word} {service}",
                 rule.max_connections if verdict else None,
                 rule.session_max,
+                rule.quota_bytes_per_day if verdict else None,
             )
         return Decision(False, None, f"no matching rule grants {service} (default deny)")
 
@@ -358,6 +362,7 @@ def _rule(r: Reader, index: int, services: frozenset[str]) -> Rule:
         raise r.error("deny", f"{', '.join(sorted(both))} is both allowed and denied")
     max_conn = r.integer("max_connections", None, 1, 100_000)
     session_max = r.integer("session_max", None, 60, 365 * 86400)
+    quota = r.integer("quota_bytes_per_day", None, 1, 10**15)
     r.finish()
     return Rule(
         index=index,
@@ -367,6 +372,7 @@ def _rule(r: Reader, index: int, services: frozenset[str]) -> Rule:
         deny=lists["deny"],
         max_connections=max_conn,
         session_max=session_max,
+        quota_bytes_per_day=quota,
         line=r.file.line_of(r.keypath),
         raw_match=tuple(raw),
     )

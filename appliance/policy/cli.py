@@ -69,6 +69,8 @@ def format_rules(table: AccessTable) -> list[str]:
             limits.append(f"max {r.max_connections} conn")
         if r.session_max:
             limits.append(f"session {r.session_max}s")
+        if r.quota_bytes_per_day:
+            limits.append(f"quota {r.quota_bytes_per_day} B/day")
         extra = f"  ({', '.join(limits)})" if limits else ""
         lines.append(
             f"  {r.index + 1:>3} {r.name:<{width}}  {' '.join(cells)}  {r.describe_match()}{extra}"
@@ -126,6 +128,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     print(f"{args.service}: {'allowed' if d.allowed else 'denied'}: {d.reason}")
     if d.max_connections:
         print(f"limit: {d.max_connections} connections at once")
+    if d.quota_bytes_per_day:
+        print(f"quota: {d.quota_bytes_per_day} bytes a day (both ways)")
     return 0 if d.allowed else 1
 
 

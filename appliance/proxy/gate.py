@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # (agent_stream imports tracked, which imports this module)
 
 log = logging.getLogger("appliance.proxy.gate")
 
-RefusalKind = Literal["login", "denied", "limit", "unavailable"]
+RefusalKind = Literal["login", "denied", "limit", "unavailable", "quota"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ class Admission:
     # tls services: "server" (the upstreams), "proxy" (the upstreams are web proxies asked
     # for a tunnel to the ClientHello's name), "direct" (the guest's own destination)
     route: str = "server"
+    # the rule's bytes per day for this user and service (None: no quota; relay.over_quota)
+    quota_bytes_per_day: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Refusal:
 # What a guest reads is worded per protocol in refusals.py from the kind; these go to
 # the access log and the HTTP pages, and never carry an address.
 OVER_LIMIT = "too many connections from you"
+QUOTA_SPENT = "quota for today used up"
 NO_UPSTREAM = "no upstream reachable"
 NO_SUCH_HOST = "no such host"
 HIDDEN = "that address is not reachable from the guest network"
@@ -113,6 +116,10 @@ HIDDEN = "that address is not reachable from the guest network"
 
 def over_limit(who: Admission) -> Refusal:
     return Refusal("limit", OVER_LIMIT, "", who.user, who.rule)
+
+
+def quota_spent(who: Admission) -> Refusal:
+    return Refusal("quota", QUOTA_SPENT, "", who.user, who.rule)
 
 
 def no_upstream(user: str | None, rule: str | None) -> Refusal:
@@ -230,6 +237,7 @@ class StaticGate:
             user.get("identity", name),
             user.get("session"),
             str(self.table.get("routes", {}).get(service, "server")),
+            user.get("quota_bytes_per_day"),
         )
 
     def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
@@ -467,6 +475,7 @@ class PolicyGate:
             session.user if header else None,
             session.id,
             svc.route if svc is not None else "server",
+            decision.quota_bytes_per_day,
         )
 
     def _lookup(self, ip: str) -> tuple[Session | None, str | None, dict[str, Admission | Refusal]]:

@@ -35,7 +35,6 @@ from appliance.proxy.gate import (
     Refusal,
     Upstream,
     no_upstream,
-    over_limit,
 )
 from appliance.proxy.http_framing import (
     BadMessage,
@@ -327,7 +326,7 @@ class HttpConn(Spliced):
         service = "connect" if connect else self.listener.service
         self.wants_html = b"text/html" in (head.header(b"accept") or b"")
         if self.limited is not None:
-            self.refuse_now(over_limit(self.limited))
+            self.refuse_now(self.limit_refusal(self.limited))
             return
         fresh = self.adm if self.fresh == self.owner.generation else None
         self.fresh = -1
@@ -339,7 +338,7 @@ class HttpConn(Spliced):
             self.refuse_now(verdict)
             return
         if not self.admitted(verdict):  # counts once per connection
-            self.refuse_now(over_limit(verdict))
+            self.refuse_now(self.limit_refusal(verdict))
             return
         self.adm = verdict
         self.right = service  # a tunnel holds the `connect` right, not `http`

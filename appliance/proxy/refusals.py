@@ -6,7 +6,10 @@ mail transaction with the reply code (530/554) until QUIT; POP3 greets, lists
 AUTH-RESP-CODE in CAPA (RFC 2449/3206) and refuses USER/PASS/APOP/AUTH with
 `-ERR [AUTH]` / `[SYS/PERM]` / `[SYS/TEMP]`.  "Upstream down" in SMTP is the
 RFC 5321 421 greeting.  IMAP greets with `* BYE` (RFC 9051 7.1.5) and an
-`[ALERT]`, which clients must show, or `[UNAVAILABLE]` (RFC 5530).  A TLS
+`[ALERT]`, which clients must show, or `[UNAVAILABLE]` (RFC 5530).  A spent
+quota (a rule's quota_bytes_per_day) is a transient no: SMTP greets and answers
+each transaction with 452 4.7.1 (the client keeps the mail and tries later), POP3
+`-ERR [SYS/TEMP]`, IMAP `* BYE [LIMIT]` (RFC 5530), HTTP 429.  A TLS
 service waits for the ClientHello and answers with a fatal alert
 (`access_denied`; `unrecognized_name` for a name that does not resolve,
 RFC 6066 3): a client that is sent an alert before its hello may see a
@@ -33,14 +36,16 @@ _WORDS = {
     "denied": "access denied by site policy{rule}",
     "limit": "too many connections from you, try again later",
     "unavailable": "mail service temporarily unavailable, try again later",
+    "quota": "quota for today used up, try again tomorrow",
 }
 _CODES = {
     "smtp": {"login": "530 5.7.0", "denied": "554 5.7.1", "limit": "421 4.7.0",
-             "unavailable": "421 4.3.0"},
+             "unavailable": "421 4.3.0", "quota": "452 4.7.1"},
     "pop3": {"login": "-ERR [AUTH]", "denied": "-ERR [SYS/PERM]", "limit": "-ERR [SYS/TEMP]",
-             "unavailable": "-ERR [SYS/TEMP]"},
+             "unavailable": "-ERR [SYS/TEMP]", "quota": "-ERR [SYS/TEMP]"},
     "imap": {"login": "* BYE [ALERT]", "denied": "* BYE [ALERT]",
-             "limit": "* BYE [UNAVAILABLE]", "unavailable": "* BYE [UNAVAILABLE]"},
+             "limit": "* BYE [UNAVAILABLE]", "unavailable": "* BYE [UNAVAILABLE]",
+             "quota": "* BYE [LIMIT]"},
 }  # fmt: skip
 
 
@@ -75,7 +80,7 @@ def tls_alert(description: int) -> bytes:
 
 
 def tls_refusal(r: Refusal) -> bytes:
-    if r.kind in ("login", "denied"):
+    if r.kind in ("login", "denied", "quota"):
         return tls_alert(ACCESS_DENIED)
     if r.reason == NO_SUCH_HOST:
         return tls_alert(UNRECOGNIZED_NAME)
@@ -191,6 +196,9 @@ def http_refusal(r: Refusal, wants_html: bool) -> tuple[int, bytes]:
     elif r.kind == "limit":
         status = 429
         body = "<p>Too many connections from your device; try again shortly.</p>"
+    elif r.kind == "quota":
+        status = 429
+        body = "<p>Your quota for today on this service is used up; try again tomorrow.</p>"
     else:
         status = 502
         body = "<p>The web service is not reachable right now; try again shortly.</p>"

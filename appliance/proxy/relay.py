@@ -34,6 +34,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 from appliance.proxy.access_log import AccessLog
+from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.agent_stream import AgentPump, AgentStreamFailed
 from appliance.proxy.counts import Counts, LocalCounts
 from appliance.proxy.follow import Ended, EndedFollower
@@ -44,7 +45,6 @@ from appliance.proxy.gate import (
     Refusal,
     Upstream,
     no_upstream,
-    over_limit,
 )
 from appliance.proxy.http_conn import HttpConn
 from appliance.proxy.raw import Connector, Deadlines, Spliced, numeric
@@ -101,7 +101,7 @@ class Link(Tracked, asyncio.Protocol):
             self._refuse(verdict)
             return
         if not self.admitted(verdict):
-            self._refuse(over_limit(verdict))
+            self._refuse(self.limit_refusal(verdict))
             return
         self.relay.loop.create_task(self._connect(verdict))
 
@@ -285,8 +285,11 @@ class Relay:
         max_connections: int = 256,
         hello_timeout: float = HELLO_TIMEOUT,
         name_ttl: float = 5.0,
+        usage: UsageRecorder | None = None,
     ) -> None:
         self.gate = gate
+        self.usage = usage  # per-user accounting (None: off)
+        self._quota_warned = False
         self.counts: Counts = counts if counts is not None else LocalCounts()
         self.reuse_port = reuse_port  # several workers share each port (workers.py)
         self.connect_ports = frozenset(connect_ports)
@@ -371,6 +374,8 @@ class Relay:
         self._sweeper = self.loop.create_task(self._sweep())
         follower = EndedFollower(self.gate.ended_since, self.sessions_ended, self.follow_period)
         self._follower = self.loop.create_task(follower.run())
+        if self.usage is not None:
+            self.usage.start(self.loop)
 
     def _listen_raw(self, host: str, ls: Listener) -> None:
         sock = socket.create_server((host, ls.port), backlog=4096, reuse_port=self.reuse_port)
@@ -412,7 +417,7 @@ class Relay:
             if isinstance(verdict, Refusal):
                 conn.refuse_now(verdict)
             elif not conn.admitted(verdict):
-                conn.refuse_now(over_limit(verdict))
+                conn.refuse_now(conn.limit_refusal(verdict))
             elif ls.protocol == "tls":
                 conn.read_hello(verdict)
             elif numeric(verdict.upstreams):
@@ -471,6 +476,8 @@ class Relay:
             conn.abort("shutdown")
         self.edges.shutdown()
         self.access.flush()
+        if self.usage is not None:  # after the aborts: their bytes are counted too
+            await self.usage.stop()
         await asyncio.sleep(0)
 
     # -- bookkeeping -------------------------------------------------------------
@@ -482,6 +489,18 @@ class Relay:
         without one gets the relay's default, so no guest holds connections without bound."""
         return self.counts.take(user, service, self.max_connections if limit is None else limit)
 
+    def over_quota(self, user: str, service: str, quota: int) -> bool:
+        """Today's bytes of this user and service reached the rule's quota (the store's
+        count as of the last flush plus this worker's since; other workers' last few
+        seconds are not in it).  Without accounting there is nothing to count: a quota
+        is then not enforced (said once in the log)."""
+        if self.usage is None:
+            if not self._quota_warned:
+                self._quota_warned = True
+                log.warning("a rule sets quota_bytes_per_day, but accounting is off: ignored")
+            return False
+        return self.usage.used_today(user, service) >= quota
+
     def done(self, conn: Tracked) -> None:
         self.conns.discard(conn)
         if conn.counted and conn.counted_user is not None:
@@ -490,6 +509,10 @@ class Relay:
         self.counters[(service, conn.result)] += 1
         self.bytes[(service, "up")] += conn.bytes_up
         self.bytes[(service, "down")] += conn.bytes_down
+        if self.usage is not None and conn.user is not None and conn.result[:8] != "refused-":
+            self.usage.record(
+                conn.user, service, conn.session, conn.bytes_up, conn.bytes_down, conn.messages
+            )
         self.access.connection(
             conn.started,
             conn.user,

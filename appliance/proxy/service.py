@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.proxy import metrics
+from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.counts import Counts, SharedCounts
 from appliance.proxy.gate import Gate, StaticGate
 from appliance.proxy.relay import Relay
@@ -72,6 +73,7 @@ async def serve(
     reuse_port: bool = False,
     max_connections: int = 256,
     snapshot: Path | None = None,
+    usage_db: Path | None = None,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -85,6 +87,8 @@ async def serve(
         counts=counts,
         reuse_port=reuse_port,
         max_connections=max_connections,
+        # per-user accounting into the state store (each worker its own batches)
+        usage=UsageRecorder.at(usage_db) if usage_db is not None else None,
     )
     await relay.start(host)
     loop = asyncio.get_running_loop()
@@ -199,6 +203,7 @@ def main(config: Any) -> int:
         hidden=guest_hidden(config),
         connect_ports=config.proxy.connect_ports,
         max_connections=config.proxy.max_connections,
+        usage_db=config.state.database if config.proxy.accounting else None,
     )
 
 
@@ -247,6 +252,12 @@ def static_main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="where the workers write their counters for --metrics (default: a new temp dir)",
+    )
+    p.add_argument(
+        "--usage-db",
+        type=Path,
+        default=None,
+        help="account usage per user and service into this state store (default: off)",
     )
     p.add_argument(
         "--splice",
@@ -298,4 +309,5 @@ def static_main(argv: list[str] | None = None) -> int:
         splice=args.splice,
         connect_ports=tuple(args.connect_port or (443,)),
         max_connections=args.max_connections,
+        usage_db=args.usage_db,
     )

@@ -18,7 +18,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
-from appliance.proxy.gate import Admission, Gate, Listener, Refusal, Upstream
+from appliance.proxy.gate import (
+    Admission,
+    Gate,
+    Listener,
+    Refusal,
+    Upstream,
+    over_limit,
+    quota_spent,
+)
 
 log = logging.getLogger("appliance.proxy")
 
@@ -39,6 +47,8 @@ class Relay(Protocol):
     def done(self, conn: Tracked) -> None: ...
 
     def count_user(self, user: str, service: str, limit: int | None) -> bool: ...
+
+    def over_quota(self, user: str, service: str, quota: int) -> bool: ...
 
 
 SO_ORIGINAL_DST = 80
@@ -70,12 +80,14 @@ class Tracked:
         "counted",
         "counted_user",
         "listener",
+        "messages",
         "reason",
         "relay",
         "result",
         "right",
         "rule",
         "session",
+        "spent",
         "src",
         "started",
         "upstream_name",
@@ -94,6 +106,7 @@ class Tracked:
         self.upstream_name: str | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        self.messages = 0  # SMTP messages the server accepted, where the path reads them
         self.started = time.time()
         self.result = "ok"
         self.closed = False
@@ -101,21 +114,31 @@ class Tracked:
         self.counted_user: str | None = None  # whose count this connection holds
         self.asked = ""  # the name (or address) a guest asked for, where the relay reads one
         self.reason = ""  # why it was refused or dropped, in words (the access log)
+        self.spent = False  # refused because the user's quota for today is used up
 
     def admitted(self, adm: Admission) -> bool:
-        """Record the user; False when the per-user connection limit is reached."""
+        """Record the user; False when the per-user connection limit is reached or the
+        day's quota is used up (`limit_refusal` says which)."""
         self.user, self.rule, self.session = adm.user, adm.rule, adm.session
         if self.counted:  # one count per connection, whatever is re-admitted later
             return True
+        quota = adm.quota_bytes_per_day
+        if quota is not None and self.relay.over_quota(adm.user, self.listener.service, quota):
+            self.spent = True
+            return False
         self.counted = self.relay.count_user(adm.user, self.listener.service, adm.max_connections)
         if self.counted:
             self.counted_user = adm.user
         return self.counted
 
+    def limit_refusal(self, adm: Admission) -> Refusal:
+        """Why `admitted` said no: the quota, or the connection limit."""
+        return quota_spent(adm) if self.spent else over_limit(adm)
+
     def refused(self, r: Refusal) -> None:
         self.user, self.rule, self.reason = r.user, r.rule, r.reason
         self.result = {"login": "refused-login", "denied": "refused-denied"}.get(
-            r.kind, "refused-limit" if r.kind == "limit" else "upstream-down"
+            r.kind, f"refused-{r.kind}" if r.kind in ("limit", "quota") else "upstream-down"
         )
 
     def finish(self) -> None:

@@ -2,7 +2,8 @@
 
 usage: admin_browser.py URL ADMIN PASSWORD SCREENSHOT PROFILE_DIR
 Logs in, toggles the sales/smtp cell to deny, saves, opens the audit log, takes a
-screenshot; prints one JSON line with what it saw.  The password comes on stdin's
+screenshot, then opens the usage page (7 days) and reads its table and plots; prints
+one JSON line with what it saw.  The password comes on stdin's
 first line when PASSWORD is "-" (so it never shows in a process list).
 """
 
@@ -60,6 +61,28 @@ def main() -> int:
             driver, driver.find_element(By.LINK_TEXT, "Access rights"), "cell-sales-smtp"
         )
         driver.save_screenshot(shot.replace(".png", "-grid.png"))
+        click_and_wait(driver, driver.find_element(By.LINK_TEXT, "Usage"), "period-7")
+        click_and_wait(driver, driver.find_element(By.ID, "period-7"), "usage")
+        seen["usage"] = [
+            {
+                "user": row.get_attribute("data-user"),
+                "service": row.get_attribute("data-service"),
+                "up": int(row.find_element(By.CLASS_NAME, "bytes-up").get_attribute("data-bytes")),
+                "down": int(
+                    row.find_element(By.CLASS_NAME, "bytes-down").get_attribute("data-bytes")
+                ),
+                "shown": row.find_element(By.CLASS_NAME, "bytes-down").text,
+            }
+            for row in driver.find_elements(By.CSS_SELECTOR, "tr.usage-row")
+        ]
+        seen["plots"] = {
+            str(svg.get_attribute("data-user")): [
+                float(r.get_attribute("height") or 0)
+                for r in svg.find_elements(By.TAG_NAME, "rect")
+            ]
+            for svg in driver.find_elements(By.CSS_SELECTOR, "svg.plot")
+        }
+        driver.save_screenshot(shot.replace(".png", "-usage.png"))
     finally:
         driver.quit()
     print(json.dumps(seen))

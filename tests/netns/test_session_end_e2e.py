@@ -23,7 +23,7 @@ from appliance.core.config import load
 from appliance.lab import servers
 from appliance.lab.topology import Topology, guest_mac
 from appliance.net.firewall import revoker
-from appliance.state import leases, sessions, store
+from appliance.state import leases, sessions, store, usage
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def test_sessions_end_closes_that_guests_smtp_connection_within_1s(
     dave = st.create(
         user="dave", source="site", attributes={"role": "staff"}, ip=DAVE_IP, mac=guest_mac(1)
     )
-    st.create(
+    erin = st.create(
         user="erin", source="site", attributes={"role": "staff"}, ip=ERIN_IP, mac=guest_mac(2)
     )
 
@@ -94,5 +94,11 @@ def test_sessions_end_closes_that_guests_smtp_connection_within_1s(
         assert len(ended) == 1 and "user=dave" in ended[0], proxy.output()[-2000:]
         assert proxy.alive()
         print(f"connection closed {took * 1000:.0f} ms after the session ended")
+        # the stop flushes each worker's accounting: both sessions' SMTP bytes are in the store
+        proxy.stop()
+        for who in (dave, erin):
+            (used,) = usage.of_session(conn, who.id)
+            assert (used.user, used.service, used.connections) == (who.user, "smtp", 1)
+            assert used.bytes_up == len(b"NOOP\r\n") and used.bytes_down > len(b"220 \r\n")
     finally:
         smtp.stop()

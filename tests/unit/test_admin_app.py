@@ -483,3 +483,69 @@ def test_session_store_is_built_with_the_firewall_revoke(site: Config) -> None:
     store = session_store(site)
     assert isinstance(store, SessionStore)
     assert store.revoke is not _no_revoke  # ending a session takes it out of nftables
+
+
+def _usage_rows(site: Config) -> None:
+    from appliance.state import store, usage
+
+    conn = store.connect(site.state.database)
+    usage.create_schema(conn)
+    today, week_ago = usage.day_of(), usage.days_back(7)[0]
+    usage.add(
+        conn,
+        [
+            usage.Entry(today, "carol", "pop3", "s1", 3, 120, 1_500_000),
+            usage.Entry(today, "carol", "smtp", "s1", 2, 40_000, 300, 2),
+            usage.Entry(today, "=cmd|x", "http", None, 1, 1, 1),
+            usage.Entry(week_ago, "dave", "http", None, 5, 10, 2048),
+        ],
+    )
+    conn.close()
+
+
+def test_usage_page_shows_each_users_bytes_per_service_and_a_plot(app: Any, site: Config) -> None:
+    c = app.test_client()
+    assert c.get("/usage").status_code == 302  # a login first, as every page
+    login(c)
+    empty = c.get("/usage?period=1")
+    assert empty.status_code == 200 and 'id="none"' in empty.text
+    _usage_rows(site)
+    today = c.get("/usage?period=1").text
+    assert 'data-user="carol" data-service="pop3"' in today
+    assert 'data-bytes="1500000">1.4 MiB<' in today and 'data-bytes="40000"' in today
+    assert "dave" not in today  # a week ago is not today
+    assert today.count('<svg class="plot" data-user="carol"') == 1
+    assert re.search(r'<rect x="[\d.]+" y="[\d.]+" width="[\d.]+" height="46.0"><title>', today)
+    week = c.get("/usage?period=7").text
+    assert 'data-user="dave" data-service="http"' in week and "2.0 KiB" in week
+    assert c.get("/usage?period=bogus").text == week  # an unknown period: the default one
+    assert c.post("/usage").status_code in (400, 405)  # GET only (and no CSRF token here)
+
+
+def test_usage_csv_export(app: Any, site: Config) -> None:
+    import csv
+
+    c = app.test_client()
+    login(c)
+    _usage_rows(site)
+    r = c.get("/usage.csv?period=30")
+    assert r.status_code == 200 and r.mimetype == "text/csv"
+    assert r.headers["Content-Disposition"].startswith('attachment; filename="usage-')
+    rows = list(csv.reader(io.StringIO(r.text)))
+    assert rows[0] == [
+        "day",
+        "user",
+        "service",
+        "connections",
+        "bytes_up",
+        "bytes_down",
+        "messages",
+    ]
+    assert [r[1:] for r in rows[1:] if r[1] == "carol"] == [
+        ["carol", "pop3", "3", "120", "1500000", "0"],
+        ["carol", "smtp", "2", "40000", "300", "2"],
+    ]
+    assert any(r[1:3] == ["'=cmd|x", "http"] for r in rows)  # a formula stays text
+    assert len(rows) == 5
+    today_only = list(csv.reader(io.StringIO(c.get("/usage.csv?period=1").text)))
+    assert len(today_only) == 4

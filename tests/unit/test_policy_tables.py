@@ -225,6 +225,18 @@ def test_explain_names_the_deciding_rule() -> None:
             "rules[0].max_connections",
             "out of range",
         ),
+        (
+            '[[rules]]\nname = "a"\nquota_bytes_per_day = 0\n',
+            3,
+            "rules[0].quota_bytes_per_day",
+            "out of range",
+        ),
+        (
+            '[[rules]]\nname = "a"\nallow = ["smtp"]\nquota_bytes_per_day = "1G"\n',
+            4,
+            "rules[0].quota_bytes_per_day",
+            "",
+        ),
         ('[[rules]]\nname = "a"\nalow = ["smtp"]\n', 3, "rules[0].alow", "unknown key"),
         (
             '[[rules]]\nname = "a"\nmatch = { d = ["x", "y"] }\n'
@@ -421,3 +433,14 @@ def test_tls_to_an_upstream_with_a_pin() -> None:
     table = servers(SMTP + f'tls = true\ntls_fingerprint = "sha256:{pin}"\n')
     smtp = table.services["smtp"]
     assert (smtp.tls, smtp.tls_fingerprint, smtp.tls_ca) == (True, "ab" * 32, "")
+
+
+def test_a_quota_is_per_rule_for_the_services_it_allows_and_absent_by_default() -> None:
+    a = access(
+        '[[rules]]\nname = "metered"\nmatch = { d = "guest" }\nallow = ["http", "smtp"]\n'
+        'deny = ["pop3"]\nquota_bytes_per_day = 1000000\n'
+        '[[rules]]\nname = "free"\nallow = ["http"]\n'
+    )
+    assert a.decide({"d": "guest"}, "http").quota_bytes_per_day == 1_000_000
+    assert a.decide({"d": "guest"}, "pop3").quota_bytes_per_day is None  # denied anyway
+    assert a.decide({"d": "staff"}, "http").quota_bytes_per_day is None

@@ -24,6 +24,7 @@ class Decision:
     rule: str | None
     reason: str
     max_connections: int | None = None
+    quota_bytes_per_day: int | None = None
 
 
 @dataclass
@@ -54,7 +55,7 @@ class FakePolicy:
         def decide(attributes: Mapping[str, Any], service: str) -> Decision:
             dept = str(attributes.get("department"))
             if service in self.allow.get(dept, set()):
-                return Decision(True, dept, "allowed", 3)
+                return Decision(True, dept, "allowed", 3, 10_000 if service == "smtp" else None)
             return Decision(False, None, f"no rule allows {service}")
 
         return SimpleNamespace(decide=decide)
@@ -127,6 +128,7 @@ def test_policy_gate_admits_refuses_and_names_upstreams() -> None:
     assert isinstance(a, Admission) and a.user == "alice" and a.rule == "Sales 1"
     assert [u.name for u in a.upstreams] == ["smtp/site", "smtp/site#2"]
     assert a.max_connections == 3 and a.identity == "alice"
+    assert a.quota_bytes_per_day == 10_000  # the rule's quota reaches the relay
     p = gate.admit("192.168.1.11", "pop3")
     assert isinstance(p, Admission) and [u.name for u in p.upstreams] == ["pop3/personal"]
     r = gate.admit("192.168.1.11", "http")
