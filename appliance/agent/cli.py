@@ -12,8 +12,10 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -254,6 +256,44 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+STATUS_STALE = 30  # seconds: the running agent rewrites its status each second it changes
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Is the agent running, and its relay link up?  Exit 0 up (or no relay), 1 down,
+    3 not running (no fresh status file)."""
+    s = _settings(args)
+    try:
+        doc = json.loads(s.status_file.read_text())
+        written, pid, relay = int(doc["written"]), int(doc["pid"]), doc["relay"]
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"personal-agent: not running (no status in {s.status_file})")
+        return 3
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except PermissionError:
+        alive = True  # running as another user
+    except OSError:
+        alive = False
+    if not alive:
+        print(f"personal-agent: not running (pid {pid} is gone)")
+        return 3
+    age = int(time.time()) - written
+    if relay is None:
+        print(f"personal-agent: running (pid {pid}); no [relay]: reached directly")
+        return 0
+    up = bool(relay.get("up"))
+    print(
+        f"personal-agent: running (pid {pid}); relay {relay.get('relay')} household "
+        f"{relay.get('household')}: link {'up' if up else 'DOWN'}"
+        + ("" if up else f" ({relay.get('last_error') or 'no link yet'})")
+        + f"; {relay.get('streams', 0)} streams open"
+        + (f" (status {age} s old)" if age > STATUS_STALE else "")
+    )
+    return 0 if up else 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from appliance.agent import server
 
@@ -279,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_config(sub.add_parser("run", help="serve the HTTPS API")).set_defaults(func=cmd_run)
+    with_config(
+        sub.add_parser("status", help="is the agent running, and its relay link up")
+    ).set_defaults(func=cmd_status)
     with_config(
         sub.add_parser("fingerprint", help="print the certificate fingerprint visitors pin")
     ).set_defaults(func=cmd_fingerprint)

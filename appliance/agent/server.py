@@ -22,6 +22,7 @@ import contextlib
 import http
 import json
 import logging
+import os
 import signal
 import ssl
 import time
@@ -117,6 +118,7 @@ class AgentServer:
         self.relay: relay_link.RelayLink | None = None  # `[relay]`: the link to the home relay
         self._relay_task: asyncio.Task[None] | None = None
         self._reported: Counter[str] = Counter()
+        self._status_text = ""
 
     @property
     def port(self) -> int:
@@ -214,6 +216,19 @@ class AgentServer:
                 next_report = time.monotonic() + DROP_REPORT_INTERVAL
                 self._report_drops()
                 self._report_relay()
+            try:
+                await asyncio.to_thread(self._write_status)
+            except OSError as exc:
+                log.warning("status file %s: %s", self.settings.status_file, exc)
+
+    def _write_status(self) -> None:
+        """`personal-agent status` reads this: the relay link's state, now and then."""
+        relay = self.relay_status()
+        doc = {"written": int(time.time()), "pid": os.getpid(), "relay": relay}
+        text = json.dumps(doc, sort_keys=True)
+        if text != self._status_text:
+            write_atomically(self.settings.status_file, text + "\n", mode=0o600)
+            self._status_text = text
 
     def _report_drops(self) -> None:
         now = Counter(self.app.dropped)

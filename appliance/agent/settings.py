@@ -65,6 +65,11 @@ class AgentSettings:
         return self.state_directory / "pending-appliances.json"
 
     @property
+    def status_file(self) -> Path:
+        """What `personal-agent status` reads: the running agent's relay link, written by it."""
+        return self.state_directory / "status.json"
+
+    @property
     def logins_file(self) -> Path:
         """Who logged in through which appliance key, so a restart keeps server streams open."""
         return self.state_directory / "logins.json"

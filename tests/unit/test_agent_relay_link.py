@@ -533,3 +533,36 @@ def test_an_agent_key_that_is_not_p256_leaves_the_link_off_and_says_why(
     with caplog.at_level(logging.ERROR, logger="appliance.agent"):
         run(body())
     assert any("not a P-256" in rec.getMessage() for rec in caplog.records)
+
+
+def test_personal_agent_status_says_whether_the_relay_link_is_up(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from appliance.agent import cli
+
+    def status(path: Path) -> tuple[int, str]:
+        code = cli.main(["status", "--config", str(path)])
+        return code, capsys.readouterr().out
+
+    async def wait_status(path: Path, want: str) -> tuple[int, str]:
+        for _ in range(60):
+            code, out = await asyncio.to_thread(status, path)
+            if want in out:
+                return code, out
+            await asyncio.sleep(0.1)
+        raise AssertionError(out)
+
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls) as r:
+            await r.wait_online(2)
+            path = r.agent.settings.path
+            code, out = await wait_status(path, "link up")
+            assert code == 0 and HOUSEHOLD in out
+        async with rig(tmp_path / "bad", relay_tls, pin="sha256:" + "A" * 43) as r:
+            code, out = await wait_status(r.agent.settings.path, "DOWN")
+            assert code == 1 and "pin mismatch" in out
+        # no agent runs any more: the status file names a process that is gone, or none
+        code, out = status(tmp_path / "nowhere" / "agent.toml")
+        assert code in (2, 3)
+
+    run(body())
