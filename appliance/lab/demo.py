@@ -28,6 +28,7 @@ from appliance.lab.tls import fingerprint
 from appliance.lab.topology import LabError, NetnsSwitch, Node, Topology
 
 PORTAL = "http://192.168.1.1"
+PROMETHEUS = f"http://{servers.PROMETHEUS_ADDR}:{servers.PROMETHEUS_PORT}"
 
 
 @dataclass
@@ -235,6 +236,32 @@ def fetch_through_cut(
     )
 
 
+def metrics_show_the_walk(seg: Node, logins: int) -> Outcome:
+    """The lab's Prometheus (scraping every role every 2 s) has seen the walk: its
+    logins, and bytes relayed each way."""
+    queries = {
+        "logins": 'sum(appliance_portal_logins_total{result="ok"})',
+        "bytes down": 'sum(appliance_proxy_bytes_total{direction="down"})',
+        "bytes up": 'sum(appliance_proxy_bytes_total{direction="up"})',
+    }
+    got: dict[str, float] = {}
+    deadline = time.monotonic() + 20
+    with NetnsSwitch(seg.netns):
+        while time.monotonic() < deadline:
+            for name, query in queries.items():
+                try:
+                    r = requests.get(f"{PROMETHEUS}/api/v1/query", {"query": query}, timeout=5)
+                    result = r.json()["data"]["result"]
+                    got[name] = float(result[0]["value"][1]) if result else 0.0
+                except (requests.RequestException, ValueError, KeyError, IndexError):
+                    got[name] = 0.0
+            if got["logins"] >= logins and got["bytes down"] > 0 and got["bytes up"] > 0:
+                break
+            time.sleep(1)
+    ok = got.get("logins", 0) >= logins and got.get("bytes down", 0) > 0
+    return Outcome(ok, ", ".join(f"{k} {v:g}" for k, v in got.items()))
+
+
 def browse(node: Node) -> Outcome:
     out = node.run("curl", "-s", "-m", "15", "http://www.example.com/", check=False).stdout
     return Outcome(
@@ -415,6 +442,13 @@ def run(nodes: dict[str, Node], directory: Path, echo: Callable[[str], None] = p
                 ),
             ),
         ]
+    logins = sum(1 for title, _ in steps if " logs in " in title)
+    steps.append(
+        (
+            "Prometheus (in the segment) shows the walk's logins and traffic",
+            lambda: metrics_show_the_walk(nodes["seg"], logins),
+        )
+    )
     failed = 0
     for n, (title, step) in enumerate(steps, 1):
         try:

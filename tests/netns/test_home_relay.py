@@ -124,3 +124,10 @@ def test_a_fetch_survives_his_home_link_cut_for_30_seconds(lab: Lab, bob: Node) 
     )
     assert got.ok, got.detail
     _online(lab, timeout=5)
+
+
+def test_prometheus_saw_bobs_login_and_his_mail(lab: Lab, bob: Node) -> None:
+    """What `lab demo` ends with, here for the relayed visit: the lab's Prometheus
+    has the login and the bytes of his fetch."""
+    got = demo.metrics_show_the_walk(lab.topo["seg"], logins=1)
+    assert got.ok, got.detail
