@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -256,16 +255,13 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
-STATUS_STALE = 30  # seconds: the running agent rewrites its status each second it changes
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Is the agent running, and its relay link up?  Exit 0 up (or no relay), 1 down,
     3 not running (no fresh status file)."""
     s = _settings(args)
     try:
         doc = json.loads(s.status_file.read_text())
-        written, pid, relay = int(doc["written"]), int(doc["pid"]), doc["relay"]
+        pid, relay = int(doc["pid"]), doc["relay"]
     except (OSError, ValueError, KeyError, TypeError):
         print(f"personal-agent: not running (no status in {s.status_file})")
         return 3
@@ -279,7 +275,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not alive:
         print(f"personal-agent: not running (pid {pid} is gone)")
         return 3
-    age = int(time.time()) - written
     if relay is None:
         print(f"personal-agent: running (pid {pid}); no [relay]: reached directly")
         return 0
@@ -289,7 +284,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{relay.get('household')}: link {'up' if up else 'DOWN'}"
         + ("" if up else f" ({relay.get('last_error') or 'no link yet'})")
         + f"; {relay.get('streams', 0)} streams open"
-        + (f" (status {age} s old)" if age > STATUS_STALE else "")
     )
     return 0 if up else 1
 

@@ -222,9 +222,9 @@ class AgentServer:
                 log.warning("status file %s: %s", self.settings.status_file, exc)
 
     def _write_status(self) -> None:
-        """`personal-agent status` reads this: the relay link's state, now and then."""
-        relay = self.relay_status()
-        doc = {"written": int(time.time()), "pid": os.getpid(), "relay": relay}
+        """`personal-agent status` reads this: the relay link's state, written when it
+        changes (the CLI checks the pid, so no heartbeat is needed)."""
+        doc = {"pid": os.getpid(), "relay": self.relay_status()}
         text = json.dumps(doc, sort_keys=True)
         if text != self._status_text:
             write_atomically(self.settings.status_file, text + "\n", mode=0o600)

@@ -35,11 +35,12 @@ def test_bytes_of_finished_connections_reach_the_store_per_user_and_service(
         upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
         port = free_port()
         gate = StaticGate(table(up_port, port, session="sess-1"))
+        pop_port = free_port()  # (never port + 1: nothing holds that one for us)
         rec = UsageRecorder.at(db)
         relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0, splice=splice, usage=rec)
-        await relay.start("127.0.0.1", (Listener("pop3", "pop3", port + 1),))
+        await relay.start("127.0.0.1", (Listener("pop3", "pop3", pop_port),))
         for _ in range(3):
-            r, w = await asyncio.open_connection("127.0.0.1", port + 1)
+            r, w = await asyncio.open_connection("127.0.0.1", pop_port)
             assert await read_until(r, b"\n") == b"HELLO\n"
             w.write(b"abcd\n")
             assert await read_until(r, b"\n") == b"ABCD\n"

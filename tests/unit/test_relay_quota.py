@@ -74,11 +74,12 @@ def test_a_spent_quota_refuses_the_next_connection_in_protocol_words(
         up_port = free_port()
         upstream = await loop.create_server(Echo, "127.0.0.1", up_port)
         port = free_port()
+        pop_port = free_port()  # (never port + 1: nothing holds that one for us)
         gate = StaticGate(table(up_port, port, quota_bytes_per_day=50))
         rec = UsageRecorder.at(db)
         relay = Relay(gate, connect_timeout=1.0, idle_timeout=5.0, splice=splice, usage=rec)
         await relay.start(
-            "127.0.0.1", (Listener("smtp", "smtp", port), Listener("pop3", "pop3", port + 1))
+            "127.0.0.1", (Listener("smtp", "smtp", port), Listener("pop3", "pop3", pop_port))
         )
         await asyncio.sleep(0.2)  # the recorder's first read of today's totals
         assert rec.used_today("alice", "smtp") == 40
@@ -100,7 +101,7 @@ def test_a_spent_quota_refuses_the_next_connection_in_protocol_words(
         assert (await read_until(r, b"\n")).startswith(b"452 4.7.1 quota for today used up")
         w.close()
         # the quota is per service: POP3 of the same user still goes
-        r, w = await asyncio.open_connection("127.0.0.1", port + 1)
+        r, w = await asyncio.open_connection("127.0.0.1", pop_port)
         assert await read_until(r, b"\n") == b"HELLO\n"
         w.close()
         await asyncio.sleep(0.1)
