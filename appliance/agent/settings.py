@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.core import agent_protocol as wire
+from appliance.core.metrics import own_endpoint
 from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 from appliance.homelink.frames import HOUSEHOLD_RE
 
@@ -125,16 +126,7 @@ def parse(doc: TomlFile) -> AgentSettings:
     )
     lim.finish()
     relay = _relay(top) if top.has("relay") else None
-    met = top.sub("metrics")
-    metrics_listen = met.text("listen", "127.0.0.1")
-    try:
-        ipaddress.ip_address(metrics_listen)
-    except ValueError:
-        raise met.error("listen", f"{metrics_listen!r} is not an IP address") from None
-    metrics_port = met.integer("port", 0, 0, 65535)
-    if metrics_port and metrics_port == port:
-        raise met.error("port", f"port {metrics_port} is the agent's own")
-    met.finish()
+    metrics_listen, metrics_port = own_endpoint(top.sub("metrics"), port, "agent")
     top.finish()
     return AgentSettings(
         path=doc.path,

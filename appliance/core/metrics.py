@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -26,6 +26,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from appliance.core.tomlfile import Reader
 
 log = logging.getLogger("appliance.metrics")
 
@@ -116,6 +118,21 @@ def serve(config: Any, role: str, *families: Families) -> Any:
     if not mc.enabled:
         return None
     return serve_on(str(mc.address), mc.port(role), role, *families)
+
+
+def own_endpoint(r: Reader, own_port: int, whose: str) -> tuple[str, int]:
+    """A `[metrics]` section of a program that is no appliance role (the personal agent,
+    the home relay): `listen` (an IP, default loopback) and `port` (0, the default: off)."""
+    listen = r.text("listen", "127.0.0.1")
+    try:
+        ip_address(listen)
+    except ValueError:
+        raise r.error("listen", f"{listen!r} is not an IP address") from None
+    port = r.integer("port", 0, 0, 65535)
+    if port and port == own_port:
+        raise r.error("port", f"port {port} is the {whose}'s own")
+    r.finish()
+    return listen, port
 
 
 def serve_on(address: str, port: int, role: str, *families: Families) -> Any:

@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.core.metrics import own_endpoint
 from appliance.core.tomlfile import ConfigError, TomlFile
 from appliance.homelink.registration import MAX_RELAY_HOST
 
@@ -84,16 +85,7 @@ def parse(doc: TomlFile) -> RelayConfig:
         link_queue_bytes=lim.integer("link_queue_bytes", 16 << 20, 1 << 20, 2**40),
     )
     lim.finish()
-    met = top.sub("metrics")
-    metrics_listen = met.text("listen", "127.0.0.1")
-    try:
-        ipaddress.ip_address(metrics_listen)
-    except ValueError:
-        raise met.error("listen", f"{metrics_listen!r} is not an IP address") from None
-    metrics_port = met.integer("port", 0, 0, 65535)
-    if metrics_port and metrics_port == port and metrics_listen in (listen, "0.0.0.0"):
-        raise met.error("port", f"port {metrics_port} is the relay's own")
-    met.finish()
+    metrics_listen, metrics_port = own_endpoint(top.sub("metrics"), port, "relay")
     top.finish()
     return RelayConfig(
         path=doc.path,
