@@ -62,6 +62,8 @@ from appliance.proxy.tracked import (
 )
 from appliance.proxy.upstream_pool import UpstreamPool
 
+DIALOG_TIMEOUT = 30.0  # seconds a silent refusal dialog is kept
+
 log = logging.getLogger("appliance.proxy")
 
 # services relayed over raw sockets (splice.py) when splicing is on; HTTP (http_conn.py)
@@ -286,8 +288,12 @@ class Relay:
         hello_timeout: float = HELLO_TIMEOUT,
         name_ttl: float = 5.0,
         usage: UsageRecorder | None = None,
+        dialog_timeout: float = DIALOG_TIMEOUT,
     ) -> None:
         self.gate = gate
+        # a refusal dialog (POP3 -ERR, SMTP 5xx...) idle this long is closed: it has
+        # said all it can, and a silent client must not hold the slot idle_timeout long
+        self.dialog_timeout = min(dialog_timeout, idle_timeout)
         self.usage = usage  # per-user accounting (None: off)
         self._quota_warned = False
         self.counts: Counts = counts if counts is not None else LocalCounts()
@@ -555,7 +561,7 @@ class Relay:
     async def _sweep(self) -> None:
         """One timer for all connections: a connection whose byte counts did not move
         for idle_timeout is closed (granularity: a quarter of the timeout, at most 30 s)."""
-        period = max(0.2, min(30.0, self.idle_timeout / 4))
+        period = max(0.2, min(30.0, self.idle_timeout / 4, self.dialog_timeout / 2))
         seen: dict[Tracked, tuple[int, float]] = {}
         while True:
             await asyncio.sleep(period)
@@ -565,6 +571,10 @@ class Relay:
                 total = conn.activity()
                 last = seen.get(conn)
                 if last is not None and last[0] == total:
+                    dialog = getattr(conn, "dialog", None) is not None
+                    if dialog and now - last[1] >= self.dialog_timeout:
+                        conn.abort("dialog-timeout")
+                        continue
                     if now - last[1] >= self.idle_timeout:
                         conn.abort("idle-timeout")
                         continue

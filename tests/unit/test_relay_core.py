@@ -689,3 +689,24 @@ def test_a_name_with_a_hidden_ipv6_answer_is_refused() -> None:
         upstream.close()
 
     run(body())
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_a_silent_refusal_dialog_is_closed_long_before_the_idle_timeout(splice: bool) -> None:
+    async def body() -> None:
+        port = free_port()
+        t = table(1, port, allow=["smtp"])  # pop3 is refused: the dialog answers instead
+        relay = Relay(StaticGate(t), idle_timeout=60.0, dialog_timeout=0.5, splice=splice)
+        await relay.start("127.0.0.1", (Listener("pop3", "pop3", port),))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await read_until(r, b"\n")).startswith(b"+OK")
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(r.read(), 5) == b""  # closed, the client said nothing
+        assert asyncio.get_running_loop().time() - started < 3
+        await asyncio.sleep(0.1)
+        results = {r: n for (svc, r), n in relay.counters.items() if svc == "pop3"}
+        assert results == {"refused-denied": 1}, results  # counted as the refusal it was
+        w.close()
+        await relay.stop()
+
+    run(body())
