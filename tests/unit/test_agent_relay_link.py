@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from agent_helpers import appliance_config, free_port, make_agent_dir
+from certs import self_signed
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -52,29 +53,12 @@ MAILBOX = os.urandom(4 << 20)
 RETR_HEAD = b"+OK 4194304 octets\r\n"
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-
-
 @pytest.fixture(scope="module")
 def relay_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """The relay's certificate and key files, and the certificate's fingerprint."""
     d = tmp_path_factory.mktemp("relay-tls")
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _self_signed(key, HOST)
+    cert = self_signed(key, HOST)
     (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "key.pem").write_bytes(
         key.private_bytes(
@@ -195,7 +179,7 @@ class Rig:
 async def claim(relay: RelayServer, cert: Path) -> None:
     """Register HOUSEHOLD with a P-256 key that is not the agent's, then leave."""
     squatter = ec.generate_private_key(ec.SECP256R1())
-    der = _self_signed(squatter, "squatter").public_bytes(serialization.Encoding.DER)
+    der = self_signed(squatter, "squatter").public_bytes(serialization.Encoding.DER)
     async with connect(
         f"wss://127.0.0.1:{relay.port}/v1/agent",
         ssl=ssl.create_default_context(cafile=str(cert)),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import re
@@ -24,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from certs import self_signed
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -46,23 +44,6 @@ pytestmark = pytest.mark.unit
 HOST = "relay.test"
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-
-
 @dataclass
 class Agent:
     key: ec.EllipticCurvePrivateKey
@@ -71,14 +52,14 @@ class Agent:
 
 def make_agent() -> Agent:
     key = ec.generate_private_key(ec.SECP256R1())
-    return Agent(key, _self_signed(key, "agent").public_bytes(serialization.Encoding.DER))
+    return Agent(key, self_signed(key, "agent").public_bytes(serialization.Encoding.DER))
 
 
 @pytest.fixture(scope="module")
 def relay_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, ssl.SSLContext]:
     d = tmp_path_factory.mktemp("relay-tls")
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _self_signed(key, HOST)
+    cert = self_signed(key, HOST)
     (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "key.pem").write_bytes(
         key.private_bytes(

@@ -7,7 +7,6 @@ hidden network."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import socket
 import ssl
@@ -15,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from certs import self_signed
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from relay_helpers import free_port, loop_kind, resolver, run  # noqa: F401
 
 from appliance.proxy.gate import HIDDEN, NO_SUCH_HOST, Listener, StaticGate
@@ -36,20 +34,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for NAME: the origin's own, which the guest must see."""
     d = tmp_path_factory.mktemp("tls")
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    crt = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    crt = self_signed(key, NAME)
     (d / "cert.pem").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
     (d / "key.pem").write_bytes(
         key.private_bytes(
