@@ -175,19 +175,29 @@ class AgentApp:
         return key, None
 
     # -- POST /v1/authenticate ----------------------------------------------------
-    def authenticate(self, req: Request) -> Response:
-        now = self.clock()
+    def _signed_request(
+        self, req: Request, now: float, parse: Callable[[bytes], tuple[str, str] | Response]
+    ) -> tuple[str, str, str] | Response:
+        """What both endpoints do first, in this order (cheap checks before the
+        signature): admission, the body's two fields, the appliance's signature.
+        -> (appliance key, user, the second field), or the refusal."""
         early = self._admit(req, now)
         if early is not None:
             return early
-        parsed = parse_credentials(req.body)
+        parsed = parse(req.body)
         if isinstance(parsed, Response):
             return parsed
-        user_name, password = parsed
-
         key, verdict = self._check_signed(req, now)
         if verdict is not None:
             return verdict
+        return key, parsed[0], parsed[1]
+
+    def authenticate(self, req: Request) -> Response:
+        now = self.clock()
+        checked = self._signed_request(req, now, parse_credentials)
+        if isinstance(checked, Response):
+            return checked
+        key, user_name, password = checked
         with self._lock:
             if self.lockout.locked(user_name, now):
                 log.info("login for %s refused: locked (appliance %s)", user_name, key[:12])
@@ -228,16 +238,10 @@ class AgentApp:
     # -- POST /v1/connect ---------------------------------------------------------
     def connect(self, req: Request) -> Response | Tunnel:
         now = self.clock()
-        early = self._admit(req, now)
-        if early is not None:
-            return early
-        parsed = parse_connect(req.body)
-        if isinstance(parsed, Response):
-            return parsed
-        user_name, service = parsed
-        key, verdict = self._check_signed(req, now)
-        if verdict is not None:
-            return verdict
+        checked = self._signed_request(req, now, parse_connect)
+        if isinstance(checked, Response):
+            return checked
+        key, user_name, service = checked
         with self._lock:
             at = self.logins.get((key, user_name))
             fresh = at is not None and 0 <= now - at <= LOGIN_TTL
