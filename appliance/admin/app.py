@@ -28,7 +28,6 @@ from jinja2 import DictLoader
 from appliance.accounts import admins as accounts
 from appliance.admin import audit, grid, usage_page
 from appliance.admin.files import Conflict, read_versioned, save_if_unchanged
-from appliance.admin.logins import AdminLogins
 from appliance.admin.templates import CSS, TEMPLATES
 from appliance.core.config import Config
 from appliance.core.tomlfile import ConfigError
@@ -37,6 +36,7 @@ from appliance.policy import trusted_agents
 from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
 from appliance.state import store, usage
+from appliance.state.admin_logins import AdminLogins
 from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.admin")

@@ -1,8 +1,10 @@
-"""The admin audit log: one JSON line per change, with admin, time, what and the diff.
+"""The admin audit log: who changed what, when, and the diff; kept in the shared store
+(appliance/state/audit.py).
 
-It lives at `<state.directory>/audit.log`, append-only; the admin pages show its
-tail.  Passwords and cookies never go in it (admin account changes are logged by
-name only).
+Before the first start there is no store, and root's CLI must not make one (the roles'
+own user could not write it): `appliance admins` then appends its entries to
+`<state.directory>/audit.log` (JSON lines, as older versions kept the whole log), which
+the store takes in the first time the log is opened after, renamed `audit.log.imported`.
 """
 
 from __future__ import annotations
@@ -10,30 +12,16 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
+import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.core.config import Config
+from appliance.state import audit, store
+from appliance.state.audit import Entry
 
 log = logging.getLogger("appliance.admin.audit")
-
-
-@dataclass(frozen=True)
-class Entry:
-    time: float
-    admin: str
-    action: str
-    target: str
-    diff: str
-
-    @property
-    def when(self) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.time))
-
-
-def path_of(config: Config) -> Path:
-    return config.state.directory / "audit.log"
 
 
 def diff(old: str, new: str, name: str) -> str:
@@ -44,30 +32,78 @@ def diff(old: str, new: str, name: str) -> str:
     )
 
 
+def _pending(config: Config) -> Path:
+    return config.state.directory / "audit.log"
+
+
+def _open(config: Config) -> sqlite3.Connection:
+    conn = store.connect(config.state.database)
+    audit.create_schema(conn)
+    if _pending(config).exists():
+        _take_in(conn, _pending(config))
+    return conn
+
+
+def _take_in(conn: sqlite3.Connection, path: Path) -> None:
+    """The pending JSON lines, oldest first, into the store: claimed by a rename first, so
+    of two roles opening the log at once only one takes them in."""
+    claimed = path.with_name(f"audit.log.taking-{os.getpid()}")
+    try:
+        path.rename(claimed)
+    except FileNotFoundError:  # another process took it
+        return
+    entries = _read(claimed)
+    audit.append(conn, entries)
+    claimed.rename(path.with_name("audit.log.imported"))
+    log.info("audit: %d entries of %s taken into the store", len(entries), path)
+
+
+def _read(path: Path) -> list[Entry]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+            entries.append(
+                Entry(
+                    float(d["time"]),
+                    str(d["admin"]),
+                    str(d["action"]),
+                    str(d["target"]),
+                    str(d.get("diff", "")),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
 def record(config: Config, admin: str, action: str, target: str, change: str = "") -> Entry:
     entry = Entry(time.time(), admin, action, target, change)
-    path = path_of(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(
-        {"time": entry.time, "admin": admin, "action": action, "target": target, "diff": change}
-    )
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    if config.state.database.exists():
+        conn = _open(config)
+        try:
+            audit.append(conn, [entry])
+        finally:
+            conn.close()
+    else:  # before the first start (see above)
+        _pending(config).parent.mkdir(parents=True, exist_ok=True)
+        line = {"time": entry.time, "admin": admin, "action": action, "target": target}
+        with open(_pending(config), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line | {"diff": change}) + "\n")
     log.info("audit: %s %s %s", admin, action, target)
     return entry
 
 
 def tail(config: Config, limit: int = 200) -> list[Entry]:
-    """The newest entries first."""
+    """The newest entries first (none before the first start but those pending)."""
+    if not config.state.database.exists():
+        return list(reversed(_read(_pending(config))))[:limit]
+    conn = _open(config)
     try:
-        lines = path_of(config).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in reversed(lines[-limit:]):
-        try:
-            d = json.loads(line)
-            out.append(Entry(d["time"], d["admin"], d["action"], d["target"], d.get("diff", "")))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
+        return audit.newest(conn, limit)
+    finally:
+        conn.close()

@@ -39,8 +39,8 @@ def _cmd(args: argparse.Namespace) -> int:
     # no store yet (before the first start): no logins to end, and a store made now by
     # root would be one the roles' own user cannot write
     if args.admins_command in ("del", "passwd") and config.state.database.exists():
-        from appliance.admin.logins import AdminLogins
         from appliance.state import store
+        from appliance.state.admin_logins import AdminLogins
 
         ended = AdminLogins(store.connect(config.state.database)).end_all(args.name)
         if ended:

@@ -50,7 +50,8 @@ from appliance.homelink.registration import (
 )
 from appliance.homelink.stream import LINGER, WINDOW
 from appliance.homerelay.config import RelayConfig
-from appliance.homerelay.table import HouseholdStore, Registrations, SqliteHouseholds
+from appliance.homerelay.table import HouseholdStore, Registrations
+from appliance.state.households import SqliteHouseholds
 
 log = logging.getLogger("appliance.homerelay")
 

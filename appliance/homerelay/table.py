@@ -6,7 +6,7 @@ the owner's key replaces the owner's current link at once (takeover).  Only the 
 own attempts count towards the per-household rate limit, so nobody else can lock a
 household out by spamming registrations for its name.
 
-Persistence goes through `HouseholdStore` (SQLite here; PostgreSQL later, issue #18).
+Persistence goes through `HouseholdStore` (appliance/state/households.py: SQLite today).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Protocol
 
 from appliance.homelink.frames import Reset
 from appliance.homelink.registration import CLOSE_CLAIMED, CLOSE_TOO_MANY, RegistrationRefused
-from appliance.state.store import connect
+from appliance.state.households import Claim
 
 MAX_ATTEMPTS = 4  # registrations per household ...
 ATTEMPT_WINDOW = 10.0  # ... in this many seconds
@@ -33,47 +32,12 @@ class State(StrEnum):
     IN_USE = "in_use"
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    name: str
-    key: str
-    claimed_at: float
-    last_seen: float
-
-
 class HouseholdStore(Protocol):
     """Where claims live across restarts."""
 
     def load(self) -> list[Claim]: ...
     def claim(self, name: str, key: str, claimed_at: float) -> None: ...
     def seen(self, name: str, last_seen: float) -> None: ...
-
-
-class SqliteHouseholds:
-    """All the relay's SQL: one table in one SQLite file (WAL)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.conn = connect(path)
-        self.conn.execute(
-            "CREATE TABLE IF NOT EXISTS households (name TEXT PRIMARY KEY, key TEXT NOT NULL,"
-            " claimed_at REAL NOT NULL, last_seen REAL NOT NULL)"
-        )
-
-    def load(self) -> list[Claim]:
-        rows = self.conn.execute("SELECT name, key, claimed_at, last_seen FROM households")
-        return [Claim(str(n), str(k), float(c), float(s)) for n, k, c, s in rows]
-
-    def claim(self, name: str, key: str, claimed_at: float) -> None:
-        self.conn.execute(
-            "INSERT INTO households (name, key, claimed_at, last_seen) VALUES (?, ?, ?, ?)",
-            (name, key, claimed_at, claimed_at),
-        )
-
-    def seen(self, name: str, last_seen: float) -> None:
-        self.conn.execute("UPDATE households SET last_seen = ? WHERE name = ?", (last_seen, name))
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 @dataclass(slots=True)

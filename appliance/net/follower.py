@@ -8,7 +8,7 @@ restart never leaves a stale set.  When a lease ends its pair also leaves
 `authenticated`: a session never outlives the address it was bound to.
 
 `authenticated` is rebuilt from the active sessions at start and whenever the store
-changes (`PRAGMA data_version`, a cheap read, tells when another process committed):
+changes (`store.data_version`, a cheap read, tells when another process committed):
 logins and logouts reach the kernel through here, and a restart of the net role
 keeps every guest that is online online (see `members`).
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from appliance.core.config import Config
 from appliance.net import members, nft
 from appliance.net.setup import check_pair
-from appliance.state import leases, store
+from appliance.state import grants, leases, store
 
 log = logging.getLogger("appliance.net.follower")
 
@@ -68,8 +68,8 @@ def full_sync(
     if auth:
         script += f"add element {table} authenticated {{ {nft.elements_text(auth)} }}\n"
     execute(script)
-    members.record(conn, auth, set(), replace=True)
-    members.prune_grants(conn)
+    grants.record(conn, auth, set(), replace=True)
+    grants.prune_grants(conn)
     log.info(
         "sets loaded: %d bound leases (events up to %d), %d authenticated",
         len(bound),
@@ -91,9 +91,9 @@ def sync_authenticated(
     adds, dels = want - have, have - want
     if adds or dels:
         execute(_auth_script(adds, dels))
-        members.record(conn, adds, dels)
+        grants.record(conn, adds, dels)
         if dels:
-            members.prune_grants(conn)
+            grants.prune_grants(conn)
         log.debug("authenticated: +%d -%d", len(adds), len(dels))
     return want, due
 
@@ -113,7 +113,7 @@ def load(config: Config) -> int:
     """One full load of both sets from the store (before the roles start)."""
     conn = store.connect(config.state.database)
     try:
-        members.create_schema(conn)
+        grants.create_schema(conn)
         key = members.grant_key(config.state.directory)
         return full_sync(conn, time.time(), nft.run, key)[0]
     finally:
@@ -148,7 +148,7 @@ def apply_events(
 def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
     """Follow the lease events and the sessions until `stop` is set (the `net` role)."""
     conn = store.connect(config.state.database)
-    members.create_schema(conn)
+    grants.create_schema(conn)
     lib = nft.runner()  # in-process libnftables when present: no fork per batch
     execute = lib.run if lib is not None else nft.run
     key = members.grant_key(config.state.directory)
@@ -162,7 +162,7 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
             if time.monotonic() >= next_sync:
                 last, auth, due = full_sync(conn, time.time(), execute, key)
                 next_sync = time.monotonic() + RESYNC
-            seen = conn.execute("PRAGMA data_version").fetchone()[0]
+            seen = store.data_version(conn)
             if seen != version:
                 version, dirty = seen, True
                 events = leases.events_since(conn, last)

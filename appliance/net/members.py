@@ -27,24 +27,12 @@ import sqlite3
 from pathlib import Path
 
 from appliance.net.setup import check_pair
-from appliance.state import leases
-from appliance.state.sessions import SessionStore
+from appliance.state import grants
 
 log = logging.getLogger("appliance.net.members")
 
-Pair = tuple[str, str]
+Pair = grants.Pair
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS firewall_members (
-    ip TEXT NOT NULL,
-    mac TEXT NOT NULL,
-    PRIMARY KEY (ip, mac)
-);
-CREATE TABLE IF NOT EXISTS firewall_grants (
-    session_id TEXT PRIMARY KEY,
-    signature TEXT NOT NULL          -- HMAC-SHA256(key, "id ip mac"), hex
-);
-"""
 KEY_FILE = "firewall-grant.key"
 
 
@@ -74,37 +62,9 @@ def signature(key: bytes, session_id: str, ip: str, mac: str) -> str:
 
 def grant(conn: sqlite3.Connection, key: bytes, session_id: str, ip: str, mac: str) -> None:
     """What the portal writes after a login: the net role lets only granted sessions in."""
-    conn.execute(
-        "INSERT OR REPLACE INTO firewall_grants (session_id, signature) VALUES (?, ?)",
-        (session_id, signature(key, session_id, ip, mac)),
-    )
+    grants.write_grant(conn, session_id, signature(key, session_id, ip, mac))
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    """The sessions and leases tables too: the net role may start before the others."""
-    conn.executescript(SCHEMA)
-    SessionStore(conn)  # creates the session and lease tables when missing
-
-
-def prune_grants(conn: sqlite3.Connection) -> None:
-    """Grants of ended sessions go, so reviving an ended session row opens nothing."""
-    conn.execute(
-        "DELETE FROM firewall_grants WHERE session_id NOT IN "
-        "(SELECT id FROM sessions WHERE ended IS NULL)"
-    )
-
-
-# An active, unexpired session on the binding it was made in (same MAC, no new grant
-# of the address since: the rule of `SessionStore.lookup_ip`), with its grant.  Read
-# here as one join: the net role runs it after every change to the store, so it must
-# stay cheap with thousands of guests (SessionStore.list() parses every row's JSON).
-_WANTED = f"""
-SELECT s.id, s.ip, s.mac, MIN(s.idle_expiry, s.absolute_expiry, lease.expires), g.signature
-FROM sessions AS s
-{leases.binding_join("s", ":now")}
-JOIN firewall_grants AS g ON g.session_id = s.id
-WHERE s.ended IS NULL AND s.idle_expiry > :now AND s.absolute_expiry > :now
-"""
 _refused: set[str] = set()  # sessions whose bad grant was logged already
 # rows already checked (address parsed, grant verified): most syncs change a few rows
 _verified: dict[tuple[object, ...], Pair] = {}
@@ -116,7 +76,7 @@ def wanted(conn: sqlite3.Connection, now: float, key: bytes) -> tuple[set[Pair],
     due: float | None = None
     if len(_verified) > 100000:
         _verified.clear()
-    for sid, ip, mac, ends, sig in conn.execute(_WANTED, {"now": now}).fetchall():
+    for sid, ip, mac, ends, sig in grants.granted_sessions(conn, now):
         known = _verified.get((key, sid, ip, mac, sig))
         if known is not None:
             out.add(known)
@@ -136,37 +96,3 @@ def wanted(conn: sqlite3.Connection, now: float, key: bytes) -> tuple[set[Pair],
         out.add(pair)
         due = float(ends) if due is None else min(due, float(ends))
     return out, due
-
-
-def record(
-    conn: sqlite3.Connection,
-    adds: set[Pair],
-    dels: set[Pair],
-    replace: bool = False,
-) -> None:
-    """Write the receipt after the kernel took the change (`replace`: the whole set)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if replace:
-            conn.execute("DELETE FROM firewall_members")
-        conn.executemany("DELETE FROM firewall_members WHERE ip = ? AND mac = ?", sorted(dels))
-        conn.executemany(
-            "INSERT OR IGNORE INTO firewall_members (ip, mac) VALUES (?, ?)", sorted(adds)
-        )
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def confirmed(conn: sqlite3.Connection, ip: str, mac: str) -> bool:
-    """Whether the net role has put (ip, mac) into the kernel's set."""
-    row = conn.execute(
-        "SELECT 1 FROM firewall_members WHERE ip = ? AND mac = ?", (ip, mac)
-    ).fetchone()
-    return row is not None
-
-
-def clear(conn: sqlite3.Connection) -> None:
-    """No receipts: the set is gone or closed, nobody is confirmed."""
-    conn.execute("DELETE FROM firewall_members")

@@ -18,8 +18,8 @@ from prometheus_client.core import Metric
 
 from appliance.core import metrics
 from appliance.core.config import Config
-from appliance.net import follower, interface, members, nft, setup, tables
-from appliance.state import store
+from appliance.net import follower, interface, nft, setup, tables
+from appliance.state import grants, store
 
 log = logging.getLogger("appliance.net")
 
@@ -48,8 +48,8 @@ def _no_receipts(config: Config) -> None:
     try:
         conn = store.connect(config.state.database)
         try:
-            members.create_schema(conn)
-            members.clear(conn)
+            grants.create_schema(conn)
+            grants.clear(conn)
         finally:
             conn.close()
     except sqlite3.Error as exc:

@@ -33,7 +33,7 @@ from appliance.core.config import PORTAL_THREADS, Config
 from appliance.net.firewall import revoker
 from appliance.portal import gates
 from appliance.portal.app import CLOSE_HEADER, CONNECTION_OPENED, ORIGINAL_DST, create_app
-from appliance.state import store
+from appliance.state import sessions, store
 from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.portal")
@@ -177,11 +177,11 @@ def metric_families(config: Config, portal: Any) -> Iterator[Metric]:
     )
     conn = store.connect(config.state.database, readonly=True)
     try:
-        sources = conn.execute("SELECT source FROM sessions WHERE ended IS NULL").fetchall()
+        sources = sessions.active_sources(conn)
     finally:
         conn.close()
     by_source: Counter[tuple[str, ...]] = Counter({("site",): 0, ("agent",): 0})
-    for (source,) in sources:
+    for source in sources:
         by_source[("site" if source == "site" else "agent",)] += 1
     yield metrics.gauge(
         "portal_sessions", "Sessions active now, by source.", ("source",), by_source

@@ -10,6 +10,7 @@ small functions so PostgreSQL can replace this later.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -27,8 +28,25 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 5000")
     if not readonly:
         _wal(conn)
+        _same_owner(path)
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
+
+
+def _same_owner(path: Path) -> None:
+    """Root's CLI (`appliance admins`, `appliance sessions end`) writing a store the roles
+    made: SQLite may create the -wal and -shm files now, as root, and the roles' own user
+    could then no longer open the store.  They are given to the store file's owner."""
+    if os.geteuid() != 0:
+        return
+    owner = path.stat()
+    for side in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = side.stat()
+            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                os.chown(side, owner.st_uid, owner.st_gid)
+        except FileNotFoundError:
+            continue
 
 
 def _wal(conn: sqlite3.Connection) -> None:
@@ -47,3 +65,9 @@ def _wal(conn: sqlite3.Connection) -> None:
             if attempt == 49:
                 raise
             time.sleep(0.05)
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """A number that changes when another connection commits to the store: a cheap read
+    that tells a follower whether there is anything new to look at."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])

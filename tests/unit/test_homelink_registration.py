@@ -25,7 +25,8 @@ from appliance.homelink.registration import (
     sign_registration,
     verify_registration,
 )
-from appliance.homerelay.table import Registrations, SqliteHouseholds
+from appliance.homerelay.table import Registrations
+from appliance.state.households import SqliteHouseholds
 
 pytestmark = pytest.mark.unit
 HOST = "relay.example"

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.core.config import load
 from appliance.net import follower, members, nft, tables
-from appliance.state import leases, store
+from appliance.state import grants, leases, store
 from appliance.state.sessions import Session, SessionStore
 
 pytestmark = pytest.mark.unit
@@ -60,7 +60,7 @@ def test_full_sync_loads_only_bound_unexpired_leases(tmp_path: Path) -> None:
     leases.record(conn, "granted", leases.Lease("192.168.1.100", MAC1, now + 60), now)
     leases.record(conn, "granted", leases.Lease("192.168.1.101", MAC2, now - 1), now)
     last = leases.record(conn, "released", leases.Lease("192.168.1.102", MAC2, now + 60), now)
-    members.create_schema(conn)
+    grants.create_schema(conn)
     scripts: list[str] = []
     assert follower.full_sync(conn, now, scripts.append, KEY) == (last, set(), None)
     assert scripts == [
@@ -105,7 +105,7 @@ def test_a_lease_with_a_bad_mac_is_skipped_not_fatal(tmp_path: Path) -> None:
     leases.record(
         conn, "granted", leases.Lease("192.168.1.105", "02:47:00:00:00:0b:00:00", now + 60), now
     )
-    members.create_schema(conn)
+    grants.create_schema(conn)
     scripts: list[str] = []
     follower.full_sync(conn, now, scripts.append, KEY)
     assert scripts == [
@@ -125,7 +125,7 @@ class Granting(SessionStore):
 
 def _store(tmp_path: Path) -> tuple[sqlite3.Connection, SessionStore]:
     conn = store.connect(tmp_path / "s.sqlite")
-    members.create_schema(conn)
+    grants.create_schema(conn)
     return conn, Granting(conn, idle=600, maximum=3600)
 
 
@@ -167,8 +167,8 @@ def test_sync_changes_only_the_difference_and_writes_the_receipt(tmp_path: Path)
         f"delete element {table} {{ 192.168.1.101 . {MAC2} }}\n"
         f"add element {table} {{ 192.168.1.100 . {MAC1} }}\n"
     ]
-    assert members.confirmed(conn, "192.168.1.100", MAC1)
-    assert not members.confirmed(conn, *stale)
+    assert grants.confirmed(conn, "192.168.1.100", MAC1)
+    assert not grants.confirmed(conn, *stale)
     follower.sync_authenticated(conn, now, have, scripts.append, KEY)
     assert len(scripts) == 1  # nothing changed: no transaction
 
@@ -185,7 +185,7 @@ def test_no_receipt_when_the_kernel_refuses(tmp_path: Path) -> None:
 
     with pytest.raises(nft.NftError):
         follower.sync_authenticated(conn, now, set(), refuse, KEY)
-    assert not members.confirmed(conn, "192.168.1.100", MAC1)
+    assert not grants.confirmed(conn, "192.168.1.100", MAC1)
 
 
 def test_a_session_without_a_valid_grant_is_not_let_in(tmp_path: Path) -> None:

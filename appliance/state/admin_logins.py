@@ -3,7 +3,8 @@
 The signed cookie alone cannot be taken back: a copy made before logout would stay
 valid until it expires.  So the cookie carries a random login id, and this table in
 the shared store says which ids are live.  Logout, `appliance admins del` and
-`appliance admins passwd` end them; a restart does not.
+`appliance admins passwd` end them; a restart does not.  This module is the only one
+that knows the table's SQL.
 """
 
 from __future__ import annotations

@@ -1,0 +1,66 @@
+"""The admin audit log in the shared store: entries kept in order, root's entries from
+before the first start taken in exactly once, no entry lost or doubled."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance.admin import audit
+from appliance.core.config import Config, load
+from appliance.state import store
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Config:
+    for name in ("appliance.toml", "servers.toml", "access.toml"):
+        shutil.copy(ROOT / "policies" / name, tmp_path / name)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(cfg.read_text().replace("/var/lib/appliance", str(tmp_path / "state")))
+    return load(cfg)
+
+
+def test_entries_come_back_newest_first_with_their_diff(site: Config) -> None:
+    store.connect(site.state.database).close()  # a role has started
+    audit.record(site, "alice", "edit access rights", "access.toml", "-a\n+b\n")
+    audit.record(site, "bob", "end session", "carol 192.168.1.100")
+    got = audit.tail(site)
+    assert [(e.admin, e.action) for e in got] == [
+        ("bob", "end session"),
+        ("alice", "edit access rights"),
+    ]
+    assert got[1].diff == "-a\n+b\n" and got[1].when.endswith("UTC")
+    assert not (site.state.directory / "audit.log").exists()  # all in the store
+
+
+def test_before_the_first_start_entries_wait_in_a_file_then_move_into_the_store_once(
+    site: Config,
+) -> None:
+    audit.record(site, "cli:root", "admins add", "carol")
+    audit.record(site, "cli:root", "admins passwd", "carol")
+    assert not site.state.database.exists()  # root's CLI makes no store
+    assert [e.action for e in audit.tail(site)] == ["admins passwd", "admins add"]
+    store.connect(site.state.database).close()  # the first start
+    audit.record(site, "alice", "edit server info", "servers.toml")
+    for _ in range(2):  # opened again: nothing doubled
+        assert [e.action for e in audit.tail(site)] == [
+            "edit server info",
+            "admins passwd",
+            "admins add",
+        ]
+    assert not (site.state.directory / "audit.log").exists()
+    assert (site.state.directory / "audit.log.imported").exists()
+
+
+def test_a_broken_line_in_the_pending_file_is_skipped_not_fatal(site: Config) -> None:
+    site.state.directory.mkdir(parents=True)
+    (site.state.directory / "audit.log").write_text(
+        '{"time": 1, "admin": "a", "action": "x", "target": "t"}\nnot json\n{"time": 2}\n'
+    )
+    store.connect(site.state.database).close()
+    assert [(e.admin, e.action, e.diff) for e in audit.tail(site)] == [("a", "x", "")]
