@@ -5,9 +5,10 @@ unexpired session whose lease still binds the address).  Asking it costs two SQL
 queries, too much for every cached answer, so a yes is remembered in `known`
 (address -> monotonic time until which it holds) for at most `TRUST` seconds and never
 past the session's own expiry; a session ended by any role leaves `known` within one
-`poll` (the service polls `ended_since` twice a second), which also asks again for the
-addresses about to lapse.  A no is never remembered:
-the very next question after a login is answered as a member's.
+`poll` (the service follows the ended sessions' events twice a second, with the store's
+cursor, appliance/state/follow.py), which also asks again for the addresses about to
+lapse.  A no is never remembered: the very next question after a login is answered as
+a member's.
 
 Unknown is not logged in: no store, a store that raises, no session, all mean the
 guest gets the before-login answers.  `known` is read by the UDP thread without a
@@ -21,17 +22,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from appliance.state.follow import Cursor
+from appliance.state.sessions import SessionEvent
+
 log = logging.getLogger("appliance.dns")
 
 TRUST = 5.0
-OVERLAP = 5.0  # seconds each poll of ended sessions looks back (as proxy/follow.py)
 """Seconds a found session is trusted without asking again: bounds how long a lease
 lapse not yet turned into an ended session keeps an address a member here."""
 
 
 class Sessions(Protocol):
     def lookup_ip(self, ip: str) -> Any: ...
-    def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]: ...
+    def ended_after(self, last_id: int, limit: int) -> Sequence[SessionEvent]: ...
+    def last_event(self) -> int: ...
 
 
 class Logins:
@@ -39,7 +43,7 @@ class Logins:
         self.sessions = sessions
         self.wall = wall
         self.known: dict[str, float] = {}
-        self.since = wall()
+        self.ended: Cursor[SessionEvent] | None = None  # made at the first poll
         self._failed_logged = -60.0
 
     def logged_in(self, ip: str, now: float) -> bool:
@@ -76,16 +80,16 @@ class Logins:
         if self.sessions is None:
             return
         try:
-            # `ended` is the ending process's clock and its commit may land after a later
-            # one: look back OVERLAP seconds (forgetting an address twice only costs a query)
-            ended = self.sessions.ended_since(self.since - OVERLAP)
+            if self.ended is None:
+                self.ended = Cursor(self.sessions.ended_after, self.sessions.last_event())
+                self.known.clear()  # (nothing known yet was learnt before this cursor)
+            ended = self.ended.drain()
         except Exception as exc:
             self._failed(exc)
             self.known.clear()  # cannot tell who ended: nobody is trusted until asked again
             return
-        for _sid, ip, at in ended:
-            self.known.pop(ip, None)
-            self.since = max(self.since, at)
+        for ev in ended:
+            self.known.pop(ev.ip, None)
         for ip, until in list(self.known.items()):
             if until <= now + ahead:
                 self._ask(ip, now)
@@ -97,4 +101,4 @@ class Logins:
             log.warning("dns: cannot read the sessions (%s); guests count as not logged in", exc)
 
 
-__all__ = ["OVERLAP", "TRUST", "Logins", "Sessions"]
+__all__ = ["TRUST", "Logins", "Sessions"]

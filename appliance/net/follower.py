@@ -20,11 +20,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 from appliance.core.config import Config
 from appliance.net import members, nft
 from appliance.net.setup import check_pair
 from appliance.state import grants, leases, store
+from appliance.state.follow import BATCH, Cursor
 
 log = logging.getLogger("appliance.net.follower")
 
@@ -153,6 +155,7 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
     execute = lib.run if lib is not None else nft.run
     key = members.grant_key(config.state.directory)
     last, auth, due = full_sync(conn, time.time(), execute, key)
+    cursor = Cursor(partial(leases.events_since, conn), last)
     next_sync = time.monotonic() + RESYNC
     version = None
     dirty = False  # the store changed since the last session sync
@@ -161,16 +164,16 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
         try:
             if time.monotonic() >= next_sync:
                 last, auth, due = full_sync(conn, time.time(), execute, key)
+                cursor = Cursor(partial(leases.events_since, conn), last)
                 next_sync = time.monotonic() + RESYNC
             seen = store.data_version(conn)
             if seen != version:
                 version, dirty = seen, True
-                events = leases.events_since(conn, last)
+                events = cursor.poll()
                 if events:
                     auth -= apply_events(events, execute)  # taken out of the kernel's set
-                    last = events[-1].id
-                    log.debug("applied %d lease events (up to %d)", len(events), last)
-                    if len(events) >= 1000:
+                    log.debug("applied %d lease events (up to %d)", len(events), cursor.last)
+                    if len(events) >= BATCH:
                         version = None  # more to read: look again at once
             expired = due is not None and time.time() >= due
             if (dirty or expired) and time.monotonic() >= not_before:

@@ -28,7 +28,7 @@ from appliance.core.neighbours import neighbour_mac
 from appliance.homelink.dialer_client import relayed
 from appliance.policy import Policy
 from appliance.proxy.upstream_tls import UpstreamTls
-from appliance.state.sessions import Session, SessionStore, read_only
+from appliance.state.sessions import Session, SessionEvent, SessionStore, read_only
 
 if TYPE_CHECKING:  # (agent_stream imports tracked, which imports this module)
     from appliance.proxy.agent_stream import AgentStreams
@@ -139,8 +139,12 @@ class Gate(Protocol):
 
     def reload(self) -> None: ...
 
-    def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
-        """(session id, ip, ended) of sessions ended after `since` (the relay's follower)."""
+    def ended_after(self, last_id: int, limit: int) -> Sequence[SessionEvent]:
+        """Ends of sessions after the event `last_id`, oldest first (the relay's follower)."""
+        ...
+
+    def last_session_event(self) -> int:
+        """The newest session event's id: where the relay's follower starts."""
         ...
 
 
@@ -240,12 +244,19 @@ class StaticGate:
             user.get("quota_bytes_per_day"),
         )
 
-    def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
-        """Sessions ended in this table: tests append to `ended` (and drop the user)."""
-        rows = [e for e in self.ended if e[2] > since]
+    def ended_after(self, last_id: int, limit: int) -> Sequence[SessionEvent]:
+        """Sessions ended in this table: tests append (id, ip, time) to `ended` (and drop
+        the user); the n-th entry is event n."""
+        rows = [
+            SessionEvent(n, t, "ended", sid, ip, "")
+            for n, (sid, ip, t) in enumerate(self.ended, start=1)
+        ][last_id : last_id + limit]
         if rows:
             self._answers.clear()
         return rows
+
+    def last_session_event(self) -> int:
+        return len(self.ended)
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._subscribers.append(callback)
@@ -350,7 +361,7 @@ class PolicyGate:
     # A session found for an address is reused this long without asking the store
     # again (connection rate: the lookup is two SQLite queries and a JSON decode, the
     # MAC check reads /proc/net/arp).  An ended session leaves the cache at once
-    # through `ended_since` (the relay polls it several times a second); what the
+    # through `ended_after` (the relay polls it several times a second); what the
     # cache can miss for CACHE_TTL is a lease lapse not yet turned into an end.
     CACHE_TTL = 1.0
 
@@ -499,12 +510,16 @@ class PolicyGate:
         self._cache[ip] = (now + self.CACHE_TTL, session, mac, answers)
         return session, mac, answers
 
-    def ended_since(self, since: float) -> Sequence[tuple[str, str, float]]:
-        """Sessions ended after `since` in the shared store; their addresses leave the cache."""
-        rows: Sequence[tuple[str, str, float]] = self.sessions.ended_since(since)
-        for _sid, ip, _t in rows:
-            self._cache.pop(ip, None)
+    def ended_after(self, last_id: int, limit: int) -> Sequence[SessionEvent]:
+        """Sessions ended after event `last_id` in the shared store; their addresses leave
+        the cache."""
+        rows = self.sessions.ended_after(last_id, limit)
+        for ev in rows:
+            self._cache.pop(ev.ip, None)
         return rows
+
+    def last_session_event(self) -> int:
+        return self.sessions.last_event()
 
     def _touch(self, session_id: str) -> None:
         """Relayed use keeps a session from idling out; at most one write a minute each."""

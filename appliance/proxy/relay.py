@@ -37,7 +37,7 @@ from appliance.proxy.access_log import AccessLog
 from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.agent_stream import AgentPump, AgentStreamFailed
 from appliance.proxy.counts import Counts, LocalCounts
-from appliance.proxy.follow import Ended, EndedFollower
+from appliance.proxy.follow import EndedFollower
 from appliance.proxy.gate import (
     Admission,
     Gate,
@@ -61,6 +61,7 @@ from appliance.proxy.tracked import (
     upstream_failed,
 )
 from appliance.proxy.upstream_pool import UpstreamPool
+from appliance.state.sessions import SessionEvent
 
 DIALOG_TIMEOUT = 30.0  # seconds a silent refusal dialog is kept
 
@@ -378,7 +379,12 @@ class Relay:
             self.servers.append(server)
             log.info("listening on %s:%d for %s (%s)", host, ls.port, ls.service, ls.protocol)
         self._sweeper = self.loop.create_task(self._sweep())
-        follower = EndedFollower(self.gate.ended_since, self.sessions_ended, self.follow_period)
+        follower = EndedFollower(
+            self.gate.ended_after,
+            self.gate.last_session_event(),
+            self.sessions_ended,
+            self.follow_period,
+        )
         self._follower = self.loop.create_task(follower.run())
         if self.usage is not None:
             self.usage.start(self.loop)
@@ -546,9 +552,9 @@ class Relay:
                 closed += 1
         log.info("policy change: %d open connection(s) closed", closed)
 
-    def sessions_ended(self, rows: list[Ended]) -> int:
+    def sessions_ended(self, events: list[SessionEvent]) -> int:
         """Close every open connection of these ended sessions (result `session-ended`)."""
-        ids = {r[0] for r in rows}
+        ids = {e.session_id for e in events}
         closed = 0
         for conn in list(self.conns):
             if conn.session is not None and conn.session in ids:

@@ -15,17 +15,20 @@ in this module only, so another store (PostgreSQL) can replace it later.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from appliance.core.attributes import Attributes, as_json
 from appliance.state import leases
+from appliance.state.follow import Cursor
 
 if TYPE_CHECKING:
     from appliance.core.config import Config
@@ -51,12 +54,22 @@ CREATE TABLE IF NOT EXISTS sessions (
     end_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_active_ip ON sessions(ip) WHERE ended IS NULL;
-CREATE INDEX IF NOT EXISTS sessions_ended ON sessions(ended) WHERE ended IS NOT NULL;
 CREATE TABLE IF NOT EXISTS session_cursor (
     name TEXT PRIMARY KEY,
     last_event_id INTEGER NOT NULL
 );
+-- one row per start and end of a session, written in the change's own transaction:
+-- what the other roles follow (appliance/state/follow.py); pruned after an hour
+CREATE TABLE IF NOT EXISTS session_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,              -- started | ended
+    session_id TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
 """
+EVENT_KEEP = 3600.0  # seconds a session event is kept: followers start from the newest
 
 _COLUMNS = (
     "id, user, source, attributes, personal_servers, ip, mac, created, last_seen, "
@@ -97,6 +110,16 @@ class Session:
 
     def seconds_remaining(self, now: float) -> int:
         return max(0, int(self.expires() - now))
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    id: int
+    time: float
+    kind: str  # "started" or "ended"
+    session_id: str
+    ip: str
+    mac: str
 
 
 def _row(row: tuple[object, ...]) -> Session:
@@ -192,17 +215,29 @@ class SessionStore:
         ).fetchone()
         return _row(row) if row else None
 
-    def ended_since(self, since: float) -> builtins.list[tuple[str, str, float]]:
-        """(id, ip, ended) of the sessions ended after `since`, oldest first.
-
-        Other processes (the proxy) poll it to close what an ended session still
-        holds open, whichever process ended it; `sessions_ended` keeps it an index
-        range scan however many sessions the store has seen.
-        """
+    def events_after(
+        self, last_id: int, limit: int = 1000, kind: str | None = None
+    ) -> builtins.list[SessionEvent]:
+        """Session events after `last_id` (only those of `kind`, if given), oldest first:
+        what a `follow.Cursor` reads."""
         rows = self.conn.execute(
-            "SELECT id, ip, ended FROM sessions WHERE ended > ? ORDER BY ended", (since,)
+            "SELECT id, time, kind, session_id, ip, mac FROM session_events "
+            "WHERE id > ? AND (? IS NULL OR kind = ?) ORDER BY id LIMIT ?",
+            (last_id, kind, kind, limit),
         ).fetchall()
-        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+        return [
+            SessionEvent(int(i), float(t), str(k), str(sid), str(ip), str(mac))
+            for i, t, k, sid, ip, mac in rows
+        ]
+
+    def ended_after(self, last_id: int, limit: int = 1000) -> builtins.list[SessionEvent]:
+        """The ends of sessions after `last_id` (what the proxy and the DNS role follow)."""
+        return self.events_after(last_id, limit, kind="ended")
+
+    def last_event(self) -> int:
+        """The newest session event's id (0: none): where a new follower starts."""
+        row = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM session_events").fetchone()
+        return int(row[0])
 
     # -- writing ----------------------------------------------------------------
     def create(
@@ -238,6 +273,12 @@ class SessionStore:
             idle_expiry=now + self.idle,
             absolute_expiry=now + min(self.maximum, max_seconds or self.maximum),
         )
+        with self._transaction():
+            self._insert(sess)
+        log.info("session %s started: user %s (%s) at %s %s", sess.id[:8], user, source, ip, mac)
+        return sess
+
+    def _insert(self, sess: Session) -> None:
         self.conn.execute(
             f"INSERT INTO sessions ({_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
@@ -255,8 +296,28 @@ class SessionStore:
                 sess.absolute_expiry,
             ),
         )
-        log.info("session %s started: user %s (%s) at %s %s", sess.id[:8], user, source, ip, mac)
-        return sess
+        self._event(sess.created, "started", sess.id, sess.ip, sess.mac)
+
+    def _event(self, now: float, kind: str, session_id: str, ip: str, mac: str) -> None:
+        self.conn.execute(
+            "INSERT INTO session_events (time, kind, session_id, ip, mac) VALUES (?, ?, ?, ?, ?)",
+            (now, kind, session_id, ip, mac),
+        )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction for a change and its event row; inside one already (an end
+        during a login, a follower's round), the outer one holds them."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def touch(self, session_id: str, now: float | None = None) -> None:
         """The guest was seen: push the idle expiry (never past the absolute one)."""
@@ -270,16 +331,18 @@ class SessionStore:
     def end(self, session_id: str, reason: str, now: float | None = None) -> bool:
         """End an active session and revoke its firewall entry; False when not active."""
         now = time.time() if now is None else now
-        cur = self.conn.execute(
-            "UPDATE sessions SET ended = ?, end_reason = ? WHERE id = ? AND ended IS NULL "
-            "RETURNING ip, mac, user",
-            (now, reason, session_id),
-        )
-        row = cur.fetchone()
-        cur.fetchall()
-        if row is None:
-            return False
-        ip, mac, user = str(row[0]), str(row[1]), str(row[2])
+        with self._transaction():
+            cur = self.conn.execute(
+                "UPDATE sessions SET ended = ?, end_reason = ? WHERE id = ? AND ended IS NULL "
+                "RETURNING ip, mac, user",
+                (now, reason, session_id),
+            )
+            row = cur.fetchone()
+            cur.fetchall()
+            if row is None:
+                return False
+            ip, mac, user = str(row[0]), str(row[1]), str(row[2])
+            self._event(now, "ended", session_id, ip, mac)
         log.info("session %s ended: user %s at %s: %s", session_id[:8], user, ip, reason)
         # Recorded first, revoked second: a failing firewall never keeps a session alive.
         try:
@@ -305,40 +368,37 @@ class SessionStore:
         row = self.conn.execute(
             "SELECT last_event_id FROM session_cursor WHERE name = 'portal'"
         ).fetchone()
-        last = int(row[0]) if row else 0
+        cursor = Cursor(partial(leases.events_since, self.conn), int(row[0]) if row else 0)
         ended = 0
-        while True:
-            events = leases.events_since(self.conn, last)
-            if not events:
-                break
-            for ev in events:
-                last = ev.id
-                # only sessions made before the event: a guest that released, got its
-                # address again and logged in anew before we got here keeps the new one
-                if ev.kind in leases.ENDING_KINDS:
-                    why = END_REASONS[ev.kind]
-                    matches = self._active_where(
-                        "ip = ? AND mac = ? AND created <= ?", (ev.ip, ev.mac, ev.time)
-                    )
-                elif ev.kind == "granted":
-                    why = "address given to another device"
-                    matches = self._active_where(
-                        "ip = ? AND mac != ? AND created <= ?", (ev.ip, ev.mac, ev.time)
-                    )
-                else:
-                    continue
-                for sess in matches:
-                    ended += self.end(sess.id, why, now=now)
+        for ev in cursor.drain():
+            # only sessions made before the event: a guest that released, got its
+            # address again and logged in anew before we got here keeps the new one
+            if ev.kind in leases.ENDING_KINDS:
+                why = END_REASONS[ev.kind]
+                matches = self._active_where(
+                    "ip = ? AND mac = ? AND created <= ?", (ev.ip, ev.mac, ev.time)
+                )
+            elif ev.kind == "granted":
+                why = "address given to another device"
+                matches = self._active_where(
+                    "ip = ? AND mac != ? AND created <= ?", (ev.ip, ev.mac, ev.time)
+                )
+            else:
+                continue
+            for sess in matches:
+                ended += self.end(sess.id, why, now=now)
         self.conn.execute(
             "INSERT INTO session_cursor (name, last_event_id) VALUES ('portal', ?) "
             "ON CONFLICT(name) DO UPDATE SET last_event_id = excluded.last_event_id",
-            (last,),
+            (cursor.last,),
         )
         return ended
 
     def sweep(self, now: float | None = None) -> int:
-        """End sessions past their idle or absolute expiry, or without a bound lease."""
+        """End sessions past their idle or absolute expiry, or without a bound lease;
+        session events older than EVENT_KEEP go."""
         now = time.time() if now is None else now
+        self.conn.execute("DELETE FROM session_events WHERE time < ?", (now - EVENT_KEEP,))
         ended = 0
         for sess in self.list():
             if sess.absolute_expiry <= now:
@@ -375,4 +435,12 @@ def read_only(ip: str, mac: str) -> None:
     raise RuntimeError(f"a read-only session store cannot end the session of {ip} {mac}")
 
 
-__all__ = ["Revoke", "Session", "SessionStore", "active_sources", "create_schema", "read_only"]
+__all__ = [
+    "Revoke",
+    "Session",
+    "SessionEvent",
+    "SessionStore",
+    "active_sources",
+    "create_schema",
+    "read_only",
+]

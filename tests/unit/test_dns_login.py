@@ -17,6 +17,7 @@ from appliance.dns.core import STAND_IN, Forward, Reply
 from appliance.dns.logins import Logins
 from appliance.dns.ratelimit import RateLimit
 from appliance.dns.service import GuestUdp, Server
+from appliance.state.sessions import SessionEvent
 
 pytestmark = pytest.mark.unit
 
@@ -147,15 +148,25 @@ class FakeSessions:
             return None
         return type("S", (), {"expires": lambda self: expires})()
 
-    def ended_since(self, since: float) -> list[tuple[str, str, float]]:
-        return [e for e in self.ended if e[2] > since]
+    def ended_after(self, last_id: int, limit: int) -> list[SessionEvent]:
+        """The n-th entry of `ended` is event n (the store's ids grow in commit order)."""
+        events = [
+            SessionEvent(n, t, "ended", sid, ip, "")
+            for n, (sid, ip, t) in enumerate(self.ended, start=1)
+        ]
+        return events[last_id : last_id + limit]
+
+    def last_event(self) -> int:
+        return len(self.ended)
 
 
 def test_an_end_committed_late_is_still_seen() -> None:
-    """Another process's end may carry an earlier timestamp than one already seen."""
+    """Another process's end may carry an earlier timestamp than one already seen: it is
+    followed by its event's id, not by its time."""
     store = FakeSessions()
     logins = Logins(store, wall=lambda: 1000.0)
     store.members = {"192.168.1.101": 9999.0, "192.168.1.102": 9999.0}
+    logins.poll(0.0)
     assert logins.check("192.168.1.101", 0.0) and logins.check("192.168.1.102", 0.0)
     store.ended.append(("s2", "192.168.1.102", 1003.0))
     del store.members["192.168.1.102"]
@@ -169,6 +180,7 @@ def test_an_end_committed_late_is_still_seen() -> None:
 def test_logins_follow_the_store_and_fail_closed() -> None:
     store = FakeSessions()
     logins = Logins(store, wall=lambda: 1000.0)
+    logins.poll(0.0)
     assert not logins.check("192.168.1.101", 0.0)
     store.members["192.168.1.101"] = 2000.0
     assert logins.check("192.168.1.101", 0.0)  # not-logged-in is never remembered

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import pytest
 from dnslib import RCODE, DNSRecord
@@ -21,8 +22,11 @@ class Member:
     def lookup_ip(self, ip: str) -> object:
         return type("S", (), {"expires": lambda self: 4e9})()
 
-    def ended_since(self, since: float) -> list[tuple[str, str, float]]:
+    def ended_after(self, last_id: int, limit: int) -> list[Any]:
         return []
+
+    def last_event(self) -> int:
+        return 0
 
 
 def test_misses_beyond_the_pending_cap_get_servfail_at_once() -> None:

@@ -15,7 +15,7 @@ from appliance.proxy.follow import EndedFollower
 from appliance.proxy.gate import Admission, Listener, PolicyGate, Refusal, StaticGate
 from appliance.proxy.relay import Relay
 from appliance.state import leases, store
-from appliance.state.sessions import SessionStore
+from appliance.state.sessions import SessionEvent, SessionStore
 
 pytestmark = pytest.mark.unit
 IP, MAC = "192.168.1.11", "02:47:00:00:00:01"
@@ -31,38 +31,50 @@ def sessions(tmp_path: Path) -> SessionStore:
     return st
 
 
-def test_store_ended_since_lists_only_sessions_ended_after_t(tmp_path: Path) -> None:
+def test_store_session_events_follow_commit_order_not_clocks(tmp_path: Path) -> None:
     st = sessions(tmp_path)
+    start = st.last_event()
     a = st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=time.time())
     b = st.create(user="b", source="site", attributes={}, ip=IP2, mac=MAC2, now=time.time())
-    assert st.ended_since(0) == []
-    st.end(a.id, "logout", now=1000.0)
+    assert st.ended_after(start, 100) == []
+    assert [e.kind for e in st.events_after(start, 100)] == ["started", "started"]
     st.end(b.id, "admin", now=2000.0)
-    assert st.ended_since(0) == [(a.id, IP, 1000.0), (b.id, IP2, 2000.0)]
-    assert st.ended_since(1000.0) == [(b.id, IP2, 2000.0)]
-    assert st.ended_since(2000.0) == []
-    plan = " ".join(
-        str(r[-1])
-        for r in st.conn.execute(
-            "EXPLAIN QUERY PLAN SELECT id, ip, ended FROM sessions WHERE ended > ? ORDER BY ended",
-            (0,),
-        )
+    st.end(a.id, "logout", now=1000.0)  # an earlier clock, committed later
+    ended = st.ended_after(start, 100)
+    assert [(e.session_id, e.ip, e.time) for e in ended] == [
+        (b.id, IP2, 2000.0),
+        (a.id, IP, 1000.0),
+    ]
+    assert st.ended_after(ended[0].id, 100) == ended[1:]
+    assert st.ended_after(st.last_event(), 100) == []
+    assert not st.end(a.id, "again")  # ending an ended session writes no event
+    assert st.ended_after(ended[-1].id, 100) == []
+
+
+def test_session_events_are_pruned_after_an_hour(tmp_path: Path) -> None:
+    st = sessions(tmp_path)
+    now = time.time()
+    a = st.create(user="a", source="site", attributes={}, ip=IP, mac=MAC, now=now - 7200)
+    st.end(a.id, "logout", now=now - 7100)
+    st.create(user="b", source="site", attributes={}, ip=IP2, mac=MAC2, now=now)
+    st.sweep(now)
+    assert [e.session_id for e in st.events_after(0, 100)] != [] and all(
+        e.time >= now - 3600 for e in st.events_after(0, 100)
     )
-    assert "sessions_ended" in plan, plan  # an index range scan, not a table scan
 
 
-def test_follower_reports_each_end_once_even_when_committed_late() -> None:
-    rows: list[tuple[str, str, float]] = []
+def test_follower_reports_each_end_once_in_commit_order() -> None:
+    rows: list[SessionEvent] = []
     got: list[list[str]] = []
     f = EndedFollower(
-        lambda since: [r for r in rows if r[2] > since],
-        lambda new: got.append([r[0] for r in new]),
-        start=100.0,
+        lambda last, limit: [e for e in rows if e.id > last][:limit],
+        0,
+        lambda new: got.append([e.session_id for e in new]),
     )
     assert f.poll() == 0
-    rows.append(("s1", IP, 101.0))
+    rows.append(SessionEvent(1, 101.0, "ended", "s1", IP, MAC))
     assert f.poll() == 1 and f.poll() == 0
-    rows.append(("s2", IP2, 99.0))  # an end stamped earlier, committed after s1 was seen
+    rows.append(SessionEvent(2, 99.0, "ended", "s2", IP2, MAC2))  # stamped earlier, later id
     assert f.poll() == 1
     assert got == [["s1"], ["s2"]]
 
@@ -74,10 +86,10 @@ def test_policy_gate_cache_drops_an_ended_session_at_once(tmp_path: Path) -> Non
     gate.CACHE_TTL = 60.0
     a = gate.admit(IP, "smtp")
     assert isinstance(a, Admission) and a.session == s.id
-    t = time.time()
+    last = gate.last_session_event()
     st.end(s.id, "logout")
-    # without the follower the cache would still admit for CACHE_TTL; ended_since drops it
-    assert [r[0] for r in gate.ended_since(t - 1)] == [s.id]
+    # without the follower the cache would still admit for CACHE_TTL; ended_after drops it
+    assert [e.session_id for e in gate.ended_after(last, 100)] == [s.id]
     r = gate.admit(IP, "smtp")
     assert isinstance(r, Refusal) and r.kind == "login"
 
@@ -118,14 +130,14 @@ def test_relay_closes_the_connections_of_an_ended_session_and_only_those() -> No
 
 def test_relay_survives_a_failing_store() -> None:
     async def body() -> None:
-        calls: list[float] = []
+        calls: list[int] = []
 
-        def broken(since: float) -> Any:
-            calls.append(since)
+        def broken(last: int, limit: int) -> Any:
+            calls.append(last)
             raise OSError("database is locked")
 
         gate = StaticGate(table(1, free_port()))
-        gate.ended_since = broken  # type: ignore[method-assign]
+        gate.ended_after = broken  # type: ignore[method-assign]
         relay = Relay(gate, follow_period=0.02)
         await relay.start("127.0.0.1", ())
         await asyncio.sleep(0.1)
