@@ -51,7 +51,7 @@ from appliance.proxy.http_target import (
     transparent_target,
     web_port,
 )
-from appliance.proxy.raw import Connector, RawRelay, Spliced, numeric
+from appliance.proxy.raw import RawRelay, Spliced, connect, numeric
 from appliance.proxy.refusals import http_refusal
 from appliance.proxy.splice import READ, READ_ON, WRITE, Sock, SpliceConn
 from appliance.proxy.tunnel import MAX_HEAD, TunnelAnswer, connect_request
@@ -454,10 +454,7 @@ class HttpConn(Spliced):
         self._connect_new()
 
     def _connect_new(self) -> None:
-        if numeric(self.candidates):
-            Connector(self.owner, self, self.candidates).next()
-        else:  # the proxy by name: the resolver first
-            self.owner.loop.create_task(self.owner.resolve_then_connect(self, self.candidates))
+        connect(self.owner, self, self.candidates)  # (the proxy by name: resolved first)
 
     def connected(self, up: Sock, events: int, upstream: Upstream) -> None:
         if self.sent_head:

@@ -4,7 +4,8 @@
 services, SMTP, POP3 and IMAP (whose bytes the relay only reads to refuse, in
 the protocol's words), and TLS services, whose ClientHello it reads first to
 route by the name in it.  `Connector` makes the non-blocking connects to the
-upstreams in order; `Deadlines` is the one timer for many waits of one length.
+upstreams in the order fallback.py's `Fallback` gives them; `Deadlines` is the
+one timer for many waits of one length.
 No task, future or timer per connection: the connection rate depends on it.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 from appliance.core.config import STAND_IN_TEXT as STAND_IN
 from appliance.proxy.client_hello import BadHello, ClientHello, HelloReader
+from appliance.proxy.fallback import Fallback
 from appliance.proxy.gate import (
     HIDDEN,
     NO_SUCH_HOST,
@@ -33,7 +35,7 @@ from appliance.proxy.gate import (
 from appliance.proxy.refusals import INTERNAL_ERROR, RefusalDialog, tls_alert, tls_refusal
 from appliance.proxy.splice import READ, EdgePoll, PipePool, Sock, SpliceConn
 from appliance.proxy.tracked import Relay as TrackedRelay
-from appliance.proxy.tracked import Tracked, upstream_failed
+from appliance.proxy.tracked import Tracked
 from appliance.proxy.tunnel import AnswerReader, TunnelAnswer, connect_request
 from appliance.proxy.upstream_pool import UpstreamPool
 
@@ -292,10 +294,7 @@ class Spliced(Tracked):
     def _connect(self, ups: tuple[Upstream, ...]) -> None:
         if self.closed:
             return
-        if numeric(ups):
-            Connector(self.owner, self, ups).next()
-        else:
-            self.owner.loop.create_task(self.owner.resolve_then_connect(self, ups))
+        connect(self.owner, self, ups)
 
     def _ask_tunnel(self, up: Sock) -> None:
         assert self.tunnel_to is not None
@@ -362,6 +361,14 @@ class Spliced(Tracked):
             self.refuse_now(no_upstream(adm.user, adm.rule))
 
 
+def connect(relay: RawRelay, conn: Spliced, ups: tuple[Upstream, ...]) -> None:
+    """Connect to the first of these upstreams that answers (by name: resolved first)."""
+    if numeric(ups):
+        Connector(relay, conn, Fallback(conn.listener.service, ups)).next()
+    else:
+        relay.loop.create_task(relay.resolve_then_connect(conn, ups))
+
+
 def numeric(ups: tuple[Upstream, ...]) -> bool:
     """Every upstream an address: the connects can start at once, without the resolver."""
     for up in ups:  # noqa: SIM110 (a generator costs two calls per connection)
@@ -371,30 +378,28 @@ def numeric(ups: tuple[Upstream, ...]) -> bool:
 
 
 class Connector:
-    """Non-blocking connects to the upstreams in order, watched in the relay's EdgePoll: no
-    task, future or timer per connection (the connection rate of the splice path depends on
-    it); the relay's one deadline timer calls `expired`."""
+    """Non-blocking connects to the upstreams in their fallback order (`Fallback`: which is
+    next, each failure recorded, the refusal when none answered), watched in the relay's
+    EdgePoll: no task, future or timer per connection (the connection rate of the splice
+    path depends on it); the relay's one deadline timer calls `expired`."""
 
-    __slots__ = ("conn", "i", "relay", "sock", "up", "ups")
+    __slots__ = ("conn", "relay", "sock", "tries", "up")
 
-    def __init__(self, relay: RawRelay, conn: Spliced, ups: tuple[Upstream, ...]) -> None:
+    def __init__(self, relay: RawRelay, conn: Spliced, tries: Fallback) -> None:
         self.relay = relay
         self.conn = conn
-        self.ups = ups
-        self.i = 0
+        self.tries = tries
         self.sock: Sock | None = None
         self.up: Upstream | None = None
         conn.connector = self
 
     def next(self) -> None:
-        relay = self.relay
-        while self.i < len(self.ups) and not self.conn.closed:
-            up = self.ups[self.i]
-            self.i += 1
+        relay, tries = self.relay, self.tries
+        while not self.conn.closed and (up := tries.next()) is not None:
             try:
                 s = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:  # out of file descriptors: this upstream fails, counted
-                upstream_failed(self.conn.listener.service, up, exc.strerror or "no socket")
+                tries.failed(up, exc.strerror or "no socket")
                 continue
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = s.connect_ex((up.host, up.port))
@@ -404,11 +409,11 @@ class Connector:
                 relay.connecting.start(self)
                 return
             s.close()
-            upstream_failed(self.conn.listener.service, up, os.strerror(err))
+            tries.failed(up, os.strerror(err))
         self.conn.connector = None
         if not self.conn.closed:
             c = self.conn
-            c.refuse_now(no_upstream(c.user, c.rule))
+            c.refuse_now(tries.refusal(c.user, c.rule))
 
     def event(self, ev: int) -> None:
         s, up = self.sock, self.up
@@ -420,7 +425,7 @@ class Connector:
         if ev & (select.EPOLLERR | select.EPOLLHUP):
             err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._drop()
-            upstream_failed(self.conn.listener.service, up, os.strerror(err) if err else "closed")
+            self.tries.failed(up, os.strerror(err) if err else "closed")
             self.next()
             return
         conn = self.conn
@@ -429,8 +434,9 @@ class Connector:
         conn.connected(s, ev, up)
 
     def expired(self) -> None:
+        assert self.up is not None  # (a connect in flight, since `next` started it)
         self._drop()
-        upstream_failed(self.conn.listener.service, self.up, "connect timed out")
+        self.tries.failed(self.up, "connect timed out")
         self.next()
 
     def cancel(self) -> None:

@@ -1,8 +1,9 @@
 """The relay core: one `Relay` serves every listener, on one event loop per process.
 
 Per accepted connection: the gate decides (user, rule, upstreams) or refuses;
-upstreams are tried in order with a connect timeout; then bytes move both ways
-until both sides are done, a half-close passed on as such.  Two paths, one
+upstreams are tried in order with a connect timeout, by one rule on both paths
+(fallback.py); then bytes move both ways until both sides are done, a
+half-close passed on as such.  Two paths, one
 bookkeeping (`Tracked`: counters, limits, the access log, revocation):
 
 - raw sockets on the relay's own edge-triggered epoll (raw.py's `Spliced` and
@@ -30,13 +31,13 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
 from typing import Any, cast
 
 from appliance.proxy.access_log import AccessLog
 from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.agent_stream import AgentPump, AgentStreamFailed
 from appliance.proxy.counts import Counts, LocalCounts
+from appliance.proxy.fallback import Fallback
 from appliance.proxy.follow import EndedFollower
 from appliance.proxy.gate import (
     Admission,
@@ -44,10 +45,9 @@ from appliance.proxy.gate import (
     Listener,
     Refusal,
     Upstream,
-    no_upstream,
 )
 from appliance.proxy.http_conn import HttpConn
-from appliance.proxy.raw import Connector, Deadlines, Spliced, numeric
+from appliance.proxy.raw import Connector, Deadlines, Spliced, connect
 from appliance.proxy.refusals import RefusalDialog
 from appliance.proxy.splice import EdgePoll, PipePool, Sock
 from appliance.proxy.tracked import (
@@ -58,7 +58,6 @@ from appliance.proxy.tracked import (
     Tracked,
     failure,
     original_dst,
-    upstream_failed,
 )
 from appliance.proxy.upstream_pool import UpstreamPool
 from appliance.state.sessions import SessionEvent
@@ -109,15 +108,15 @@ class Link(Tracked, asyncio.Protocol):
         self.relay.loop.create_task(self._connect(verdict))
 
     async def _connect(self, adm: Admission) -> None:
-        refusal = no_upstream(self.user, self.rule)
-        for up in adm.upstreams:
+        user, rule = self.user, self.rule
+        tries = Fallback(self.listener.service, adm.upstreams)
+        while (up := tries.next()) is not None:
             if up.agent:  # a household's own server, through its agent (agent_stream.py)
-                joined = await self._through_agent(up)
-                if isinstance(joined, AgentPump):
+                joined = await self._through_agent(up, tries)
+                if joined is not None:
                     if self._join(up, joined):
                         joined.join()
                     return
-                refusal = replace(refusal, reason=f"{refusal.reason} (the agent: {joined})")
                 continue
             tls = up.tls
             try:
@@ -135,16 +134,16 @@ class Link(Tracked, asyncio.Protocol):
                             server_hostname=tls.server_hostname(),
                         )
             except (TimeoutError, OSError) as exc:  # (ssl.SSLError is an OSError)
-                upstream_failed(self.listener.service, up, failure(exc))
+                tries.failed(up, failure(exc))
                 continue
             why = tls.problem(transport.get_extra_info("ssl_object")) if tls else None
             if why is not None:
                 transport.abort()
-                upstream_failed(self.listener.service, up, why)
+                tries.failed(up, why)
                 continue
             self._join(up, pump)
             return
-        self._refuse(refusal)
+        self._refuse(tries.refusal(user, rule))
 
     def _join(self, up: Upstream, pump: Pump) -> bool:
         """The upstream is there: bytes flow from now on (False: the guest went away)."""
@@ -165,25 +164,24 @@ class Link(Tracked, asyncio.Protocol):
         self.client.resume_reading()
         return True
 
-    async def _through_agent(self, up: Upstream) -> AgentPump | str:
-        """The stream to a household's server through its agent, or the failure's code
-        (logged as the upstream's failure).  Bounded by the agent deadline
+    async def _through_agent(self, up: Upstream, tries: Fallback) -> AgentPump | None:
+        """The stream to a household's server through its agent; None: there is none (the
+        failure and the agent's code recorded in `tries`).  Bounded by the agent deadline
         (`AgentStreams.timeout`: the config's [agent] timeout)."""
         streams = self.relay.gate.agent_streams
         if streams is None:
-            upstream_failed(self.listener.service, up, "no home relay on this appliance")
-            return "bad_address"
+            tries.failed(up, "no home relay on this appliance", agent="bad_address")
+            return None
         try:
             async with asyncio.timeout(streams.timeout):
                 return await streams.open(self, up.agent, self.listener.service)
         except AgentStreamFailed as exc:
-            upstream_failed(self.listener.service, up, f"{exc.code}: {exc.reason}")
-            return exc.code
+            tries.failed(up, f"{exc.code}: {exc.reason}", agent=exc.code)
+            return None
         except TimeoutError:
-            upstream_failed(
-                self.listener.service, up, f"timeout: no stream in {streams.timeout:g} s"
-            )
-            return "timeout"
+            why = f"timeout: no stream in {streams.timeout:g} s"
+            tries.failed(up, why, agent="timeout")
+            return None
 
     def _refuse(self, r: Refusal) -> None:
         self.refused(r)
@@ -432,10 +430,8 @@ class Relay:
                 conn.refuse_now(conn.limit_refusal(verdict))
             elif ls.protocol == "tls":
                 conn.read_hello(verdict)
-            elif numeric(verdict.upstreams):
-                Connector(self, conn, verdict.upstreams).next()
-            else:  # names need the resolver first
-                self.loop.create_task(self.resolve_then_connect(conn, verdict.upstreams))
+            else:  # the upstreams in order (names: the resolver first)
+                connect(self, conn, verdict.upstreams)
 
     def _to_protocol_path(self, csock: Sock, ls: Listener) -> None:
         """This guest's server wants TLS from us (servers.toml `tls = true`, or a
@@ -456,10 +452,13 @@ class Relay:
             self.edges.modify(lsock.fileno(), select.EPOLLIN)
 
     async def resolve_then_connect(self, conn: Spliced, upstreams: tuple[Upstream, ...]) -> None:
-        ups: list[Upstream] = []
+        """The upstreams given by name resolved (one address each), all before the first
+        connect; one that does not resolve is a failed candidate like one that does not
+        answer."""
+        tries = Fallback(conn.listener.service)
         for up in upstreams:
             if up.numeric:
-                ups.append(up)
+                tries.add(up)
                 continue
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -467,11 +466,12 @@ class Relay:
                         up.host, up.port, family=socket.AF_INET, type=socket.SOCK_STREAM
                     )
             except (TimeoutError, OSError) as exc:
-                upstream_failed(conn.listener.service, up, failure(exc))
+                tries.failed(up, failure(exc))
                 continue
-            ups.extend(Upstream(up.name, str(i[4][0]), up.port) for i in infos[:1])
+            for i in infos[:1]:
+                tries.add(Upstream(up.name, str(i[4][0]), up.port))
         if not conn.closed:
-            Connector(self, conn, tuple(ups)).next()
+            Connector(self, conn, tries).next()
 
     async def stop(self) -> None:
         for sock in self.raw_listeners:

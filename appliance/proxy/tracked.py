@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -179,6 +180,8 @@ def failure(exc: BaseException) -> str:
         return f"TLS: certificate not accepted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or 'handshake failed'}"
+    if isinstance(exc, OSError) and exc.errno:  # strerror: the stock loop's carries the address
+        return os.strerror(exc.errno)
     return (exc.strerror if isinstance(exc, OSError) else None) or "timed out"
 
 
