@@ -15,14 +15,15 @@ import hmac
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from flask import Flask, Response, abort, redirect, render_template, request, session, url_for
+from flask.typing import ResponseReturnValue
 from jinja2 import DictLoader
 
 from appliance.accounts import admins as accounts
@@ -33,6 +34,8 @@ from appliance.core.config import Config
 from appliance.core.tomlfile import ConfigError
 from appliance.net.firewall import revoker
 from appliance.policy import trusted_agents
+from appliance.policy.access_rights import AccessTable
+from appliance.policy.server_info import ServerTable
 from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
 from appliance.state import store, usage
@@ -110,7 +113,7 @@ def create_app(
     app.jinja_env.filters["human_bytes"] = usage_page.human_bytes
 
     @app.before_request
-    def guard() -> Any:
+    def guard() -> ResponseReturnValue | None:
         if request.method == "POST":
             sent = request.form.get("csrf", "")
             expected = session.get("csrf")
@@ -144,7 +147,7 @@ def create_app(
     def admin() -> str:
         return str(session["admin"])
 
-    def page(template: str, status: int = 200, **kw: Any) -> tuple[str, int]:
+    def page(template: str, status: int = 200, **kw: object) -> tuple[str, int]:
         return render_template(template, admin=session.get("admin"), **kw), status
 
     @app.get("/admin.css")
@@ -152,7 +155,7 @@ def create_app(
         return Response(CSS, mimetype="text/css")
 
     @app.route("/login", methods=["GET", "POST"])
-    def login() -> Any:
+    def login() -> ResponseReturnValue:
         if request.method == "GET":
             return page("login.html")
         ip = request.remote_addr or "?"
@@ -172,21 +175,21 @@ def create_app(
         return redirect(url_for("access"))
 
     @app.post("/logout")
-    def logout() -> Any:
+    def logout() -> ResponseReturnValue:
         logins.end(session.get("login"))
         session.clear()
         return redirect(url_for("login"))
 
     @app.get("/")
-    def index() -> Any:
+    def index() -> ResponseReturnValue:
         return redirect(url_for("access"))
 
     # -- access rights ------------------------------------------------------
-    def current_tables() -> tuple[Any, Any]:
+    def current_tables() -> tuple[ServerTable, AccessTable]:
         return check_texts(config)
 
     @app.get("/access")
-    def access() -> Any:
+    def access() -> ResponseReturnValue:
         _text, version = read_versioned(config.policies.access)
         try:
             servers, table = current_tables()
@@ -201,7 +204,7 @@ def create_app(
         )
 
     @app.post("/access")
-    def access_save() -> Any:
+    def access_save() -> ResponseReturnValue:
         path = config.policies.access
         old_text, _ = read_versioned(path)
         try:
@@ -240,7 +243,7 @@ def create_app(
 
     # -- server info --------------------------------------------------------
     @app.get("/servers")
-    def servers_page() -> Any:
+    def servers_page() -> ResponseReturnValue:
         text, version = read_versioned(config.policies.servers)
         try:
             services = list(current_tables()[0].services.values())
@@ -256,7 +259,7 @@ def create_app(
 
     def save_text(
         path: Path, template: str, check: Callable[[str], object]
-    ) -> tuple[Any, str, str, object]:
+    ) -> tuple[tuple[str, int] | None, str, str, object]:
         """One table edited as text: validated by `check`, saved only over the version the
         admin saw.  (error page or None, old text, new text, what `check` returned)."""
         old_text, _ = read_versioned(path)
@@ -273,7 +276,7 @@ def create_app(
         return None, old_text, text, checked
 
     @app.post("/servers")
-    def servers_save() -> Any:
+    def servers_save() -> ResponseReturnValue:
         path = config.policies.servers
         error, old_text, text, _ = save_text(
             path, "servers.html", lambda t: check_texts(config, servers_text=t)
@@ -285,7 +288,7 @@ def create_app(
 
     # -- trusted agents -----------------------------------------------------
     @app.get("/agents")
-    def agents_page() -> Any:
+    def agents_page() -> ResponseReturnValue:
         path = config.policies.agents
         text, version = read_versioned(path)
         if not text:
@@ -303,7 +306,7 @@ def create_app(
         )
 
     @app.post("/agents")
-    def agents_save() -> Any:
+    def agents_save() -> ResponseReturnValue:
         path = config.policies.agents
         error, old_text, text, new_table = save_text(
             path, "agents.html", lambda t: trusted_agents.parse_text(t, path)
@@ -344,12 +347,12 @@ def create_app(
         return store
 
     @app.get("/sessions")
-    def sessions_page() -> Any:
+    def sessions_page() -> ResponseReturnValue:
         items = sorted(session_list().list(), key=lambda s: s.created)
         return page("sessions.html", items=items, now=time.time())
 
     @app.post("/sessions/end")
-    def session_end() -> Any:
+    def session_end() -> ResponseReturnValue:
         store = session_list()
         sid = request.form.get("id", "")
         s = store.get(sid)
@@ -359,7 +362,7 @@ def create_app(
         return redirect(url_for("sessions_page"))
 
     # -- usage --------------------------------------------------------------
-    def usage_store() -> Any:
+    def usage_store() -> sqlite3.Connection:
         """This thread's connection to the accounting tables (the proxy writes them)."""
         conn = getattr(per_thread, "usage", None)
         if conn is None:
@@ -368,7 +371,7 @@ def create_app(
         return conn
 
     @app.get("/usage")
-    def usage_page_view() -> Any:
+    def usage_page_view() -> ResponseReturnValue:
         period = usage_page.period_days(request.args.get("period"))
         return page("usage.html", **usage_page.page_data(usage_store(), period))
 
@@ -385,7 +388,7 @@ def create_app(
 
     # -- audit --------------------------------------------------------------
     @app.get("/audit")
-    def audit_page() -> Any:
+    def audit_page() -> ResponseReturnValue:
         return page("audit.html", entries=audit.tail(config))
 
     return app

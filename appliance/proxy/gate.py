@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from appliance.agent.client import AgentError, parse_spec
 from appliance.core import agent_protocol as wire
 from appliance.core import reach
-from appliance.core.config import Config, HomeRelayConfig
+from appliance.core.config import Config, HomeRelayConfig, Interfaces
 from appliance.core.neighbours import neighbour_mac
 from appliance.homelink.dialer_client import relayed
 from appliance.policy import Policy
+from appliance.policy.server_info import Service
 from appliance.proxy.upstream_tls import UpstreamTls
 from appliance.state.sessions import Session, SessionEvent, SessionStore, read_only
 
@@ -324,7 +325,7 @@ def _relayed_admission(
     return Admission(user, rule, ups, max_connections, identity, session)
 
 
-def personal_problem(text: str, interfaces: Any = None) -> str | None:
+def personal_problem(text: str, interfaces: Interfaces | None = None) -> str | None:
     """Why the relay cannot use a personal server "address:port[#sha256:pin]" (from the
     visitor's agent), as words for the visitor without the address; None: it can.  Such a server
     is refused, never replaced by the site's: that would hand the visitor's home
@@ -429,7 +430,7 @@ class PolicyGate:
 
     def _decide(self, session: Session, service: str) -> Admission | Refusal:
         portal = self.portal_url()
-        services: Mapping[str, Any] = self.policy.servers.services
+        services: Mapping[str, Service] = self.policy.servers.services
         # a tunnel is decided by the `connect` service when the table has one, else by
         # `https` (what a tunnel to port 443 is), else by `http`
         checked = service
