@@ -16,6 +16,7 @@ file also takes the comments that close the file).
 from __future__ import annotations
 
 import itertools
+import tomllib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,23 @@ def updated(
             doc.add(tomlkit.comment(line))
     top = _Top(doc)
     _sync(top, [], doc, desired, inline)
-    return tomlkit.dumps(top.finish())
+    out = tomlkit.dumps(top.finish())
+    if _pruned(tomllib.loads(out)) != _pruned(desired):  # never write a table that reads wrong
+        raise ConfigError(path, "", "the edited table would not read back as edited; not saved")
+    return out
+
+
+def _pruned(value: Any) -> Any:
+    """Plain values, without empty tables or arrays of tables (a reader takes a missing one
+    for an empty one)."""
+    if isinstance(value, Tables):  # no tables left: no array either
+        return [_pruned(e.values) for e in value.entries] or {}
+    if isinstance(value, Mapping):
+        out = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v != {}}
+    if isinstance(value, list | tuple):
+        return [_pruned(v) for v in value]
+    return value
 
 
 # -- where comment blocks go ---------------------------------------------------------

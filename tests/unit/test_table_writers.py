@@ -363,3 +363,13 @@ def test_a_site_users_file_written_by_hand_survives_many_edits() -> None:
             site.save(path, table)
         assert site.load(path) == table
         assert "# carol: a contractor until June\n[users.carol]\n" in path.read_text()
+
+
+def test_a_table_that_would_not_read_back_as_edited_is_not_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from appliance.core.tomlfile import ConfigError
+
+    monkeypatch.setattr(tomledit.tomlkit, "dumps", lambda doc: "# lost\n")
+    with pytest.raises(ConfigError, match="not saved"):
+        tomledit.updated("", {"users": {"a": {"password": "x"}}}, path="users.toml")
