@@ -14,12 +14,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from appliance.core import passwords
+from appliance.core import passwords, tomledit
 from appliance.core.atomic_file import locked, write_atomically
-from appliance.core.tomlfile import ConfigError, TomlFile, toml_string
+from appliance.core.tomlfile import ConfigError, TomlFile
 
 NAME = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
-HEADER = "# Admin accounts for the admin pages: edit with `appliance admins add|del|passwd`.\n"
+HEADER = "Admin accounts for the admin pages: edit with `appliance admins add|del|passwd`."
 
 
 def load_admins(path: Path) -> dict[str, str]:
@@ -45,11 +45,10 @@ def load_admins(path: Path) -> dict[str, str]:
 
 
 def _write(path: Path, admins: dict[str, str]) -> None:
-    body = "".join(
-        f"\n[admins.{name}]\npassword_hash = {toml_string(h)}\n"
-        for name, h in sorted(admins.items())
-    )
-    write_atomically(path, HEADER + body, 0o600)
+    """The table edited in place: what an admin wrote there (comments, order) stays."""
+    table = {name: {"password_hash": h} for name, h in sorted(admins.items())}
+    text = tomledit.updated(tomledit.read(path), {"admins": table}, header=HEADER, path=path)
+    write_atomically(path, text, 0o600)
 
 
 def set_password(path: Path, name: str, password: str, *, create: bool) -> None:

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.core import attributes as attrs_rules
-from appliance.core import passwords
+from appliance.core import passwords, tomledit
 from appliance.core.atomic_file import write_atomically
 from appliance.core.attributes import Attributes
-from appliance.core.tomlfile import ConfigError, TomlFile, toml_key, toml_string
+from appliance.core.tomlfile import ConfigError, TomlFile
 
+HEADER = "Site accounts (appliance users add|del|list|passwd). Passwords are argon2id hashes."
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -76,24 +77,23 @@ def authenticate(path: str | Path, user: str, password: str) -> Account | None:
     return account if ok and account else None
 
 
-def render(accounts: Mapping[str, Account]) -> str:
-    lines = [
-        "# Site accounts (appliance users add|del|list|passwd). Passwords are argon2id hashes.",
-        "",
-    ]
-    for name in sorted(accounts):
-        acc = accounts[name]
-        lines += [f"[users.{toml_key(name)}]", f"password = {toml_string(acc.password_hash)}"]
-        if acc.attributes:
-            lines.append(f"[users.{toml_key(name)}.attributes]")
-            lines += attrs_rules.toml_lines(acc.attributes)
-        lines.append("")
-    return "\n".join(lines)
+def render(accounts: Mapping[str, Account], text: str = "", path: str | Path = "<string>") -> str:
+    """The table holding `accounts`, edited from `text` (the file as it is) so that what
+    an admin wrote there stays: comments, order; a new user goes at the end."""
+    users = {
+        name: {
+            "password": accounts[name].password_hash,
+            "attributes": attrs_rules.as_json(dict(sorted(accounts[name].attributes.items()))),
+        }
+        for name in sorted(accounts)
+    }
+    return tomledit.updated(text, {"users": users}, header=HEADER, path=path)
 
 
 def save(path: str | Path, accounts: Mapping[str, Account]) -> None:
     """Replace the table atomically (write, fsync, rename); the file stays mode 0600."""
-    write_atomically(Path(path), render(accounts), 0o600)
+    path = Path(path)
+    write_atomically(path, render(accounts, tomledit.read(path), path), 0o600)
 
 
 __all__ = [

@@ -216,7 +216,7 @@ def create_app(
         rows: list[grid.Row] = []
         try:
             rows = grid.rows_from_form(request.form, services)
-            new_text = grid.to_toml(rows, grid.header_of(old_text))
+            new_text = grid.to_toml(rows, old_text)
             check_texts(config, access_text=new_text)
             save_if_unchanged(path, new_text, version)
         except (grid.GridError, ConfigError) as exc:

@@ -1,7 +1,8 @@
 """The access-rights table as a grid of rows (attribute patterns) x columns (services).
 
-Rows come from the parsed table and go back to TOML text; the text is then validated
-by the real loader before anything is saved.  A row's pattern is written as
+Rows come from the parsed table and go back into the file's own text (through
+appliance.core.tomledit, so the comments an admin wrote stay with their rules); the text
+is then validated by the real loader before anything is saved.  A row's pattern is written as
 `key=value; key=a|b; key=glob*` (`;` between attributes, `|` between set members,
 empty for everyone).  Cells are "allow", "deny" or "" (this row says nothing: the
 next matching row decides).
@@ -9,10 +10,12 @@ next matching row decides).
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from appliance.core.tomlfile import toml_key, toml_string, toml_value
+from appliance.core import tomledit
 from appliance.policy.access_rights import AccessTable
 
 
@@ -28,6 +31,7 @@ class Row:
     max_connections: str = ""
     session_max: str = ""
     quota_bytes_per_day: str = ""
+    source: int | None = None  # the rule's index in the file the grid was built from
 
 
 def rows_of(table: AccessTable) -> list[Row]:
@@ -49,6 +53,7 @@ def rows_of(table: AccessTable) -> list[Row]:
                 str(r.max_connections or ""),
                 str(r.session_max or ""),
                 str(r.quota_bytes_per_day or ""),
+                r.index,
             )
         )
     return rows
@@ -82,6 +87,7 @@ def rows_from_form(form: Mapping[str, str], services: Sequence[str]) -> list[Row
             form.get(f"max-{i}", "").strip(),
             form.get(f"session-{i}", "").strip(),
             form.get(f"quota-{i}", "").strip(),
+            int(i) if i.isdecimal() else None,
         )
         keyed.append((order, i == "new", n, row))
     keyed.sort(key=lambda t: (t[0], t[1], t[2]))
@@ -105,38 +111,37 @@ def parse_pattern(text: str, row: str) -> list[tuple[str, str | list[str]]]:
     return out
 
 
-def to_toml(rows: Sequence[Row], header: str) -> str:
-    """The rows as access.toml text (the header comment of the old file is kept)."""
-    chunks = [header.rstrip("\n") + "\n"] if header.strip() else []
+def to_toml(rows: Sequence[Row], text: str) -> str:
+    """`text` (access.toml as it is) edited to hold the rows, each rule edited in place:
+    the comments above and beside it stay, also when it moves; a removed rule's go."""
+    try:
+        old = tomllib.loads(text).get("rules", [])
+    except tomllib.TOMLDecodeError:
+        old = []  # tomledit says what is wrong
+    entries = []
     for row in rows:
-        lines = ["[[rules]]", f"name = {toml_string(row.name)}"]
+        was: dict[str, Any] = {}
+        if row.source is not None and 0 <= row.source < len(old):
+            was = old[row.source]
+        values: dict[str, Any] = {"name": row.name}
         match = parse_pattern(row.pattern, row.name)
         if match:
-            inner = ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in match)
-            lines.append(f"match = {{ {inner} }}")
+            values["match"] = dict(match)
         for verdict in ("allow", "deny"):
             names = [s for s, v in row.cells.items() if v == verdict]
-            if names:
-                lines.append(f"{verdict} = [{', '.join(map(toml_string, names))}]")
-        for key, text in (
+            if names:  # the order as written, when the services are the same
+                same = sorted(was.get(verdict, [])) == sorted(names)
+                values[verdict] = list(was[verdict]) if same else names
+        for key, number in (
             ("max_connections", row.max_connections),
             ("session_max", row.session_max),
             ("quota_bytes_per_day", row.quota_bytes_per_day),
         ):
-            if text:
-                if not text.isdecimal() or not text.isascii():  # "²" is a digit to isdigit
-                    raise GridError(f"row {row.name}: {key} {text!r} is not a whole number")
-                lines.append(f"{key} = {int(text)}")
-        chunks.append("\n".join(lines) + "\n")
-    return "\n".join(chunks)
-
-
-def header_of(text: str) -> str:
-    """The leading comment block of a table file."""
-    out: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("#") or (not line.strip() and out):
-            out.append(line)
-        else:
-            break
-    return "\n".join(out).rstrip() + "\n" if out else ""
+            if number:
+                if not number.isdecimal() or not number.isascii():  # "²" is a digit to isdigit
+                    raise GridError(f"row {row.name}: {key} {number!r} is not a whole number")
+                values[key] = int(number)
+        entries.append(tomledit.Entry(row.source, values))
+    return tomledit.updated(
+        text, {"rules": tomledit.Tables(entries)}, path="access.toml", inline=("match",)
+    )

@@ -24,7 +24,7 @@ from appliance.agent import settings as settings_mod
 from appliance.agent import tables, tlscert
 from appliance.agent.settings import AgentSettings
 from appliance.core import agent_protocol as wire
-from appliance.core import logs, passwords
+from appliance.core import logs, passwords, tomledit
 from appliance.core.atomic_file import locked, write_atomically
 from appliance.core.attributes import (
     CLI_HELP,
@@ -66,9 +66,10 @@ def _attr_pairs(pairs: list[str]) -> dict[str, AttrValue]:
 
 def _edit_users(s: AgentSettings, change: Callable[[dict[str, tables.User]], str]) -> None:
     with locked(s.users_file):
+        text = tomledit.read(s.users_file)
         users = dict(tables.load_users(s.users_file).users)
         message = change(users)
-        write_atomically(s.users_file, tables.dump_users(tables.UserTable(users)))
+        write_atomically(s.users_file, tables.dump_users(tables.UserTable(users), text))
     print(message)
 
 
@@ -239,10 +240,12 @@ def cmd_appliances(args: argparse.Namespace) -> int:
     key = _find_key(s, args.key)
     status = "allowed" if args.action == "allow" else "denied"
     with locked(s.appliances_file):
+        text = tomledit.read(s.appliances_file)
         entries = dict(tables.load_appliances(s.appliances_file).entries)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         entries[key] = tables.ApplianceEntry(key, status, args.name or "", stamp)
-        write_atomically(s.appliances_file, tables.dump_appliances(tables.ApplianceTable(entries)))
+        new = tables.dump_appliances(tables.ApplianceTable(entries), text)
+        write_atomically(s.appliances_file, new)
     print(f"{status} {key}")
     return 0
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core import agent_protocol as wire
-from appliance.core.attributes import Attributes, read_attributes, toml_lines
-from appliance.core.tomlfile import ConfigError, Reader, TomlFile, toml_string
+from appliance.core import tomledit
+from appliance.core.attributes import Attributes, as_json, read_attributes
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 
 log = logging.getLogger("appliance.agent")
 
@@ -128,30 +129,36 @@ def load_appliances(path: Path) -> ApplianceTable:
 # -- writing -------------------------------------------------------------------------
 
 
-def dump_users(table: UserTable) -> str:
-    lines = ["# Personal agent users: edit with `personal-agent users` and `servers`."]
+USERS_HEADER = "Personal agent users: edit with `personal-agent users` and `servers`."
+APPLIANCES_HEADER = "Appliances this agent answers: edit with `personal-agent appliances`."
+
+
+def dump_users(table: UserTable, text: str = "") -> str:
+    """The users table, edited from `text` (the file as it is): an admin's comments stay."""
+    users: dict[str, Any] = {}
     for name in sorted(table.users):
         u = table.users[name]
-        lines += ["", f"[users.{toml_string(name)}]", f"password = {toml_string(u.password_hash)}"]
+        entry: dict[str, Any] = {"password": u.password_hash}
         if u.locked:
-            lines.append("locked = true")
-        lines.append(f"[users.{toml_string(name)}.attributes]")
-        lines += toml_lines(u.attributes)
-        lines.append(f"[users.{toml_string(name)}.servers]")
-        lines += [f"{toml_string(k)} = {toml_string(v)}" for k, v in sorted(u.servers.items())]
-    return "\n".join(lines) + "\n"
+            entry["locked"] = True
+        entry["attributes"] = as_json(dict(sorted(u.attributes.items())))
+        entry["servers"] = dict(sorted(u.servers.items()))
+        users[name] = entry
+    return tomledit.updated(text, {"users": users}, header=USERS_HEADER)
 
 
-def dump_appliances(table: ApplianceTable) -> str:
-    lines = ["# Appliances this agent answers: edit with `personal-agent appliances`."]
+def dump_appliances(table: ApplianceTable, text: str = "") -> str:
+    """The appliance keys, edited from `text` (the file as it is): comments stay."""
+    entries: dict[str, Any] = {}
     for key in sorted(table.entries):
         e = table.entries[key]
-        lines += ["", f"[appliances.{toml_string(key)}]", f"status = {toml_string(e.status)}"]
+        entry = {"status": e.status}
         if e.name:
-            lines.append(f"name = {toml_string(e.name)}")
+            entry["name"] = e.name
         if e.since:
-            lines.append(f"since = {toml_string(e.since)}")
-    return "\n".join(lines) + "\n"
+            entry["since"] = e.since
+        entries[key] = entry
+    return tomledit.updated(text, {"appliances": entries}, header=APPLIANCES_HEADER)
 
 
 class Watched:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from appliance.core.tomlfile import Reader, toml_key, toml_value
+from appliance.core.tomlfile import Reader
 
 AttrValue = str | tuple[str, ...]
 Attributes = Mapping[str, AttrValue]
@@ -98,11 +98,6 @@ def read_attributes(r: Reader) -> dict[str, AttrValue]:
         raise r.error(exc.key, exc.reason) from None
 
 
-def toml_lines(attributes: Attributes) -> list[str]:
-    """`key = value` lines for an attributes table, sorted by key (read back by read_attributes)."""
-    return [f"{toml_key(k)} = {toml_value(attributes[k])}" for k in sorted(attributes)]
-
-
 def as_json(attributes: Attributes) -> dict[str, str | list[str]]:
     """Attributes as JSON holds them (lists for tuples)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in attributes.items()}
@@ -148,6 +143,5 @@ __all__ = [
     "check_value",
     "parse_attribute_args",
     "read_attributes",
-    "toml_lines",
     "valid_key",
 ]

@@ -9,10 +9,9 @@ types and ranges, and refuses keys nobody asked for.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,24 +361,3 @@ class Reader:
         for key in self.table:
             if key not in self.seen:
                 raise self.error(key, "unknown key")
-
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string (JSON's escapes are valid TOML escapes).  JSON leaves DEL
-    (U+007F) raw, which TOML forbids in a string: it is escaped too."""
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def toml_value(value: str | Sequence[str]) -> str:
-    """A string, or an array of strings."""
-    if isinstance(value, str):
-        return toml_string(value)
-    return "[" + ", ".join(map(toml_string, value)) + "]"
-
-
-def toml_key(key: str) -> str:
-    """A key as written in a table: bare when it can be, else quoted."""
-    return key if _BARE_KEY.match(key) else toml_string(key)

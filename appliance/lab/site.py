@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from appliance.core import tomledit
 from appliance.core.atomic_file import write_atomically
 from appliance.core.config import load
-from appliance.core.tomlfile import toml_key, toml_value
 from appliance.lab import household, servers
 from appliance.lab.commands import agent_cmd, appliance_cmd, run_checked
 from appliance.lab.tls import LabCA, fingerprint
@@ -168,12 +169,11 @@ def add_agent(
     fingerprint = run_checked(None, agent_cmd("fingerprint", *conf)).split()[0]
     if trusted_as is not None:
         table = config.parent / "agents.toml"
-        old = table.read_text() if table.exists() else ""
-        entry = (
-            f"\n[agents.{toml_key(trusted_as)}]\nfingerprints = {toml_value([fingerprint])}\n"
-            f"attributes = {toml_value(trusted_keys)}\n"
-        )
-        write_atomically(table, old + entry)
+        old = tomledit.read(table)
+        data = tomllib.loads(old)
+        entry = {"fingerprints": [fingerprint], "attributes": list(trusted_keys)}
+        data.setdefault("agents", {})[trusted_as] = entry
+        write_atomically(table, tomledit.updated(old, data, path=table))
     return fingerprint
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.tomlfile import ConfigError, TomlFile, toml_key, toml_string, toml_value
+from appliance.core import tomledit
+from appliance.core.tomlfile import ConfigError, TomlFile
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,12 +88,8 @@ def test_deep_nesting_is_a_config_error_naming_file_and_line(tmp_path: Path, ope
     ],
 )
 def test_written_strings_are_valid_toml_and_read_back(value: str) -> None:
-    text = (
-        f"{toml_key(value)} = {toml_string(value)}\n"
-        f"list = {toml_value([value, 'x'])}\n"
-        f"[t.{toml_key('k ' + value)}]\n"
-    )
+    text = tomledit.updated("", {value: value, "list": [value, "x"], "t": {"k " + value: {"v": 1}}})
     doc = tomllib.loads(text)  # raises on a raw DEL or any other character TOML forbids
     assert doc[value] == value and doc["list"] == [value, "x"]
-    assert list(doc["t"]) == ["k " + value]
+    assert doc["t"] == {"k " + value: {"v": 1}}
     assert TomlFile.parse(text).data == doc
