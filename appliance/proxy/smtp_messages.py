@@ -6,10 +6,12 @@ line the guest sends waits, in order, for one reply of the server (pipelining, R
 2920, is just several in flight); a reply is its last line ("250 ok" after "250-...").
 A message is counted when the reply to its end of data is 2xx: the "." after DATA
 (whose content is skipped up to CRLF.CRLF, so a dot-stuffed "..", a line split
-across chunks, or a "." inside a line end nothing), or BDAT ... LAST (RFC 3030, whose
-chunk is skipped by its size).  One count per transaction (an LMTP server's reply per
-recipient is not SMTP).  After a 220 to STARTTLS the rest is encrypted: the observer
-stops (`encrypted`) and counts nothing more.  Memory is bounded: a line outside the
+across chunks, or a "." inside a line end nothing; a reply that comes while the
+content is still being read ends it too: the server took some other end, such as a
+bare-LF "."), or BDAT ... LAST (RFC 3030, whose chunk is skipped by its size).  One
+count per transaction (an LMTP server's reply per recipient is not SMTP).  After a
+220 to STARTTLS the rest is encrypted: the observer stops (`encrypted`) and counts
+nothing more.  Memory is bounded: a line outside the
 content is kept to LINE_LIMIT bytes (the rest of it is dropped until its end), and a
 guest that sends more than HOLD_LIMIT bytes before the reply to DATA or STARTTLS came
 (no SMTP client does) or more than MAX_PENDING commands without a reply makes it
@@ -142,7 +144,12 @@ class SmtpMessages:
 
     def _reply(self, code: bytes) -> None:
         if not self._expect:
-            return  # unasked (a 421 before closing, say): nothing it could count
+            if self._mode == _CONTENT:
+                # the server saw an end of data we did not (a bare-LF ".", which some
+                # servers take): its reply ends the content all the same
+                self._mode, self._tail = _LINES, b""
+                self.messages += code[:1] == b"2"
+            return  # else unasked (a 421 before closing, say): nothing it could count
         what = self._expect.popleft()
         ok = code[:1] == b"2"
         if what in (_END, _LAST):

@@ -150,6 +150,14 @@ def test_a_guest_not_waiting_for_354_beyond_the_bound_makes_it_give_up() -> None
     assert obs.messages == 0
 
 
+def test_a_reply_during_the_content_ends_it() -> None:
+    obs = run([*GREET, EHLO_REPLY, *mail(b"")[:6]])
+    obs.client(b"bare line feeds\n.\n")  # a server that takes this as the end
+    obs.server(b"250 queued\r\n")
+    run(mail(b"next\r\n"), obs)
+    assert obs.messages == 2
+
+
 def splits(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     out, start = [], 0
@@ -193,3 +201,64 @@ def test_smtp_like_noise_never_raises(cmds: list[bytes], replies: list[bytes]) -
         obs.client(c)
         obs.server(r)
     assert obs.messages <= len(replies)
+
+
+LINE = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+def stuffed(lines: list[bytes]) -> bytes:
+    """A message body as a client sends it after DATA: CRLF lines, a leading dot doubled."""
+    return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+
+
+# one transaction: (its dialog, whether the server accepted a message)
+TRANSACTION = st.one_of(
+    st.tuples(st.lists(LINE, max_size=6), st.booleans(), st.booleans()).map(
+        lambda t: (
+            mail(stuffed(t[0]), b"250 ok\r\n" if t[1] else b"554 no\r\n")
+            if t[2]
+            else [
+                (C, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+                (S, b"250 ok\r\n250 ok\r\n354 go\r\n"),
+                (C, stuffed(t[0]) + b".\r\n"),
+                (S, b"250-ok\r\n250 queued\r\n" if t[1] else b"451 later\r\n"),
+            ],
+            t[1],
+        )
+    ),
+    st.binary(max_size=60).map(
+        lambda body: (
+            [
+                (C, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n"),
+                (C, b"BDAT %d LAST\r\n" % len(body) + body),
+                (S, b"250 ok\r\n250 ok\r\n250 queued\r\n"),
+            ],
+            True,
+        )
+    ),
+    st.just(
+        (
+            [
+                (C, b"MAIL FROM:<a@x>\r\nRCPT TO:<x@z>\r\nDATA\r\n"),
+                (S, b"250 ok\r\n554 relay denied\r\n554 no valid recipients\r\n"),
+            ],
+            False,
+        )
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(TRANSACTION, max_size=6), st.lists(st.integers(0, 200), max_size=6))
+def test_generated_dialogs_count_the_accepted_ones_in_any_split(
+    transactions: list[tuple[Dialog, bool]], cuts: list[int]
+) -> None:
+    dialog = [*GREET, EHLO_REPLY]
+    for turns, _ in transactions:
+        dialog += [*turns, (C, b"RSET\r\n"), (S, b"250 ok\r\n")]
+    obs = SmtpMessages()
+    for side, data in dialog:
+        for piece in splits(data, cuts):
+            (obs.client if side == C else obs.server)(piece)
+    assert obs.messages == sum(ok for _, ok in transactions)
+    assert not obs.stopped
