@@ -3,8 +3,9 @@
 Real processes: `appliance run proxy` in gw (accounting on, as by default), postfix on
 the segment that relays for nobody (its own domain only: a mail to another domain is
 refused at RCPT, so its DATA never comes).  alice, logged in, sends two mails that
-arrive and one that is refused; at the proxy's stop her usage row for smtp in the
-store says 3 connections and 2 messages, and so does the admin's CSV export.
+arrive, one refused at RCPT and one refused at its end of data (a header check); at
+the proxy's stop her usage row for smtp in the store says 4 connections and 2
+messages, and so does the admin's CSV export.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def test_smtp_messages_the_server_accepted_are_in_alices_usage(
     # mynetworks without the appliance: postfix takes mail for example.net only
     smtp = servers.start_smtp(seg, mynetworks="127.0.0.0/8")
     try:
+        # and a mail with this subject is refused at its end of data (5xx to the ".")
+        etc = smtp.directory / "etc"
+        (etc / "header_checks").write_text("/^Subject: refused at the end/ REJECT no thanks\n")
+        seg.run("postconf", "-c", str(etc), "-e", f"header_checks = regexp:{etc}/header_checks")
+        seg.run("postfix", "-c", str(etc), "reload")
         appliance = [sys.executable, "-m", "appliance"]
         proxy = gw.start(*appliance, "run", "--config", str(cfg_path), "proxy", name="proxy")
         gw.wait_port(2525, "192.168.1.1")
@@ -77,12 +83,14 @@ def test_smtp_messages_the_server_accepted_are_in_alices_usage(
         said = swaks("x@elsewhere.test", "never sent")
         assert "554 5.7.1" in said and "Relay access denied" in said, said
         assert "354" not in said  # (the refused recipient: no DATA at all)
+        said = swaks("bob@example.net", "refused at the end")
+        assert "354" in said and "550 5.7.1 no thanks" in said, said
         mails = servers.wait_mail(smtp.extra["maildir"], 2)
         assert sorted(b"Subject: mail 1" in m for m in mails) == [False, True]
 
         proxy.stop()  # the stop flushes the worker's accounting
         (row,) = usage.by_user_service(conn, *usage.days_back(1))
-        assert (row.user, row.service, row.connections, row.messages) == ("alice", "smtp", 3, 2)
+        assert (row.user, row.service, row.connections, row.messages) == ("alice", "smtp", 4, 2)
         (of_session,) = usage.of_session(conn, alice.id)
         assert of_session.messages == 2
         exported = usage_page.csv_text(usage.csv_rows(conn, *usage.days_back(1)))
