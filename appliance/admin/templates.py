@@ -179,7 +179,8 @@ USAGE = """{% extends "base.html" %}{% block title %}Usage{% endblock %}{% block
 {% endfor %}<a href="{{ url_for('usage_csv', period=period) }}" id="csv">Download CSV</a></nav>
 <p>{{ first }} to {{ last }} (UTC days). Bytes up: guest to server; down: server to guest.
 The plot shows bytes per day, both ways, from {{ plot_first }}. The relay adds its counts
-every few seconds. SMTP messages: not counted yet ("-"), the relay passes SMTP through unread.</p>
+every few seconds. SMTP messages: mails the server accepted (smtp and submission); after
+STARTTLS the relay cannot read a session, so a mail sent over TLS is not counted.</p>
 {% if not users %}<p id="none">No usage in this period.</p>
 {% else %}<table id="usage"><tr><th>user</th><th>service</th><th>connections</th><th>bytes up</th>
 <th>bytes down</th><th>SMTP messages</th><th>bytes per day</th></tr>
@@ -189,7 +190,7 @@ every few seconds. SMTP messages: not counted yet ("-"), the relay passes SMTP t
 <td class="service">{{ s.service }}</td><td class="num connections">{{ s.connections }}</td>
 <td class="num bytes-up" title="{{ s.bytes_up }} bytes" data-bytes="{{ s.bytes_up }}">{{ s.bytes_up|human_bytes }}</td>
 <td class="num bytes-down" title="{{ s.bytes_down }} bytes" data-bytes="{{ s.bytes_down }}">{{ s.bytes_down|human_bytes }}</td>
-<td class="num messages">{{ (s.messages or '-') if s.service == 'smtp' else '' }}</td>
+<td class="num messages">{{ s.messages if s.service in ('smtp', 'submission') or s.messages else '' }}</td>
 {% if loop.first %}<td rowspan="{{ u.services|length }}">
 <svg class="plot" data-user="{{ u.user }}" width="{{ plot_w }}" height="{{ plot_h }}"
  viewBox="0 0 {{ plot_w }} {{ plot_h }}" role="img" aria-label="bytes per day of {{ u.user }}, peak {{ u.peak|human_bytes }}">

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from appliance.core.config import STAND_IN_TEXT as STAND_IN
+from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.client_hello import BadHello, ClientHello, HelloReader
 from appliance.proxy.fallback import Fallback
 from appliance.proxy.gate import (
@@ -33,7 +34,8 @@ from appliance.proxy.gate import (
     no_upstream,
 )
 from appliance.proxy.refusals import INTERNAL_ERROR, RefusalDialog, tls_alert, tls_refusal
-from appliance.proxy.splice import READ, EdgePoll, PipePool, Sock, SpliceConn
+from appliance.proxy.smtp_messages import SmtpMessages
+from appliance.proxy.splice import READ, EdgePoll, PipePool, Seen, Sock, SpliceConn
 from appliance.proxy.tracked import Relay as TrackedRelay
 from appliance.proxy.tracked import Tracked
 from appliance.proxy.tunnel import AnswerReader, TunnelAnswer, connect_request
@@ -54,6 +56,7 @@ class RawRelay(TrackedRelay, Protocol):
     original: Callable[[Sock], tuple[str, int] | None]
     upstreams: UpstreamPool
     generation: int
+    usage: UsageRecorder | None
 
     async def check_name(self, name: str, port: int) -> list[str] | None: ...
 
@@ -77,6 +80,7 @@ class Spliced(Tracked):
         "edges",
         "hello",
         "owner",
+        "smtp",
         "sock",
         "tunnel",
         "tunnel_to",
@@ -97,6 +101,7 @@ class Spliced(Tracked):
         self.tunnel_to: tuple[str, int] | None = None  # route proxy: what CONNECT asks for
         self.tunnel: AnswerReader | None = None  # the web proxy's answer, while awaited
         self.upsock: Sock | None = None  # the upstream while its tunnel answer is awaited
+        self.smtp: SmtpMessages | None = None  # smtp with accounting on: the message count
 
     def activity(self) -> int:
         return self.conn.up.moved + self.conn.down.moved if self.conn else 0
@@ -119,6 +124,8 @@ class Spliced(Tracked):
 
     def ended(self, conn: SpliceConn, result: str) -> None:
         self.bytes_up, self.bytes_down = conn.up.moved, conn.down.moved
+        if self.smtp is not None:
+            self.messages = self.smtp.messages
         if self.result == "ok":
             self.result = result
         self.finish()
@@ -130,8 +137,20 @@ class Spliced(Tracked):
             return
         first = self.hello.raw if self.hello is not None else b""
         self.conn = SpliceConn(
-            self.edges, self.owner.pool, self.sock, up, self.ended, events, first
+            self.edges, self.owner.pool, self.sock, up, self.ended, events, first, seen=self._seen()
         )
+
+    def _seen(self) -> tuple[Seen, Seen] | None:
+        """SMTP with accounting on: the messages the server accepts are counted from the
+        bytes (smtp_messages.py), so both directions are copied, never spliced.  SMTP is
+        small (commands, replies, a message or two of some KiB): the copy path is what it
+        mostly takes anyway.  After STARTTLS the observer reads nothing more, but the
+        copying goes on (the connection carries a mail or two, not bulk).  Bound methods
+        of the observer: no reference back to this connection, so no cycle."""
+        if self.listener.protocol != "smtp" or self.owner.usage is None:
+            return None
+        smtp = self.smtp = SmtpMessages()
+        return smtp.client, smtp.server
 
     def refuse_now(self, r: Refusal, result: str | None = None) -> None:
         """Refuse in the protocol's words (tcp has none: it is just closed)."""

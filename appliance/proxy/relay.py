@@ -49,6 +49,7 @@ from appliance.proxy.gate import (
 from appliance.proxy.http_conn import HttpConn
 from appliance.proxy.raw import Connector, Deadlines, Spliced, connect
 from appliance.proxy.refusals import RefusalDialog
+from appliance.proxy.smtp_messages import SmtpMessages
 from appliance.proxy.splice import EdgePoll, PipePool, Sock
 from appliance.proxy.tracked import (
     HIGH_WATER,
@@ -77,7 +78,7 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 class Link(Tracked, asyncio.Protocol):
     """The client side of a plain relayed connection (SMTP, POP3, any TCP service)."""
 
-    __slots__ = ("dialog", "eofs", "pending", "pump")
+    __slots__ = ("dialog", "eofs", "pending", "pump", "smtp")
 
     def __init__(self, relay: Relay, listener: Listener) -> None:
         super().__init__(relay, listener)
@@ -85,6 +86,10 @@ class Link(Tracked, asyncio.Protocol):
         self.dialog: RefusalDialog | None = None
         self.eofs = 0
         self.pending = b""
+        # smtp with accounting on: the messages the server accepts (smtp_messages.py)
+        self.smtp = (
+            SmtpMessages() if listener.protocol == "smtp" and relay.usage is not None else None
+        )
 
     def connecting(self) -> bool:
         return self.user is not None and self.pump is None and self.dialog is None
@@ -196,6 +201,8 @@ class Link(Tracked, asyncio.Protocol):
             self.client.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.smtp is not None and self.dialog is None:
+            self.smtp.client(data)  # (bytes held while connecting go up first, in order)
         pump = self.pump
         if pump is not None:
             self.bytes_up += len(data)
@@ -228,6 +235,13 @@ class Link(Tracked, asyncio.Protocol):
             self.pump.transport.close()
             return False
         return True
+
+    def from_upstream(self, data: bytes) -> None:
+        smtp = self.smtp
+        if smtp is not None:
+            smtp.server(data)
+            self.messages = smtp.messages
+        super().from_upstream(data)
 
     def upstream_eof(self) -> bool:
         self.eofs += 1

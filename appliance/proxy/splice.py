@@ -53,6 +53,7 @@ READ = select.EPOLLIN | select.EPOLLPRI | select.EPOLLRDHUP | select.EPOLLHUP | 
 WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 Handler = Callable[[int], None]
+Seen = Callable[[memoryview], None]
 # the C socket type (socket.socket is its Python subclass): no io refcounting to pay for
 Sock = socket.SocketType
 
@@ -216,6 +217,7 @@ class Direction:
         "pipe",
         "read_on",
         "readable",
+        "seen",
         "src",
         "stash",
         "urgent",
@@ -236,6 +238,9 @@ class Direction:
         self.moved = 0
         self.readable = False
         self.writable = True
+        # an observer of the bytes (SMTP's message count): while set, the direction is
+        # copied, never spliced, and each read is shown to it before it is written
+        self.seen: Seen | None = None
 
     def pump(self, conn: SpliceConn) -> None:
         if conn.closed or self.finished:
@@ -286,8 +291,11 @@ class Direction:
                 if splicing:
                     self.pending += n
                     continue
+                if self.seen is not None:
+                    self.seen(COPY_VIEW[:n])
                 if n == COPY_SIZE:
-                    self.bulk = True  # a full buffer: more is coming, splice it
+                    if self.seen is None:
+                        self.bulk = True  # a full buffer: more is coming, splice it
                 elif not self.read_on:
                     self.readable = False  # the receive queue is empty: wait for an edge
                 try:  # (writable: a read only happens with nothing left to write)
@@ -328,6 +336,8 @@ class SpliceConn:
     there); `events` is the mask its connect completed with.  `first_up` and
     `first_down` are bytes read before the relay began (a ClientHello, what a
     web proxy sent after its tunnel answer): they leave first, as a stash.
+    `seen` (up, down): observers of each direction's bytes (see Direction), set
+    before the first byte moves.
     """
 
     __slots__ = ("client", "closed", "done", "down", "on_close", "poll", "pool", "up", "upstream")
@@ -342,6 +352,7 @@ class SpliceConn:
         events: int = 0,
         first_up: bytes = b"",
         first_down: bytes = b"",
+        seen: tuple[Seen, Seen] | None = None,
     ) -> None:
         self.poll = poll
         self.pool = pool
@@ -353,6 +364,8 @@ class SpliceConn:
         self.down = Direction(ufd, cfd)
         self.up.stash = first_up
         self.down.stash = first_down
+        if seen is not None:
+            self.up.seen, self.down.seen = seen
         self.done = 0
         self.closed = False
         poll.claim(cfd, self.client_event)

@@ -514,6 +514,8 @@ def test_usage_page_shows_each_users_bytes_per_service_and_a_plot(app: Any, site
     assert 'data-user="carol" data-service="pop3"' in today
     assert 'data-bytes="1500000">1.4 MiB<' in today and 'data-bytes="40000"' in today
     assert "dave" not in today  # a week ago is not today
+    assert '<td class="num messages">2</td>' in today  # carol's SMTP messages
+    assert today.count('<td class="num messages"></td>') == 2  # pop3 and http: none
     assert today.count('<svg class="plot" data-user="carol"') == 1
     assert re.search(r'<rect x="[\d.]+" y="[\d.]+" width="[\d.]+" height="46.0"><title>', today)
     week = c.get("/usage?period=7").text

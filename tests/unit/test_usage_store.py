@@ -51,6 +51,24 @@ def test_batches_add_up_per_day_user_service_and_session(tmp_path: Path) -> None
     assert usage.of_session(conn, "none") == []
 
 
+def test_smtp_messages_sum_per_user_service_session_and_in_the_csv(tmp_path: Path) -> None:
+    conn = conn_at(tmp_path)
+    d1, d2 = usage.day_of(DAY1), usage.day_of(DAY2)
+    usage.add(conn, [Entry(d1, "alice", "smtp", "s1", 1, 500, 90, 2)])
+    usage.add(conn, [Entry(d1, "alice", "smtp", "s1", 1, 300, 90, 1)])  # another worker
+    usage.add(conn, [Entry(d2, "alice", "smtp", "s2", 1, 100, 90, 4)])
+    usage.add(conn, [Entry(d1, "alice", "pop3", "s1", 1, 10, 900)])
+    rows = usage.by_user_service(conn, d1, d1)
+    assert [(u.service, u.messages) for u in rows] == [("pop3", 0), ("smtp", 3)]
+    assert [u.messages for u in usage.by_user_service(conn, d1, d2) if u.service == "smtp"] == [7]
+    assert [(u.service, u.messages) for u in usage.of_session(conn, "s1")] == [
+        ("pop3", 0),
+        ("smtp", 3),
+    ]
+    csv_smtp = [r for r in usage.csv_rows(conn, d1, d2) if r[2] == "smtp"]
+    assert [(r[0], r[6]) for r in csv_smtp] == [(d1, 3), (d2, 4)]
+
+
 def test_csv_rows_have_a_header_and_one_row_per_day_user_service(tmp_path: Path) -> None:
     conn = conn_at(tmp_path)
     d1 = usage.day_of(DAY1)
