@@ -41,7 +41,7 @@ from prometheus_client.core import Metric
 
 from appliance.core import metrics
 from appliance.core.config import Config
-from appliance.state import leases, store
+from appliance.state import leases, schema, store
 from dhcp import codec, frame
 from dhcp.codec import TYPE_NAMES, DecodeError
 from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key, ip_to_int
@@ -166,7 +166,7 @@ class Service:
         self.ifname = config.interfaces.guest
         self.settings = Settings.from_config(config)
         self.conn = store.connect(config.state.database)
-        leases.create_schema(self.conn)
+        schema.upgrade(self.conn)
         self.index = load_index(self.conn, self.settings)
         self.sock = sock or open_socket(self.ifname)
         self.link = link or open_link(self.ifname)

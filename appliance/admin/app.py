@@ -38,7 +38,7 @@ from appliance.policy.access_rights import AccessTable
 from appliance.policy.server_info import ServerTable
 from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
-from appliance.state import store, usage
+from appliance.state import schema, store, usage
 from appliance.state.admin_logins import AdminLogins
 from appliance.state.sessions import SessionStore
 
@@ -367,7 +367,7 @@ def create_app(
         conn = getattr(per_thread, "usage", None)
         if conn is None:
             conn = per_thread.usage = store.connect(config.state.database)
-            usage.create_schema(conn)
+            schema.upgrade(conn)
         return conn
 
     @app.get("/usage")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from appliance.core.config import Config
-from appliance.state import audit, store
+from appliance.state import audit, schema, store
 from appliance.state.audit import Entry
 
 log = logging.getLogger("appliance.admin.audit")
@@ -38,7 +38,7 @@ def _pending(config: Config) -> Path:
 
 def _open(config: Config) -> sqlite3.Connection:
     conn = store.connect(config.state.database)
-    audit.create_schema(conn)
+    schema.upgrade(conn)
     if _pending(config).exists():
         _take_in(conn, _pending(config))
     return conn

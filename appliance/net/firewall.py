@@ -20,7 +20,7 @@ from collections.abc import Callable
 from appliance.core.config import Config
 from appliance.net import members, nft
 from appliance.net.setup import check_pair
-from appliance.state import grants, store
+from appliance.state import grants, schema, store
 from appliance.state.sessions import SessionStore
 
 SET = "authenticated"
@@ -39,7 +39,7 @@ class Firewall:
     def _until(self, ip: str, mac: str, present: bool) -> None:
         conn = store.connect(self.config.state.database)
         try:
-            grants.create_schema(conn)
+            schema.upgrade(conn)
             deadline = time.monotonic() + self.wait
             delay = 0.002
             while grants.confirmed(conn, ip, mac) != present:
@@ -59,7 +59,7 @@ class Firewall:
         ip, mac = check_pair(ip, mac)
         conn = store.connect(self.config.state.database)
         try:
-            grants.create_schema(conn)
+            schema.upgrade(conn)
             sess = SessionStore(conn).lookup_ip(ip)
             if sess is None or sess.mac != mac:
                 raise NotConfirmed(f"no active session of {ip} {mac} to let in")

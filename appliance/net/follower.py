@@ -25,7 +25,7 @@ from functools import partial
 from appliance.core.config import Config
 from appliance.net import members, nft
 from appliance.net.setup import check_pair
-from appliance.state import grants, leases, store
+from appliance.state import grants, leases, schema, store
 from appliance.state.follow import BATCH, Cursor
 
 log = logging.getLogger("appliance.net.follower")
@@ -115,7 +115,7 @@ def load(config: Config) -> int:
     """One full load of both sets from the store (before the roles start)."""
     conn = store.connect(config.state.database)
     try:
-        grants.create_schema(conn)
+        schema.upgrade(conn)
         key = members.grant_key(config.state.directory)
         return full_sync(conn, time.time(), nft.run, key)[0]
     finally:
@@ -150,7 +150,7 @@ def apply_events(
 def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
     """Follow the lease events and the sessions until `stop` is set (the `net` role)."""
     conn = store.connect(config.state.database)
-    grants.create_schema(conn)
+    schema.upgrade(conn)
     lib = nft.runner()  # in-process libnftables when present: no fork per batch
     execute = lib.run if lib is not None else nft.run
     key = members.grant_key(config.state.directory)

@@ -19,7 +19,7 @@ from prometheus_client.core import Metric
 from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.net import follower, interface, nft, setup, tables
-from appliance.state import grants, store
+from appliance.state import grants, schema, store
 
 log = logging.getLogger("appliance.net")
 
@@ -48,7 +48,7 @@ def _no_receipts(config: Config) -> None:
     try:
         conn = store.connect(config.state.database)
         try:
-            grants.create_schema(conn)
+            schema.upgrade(conn)
             grants.clear(conn)
         finally:
             conn.close()

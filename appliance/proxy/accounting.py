@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.state import usage
+from appliance.state import schema, usage
 
 log = logging.getLogger("appliance.proxy.accounting")
 
@@ -58,7 +58,7 @@ class UsageRecorder:
 
         def connect() -> sqlite3.Connection:
             conn = store.connect(path)
-            usage.create_schema(conn)
+            schema.upgrade(conn)
             return conn
 
         return cls(connect)

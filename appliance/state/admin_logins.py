@@ -10,26 +10,19 @@ that knows the table's SQL.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import threading
 import time
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS admin_logins (
-    id TEXT PRIMARY KEY,
-    admin TEXT NOT NULL,
-    expires REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS admin_logins_admin ON admin_logins (admin);
-"""
+from appliance.state import schema
+from appliance.state.connection import Connection
 
 
 class AdminLogins:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()  # waitress serves from several threads
         with self.lock:
-            self.conn.executescript(SCHEMA)
+            schema.upgrade(self.conn)
 
     def start(self, admin: str, lifetime: float, now: float | None = None) -> str:
         """A new live login id for `admin`; expired ids are swept on the way."""

@@ -8,21 +8,11 @@ Passwords and cookies never go in it (admin account changes are logged by name o
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    admin TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL,
-    diff TEXT NOT NULL DEFAULT ''
-);
-"""
+from appliance.state.connection import Connection
 
 
 @dataclass(frozen=True)
@@ -38,11 +28,7 @@ class Entry:
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.time))
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-
-
-def append(conn: sqlite3.Connection, entries: Iterable[Entry]) -> None:
+def append(conn: Connection, entries: Iterable[Entry]) -> None:
     """Add entries in one transaction (several: the import of an old audit.log)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -56,7 +42,7 @@ def append(conn: sqlite3.Connection, entries: Iterable[Entry]) -> None:
     conn.execute("COMMIT")
 
 
-def newest(conn: sqlite3.Connection, limit: int = 200) -> list[Entry]:
+def newest(conn: Connection, limit: int = 200) -> list[Entry]:
     """The newest entries first."""
     rows = conn.execute(
         "SELECT time, admin, action, target, diff FROM audit ORDER BY id DESC LIMIT ?", (limit,)
@@ -64,5 +50,5 @@ def newest(conn: sqlite3.Connection, limit: int = 200) -> list[Entry]:
     return [Entry(float(t), str(a), str(act), str(tg), str(d)) for t, a, act, tg, d in rows]
 
 
-def is_empty(conn: sqlite3.Connection) -> bool:
+def is_empty(conn: Connection) -> bool:
     return conn.execute("SELECT 1 FROM audit LIMIT 1").fetchone() is None

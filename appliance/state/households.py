@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.state import schema
 from appliance.state.store import connect
 
 
@@ -26,10 +27,7 @@ class SqliteHouseholds:
 
     def __init__(self, path: str | Path) -> None:
         self.conn = connect(path)
-        self.conn.execute(
-            "CREATE TABLE IF NOT EXISTS households (name TEXT PRIMARY KEY, key TEXT NOT NULL,"
-            " claimed_at REAL NOT NULL, last_seen REAL NOT NULL)"
-        )
+        schema.upgrade(self.conn, schema.RELAY)
 
     def load(self) -> list[Claim]:
         rows = self.conn.execute("SELECT name, key, claimed_at, last_seen FROM households")

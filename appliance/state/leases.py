@@ -11,31 +11,11 @@ never the other way round.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS leases (
-    ip TEXT PRIMARY KEY,
-    mac TEXT NOT NULL,
-    client_id BLOB,
-    hostname TEXT,
-    state TEXT NOT NULL,          -- bound | released | expired | declined
-    expires REAL NOT NULL,        -- epoch seconds (for declined: end of quarantine)
-    updated REAL NOT NULL,
-    bound_since REAL NOT NULL DEFAULT 0  -- when this MAC's current binding began
-);
-CREATE INDEX IF NOT EXISTS leases_mac ON leases(mac);
-CREATE TABLE IF NOT EXISTS lease_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    kind TEXT NOT NULL,
-    ip TEXT NOT NULL,
-    mac TEXT NOT NULL
-);
-"""
+from appliance.state.connection import Connection
 
 # The one list of lease event kinds, with the state each leaves the lease row in.
 STATE_AFTER: Mapping[str, str] = MappingProxyType(
@@ -79,20 +59,13 @@ _SELECT = "SELECT ip, mac, expires, state, client_id, hostname, bound_since FROM
 _HOLDS = "state = 'bound' AND expires > ?"  # a lease that binds its address at time ?
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
-    if "bound_since" not in columns:  # a store made before the column existed
-        conn.execute("ALTER TABLE leases ADD COLUMN bound_since REAL NOT NULL DEFAULT 0")
-
-
 def _lease(
     row: tuple[str, str, float, str, bytes | None, str | None, float] | None,
 ) -> Lease | None:
     return Lease(*row) if row else None
 
 
-def lookup_ip(conn: sqlite3.Connection, ip: str, now: float) -> Lease | None:
+def lookup_ip(conn: Connection, ip: str, now: float) -> Lease | None:
     """The bound, unexpired lease of an address, or None."""
     row = conn.execute(
         f"{_SELECT} WHERE ip = ? AND {_HOLDS}",
@@ -101,7 +74,7 @@ def lookup_ip(conn: sqlite3.Connection, ip: str, now: float) -> Lease | None:
     return _lease(row)
 
 
-def lookup_mac(conn: sqlite3.Connection, mac: str, now: float) -> Lease | None:
+def lookup_mac(conn: Connection, mac: str, now: float) -> Lease | None:
     """The bound, unexpired lease of a MAC address, or None."""
     row = conn.execute(
         f"{_SELECT} WHERE mac = ? AND {_HOLDS} ORDER BY expires DESC LIMIT 1",
@@ -110,7 +83,7 @@ def lookup_mac(conn: sqlite3.Connection, mac: str, now: float) -> Lease | None:
     return _lease(row)
 
 
-def record(conn: sqlite3.Connection, kind: str, lease: Lease, now: float) -> int:
+def record(conn: Connection, kind: str, lease: Lease, now: float) -> int:
     """Write one lease change and its event in a single transaction; returns the event id."""
     if kind not in STATE_AFTER:
         raise ValueError(f"unknown lease event kind {kind!r}")
@@ -119,7 +92,7 @@ def record(conn: sqlite3.Connection, kind: str, lease: Lease, now: float) -> int
     )
 
 
-def events_since(conn: sqlite3.Connection, last_id: int, limit: int = 1000) -> list[LeaseEvent]:
+def events_since(conn: Connection, last_id: int, limit: int = 1000) -> list[LeaseEvent]:
     """Lease events after `last_id`, oldest first: followers keep the last id they saw."""
     rows = conn.execute(
         "SELECT id, time, kind, ip, mac FROM lease_events WHERE id > ? ORDER BY id LIMIT ?",
@@ -128,12 +101,12 @@ def events_since(conn: sqlite3.Connection, last_id: int, limit: int = 1000) -> l
     return [LeaseEvent(*r) for r in rows]
 
 
-def all_leases(conn: sqlite3.Connection) -> list[Lease]:
+def all_leases(conn: Connection) -> list[Lease]:
     rows = conn.execute(f"{_SELECT} ORDER BY ip").fetchall()
     return [Lease(*r) for r in rows]
 
 
-def snapshot(conn: sqlite3.Connection, now: float) -> tuple[int, list[Lease]]:
+def snapshot(conn: Connection, now: float) -> tuple[int, list[Lease]]:
     """The last event id and the bound, unexpired leases, read in one transaction so the
     two agree: a follower that loads this and then follows `events_since(id)` misses no
     change and sees none twice."""
@@ -175,7 +148,7 @@ _UPSERT = (
 )
 
 
-def record_many(conn: sqlite3.Connection, changes: list[tuple[str, Lease]], now: float) -> None:
+def record_many(conn: Connection, changes: list[tuple[str, Lease]], now: float) -> None:
     """Write several lease changes and their events in one transaction (the server's
     group commit: one WAL write for a burst of ACKs, all durable before any reply)."""
     write_rows(
@@ -186,7 +159,7 @@ def record_many(conn: sqlite3.Connection, changes: list[tuple[str, Lease]], now:
 Row = tuple[str, str, str, bytes | None, str | None, float]  # kind, ip, mac, client id, name, end
 
 
-def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> int:
+def write_rows(conn: Connection, rows: list[Row], now: float) -> int:
     """record_many without Lease objects: the server's hot path; returns the last event id."""
     if not rows:
         return 0
@@ -206,7 +179,7 @@ def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> int:
             "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
             [(now, kind, ip, mac.lower()) for kind, ip, mac, _, _, _ in rows],
         )
-        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        last = conn.execute("SELECT MAX(id) FROM lease_events").fetchone()[0]  # (locked)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -214,7 +187,7 @@ def write_rows(conn: sqlite3.Connection, rows: list[Row], now: float) -> int:
     return int(last)
 
 
-def history(conn: sqlite3.Connection) -> list[Lease]:
+def history(conn: Connection) -> list[Lease]:
     """Every lease row, the least recently changed first (how the server rebuilds its index)."""
     rows = conn.execute(f"{_SELECT} ORDER BY updated, ip").fetchall()
     return [Lease(*r) for r in rows]

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from appliance.core.attributes import Attributes, as_json
-from appliance.state import leases
+from appliance.state import leases, schema
+from appliance.state.connection import Connection
 from appliance.state.follow import Cursor
 
 if TYPE_CHECKING:
@@ -37,42 +37,10 @@ log = logging.getLogger("appliance.state.sessions")
 
 Revoke = Callable[[str, str], None]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    user TEXT NOT NULL,
-    source TEXT NOT NULL,            -- "site" or "agent:<agent id>" (user is then user@<id>)
-    attributes TEXT NOT NULL,        -- JSON object
-    personal_servers TEXT NOT NULL,  -- JSON object: service -> "host:port"
-    ip TEXT NOT NULL,
-    mac TEXT NOT NULL,
-    created REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    idle_expiry REAL NOT NULL,
-    absolute_expiry REAL NOT NULL,
-    ended REAL,                      -- NULL while active
-    end_reason TEXT
-);
-CREATE INDEX IF NOT EXISTS sessions_active_ip ON sessions(ip) WHERE ended IS NULL;
-CREATE TABLE IF NOT EXISTS session_cursor (
-    name TEXT PRIMARY KEY,
-    last_event_id INTEGER NOT NULL
-);
--- one row per start and end of a session, written in the change's own transaction:
--- what the other roles follow (appliance/state/follow.py); pruned after an hour
-CREATE TABLE IF NOT EXISTS session_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    kind TEXT NOT NULL,              -- started | ended
-    session_id TEXT NOT NULL,
-    ip TEXT NOT NULL,
-    mac TEXT NOT NULL
-);
-"""
 EVENT_KEEP = 3600.0  # seconds a session event is kept: followers start from the newest
 
 _COLUMNS = (
-    "id, user, source, attributes, personal_servers, ip, mac, created, last_seen, "
+    'id, "user", source, attributes, personal_servers, ip, mac, created, last_seen, '
     "idle_expiry, absolute_expiry, ended, end_reason"
 )
 
@@ -143,10 +111,6 @@ def _row(row: tuple[object, ...]) -> Session:
     )
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-
-
 def _no_revoke(ip: str, mac: str) -> None:
     log.debug("no firewall attached to this session store: nothing to revoke for %s", ip)
 
@@ -155,18 +119,17 @@ def _no_revoke(ip: str, mac: str) -> None:
 class SessionStore:
     """Sessions in the shared store; `revoke(ip, mac)` is called on every end."""
 
-    conn: sqlite3.Connection
+    conn: Connection
     idle: float = 1800.0
     maximum: float = 86400.0
     revoke: Revoke = field(default=_no_revoke)
 
     def __post_init__(self) -> None:
-        create_schema(self.conn)
-        leases.create_schema(self.conn)
+        schema.upgrade(self.conn)
 
     @classmethod
     def from_config(
-        cls, config: Config, conn: sqlite3.Connection | None = None, *, revoke: Revoke
+        cls, config: Config, conn: Connection | None = None, *, revoke: Revoke
     ) -> SessionStore:
         """The store a role uses, its limits from [portal].  `revoke` takes an ended
         session's (IP, MAC) out of the firewall (`appliance.net.firewall.revoker`); a
@@ -222,8 +185,8 @@ class SessionStore:
         what a `follow.Cursor` reads."""
         rows = self.conn.execute(
             "SELECT id, time, kind, session_id, ip, mac FROM session_events "
-            "WHERE id > ? AND (? IS NULL OR kind = ?) ORDER BY id LIMIT ?",
-            (last_id, kind, kind, limit),
+            f"WHERE id > ? {'' if kind is None else 'AND kind = ?'} ORDER BY id LIMIT ?",
+            (last_id, limit) if kind is None else (last_id, kind, limit),
         ).fetchall()
         return [
             SessionEvent(int(i), float(t), str(k), str(sid), str(ip), str(mac))
@@ -323,9 +286,9 @@ class SessionStore:
         """The guest was seen: push the idle expiry (never past the absolute one)."""
         now = time.time() if now is None else now
         self.conn.execute(
-            "UPDATE sessions SET last_seen = ?, idle_expiry = MIN(?, absolute_expiry) "
-            "WHERE id = ? AND ended IS NULL",
-            (now, now + self.idle, session_id),
+            "UPDATE sessions SET last_seen = ?, idle_expiry = CASE WHEN ? < absolute_expiry "
+            "THEN ? ELSE absolute_expiry END WHERE id = ? AND ended IS NULL",
+            (now, now + self.idle, now + self.idle, session_id),
         )
 
     def end(self, session_id: str, reason: str, now: float | None = None) -> bool:
@@ -334,7 +297,7 @@ class SessionStore:
         with self._transaction():
             cur = self.conn.execute(
                 "UPDATE sessions SET ended = ?, end_reason = ? WHERE id = ? AND ended IS NULL "
-                "RETURNING ip, mac, user",
+                'RETURNING ip, mac, "user"',
                 (now, reason, session_id),
             )
             row = cur.fetchone()
@@ -414,7 +377,8 @@ class SessionStore:
     def next_expiry(self) -> float | None:
         """When the next active session runs out (idle or absolute), if any."""
         row = self.conn.execute(
-            "SELECT MIN(MIN(idle_expiry, absolute_expiry)) FROM sessions WHERE ended IS NULL"
+            "SELECT MIN(CASE WHEN idle_expiry < absolute_expiry THEN idle_expiry "
+            "ELSE absolute_expiry END) FROM sessions WHERE ended IS NULL"
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
@@ -423,7 +387,7 @@ class SessionStore:
         return self.follow_leases(now) + self.sweep(now)
 
 
-def active_sources(conn: sqlite3.Connection) -> builtins.list[str]:
+def active_sources(conn: Connection) -> builtins.list[str]:
     """The login source of every active session ("site", or the agent's name): one
     column, for the portal's gauge, without parsing every row."""
     rows = conn.execute("SELECT source FROM sessions WHERE ended IS NULL").fetchall()
@@ -441,6 +405,5 @@ __all__ = [
     "SessionEvent",
     "SessionStore",
     "active_sources",
-    "create_schema",
     "read_only",
 ]

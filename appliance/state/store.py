@@ -15,6 +15,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from appliance.state.connection import Connection
+
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open the store; the directory is created when missing."""
@@ -67,7 +69,7 @@ def _wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.05)
 
 
-def data_version(conn: sqlite3.Connection) -> int:
+def data_version(conn: Connection) -> int:
     """A number that changes when another connection commits to the store: a cheap read
     that tells a follower whether there is anything new to look at."""
     return int(conn.execute("PRAGMA data_version").fetchone()[0])

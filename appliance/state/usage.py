@@ -13,53 +13,30 @@ SQLite later).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    day TEXT NOT NULL,               -- UTC, YYYY-MM-DD
-    user TEXT NOT NULL,
-    service TEXT NOT NULL,
-    connections INTEGER NOT NULL DEFAULT 0,
-    bytes_up INTEGER NOT NULL DEFAULT 0,    -- guest to server
-    bytes_down INTEGER NOT NULL DEFAULT 0,  -- server to guest
-    messages INTEGER NOT NULL DEFAULT 0,    -- SMTP messages accepted (where counted)
-    PRIMARY KEY (day, user, service)
-);
-CREATE INDEX IF NOT EXISTS usage_user_day ON usage(user, day);
-CREATE TABLE IF NOT EXISTS session_usage (
-    session TEXT NOT NULL,           -- sessions.id
-    service TEXT NOT NULL,
-    user TEXT NOT NULL,
-    connections INTEGER NOT NULL DEFAULT 0,
-    bytes_up INTEGER NOT NULL DEFAULT 0,
-    bytes_down INTEGER NOT NULL DEFAULT 0,
-    messages INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (session, service)
-);
-"""
+from appliance.state.connection import Connection
 
 _ADD_DAY = """
-INSERT INTO usage (day, user, service, connections, bytes_up, bytes_down, messages)
+INSERT INTO usage (day, "user", service, connections, bytes_up, bytes_down, messages)
 VALUES (?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (day, user, service) DO UPDATE SET
-    connections = connections + excluded.connections,
-    bytes_up = bytes_up + excluded.bytes_up,
-    bytes_down = bytes_down + excluded.bytes_down,
-    messages = messages + excluded.messages
+ON CONFLICT (day, "user", service) DO UPDATE SET
+    connections = usage.connections + excluded.connections,
+    bytes_up = usage.bytes_up + excluded.bytes_up,
+    bytes_down = usage.bytes_down + excluded.bytes_down,
+    messages = usage.messages + excluded.messages
 """
 
 _ADD_SESSION = """
-INSERT INTO session_usage (session, service, user, connections, bytes_up, bytes_down, messages)
+INSERT INTO session_usage (session, service, "user", connections, bytes_up, bytes_down, messages)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (session, service) DO UPDATE SET
-    connections = connections + excluded.connections,
-    bytes_up = bytes_up + excluded.bytes_up,
-    bytes_down = bytes_down + excluded.bytes_down,
-    messages = messages + excluded.messages
+    connections = session_usage.connections + excluded.connections,
+    bytes_up = session_usage.bytes_up + excluded.bytes_up,
+    bytes_down = session_usage.bytes_down + excluded.bytes_down,
+    messages = session_usage.messages + excluded.messages
 """
 
 CSV_HEADER = ("day", "user", "service", "connections", "bytes_up", "bytes_down", "messages")
@@ -95,10 +72,6 @@ class Usage:
         return self.bytes_up + self.bytes_down
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-
-
 def day_of(when: float | None = None) -> str:
     """The UTC day a time falls on, as the tables key it."""
     return time.strftime("%Y-%m-%d", time.gmtime(time.time() if when is None else when))
@@ -110,7 +83,7 @@ def days_back(n: int, now: float | None = None) -> tuple[str, str]:
     return day_of(now - 86400 * (n - 1)), day_of(now)
 
 
-def add(conn: sqlite3.Connection, batch: Iterable[Entry]) -> int:
+def add(conn: Connection, batch: Iterable[Entry]) -> int:
     """Add a batch in one transaction (UPSERTs that add to what is there); how many lines."""
     days: list[tuple[object, ...]] = []
     sessions: list[tuple[object, ...]] = []
@@ -146,59 +119,59 @@ def _usage(row: tuple[object, ...]) -> Usage:
 _SUMS = "SUM(connections), SUM(bytes_up), SUM(bytes_down), SUM(messages)"
 
 
-def by_user_service(conn: sqlite3.Connection, first: str, last: str) -> list[Usage]:
+def by_user_service(conn: Connection, first: str, last: str) -> list[Usage]:
     """Each user's totals per service over the days first..last (inclusive), by user."""
     rows = conn.execute(
-        f"SELECT user, service, {_SUMS} FROM usage WHERE day BETWEEN ? AND ? "
-        "GROUP BY user, service ORDER BY user, service",
+        f'SELECT "user", service, {_SUMS} FROM usage WHERE day BETWEEN ? AND ? '
+        'GROUP BY "user", service ORDER BY "user", service',
         (first, last),
     ).fetchall()
     return [_usage(r) for r in rows]
 
 
-def daily(conn: sqlite3.Connection, user: str, first: str, last: str) -> list[tuple[str, int, int]]:
+def daily(conn: Connection, user: str, first: str, last: str) -> list[tuple[str, int, int]]:
     """(day, bytes up, bytes down) of one user, all services, per day with traffic."""
     rows = conn.execute(
         "SELECT day, SUM(bytes_up), SUM(bytes_down) FROM usage "
-        "WHERE user = ? AND day BETWEEN ? AND ? GROUP BY day ORDER BY day",
+        'WHERE "user" = ? AND day BETWEEN ? AND ? GROUP BY day ORDER BY day',
         (user, first, last),
     ).fetchall()
     return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
 
 
-def bytes_today(conn: sqlite3.Connection, user: str, service: str, day: str) -> int:
+def bytes_today(conn: Connection, user: str, service: str, day: str) -> int:
     """Bytes both ways of one user and service on one day (what a quota compares)."""
     row = conn.execute(
-        "SELECT bytes_up + bytes_down FROM usage WHERE day = ? AND user = ? AND service = ?",
+        'SELECT bytes_up + bytes_down FROM usage WHERE day = ? AND "user" = ? AND service = ?',
         (day, user, service),
     ).fetchone()
     return int(row[0]) if row else 0
 
 
-def bytes_of_day(conn: sqlite3.Connection, day: str) -> dict[tuple[str, str], int]:
+def bytes_of_day(conn: Connection, day: str) -> dict[tuple[str, str], int]:
     """Every (user, service)'s bytes both ways on one day (the relay's quota view)."""
     rows = conn.execute(
-        "SELECT user, service, bytes_up + bytes_down FROM usage WHERE day = ?", (day,)
+        'SELECT "user", service, bytes_up + bytes_down FROM usage WHERE day = ?', (day,)
     ).fetchall()
     return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 
 
-def of_session(conn: sqlite3.Connection, session: str) -> list[Usage]:
+def of_session(conn: Connection, session: str) -> list[Usage]:
     """One session's totals per service."""
     rows = conn.execute(
-        f"SELECT user, service, {_SUMS} FROM session_usage WHERE session = ? "
-        "GROUP BY user, service ORDER BY service",
+        f'SELECT "user", service, {_SUMS} FROM session_usage WHERE session = ? '
+        'GROUP BY "user", service ORDER BY service',
         (session,),
     ).fetchall()
     return [_usage(r) for r in rows]
 
 
-def csv_rows(conn: sqlite3.Connection, first: str, last: str) -> Iterator[tuple[object, ...]]:
+def csv_rows(conn: Connection, first: str, last: str) -> Iterator[tuple[object, ...]]:
     """The export: CSV_HEADER, then one row per (day, user, service) of first..last."""
     yield CSV_HEADER
     yield from conn.execute(
-        "SELECT day, user, service, connections, bytes_up, bytes_down, messages FROM usage "
-        "WHERE day BETWEEN ? AND ? ORDER BY day, user, service",
+        'SELECT day, "user", service, connections, bytes_up, bytes_down, messages FROM usage '
+        'WHERE day BETWEEN ? AND ? ORDER BY day, "user", service',
         (first, last),
     )
 
@@ -211,7 +184,6 @@ __all__ = [
     "by_user_service",
     "bytes_of_day",
     "bytes_today",
-    "create_schema",
     "csv_rows",
     "daily",
     "day_of",

@@ -22,7 +22,7 @@ from appliance.accounts import site as accounts
 from appliance.core import passwords
 from appliance.core.config import CAPTIVE_API_PATH
 from appliance.lab.topology import Node, Topology, guest_mac
-from appliance.state import leases, store
+from appliance.state import leases, schema, store
 from appliance.state.leases import Lease
 
 pytestmark = pytest.mark.bench
@@ -77,7 +77,7 @@ def test_portal_bench(
     guest, gw = topo["guest1"], topo["gw"]
     guest.run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
     conn = store.connect(cfg.state.database)
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     leases.record(conn, "granted", Lease(GUEST_IP, guest_mac(1), time.time() + 3600), time.time())
     apply_ruleset(gw, cfg_path)  # a login adds the guest to the firewall's set
     # the peer (nginx on 8080) is no part of the appliance: let the guest reach it too

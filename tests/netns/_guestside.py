@@ -17,7 +17,7 @@ import pyroute2.config
 
 from appliance.lab import servers
 from appliance.lab.topology import Node, Process, Topology, guest_mac
-from appliance.state import leases, store
+from appliance.state import leases, schema, store
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERCEPTS = {25: 2525, 110: 1110, 80: 8081}
@@ -134,7 +134,7 @@ def wait_leased(topo: Topology, ip: str, mac: str, present: bool = True) -> None
 
 def record_lease(state_dir: Path, ip: str, mac: str, kind: str = "granted") -> None:
     conn = store.connect(state_dir / "state.sqlite")
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     now = time.time()
     leases.record(conn, kind, leases.Lease(ip, mac, now + 3600), now)
     conn.close()

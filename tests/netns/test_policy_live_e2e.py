@@ -32,7 +32,7 @@ from appliance.core.passwords import hash_password
 from appliance.lab import servers
 from appliance.lab.topology import NetnsSwitch, Topology, guest_mac
 from appliance.net.firewall import revoker
-from appliance.state import leases, sessions, store
+from appliance.state import leases, schema, sessions, store
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_admin_edit_closes_a_denied_smtp_connection_within_1s(
 
     # leases and sessions in the shared store, as DHCP and the portal would leave them
     conn = store.connect(config.state.database)
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     now = time.time()
     for n, ip in ((1, SALES_IP), (2, STAFF_IP)):
         leases.record(conn, "granted", leases.Lease(ip, guest_mac(n), now + 3600), now)

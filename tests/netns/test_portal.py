@@ -26,7 +26,7 @@ from portal_conf import add_user, apply_ruleset, load, write_config
 from appliance.core.config import CAPTIVE_API_PATH, Config
 from appliance.lab.topology import Node, Topology, guest_mac
 from appliance.portal.service import CONNECTION_LIMIT
-from appliance.state import leases, store
+from appliance.state import leases, schema, store
 from appliance.state.leases import Lease
 from appliance.state.sessions import SessionStore
 
@@ -86,7 +86,7 @@ def start_site(topo: Topology, tmp_path: Path, extra: str = "", wait: int = 80) 
     guest = topo["guest1"]
     guest.run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
     conn = store.connect(cfg.state.database)
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     leases.record(conn, "granted", Lease(GUEST_IP, guest_mac(1), time.time() + 600), time.time())
     gw = topo["gw"]
     apply_ruleset(gw, cfg_path)

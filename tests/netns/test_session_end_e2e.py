@@ -23,7 +23,7 @@ from appliance.core.config import load
 from appliance.lab import servers
 from appliance.lab.topology import Topology, guest_mac
 from appliance.net.firewall import revoker
-from appliance.state import leases, sessions, store, usage
+from appliance.state import leases, schema, sessions, store, usage
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_sessions_end_closes_that_guests_smtp_connection_within_1s(
     servers.install_redirects(gw, {25: 2525})
 
     conn = store.connect(config.state.database)
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     now = time.time()
     for n, ip in ((1, DAVE_IP), (2, ERIN_IP)):
         leases.record(conn, "granted", leases.Lease(ip, guest_mac(n), now + 3600), now)

@@ -25,7 +25,7 @@ from appliance.core.config import load
 from appliance.lab import servers
 from appliance.lab.topology import Topology, guest_mac
 from appliance.net.firewall import revoker
-from appliance.state import leases, sessions, store, usage
+from appliance.state import leases, schema, sessions, store, usage
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_smtp_messages_the_server_accepted_are_in_alices_usage(
     servers.install_redirects(gw, {25: 2525})
 
     conn = store.connect(config.state.database)
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     now = time.time()
     leases.record(conn, "granted", leases.Lease(ALICE_IP, guest_mac(1), now + 3600), now)
     st = sessions.SessionStore.from_config(config, revoke=revoker(config))

@@ -19,6 +19,7 @@ from appliance.admin.app import create_app
 from appliance.core.config import Config, load
 from appliance.core.passwords import hash_password
 from appliance.policy import Policy
+from appliance.state import schema
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -489,7 +490,7 @@ def _usage_rows(site: Config) -> None:
     from appliance.state import store, usage
 
     conn = store.connect(site.state.database)
-    usage.create_schema(conn)
+    schema.upgrade(conn)
     today, week_ago = usage.day_of(), usage.days_back(7)[0]
     usage.add(
         conn,

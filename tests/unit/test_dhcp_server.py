@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.core.config import load
-from appliance.state import leases, store
+from appliance.state import leases, schema, store
 from dhcp import codec
 from dhcp.codec import ACK, DECLINE, DISCOVER, INFORM, NAK, OFFER, RELEASE, REQUEST, Message
 from dhcp.labconfig import write_config
@@ -258,7 +258,7 @@ def test_leases_survive_a_restart(tmp_path: Path) -> None:
     s = make_settings(tmp_path)
     sim = Sim(s)
     conn = store.connect(tmp_path / "state.sqlite")
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     for n in (1, 2, 3):
         ip = get_lease(sim, n)
     sim.send(msg(RELEASE, 3, ciaddr=ip, server=SERVER))

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.cli import main as cli_main
 from appliance.core.config import load
-from appliance.state import leases, store
+from appliance.state import leases, schema, store
 from appliance.state.leases import Lease
 from dhcp.labconfig import write_config
 from dhcp.service import FloodGuard, Service
@@ -35,7 +35,7 @@ def service(config_path: Path) -> Service:
 def test_sweep_writes_expired_events_once(config_path: Path) -> None:
     cfg = load(config_path)
     conn = store.connect(cfg.state.database)
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     leases.record(conn, "granted", Lease("192.168.1.100", "02:47:00:00:00:01", 1000.0), 900.0)
     leases.record(conn, "granted", Lease("192.168.1.101", "02:47:00:00:00:02", 5000.0), 900.0)
     svc = service(config_path)
@@ -72,7 +72,7 @@ def test_leases_command_table_and_json(
 ) -> None:
     cfg = load(config_path)
     conn = store.connect(cfg.state.database)
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     far = 4_000_000_000.0
     leases.record(conn, "granted", Lease("192.168.1.100", "02:47:00:00:00:01", far), 1.0)
     leases.record(conn, "granted", Lease("192.168.1.101", "02:47:00:00:00:02", far), 1.0)

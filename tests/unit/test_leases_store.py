@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.state import leases, store
+from appliance.state import leases, schema, store
 from appliance.state.leases import Lease
 
 pytestmark = pytest.mark.unit
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 def test_lookups_and_events(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "state.sqlite")
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     lease = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0)
     first = leases.record(conn, "granted", lease, now=100.0)
     bound = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0, bound_since=100.0)
@@ -38,7 +38,7 @@ def test_lookups_and_events(tmp_path: Path) -> None:
 
 def test_a_binding_keeps_its_start_on_renewal_and_restarts_after_release(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "state.sqlite")
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     ip, mac = "192.168.1.100", "02:47:00:00:00:01"
     leases.record(conn, "granted", Lease(ip, mac, expires=2000.0), now=100.0)
     leases.record(conn, "renewed", Lease(ip, mac, expires=3000.0), now=200.0)
@@ -55,7 +55,7 @@ def test_a_binding_keeps_its_start_on_renewal_and_restarts_after_release(tmp_pat
 
 def test_a_snapshot_is_the_bound_leases_and_the_last_event_they_cover(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "state.sqlite")
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     assert leases.snapshot(conn, now=0.0) == (0, [])
     kept = Lease("192.168.1.100", "02:47:00:00:00:01", expires=1000.0)
     leases.record(conn, "granted", kept, now=1.0)

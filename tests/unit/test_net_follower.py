@@ -11,7 +11,7 @@ import pytest
 
 from appliance.core.config import load
 from appliance.net import follower, members, nft, tables
-from appliance.state import grants, leases, store
+from appliance.state import grants, leases, schema, store
 from appliance.state.sessions import Session, SessionStore
 
 pytestmark = pytest.mark.unit
@@ -55,12 +55,12 @@ def test_no_events_no_transaction() -> None:
 
 def test_full_sync_loads_only_bound_unexpired_leases(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "s.sqlite")
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     now = time.time()
     leases.record(conn, "granted", leases.Lease("192.168.1.100", MAC1, now + 60), now)
     leases.record(conn, "granted", leases.Lease("192.168.1.101", MAC2, now - 1), now)
     last = leases.record(conn, "released", leases.Lease("192.168.1.102", MAC2, now + 60), now)
-    grants.create_schema(conn)
+    schema.upgrade(conn)
     scripts: list[str] = []
     assert follower.full_sync(conn, now, scripts.append, KEY) == (last, set(), None)
     assert scripts == [
@@ -99,13 +99,13 @@ def test_released_and_granted_again_in_one_batch_still_leaves_authenticated() ->
 def test_a_lease_with_a_bad_mac_is_skipped_not_fatal(tmp_path: Path) -> None:
     """One odd row must never stop the follower (whose stop would take the rules down)."""
     conn = store.connect(tmp_path / "s.sqlite")
-    leases.create_schema(conn)
+    schema.upgrade(conn)
     now = time.time()
     leases.record(conn, "granted", leases.Lease("192.168.1.100", MAC1, now + 60), now)
     leases.record(
         conn, "granted", leases.Lease("192.168.1.105", "02:47:00:00:00:0b:00:00", now + 60), now
     )
-    grants.create_schema(conn)
+    schema.upgrade(conn)
     scripts: list[str] = []
     follower.full_sync(conn, now, scripts.append, KEY)
     assert scripts == [
@@ -125,7 +125,7 @@ class Granting(SessionStore):
 
 def _store(tmp_path: Path) -> tuple[sqlite3.Connection, SessionStore]:
     conn = store.connect(tmp_path / "s.sqlite")
-    grants.create_schema(conn)
+    schema.upgrade(conn)
     return conn, Granting(conn, idle=600, maximum=3600)
 
 

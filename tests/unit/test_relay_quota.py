@@ -24,7 +24,7 @@ from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.gate import Admission, Listener, Refusal, StaticGate, quota_spent
 from appliance.proxy.refusals import RefusalDialog, http_refusal, imap_reply, tls_refusal
 from appliance.proxy.relay import Relay
-from appliance.state import store, usage
+from appliance.state import schema, store, usage
 
 pytestmark = pytest.mark.unit
 SPENT = quota_spent(Admission("alice", "metered", ()))
@@ -65,7 +65,7 @@ def test_a_spent_quota_refuses_the_next_connection_in_protocol_words(
 ) -> None:
     db = tmp_path / "state.sqlite"
     conn = store.connect(db)
-    usage.create_schema(conn)
+    schema.upgrade(conn)
     # earlier today, another worker counted 40 bytes of smtp for alice (in the store)
     usage.add(conn, [usage.Entry(usage.day_of(), "alice", "smtp", None, 1, 20, 20)])
 
@@ -133,7 +133,7 @@ def test_a_spent_quota_answers_the_web_with_429(tmp_path: Path) -> None:
 
     db = tmp_path / "state.sqlite"
     conn = store.connect(db)
-    usage.create_schema(conn)
+    schema.upgrade(conn)
     usage.add(conn, [usage.Entry(usage.day_of(), "alice", "http", None, 1, 500, 500)])
 
     async def body() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.proxy.accounting import UsageRecorder
-from appliance.state import store, usage
+from appliance.state import schema, store, usage
 from appliance.state.usage import Entry
 
 pytestmark = pytest.mark.unit
@@ -21,7 +21,7 @@ DAY2 = DAY1 + 86400
 
 def conn_at(tmp_path: Path) -> sqlite3.Connection:
     conn = store.connect(tmp_path / "state.sqlite")
-    usage.create_schema(conn)
+    schema.upgrade(conn)
     return conn
 
 

@@ -1,0 +1,211 @@
+"""The shared store's tables, all in one place, as numbered migrations.
+
+Every role that writes the store calls `upgrade(conn)` when it opens it (cheap once
+the store is current: one read of `schema_version`).  The migrations run in order,
+each in the transaction that records its number, and under the store's write lock,
+so roles starting together upgrade it once.  A store newer than this code is refused:
+a role never writes tables it does not know.
+
+The DDL is written once, in SQLite's words; the PostgreSQL backend translates the
+column types (appliance/state/postgres.py) and adds a NOTIFY trigger per table, the
+followers' wake-up.  Stores made before versioning began (version 0, tables made with
+CREATE TABLE IF NOT EXISTS) are taken up by migration 1 as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from appliance.state.connection import Connection, is_sqlite
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    why: str
+    sql: str = ""
+    step: Callable[[Connection], None] | None = None  # for what SQL alone cannot say
+
+
+class SchemaTooNew(Exception):
+    """The store was upgraded by a newer version of the appliance than this one."""
+
+
+_V1 = """
+CREATE TABLE IF NOT EXISTS leases (
+    ip TEXT PRIMARY KEY,
+    mac TEXT NOT NULL,
+    client_id BLOB,
+    hostname TEXT,
+    state TEXT NOT NULL,          -- bound | released | expired | declined
+    expires REAL NOT NULL,        -- epoch seconds (for declined: end of quarantine)
+    updated REAL NOT NULL,
+    bound_since REAL NOT NULL DEFAULT 0  -- when this MAC's current binding began
+);
+CREATE INDEX IF NOT EXISTS leases_mac ON leases(mac);
+CREATE TABLE IF NOT EXISTS lease_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    "user" TEXT NOT NULL,
+    source TEXT NOT NULL,            -- "site" or "agent:<agent id>" (user is then user@<id>)
+    attributes TEXT NOT NULL,        -- JSON object
+    personal_servers TEXT NOT NULL,  -- JSON object: service -> "host:port"
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    idle_expiry REAL NOT NULL,
+    absolute_expiry REAL NOT NULL,
+    ended REAL,                      -- NULL while active
+    end_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_active_ip ON sessions(ip) WHERE ended IS NULL;
+CREATE TABLE IF NOT EXISTS session_cursor (
+    name TEXT PRIMARY KEY,
+    last_event_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS firewall_members (
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    PRIMARY KEY (ip, mac)
+);
+CREATE TABLE IF NOT EXISTS firewall_grants (
+    session_id TEXT PRIMARY KEY,
+    signature TEXT NOT NULL          -- HMAC-SHA256(key, "id ip mac"), hex
+);
+CREATE TABLE IF NOT EXISTS usage (
+    day TEXT NOT NULL,               -- UTC, YYYY-MM-DD
+    "user" TEXT NOT NULL,
+    service TEXT NOT NULL,
+    connections INTEGER NOT NULL DEFAULT 0,
+    bytes_up INTEGER NOT NULL DEFAULT 0,    -- guest to server
+    bytes_down INTEGER NOT NULL DEFAULT 0,  -- server to guest
+    messages INTEGER NOT NULL DEFAULT 0,    -- SMTP messages accepted (where counted)
+    PRIMARY KEY (day, "user", service)
+);
+CREATE INDEX IF NOT EXISTS usage_user_day ON usage("user", day);
+CREATE TABLE IF NOT EXISTS session_usage (
+    session TEXT NOT NULL,           -- sessions.id
+    service TEXT NOT NULL,
+    "user" TEXT NOT NULL,
+    connections INTEGER NOT NULL DEFAULT 0,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0,
+    messages INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (session, service)
+);
+CREATE TABLE IF NOT EXISTS admin_logins (
+    id TEXT PRIMARY KEY,
+    admin TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS admin_logins_admin ON admin_logins (admin);
+"""
+
+
+def _bound_since(conn: Connection) -> None:
+    """A SQLite store made before leases had bound_since (version 1 makes it with it)."""
+    if not is_sqlite(conn):
+        return
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
+    if "bound_since" not in columns:
+        conn.execute("ALTER TABLE leases ADD COLUMN bound_since REAL NOT NULL DEFAULT 0")
+
+
+_V3 = """
+-- one row per start and end of a session, written in the change's own transaction:
+-- what the other roles follow (appliance/state/follow.py); pruned after an hour
+CREATE TABLE IF NOT EXISTS session_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,              -- started | ended
+    session_id TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
+DROP INDEX IF EXISTS sessions_ended;  -- ends were followed by time before
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    admin TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    diff TEXT NOT NULL DEFAULT ''
+);
+"""
+
+APPLIANCE: tuple[Migration, ...] = (
+    Migration(1, "the tables of the first release", _V1),
+    Migration(2, "leases.bound_since in stores older than it", step=_bound_since),
+    Migration(3, "session events followed by id; the audit log in the store", _V3),
+)
+# the home relay's own store: who owns each household name (appliance/state/households.py)
+RELAY: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "household claims",
+        "CREATE TABLE IF NOT EXISTS households (name TEXT PRIMARY KEY, key TEXT NOT NULL,"
+        " claimed_at REAL NOT NULL, last_seen REAL NOT NULL)",
+    ),
+)
+# the tables whose changes wake the followers up (PostgreSQL: one NOTIFY trigger each)
+FOLLOWED = ("leases", "lease_events", "sessions", "session_events", "firewall_grants")
+
+_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+
+def version(conn: Connection) -> int:
+    """The store's schema version (0: none recorded, a store older than versioning)."""
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def upgrade(conn: Connection, migrations: Sequence[Migration] = APPLIANCE) -> int:
+    """Bring the store to the newest version this code knows; returns that version."""
+    newest = migrations[-1].version
+    conn.execute(_VERSION_TABLE)
+    if version(conn) == newest:  # the usual case: no write lock taken
+        return newest
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        have = version(conn)  # again, under the lock: another role may have just done it
+        if have > newest:
+            raise SchemaTooNew(
+                f"the store is at schema version {have}, newer than this appliance's "
+                f"{newest}: upgrade the appliance (nothing was written)"
+            )
+        for m in migrations:
+            if m.version <= have:
+                continue
+            if m.sql:
+                for statement in _statements(m.sql):
+                    conn.execute(statement)
+            if m.step is not None:
+                m.step(conn)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (m.version,))
+        if not is_sqlite(conn) and migrations is APPLIANCE:
+            from appliance.state import postgres
+
+            postgres.install_notify(conn, FOLLOWED)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return newest
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of a migration, one by one (both backends run them in the open
+    transaction; sqlite3's executescript would commit it first)."""
+    lines = [line.split("--", 1)[0] for line in sql.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+__all__ = ["APPLIANCE", "FOLLOWED", "RELAY", "Migration", "SchemaTooNew", "upgrade", "version"]
