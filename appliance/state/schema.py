@@ -7,9 +7,10 @@ so roles starting together upgrade it once.  A store newer than this code is ref
 a role never writes tables it does not know.
 
 The DDL is written once, in SQLite's words; the PostgreSQL backend translates the
-column types (appliance/state/postgres.py) and adds a NOTIFY trigger per table, the
-followers' wake-up.  Stores made before versioning began (version 0, tables made with
-CREATE TABLE IF NOT EXISTS) are taken up by migration 1 as they are.
+column types (appliance/state/postgres.py), and its opener adds a NOTIFY trigger to
+each FOLLOWED table, the followers' wake-up.  Stores made before versioning began
+(version 0, tables made with CREATE TABLE IF NOT EXISTS) are taken up by migration 1
+as they are.
 """
 
 from __future__ import annotations
@@ -190,10 +191,6 @@ def upgrade(conn: Connection, migrations: Sequence[Migration] = APPLIANCE) -> in
             if m.step is not None:
                 m.step(conn)
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (m.version,))
-        if not is_sqlite(conn) and migrations is APPLIANCE:
-            from appliance.state import postgres
-
-            postgres.install_notify(conn, FOLLOWED)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
