@@ -17,11 +17,10 @@ from appliance.state import leases, store
 
 def _cmd_leases(args: argparse.Namespace) -> int:
     config = load(args.config)
-    db = config.state.database
     now = time.time()
     rows: list[leases.Lease] = []
-    if db.exists():
-        conn = store.connect(db, readonly=True)
+    if config.state.made:
+        conn = store.open_store(config.state, readonly=True)
         try:
             rows = leases.all_leases(conn)
         finally:

@@ -29,7 +29,6 @@ import os
 import select
 import signal
 import socket
-import sqlite3
 import struct
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from prometheus_client.core import Metric
 from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.state import leases, schema, store
+from appliance.state.connection import STORE_ERRORS, Connection
 from dhcp import codec, frame
 from dhcp.codec import TYPE_NAMES, DecodeError
 from dhcp.pool import PERSISTED, Binding, Change, LeaseIndex, client_key, ip_to_int
@@ -128,7 +128,7 @@ def to_binding(lease: leases.Lease) -> Binding:
     )
 
 
-def load_index(conn: sqlite3.Connection, settings: Settings) -> LeaseIndex:
+def load_index(conn: Connection, settings: Settings) -> LeaseIndex:
     index = settings.new_index()
     index.load(to_binding(lease) for lease in leases.history(conn))
     return index
@@ -165,7 +165,7 @@ class Service:
         self.config = config
         self.ifname = config.interfaces.guest
         self.settings = Settings.from_config(config)
-        self.conn = store.connect(config.state.database)
+        self.conn = store.open_store(config.state)
         schema.upgrade(self.conn)
         self.index = load_index(self.conn, self.settings)
         self.sock = sock or open_socket(self.ifname)
@@ -265,7 +265,7 @@ class Service:
         if pending:
             try:
                 leases.write_rows(self.conn, pending, now)
-            except sqlite3.Error as exc:
+            except STORE_ERRORS as exc:
                 log.error("lease store write failed (%s): %d replies withheld", exc, len(replies))
                 self.drops["store_error"] += len(replies)
                 self.index = load_index(self.conn, settings)

@@ -15,7 +15,6 @@ import hmac
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
 from appliance.state import schema, store, usage
 from appliance.state.admin_logins import AdminLogins
+from appliance.state.connection import Connection
 from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.admin")
@@ -100,7 +100,7 @@ def create_app(
 
         notify = signal_roles
     failures = RateLimiter(LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW)
-    logins = AdminLogins(store.connect(config.state.database))
+    logins = AdminLogins(store.open_store(config.state))
 
     def csrf_token() -> str:
         token = session.get("csrf")
@@ -362,11 +362,11 @@ def create_app(
         return redirect(url_for("sessions_page"))
 
     # -- usage --------------------------------------------------------------
-    def usage_store() -> sqlite3.Connection:
+    def usage_store() -> Connection:
         """This thread's connection to the accounting tables (the proxy writes them)."""
         conn = getattr(per_thread, "usage", None)
         if conn is None:
-            conn = per_thread.usage = store.connect(config.state.database)
+            conn = per_thread.usage = store.open_store(config.state)
             schema.upgrade(conn)
         return conn
 

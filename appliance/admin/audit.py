@@ -13,13 +13,13 @@ import difflib
 import json
 import logging
 import os
-import sqlite3
 import time
 from pathlib import Path
 
 from appliance.core.config import Config
 from appliance.state import audit, schema, store
 from appliance.state.audit import Entry
+from appliance.state.connection import Connection
 
 log = logging.getLogger("appliance.admin.audit")
 
@@ -36,15 +36,15 @@ def _pending(config: Config) -> Path:
     return config.state.directory / "audit.log"
 
 
-def _open(config: Config) -> sqlite3.Connection:
-    conn = store.connect(config.state.database)
+def _open(config: Config) -> Connection:
+    conn = store.open_store(config.state)
     schema.upgrade(conn)
     if _pending(config).exists():
         _take_in(conn, _pending(config))
     return conn
 
 
-def _take_in(conn: sqlite3.Connection, path: Path) -> None:
+def _take_in(conn: Connection, path: Path) -> None:
     """The pending JSON lines, oldest first, into the store: claimed by a rename first, so
     of two roles opening the log at once only one takes them in."""
     claimed = path.with_name(f"audit.log.taking-{os.getpid()}")
@@ -83,7 +83,7 @@ def _read(path: Path) -> list[Entry]:
 
 def record(config: Config, admin: str, action: str, target: str, change: str = "") -> Entry:
     entry = Entry(time.time(), admin, action, target, change)
-    if config.state.database.exists():
+    if config.state.made:
         conn = _open(config)
         try:
             audit.append(conn, [entry])
@@ -100,7 +100,7 @@ def record(config: Config, admin: str, action: str, target: str, change: str = "
 
 def tail(config: Config, limit: int = 200) -> list[Entry]:
     """The newest entries first (none before the first start but those pending)."""
-    if not config.state.database.exists():
+    if not config.state.made:
         return list(reversed(_read(_pending(config))))[:limit]
     conn = _open(config)
     try:

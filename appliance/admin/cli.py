@@ -38,11 +38,11 @@ def _cmd(args: argparse.Namespace) -> int:
         audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
     # no store yet (before the first start): no logins to end, and a store made now by
     # root would be one the roles' own user cannot write
-    if args.admins_command in ("del", "passwd") and config.state.database.exists():
+    if args.admins_command in ("del", "passwd") and config.state.made:
         from appliance.state import store
         from appliance.state.admin_logins import AdminLogins
 
-        ended = AdminLogins(store.connect(config.state.database)).end_all(args.name)
+        ended = AdminLogins(store.open_store(config.state)).end_all(args.name)
         if ended:
             print(f"ended {ended} open admin login(s) of {args.name}")
     return 0

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
 from appliance.state import usage
+from appliance.state.connection import Connection
 
 PERIODS = {"1": "today", "7": "7 days", "30": "30 days"}
 DEFAULT_PERIOD = "7"
@@ -84,7 +84,7 @@ def bars(series: list[tuple[str, int, int]], days: list[str]) -> tuple[list[Bar]
     return out, peak
 
 
-def page_data(conn: sqlite3.Connection, period: str, now: float | None = None) -> dict[str, Any]:
+def page_data(conn: Connection, period: str, now: float | None = None) -> dict[str, Any]:
     """The template's values for a period ("1", "7" or "30" days ending today)."""
     first, last = usage.days_back(int(period), now)
     plot_first = usage.days_back(max(int(period), MIN_PLOT_DAYS), now)[0]

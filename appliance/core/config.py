@@ -170,11 +170,19 @@ class Policies:
 
 @dataclass(frozen=True)
 class StateConfig:
-    directory: Path
+    directory: Path  # the SQLite store, and the role's keys and files, either way
+    backend: str = "sqlite"  # or "postgresql": the store on a PostgreSQL server (`dsn`)
+    dsn: str = ""  # libpq connection string; keep passwords out (peer auth or a passfile)
 
     @property
     def database(self) -> Path:
         return self.directory / "state.sqlite"
+
+    @property
+    def made(self) -> bool:
+        """Whether the store exists yet: root's CLI must not make it before the roles'
+        first start (SQLite: the file; PostgreSQL: the server's, always)."""
+        return self.backend == "postgresql" or self.database.exists()
 
 
 METRICS_OFF = MetricsConfig(False, IPv4Address("127.0.0.1"))
@@ -455,7 +463,22 @@ def _policies(r: Reader) -> Policies:
 
 
 def _state(r: Reader) -> StateConfig:
-    cfg = StateConfig(directory=r.filepath("directory", "/var/lib/appliance"))
+    backend = r.text("backend", "sqlite", choices=("sqlite", "postgresql"))
+    dsn = r.text("dsn", "")
+    if backend == "postgresql" and not dsn:
+        raise r.error(
+            "dsn",
+            'backend = "postgresql" needs a dsn (e.g. "host=/run/postgresql dbname=appliance")',
+        )
+    if backend == "sqlite" and dsn:
+        raise r.error("dsn", 'a dsn is only used with backend = "postgresql"')
+    if "password=" in dsn.replace(" ", "") or re.search(r"://[^/@]*:[^/@]*@", dsn):
+        raise r.error(
+            "dsn",
+            "no password in the dsn (every role reads this file): "
+            "use peer authentication or a passfile",
+        )
+    cfg = StateConfig(r.filepath("directory", "/var/lib/appliance"), backend, dsn)
     r.finish()
     return cfg
 

@@ -359,7 +359,7 @@ def sessions_for(config: Config) -> Any:
     from appliance.state import store
     from appliance.state.sessions import SessionStore
 
-    return SessionStore(store.connect(config.state.database))
+    return SessionStore(store.open_store(config.state))
 
 
 async def serve(

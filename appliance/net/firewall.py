@@ -37,7 +37,7 @@ class Firewall:
         self.wait = wait
 
     def _until(self, ip: str, mac: str, present: bool) -> None:
-        conn = store.connect(self.config.state.database)
+        conn = store.open_store(self.config.state)
         try:
             schema.upgrade(conn)
             deadline = time.monotonic() + self.wait
@@ -57,7 +57,7 @@ class Firewall:
     def authorize(self, ip: str, mac: str) -> None:
         """Grant the active session of (ip, mac), then wait until the net role let it in."""
         ip, mac = check_pair(ip, mac)
-        conn = store.connect(self.config.state.database)
+        conn = store.open_store(self.config.state)
         try:
             schema.upgrade(conn)
             sess = SessionStore(conn).lookup_ip(ip)

@@ -16,7 +16,6 @@ keeps every guest that is online online (see `members`).
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from appliance.core.config import Config
 from appliance.net import members, nft
 from appliance.net.setup import check_pair
 from appliance.state import grants, leases, schema, store
+from appliance.state.connection import STORE_ERRORS, Connection
 from appliance.state.follow import BATCH, Cursor
 
 log = logging.getLogger("appliance.net.follower")
@@ -50,7 +50,7 @@ def _script(
 
 
 def full_sync(
-    conn: sqlite3.Connection, now: float, execute: Callable[[str], None], key: bytes
+    conn: Connection, now: float, execute: Callable[[str], None], key: bytes
 ) -> tuple[int, set[members.Pair], float | None]:
     """Make `leased` exactly the bound leases and `authenticated` exactly the sessions that
     hold, in one transaction; returns the last event id it covers, the pairs it put into
@@ -82,7 +82,7 @@ def full_sync(
 
 
 def sync_authenticated(
-    conn: sqlite3.Connection,
+    conn: Connection,
     now: float,
     have: set[members.Pair],
     execute: Callable[[str], None],
@@ -113,7 +113,7 @@ def _auth_script(adds: set[members.Pair], dels: set[members.Pair]) -> str:
 
 def load(config: Config) -> int:
     """One full load of both sets from the store (before the roles start)."""
-    conn = store.connect(config.state.database)
+    conn = store.open_store(config.state)
     try:
         schema.upgrade(conn)
         key = members.grant_key(config.state.directory)
@@ -147,9 +147,13 @@ def apply_events(
     return ended
 
 
+# what the loop logs and retries after a pause (anything else is logged with its trace)
+_RETRIED: tuple[type[Exception], ...] = (*STORE_ERRORS, nft.NftError)
+
+
 def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
     """Follow the lease events and the sessions until `stop` is set (the `net` role)."""
-    conn = store.connect(config.state.database)
+    conn = store.open_store(config.state)
     schema.upgrade(conn)
     lib = nft.runner()  # in-process libnftables when present: no fork per batch
     execute = lib.run if lib is not None else nft.run
@@ -183,7 +187,7 @@ def run(config: Config, stop: threading.Event, poll: float = POLL) -> None:
                 not_before = time.monotonic() + 4 * (time.monotonic() - t0)
             if version is None:
                 continue
-        except (sqlite3.Error, nft.NftError) as exc:
+        except _RETRIED as exc:
             log.error("lease follower: %s (retrying)", exc)
             version = None
             stop.wait(1.0)

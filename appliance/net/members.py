@@ -23,11 +23,11 @@ import hmac
 import logging
 import os
 import secrets
-import sqlite3
 from pathlib import Path
 
 from appliance.net.setup import check_pair
 from appliance.state import grants
+from appliance.state.connection import Connection
 
 log = logging.getLogger("appliance.net.members")
 
@@ -60,7 +60,7 @@ def signature(key: bytes, session_id: str, ip: str, mac: str) -> str:
     return hmac.new(key, f"{session_id} {ip} {mac}".encode(), hashlib.sha256).hexdigest()
 
 
-def grant(conn: sqlite3.Connection, key: bytes, session_id: str, ip: str, mac: str) -> None:
+def grant(conn: Connection, key: bytes, session_id: str, ip: str, mac: str) -> None:
     """What the portal writes after a login: the net role lets only granted sessions in."""
     grants.write_grant(conn, session_id, signature(key, session_id, ip, mac))
 
@@ -70,7 +70,7 @@ _refused: set[str] = set()  # sessions whose bad grant was logged already
 _verified: dict[tuple[object, ...], Pair] = {}
 
 
-def wanted(conn: sqlite3.Connection, now: float, key: bytes) -> tuple[set[Pair], float | None]:
+def wanted(conn: Connection, now: float, key: bytes) -> tuple[set[Pair], float | None]:
     """The pairs that belong in `authenticated`, and when that next changes by the clock."""
     out: set[Pair] = set()
     due: float | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import threading
 from collections.abc import Mapping
 
@@ -20,6 +19,7 @@ from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.net import follower, interface, nft, setup, tables
 from appliance.state import grants, schema, store
+from appliance.state.connection import STORE_ERRORS
 
 log = logging.getLogger("appliance.net")
 
@@ -46,13 +46,13 @@ def _no_receipts(config: Config) -> None:
     """Nobody confirmed: a login waits for the net role again (after the kernel change,
     so a failing store never keeps the guest side open)."""
     try:
-        conn = store.connect(config.state.database)
+        conn = store.open_store(config.state)
         try:
             schema.upgrade(conn)
             grants.clear(conn)
         finally:
             conn.close()
-    except sqlite3.Error as exc:
+    except STORE_ERRORS as exc:
         log.error("could not clear the firewall receipts in the store: %s", exc)
 
 

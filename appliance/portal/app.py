@@ -134,7 +134,7 @@ class Portal:
         if st is None:
             assert self.deps.revoke is not None
             st = SessionStore.from_config(
-                self.config, store.connect(self.config.state.database), revoke=self.deps.revoke
+                self.config, store.open_store(self.config.state), revoke=self.deps.revoke
             )
             self._local.store = st
         return st

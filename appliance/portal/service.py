@@ -49,9 +49,7 @@ def follow(config: Config, stop: threading.Event, interval: float = FOLLOW_INTER
     Lease events are looked at every `interval` (the net role already takes an ended
     lease's pair out of nftables within 50 ms); a session whose time runs out sooner
     is ended when it does, not up to `interval` later."""
-    st = SessionStore.from_config(
-        config, store.connect(config.state.database), revoke=revoker(config)
-    )
+    st = SessionStore.from_config(config, store.open_store(config.state), revoke=revoker(config))
     while not stop.is_set():
         wait = interval
         try:
@@ -175,7 +173,7 @@ def metric_families(config: Config, portal: Any) -> Iterator[Metric]:
         ("source", "result"),
         portal.deps.logins.snapshot(),
     )
-    conn = store.connect(config.state.database, readonly=True)
+    conn = store.open_store(config.state, readonly=True)
     try:
         sources = sessions.active_sources(conn)
     finally:
@@ -193,9 +191,7 @@ def main(config: Config) -> int:
     host = str(config.interfaces.guest_ip)
     port = config.portal.http_port
     app = create_app(config)
-    st = SessionStore.from_config(
-        config, store.connect(config.state.database), revoke=revoker(config)
-    )
+    st = SessionStore.from_config(config, store.open_store(config.state), revoke=revoker(config))
     st.maintain()  # catch up on what happened while we were down
     tls = start_https(config, app)
     server = make_server(app, host, port)

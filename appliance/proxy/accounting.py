@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.core.config import StateConfig
 from appliance.state import schema, usage
+from appliance.state.connection import STORE_ERRORS, Connection
 
 log = logging.getLogger("appliance.proxy.accounting")
 
@@ -38,9 +39,9 @@ Key = tuple[str, str, str, str | None]  # (day, user, service, session)
 class UsageRecorder:
     """Per-worker aggregate of finished connections, flushed to the store in batches."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+    def __init__(self, connect: Callable[[], Connection]) -> None:
         self._connect = connect
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
         # key -> [connections, bytes up, bytes down, messages]
         self.pending: dict[Key, list[int]] = {}
         self._day = (-1, "")  # (UTC day number, its name): one strftime a day
@@ -52,12 +53,15 @@ class UsageRecorder:
         self.failed = 0  # flushes that failed (their lines were kept)
 
     @classmethod
-    def at(cls, path: Path) -> UsageRecorder:
-        """A recorder over the store at `path` (its connection is opened on first flush)."""
+    def at(cls, where: Path | StateConfig) -> UsageRecorder:
+        """A recorder over the store `[state]` configures, or the SQLite file at a path
+        (the proxy run on its own); its connection is opened on first flush."""
         from appliance.state import store
 
-        def connect() -> sqlite3.Connection:
-            conn = store.connect(path)
+        def connect() -> Connection:
+            if isinstance(where, StateConfig):
+                return store.open_store(where)
+            conn = store.connect(where)
             schema.upgrade(conn)
             return conn
 
@@ -104,12 +108,12 @@ class UsageRecorder:
                 self.written += usage.add(self._conn, batch)
                 self._read_today(self._conn)
                 return True
-            except sqlite3.Error as exc:
+            except STORE_ERRORS as exc:
                 self.failed += 1
                 log.warning("usage: %d line(s) not written yet: %s", len(batch), exc)
         return False
 
-    def _read_today(self, conn: sqlite3.Connection) -> None:
+    def _read_today(self, conn: Connection) -> None:
         day = usage.day_of()
         self.stored_today = (day, usage.bytes_of_day(conn, day))
 
@@ -120,7 +124,7 @@ class UsageRecorder:
                 if self._conn is None:
                     self._conn = self._connect()
                 self._read_today(self._conn)
-            except sqlite3.Error as exc:
+            except STORE_ERRORS as exc:
                 log.warning("usage: today's totals not read: %s", exc)
 
     def used_today(self, user: str, service: str, when: float | None = None) -> int:

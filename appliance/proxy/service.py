@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.core.config import StateConfig
 from appliance.proxy import metrics
 from appliance.proxy.accounting import UsageRecorder
 from appliance.proxy.counts import Counts, SharedCounts
@@ -73,7 +74,7 @@ async def serve(
     reuse_port: bool = False,
     max_connections: int = 256,
     snapshot: Path | None = None,
-    usage_db: Path | None = None,
+    usage_db: Path | StateConfig | None = None,
 ) -> int:
     lean_logging()
     relay = Relay(
@@ -203,7 +204,7 @@ def main(config: Any) -> int:
         hidden=guest_hidden(config),
         connect_ports=config.proxy.connect_ports,
         max_connections=config.proxy.max_connections,
-        usage_db=config.state.database if config.proxy.accounting else None,
+        usage_db=config.state if config.proxy.accounting else None,
     )
 
 

@@ -34,4 +34,7 @@ def is_sqlite(conn: Connection) -> bool:
     return isinstance(conn, sqlite3.Connection)
 
 
-__all__ = ["Connection", "Cursor", "is_sqlite"]
+__all__ = ["STORE_ERRORS", "Connection", "Cursor", "is_sqlite"]
+
+# what a failing store raises, whichever the backend (the PostgreSQL adapter adds its own)
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)

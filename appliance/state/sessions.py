@@ -138,7 +138,7 @@ class SessionStore:
         from appliance.state import store
 
         return cls(
-            conn or store.connect(config.state.database),
+            conn or store.open_store(config.state),
             idle=float(config.portal.session_idle),
             maximum=float(config.portal.session_max),
             revoke=revoke,

@@ -1,11 +1,11 @@
-"""The shared state store: one SQLite file (WAL) that every role of the appliance opens.
+"""Opening the shared state store that every role of the appliance uses.
 
-Each module owns its own tables and creates them with CREATE TABLE IF NOT EXISTS
-(leases: appliance/state/leases.py, sessions: appliance/state/sessions.py).  WAL lets the DHCP
-writer and the readers (portal, proxy, DNS) work at once; synchronous=NORMAL in
-WAL mode keeps every committed transaction across a crash or kill -9 of the
-process (not across a power cut before the next checkpoint).  Keep callers behind
-small functions so PostgreSQL can replace this later.
+SQLite by default: one file in WAL mode, so the DHCP writer and the readers (portal,
+proxy, DNS) work at once; synchronous=NORMAL in WAL mode keeps every committed
+transaction across a crash or kill -9 of the process (not across a power cut before
+the next checkpoint).  Or PostgreSQL (`[state] backend = "postgresql"`), through the
+adapter in appliance/state/postgres.py.  The tables are in appliance/state/schema.py;
+the modules beside this one hold all the SQL.
 """
 
 from __future__ import annotations
@@ -15,7 +15,26 @@ import sqlite3
 import time
 from pathlib import Path
 
+from appliance.core.config import StateConfig
+from appliance.state import schema
 from appliance.state.connection import Connection
+
+
+def open_store(state: StateConfig, *, readonly: bool = False) -> Connection:
+    """The appliance's store as `[state]` configures it, upgraded to the current schema
+    (unless `readonly`): the one door every role goes through."""
+    if state.backend == "postgresql":
+        from appliance.state import postgres
+
+        pg = postgres.connect(state.dsn)
+        if not readonly:
+            schema.upgrade(pg)
+            postgres.install_notify(pg, schema.FOLLOWED)
+        return pg
+    conn = connect(state.database, readonly=readonly)
+    if not readonly:
+        schema.upgrade(conn)
+    return conn
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -71,5 +90,11 @@ def _wal(conn: sqlite3.Connection) -> None:
 
 def data_version(conn: Connection) -> int:
     """A number that changes when another connection commits to the store: a cheap read
-    that tells a follower whether there is anything new to look at."""
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+    that tells a follower whether there is anything new to look at (PostgreSQL: the
+    count of NOTIFY wake-ups received, appliance/state/postgres.py)."""
+    if isinstance(conn, sqlite3.Connection):
+        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+    from appliance.state import postgres
+
+    assert isinstance(conn, postgres.PgConnection)
+    return conn.data_version()

@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.core import metrics
-from appliance.core.config import ConfigError, load
+from appliance.core.config import ConfigError, StateConfig, load
 from appliance.dns import service as dns_service
 from appliance.homelink import service as homelink_service
 from appliance.portal import service as portal_service
@@ -248,7 +248,7 @@ def test_portal_logins_and_sessions_without_names(tmp_path: Path) -> None:
     logins = LoginCounts()
     for source, result in (("site", "ok"), ("agent", "ok"), ("agent", "credentials")):
         logins.add(source, result)
-    config: Any = SimpleNamespace(state=SimpleNamespace(database=db))
+    config: Any = SimpleNamespace(state=StateConfig(db.parent))
     portal: Any = SimpleNamespace(deps=SimpleNamespace(logins=logins))
     got = scrape(lambda: portal_service.metric_families(config, portal))
     assert got["appliance_portal_logins_total"] == {
