@@ -1,4 +1,5 @@
-"""Shared fixtures: the namespace harness (`topology`), and cleanup that survives failures.
+"""Shared fixtures: the namespace harness (`topology`), a real PostgreSQL (`pg_dsn`), and
+cleanup that survives failures.
 
 Every netns test builds its own site with `make_topology()`; the namespaces are
 removed when the test ends, passes or fails, and on SIGTERM/SIGINT too.  Output of
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from postgres_server import PostgresServer, available
 
 from appliance.lab import topology as topo_mod
 from appliance.lab.topology import Topology
@@ -22,11 +25,14 @@ from appliance.lab.topology import Topology
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 _live: list[Topology] = []
+_servers: list[PostgresServer] = []
 
 
 def _destroy_all() -> None:
     while _live:
         _live.pop().destroy()
+    while _servers:
+        _servers.pop().stop()
 
 
 _MAIN_PID = os.getpid()
@@ -97,3 +103,25 @@ def artifacts() -> Path:
     """Where tests put screenshots and reports a person looks at."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the session, on a unix socket only; removed at the end."""
+    if why := available():
+        pytest.skip(why)
+    server = PostgresServer()
+    _servers.append(server)
+    yield server
+    server.stop()
+    if server in _servers:
+        _servers.remove(server)
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for one test (dropped afterwards, open sessions and all)."""
+    name = f"t_{secrets.token_hex(6)}"
+    postgres_server.psql(f"CREATE DATABASE {name}")
+    yield postgres_server.dsn_for(name)
+    postgres_server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
