@@ -13,6 +13,8 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+import psycopg
+
 
 class Cursor(Protocol):
     @property
@@ -36,5 +38,5 @@ def is_sqlite(conn: Connection) -> bool:
 
 __all__ = ["STORE_ERRORS", "Connection", "Cursor", "is_sqlite"]
 
-# what a failing store raises, whichever the backend (the PostgreSQL adapter adds its own)
-STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+# what a failing store raises, whichever the backend
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
