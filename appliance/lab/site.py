@@ -73,14 +73,20 @@ class SiteInfo:
         return f"{AGENT_ADDR}#{self.agent_fingerprint}"
 
 
-def write_config(directory: Path) -> Path:
-    """The example config and tables, with state in the lab directory."""
+def write_config(directory: Path, state_dsn: str = "") -> Path:
+    """The example config and tables, with state in the lab directory (or, given a DSN,
+    in PostgreSQL: `[state] backend = "postgresql"`)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("servers.toml", "access.toml", "agents.toml"):
         shutil.copy(POLICIES / name, directory / name)
     text = (POLICIES / "appliance.toml").read_text()
     state = directory / "state"
     text = text.replace('directory = "/var/lib/appliance"', f'directory = "{state}"')
+    if state_dsn:
+        text = text.replace(
+            f'directory = "{state}"',
+            f'directory = "{state}"\nbackend = "postgresql"\ndsn = "{state_dsn}"',
+        )
     path = directory / "appliance.toml"
     path.write_text(text)
     return path
@@ -177,12 +183,13 @@ def add_agent(
     return fingerprint
 
 
-def start(topo: Topology, directory: Path) -> SiteInfo:
+def start(topo: Topology, directory: Path, state_dsn: str = "") -> SiteInfo:
     """Start every server and the appliance; returns what a person needs to try it.
+    `state_dsn`: the shared store on that PostgreSQL instead of SQLite.
 
     A topology built with its household behind NAT (`nat_household`) also gets the
     home relay and bob's home (appliance/lab/household.py)."""
-    config = write_config(directory)
+    config = write_config(directory, state_dsn)
     info = SiteInfo(str(directory), str(config))
     with_household = "relay" in topo.nodes
     servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)
