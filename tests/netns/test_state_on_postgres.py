@@ -94,6 +94,10 @@ def test_a_visitor_is_served_from_postgresql_and_kept_across_a_restart(
         ]
         renewed = g1.run("dhclient", "-v", "-1", *files, "eth0", check=False, timeout=60)
         assert renewed.returncode == 0, renewed.stderr[-500:]
+        said = renewed.stdout + renewed.stderr
+        assert f"DHCPACK of {ip} from 192.168.1.1" in said, said[-500:]  # answered, not kept
+        last = leases.events_since(pg, 0, 10000)[-1]
+        assert (last.kind, last.ip) == ("renewed", ip), last  # from the lease in PostgreSQL
         assert f"inet {ip}/24" in g1.run("ip", "-4", "addr").stdout  # the same address
         again = st.lookup_ip(ip, time.time())
         assert again is not None and again.id == session.id  # still logged in
