@@ -9,7 +9,6 @@ package (.ci/apt-packages).
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
@@ -18,17 +17,19 @@ import tempfile
 import time
 from pathlib import Path
 
-USER = "postgres"
+from appliance.lab import servers
+from appliance.lab.topology import LabError
+
+USER = servers.POSTGRES_USER
 DATABASE = "appliance"
 
 
 def bindir() -> Path | None:
-    """The newest installed server's programs (/usr/lib/postgresql/<version>/bin)."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name),
-    )
-    return Path(found[-1]).parent if found else None
+    """The newest installed server's programs, if any."""
+    try:
+        return servers.postgres_bindir()
+    except LabError:
+        return None
 
 
 def available() -> str | None:
@@ -79,10 +80,7 @@ class PostgresServer:
         entry = pwd.getpwnam(USER)
         os.chown(self.dir, entry.pw_uid, entry.pw_gid)
         self.dir.chmod(0o700)
-        self._as_postgres(
-            self.bin / "initdb", "-D", self.data, "-U", USER, "-A", "trust", "-E", "UTF8",
-            "--no-instructions",
-        )  # fmt: skip
+        servers.postgres_init(self.data, "trust")
         options = (
             f"-k {self.dir} -c listen_addresses='' -c fsync=on -c unix_socket_permissions=0700"
         )

@@ -81,6 +81,12 @@ def _read(path: Path) -> list[Entry]:
     return entries
 
 
+def reachable(config: Config) -> None:
+    """Raises the store's error when an entry could not be recorded now."""
+    if config.state.made:
+        _open(config).close()
+
+
 def record(config: Config, admin: str, action: str, target: str, change: str = "") -> Entry:
     entry = Entry(time.time(), admin, action, target, change)
     if config.state.made:

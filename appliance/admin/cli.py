@@ -15,6 +15,16 @@ def _cmd(args: argparse.Namespace) -> int:
 
     config = load(args.config)
     path = config.policies.admins
+    if args.admins_command != "list":
+        from appliance.admin import audit
+        from appliance.state.connection import STORE_ERRORS
+
+        try:  # a change the audit log could not record is not made
+            audit.reachable(config)
+        except STORE_ERRORS as exc:
+            print(f"appliance: cannot reach the state store for the audit log ({exc}); "
+                  "nothing changed", file=sys.stderr)  # fmt: skip
+            return 1
     try:
         if args.admins_command == "list":
             for name in sorted(accounts.load_admins(path)):
@@ -32,8 +42,6 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"appliance: {exc}", file=sys.stderr)
         return 2
     if args.admins_command != "list":
-        from appliance.admin import audit
-
         who = f"cli:{getpass.getuser()}"
         audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
     # no store yet (before the first start): no logins to end, and a store made now by

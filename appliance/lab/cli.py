@@ -63,7 +63,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     )
     print(f"lab: namespaces up: {', '.join(sorted(topo.nodes))}; starting servers...")
     try:
-        info = site.start(topo, STATE_DIR)
+        info = site.start(topo, STATE_DIR, postgres=args.state == "postgresql")
     except BaseException as exc:
         topo.destroy()
         site.cleanup(STATE_DIR)
@@ -162,6 +162,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     labsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     up = labsub.add_parser("up", help="build the lab topology")
     up.add_argument("--guests", type=int, default=2, help="number of guest nodes (default 2)")
+    up.add_argument(
+        "--state",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the shared store: SQLite (default) or PostgreSQL in the segment at 198.51.100.6",
+    )
     up.set_defaults(func=_cmd_up)
     labsub.add_parser(
         "demo", help="walk one visitor through the lab, checking each step"

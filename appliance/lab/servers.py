@@ -27,7 +27,9 @@ import contextlib
 import json
 import os
 import pwd
+import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -638,3 +640,78 @@ def start_prometheus(
         name="prometheus",
     )
     return _started(node, Server("prometheus", proc, d, host, port), timeout=60)
+
+
+# -- PostgreSQL (the shared store, issue #18) -------------------------------------------
+POSTGRES_ADDR = "198.51.100.6"
+POSTGRES_PORT = 5432
+POSTGRES_USER = "postgres"  # Debian's server runs as it
+
+
+def postgres_bindir() -> Path:
+    """The newest installed server's programs (/usr/lib/postgresql/<version>/bin)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+    )
+    if not found:
+        raise LabError("PostgreSQL is not installed (apt-get install postgresql)")
+    return found[-1].parent
+
+
+def postgres_init(data: Path, auth: str) -> None:
+    """A new cluster in `data` (made by and for the postgres user), fsync on."""
+    _as_postgres(
+        postgres_bindir() / "initdb", "-D", data, "-U", POSTGRES_USER, "-A", auth,
+        "-E", "UTF8", "--no-instructions",
+    )  # fmt: skip
+
+
+def _as_postgres(*argv: str | Path, timeout: float = 60.0) -> str:
+    done = subprocess.run(
+        ["runuser", "-u", POSTGRES_USER, "--", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise LabError(f"{Path(str(argv[0])).name} failed: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def start_postgres(
+    node: Node, client: str, state_dir: Path, host: str = POSTGRES_ADDR
+) -> tuple[Server, str]:
+    """The site's PostgreSQL for the shared store, on `host`:5432 in the segment; only
+    `client` (the appliance's segment address) may log in, as user `appliance` with a
+    random password (scram-sha-256) kept in a passfile in `state_dir`, mode 0600.
+    Returns the server and the appliance's DSN (no password in it)."""
+    d = _workdir(node, "postgres")
+    _chown(d, POSTGRES_USER)
+    d.chmod(0o700)
+    data = d / "data"
+    postgres_init(data, "peer")
+    with open(data / "pg_hba.conf", "w") as hba:  # only the superuser locally, the appliance
+        hba.write(
+            f"local all {POSTGRES_USER} peer\nhost appliance appliance {client}/32 scram-sha-256\n"
+        )
+    proc = node.start(
+        "runuser", "-u", POSTGRES_USER, "--", str(postgres_bindir() / "postgres"),
+        "-D", str(data), "-k", str(d), "-c", f"listen_addresses={host}", "-c", "fsync=on",
+        name="postgres",
+    )  # fmt: skip
+    server = _started(node, Server("postgres", proc, d, host, POSTGRES_PORT), timeout=60)
+    password = secrets.token_urlsafe(24)
+    for sql in (
+        f"CREATE ROLE appliance LOGIN PASSWORD '{password}'",
+        "CREATE DATABASE appliance OWNER appliance",
+    ):
+        _as_postgres(postgres_bindir() / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                     "-h", d, "-d", "postgres", "-c", sql)  # fmt: skip
+    state_dir.mkdir(parents=True, exist_ok=True)
+    passfile = state_dir / "pgpass"
+    fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{host}:{POSTGRES_PORT}:appliance:appliance:{password}\n")
+    dsn = f"host={host} port={POSTGRES_PORT} dbname=appliance user=appliance passfile={passfile}"
+    return server, dsn

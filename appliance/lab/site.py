@@ -27,7 +27,7 @@ from appliance.core.config import load
 from appliance.lab import household, servers
 from appliance.lab.commands import agent_cmd, appliance_cmd, run_checked
 from appliance.lab.tls import LabCA, fingerprint
-from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Topology
+from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -67,6 +67,7 @@ class SiteInfo:
     mail_cert: str = ""  # alice's home mail store's
     bob_spec: str = ""  # bob's agent behind NAT, through the relay (appliance/lab/household.py)
     bob_maildir: str = ""  # his POP server's maildir (demo and tests add messages)
+    state_dsn: str = ""  # the store on the segment's PostgreSQL (`lab up --state postgresql`)
 
     @property
     def agent_spec(self) -> str:
@@ -92,10 +93,12 @@ def write_config(directory: Path, state_dsn: str = "") -> Path:
     return path
 
 
-def _accounts(config: Path) -> None:
+def _accounts(config: Path, gw: Node) -> None:
+    """The site's accounts, made as an admin would on the box (in gw: the store may be
+    the segment's PostgreSQL, which only the appliance's address reaches)."""
     user, pw, attrs = SITE_USER
     run_checked(
-        None,
+        gw,
         appliance_cmd(
             "users",
             "add",
@@ -109,7 +112,7 @@ def _accounts(config: Path) -> None:
     )
     name, apw = ADMIN
     run_checked(
-        None,
+        gw,
         appliance_cmd("admins", "add", "--config", str(config), name, "--password-stdin"),
         stdin=apw + "\n",
     )
@@ -183,14 +186,19 @@ def add_agent(
     return fingerprint
 
 
-def start(topo: Topology, directory: Path, state_dsn: str = "") -> SiteInfo:
+def start(topo: Topology, directory: Path, postgres: bool = False) -> SiteInfo:
     """Start every server and the appliance; returns what a person needs to try it.
-    `state_dsn`: the shared store on that PostgreSQL instead of SQLite.
+    `postgres`: the shared store on the segment's PostgreSQL (198.51.100.6) instead of
+    SQLite.
 
     A topology built with its household behind NAT (`nat_household`) also gets the
     home relay and bob's home (appliance/lab/household.py)."""
+    state_dsn, pg_dirs = "", []
+    if postgres:
+        pg, state_dsn = servers.start_postgres(topo["seg"], "198.51.100.1", directory / "state")
+        pg_dirs.append(str(pg.directory))
     config = write_config(directory, state_dsn)
-    info = SiteInfo(str(directory), str(config))
+    info = SiteInfo(str(directory), str(config), state_dsn=state_dsn)
     with_household = "relay" in topo.nodes
     servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)
     # the box's own resolver is the site's, as on a real box: the relay checks names with it
@@ -212,9 +220,9 @@ def start(topo: Topology, directory: Path, state_dsn: str = "") -> SiteInfo:
         tls=ca,
     )
     info.web_cert, info.mail_cert = str(web.extra["cert"]), str(pop.extra["cert"])
-    info.server_dirs = [str(s.directory) for s in (smtp, proxy, pop, web)]
+    info.server_dirs = [str(s.directory) for s in (smtp, proxy, pop, web)] + pg_dirs
     info.maildir = str(smtp.extra["maildir"])
-    _accounts(config)
+    _accounts(config, topo["gw"])
     info.agent_fingerprint = add_agent(
         topo, directory, config, pop3_pin=fingerprint(Path(info.mail_cert))
     )

@@ -56,8 +56,15 @@ GUEST_SUBNET = ipaddress.IPv4Network("192.168.1.0/24")
 GW_GUEST = "192.168.1.1/24"
 GW_SEGMENT = "198.51.100.1/24"
 GW_HOME = "203.0.113.254/24"
-# the resolver, the SMTP relay and intranet, the web proxy, Prometheus (servers.py)
-SEGMENT_HOSTS = ("198.51.100.2/24", "198.51.100.3/24", "198.51.100.4/24", "198.51.100.5/24")
+# the resolver, the SMTP relay and intranet, the web proxy, Prometheus, PostgreSQL
+# (servers.py)
+SEGMENT_HOSTS = (
+    "198.51.100.2/24",
+    "198.51.100.3/24",
+    "198.51.100.4/24",
+    "198.51.100.5/24",
+    "198.51.100.6/24",
+)
 HOME_HOSTS = ("203.0.113.1/24", "203.0.113.3/24", "203.0.113.80/24")
 # The internet beside `home` (only with nat_household): a relay, and a household's
 # router whose public side is one address, with the household's LAN behind it.

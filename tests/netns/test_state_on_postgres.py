@@ -1,11 +1,13 @@
 """Issue 18, first slice: the whole appliance with its shared store on a real PostgreSQL.
 
 The lab site (every role under the supervisor) with `[state] backend = "postgresql"`
-on a throwaway PostgreSQL 15.  A visitor gets an address from dhclient, logs in
-through her personal agent, sends a mail and reads her home mail; the store the roles
-wrote is PostgreSQL's (her lease, her session, its events, her usage by service).
-Then the appliance is stopped (every role) and started again: her address is renewed
-from the lease in PostgreSQL, her session is still on and her mail still goes out.
+on the segment's PostgreSQL 15 at 198.51.100.6 (`lab up --state postgresql`): the
+appliance logs in over TCP with scram-sha-256, its password in a passfile, and no
+other host may.  A visitor gets an address from dhclient, logs in through her
+personal agent, sends a mail and reads her home mail; the store the roles wrote is
+PostgreSQL's (her lease, her session, its events, her usage by service).  Then the
+appliance is stopped (every role) and started again: her address is renewed from the
+lease in PostgreSQL, her session is still on and her mail still goes out.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import _live
-from postgres_server import PostgresServer
 
 from appliance.lab import demo, site
 from appliance.lab.commands import appliance_cmd
-from appliance.lab.topology import Topology
+from appliance.lab.topology import NetnsSwitch, Topology
 from appliance.state import leases, postgres, usage
 from appliance.state.sessions import SessionStore
 
@@ -29,28 +30,27 @@ pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
-def lab(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[tuple[Topology, Path, str]]:
+def lab(tmp_path: Path) -> Iterator[tuple[Topology, Path]]:
     topo = Topology.build(guests=1, workdir=tmp_path / "topo")
     _live.append(topo)
     directory = tmp_path / "site"
     try:
-        yield topo, directory, postgres_server.dsn
+        yield topo, directory
     finally:
         topo.destroy()
         if topo in _live:
             _live.remove(topo)
-        if directory.exists():
+        if (directory / "site.json").exists():
             for d in site.load_info(directory).server_dirs:
                 shutil.rmtree(d, ignore_errors=True)
-        postgres_server.psql("DROP DATABASE IF EXISTS appliance WITH (FORCE)")
-        postgres_server.psql("CREATE DATABASE appliance")
 
 
 def test_a_visitor_is_served_from_postgresql_and_kept_across_a_restart(
-    lab: tuple[Topology, Path, str],
+    lab: tuple[Topology, Path],
 ) -> None:
-    topo, directory, dsn = lab
-    info = site.start(topo, directory, state_dsn=dsn)
+    topo, directory = lab
+    info = site.start(topo, directory, postgres=True)
+    assert "password" not in info.state_dsn and "198.51.100.6" in info.state_dsn
     g1 = topo["guest1"]
     user, password, _ = site.HOME_USER
     for step in (
@@ -62,7 +62,10 @@ def test_a_visitor_is_served_from_postgresql_and_kept_across_a_restart(
         got = step()
         assert got.ok, got.detail
 
-    pg = postgres.connect(dsn)
+    with NetnsSwitch(topo["seg"].netns), pytest.raises(postgres.Error, match="pg_hba"):
+        postgres.connect(info.state_dsn)  # any other host of the segment, password and all
+    with NetnsSwitch(topo["gw"].netns):  # as the appliance: only its address may log in
+        pg = postgres.connect(info.state_dsn)
     try:
         now = time.time()
         bound = [x for x in leases.all_leases(pg) if x.state == "bound" and x.expires > now]
