@@ -64,3 +64,28 @@ def test_a_broken_line_in_the_pending_file_is_skipped_not_fatal(site: Config) ->
     )
     store.connect(site.state.database).close()
     assert [(e.admin, e.action, e.diff) for e in audit.tail(site)] == [("a", "x", "")]
+
+
+def test_an_admin_change_the_audit_log_cannot_record_is_not_made(
+    site: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+
+    from appliance.cli import main
+
+    text = site.path.read_text().replace(
+        f'directory = "{site.state.directory}"',
+        f'directory = "{site.state.directory}"\nbackend = "postgresql"\n'
+        f'dsn = "host={tmp_path / "no-such-server"} dbname=appliance connect_timeout=2"',
+    )
+    assert 'backend = "postgresql"' in text
+    site.path.write_text(text)
+    before = site.policies.admins.read_text() if site.policies.admins.exists() else None
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    assert main(["admins", "add", "--config", str(site.path), "dora", "--password-stdin"]) == 1
+    assert "nothing changed" in capsys.readouterr().err
+    after = site.policies.admins.read_text() if site.policies.admins.exists() else None
+    assert after == before
