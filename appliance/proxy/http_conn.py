@@ -51,7 +51,7 @@ from appliance.proxy.http_target import (
     transparent_target,
     web_port,
 )
-from appliance.proxy.raw import RawRelay, Spliced, connect, numeric
+from appliance.proxy.raw import Connector, RawRelay, Spliced, connect, numeric
 from appliance.proxy.refusals import http_refusal
 from appliance.proxy.splice import READ, READ_ON, WRITE, Sock, SpliceConn
 from appliance.proxy.tunnel import MAX_HEAD, TunnelAnswer, connect_request
@@ -442,16 +442,33 @@ class HttpConn(Spliced):
         if self.closed:
             return
         cands = self.candidates
-        if self.sent_head and numeric(cands):  # (a tunnel always gets its own connection)
-            key = (cands[0].host, cands[0].port)
-            req = self.req
-            retryable = req is not None and req.method in _IDEMPOTENT and not self.had_body
-            sock = self.owner.upstreams.take(key, check=not retryable)
-            if sock is not None:
-                self.upstream_name = cands[0].name
-                self._attach(sock, key, reused=True)
-                return
-        self._connect_new()
+        if not self.sent_head:  # a tunnel always gets its own connection
+            self._connect_new()
+        elif numeric(cands):
+            if not self._take_pooled(cands[0]):
+                self._connect_new()
+        else:  # the proxy by name: resolved for this request, then the address's pool
+            self.owner.loop.create_task(self._resolve_then_go(cands))
+
+    async def _resolve_then_go(self, cands: tuple[Upstream, ...]) -> None:
+        tries = await self.owner.resolve_upstreams(self.listener.service, cands)
+        if self.closed:
+            return
+        if tries.ups and self._take_pooled(tries.ups[0]):  # (the first that resolved)
+            return
+        Connector(self.owner, self, tries).next()
+
+    def _take_pooled(self, up: Upstream) -> bool:
+        """The request on a kept-alive connection to this address, if the pool has one."""
+        key = (up.host, up.port)
+        req = self.req
+        retryable = req is not None and req.method in _IDEMPOTENT and not self.had_body
+        sock = self.owner.upstreams.take(key, check=not retryable)
+        if sock is None:
+            return False
+        self.upstream_name = up.name
+        self._attach(sock, key, reused=True)
+        return True
 
     def _connect_new(self) -> None:
         connect(self.owner, self, self.candidates)  # (the proxy by name: resolved first)

@@ -12,7 +12,7 @@ import struct
 from typing import Any
 
 import pytest
-from relay_helpers import free_port, loop_kind, run  # noqa: F401
+from relay_helpers import free_port, loop_kind, resolver, run  # noqa: F401
 
 from appliance.proxy.gate import Listener, StaticGate
 from appliance.proxy.relay import Relay
@@ -339,6 +339,41 @@ def test_idle_upstreams_are_bounded_in_all() -> None:
         assert set(pool.idle_conns) >= {("192.0.2.3", 80), ("192.0.2.4", 80)}
         a.close()
         b.close()
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_a_web_proxy_given_by_name_is_pooled_by_its_address() -> None:
+    """The site's proxy by host name ('localhost'): resolved for each request, and the
+    request goes on a kept-alive connection to the address it resolved to; a guest's name
+    in a hidden network is refused all the same."""
+
+    async def body() -> None:
+        up = Upstream()
+        up_port = free_port()
+        server = await asyncio.start_server(up.serve, "127.0.0.1", up_port)
+        port = free_port()
+        t = http_table(port, up_port)
+        t["servers"]["http"] = [f"localhost:{up_port}"]
+        names = {"intranet.example": ["10.9.0.7"]}
+        relay = Relay(
+            StaticGate(t),
+            connect_timeout=1.0,
+            resolve=resolver(names),
+            hidden=lambda ip: ip.startswith("10.9."),
+        )
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        two = request("len") + request("len", extra="Connection: close\r\n")
+        out = await exchange(port, two)
+        assert out.count(b"HTTP/1.1 200 OK") == 2 and out.endswith(b"0123456789")
+        assert up.connections == 1 and len(up.requests) == 2  # one upstream connection
+        assert relay.upstreams.reused == 1
+        hidden = b"GET http://intranet.example/len HTTP/1.1\r\nHost: intranet.example\r\n\r\n"
+        out = await exchange(port, request("len") + hidden)
+        assert out.count(b"HTTP/1.1 200 OK") == 1 and b"HTTP/1.1 403" in out
+        assert len(up.requests) == 3  # the hidden name never reached the proxy
         await relay.stop()
         server.close()
 
