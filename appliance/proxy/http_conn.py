@@ -117,6 +117,7 @@ class HttpConn(Spliced):
     __slots__ = (
         "c_read_on",
         "c_readable",
+        "c_watched",
         "c_writable",
         "candidates",
         "fresh",
@@ -152,6 +153,7 @@ class HttpConn(Spliced):
         self.c_readable = self.u_readable = False
         self.c_read_on = self.u_read_on = False  # the last edge said: read until EAGAIN
         self.c_writable = self.u_writable = True
+        self.c_watched = False  # the guest's socket is in the epoll (from its first wait on)
         self.guest_eof = False
         self.had_body = False
         self.keep = False  # the guest keeps its connection after this request
@@ -183,7 +185,11 @@ class HttpConn(Spliced):
                 self.fresh = self.owner.generation  # its first request needs no new answer
             else:
                 self.limited = verdict
-        self.edges.watch(self.sock.fileno(), self._client_event)
+        # the request is most often in the socket already: read it now, and put the socket
+        # in the epoll only once an edge of it is awaited (`_wait`); a guest whose one
+        # request is answered at once never costs a registration (nor its edge's event)
+        self.c_readable = True
+        self._run()
 
     def activity(self) -> int:
         if self.conn is not None:
@@ -214,9 +220,22 @@ class HttpConn(Spliced):
 
     def _run(self) -> None:
         for _ in range(ROUNDS):
-            if self.closed or self.conn is not None or not self._step():
+            if self.closed or self.conn is not None:
+                return
+            if not self._step():
+                if not (self.c_watched or self.closed or self.conn is not None):
+                    self._wait()
                 return
         self.edges.soon(self._run)  # rounds used up: others first
+
+    def _wait(self) -> None:
+        """Nothing can move: an edge is awaited.  The guest's socket joins the epoll the
+        first time one of its edges is (an edge-triggered registration reports at once
+        what is already pending), not while only the upstream's answer is awaited."""
+        if self.phase in (WAIT, EXCHANGE) and self.req_body.done and not self.to_guest:
+            return
+        self.c_watched = True
+        self.edges.watch(self.sock.fileno(), self._client_event)
 
     def _step(self) -> bool:
         """One step of whatever can move now; False: nothing could (wait for an edge)."""

@@ -154,8 +154,9 @@ class BodyFraming:
 
     @classmethod
     def none(cls) -> BodyFraming:
-        """No body: done at once."""
-        return cls(_NONE)
+        """No body: done at once.  One shared instance: a body of none never changes (feed
+        takes nothing from it), and the HTTP path asks for one several times a request."""
+        return _NO_BODY
 
     @classmethod
     def length(cls, n: int) -> BodyFraming:
@@ -271,6 +272,9 @@ class BodyFraming:
         finally:
             self._state = state
         return pos
+
+
+_NO_BODY = BodyFraming(_NONE)
 
 
 # -- heads ----------------------------------------------------------------------------------

@@ -378,3 +378,39 @@ def test_a_web_proxy_given_by_name_is_pooled_by_its_address() -> None:
         server.close()
 
     run(body())
+
+
+def test_a_slow_guest_is_served_whenever_its_bytes_come() -> None:
+    """A head that comes late and in pieces, a body after it, and a second request long
+    after the first answer: each is read when it comes (the relay reads a new guest's
+    request at once, and waits for the guest's socket only when it must)."""
+
+    async def body() -> None:
+        relay, up, server, port = await setup()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        first = request("len", method="POST", body=b"12345")
+        head, rest = first.split(b"\r\n\r\n", 1)
+        for piece in (b"", head[:10], head[10:] + b"\r\n\r\n", rest):
+            await asyncio.sleep(0.05)
+            w.write(piece)
+        out = await asyncio.wait_for(r.readuntil(b"0123456789"), 5)
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        await asyncio.sleep(0.1)  # idle between requests, the connection kept
+        w.write(request("chunked"))
+        out = await asyncio.wait_for(r.readuntil(b"X-Trailer: t\r\n\r\n"), 5)
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        w.close()
+        # the head in the socket before the relay accepts it, its body later
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head + b"\r\n\r\n")
+        r, w = await asyncio.open_connection(sock=s)
+        await asyncio.sleep(0.1)
+        w.write(rest)
+        out = await asyncio.wait_for(r.readuntil(b"0123456789"), 5)
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        w.close()
+        assert len(up.requests) == 3 and up.requests[2].startswith(b"POST ")
+        await relay.stop()
+        server.close()
+
+    run(body())
