@@ -292,7 +292,9 @@ def _tokens(headers: Headers, name: bytes) -> list[bytes]:
     out: list[bytes] = []
     for key, value in headers:
         if key.lower() == name:
-            out.extend(e for e in (p.strip(b" \t").lower() for p in value.split(b",")) if e)
+            for p in value.split(b","):  # (a loop, not generators: twice a request)
+                if e := p.strip(b" \t").lower():
+                    out.append(e)
     return out
 
 
