@@ -51,7 +51,7 @@ from appliance.proxy.http_target import (
     transparent_target,
     web_port,
 )
-from appliance.proxy.raw import RawRelay, Spliced, connect, numeric
+from appliance.proxy.raw import Connector, RawRelay, Spliced, connect, numeric
 from appliance.proxy.refusals import http_refusal
 from appliance.proxy.splice import READ, READ_ON, WRITE, Sock, SpliceConn
 from appliance.proxy.tunnel import MAX_HEAD, TunnelAnswer, connect_request
@@ -117,6 +117,7 @@ class HttpConn(Spliced):
     __slots__ = (
         "c_read_on",
         "c_readable",
+        "c_watched",
         "c_writable",
         "candidates",
         "fresh",
@@ -152,6 +153,7 @@ class HttpConn(Spliced):
         self.c_readable = self.u_readable = False
         self.c_read_on = self.u_read_on = False  # the last edge said: read until EAGAIN
         self.c_writable = self.u_writable = True
+        self.c_watched = False  # the guest's socket is in the epoll (from its first wait on)
         self.guest_eof = False
         self.had_body = False
         self.keep = False  # the guest keeps its connection after this request
@@ -183,7 +185,11 @@ class HttpConn(Spliced):
                 self.fresh = self.owner.generation  # its first request needs no new answer
             else:
                 self.limited = verdict
-        self.edges.watch(self.sock.fileno(), self._client_event)
+        # the request is most often in the socket already: read it now, and put the socket
+        # in the epoll only once an edge of it is awaited (`_wait`); a guest whose one
+        # request is answered at once never costs a registration (nor its edge's event)
+        self.c_readable = True
+        self._run()
 
     def activity(self) -> int:
         if self.conn is not None:
@@ -214,9 +220,22 @@ class HttpConn(Spliced):
 
     def _run(self) -> None:
         for _ in range(ROUNDS):
-            if self.closed or self.conn is not None or not self._step():
+            if self.closed or self.conn is not None:
+                return
+            if not self._step():
+                if not (self.c_watched or self.closed or self.conn is not None):
+                    self._wait()
                 return
         self.edges.soon(self._run)  # rounds used up: others first
+
+    def _wait(self) -> None:
+        """Nothing can move: an edge is awaited.  The guest's socket joins the epoll the
+        first time one of its edges is (an edge-triggered registration reports at once
+        what is already pending), not while only the upstream's answer is awaited."""
+        if self.phase in (WAIT, EXCHANGE) and self.req_body.done and not self.to_guest:
+            return
+        self.c_watched = True
+        self.edges.watch(self.sock.fileno(), self._client_event)
 
     def _step(self) -> bool:
         """One step of whatever can move now; False: nothing could (wait for an edge)."""
@@ -442,16 +461,33 @@ class HttpConn(Spliced):
         if self.closed:
             return
         cands = self.candidates
-        if self.sent_head and numeric(cands):  # (a tunnel always gets its own connection)
-            key = (cands[0].host, cands[0].port)
-            req = self.req
-            retryable = req is not None and req.method in _IDEMPOTENT and not self.had_body
-            sock = self.owner.upstreams.take(key, check=not retryable)
-            if sock is not None:
-                self.upstream_name = cands[0].name
-                self._attach(sock, key, reused=True)
-                return
-        self._connect_new()
+        if not self.sent_head:  # a tunnel always gets its own connection
+            self._connect_new()
+        elif numeric(cands):
+            if not self._take_pooled(cands[0]):
+                self._connect_new()
+        else:  # the proxy by name: resolved for this request, then the address's pool
+            self.owner.loop.create_task(self._resolve_then_go(cands))
+
+    async def _resolve_then_go(self, cands: tuple[Upstream, ...]) -> None:
+        tries = await self.owner.resolve_upstreams(self.listener.service, cands)
+        if self.closed:
+            return
+        if tries.ups and self._take_pooled(tries.ups[0]):  # (the first that resolved)
+            return
+        Connector(self.owner, self, tries).next()
+
+    def _take_pooled(self, up: Upstream) -> bool:
+        """The request on a kept-alive connection to this address, if the pool has one."""
+        key = (up.host, up.port)
+        req = self.req
+        retryable = req is not None and req.method in _IDEMPOTENT and not self.had_body
+        sock = self.owner.upstreams.take(key, check=not retryable)
+        if sock is None:
+            return False
+        self.upstream_name = up.name
+        self._attach(sock, key, reused=True)
+        return True
 
     def _connect_new(self) -> None:
         connect(self.owner, self, self.candidates)  # (the proxy by name: resolved first)

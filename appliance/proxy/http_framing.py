@@ -154,8 +154,9 @@ class BodyFraming:
 
     @classmethod
     def none(cls) -> BodyFraming:
-        """No body: done at once."""
-        return cls(_NONE)
+        """No body: done at once.  One shared instance: a body of none never changes (feed
+        takes nothing from it), and the HTTP path asks for one several times a request."""
+        return _NO_BODY
 
     @classmethod
     def length(cls, n: int) -> BodyFraming:
@@ -273,6 +274,9 @@ class BodyFraming:
         return pos
 
 
+_NO_BODY = BodyFraming(_NONE)
+
+
 # -- heads ----------------------------------------------------------------------------------
 
 
@@ -288,7 +292,9 @@ def _tokens(headers: Headers, name: bytes) -> list[bytes]:
     out: list[bytes] = []
     for key, value in headers:
         if key.lower() == name:
-            out.extend(e for e in (p.strip(b" \t").lower() for p in value.split(b",")) if e)
+            for p in value.split(b","):  # (a loop, not generators: twice a request)
+                if e := p.strip(b" \t").lower():
+                    out.append(e)
     return out
 
 

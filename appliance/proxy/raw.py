@@ -64,6 +64,10 @@ class RawRelay(TrackedRelay, Protocol):
         self, conn: Spliced, upstreams: tuple[Upstream, ...]
     ) -> None: ...
 
+    async def resolve_upstreams(
+        self, service: str, upstreams: tuple[Upstream, ...]
+    ) -> Fallback: ...
+
 
 class Spliced(Tracked):
     """A connection relayed over raw sockets on the relay's own epoll (see splice.py):

@@ -466,10 +466,19 @@ class Relay:
             self.edges.modify(lsock.fileno(), select.EPOLLIN)
 
     async def resolve_then_connect(self, conn: Spliced, upstreams: tuple[Upstream, ...]) -> None:
-        """The upstreams given by name resolved (one address each), all before the first
-        connect; one that does not resolve is a failed candidate like one that does not
-        answer."""
-        tries = Fallback(conn.listener.service)
+        """Connect to the first of the upstreams that answers, those given by name resolved
+        first (`resolve_upstreams`)."""
+        tries = await self.resolve_upstreams(conn.listener.service, upstreams)
+        if not conn.closed:
+            Connector(self, conn, tries).next()
+
+    async def resolve_upstreams(self, service: str, upstreams: tuple[Upstream, ...]) -> Fallback:
+        """The upstreams in their order, those given by name resolved (one address each),
+        all before the first connect; one that does not resolve is a failed candidate like
+        one that does not answer.  Resolved on every call, nothing kept: an answer is used
+        at once, never past its validity (the HTTP path then looks for a kept-alive
+        connection to the address, keyed by it as for an upstream given by address)."""
+        tries = Fallback(service)
         for up in upstreams:
             if up.numeric:
                 tries.add(up)
@@ -484,8 +493,7 @@ class Relay:
                 continue
             for i in infos[:1]:
                 tries.add(Upstream(up.name, str(i[4][0]), up.port))
-        if not conn.closed:
-            Connector(self, conn, tries).next()
+        return tries
 
     async def stop(self) -> None:
         for sock in self.raw_listeners:

@@ -71,7 +71,7 @@ class UpstreamPool:
         if len(conns) >= self.keep:
             oldest, _ = conns.pop(0)
             self.edges.close(oldest)
-        elif self.size() >= self.keep_total:
+        elif self._total(conns) >= self.keep_total:
             self._evict_oldest()  # many upstreams (direct mode): a bound for all of them
         conns.append((sock, time.monotonic()))
         self.edges.rehandle(sock.fileno(), self._idle_handler(key, sock))
@@ -80,6 +80,11 @@ class UpstreamPool:
 
     def size(self) -> int:
         return sum(len(c) for c in self.idle_conns.values())
+
+    def _total(self, conns: list[tuple[Sock, float]]) -> int:
+        """size(), without the sum when `conns` (a list of the pool's) is the only one: the
+        common case of one web proxy, asked on every put."""
+        return len(conns) if len(self.idle_conns) == 1 else self.size()
 
     def _evict_oldest(self) -> None:
         key = min(

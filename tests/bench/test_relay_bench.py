@@ -46,6 +46,9 @@ VARIANTS = {
 HTTP_PORT = 21080
 ROUNDS = 5
 IDLE_CONNS = 5000
+# RELAY_BENCH_ONLY=http: only the HTTP path's rows (ours and HAProxy mode http, same run),
+# reported as relay-http.json: a few minutes less while working on that path
+ONLY = os.environ.get("RELAY_BENCH_ONLY", "")
 
 
 def relay_table(path: Path, ports: dict[str, int]) -> None:
@@ -216,9 +219,53 @@ def test_relay_against_haproxy_and_forwarding(
     seg.start("iperf3", "-s", "-B", SEG_SRV, "-p", str(IPERF_PORT), name="iperf3")
     web = servers.start_web(seg, host=SEG_SRV, files={"1k.bin": b"x" * 1024}, workers=1)
     try:
-        run_bench(topo, tmp_path)
+        if ONLY == "http":
+            run_http_bench(topo, tmp_path)
+        else:
+            run_bench(topo, tmp_path)
     finally:
         web.stop()
+
+
+def run_http_bench(topo: Topology, tmp_path: Path) -> None:
+    """The HTTP path's rows only (RELAY_BENCH_ONLY=http), measured as in run_bench."""
+    gw, seg, home = topo["gw"], topo["seg"], topo["home"]
+    seg.wait_port(WEB_PORT, SEG_SRV)
+    haproxy = start_haproxy(gw, tmp_path)
+    http_relay = start_http_relay(gw, tmp_path)
+    absolute = f"http://{SEG_SRV}/1k.bin"
+    script = tmp_path / "absolute.lua"
+    script.write_text(f'wrk.path = "{absolute}"\n')
+    cpu_of = {"relay-http": tree(main_pid(http_relay)), "haproxy-http": tree(main_pid(haproxy))}
+    samples: dict[str, dict[str, list[float]]] = {"wrk": {}, "cpu": {}}
+    for _ in range(ROUNDS):
+        for target, port in (("relay-http", HTTP_PORT), ("haproxy-http", HAPROXY_HTTP)):
+            rate, cpu = wrk(home, GW, port, script=script, cpu_of=cpu_of[target])
+            samples["wrk"].setdefault(target, []).append(rate)
+            samples["cpu"].setdefault(target, []).append(cpu)
+    f = {k: statistics.median(v) for k, v in samples["wrk"].items()}
+    c = {k: statistics.median(v) for k, v in samples["cpu"].items()}
+    m = "connection rate, HTTP path (port-80 service, pooled upstreams)"
+    rows = [row(m, "req/s", f["relay-http"], "haproxy mode http", f["haproxy-http"], ">= 0.5")]
+    m = "CPU per connection of wrk -c64 (user+system), HTTP path"
+    rows.append(row(m, "us", c["relay-http"], "haproxy mode http", c["haproxy-http"], "report"))
+    lat = {"forwarding": ttfb(home, SEG_SRV, WEB_PORT)}
+    lat["relay-http"] = ttfb(home, GW, HTTP_PORT, target=absolute)
+    lat["haproxy-http"] = ttfb(home, GW, HAPROXY_HTTP, target=absolute)
+    for i, pct in ((0, "p50"), (1, "p99")):
+        rows.append(
+            row(
+                f"added time to first byte {pct}, HTTP path",
+                "ms",
+                lat["relay-http"][i] - lat["forwarding"][i],
+                "haproxy mode http",
+                lat["haproxy-http"][i] - lat["forwarding"][i],
+                "< 1 ms" if pct == "p99" else "report",
+            )
+        )
+    notes = f"HTTP path only (RELAY_BENCH_ONLY=http). Raw samples: {json.dumps(samples)}"
+    write_report("relay-http", "Relay HTTP path vs HAProxy mode http", rows, notes)
+    assert all(r["ours"] > 0 for r in rows if r["unit"] != "ms")
 
 
 def run_bench(topo: Topology, tmp_path: Path) -> None:

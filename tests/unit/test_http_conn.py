@@ -12,7 +12,7 @@ import struct
 from typing import Any
 
 import pytest
-from relay_helpers import free_port, loop_kind, run  # noqa: F401
+from relay_helpers import free_port, loop_kind, resolver, run  # noqa: F401
 
 from appliance.proxy.gate import Listener, StaticGate
 from appliance.proxy.relay import Relay
@@ -339,6 +339,77 @@ def test_idle_upstreams_are_bounded_in_all() -> None:
         assert set(pool.idle_conns) >= {("192.0.2.3", 80), ("192.0.2.4", 80)}
         a.close()
         b.close()
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_a_web_proxy_given_by_name_is_pooled_by_its_address() -> None:
+    """The site's proxy by host name ('localhost'): resolved for each request, and the
+    request goes on a kept-alive connection to the address it resolved to; a guest's name
+    in a hidden network is refused all the same."""
+
+    async def body() -> None:
+        up = Upstream()
+        up_port = free_port()
+        server = await asyncio.start_server(up.serve, "127.0.0.1", up_port)
+        port = free_port()
+        t = http_table(port, up_port)
+        t["servers"]["http"] = [f"localhost:{up_port}"]
+        names = {"intranet.example": ["10.9.0.7"]}
+        relay = Relay(
+            StaticGate(t),
+            connect_timeout=1.0,
+            resolve=resolver(names),
+            hidden=lambda ip: ip.startswith("10.9."),
+        )
+        await relay.start("127.0.0.1", (Listener("http", "http", port, explicit=True),))
+        two = request("len") + request("len", extra="Connection: close\r\n")
+        out = await exchange(port, two)
+        assert out.count(b"HTTP/1.1 200 OK") == 2 and out.endswith(b"0123456789")
+        assert up.connections == 1 and len(up.requests) == 2  # one upstream connection
+        assert relay.upstreams.reused == 1
+        hidden = b"GET http://intranet.example/len HTTP/1.1\r\nHost: intranet.example\r\n\r\n"
+        out = await exchange(port, request("len") + hidden)
+        assert out.count(b"HTTP/1.1 200 OK") == 1 and b"HTTP/1.1 403" in out
+        assert len(up.requests) == 3  # the hidden name never reached the proxy
+        await relay.stop()
+        server.close()
+
+    run(body())
+
+
+def test_a_slow_guest_is_served_whenever_its_bytes_come() -> None:
+    """A head that comes late and in pieces, a body after it, and a second request long
+    after the first answer: each is read when it comes (the relay reads a new guest's
+    request at once, and waits for the guest's socket only when it must)."""
+
+    async def body() -> None:
+        relay, up, server, port = await setup()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        first = request("len", method="POST", body=b"12345")
+        head, rest = first.split(b"\r\n\r\n", 1)
+        for piece in (b"", head[:10], head[10:] + b"\r\n\r\n", rest):
+            await asyncio.sleep(0.05)
+            w.write(piece)
+        out = await asyncio.wait_for(r.readuntil(b"0123456789"), 5)
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        await asyncio.sleep(0.1)  # idle between requests, the connection kept
+        w.write(request("chunked"))
+        out = await asyncio.wait_for(r.readuntil(b"X-Trailer: t\r\n\r\n"), 5)
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        w.close()
+        # the head in the socket before the relay accepts it, its body later
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head + b"\r\n\r\n")
+        r, w = await asyncio.open_connection(sock=s)
+        await asyncio.sleep(0.1)
+        w.write(rest)
+        out = await asyncio.wait_for(r.readuntil(b"0123456789"), 5)
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        w.close()
+        assert len(up.requests) == 3 and up.requests[2].startswith(b"POST ")
         await relay.stop()
         server.close()
 
