@@ -666,13 +666,14 @@ def postgres_init(data: Path, auth: str) -> None:
     )  # fmt: skip
 
 
-def _as_postgres(*argv: str | Path, timeout: float = 60.0) -> str:
+def _as_postgres(*argv: str | Path, timeout: float = 60.0, stdin: str | None = None) -> str:
     done = subprocess.run(
         ["runuser", "-u", POSTGRES_USER, "--", *map(str, argv)],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        input=stdin,
     )
     if done.returncode != 0:
         raise LabError(f"{Path(str(argv[0])).name} failed: {done.stdout}{done.stderr}")
@@ -702,12 +703,12 @@ def start_postgres(
     )  # fmt: skip
     server = _started(node, Server("postgres", proc, d, host, POSTGRES_PORT), timeout=60)
     password = secrets.token_urlsafe(24)
-    for sql in (
-        f"CREATE ROLE appliance LOGIN PASSWORD '{password}'",
-        "CREATE DATABASE appliance OWNER appliance",
+    for sql in (  # on stdin: the password is in no process's argv
+        f"CREATE ROLE appliance LOGIN PASSWORD '{password}';",
+        "CREATE DATABASE appliance OWNER appliance;",
     ):
         _as_postgres(postgres_bindir() / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                     "-h", d, "-d", "postgres", "-c", sql)  # fmt: skip
+                     "-h", d, "-d", "postgres", stdin=sql)  # fmt: skip
     state_dir.mkdir(parents=True, exist_ok=True)
     passfile = state_dir / "pgpass"
     fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

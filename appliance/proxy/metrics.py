@@ -75,6 +75,7 @@ def families(docs: list[dict[str, Any]]) -> Iterator[Metric]:
     refusals: Counter[tuple[str, ...]] = Counter()
     moved: Counter[tuple[str, ...]] = Counter()
     failures: Counter[tuple[str, ...]] = Counter()
+    mails: Counter[tuple[str, ...]] = Counter()
     open_now = 0
     for doc in docs:
         for service, result, n in doc.get("connections", []):
@@ -85,6 +86,8 @@ def families(docs: list[dict[str, Any]]) -> Iterator[Metric]:
             moved[(service, direction)] += n
         for service, n in doc.get("upstream_failures", {}).items():
             failures[(service,)] += n
+        for service, n in doc.get("messages", {}).items():
+            mails[(service,)] += n
         open_now += doc.get("open", 0)
     yield counter(
         "proxy_connections",
@@ -109,6 +112,13 @@ def families(docs: list[dict[str, Any]]) -> Iterator[Metric]:
         "Upstreams that could not be reached, by service.",
         ("service",),
         failures,
+    )
+    yield counter(
+        "proxy_smtp_messages",
+        "Mails the SMTP servers accepted through the relay, by service (counted with "
+        "[proxy] accounting on, where the dialog is plaintext: not after STARTTLS).",
+        ("service",),
+        mails,
     )
     yield one_gauge("proxy_open_connections", "Connections open now.", open_now)
     yield one_gauge("proxy_workers", "Relay worker processes reporting.", len(docs))

@@ -334,6 +334,7 @@ class Relay:
         self.conns: set[Tracked] = set()
         self.counters: Counter[tuple[str, str]] = Counter()  # (service, result)
         self.bytes: Counter[tuple[str, str]] = Counter()  # (service, "up" | "down")
+        self.messages: Counter[str] = Counter()  # per service: mails the server accepted
         self.servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -543,6 +544,8 @@ class Relay:
         self.counters[(service, conn.result)] += 1
         self.bytes[(service, "up")] += conn.bytes_up
         self.bytes[(service, "down")] += conn.bytes_down
+        if conn.messages:
+            self.messages[service] += conn.messages
         if self.usage is not None and conn.user is not None and conn.result[:8] != "refused-":
             self.usage.record(
                 conn.user, service, conn.session, conn.bytes_up, conn.bytes_down, conn.messages
@@ -620,6 +623,7 @@ class Relay:
             "connections": [[s, r, n] for (s, r), n in self.counters.items()],
             "bytes": [[s, d, n] for (s, d), n in self.bytes.items()],
             "upstream_failures": dict(UPSTREAM_FAILURES),
+            "messages": dict(self.messages),
             "open": len(self.conns),
         }
 

@@ -135,6 +135,8 @@ def test_the_visit_shows_in_the_series(visited: Lab) -> None:
     # the mail out and the mail in, each one relayed connection that ended well
     assert lab.until('sum(appliance_proxy_connections_total{service="smtp",result="ok"})') >= 1
     assert lab.until('sum(appliance_proxy_connections_total{service="pop3",result="ok"})') >= 1
+    # her one mail, counted as the server accepted it
+    assert lab.until('appliance_proxy_smtp_messages_total{service="smtp"}') == 1
     # bytes each way: the message went up to the relay, the mailbox came down
     assert lab.until('appliance_proxy_bytes_total{service="smtp",direction="up"}', 100) >= 100
     assert lab.until('appliance_proxy_bytes_total{service="pop3",direction="down"}', 100) >= 100

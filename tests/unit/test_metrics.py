@@ -140,6 +140,7 @@ WORKER = {
     "connections": [["smtp", "ok", 3], ["smtp", "refused-login", 2], ["pop3", "upstream-down", 1]],
     "bytes": [["smtp", "up", 1000], ["smtp", "down", 200], ["pop3", "down", 5]],
     "upstream_failures": {"pop3": 1},
+    "messages": {"smtp": 3},
     "open": 4,
 }
 
@@ -158,6 +159,7 @@ def test_proxy_sums_every_workers_snapshot(tmp_path: Path) -> None:
     assert moved[labels(service="smtp", direction="up")] == 2000
     assert moved[labels(service="smtp", direction="down")] == 400
     assert got["appliance_proxy_upstream_failures_total"] == {labels(service="pop3"): 2}
+    assert got["appliance_proxy_smtp_messages_total"] == {labels(service="smtp"): 6}
     assert got["appliance_proxy_open_connections"] == {(): 5}
     assert got["appliance_proxy_workers"] == {(): 2}
 

@@ -139,6 +139,7 @@ def test_smtp_messages_the_server_accepted_are_counted(tmp_path: Path, splice: b
         await asyncio.wait_for(r.read(), 5)
         w.close()
         await asyncio.sleep(0.1)
+        assert relay.snapshot()["messages"] == {"smtp": 2}  # what Prometheus is shown
         await relay.stop()
         upstream.close()
 
