@@ -173,10 +173,11 @@ class StateConfig:
     directory: Path  # the SQLite store, and the role's keys and files, either way
     backend: str = "sqlite"  # or "postgresql": the store on a PostgreSQL server (`dsn`)
     dsn: str = ""  # libpq connection string; keep passwords out (peer auth or a passfile)
+    file: str = "state.sqlite"  # the SQLite store's name in `directory`
 
     @property
     def database(self) -> Path:
-        return self.directory / "state.sqlite"
+        return self.directory / self.file
 
     @property
     def made(self) -> bool:
@@ -462,7 +463,8 @@ def _policies(r: Reader) -> Policies:
     return cfg
 
 
-def _state(r: Reader) -> StateConfig:
+def state_backend(r: Reader) -> tuple[str, str]:
+    """`backend` and `dsn` of a [state] section (the appliance's, the home relay's)."""
     backend = r.text("backend", "sqlite", choices=("sqlite", "postgresql"))
     dsn = r.text("dsn", "")
     if backend == "postgresql" and not dsn:
@@ -478,6 +480,11 @@ def _state(r: Reader) -> StateConfig:
             "no password in the dsn (every role reads this file): "
             "use peer authentication or a passfile",
         )
+    return backend, dsn
+
+
+def _state(r: Reader) -> StateConfig:
+    backend, dsn = state_backend(r)
     cfg = StateConfig(r.filepath("directory", "/var/lib/appliance"), backend, dsn)
     r.finish()
     return cfg

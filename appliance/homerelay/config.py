@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.core.config import StateConfig, state_backend
 from appliance.core.metrics import own_endpoint
 from appliance.core.tomlfile import ConfigError, TomlFile
 from appliance.homelink.registration import MAX_RELAY_HOST
@@ -37,12 +38,21 @@ class RelayConfig:
     key: Path
     state_directory: Path
     limits: RelayLimits
+    state_backend: str = "sqlite"  # [state]: the claims in SQLite (households.db) or PostgreSQL
+    state_dsn: str = ""
     metrics_listen: str = "127.0.0.1"  # Prometheus endpoint: address and port (0: off)
     metrics_port: int = 0
 
     @property
     def households_db(self) -> Path:
-        return self.state_directory / "households.db"
+        return self.state.database
+
+    @property
+    def state(self) -> StateConfig:
+        """Where the claims live (relays sharing one PostgreSQL share their claims)."""
+        return StateConfig(
+            self.state_directory, self.state_backend, self.state_dsn, "households.db"
+        )
 
 
 def _valid_host(host: str) -> bool:
@@ -86,6 +96,9 @@ def parse(doc: TomlFile) -> RelayConfig:
     )
     lim.finish()
     metrics_listen, metrics_port = own_endpoint(top.sub("metrics"), port, "relay")
+    st = top.sub("state")
+    state_backend_, state_dsn = state_backend(st)
+    st.finish()
     top.finish()
     return RelayConfig(
         path=doc.path,
@@ -98,6 +111,8 @@ def parse(doc: TomlFile) -> RelayConfig:
         limits=limits,
         metrics_listen=metrics_listen,
         metrics_port=metrics_port,
+        state_backend=state_backend_,
+        state_dsn=state_dsn,
     )
 
 

@@ -51,7 +51,7 @@ from appliance.homelink.registration import (
 from appliance.homelink.stream import LINGER, WINDOW
 from appliance.homerelay.config import RelayConfig
 from appliance.homerelay.table import HouseholdStore, Registrations
-from appliance.state.households import SqliteHouseholds
+from appliance.state.households import Households
 
 log = logging.getLogger("appliance.homerelay")
 
@@ -193,10 +193,10 @@ class RelayServer:
         self.wall_clock = wall_clock
         self.linger = linger
         self.idle = idle
-        self._own_store: SqliteHouseholds | None = None
+        self._own_store: Households | None = None
         if store is None:
             config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            store = self._own_store = SqliteHouseholds(config.households_db)
+            store = self._own_store = Households.open(config.state)
         self.registrations = Registrations(store)
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._links: dict[int, _Link] = {}

@@ -8,10 +8,10 @@ only one that knows their SQL.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from appliance.state import schema
-from appliance.state.store import connect
+from appliance.core.config import StateConfig
+from appliance.state import schema, store
+from appliance.state.connection import Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +22,15 @@ class Claim:
     last_seen: float
 
 
-class SqliteHouseholds:
-    """All the relay's SQL: one table in one SQLite file (WAL)."""
+class Households:
+    """All the relay's SQL: one table, in its SQLite file (WAL) or on PostgreSQL."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.conn = connect(path)
-        schema.upgrade(self.conn, schema.RELAY)
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    def open(cls, state: StateConfig) -> Households:
+        return cls(store.open_store(state, migrations=schema.RELAY, followed=()))
 
     def load(self) -> list[Claim]:
         rows = self.conn.execute("SELECT name, key, claimed_at, last_seen FROM households")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.core.config import StateConfig
@@ -20,20 +21,28 @@ from appliance.state import schema
 from appliance.state.connection import Connection
 
 
-def open_store(state: StateConfig, *, readonly: bool = False) -> Connection:
-    """The appliance's store as `[state]` configures it, upgraded to the current schema
-    (unless `readonly`): the one door every role goes through."""
+def open_store(
+    state: StateConfig,
+    *,
+    readonly: bool = False,
+    migrations: Sequence[schema.Migration] = schema.APPLIANCE,
+    followed: Sequence[str] = schema.FOLLOWED,
+) -> Connection:
+    """The store as `[state]` configures it, upgraded to the current schema (unless
+    `readonly`): the one door every role goes through (the home relay's claims too,
+    with their own `migrations`)."""
     if state.backend == "postgresql":
         from appliance.state import postgres
 
         pg = postgres.connect(state.dsn)
         if not readonly:
-            schema.upgrade(pg)
-            postgres.install_notify(pg, schema.FOLLOWED)
+            schema.upgrade(pg, migrations)
+            if followed:
+                postgres.install_notify(pg, followed)
         return pg
     conn = connect(state.database, readonly=readonly)
     if not readonly:
-        schema.upgrade(conn)
+        schema.upgrade(conn, migrations)
     return conn
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.core.agent_protocol import b64, fingerprint
+from appliance.core.config import StateConfig
 from appliance.homelink.frames import Reset
 from appliance.homelink.registration import (
     Registration,
@@ -26,7 +28,7 @@ from appliance.homelink.registration import (
     verify_registration,
 )
 from appliance.homerelay.table import Registrations
-from appliance.state.households import SqliteHouseholds
+from appliance.state.households import Households
 
 pytestmark = pytest.mark.unit
 HOST = "relay.example"
@@ -217,15 +219,22 @@ def test_global_claim_cap() -> None:
     assert table.claim_or_check("a", "k1", 2.0) is None  # owners still get in
 
 
-def test_claims_and_last_seen_survive_reopening(tmp_path: object) -> None:
-    path = f"{tmp_path}/relay.sqlite"
-    store = SqliteHouseholds(path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def claims_store(request: pytest.FixtureRequest, tmp_path: Path) -> StateConfig:
+    """The relay's claims in its SQLite file, or on a real PostgreSQL (issue #18)."""
+    if request.param == "sqlite":
+        return StateConfig(tmp_path, file="households.db")
+    return StateConfig(tmp_path, "postgresql", request.getfixturevalue("pg_dsn"))
+
+
+def test_claims_and_last_seen_survive_reopening(claims_store: StateConfig) -> None:
+    store = Households.open(claims_store)
     table = Registrations(store)
     table.claim_or_check("alice-home", "key-a", 100.0)
     table.online("alice-home", "key-a", 1, 100.0)
     table.offline("alice-home", 1, 150.0)
     store.close()
-    store = SqliteHouseholds(path)
+    store = Households.open(claims_store)
     again = Registrations(store)
     assert again.presence("alice-home") == {
         "household": "alice-home",
@@ -235,6 +244,7 @@ def test_claims_and_last_seen_survive_reopening(tmp_path: object) -> None:
     squat = again.claim_or_check("alice-home", "key-b", 200.0)
     assert squat is not None and squat.code == 4403
     assert again.claim_or_check("alice-home", "key-a", 200.0) is None
-    mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
-    assert str(mode).lower() == "wal"
+    if claims_store.backend == "sqlite":
+        mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
+        assert str(mode).lower() == "wal"
     store.close()

@@ -512,6 +512,15 @@ def test_config_errors_name_the_key_and_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         parse(TomlFile.parse('[relay]\nhost = "no such host!"\n'))
     assert err.value.key == "relay.host"
+    base = text.replace("prot = 1\n", "")
+    with pytest.raises(ConfigError) as err:  # relays sharing a PostgreSQL need its dsn
+        parse(TomlFile.parse(base + '[state]\nbackend = "postgresql"\n'))
+    assert err.value.key == "state.dsn"
+    with pytest.raises(ConfigError) as err:
+        parse(TomlFile.parse(base + '[state]\nbackend = "postgresql"\ndsn = "password=x"\n'))
+    assert err.value.key == "state.dsn" and "no password" in str(err.value)
+    shared = parse(TomlFile.parse(base + '[state]\nbackend = "postgresql"\ndsn = "dbname=r"\n'))
+    assert (shared.state.backend, shared.state.dsn) == ("postgresql", "dbname=r")
 
 
 def test_example_config_loads() -> None:
