@@ -39,7 +39,7 @@ from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
 from appliance.state import schema, store, usage
 from appliance.state.admin_logins import AdminLogins
-from appliance.state.connection import Connection
+from appliance.state.connection import STORE_ERRORS, Connection
 from appliance.state.sessions import SessionStore
 
 log = logging.getLogger("appliance.admin")
@@ -131,6 +131,12 @@ def create_app(
             # logged out, removed or given a new password since this cookie was signed
             session.clear()
             return redirect(url_for("login"))
+        if request.method == "POST" and request.endpoint != "logout":
+            try:  # a change the audit log could not record is not made
+                audit.reachable(config)
+            except STORE_ERRORS as exc:
+                log.error("admin: the state store cannot be reached (%s): change refused", exc)
+                abort(503, "The state store cannot be reached for the audit log: nothing changed.")
         return None
 
     @app.after_request
@@ -237,9 +243,16 @@ def create_app(
         return redirect(url_for("access", saved=1))
 
     def changed(path: Path, action: str, old: str, new: str) -> None:
-        audit.record(config, admin(), action, str(path), audit.diff(old, new, path.name))
+        """A saved table: the roles are told first (it is on disk), then the log."""
         assert notify is not None
         notify(config)
+        record(action, str(path), audit.diff(old, new, path.name))
+
+    def record(action: str, target: str, diff: str = "") -> None:
+        try:
+            audit.record(config, admin(), action, target, diff)
+        except STORE_ERRORS as exc:  # checked just before: a blip since; said loudly
+            log.error("audit: could not record %s %s by %s: %s", action, target, admin(), exc)
 
     # -- server info --------------------------------------------------------
     @app.get("/servers")
@@ -334,7 +347,7 @@ def create_app(
             if trusted_agents.no_longer_vouched(old_table, new_table, source, attrs) and store.end(
                 s.id, why
             ):
-                audit.record(config, admin(), "end session", f"{s.user} {s.ip} {s.mac}")
+                record("end session", f"{s.user} {s.ip} {s.mac}")
 
     # -- sessions -----------------------------------------------------------
     per_thread = threading.local()
@@ -358,7 +371,7 @@ def create_app(
         s = store.get(sid)
         if s is None or not store.end(sid, f"ended by admin {admin()}"):
             return page("error.html", 404, error="No such active session.")
-        audit.record(config, admin(), "end session", f"{s.user} {s.ip} {s.mac}")
+        record("end session", f"{s.user} {s.ip} {s.mac}")
         return redirect(url_for("sessions_page"))
 
     # -- usage --------------------------------------------------------------

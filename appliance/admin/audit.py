@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from appliance.core.config import Config
-from appliance.state import audit, schema, store
+from appliance.state import audit, store
 from appliance.state.audit import Entry
 from appliance.state.connection import Connection
 
@@ -38,9 +38,12 @@ def _pending(config: Config) -> Path:
 
 def _open(config: Config) -> Connection:
     conn = store.open_store(config.state)
-    schema.upgrade(conn)
-    if _pending(config).exists():
-        _take_in(conn, _pending(config))
+    try:
+        if _pending(config).exists():
+            _take_in(conn, _pending(config))
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -53,7 +56,13 @@ def _take_in(conn: Connection, path: Path) -> None:
     except FileNotFoundError:  # another process took it
         return
     entries = _read(claimed)
-    audit.append(conn, entries)
+    try:
+        audit.append(conn, entries)
+    except BaseException:  # given back, after whatever was added meanwhile: tried again
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(claimed.read_text(encoding="utf-8"))
+        claimed.unlink()
+        raise
     claimed.rename(path.with_name("audit.log.imported"))
     log.info("audit: %d entries of %s taken into the store", len(entries), path)
 

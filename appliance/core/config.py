@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -474,7 +475,8 @@ def state_backend(r: Reader) -> tuple[str, str]:
         )
     if backend == "sqlite" and dsn:
         raise r.error("dsn", 'a dsn is only used with backend = "postgresql"')
-    if "password=" in dsn.replace(" ", "") or re.search(r"://[^/@]*:[^/@]*@", dsn):
+    plain = urllib.parse.unquote(dsn)  # (a URI may spell the keyword %-encoded)
+    if re.search(r"password\s*=", plain, re.I) or re.search(r"://[^/@]*:[^/@]*@", plain):
         raise r.error(
             "dsn",
             "no password in the dsn (every role reads this file): "

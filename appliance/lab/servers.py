@@ -676,7 +676,8 @@ def _as_postgres(*argv: str | Path, timeout: float = 60.0, stdin: str | None = N
         input=stdin,
     )
     if done.returncode != 0:
-        raise LabError(f"{Path(str(argv[0])).name} failed: {done.stdout}{done.stderr}")
+        said = f"{done.stdout}{done.stderr}" if stdin is None else "(its input holds a secret)"
+        raise LabError(f"{Path(str(argv[0])).name} failed: {said}")
     return done.stdout
 
 
@@ -703,7 +704,8 @@ def start_postgres(
     )  # fmt: skip
     server = _started(node, Server("postgres", proc, d, host, POSTGRES_PORT), timeout=60)
     password = secrets.token_urlsafe(24)
-    for sql in (  # on stdin: the password is in no process's argv
+    for sql in (  # on stdin: the password is in no process's argv, nor in the server's log
+        "SET log_min_error_statement = panic; SET log_statement = 'none'; "
         f"CREATE ROLE appliance LOGIN PASSWORD '{password}';",
         "CREATE DATABASE appliance OWNER appliance;",
     ):
@@ -712,6 +714,7 @@ def start_postgres(
     state_dir.mkdir(parents=True, exist_ok=True)
     passfile = state_dir / "pgpass"
     fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # (an older file keeps its mode otherwise; libpq ignores a loose one)
     with os.fdopen(fd, "w") as fh:
         fh.write(f"{host}:{POSTGRES_PORT}:appliance:appliance:{password}\n")
     dsn = f"host={host} port={POSTGRES_PORT} dbname=appliance user=appliance passfile={passfile}"

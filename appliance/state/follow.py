@@ -45,12 +45,16 @@ class Cursor(Generic[E]):
         return events
 
     def drain(self, limit: int = BATCH) -> list[E]:
-        """Every event there is now, however many batches that takes."""
+        """Every event there is now, however many batches that takes.  The cursor moves
+        only when all were read: a read that fails on a later batch loses none."""
         out: list[E] = []
-        while batch := self.poll(limit):
+        last = self.last
+        while batch := list(self.read(last, limit)):
             out += batch
+            last = batch[-1].id
             if len(batch) < limit:
                 break
+        self.last = last
         return out
 
 

@@ -30,7 +30,7 @@ class Households:
 
     @classmethod
     def open(cls, state: StateConfig) -> Households:
-        return cls(store.open_store(state, migrations=schema.RELAY, followed=()))
+        return cls(store.open_store(state, tables=schema.RELAY, followed=()))
 
     def load(self) -> list[Claim]:
         rows = self.conn.execute("SELECT name, key, claimed_at, last_seen FROM households")

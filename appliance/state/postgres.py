@@ -36,7 +36,8 @@ truth and the notice only says "look again" (`data_version`, `wait`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -150,14 +151,38 @@ class _Number(Loader):
             return float(text)
 
 
+CHECK_EVERY = 2.0  # seconds a listener goes without a statement before it tries one
+
+
 class PgConnection:
     """The sqlite3.Connection subset the state modules use, over one psycopg connection
-    in autocommit mode.  Errors are psycopg's own (`Error`)."""
+    in autocommit mode.  Errors are psycopg's own (`Error`).
 
-    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-        self.raw = conn
+    A connection the server dropped (a restart, a failover, an idle cut) fails the
+    statement that meets it, as a locked SQLite store does, and the next statement
+    outside a transaction opens a new one: a role's retry loop recovers by itself.
+    Only a connection that asks for change notices (`data_version`, `wait`) LISTENs:
+    notices nobody reads would pile up in every other connection."""
+
+    def __init__(self, open_raw: Callable[[], psycopg.Connection[tuple[Any, ...]]]) -> None:
+        self._open_raw = open_raw
+        self.raw = open_raw()
         self._sql: dict[str, str] = {}
         self._version = 0
+        self._listening = False
+        self._checked = time.monotonic()  # when the listening connection was last tried
+
+    def _live(self) -> psycopg.Connection[tuple[Any, ...]]:
+        if self.raw.closed or self.raw.broken:
+            self.raw = self._open_raw()  # (a failure here is the caller's store error)
+            if self._listening:
+                self._listen()
+                self._version += 1  # notices were lost meanwhile: say "look again"
+        return self.raw
+
+    def _listen(self) -> None:
+        self.raw.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        self._listening = True
 
     def _translated(self, text: str) -> str:
         out = self._sql.get(text)
@@ -167,23 +192,24 @@ class PgConnection:
 
     def execute(self, text: str, params: Params = ()) -> psycopg.Cursor[tuple[Any, ...]]:
         translated = self._translated(text)
+        raw = self._live()
         try:
-            return self.raw.execute(translated, params or None)
+            return raw.execute(translated, params or None)
         except psycopg.Error:
-            if translated.startswith(_WRITE) and self.in_transaction:
+            if translated.startswith(_WRITE) and not raw.closed and self.in_transaction:
                 # as on SQLite, a BEGIN IMMEDIATE that failed (lock timeout) leaves no
                 # transaction behind: the state code rolls back only what it began
                 self.raw.execute("ROLLBACK")
             raise
 
     def executemany(self, text: str, seq: Iterable[Params]) -> psycopg.Cursor[tuple[Any, ...]]:
-        cur = self.raw.cursor()
+        cur = self._live().cursor()
         cur.executemany(self._translated(text), seq)
         return cur
 
     def executescript(self, script: str) -> psycopg.Cursor[tuple[Any, ...]]:
         """Several statements, no parameters (one round trip, libpq's simple protocol)."""
-        return self.raw.execute(self._translated(script))
+        return self._live().execute(self._translated(script))
 
     @property
     def in_transaction(self) -> bool:
@@ -201,7 +227,20 @@ class PgConnection:
         return self._count(timeout, stop_after=1) > 0
 
     def _count(self, timeout: float, stop_after: int | None = None) -> int:
-        got = sum(1 for _ in self.raw.notifies(timeout=timeout, stop_after=stop_after))
+        raw = self._live()
+        if not self._listening:  # the first ask: from now on, every change is noticed
+            self._listen()
+            self._version += 1
+        try:
+            got = sum(1 for _ in raw.notifies(timeout=timeout, stop_after=stop_after))
+            if not got and time.monotonic() - self._checked > CHECK_EVERY:
+                # waiting for notices does not notice a cut connection: a statement does
+                self._checked = time.monotonic()
+                raw.execute("SELECT 1")
+        except psycopg.OperationalError:  # cut meanwhile: a new connection, and look again
+            got = 0
+        if raw.closed or raw.broken:
+            self._live()
         self._version += got
         return got
 
@@ -213,13 +252,16 @@ def connect(dsn: str, *, lock_timeout: float = 5.0) -> PgConnection:
     """Open the store at a libpq DSN (`host=/run/postgresql dbname=appliance user=...`).
     `lock_timeout` plays the part of SQLite's busy timeout: a writer waiting longer than
     that for the write lock (or a row lock) fails instead of hanging."""
-    conn = psycopg.connect(dsn, autocommit=True)
-    conn.adapters.register_loader("numeric", _Number)
-    conn.execute(
-        sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms"))
-    )
-    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-    return PgConnection(conn)
+
+    def open_raw() -> psycopg.Connection[tuple[Any, ...]]:
+        conn = psycopg.connect(dsn, autocommit=True)
+        conn.adapters.register_loader("numeric", _Number)
+        conn.execute(
+            sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms"))
+        )
+        return conn
+
+    return PgConnection(open_raw)
 
 
 _NOTIFY_FUNCTION = sql.SQL(
@@ -230,9 +272,17 @@ _NOTIFY_FUNCTION = sql.SQL(
 
 def install_notify(conn: PgConnection, tables: Sequence[str]) -> None:
     """Make each table announce its changes on CHANNEL: one notice per writing statement,
-    delivered at commit.  Idempotent; run under the write lock so that roles starting
-    together do not race on the catalog."""
-    raw = conn.raw
+    delivered at commit.  Idempotent and cheap when done already (one catalog read: a
+    DROP TRIGGER would lock the table against every reader); the work itself runs under
+    the write lock so that roles starting together do not race on the catalog."""
+    raw = conn._live()
+    have = raw.execute(
+        "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "WHERE t.tgname = 'appliance_notify' AND c.relname = ANY(%s)",
+        (list(tables),),
+    ).fetchone()
+    if have is not None and int(have[0]) == len(set(tables)):
+        return
     with raw.transaction():
         raw.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(WRITE_LOCK))
         raw.execute(_NOTIFY_FUNCTION)

@@ -15,10 +15,10 @@ as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance.state.connection import Connection, is_sqlite
+from appliance.state.connection import STORE_ERRORS, Connection, is_sqlite
 
 
 @dataclass(frozen=True)
@@ -142,47 +142,71 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-APPLIANCE: tuple[Migration, ...] = (
-    Migration(1, "the tables of the first release", _V1),
-    Migration(2, "leases.bound_since in stores older than it", step=_bound_since),
-    Migration(3, "session events followed by id; the audit log in the store", _V3),
+
+@dataclass(frozen=True)
+class Schema:
+    """One store's migrations, and the table that records how far it got (the
+    appliance's and the home relay's each their own, even in one PostgreSQL database)."""
+
+    version_table: str
+    migrations: tuple[Migration, ...]
+
+    @property
+    def newest(self) -> int:
+        return self.migrations[-1].version
+
+
+APPLIANCE = Schema(
+    "schema_version",
+    (
+        Migration(1, "the tables of the first release", _V1),
+        Migration(2, "leases.bound_since in stores older than it", step=_bound_since),
+        Migration(3, "session events followed by id; the audit log in the store", _V3),
+    ),
 )
 # the home relay's own store: who owns each household name (appliance/state/households.py)
-RELAY: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "household claims",
-        "CREATE TABLE IF NOT EXISTS households (name TEXT PRIMARY KEY, key TEXT NOT NULL,"
-        " claimed_at REAL NOT NULL, last_seen REAL NOT NULL)",
+RELAY = Schema(
+    "relay_schema_version",
+    (
+        Migration(
+            1,
+            "household claims",
+            "CREATE TABLE IF NOT EXISTS households (name TEXT PRIMARY KEY, key TEXT NOT NULL,"
+            " claimed_at REAL NOT NULL, last_seen REAL NOT NULL)",
+        ),
     ),
 )
 # the tables whose changes wake the followers up (PostgreSQL: one NOTIFY trigger each)
 FOLLOWED = ("leases", "lease_events", "sessions", "session_events", "firewall_grants")
 
-_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
-
-def version(conn: Connection) -> int:
+def version(conn: Connection, schema: Schema = APPLIANCE) -> int:
     """The store's schema version (0: none recorded, a store older than versioning)."""
-    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    row = conn.execute(f"SELECT MAX(version) FROM {schema.version_table}").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def upgrade(conn: Connection, migrations: Sequence[Migration] = APPLIANCE) -> int:
+def upgrade(conn: Connection, schema: Schema = APPLIANCE) -> int:
     """Bring the store to the newest version this code knows; returns that version."""
-    newest = migrations[-1].version
-    conn.execute(_VERSION_TABLE)
-    if version(conn) == newest:  # the usual case: no write lock taken
-        return newest
+    newest = schema.newest
+    try:
+        if version(conn, schema) == newest:  # the usual case: no write lock taken
+            return newest
+    except STORE_ERRORS:  # no version table yet: made below, under the lock
+        if conn.in_transaction:  # (PostgreSQL: the failed statement's own)
+            conn.execute("ROLLBACK")
     conn.execute("BEGIN IMMEDIATE")
     try:
-        have = version(conn)  # again, under the lock: another role may have just done it
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema.version_table} (version INTEGER NOT NULL)"
+        )
+        have = version(conn, schema)  # again, under the lock: another role may have done it
         if have > newest:
             raise SchemaTooNew(
                 f"the store is at schema version {have}, newer than this appliance's "
                 f"{newest}: upgrade the appliance (nothing was written)"
             )
-        for m in migrations:
+        for m in schema.migrations:
             if m.version <= have:
                 continue
             if m.sql:
@@ -190,7 +214,7 @@ def upgrade(conn: Connection, migrations: Sequence[Migration] = APPLIANCE) -> in
                     conn.execute(statement)
             if m.step is not None:
                 m.step(conn)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (m.version,))
+            conn.execute(f"INSERT INTO {schema.version_table} (version) VALUES (?)", (m.version,))
     except BaseException:
         conn.execute("ROLLBACK")
         raise
@@ -205,4 +229,13 @@ def _statements(sql: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-__all__ = ["APPLIANCE", "FOLLOWED", "RELAY", "Migration", "SchemaTooNew", "upgrade", "version"]
+__all__ = [
+    "APPLIANCE",
+    "FOLLOWED",
+    "RELAY",
+    "Migration",
+    "Schema",
+    "SchemaTooNew",
+    "upgrade",
+    "version",
+]

@@ -269,8 +269,9 @@ class SessionStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One transaction for a change and its event row; inside one already (an end
-        during a login, a follower's round), the outer one holds them."""
+        """One transaction (BEGIN IMMEDIATE: the write lock, so event ids commit in
+        order) for a change and its event row.  Inside a caller's transaction (none
+        does so today) that one holds them, and it must be a BEGIN IMMEDIATE too."""
         if self.conn.in_transaction:
             yield
             return

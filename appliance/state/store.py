@@ -25,24 +25,24 @@ def open_store(
     state: StateConfig,
     *,
     readonly: bool = False,
-    migrations: Sequence[schema.Migration] = schema.APPLIANCE,
+    tables: schema.Schema = schema.APPLIANCE,
     followed: Sequence[str] = schema.FOLLOWED,
 ) -> Connection:
     """The store as `[state]` configures it, upgraded to the current schema (unless
     `readonly`): the one door every role goes through (the home relay's claims too,
-    with their own `migrations`)."""
+    with their own `tables`)."""
     if state.backend == "postgresql":
         from appliance.state import postgres
 
         pg = postgres.connect(state.dsn)
         if not readonly:
-            schema.upgrade(pg, migrations)
+            schema.upgrade(pg, tables)
             if followed:
                 postgres.install_notify(pg, followed)
         return pg
     conn = connect(state.database, readonly=readonly)
     if not readonly:
-        schema.upgrade(conn, migrations)
+        schema.upgrade(conn, tables)
     return conn
 
 

@@ -217,6 +217,28 @@ def test_toggle_a_cell_saves_validates_backs_up_audits_and_reloads(
     assert "+deny = [&#34;smtp&#34;]" in audit or '+deny = ["smtp"]' in audit
 
 
+def test_a_change_the_audit_log_cannot_record_is_refused_and_not_made(
+    app: Any, site: Config, notified: list[Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from appliance.admin import audit
+
+    c = app.test_client()
+    login(c)
+    old = site.policies.access.read_text()
+    fields = form(c, "/access", "grid")
+    fields["cell-1-smtp"] = "deny"
+
+    def unreachable(_config: Config) -> None:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(audit, "reachable", unreachable)
+    r = c.post("/access", data=fields)
+    assert r.status_code == 503 and "nothing changed" in r.text
+    assert site.policies.access.read_text() == old and notified == []
+
+
 def test_add_and_remove_rows(app: Any, site: Config) -> None:
     c = app.test_client()
     login(c)

@@ -89,3 +89,25 @@ def test_an_admin_change_the_audit_log_cannot_record_is_not_made(
     assert "nothing changed" in capsys.readouterr().err
     after = site.policies.admins.read_text() if site.policies.admins.exists() else None
     assert after == before
+
+
+def test_entries_a_failed_take_in_could_not_store_wait_for_the_next_one(
+    site: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from appliance.state import audit as audit_table
+
+    audit.record(site, "cli:root", "admins add", "carol")  # before the first start
+    store.connect(site.state.database).close()
+    real = audit_table.append
+
+    def locked(*_a: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(audit_table, "append", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        audit.tail(site)
+    assert (site.state.directory / "audit.log").exists()  # given back, not stranded
+    monkeypatch.setattr(audit_table, "append", real)
+    assert [e.action for e in audit.tail(site)] == ["admins add"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.config import ConfigError, load
+from appliance.core.config import ConfigError, _state, load
+from appliance.core.tomlfile import TomlFile
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +198,28 @@ def test_check_config_with_default_table_paths(tmp_path: Path) -> None:
     cfg = load(path)
     assert cfg.policies.users == tmp_path / "users.toml"
     assert cfg.policies.admins == tmp_path / "admins.toml"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db password=x",
+        "host=db password\t=x",
+        "host=db PASSWORD = x",
+        "postgresql://app:secret@db/appliance",
+        "postgresql://db/appliance?pass%77ord=x",
+    ],
+)
+def test_a_state_dsn_with_a_password_is_refused(tmp_path: Path, dsn: str) -> None:
+    """Every role reads appliance.toml: a password there would be every role's."""
+    text = f'[state]\ndirectory = "{tmp_path}"\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+    with pytest.raises(ConfigError) as err:
+        _state(TomlFile.parse(text, tmp_path / "a.toml").reader().sub("state"))
+    assert err.value.key == "state.dsn" and "no password" in str(err.value)
+
+
+def test_a_state_dsn_with_a_passfile_is_taken(tmp_path: Path) -> None:
+    dsn = "host=198.51.100.6 dbname=appliance user=appliance passfile=/var/lib/appliance/pgpass"
+    text = f'[state]\ndirectory = "{tmp_path}"\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+    got = _state(TomlFile.parse(text, tmp_path / "a.toml").reader().sub("state"))
+    assert (got.backend, got.dsn, got.made) == ("postgresql", dsn, True)

@@ -349,3 +349,63 @@ def test_a_writer_waits_no_longer_than_the_lock_timeout(pg_dsn: str, conn: PgCon
         impatient.execute("COMMIT")
     finally:
         impatient.close()
+
+
+def test_a_connection_the_server_dropped_is_opened_again_at_the_next_statement(
+    pg_dsn: str, conn: PgConnection
+) -> None:
+    conn.executescript(SCHEMA)
+    postgres.install_notify(conn, ["things"])
+    follower = postgres.connect(pg_dsn)
+    try:
+        seen = follower.data_version()  # it listens from now on
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        fpid = follower.execute("SELECT pg_backend_pid()").fetchone()[0]
+        killer = postgres.connect(pg_dsn)
+        killer.execute("SELECT pg_terminate_backend(?), pg_terminate_backend(?)", (pid, fpid))
+        killer.close()
+        time.sleep(0.2)
+        with pytest.raises(psycopg.OperationalError):  # the statement that meets the cut
+            conn.execute("SELECT 1")
+        assert conn.execute("SELECT 2").fetchone() == (2,)  # and then a new connection
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+        deadline = time.monotonic() + postgres.CHECK_EVERY + 3
+        while follower.data_version() == seen:  # notices may have been lost: look again
+            assert time.monotonic() < deadline, "the cut was not noticed"
+            time.sleep(0.1)
+        seen = follower.data_version()
+        conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("after", 1.0))
+        assert follower.wait(5.0)  # it listens again on its new connection
+        assert follower.data_version() != seen
+    finally:
+        follower.close()
+
+
+def test_only_a_connection_that_asks_for_notices_listens(pg_dsn: str, conn: PgConnection) -> None:
+    conn.executescript(SCHEMA)
+    postgres.install_notify(conn, ["things"])
+    quiet = postgres.connect(pg_dsn)
+    try:
+        for n in range(50):
+            conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", (f"t{n}", 1.0))
+            quiet.execute("SELECT 1")
+        assert list(quiet.raw.notifies(timeout=0.2)) == []  # nothing piled up
+    finally:
+        quiet.close()
+
+
+def test_installing_the_notices_again_takes_no_lock_on_the_tables(
+    pg_dsn: str, conn: PgConnection
+) -> None:
+    conn.executescript(SCHEMA)
+    postgres.install_notify(conn, ["things"])
+    reader = postgres.connect(pg_dsn)
+    try:
+        reader.execute("BEGIN")  # a reader holding a snapshot of the table ...
+        reader.execute("SELECT COUNT(*) FROM things").fetchone()
+        started = time.monotonic()
+        postgres.install_notify(conn, ["things"])  # ... does not hold up a role's start
+        assert time.monotonic() - started < 1.0
+        reader.execute("COMMIT")
+    finally:
+        reader.close()

@@ -37,7 +37,7 @@ def conn(state: StateConfig) -> Iterator[Connection]:
 
 
 def test_the_schema_is_current_and_upgrading_again_changes_nothing(conn: Connection) -> None:
-    newest = schema.APPLIANCE[-1].version
+    newest = schema.APPLIANCE.newest
     assert schema.version(conn) == newest
     assert schema.upgrade(conn) == newest
 

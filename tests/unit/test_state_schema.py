@@ -14,7 +14,7 @@ from appliance.state.sessions import SessionStore
 
 pytestmark = pytest.mark.unit
 
-NEWEST = schema.APPLIANCE[-1].version
+NEWEST = schema.APPLIANCE.newest
 
 
 def tables(conn: sqlite3.Connection) -> set[str]:
@@ -30,7 +30,7 @@ def test_a_fresh_store_gets_every_table_and_the_newest_version(tmp_path: Path) -
     )
     assert schema.upgrade(conn) == NEWEST  # again: nothing to do, nothing doubled
     rows = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-    assert [r[0] for r in rows] == [m.version for m in schema.APPLIANCE]
+    assert [r[0] for r in rows] == [m.version for m in schema.APPLIANCE.migrations]
 
 
 def test_a_store_from_before_versioning_is_taken_up_with_its_rows(tmp_path: Path) -> None:
@@ -65,7 +65,13 @@ def test_a_store_newer_than_the_code_is_refused_and_left_alone(tmp_path: Path) -
     schema.upgrade(conn)
     conn.execute("INSERT INTO schema_version (version) VALUES (?)", (NEWEST + 1,))
     before = tables(conn)
-    later = (*schema.APPLIANCE, schema.Migration(NEWEST + 2, "x", "CREATE TABLE x (a TEXT)"))
+    later = schema.Schema(
+        "schema_version",
+        (
+            *schema.APPLIANCE.migrations,
+            schema.Migration(NEWEST + 2, "x", "CREATE TABLE x (a TEXT)"),
+        ),
+    )
     schema.upgrade(conn, later)  # a newer code goes on
     assert "x" in tables(conn)
     conn2 = store.connect(tmp_path / "new2.sqlite")
@@ -79,9 +85,12 @@ def test_a_store_newer_than_the_code_is_refused_and_left_alone(tmp_path: Path) -
 def test_a_failing_migration_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "f.sqlite")
     schema.upgrade(conn)
-    broken = (
-        *schema.APPLIANCE,
-        schema.Migration(NEWEST + 1, "half", "CREATE TABLE half (a TEXT); NOT SQL AT ALL"),
+    broken = schema.Schema(
+        "schema_version",
+        (
+            *schema.APPLIANCE.migrations,
+            schema.Migration(NEWEST + 1, "half", "CREATE TABLE half (a TEXT); NOT SQL AT ALL"),
+        ),
     )
     with pytest.raises(sqlite3.Error):
         schema.upgrade(conn, broken)
@@ -99,4 +108,30 @@ def test_roles_upgrading_at_once_upgrade_once(tmp_path: Path) -> None:
         assert pool.map(_upgrade, [path] * 12) == [NEWEST] * 12
     conn = store.connect(path)
     rows = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-    assert [r[0] for r in rows] == [m.version for m in schema.APPLIANCE]
+    assert [r[0] for r in rows] == [m.version for m in schema.APPLIANCE.migrations]
+
+
+def test_the_appliance_and_the_home_relay_keep_their_own_versions_in_one_store(
+    tmp_path: Path,
+) -> None:
+    conn = store.connect(tmp_path / "shared.sqlite")
+    assert schema.upgrade(conn, schema.RELAY) == schema.RELAY.newest  # the relay first
+    assert schema.upgrade(conn) == NEWEST  # the appliance still makes all of its tables
+    assert {"households", "leases", "sessions", "audit"} <= tables(conn)
+    assert schema.version(conn, schema.RELAY) == schema.RELAY.newest
+
+
+def _upgrade_pg(dsn: str) -> int:
+    from appliance.state import postgres
+
+    return schema.upgrade(postgres.connect(dsn))
+
+
+def test_roles_upgrading_a_new_postgresql_store_at_once_upgrade_it_once(pg_dsn: str) -> None:
+    from appliance.state import postgres
+
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        assert pool.map(_upgrade_pg, [pg_dsn] * 12) == [NEWEST] * 12
+    conn = postgres.connect(pg_dsn)
+    rows = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == [m.version for m in schema.APPLIANCE.migrations]
