@@ -19,9 +19,11 @@ def write_config(
     guest_address: str = "192.168.1.1/24",
     portal: bool = True,
     extra_dhcp: str = "",
+    state_dsn: str = "",
     **dhcp: object,
 ) -> Path:
-    """Write directory/appliance.toml; keyword arguments become keys of [dhcp]."""
+    """Write directory/appliance.toml; keyword arguments become keys of [dhcp].
+    `state_dsn`: the store on that PostgreSQL (`[state] backend = "postgresql"`)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("servers.toml", "access.toml"):
         (directory / name).write_text((EXAMPLES / name).read_text())
@@ -29,6 +31,7 @@ def write_config(
     for key, value in dhcp.items():
         lines.append(f"{key} = {value!r}" if isinstance(value, str) else f"{key} = {value}")
     lines = [line.replace("'", '"') for line in lines]
+    store = f'\nbackend = "postgresql"\ndsn = "{state_dsn}"' if state_dsn else ""
     text = f"""
 [interfaces]
 guest = "{guest}"
@@ -50,7 +53,7 @@ servers = "servers.toml"
 access = "access.toml"
 
 [state]
-directory = "{directory / "state"}"
+directory = "{directory / "state"}"{store}
 """
     path = directory / "appliance.toml"
     path.write_text(text)

@@ -1,13 +1,19 @@
-"""DHCP throughput: our server against kea-dhcp4 (memfile) and dnsmasq, with perfdhcp.
+"""DHCP throughput: our server against kea-dhcp4 (memfile) and dnsmasq, with perfdhcp;
+and on PostgreSQL (issue #18): our server with `[state] backend = "postgresql"` against
+kea-dhcp4 with its PostgreSQL lease backend, both on one throwaway PostgreSQL (fsync on).
 
     pytest -m bench tests/bench/test_dhcp_bench.py -s
+    DHCP_BENCH_PEERS=ours-pg,kea-pg pytest -m bench tests/bench/test_dhcp_bench.py -s
+
+DHCP_BENCH_PEERS picks the servers (default all: ours, kea, ours-pg, kea-pg, dnsmasq);
+a row of the artifact needs both of its servers in the run.
 
 Each server in turn serves the same /16 pool on guest0 in the `gw` namespace;
 perfdhcp runs in `guest1` as a relay (giaddr), as in the issue:
 `perfdhcp -4 -l eth0 -R 60000 -p 5 -r RATE`.  The offered rate is swept step by
 step, every server at each step one after the other (a fresh server and lease
-file per run), so a change in the shared machine's load hits all of them alike;
-past the end of the list the rate grows by a quarter each step, until every
+file, or PostgreSQL database, per run), so a change in the shared machine's load
+hits all of them alike; past the end of the list the rate grows by a quarter each step, until every
 server drops at least 5% (or DHCP_BENCH_MAX is reached), so no server's figure is
 capped by the sweep.  Kept per server: the highest rate answered with under 1%
 drops, with its DISCOVER->OFFER and REQUEST->ACK average delays, and the highest
@@ -23,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from postgres_server import USER, PostgresServer
 
 from appliance.lab.topology import Process, Topology
 from dhcp.labconfig import write_config
@@ -49,6 +57,7 @@ RATES = [
 PERIOD = os.environ.get("DHCP_BENCH_PERIOD", "5")
 MAX_RATE = int(os.environ.get("DHCP_BENCH_MAX", "100000"))
 KNEE = 0.05  # drops that mean "past the knee": this server's sweep ends
+KEA_PGSQL_SCHEMA = Path("/usr/share/kea/scripts/pgsql/dhcpdb_create.pgsql")
 
 
 @dataclass
@@ -117,8 +126,32 @@ class Peer:
             self.proc.stop()
 
 
+class FreshDatabase:
+    """A new, empty database on the shared PostgreSQL for each run of a peer, dropped
+    after it (open sessions and all), as the other peers get a new lease file."""
+
+    def __init__(self, server: PostgresServer, prefix: str):
+        self.server, self.prefix = server, prefix
+        self.runs = 0
+        self.name = ""
+
+    def create(self) -> str:
+        self.runs += 1
+        self.name = f"{self.prefix}_{self.runs}"
+        self.server.psql(f"CREATE DATABASE {self.name}")
+        return self.name
+
+    def drop(self) -> None:
+        if self.name:
+            self.server.psql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+            self.name = ""
+
+
 class Ours(Peer):
     name = "ours"
+
+    def state_dsn(self) -> str:
+        return ""
 
     def prepare(self) -> None:
         self.config = write_config(
@@ -127,6 +160,7 @@ class Ours(Peer):
             pool_start=POOL[0],
             pool_end=POOL[1],
             relays=[RELAY],  # perfdhcp acts as a relay: trusted to vouch for chaddr
+            state_dsn=self.state_dsn(),
         )
 
     def argv(self) -> list[str]:
@@ -136,19 +170,37 @@ class Ours(Peer):
         return self.proc is not None and "dhcp serving" in self.proc.output()
 
 
+class OursPg(Ours):
+    name = "ours postgresql"
+
+    def __init__(self, topo: Topology, work: Path, pg: PostgresServer):
+        super().__init__(topo, work)
+        self.db = FreshDatabase(pg, "bench_ours")
+
+    def state_dsn(self) -> str:
+        return self.db.server.dsn_for(self.db.create())
+
+    def stop(self) -> None:
+        super().stop()
+        self.db.drop()
+
+
 class Kea(Peer):
     name = "kea-dhcp4 memfile"
+
+    def lease_database(self) -> dict[str, object]:
+        return {
+            "type": "memfile",
+            "persist": True,
+            "name": str(self.work / "kea-leases4.csv"),
+            "lfc-interval": 0,
+        }
 
     def prepare(self) -> None:
         conf = {
             "Dhcp4": {
                 "interfaces-config": {"interfaces": [f"guest0/{GW}"]},
-                "lease-database": {
-                    "type": "memfile",
-                    "persist": True,
-                    "name": str(self.work / "kea-leases4.csv"),
-                    "lfc-interval": 0,
-                },
+                "lease-database": self.lease_database(),
                 "valid-lifetime": 3600,
                 "renew-timer": 1800,
                 "rebind-timer": 3150,
@@ -184,6 +236,34 @@ class Kea(Peer):
     def ready(self) -> bool:
         out = self.topo["gw"].run("ss", "-H", "-uln", check=False).stdout
         return ":67 " in out or "%guest0:67" in out
+
+
+class KeaPg(Kea):
+    """kea-dhcp4 with its PostgreSQL lease backend (built into Debian's Kea 2.2: `-V`
+    lists "PostgreSQL backend"), its schema loaded from Kea's own script.  Kea 2.2 runs
+    single-threaded unless told otherwise, and so does this peer."""
+
+    name = "kea-dhcp4 postgresql"
+
+    def __init__(self, topo: Topology, work: Path, pg: PostgresServer):
+        super().__init__(topo, work)
+        self.db = FreshDatabase(pg, "bench_kea")
+
+    def lease_database(self) -> dict[str, object]:
+        name = self.db.create()
+        pg = self.db.server
+        done = subprocess.run(
+            ["runuser", "-u", USER, "--", str(pg.bin / "psql"), "-X", "-q",
+             "-v", "ON_ERROR_STOP=1", "-h", str(pg.dir), "-d", name,
+             "-f", str(KEA_PGSQL_SCHEMA)],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, f"Kea's schema: {done.stdout}{done.stderr}"
+        return {"type": "postgresql", "name": name, "host": str(pg.dir), "user": USER}
+
+    def stop(self) -> None:
+        super().stop()
+        self.db.drop()
 
 
 class Dnsmasq(Peer):
@@ -226,7 +306,7 @@ def step(topo: Topology, peer: Peer, rate: int) -> Run:
     finally:
         peer.stop()
     print(
-        f"  {peer.name:<18} offered {rate:>6}/s achieved {run.achieved:>8.0f}/s "
+        f"  {peer.name:<20} offered {rate:>6}/s achieved {run.achieved:>8.0f}/s "
         f"drops {run.drops * 100:6.2f}%  "
         f"D-O {run.do_delay:7.2f} ms  R-A {run.ra_delay:7.2f} ms",
         flush=True,
@@ -254,7 +334,7 @@ def sweep(topo: Topology, peers: list[Peer]) -> dict[str, list[Run]]:
         if not active:
             break
     for peer in active:
-        print(f"  {peer.name:<18} still under {KNEE:.0%} drops at {MAX_RATE}/s", flush=True)
+        print(f"  {peer.name:<20} still under {KNEE:.0%} drops at {MAX_RATE}/s", flush=True)
     return runs
 
 
@@ -276,7 +356,7 @@ def summary(topo: Topology, peer: Peer, runs: list[Run]) -> dict[str, object]:
     finally:
         peer.stop()
     print(
-        f"  {peer.name:<18} flood: achieved {flood.achieved:.0f}/s, drops {flood.drops * 100:.1f}%;"
+        f"  {peer.name:<20} flood: achieved {flood.achieved:.0f}/s, drops {flood.drops * 100:.1f}%;"
         f" then 500/s: drops {after.drops * 100:.2f}%",
         flush=True,
     )
@@ -311,44 +391,83 @@ def _forked_children_exit_quietly() -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
+# DHCP_BENCH_PEERS names -> (peer class, its label in the artifact's rows)
+PEERS: dict[str, tuple[type[Peer], str]] = {
+    "ours": (Ours, "ours (SQLite)"),
+    "kea": (Kea, "kea-dhcp4 memfile"),
+    "ours-pg": (OursPg, "ours (PostgreSQL)"),
+    "kea-pg": (KeaPg, "kea-dhcp4 PostgreSQL"),
+    "dnsmasq": (Dnsmasq, "dnsmasq --no-ping"),
+}
+SUSTAINED = ("sustained 4-way exchanges/s (<1% drops)", "exchanges/s", "sustained")
+CAPACITY = ("highest answered rate at any step (capacity)", "exchanges/s", "capacity")
+FLOOD = ("unlimited flood: answered exchanges/s", "exchanges/s", "flood")
+# (what is measured, ours, the peer, target): a row is written when both ran
+ROWS: list[tuple[tuple[str, str, str], str, str, str]] = [
+    (SUSTAINED, "ours", "kea", ">= 0.5"),
+    (SUSTAINED, "ours", "dnsmasq", ">= 10"),
+    (("achieved rate at that step", "exchanges/s", "achieved"), "ours", "kea", ""),
+    (CAPACITY, "ours", "kea", ""),
+    (("DISCOVER->OFFER avg delay at sustained rate", "ms", "do_delay"), "ours", "kea", ""),
+    (("REQUEST->ACK avg delay at sustained rate", "ms", "ra_delay"), "ours", "kea", ""),
+    (FLOOD, "ours", "kea", ""),
+    # issue #18: on PostgreSQL against Kea on PostgreSQL, our SQLite figure beside it
+    (SUSTAINED, "ours-pg", "kea-pg", ">= 1.0x"),
+    (SUSTAINED, "ours", "kea-pg", ""),
+    (CAPACITY, "ours-pg", "kea-pg", ""),
+    (("REQUEST->ACK avg delay at sustained rate", "ms", "ra_delay"), "ours-pg", "kea-pg", ""),
+    (FLOOD, "ours-pg", "kea-pg", ""),
+]
+
+
+def chosen() -> list[str]:
+    """The peers DHCP_BENCH_PEERS names (comma-separated), in PEERS order; default all."""
+    raw = os.environ.get("DHCP_BENCH_PEERS", "")
+    names = {n.strip() for n in raw.split(",") if n.strip()} or set(PEERS)
+    unknown = names - set(PEERS)
+    assert not unknown, f"DHCP_BENCH_PEERS: unknown {sorted(unknown)}; known: {list(PEERS)}"
+    return [n for n in PEERS if n in names]
+
+
 def test_dhcp_throughput_against_kea_and_dnsmasq(
-    make_topology: Callable[..., Topology], tmp_path: Path
+    make_topology: Callable[..., Topology], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    names = chosen()
     topo = make_topology(guests=1)
     topo["gw"].run("ip", "addr", "add", f"{GW}/16", "dev", "guest0")
     topo["guest1"].run("ip", "addr", "add", f"{RELAY}/16", "dev", "eth0")
-    peers = [cls(topo, tmp_path / cls.__name__.lower()) for cls in (Ours, Kea, Dnsmasq)]
-    print("\nsweep:", flush=True)
-    runs = sweep(topo, peers)
+    peers: dict[str, Peer] = {}
+    for key in names:
+        cls = PEERS[key][0]
+        work = tmp_path / key
+        if cls in (OursPg, KeaPg):  # one PostgreSQL for both: the same settings (fsync on)
+            pg: PostgresServer = request.getfixturevalue("postgres_server")
+            peers[key] = cls(topo, work, pg)  # type: ignore[call-arg]
+        else:
+            peers[key] = cls(topo, work)
+    print(f"\nsweep ({', '.join(names)}):", flush=True)
+    runs = sweep(topo, list(peers.values()))
     results: dict[str, dict[str, object]] = {}
-    for peer in peers:
+    for key, peer in peers.items():
         print(f"\n{peer.name}:", flush=True)
-        results[peer.name] = summary(topo, peer, runs[peer.name])
-    ours, kea, dnsm = results["ours"], results["kea-dhcp4 memfile"], results["dnsmasq"]
+        results[key] = summary(topo, peer, runs[peer.name])
 
     def ratio(a: object, b: object) -> float:
         return float(a) / float(b) if float(b) else float("inf")  # type: ignore[arg-type]
 
-    rows = [
-        ("sustained 4-way exchanges/s (<1% drops)", "exchanges/s", "sustained", kea, ">= 0.5"),
-        ("sustained 4-way exchanges/s (<1% drops)", "exchanges/s", "sustained", dnsm, ">= 10"),
-        ("achieved rate at that step", "exchanges/s", "achieved", kea, ""),
-        ("highest answered rate at any step (capacity)", "exchanges/s", "capacity", kea, ""),
-        ("DISCOVER->OFFER avg delay at sustained rate", "ms", "do_delay", kea, ""),
-        ("REQUEST->ACK avg delay at sustained rate", "ms", "ra_delay", kea, ""),
-        ("unlimited flood: answered exchanges/s", "exchanges/s", "flood", kea, ""),
-    ]
-    names = {id(kea): "kea-dhcp4 memfile", id(dnsm): "dnsmasq --no-ping"}
     table = []
-    for metric, unit, key, peer, target in rows:
+    for (metric, unit, field), ours_key, peer_key, target in ROWS:
+        if ours_key not in results or peer_key not in results:
+            continue
+        ours, peer = results[ours_key], results[peer_key]
         table.append(
             {
-                "metric": metric,
+                "metric": f"{metric}, {PEERS[ours_key][1]}",
                 "unit": unit,
-                "ours": float(ours[key]),  # type: ignore[arg-type]
-                "peer": names[id(peer)],
-                "peer_value": float(peer[key]),  # type: ignore[arg-type]
-                "ratio": round(ratio(ours[key], peer[key]), 3),
+                "ours": float(ours[field]),  # type: ignore[arg-type]
+                "peer": PEERS[peer_key][1],
+                "peer_value": float(peer[field]),  # type: ignore[arg-type]
+                "ratio": round(ratio(ours[field], peer[field]), 3),
                 "target": target,
             }
         )
@@ -359,30 +478,42 @@ def test_dhcp_throughput_against_kea_and_dnsmasq(
             f"| {r['metric']} | {r['unit']} | {r['ours']:.2f} | {r['peer']} | "
             f"{r['peer_value']:.2f} | {r['ratio']} | {r['target']} |"
         )
-    print(
-        f"recovered after the flood: ours {ours['recovered']}, kea {kea['recovered']}, "
-        f"dnsmasq {dnsm['recovered']}"
-    )
+    print("\n| server | sustained | achieved | capacity | flood | R-A ms | recovered |")
+    print("|---|---|---|---|---|---|---|")
+    for key, res in results.items():
+        print(
+            f"| {PEERS[key][1]} | {res['sustained']:.0f} | {res['achieved']:.0f} | "
+            f"{res['capacity']:.0f} | {res['flood']:.0f} | {res['ra_delay']:.2f} | "
+            f"{res['recovered']} |"
+        )
+    recovered = ", ".join(f"{PEERS[k][1]} {r['recovered']}" for k, r in results.items())
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     ARTIFACT.write_text(
         json.dumps(
             {
-                "title": "DHCP: perfdhcp 4-way exchanges, ours vs kea-dhcp4 (memfile) and dnsmasq",
+                "title": "DHCP: perfdhcp 4-way exchanges, ours vs kea-dhcp4 (memfile and "
+                "PostgreSQL) and dnsmasq",
                 "rows": table,
                 "notes": (
+                    f"servers in this run: {', '.join(PEERS[k][1] for k in names)}. "
                     f"perfdhcp -4 -l eth0 -R 60000 -p {PERIOD} -r RATE as a relay in a guest "
                     f"namespace; rates {RATES}, then +25% a step until every server drops "
                     f">= {KNEE:.0%} (max {MAX_RATE}/s), the servers in turn at each step; "
-                    "fresh server and lease store per run; "
+                    "fresh server and lease store (file, or PostgreSQL database) per run; "
+                    "both PostgreSQL servers on one PostgreSQL 15 on a unix socket, fsync on, "
+                    "kea-dhcp4 2.2 single-threaded (its default); "
                     "2-core machine shared with other work: noisy, compare within one run. "
-                    f"recovered after flood: ours {ours['recovered']}, kea {kea['recovered']}, "
-                    f"dnsmasq {dnsm['recovered']}. Raw sweeps: {json.dumps(results)}"
+                    f"recovered after flood: {recovered}. Raw sweeps: {json.dumps(results)}"
                 ),
             },
             indent=2,
         )
     )
-    assert float(ours["sustained"]) > 0  # type: ignore[arg-type]
-    assert ours["recovered"]
+    for key in ("ours", "ours-pg"):
+        if key in results:
+            assert float(results[key]["sustained"]) > 0, key  # type: ignore[arg-type]
+            assert results[key]["recovered"], key
     # a ratio against a peer the sweep never pushed past its knee would be a floor only
-    assert kea["past_knee"] and ours["past_knee"], "raise DHCP_BENCH_MAX"
+    for key in ("ours", "kea", "ours-pg", "kea-pg"):
+        if key in results:
+            assert results[key]["past_knee"], f"{key}: raise DHCP_BENCH_MAX"
