@@ -170,6 +170,7 @@ class PgConnection:
         self._sql: dict[str, str] = {}
         self._version = 0
         self._listening = False
+        self._began = False  # a BEGIN was sent and no COMMIT or ROLLBACK yet
         self._checked = time.monotonic()  # when the listening connection was last tried
 
     def _live(self) -> psycopg.Connection[tuple[Any, ...]]:
@@ -192,17 +193,39 @@ class PgConnection:
 
     def execute(self, text: str, params: Params = ()) -> psycopg.Cursor[tuple[Any, ...]]:
         translated = self._translated(text)
+        word = translated.lstrip()[:8].upper()
+        if self._lost_in_transaction():
+            if word.startswith("ROLLBACK"):
+                return self._live().execute("SELECT 1")  # (the server rolled it back)
+            raise psycopg.OperationalError("the store's connection was lost in a transaction")
         raw = self._live()
+        if word.startswith("BEGIN"):
+            self._began = True
+        elif word.startswith(("COMMIT", "ROLLBACK", "END")):
+            self._began = False
         try:
             return raw.execute(translated, params or None)
         except psycopg.Error:
+            if word.startswith("BEGIN"):
+                self._began = False
             if translated.startswith(_WRITE) and not raw.closed and self.in_transaction:
                 # as on SQLite, a BEGIN IMMEDIATE that failed (lock timeout) leaves no
                 # transaction behind: the state code rolls back only what it began
                 self.raw.execute("ROLLBACK")
             raise
 
+    def _lost_in_transaction(self) -> bool:
+        """Whether the connection went while a transaction was open.  Nothing after that
+        may run on a new connection as if the transaction still were (it would commit
+        piece by piece): only its ROLLBACK is taken, as done."""
+        if self._began and (self.raw.closed or self.raw.broken):
+            self._began = False
+            return True
+        return False
+
     def executemany(self, text: str, seq: Iterable[Params]) -> psycopg.Cursor[tuple[Any, ...]]:
+        if self._lost_in_transaction():
+            raise psycopg.OperationalError("the store's connection was lost in a transaction")
         cur = self._live().cursor()
         cur.executemany(self._translated(text), seq)
         return cur

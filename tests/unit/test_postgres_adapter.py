@@ -409,3 +409,25 @@ def test_installing_the_notices_again_takes_no_lock_on_the_tables(
         reader.execute("COMMIT")
     finally:
         reader.close()
+
+
+def test_nothing_of_a_transaction_runs_on_a_new_connection_after_a_cut(
+    pg_dsn: str, conn: PgConnection
+) -> None:
+    conn.executescript(SCHEMA)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("first", 1.0))
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    killer = postgres.connect(pg_dsn)
+    killer.execute("SELECT pg_terminate_backend(?)", (pid,))
+    time.sleep(0.2)
+    with pytest.raises(psycopg.OperationalError):  # the statement that meets the cut
+        conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("second", 2.0))
+    with pytest.raises(psycopg.OperationalError, match="lost in a transaction"):
+        conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("third", 3.0))
+    conn.execute("ROLLBACK")  # the caller's error path: taken, the server did it
+    assert not conn.in_transaction
+    assert killer.execute("SELECT COUNT(*) FROM things").fetchone() == (0,)  # none of it
+    conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("later", 4.0))
+    assert killer.execute("SELECT name FROM things").fetchall() == [("later",)]
+    killer.close()
