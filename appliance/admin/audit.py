@@ -39,12 +39,24 @@ def _pending(config: Config) -> Path:
 def _open(config: Config) -> Connection:
     conn = store.open_store(config.state)
     try:
+        _reclaim(config)
         if _pending(config).exists():
             _take_in(conn, _pending(config))
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _reclaim(config: Config) -> None:
+    """A take-in whose process died half-way left its claimed file: given back."""
+    for left in config.state.directory.glob("audit.log.taking-*"):
+        pid = left.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue  # still at it
+        with open(_pending(config), "a", encoding="utf-8") as fh:
+            fh.write(left.read_text(encoding="utf-8"))
+        left.unlink()
 
 
 def _take_in(conn: Connection, path: Path) -> None:

@@ -41,11 +41,9 @@ def _cmd(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 2
-    if args.admins_command != "list":
-        who = f"cli:{getpass.getuser()}"
-        audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
     # no store yet (before the first start): no logins to end, and a store made now by
-    # root would be one the roles' own user cannot write
+    # root would be one the roles' own user cannot write.  Ended before the log is
+    # written: a log that fails now must not leave a removed admin's cookie working.
     if args.admins_command in ("del", "passwd") and config.state.made:
         from appliance.state import store
         from appliance.state.admin_logins import AdminLogins
@@ -53,6 +51,9 @@ def _cmd(args: argparse.Namespace) -> int:
         ended = AdminLogins(store.open_store(config.state)).end_all(args.name)
         if ended:
             print(f"ended {ended} open admin login(s) of {args.name}")
+    if args.admins_command != "list":
+        who = f"cli:{getpass.getuser()}"
+        audit.record(config, who, f"admins {args.admins_command}", args.name)  # never the hash
     return 0
 
 

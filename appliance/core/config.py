@@ -475,8 +475,11 @@ def state_backend(r: Reader) -> tuple[str, str]:
         )
     if backend == "sqlite" and dsn:
         raise r.error("dsn", 'a dsn is only used with backend = "postgresql"')
-    plain = urllib.parse.unquote(dsn)  # (a URI may spell the keyword %-encoded)
-    if re.search(r"password\s*=", plain, re.I) or re.search(r"://[^/@]*:[^/@]*@", plain):
+    # as written and decoded: a URI may spell the keyword, or a / in a password, %-encoded
+    if any(
+        re.search(r"password\s*=", text, re.I) or re.search(r"://[^/@]*:[^/@]*@", text)
+        for text in (dsn, urllib.parse.unquote(dsn))
+    ):
         raise r.error(
             "dsn",
             "no password in the dsn (every role reads this file): "

@@ -36,7 +36,10 @@ class HouseholdStore(Protocol):
     """Where claims live across restarts."""
 
     def load(self) -> list[Claim]: ...
-    def claim(self, name: str, key: str, claimed_at: float) -> None: ...
+    def claim(self, name: str, key: str, claimed_at: float) -> str:
+        """Claim `name` for `key` if free; returns the key that owns it now."""
+        ...
+
     def seen(self, name: str, last_seen: float) -> None: ...
 
 
@@ -79,9 +82,10 @@ class Registrations:
         if entry is None:
             if len(self._households) >= self.max_claims:
                 return RegistrationRefused(CLOSE_TOO_MANY, "this relay holds no more names")
-            if self.store:
-                self.store.claim(household, key, now)
-            entry = self._households[household] = _Household(key, now)
+            owner = self.store.claim(household, key, now) if self.store else key
+            entry = self._households[household] = _Household(owner, now)
+            if owner != key:  # claimed meanwhile through another relay on the same store
+                return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
         while entry.attempts and entry.attempts[0] <= now - self.attempt_window:
             entry.attempts.popleft()
         if len(entry.attempts) >= self.max_attempts:

@@ -45,7 +45,8 @@ def append(conn: Connection, entries: Iterable[Entry]) -> None:
 def newest(conn: Connection, limit: int = 200) -> list[Entry]:
     """The newest entries first."""
     rows = conn.execute(
-        "SELECT time, admin, action, target, diff FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+        "SELECT time, admin, action, target, diff FROM audit ORDER BY time DESC, id DESC LIMIT ?",
+        (limit,),
     ).fetchall()
     return [Entry(float(t), str(a), str(act), str(tg), str(d)) for t, a, act, tg, d in rows]
 

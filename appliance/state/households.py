@@ -36,11 +36,16 @@ class Households:
         rows = self.conn.execute("SELECT name, key, claimed_at, last_seen FROM households")
         return [Claim(str(n), str(k), float(c), float(s)) for n, k, c, s in rows]
 
-    def claim(self, name: str, key: str, claimed_at: float) -> None:
+    def claim(self, name: str, key: str, claimed_at: float) -> str:
+        """Claim `name` for `key` unless it is claimed already (by another relay on the
+        same store, say); returns the key that owns it now."""
         self.conn.execute(
-            "INSERT INTO households (name, key, claimed_at, last_seen) VALUES (?, ?, ?, ?)",
+            "INSERT INTO households (name, key, claimed_at, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING",
             (name, key, claimed_at, claimed_at),
         )
+        row = self.conn.execute("SELECT key FROM households WHERE name = ?", (name,)).fetchone()
+        return str(row[0])
 
     def seen(self, name: str, last_seen: float) -> None:
         self.conn.execute("UPDATE households SET last_seen = ? WHERE name = ?", (last_seen, name))

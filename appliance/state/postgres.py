@@ -171,9 +171,13 @@ class PgConnection:
         self._version = 0
         self._listening = False
         self._began = False  # a BEGIN was sent and no COMMIT or ROLLBACK yet
+        self._lost = False  # the connection went while one was open: until its end
+        self._closed = False  # closed by its owner: never opened again
         self._checked = time.monotonic()  # when the listening connection was last tried
 
     def _live(self) -> psycopg.Connection[tuple[Any, ...]]:
+        if self._closed:
+            raise psycopg.InterfaceError("the store's connection was closed")
         if self.raw.closed or self.raw.broken:
             self.raw = self._open_raw()  # (a failure here is the caller's store error)
             if self._listening:
@@ -194,48 +198,62 @@ class PgConnection:
     def execute(self, text: str, params: Params = ()) -> psycopg.Cursor[tuple[Any, ...]]:
         translated = self._translated(text)
         word = translated.lstrip()[:8].upper()
-        if self._lost_in_transaction():
-            if word.startswith("ROLLBACK"):
-                return self._live().execute("SELECT 1")  # (the server rolled it back)
-            raise psycopg.OperationalError("the store's connection was lost in a transaction")
+        if self._check_lost(word):
+            return self._live().execute("SELECT 1")  # the ROLLBACK of a lost transaction
         raw = self._live()
+        ends = word.startswith(("COMMIT", "ROLLBACK", "END"))
         if word.startswith("BEGIN"):
             self._began = True
-        elif word.startswith(("COMMIT", "ROLLBACK", "END")):
-            self._began = False
         try:
             return raw.execute(translated, params or None)
         except psycopg.Error:
             if word.startswith("BEGIN"):
                 self._began = False
-            if translated.startswith(_WRITE) and not raw.closed and self.in_transaction:
+            if translated.startswith(_WRITE) and not raw.closed and self._status_open():
                 # as on SQLite, a BEGIN IMMEDIATE that failed (lock timeout) leaves no
                 # transaction behind: the state code rolls back only what it began
                 self.raw.execute("ROLLBACK")
             raise
+        finally:
+            if ends:
+                self._began = False
 
-    def _lost_in_transaction(self) -> bool:
-        """Whether the connection went while a transaction was open.  Nothing after that
-        may run on a new connection as if the transaction still were (it would commit
-        piece by piece): only its ROLLBACK is taken, as done."""
+    def _check_lost(self, word: str) -> bool:
+        """A connection that went while a transaction was open: nothing after that may run
+        on a new connection as if the transaction still were (it would commit piece by
+        piece).  Every statement is refused until the caller ends it: its ROLLBACK is
+        taken as done (True: answer it so), its COMMIT fails."""
         if self._began and (self.raw.closed or self.raw.broken):
-            self._began = False
+            self._began, self._lost = False, True
+        if not self._lost:
+            return False
+        if word.startswith("ROLLBACK"):
+            self._lost = False
             return True
-        return False
+        if word.startswith(("COMMIT", "END")):
+            self._lost = False
+        raise psycopg.OperationalError("the store's connection was lost in a transaction")
 
     def executemany(self, text: str, seq: Iterable[Params]) -> psycopg.Cursor[tuple[Any, ...]]:
-        if self._lost_in_transaction():
-            raise psycopg.OperationalError("the store's connection was lost in a transaction")
+        self._check_lost("")
         cur = self._live().cursor()
         cur.executemany(self._translated(text), seq)
         return cur
 
     def executescript(self, script: str) -> psycopg.Cursor[tuple[Any, ...]]:
         """Several statements, no parameters (one round trip, libpq's simple protocol)."""
+        self._check_lost("")
         return self._live().execute(self._translated(script))
 
     @property
     def in_transaction(self) -> bool:
+        """What the caller began: on a connection that went, libpq's status is UNKNOWN,
+        which is no transaction of ours unless one was begun."""
+        if self.raw.closed or self.raw.broken:
+            return self._began or self._lost
+        return self._status_open()
+
+    def _status_open(self) -> bool:
         return self.raw.info.transaction_status != pq.TransactionStatus.IDLE
 
     def data_version(self) -> int:
@@ -250,6 +268,8 @@ class PgConnection:
         return self._count(timeout, stop_after=1) > 0
 
     def _count(self, timeout: float, stop_after: int | None = None) -> int:
+        if self._began or self._lost:  # (a follower asks between its transactions)
+            return 0
         raw = self._live()
         if not self._listening:  # the first ask: from now on, every change is noticed
             self._listen()
@@ -268,6 +288,7 @@ class PgConnection:
         return got
 
     def close(self) -> None:
+        self._closed = True
         self.raw.close()
 
 
@@ -299,9 +320,9 @@ def install_notify(conn: PgConnection, tables: Sequence[str]) -> None:
     DROP TRIGGER would lock the table against every reader); the work itself runs under
     the write lock so that roles starting together do not race on the catalog."""
     raw = conn._live()
-    have = raw.execute(
-        "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "WHERE t.tgname = 'appliance_notify' AND c.relname = ANY(%s)",
+    have = raw.execute(  # the tables as this connection's search_path names them
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'appliance_notify' AND tgrelid = ANY("
+        "SELECT to_regclass(t) FROM unnest(%s::text[]) AS t)",
         (list(tables),),
     ).fetchone()
     if have is not None and int(have[0]) == len(set(tables)):

@@ -111,3 +111,12 @@ def test_entries_a_failed_take_in_could_not_store_wait_for_the_next_one(
     assert (site.state.directory / "audit.log").exists()  # given back, not stranded
     monkeypatch.setattr(audit_table, "append", real)
     assert [e.action for e in audit.tail(site)] == ["admins add"]
+
+
+def test_a_take_in_that_died_half_way_is_given_back(site: Config) -> None:
+    store.connect(site.state.database).close()
+    left = site.state.directory / "audit.log.taking-999999999"  # no such process
+    left.write_text('{"time": 5, "admin": "a", "action": "admins add", "target": "x"}\n')
+    audit.record(site, "alice", "end session", "carol")
+    assert [(e.action, e.time) for e in audit.tail(site)][-1] == ("admins add", 5.0)
+    assert not left.exists()

@@ -208,6 +208,7 @@ def test_check_config_with_default_table_paths(tmp_path: Path) -> None:
         "host=db PASSWORD = x",
         "postgresql://app:secret@db/appliance",
         "postgresql://db/appliance?pass%77ord=x",
+        "postgresql://app:abc%2Fdef@db/appliance",
     ],
 )
 def test_a_state_dsn_with_a_password_is_refused(tmp_path: Path, dsn: str) -> None:

@@ -248,3 +248,18 @@ def test_claims_and_last_seen_survive_reopening(claims_store: StateConfig) -> No
         mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
         assert str(mode).lower() == "wal"
     store.close()
+
+
+def test_relays_on_one_store_share_their_claims(claims_store: StateConfig) -> None:
+    """Two relays on one store (PostgreSQL: federated relays, issue #18): a name one of
+    them handed out is refused to another key at the other, and its owner gets in."""
+    one, two = Households.open(claims_store), Households.open(claims_store)
+    try:
+        first, second = Registrations(one), Registrations(two)  # both loaded empty
+        assert first.claim_or_check("alice-home", "key-a", 100.0) is None
+        squat = second.claim_or_check("alice-home", "key-b", 101.0)
+        assert squat is not None and squat.code == 4403
+        assert second.claim_or_check("alice-home", "key-a", 102.0) is None
+    finally:
+        one.close()
+        two.close()

@@ -423,11 +423,61 @@ def test_nothing_of_a_transaction_runs_on_a_new_connection_after_a_cut(
     time.sleep(0.2)
     with pytest.raises(psycopg.OperationalError):  # the statement that meets the cut
         conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("second", 2.0))
-    with pytest.raises(psycopg.OperationalError, match="lost in a transaction"):
-        conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("third", 3.0))
+    for name in ("third", "fourth"):  # refused until the caller ends the transaction
+        with pytest.raises(psycopg.OperationalError, match="lost in a transaction"):
+            conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", (name, 3.0))
+    assert conn.in_transaction  # as the caller began it, whatever libpq says now
     conn.execute("ROLLBACK")  # the caller's error path: taken, the server did it
     assert not conn.in_transaction
     assert killer.execute("SELECT COUNT(*) FROM things").fetchone() == (0,)  # none of it
     conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("later", 4.0))
     assert killer.execute("SELECT name FROM things").fetchall() == [("later",)]
     killer.close()
+
+
+def test_a_commit_of_a_lost_transaction_fails_and_a_retry_takes_the_write_lock(
+    pg_dsn: str, conn: PgConnection
+) -> None:
+    conn.executescript(SCHEMA)
+    killer = postgres.connect(pg_dsn)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("a", 1.0))
+    killer.execute("SELECT pg_terminate_backend(?)", (conn.raw.info.backend_pid,))
+    time.sleep(0.2)
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("COMMIT")
+    assert not conn.in_transaction  # a retry starts its own transaction ...
+    conn.execute("BEGIN IMMEDIATE")  # ... with the write lock, on a new connection
+    assert conn.in_transaction
+    conn.execute("INSERT INTO things (name, size) VALUES (?, ?)", ("b", 2.0))
+    conn.execute("COMMIT")
+    assert killer.execute("SELECT name FROM things").fetchall() == [("b",)]
+    killer.close()
+
+
+def test_a_closed_connection_is_not_opened_again(pg_dsn: str) -> None:
+    c = postgres.connect(pg_dsn)
+    c.close()
+    with pytest.raises(psycopg.InterfaceError):
+        c.execute("SELECT 1")
+
+
+def test_notices_are_installed_per_schema(pg_dsn: str, conn: PgConnection) -> None:
+    """Two appliances in one database, each in its own schema: each gets its triggers."""
+    for name in ("site_a", "site_b"):
+        conn.execute(f"CREATE SCHEMA {name}")
+        conn.execute(f"CREATE TABLE {name}.things (name TEXT)")
+    a = postgres.connect(pg_dsn + " options='-c search_path=site_a'")
+    b = postgres.connect(pg_dsn + " options='-c search_path=site_b'")
+    try:
+        postgres.install_notify(a, ["things"])
+        postgres.install_notify(b, ["things"])
+        got = conn.execute(
+            "SELECT n.nspname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = 'appliance_notify' "
+            "ORDER BY 1"
+        ).fetchall()
+        assert got == [("site_a",), ("site_b",)]
+    finally:
+        a.close()
+        b.close()
