@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import pytest
 from appliance.admin import usage_page
 from appliance.core.config import load
 from appliance.lab import servers
+from appliance.lab import site as lab_site
 from appliance.lab.topology import Topology, guest_mac
 from appliance.net.firewall import revoker
 from appliance.state import leases, schema, sessions, store, usage
@@ -35,12 +35,7 @@ ALICE_IP = "192.168.1.100"
 def test_smtp_messages_the_server_accepted_are_in_alices_usage(
     make_topology: Callable[..., Topology], tmp_path: Path
 ) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    for name in ("appliance.toml", "servers.toml", "access.toml"):
-        shutil.copy(ROOT / "policies" / name, site / name)
-    cfg_path = site / "appliance.toml"
-    cfg_path.write_text(cfg_path.read_text().replace("/var/lib/appliance", str(site / "state")))
+    cfg_path = lab_site.write_config(tmp_path / "site")  # the example tables, state in tmp
     config = load(cfg_path)
 
     topo = make_topology(guests=1)
