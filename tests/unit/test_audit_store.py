@@ -3,26 +3,22 @@ before the first start taken in exactly once, no entry lost or doubled."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from appliance.admin import audit
 from appliance.core.config import Config, load
+from appliance.lab.site import write_config
 from appliance.state import store
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Config:
-    for name in ("appliance.toml", "servers.toml", "access.toml"):
-        shutil.copy(ROOT / "policies" / name, tmp_path / name)
-    cfg = tmp_path / "appliance.toml"
-    cfg.write_text(cfg.read_text().replace("/var/lib/appliance", str(tmp_path / "state")))
-    return load(cfg)
+    """The example site, its state in tmp (as the lab writes it)."""
+    return load(write_config(tmp_path))
 
 
 def test_entries_come_back_newest_first_with_their_diff(site: Config) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import tempfile
 import tomllib
 from pathlib import Path
@@ -24,7 +23,6 @@ from appliance.core.tomlfile import TomlFile
 from appliance.policy.access_rights import parse_access
 
 pytestmark = pytest.mark.unit
-ROOT = Path(__file__).resolve().parents[2]
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA"
 AWKWARD = 'del\x7f nul\x00 esc\x1b tab\t nl\n cr\r "quotes" \\back\\ é ß 😀 \u0085 \u2028'
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # no lone surrogates
@@ -312,12 +310,9 @@ def test_the_admin_page_saves_through_tomlkit(tmp_path: Path) -> None:
     from appliance.admin.app import create_app
     from appliance.core.config import load as load_config
     from appliance.core.passwords import hash_password
+    from appliance.lab.site import write_config
 
-    for name in ("appliance.toml", "servers.toml", "access.toml"):
-        shutil.copy(ROOT / "policies" / name, tmp_path / name)
-    cfg = tmp_path / "appliance.toml"
-    cfg.write_text(cfg.read_text().replace("/var/lib/appliance", str(tmp_path / "state")))
-    config = load_config(cfg)
+    config = load_config(write_config(tmp_path))  # the example site, state in tmp
     password = "correct horse battery"
     config.policies.admins.write_text(
         f'[admins.alice]\npassword_hash = "{hash_password(password)}"\n'
