@@ -27,6 +27,7 @@ COMMANDS = [
     "appliance.policy.cli",
     "appliance.admin.cli",
     "appliance.portal.cli",
+    "appliance.ha.cli",
     "dhcp.cli",
 ]
 

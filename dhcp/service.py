@@ -40,6 +40,7 @@ from prometheus_client.core import Metric
 
 from appliance.core import metrics
 from appliance.core.config import Config
+from appliance.ha.holder import CHECK_EVERY, AlwaysActive, Holder
 from appliance.state import leases, schema, store
 from appliance.state.connection import STORE_ERRORS, Connection
 from dhcp import codec, frame
@@ -161,6 +162,7 @@ class Service:
         config: Config,
         sock: socket.socket | None = None,
         link: socket.socket | None = None,
+        holder: Holder | AlwaysActive | None = None,
     ):
         self.config = config
         self.ifname = config.interfaces.guest
@@ -177,6 +179,12 @@ class Service:
         iface = config.interfaces.guest_address
         # what the kernel would deliver to a socket bound to 0.0.0.0:67 on this link
         self.for_us = frozenset((str(iface.ip), BROADCAST_IP, str(iface.network.broadcast_address)))
+        # in an active/standby pair only the box holding the guest address answers
+        if holder is None:
+            on = config.ha.enabled
+            holder = Holder.of(self.ifname, config.interfaces.guest_ip) if on else AlwaysActive()
+        self.holder = holder
+        self.index_fresh = True  # loaded from the store since this box last became active
         self._readable = select.poll()
         self._readable.register(self.link.fileno(), select.POLLIN)
         self.guard = FloodGuard()
@@ -189,6 +197,45 @@ class Service:
         self._exhausted_since_warn = 0
         self._stats_dirty = True
 
+    # -- active or standby --------------------------------------------------------
+    def serving(self, asked: bool = False) -> bool:
+        """Whether to answer now: this box holds the guest address, and its index was
+        reloaded from the shared store since it took the address over (the other box
+        wrote every lease until then).  `asked`: requests are waiting."""
+        active = self.holder.refresh(asked)
+        if self.holder.changed():
+            self.index_fresh = False
+            log.info(
+                "%s: %s %s",
+                "active" if active else "standby",
+                "this box holds" if active else "the other box holds",
+                self.server_ip,
+            )
+        if active and not self.index_fresh:
+            try:
+                self.index = load_index(self.conn, self.settings)
+            except STORE_ERRORS as exc:
+                log.error("taking over, the lease store could not be read (%s): not serving", exc)
+                return False
+            self.index_fresh = True
+            log.info("serving %d lease(s) from the store", len(self.index.by_ip))
+        return active and self.index_fresh
+
+    def discard(self) -> int:
+        """Standby: read what the link holds (up to BATCH) and answer none of it."""
+        n = 0
+        while n < BATCH:
+            try:
+                self.link.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            n += 1
+        self.drops["standby"] += n
+        self._stats_dirty = self._stats_dirty or n > 0
+        return n
+
     # -- the hot path -------------------------------------------------------------
     def pump(self) -> int:
         """Handle what the socket holds (up to BATCH), commit once, then send the ACKs.
@@ -196,6 +243,8 @@ class Service:
         A reply that promises nothing the store must hold (OFFER, NAK, an ACK to
         INFORM) leaves at once: an offer is no lease, and a REQUEST for it is
         checked again against the index."""
+        if not self.serving(asked=True):
+            return self.discard()
         link, index, settings = self.link, self.index, self.settings
         relays, for_us, guard = settings.relays, self.for_us, self.guard
         now = time.time()
@@ -264,7 +313,14 @@ class Service:
         self._stats_dirty = True
         if pending:
             try:
-                leases.write_rows(self.conn, pending, now)
+                leases.write_rows(self.conn, pending, now, fence=self.config.ha.enabled)
+            except leases.HeldElsewhere as exc:
+                # the other box of the pair granted it (both active at once): this box's
+                # index is behind the store; nothing of the batch was written
+                log.warning("%s: %d replies withheld, index reloaded", exc, len(replies))
+                self.drops["held_elsewhere"] += len(replies)
+                self.index = load_index(self.conn, settings)
+                return n
             except STORE_ERRORS as exc:
                 log.error("lease store write failed (%s): %d replies withheld", exc, len(replies))
                 self.drops["store_error"] += len(replies)
@@ -406,6 +462,8 @@ class Service:
         poller.register(wake_r.fileno(), select.POLLIN)
         next_sweep = time.monotonic()
         next_stats = time.monotonic()
+        # a pair's box looks at its guest address even when no guest asks anything
+        ha_every = CHECK_EVERY if isinstance(self.holder, Holder) else SWEEP_EVERY
         log.info(
             "dhcp serving on %s as %s, pool %s-%s, %d lease(s) bound",
             self.ifname,
@@ -417,13 +475,18 @@ class Service:
         try:
             while not self.stopping:
                 mono = time.monotonic()
+                # a takeover is noticed (and the index reloaded) before a guest asks;
+                # only the active box sweeps: a standby's index is as old as its start
+                serving = self.serving()
                 if mono >= next_sweep:
-                    self.sweep()
+                    if serving:
+                        self.sweep()
                     next_sweep = mono + SWEEP_EVERY
                 if mono >= next_stats:
                     self.write_stats()
                     next_stats = mono + STATS_EVERY
                 wait = max(0.0, min(next_sweep, next_stats) - time.monotonic())
+                wait = min(wait, ha_every)
                 for fd, _ in poller.poll(wait * 1000):
                     if fd == wake_r.fileno():
                         with contextlib.suppress(BlockingIOError):

@@ -99,6 +99,32 @@ def make_topology(
 
 
 @pytest.fixture
+def lab_site(tmp_path: Path) -> Iterator[Callable[..., tuple[Topology, Path]]]:
+    """A topology for the lab's whole site and the directory `site.start` fills:
+    lab_site(guests=1, ha=False) -> (topology, directory).  Afterwards the namespaces go
+    first, then the servers' private directories."""
+    made: list[Topology] = []
+    directory = tmp_path / "site"
+
+    def build(guests: int = 1, **kw: bool) -> tuple[Topology, Path]:
+        topo = Topology.build(guests=guests, workdir=tmp_path / "topo", **kw)
+        made.append(topo)
+        _live.append(topo)
+        return topo, directory
+
+    yield build
+    for topo in made:
+        topo.destroy()
+        if topo in _live:
+            _live.remove(topo)
+    if (directory / "site.json").exists():
+        from appliance.lab import site
+
+        for d in site.load_info(directory).server_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def artifacts() -> Path:
     """Where tests put screenshots and reports a person looks at."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

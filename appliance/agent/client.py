@@ -39,6 +39,8 @@ from typing import Any
 import h11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.core import agent_protocol as wire
 from appliance.core import reach
@@ -137,15 +139,22 @@ def forbidden_address(config: Config, address: str) -> str | None:
     return None if why is None else f"{address} is {why}"
 
 
+_LOCAL_ROUTES = frozenset((2, 3))  # RTN_LOCAL, RTN_BROADCAST: delivered to this host
+
+
 def _is_local(address: str) -> bool:
-    """An address of this host (any interface, in this namespace): binding to it works."""
+    """An address of this host (any interface, in this namespace), as the kernel's
+    routing says: a test bind would not do, since a box of an active/standby pair binds
+    any address (ip_nonlocal_bind)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((address, 0))
-        except OSError:
-            return False
-    return True
+    try:
+        with IPRoute() as ipr:
+            routes = ipr.route("get", dst=address, family=family)
+    except NetlinkError:
+        return False  # no route at all (unreachable): every local address has one
+    except OSError:
+        return True  # no netlink to judge by: refused (fail closed)
+    return any(r["type"] in _LOCAL_ROUTES for r in routes)
 
 
 # -- the appliance's key ---------------------------------------------------------------

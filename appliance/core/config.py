@@ -191,6 +191,23 @@ METRICS_OFF = MetricsConfig(False, IPv4Address("127.0.0.1"))
 
 
 @dataclass(frozen=True)
+class HaConfig:
+    """An active/standby pair on one guest segment (appliance/ha): keepalived (VRRP)
+    holds the guest address on the active box; every role of both boxes runs, and only
+    the holder of the guest address answers guests."""
+
+    enabled: bool = False
+    interface: str = ""  # where VRRP adverts go: the segment side, out of guests' reach
+    router_id: int = 51
+    priority: int = 100  # the higher one is active while both are up
+    peers: tuple[IPv4Address, ...] = ()  # the other box's segment address (unicast VRRP)
+    advert_interval: float = 1.0  # seconds; a silent active is taken over after ~3 of them
+
+
+HA_OFF = HaConfig()
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     interfaces: Interfaces
@@ -204,6 +221,7 @@ class Config:
     state: StateConfig
     home_relay: HomeRelayConfig
     metrics: MetricsConfig = METRICS_OFF  # what a Config built in code (tests) gets
+    ha: HaConfig = HA_OFF
 
     def hidden(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True when the address is in a hidden network (the segment and the listed ones);
@@ -495,11 +513,41 @@ def _state(r: Reader) -> StateConfig:
     return cfg
 
 
+def _ha(r: Reader, ifs: Interfaces, state: StateConfig) -> HaConfig:
+    enabled = r.boolean("enabled", False)
+    cfg = HaConfig(
+        enabled=enabled,
+        interface=r.text("interface", ifs.uplink),
+        router_id=r.integer("router_id", 51, 1, 255),
+        priority=r.integer("priority", 100, 1, 254),
+        peers=tuple(_ips(r, "peers")),
+        advert_interval=r.number("advert_interval", 1.0, lo=0.1),
+    )
+    if enabled:
+        if state.backend != "postgresql":
+            raise r.error(
+                "enabled",
+                "an active/standby pair serves from one shared store: "
+                '[state] backend = "postgresql"',
+            )
+        if ifs.uplink_address is None:
+            raise r.error("enabled", "VRRP needs [interfaces] uplink_address (its source)")
+        if not cfg.peers:
+            raise r.error("peers", "name the other box's segment address (unicast VRRP)")
+        if cfg.interface == ifs.guest:
+            raise r.error("interface", "VRRP on the guest side would let a guest forge adverts")
+        if cfg.advert_interval > 40.95:
+            raise r.error("advert_interval", "VRRPv3 allows at most 40.95 seconds")
+    r.finish()
+    return cfg
+
+
 def parse(doc: TomlFile) -> Config:
     """Validate a parsed file into a Config; raises ConfigError naming file, line and key."""
     top = doc.reader()
     interfaces = _interfaces(top.sub("interfaces"))
     admin = _admin(top.sub("admin"))
+    state = _state(top.sub("state"))
     cfg = Config(
         path=doc.path,
         interfaces=interfaces,
@@ -510,9 +558,10 @@ def parse(doc: TomlFile) -> Config:
         proxy=_proxy(top.sub("proxy")),
         agent=_agent(top.sub("agent")),
         policies=_policies(top.sub("policies")),
-        state=_state(top.sub("state")),
+        state=state,
         home_relay=_home_relay(top.sub("home_relay")),
         metrics=_metrics(top.sub("metrics"), interfaces, admin.port),
+        ha=_ha(top.sub("ha"), interfaces, state),
     )
     ports = {"portal.http_port": cfg.portal.http_port, "admin.port": cfg.admin.port}
     if cfg.portal.https_port:

@@ -59,7 +59,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     topo = Topology.build(
-        guests=max(args.guests, 3), prefix=LAB_PREFIX, workdir=STATE_DIR, nat_household=True
+        guests=max(args.guests, 3),
+        prefix=LAB_PREFIX,
+        workdir=STATE_DIR,
+        nat_household=True,
+        ha=args.ha,
     )
     print(f"lab: namespaces up: {', '.join(sorted(topo.nodes))}; starting servers...")
     try:
@@ -167,6 +171,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("sqlite", "postgresql"),
         default="sqlite",
         help="the shared store: SQLite (default) or PostgreSQL in the segment at 198.51.100.6",
+    )
+    up.add_argument(
+        "--ha",
+        action="store_true",
+        help="an active/standby pair: a second appliance gw2 (198.51.100.11), keepalived "
+        "on both, the store on PostgreSQL",
     )
     up.set_defaults(func=_cmd_up)
     labsub.add_parser(

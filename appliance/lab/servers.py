@@ -682,10 +682,10 @@ def _as_postgres(*argv: str | Path, timeout: float = 60.0, stdin: str | None = N
 
 
 def start_postgres(
-    node: Node, client: str, state_dir: Path, host: str = POSTGRES_ADDR
+    node: Node, clients: tuple[str, ...], state_dir: Path, host: str = POSTGRES_ADDR
 ) -> tuple[Server, str]:
     """The site's PostgreSQL for the shared store, on `host`:5432 in the segment; only
-    `client` (the appliance's segment address) may log in, as user `appliance` with a
+    `clients` (the appliances' segment addresses) may log in, as user `appliance` with a
     random password (scram-sha-256) kept in a passfile in `state_dir`, mode 0600.
     Returns the server and the appliance's DSN (no password in it)."""
     d = _workdir(node, "postgres")
@@ -694,9 +694,9 @@ def start_postgres(
     data = d / "data"
     postgres_init(data, "peer")
     with open(data / "pg_hba.conf", "w") as hba:  # only the superuser locally, the appliance
-        hba.write(
-            f"local all {POSTGRES_USER} peer\nhost appliance appliance {client}/32 scram-sha-256\n"
-        )
+        hba.write(f"local all {POSTGRES_USER} peer\n")
+        for client in clients:
+            hba.write(f"host appliance appliance {client}/32 scram-sha-256\n")
     proc = node.start(
         "runuser", "-u", POSTGRES_USER, "--", str(postgres_bindir() / "postgres"),
         "-D", str(data), "-k", str(d), "-c", f"listen_addresses={host}", "-c", "fsync=on",

@@ -24,7 +24,7 @@ from pathlib import Path
 from appliance.core import tomledit
 from appliance.core.atomic_file import write_atomically
 from appliance.core.config import load
-from appliance.lab import household, servers
+from appliance.lab import household, pair, servers
 from appliance.lab.commands import agent_cmd, appliance_cmd, run_checked
 from appliance.lab.tls import LabCA, fingerprint
 from appliance.lab.topology import LAB_PREFIX, NETNS_ETC, LabError, Node, Topology
@@ -68,6 +68,7 @@ class SiteInfo:
     bob_spec: str = ""  # bob's agent behind NAT, through the relay (appliance/lab/household.py)
     bob_maildir: str = ""  # his POP server's maildir (demo and tests add messages)
     state_dsn: str = ""  # the store on the segment's PostgreSQL (`lab up --state postgresql`)
+    second_config: str = ""  # gw2's, the standby of the pair (`lab up --ha`)
 
     @property
     def agent_spec(self) -> str:
@@ -189,13 +190,16 @@ def add_agent(
 def start(topo: Topology, directory: Path, postgres: bool = False) -> SiteInfo:
     """Start every server and the appliance; returns what a person needs to try it.
     `postgres`: the shared store on the segment's PostgreSQL (198.51.100.6) instead of
-    SQLite.
+    SQLite.  A topology with a second appliance (`ha`) gets the active/standby pair
+    (appliance/lab/pair.py), on PostgreSQL.
 
     A topology built with its household behind NAT (`nat_household`) also gets the
     home relay and bob's home (appliance/lab/household.py)."""
     state_dsn, pg_dirs = "", []
-    if postgres:
-        pg, state_dsn = servers.start_postgres(topo["seg"], "198.51.100.1", directory / "state")
+    ha = "gw2" in topo.nodes
+    if postgres or ha:
+        clients = ("198.51.100.1", "198.51.100.11") if ha else ("198.51.100.1",)
+        pg, state_dsn = servers.start_postgres(topo["seg"], clients, directory / "state")
         pg_dirs.append(str(pg.directory))
     config = write_config(directory, state_dsn)
     info = SiteInfo(str(directory), str(config), state_dsn=state_dsn)
@@ -235,24 +239,37 @@ def start(topo: Topology, directory: Path, postgres: bool = False) -> SiteInfo:
         info.bob_spec = household.bob_spec(pin)
         info.bob_maildir = str(bob_pop.extra["mail"] / household.USER[0])
         info.server_dirs.append(str(bob_pop.directory))
-    gw = topo["gw"]
+    if ha:  # gw first: it takes the guest address, gw2 then finds it taken
+        second = pair.configure(config)
+        pair.start_keepalived(topo["gw"], config, directory)
+        pair.wait_active(topo["gw"])
+    start_roles(topo["gw"], config)
+    if ha:  # gw2 with the keys gw's roles made
+        pair.share_keys(config, second)
+        pair.start_keepalived(topo["gw2"], second, directory)
+        start_roles(topo["gw2"], second, "198.51.100.11")
+        info.second_config = str(second)
+    # the segment's Prometheus scrapes every role's metrics on the management address
+    servers.start_prometheus(topo["seg"], load(config).metrics.targets(), directory)
+    (directory / "site.json").write_text(json.dumps(asdict(info), indent=2))
+    return info
+
+
+def start_roles(gw: Node, config: Path, segment_ip: str = "198.51.100.1") -> None:
+    """Every role of one appliance, under the supervisor; back once they all listen."""
     gw.start(*appliance_cmd("run", "--config", str(config)), name="appliance")
     for port, host, proto in (
         (67, "0.0.0.0", "udp"),
         (53, "192.168.1.1", "udp"),
         (80, "192.168.1.1", "tcp"),
-        (8000, "198.51.100.1", "tcp"),
+        (8000, segment_ip, "tcp"),
     ):
         gw.wait_port(port, host, timeout=60, proto=proto)
     deadline = time.monotonic() + 30
     while gw.run("nft", "list", "table", "inet", "appliance", check=False).returncode != 0:
         if time.monotonic() > deadline:
-            raise LabError("the appliance did not install its nftables table")
+            raise LabError(f"the appliance on {gw.name} did not install its nftables table")
         time.sleep(0.2)
-    # the segment's Prometheus scrapes every role's metrics on the management address
-    servers.start_prometheus(topo["seg"], load(config).metrics.targets(), directory)
-    (directory / "site.json").write_text(json.dumps(asdict(info), indent=2))
-    return info
 
 
 def load_info(directory: Path) -> SiteInfo:

@@ -19,6 +19,11 @@ stay as above), and a household sits behind a NAT router:
                  +-- wan0 [natrouter] lan0 -- eth0 [bobhome]  192.0.2.0/24
                       203.0.113.20 (masquerade)   agent 192.0.2.1, POP/IMAP 192.0.2.3
 
+With `ha=True` (which brings the internet switch too) a second appliance `gw2` stands
+beside `gw`, an active/standby pair: both on the guest switch, the segment a bridge
+(br0 in `seg`) holding both, and gw2 on the internet switch as 203.0.113.253.  The
+guest address 192.168.1.1 is on neither until keepalived puts it on one.
+
 The household is reachable only through connections it opens itself: the router
 masquerades on wan0 and forwards nothing new inbound.  Every
 veth is created directly inside its namespaces, so nothing is ever configured
@@ -56,6 +61,10 @@ GUEST_SUBNET = ipaddress.IPv4Network("192.168.1.0/24")
 GW_GUEST = "192.168.1.1/24"
 GW_SEGMENT = "198.51.100.1/24"
 GW_HOME = "203.0.113.254/24"
+# the second appliance of an active/standby pair (ha=True): its own segment and
+# internet addresses; the guest address is the pair's, held by the active one
+GW2_SEGMENT = "198.51.100.11/24"
+GW2_HOME = "203.0.113.253/24"
 # the resolver, the SMTP relay and intranet, the web proxy, Prometheus, PostgreSQL
 # (servers.py)
 SEGMENT_HOSTS = (
@@ -274,18 +283,20 @@ class Topology:
         workdir: Path | None = None,
         route_uplinks: bool = True,
         nat_household: bool = False,
+        ha: bool = False,
     ) -> Topology:
         """Create the whole site; on any failure what was made is removed again.
 
         `nat_household` adds the internet switch, the relay and the household behind
         NAT (see the module docstring); without it the site is exactly as before.
+        `ha` adds the second appliance gw2 (and so the internet switch as well).
         """
         prefix = prefix or run_prefix()
         workdir = workdir or Path(f"/tmp/{prefix}")
         workdir.mkdir(parents=True, exist_ok=True)
         topo = cls(prefix, workdir)
         try:
-            topo._build(guests, route_uplinks, nat_household)
+            topo._build(guests, route_uplinks, nat_household or ha, ha)
         except BaseException:
             topo.destroy()
             raise
@@ -345,8 +356,10 @@ class Topology:
             ns.link("add", ifname=ifname, kind="bridge")
             ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
 
-    def _build(self, guests: int, route_uplinks: bool, nat_household: bool = False) -> None:
-        for name in ("gw", "sw", "seg", "home"):
+    def _build(
+        self, guests: int, route_uplinks: bool, nat_household: bool = False, ha: bool = False
+    ) -> None:
+        for name in ("gw", "sw", "seg", "home", *(("gw2",) if ha else ())):
             self._add_node(name)
         if nat_household:
             self._build_internet()
@@ -355,10 +368,16 @@ class Topology:
             ns.link("set", index=ns.link_lookup(ifname="br0")[0], state="up")
         self._veth("gw", "guest0", "sw", "p-gw")
         self._up("sw", "p-gw", master="br0")
-        self._up("gw", "guest0", GW_GUEST)
-        self._veth("gw", "seg0", "seg", "eth0")
+        if ha:  # the pair's guest address is keepalived's to place
+            self._up("gw", "guest0")
+            self._build_second_appliance()
+            self._veth("gw", "seg0", "seg", "p-gw")
+            self._up("seg", "p-gw", master="br0")
+        else:
+            self._up("gw", "guest0", GW_GUEST)
+            self._veth("gw", "seg0", "seg", "eth0")
+            self._up("seg", "eth0", *SEGMENT_HOSTS)
         self._up("gw", "seg0", GW_SEGMENT)
-        self._up("seg", "eth0", *SEGMENT_HOSTS)
         self._route("seg", "198.51.100.1")
         if nat_household:
             # gw and home each meet the internet switch instead of each other; same
@@ -372,7 +391,26 @@ class Topology:
         self._up("gw", "home0", GW_HOME)
         self._up("home", "eth0", *HOME_HOSTS)
         self._route("home", "203.0.113.254")
-        gw = self.nodes["gw"]
+        for gw in [self.nodes[n] for n in ("gw", "gw2") if n in self.nodes]:
+            self._isolate(gw, route_uplinks)
+        for _ in range(guests):
+            self.add_guest()
+
+    def _build_second_appliance(self) -> None:
+        """gw2 on the guest switch, the segment's bridge and the internet switch."""
+        self._bridge("seg", "br0")
+        self._up("seg", "br0", *SEGMENT_HOSTS)
+        self._veth("gw2", "guest0", "sw", "p-gw2")
+        self._up("sw", "p-gw2", master="br0")
+        self._up("gw2", "guest0")
+        self._veth("gw2", "seg0", "seg", "p-gw2")
+        self._up("seg", "p-gw2", master="br0")
+        self._up("gw2", "seg0", GW2_SEGMENT)
+        self._veth("gw2", "home0", "inet", "p-gw2")
+        self._up("inet", "p-gw2", master="inet0")
+        self._up("gw2", "home0", GW2_HOME)
+
+    def _isolate(self, gw: Node, route_uplinks: bool) -> None:
         # The guest side never forwards; the segment and home legs route for each other so
         # the site's web proxy can reach "the internet" (the home namespace).
         gw.run("sysctl", "-qw", "net.ipv4.conf.all.forwarding=0")
@@ -380,8 +418,6 @@ class Topology:
             gw.run("sysctl", "-qw", "net.ipv4.conf.seg0.forwarding=1")
             gw.run("sysctl", "-qw", "net.ipv4.conf.home0.forwarding=1")
         gw.run("sysctl", "-qw", "net.ipv4.conf.guest0.forwarding=0")
-        for _ in range(guests):
-            self.add_guest()
 
     def _build_internet(self) -> None:
         """The internet switch, the relay, and the household behind its NAT router."""

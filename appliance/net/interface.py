@@ -28,7 +28,8 @@ def _sysctl(path: str, value: str) -> None:
 
 
 def guest_up(config: Config) -> None:
-    """Bring the guest interface up with the guest address; forwarding and IPv6 off on it."""
+    """Bring the guest interface up with the guest address (in a pair: keepalived's
+    to add); forwarding and IPv6 off on it."""
     ifc = config.interfaces
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifc.guest)
@@ -39,10 +40,15 @@ def guest_up(config: Config) -> None:
             (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=2)
         }
         want = (str(ifc.guest_ip), ifc.guest_address.network.prefixlen)
-        if want not in have:
+        # in a pair keepalived alone puts the guest address on (the active box's) link
+        if want not in have and not config.ha.enabled:
             ipr.addr("add", index=idx, address=want[0], prefixlen=want[1])
             log.info("added %s/%d to %s", *want, ifc.guest)
         ipr.link("set", index=idx, state="up")
+    if config.ha.enabled:
+        # the roles listen on the guest address on the standby too, before it holds it,
+        # so that a takeover needs no restart of anything
+        _sysctl("net/ipv4/ip_nonlocal_bind", "1")
     # no forwarding from the guest side, and no IPv6 there at all (no RA, no link-local)
     _sysctl(f"net/ipv4/conf/{ifc.guest}/forwarding", "0")
     _sysctl(f"net/ipv6/conf/{ifc.guest}/forwarding", "0")

@@ -159,8 +159,32 @@ def record_many(conn: Connection, changes: list[tuple[str, Lease]], now: float) 
 Row = tuple[str, str, str, bytes | None, str | None, float]  # kind, ip, mac, client id, name, end
 
 
-def write_rows(conn: Connection, rows: list[Row], now: float) -> int:
-    """record_many without Lease objects: the server's hot path; returns the last event id."""
+class HeldElsewhere(Exception):
+    """A grant or renewal of an address the store says another client holds: another
+    server wrote it (the other box of a pair, both active at once)."""
+
+    def __init__(self, ips: list[str]) -> None:
+        super().__init__(f"held by another client in the store: {', '.join(ips)}")
+        self.ips = ips
+
+
+def _held_elsewhere(conn: Connection, rows: list[Row], now: float) -> list[str]:
+    wanted = {ip: mac.lower() for kind, ip, mac, *_ in rows if kind in BINDING_KINDS}
+    if not wanted:
+        return []
+    marks = ", ".join("?" * len(wanted))
+    held = conn.execute(
+        f"SELECT ip, mac FROM leases WHERE {_HOLDS} AND ip IN ({marks})", (now, *wanted)
+    ).fetchall()
+    return sorted(ip for ip, mac in held if wanted[ip] != mac)
+
+
+def write_rows(conn: Connection, rows: list[Row], now: float, fence: bool = False) -> int:
+    """record_many without Lease objects: the server's hot path; returns the last event id.
+
+    `fence` (a box of a pair): first, under the write lock, check that no address the
+    batch binds is bound to another MAC in the store; if one is, nothing is written
+    and HeldElsewhere says which (one more query per group commit)."""
     if not rows:
         return 0
     for row in rows:
@@ -168,6 +192,8 @@ def write_rows(conn: Connection, rows: list[Row], now: float) -> int:
             raise ValueError(f"unknown lease event kind {row[0]!r}")
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if fence and (held := _held_elsewhere(conn, rows, now)):
+            raise HeldElsewhere(held)
         conn.executemany(
             _UPSERT,
             [

@@ -12,13 +12,11 @@ lease in PostgreSQL, her session is still on and her mail still goes out.
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import _live
 
 from appliance.lab import demo, site
 from appliance.lab.commands import appliance_cmd
@@ -29,26 +27,10 @@ from appliance.state.sessions import SessionStore
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[tuple[Topology, Path]]:
-    topo = Topology.build(guests=1, workdir=tmp_path / "topo")
-    _live.append(topo)
-    directory = tmp_path / "site"
-    try:
-        yield topo, directory
-    finally:
-        topo.destroy()
-        if topo in _live:
-            _live.remove(topo)
-        if (directory / "site.json").exists():
-            for d in site.load_info(directory).server_dirs:
-                shutil.rmtree(d, ignore_errors=True)
-
-
 def test_a_visitor_is_served_from_postgresql_and_kept_across_a_restart(
-    lab: tuple[Topology, Path],
+    lab_site: Callable[..., tuple[Topology, Path]],
 ) -> None:
-    topo, directory = lab
+    topo, directory = lab_site()
     info = site.start(topo, directory, postgres=True)
     assert "password" not in info.state_dsn and "198.51.100.6" in info.state_dsn
     g1 = topo["guest1"]

@@ -1,0 +1,1 @@
+"""An active/standby pair of appliances on one guest segment (docs/design.md)."""

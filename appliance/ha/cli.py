@@ -1,0 +1,26 @@
+"""`appliance ha`: what an active/standby pair needs from the operator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from appliance.core.config import add_config_arg, load
+from appliance.ha import keepalived
+
+
+def _cmd_keepalived_conf(args: argparse.Namespace) -> int:
+    try:
+        sys.stdout.write(keepalived.render(load(args.config)))
+    except keepalived.HaDisabled as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ha = sub.add_parser("ha", help="an active/standby pair (keepalived)")
+    verbs = ha.add_subparsers(dest="verb", required=True, metavar="VERB")
+    conf = verbs.add_parser("keepalived-conf", help="print keepalived.conf for this box, from [ha]")
+    add_config_arg(conf)
+    conf.set_defaults(func=_cmd_keepalived_conf)

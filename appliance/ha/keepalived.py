@@ -1,0 +1,59 @@
+"""keepalived's configuration for one box of an active/standby pair, from [ha].
+
+VRRP runs on the segment side (`[ha] interface`, the uplink by default) by unicast to
+the other box: guests never see an advert, and cannot forge one to take the guest
+address or to make both boxes stand down.  The virtual address is the guest address,
+placed on the guest interface of whichever box is active; keepalived sends gratuitous
+ARP there, so guests move to the new box's MAC at once.
+
+Both boxes start as BACKUP with `nopreempt`: a box that comes back after a failure
+stays standby instead of taking the address back (each move resets the guests' open
+TCP connections), and the priority only decides who goes first when both start.
+"""
+
+from __future__ import annotations
+
+from appliance.core.config import Config
+
+
+class HaDisabled(ValueError):
+    pass
+
+
+def render(config: Config) -> str:
+    """The whole keepalived.conf text for this box."""
+    ha, ifs = config.ha, config.interfaces
+    if not ha.enabled or ifs.uplink_address is None:
+        raise HaDisabled(f"{config.path}: [ha] enabled is false")
+    peers = "\n".join(f"        {p}" for p in ha.peers)
+    return f"""\
+# keepalived.conf for an appliance of an active/standby pair: written by
+# `appliance ha keepalived-conf` from {config.path}; edit that file, not this one.
+global_defs {{
+    router_id appliance-{ifs.uplink_address.ip}
+    vrrp_version 3
+    enable_script_security
+}}
+
+vrrp_instance guest {{
+    state BACKUP
+    nopreempt
+    interface {ha.interface}
+    virtual_router_id {ha.router_id}
+    priority {ha.priority}
+    advert_int {ha.advert_interval:g}
+    unicast_src_ip {ifs.uplink_address.ip}
+    unicast_peer {{
+{peers}
+    }}
+    virtual_ipaddress {{
+        {ifs.guest_address} dev {ifs.guest}
+    }}
+    track_interface {{
+        {ifs.guest}
+    }}
+    garp_master_delay 1
+    garp_master_repeat 3
+    garp_master_refresh 60
+}}
+"""
