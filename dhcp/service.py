@@ -41,7 +41,7 @@ from prometheus_client.core import Metric
 from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.ha.holder import CHECK_EVERY, AlwaysActive, Holder
-from appliance.state import leases, schema, store
+from appliance.state import leases, schema, store, takeover
 from appliance.state.connection import STORE_ERRORS, Connection
 from dhcp import codec, frame
 from dhcp.codec import TYPE_NAMES, DecodeError
@@ -213,6 +213,10 @@ class Service:
             )
         if active and not self.index_fresh:
             try:
+                # a dead active box may still hold the store's write lock: let it go first
+                ended = takeover.end_peer_sessions(self.conn, self.config.ha.peers)
+                if ended:
+                    log.info("ended %d store session(s) of the other box", ended)
                 self.index = load_index(self.conn, self.settings)
             except STORE_ERRORS as exc:
                 log.error("taking over, the lease store could not be read (%s): not serving", exc)

@@ -75,9 +75,10 @@ class SiteInfo:
         return f"{AGENT_ADDR}#{self.agent_fingerprint}"
 
 
-def write_config(directory: Path, state_dsn: str = "") -> Path:
+def write_config(directory: Path, state_dsn: str = "", dhcp_relays: tuple[str, ...] = ()) -> Path:
     """The example config and tables, with state in the lab directory (or, given a DSN,
-    in PostgreSQL: `[state] backend = "postgresql"`)."""
+    in PostgreSQL: `[state] backend = "postgresql"`); `dhcp_relays`: DHCP relay agents
+    on the guest side to trust (a benchmark's perfdhcp)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("servers.toml", "access.toml", "agents.toml"):
         shutil.copy(POLICIES / name, directory / name)
@@ -89,6 +90,9 @@ def write_config(directory: Path, state_dsn: str = "") -> Path:
             f'directory = "{state}"',
             f'directory = "{state}"\nbackend = "postgresql"\ndsn = "{state_dsn}"',
         )
+    if dhcp_relays:
+        listed = ", ".join(f'"{r}"' for r in dhcp_relays)
+        text = text.replace("[dhcp]\n", f"[dhcp]\nrelays = [{listed}]\n", 1)
     path = directory / "appliance.toml"
     path.write_text(text)
     return path
@@ -187,7 +191,9 @@ def add_agent(
     return fingerprint
 
 
-def start(topo: Topology, directory: Path, postgres: bool = False) -> SiteInfo:
+def start(
+    topo: Topology, directory: Path, postgres: bool = False, dhcp_relays: tuple[str, ...] = ()
+) -> SiteInfo:
     """Start every server and the appliance; returns what a person needs to try it.
     `postgres`: the shared store on the segment's PostgreSQL (198.51.100.6) instead of
     SQLite.  A topology with a second appliance (`ha`) gets the active/standby pair
@@ -201,7 +207,7 @@ def start(topo: Topology, directory: Path, postgres: bool = False) -> SiteInfo:
         clients = ("198.51.100.1", "198.51.100.11") if ha else ("198.51.100.1",)
         pg, state_dsn = servers.start_postgres(topo["seg"], clients, directory / "state")
         pg_dirs.append(str(pg.directory))
-    config = write_config(directory, state_dsn)
+    config = write_config(directory, state_dsn, dhcp_relays)
     info = SiteInfo(str(directory), str(config), state_dsn=state_dsn)
     with_household = "relay" in topo.nodes
     servers.start_resolver(topo["seg"], {**PUBLIC_NAMES, **SEGMENT_NAMES}, directory, ttl=60)

@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
 import pytest
+from perfdhcp_report import Run, parse
 from postgres_server import USER, PostgresServer
 
 from appliance.lab.topology import Process, Topology
@@ -58,36 +58,6 @@ PERIOD = os.environ.get("DHCP_BENCH_PERIOD", "5")
 MAX_RATE = int(os.environ.get("DHCP_BENCH_MAX", "100000"))
 KNEE = 0.05  # drops that mean "past the knee": this server's sweep ends
 KEA_PGSQL_SCHEMA = Path("/usr/share/kea/scripts/pgsql/dhcpdb_create.pgsql")
-
-
-@dataclass
-class Run:
-    offered: float  # 0 = unlimited
-    achieved: float
-    drops: float  # fraction of all sent packets that went unanswered
-    do_delay: float  # ms
-    ra_delay: float  # ms
-
-
-def parse(out: str, offered: float) -> Run:
-    rate = re.search(r"Rate: ([\d.]+) 4-way", out)
-    blocks = out.split("***Statistics for: ")[1:]
-    sent = recv = 0
-    delays = []
-    for b in blocks[:2]:
-        sent += int(re.search(r"sent packets: (\d+)", b).group(1))  # type: ignore[union-attr]
-        recv += int(re.search(r"received packets: (\d+)", b).group(1))  # type: ignore[union-attr]
-        d = re.search(r"avg delay: ([\d.]+) ms", b)
-        delays.append(float(d.group(1)) if d else float("nan"))
-    while len(delays) < 2:
-        delays.append(float("nan"))
-    return Run(
-        offered,
-        float(rate.group(1)) if rate else 0.0,
-        (sent - recv) / sent if sent else 1.0,
-        delays[0],
-        delays[1],
-    )
 
 
 class Peer:

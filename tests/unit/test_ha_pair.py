@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from appliance.agent.client import forbidden_address
 from appliance.core.config import ConfigError, load
 from appliance.ha import keepalived
 from appliance.ha.holder import Holder
-from appliance.state import leases, schema, store
+from appliance.state import leases, postgres, schema, store, takeover
 from appliance.state.leases import Lease
 from dhcp.labconfig import write_config
 from dhcp.service import Service
@@ -189,3 +190,20 @@ def test_a_fenced_commit_never_takes_an_address_another_client_holds(tmp_path: P
     late: list[leases.Row] = [("granted", "192.168.1.105", b, None, None, 20000.0)]
     assert leases.write_rows(conn, late, 9500.0, fence=True)
     assert leases.lookup_ip(conn, "192.168.1.105", 9600.0).mac == b  # type: ignore[union-attr]
+
+
+def test_ending_the_other_boxs_store_sessions(tmp_path: Path, pg_dsn: str) -> None:
+    # SQLite: one box, nothing to end; PostgreSQL: the query runs as the store's role
+    # (over the unix socket no session has a client address, so none matches here;
+    # tests/netns/test_failover.py and the failover benchmark end real ones over TCP)
+    lite = store.connect(tmp_path / "state.sqlite")
+    assert takeover.end_peer_sessions(lite, [IPv4Address("198.51.100.11")]) == 0
+    pg = postgres.connect(pg_dsn)
+    other = postgres.connect(pg_dsn)
+    try:
+        assert takeover.end_peer_sessions(pg, []) == 0
+        assert takeover.end_peer_sessions(pg, [IPv4Address("198.51.100.11")]) == 0
+        assert other.execute("SELECT 1").fetchone() == (1,)  # untouched
+    finally:
+        pg.close()
+        other.close()
