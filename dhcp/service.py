@@ -217,6 +217,9 @@ class Service:
                 ended = takeover.end_peer_sessions(self.conn, self.config.ha.peers)
                 if ended:
                     log.info("ended %d store session(s) of the other box", ended)
+            except STORE_ERRORS as exc:  # not fatal: writes may wait for its lock
+                log.warning("could not end the other box's store sessions: %s", exc)
+            try:
                 self.index = load_index(self.conn, self.settings)
             except STORE_ERRORS as exc:
                 log.error("taking over, the lease store could not be read (%s): not serving", exc)

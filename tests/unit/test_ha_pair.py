@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sqlite3
 import subprocess
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -207,3 +208,16 @@ def test_ending_the_other_boxs_store_sessions(tmp_path: Path, pg_dsn: str) -> No
     finally:
         pg.close()
         other.close()
+
+
+def test_a_takeover_serves_even_when_the_other_boxs_sessions_cannot_be_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*_: object) -> int:
+        raise sqlite3.OperationalError("permission denied to terminate process")
+
+    monkeypatch.setattr(takeover, "end_peer_sessions", refused)
+    active = [False]
+    svc, _ = _standby_service(tmp_path, active)
+    active[0] = True
+    assert svc.serving(asked=True)  # logged, not fatal
