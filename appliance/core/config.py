@@ -149,7 +149,9 @@ class HomeRelayConfig:
     No relays (the default): off; a `USER@HOUSEHOLD.RELAY#PIN` login is then an
     ordinary agent name and fails as one."""
 
-    relays: Mapping[str, str]  # relay name (what visitors type) -> wss:// URL of its /v1/appliance
+    # relay name (what visitors type) -> the wss:// URLs of its /v1/appliance: several
+    # for a federation of relays under the name, tried in turn
+    relays: Mapping[str, tuple[str, ...]]
     ca: Path | None  # the relays' CA (None: the system's)
     socket: Path  # the dialer role's stream socket
     proxy: str  # "" or http://HOST:PORT: reach the relays with CONNECT through the site's proxy
@@ -418,14 +420,18 @@ _RELAY_URL = re.compile(r"wss://[A-Za-z0-9.-]+(:[0-9]{1,5})?/[A-Za-z0-9/._-]*")
 
 def _home_relay(r: Reader) -> HomeRelayConfig:
     relays = r.sub("relays")
-    table: dict[str, str] = {}
+    table: dict[str, tuple[str, ...]] = {}
     for name in list(relays.keys()):
-        url = relays.text(name)
         if not _RELAY_NAME.fullmatch(name):
             raise relays.error(name, "a relay's name is a lower-case DNS name with a dot")
-        if not _RELAY_URL.fullmatch(url):
-            raise relays.error(name, f"expected wss://HOST[:PORT]/PATH, found {url!r}")
-        table[name] = url
+        given = relays.raw(name)
+        urls = relays.text_list(name) if isinstance(given, list) else [relays.text(name)]
+        for url in urls:
+            if not _RELAY_URL.fullmatch(url):
+                raise relays.error(name, f"expected wss://HOST[:PORT]/PATH, found {url!r}")
+        if not urls:
+            raise relays.error(name, "at least one wss:// URL")
+        table[name] = tuple(urls)
     relays.finish()
     proxy = r.text("proxy", "")
     if proxy and not re.fullmatch(r"http://[A-Za-z0-9.-]+:[0-9]{1,5}", proxy):

@@ -19,9 +19,10 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
 
 from appliance.core.config import HomeRelayConfig
 from appliance.homelink import frames
@@ -59,15 +60,30 @@ def tls_context(cfg: HomeRelayConfig) -> ssl.SSLContext:
     return ctx
 
 
-def relay_dial(cfg: HomeRelayConfig, name: str, url: str, ctx: ssl.SSLContext) -> Dial:
+def relay_dial(cfg: HomeRelayConfig, name: str, urls: Sequence[str], ctx: ssl.SSLContext) -> Dial:
     """The coroutine a relay's `Link` calls for each new WebSocket.
 
     The relay's certificate is checked against its *name* (what visitors type), not
-    the URL's host, so a URL with an address still verifies the relay.  `proxy=None`
-    when the site has none: websockets would otherwise take one from the environment.
+    the URL's host, so a URL with an address still verifies the relay.  Several URLs
+    (a federation of relays under the name): the one that worked last first, then the
+    others in turn, so a dead relay costs one refused dial.  `proxy=None` when the
+    site has none: websockets would otherwise take one from the environment.
     """
+    order = list(urls)
 
     async def dial() -> ClientConnection:
+        for i, url in enumerate(order):
+            try:
+                ws = await _dial_one(url)
+            except (OSError, TimeoutError, WebSocketException):
+                if i == len(order) - 1:
+                    raise
+                continue
+            order.insert(0, order.pop(i))
+            return ws
+        raise OSError(f"relay {name}: no URL")
+
+    async def _dial_one(url: str) -> ClientConnection:
         ws: ClientConnection = await connect(
             url,
             ssl=ctx,
@@ -115,8 +131,8 @@ class Dialer:
         self.clock = clock
         ctx = tls_context(cfg)
         self.links: dict[str, Link] = {
-            name: Link(relay_dial(cfg, name, url, ctx), name=name)
-            for name, url in cfg.relays.items()
+            name: Link(relay_dial(cfg, name, urls, ctx), name=name)
+            for name, urls in cfg.relays.items()
         }
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._server: asyncio.AbstractServer | None = None

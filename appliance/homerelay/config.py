@@ -8,16 +8,19 @@ Relative paths are taken from the file's directory.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import re
+import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.core.config import StateConfig, state_backend
 from appliance.core.metrics import own_endpoint
-from appliance.core.tomlfile import ConfigError, TomlFile
+from appliance.core.tomlfile import ConfigError, Reader, TomlFile
 from appliance.homelink.registration import MAX_RELAY_HOST
 
 DEFAULT_PATH = Path("/etc/home-relay/relay.toml")
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/home-relay")
+PEER_PATH = "/v1/peer"  # where the relays of a federation link to each other
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,21 @@ class RelayLimits:
     streams_per_appliance_link: int  # open streams one appliance link may hold
     household_bytes_per_second: int  # DATA bytes per household per second; 0: unlimited
     link_queue_bytes: int  # frames waiting for one link beyond this: it is closed 1013
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """`[federation]`: this relay among others that share one PostgreSQL store and one
+    host name (docs/home-relay.md "Federation")."""
+
+    name: str  # this relay's name among them (its rows in the store)
+    url: str  # where the others reach it: wss://ADDRESS[:PORT]/v1/peer
+    secret: bytes = field(repr=False)  # shared by the federation: a peer link's proof
+    ca: Path | None = None  # the CA the others' certificates verify under (else system)
+
+
+MIN_SECRET = 32  # bytes of the federation's shared secret file
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class RelayConfig:
     state_dsn: str = ""
     metrics_listen: str = "127.0.0.1"  # Prometheus endpoint: address and port (0: off)
     metrics_port: int = 0
+    federation: FederationConfig | None = None
 
     @property
     def households_db(self) -> Path:
@@ -99,6 +118,9 @@ def parse(doc: TomlFile) -> RelayConfig:
     st = top.sub("state")
     state_backend_, state_dsn = state_backend(st)
     st.finish()
+    federation = (
+        _federation(top.sub("federation"), state_backend_) if top.has("federation") else None
+    )
     top.finish()
     return RelayConfig(
         path=doc.path,
@@ -113,11 +135,49 @@ def parse(doc: TomlFile) -> RelayConfig:
         metrics_port=metrics_port,
         state_backend=state_backend_,
         state_dsn=state_dsn,
+        federation=federation,
     )
+
+
+def _federation(r: Reader, backend: str) -> FederationConfig:
+    name = r.text("name")
+    if not _NAME.fullmatch(name):
+        raise r.error("name", f"{name!r}: lower-case letters, digits and '-' (at most 63)")
+    if backend != "postgresql":
+        raise r.error("name", 'federated relays share their store: [state] backend = "postgresql"')
+    url = r.text("url")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "wss" or not parts.hostname or parts.path != PEER_PATH or parts.query:
+        raise r.error(
+            "url", f"{url!r}: the others reach this relay as wss://ADDRESS[:PORT]{PEER_PATH}"
+        )
+    path = r.filepath("secret")
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise r.error("secret", f"{path}: {exc.strerror}") from None
+    if len(secret) < MIN_SECRET:
+        raise r.error(
+            "secret", f"{path}: at least {MIN_SECRET} bytes (head -c 48 /dev/urandom | base64)"
+        )
+    ca = r.filepath("ca", None)
+    if ca is not None and not ca.is_file():
+        raise r.error("ca", f"{ca} is not a file")
+    r.finish()
+    return FederationConfig(name, url, secret, ca)
 
 
 def load(path: str | Path) -> RelayConfig:
     return parse(TomlFile.load(path))
 
 
-__all__ = ["DEFAULT_PATH", "ConfigError", "RelayConfig", "RelayLimits", "load", "parse"]
+__all__ = [
+    "DEFAULT_PATH",
+    "PEER_PATH",
+    "ConfigError",
+    "FederationConfig",
+    "RelayConfig",
+    "RelayLimits",
+    "load",
+    "parse",
+]

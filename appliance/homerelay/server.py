@@ -16,6 +16,10 @@ stream), and a link whose queue grows past `[limits] link_queue_bytes` is closed
 1013 (its streams resume when it comes back).  A destination that has gone away is
 counted and the frame dropped: the ends resume on a new link (docs/home-relay.md
 "Resume").
+
+In a federation (`[federation]`, appliance/homerelay/federation.py) a household may be
+linked to another relay: the table knows which, from the store, and frames to it go
+over a peer link to that relay, where this relay is one more appliance link.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from prometheus_client.core import Metric
+from websockets.asyncio.client import connect
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.http11 import Request, Response
 
 from appliance.core import metrics
@@ -45,13 +51,15 @@ from appliance.homelink.registration import (
     RegistrationRefused,
     challenge,
     challenge_message,
+    parse_challenge,
     registered_message,
     verify_registration,
 )
 from appliance.homelink.stream import LINGER, WINDOW
-from appliance.homerelay.config import RelayConfig
+from appliance.homerelay import federation
+from appliance.homerelay.config import PEER_PATH, RelayConfig
 from appliance.homerelay.table import HouseholdStore, Registrations
-from appliance.state.households import Households
+from appliance.state.households import Households, LinkEvent
 
 log = logging.getLogger("appliance.homerelay")
 
@@ -74,6 +82,10 @@ ROUTE_IDLE = 3600.0 + LINGER + IDLE_MARGIN
 COUNTER_NAMES = (
     "agent_links",
     "appliance_links",
+    "peer_links",  # links from other relays of the federation
+    "peers_dialled",  # links this relay opened to another relay of the federation
+    "peer_dial_failures",
+    "taken_elsewhere",  # local agent links closed: the household registered at another relay
     "registered",
     "takeovers",
     "registration_refused",
@@ -112,10 +124,14 @@ class _Link:
     """One WebSocket link; frames to it wait in `outbound` for its sender task."""
 
     id: int
-    ws: ServerConnection
+    ws: Connection
     side: Side
     source: str = ""  # the remote IP address, as the per-source limit counts it
     household: str = ""  # agent links, once registered
+    # a link between two relays of the federation: the other relay's name.  Side
+    # APPLIANCE, it came in (this relay is its households' relay); side AGENT, this
+    # relay dialled it (the link stands in for the agents of that relay's households)
+    peer: str = ""
     tokens: set[bytes] = field(default_factory=set)  # appliance links: routes they hold
     outbound: deque[bytes] = field(default_factory=deque)
     outbound_bytes: int = 0
@@ -194,10 +210,30 @@ class RelayServer:
         self.linger = linger
         self.idle = idle
         self._own_store: Households | None = None
+        fed = config.federation
+        self.me = fed.name if fed is not None else "local"
+        after = 0
         if store is None:
             config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             store = self._own_store = Households.open(config.state)
-        self.registrations = Registrations(store)
+            if fed is not None:
+                # before the table loads: no event can fall between the two
+                after = self._own_store.last_event()
+                # this relay holds no link yet, whatever its rows say (it was killed)
+                self._own_store.release_all(self.me, wall_clock())
+        self.registrations = Registrations(store, me=self.me)
+        self.registrations.alive = self._alive
+        self._relays: dict[str, tuple[str, float]] = {}  # name -> (peer URL, heartbeat)
+        self._peers: dict[str, _Link] = {}  # relays this one dialled, by name
+        self._dialling: dict[str, asyncio.Task[None]] = {}
+        self._pending: dict[str, deque[bytes]] = {}  # frames for a peer link being dialled
+        self._peer_tls = federation.peer_tls(fed) if fed is not None else None
+        self._follower: federation.Follower | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        if fed is not None and self._own_store is not None:
+            self._follower = federation.Follower(
+                lambda: Households.open(config.state), after, self._from_store
+            )
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._links: dict[int, _Link] = {}
         self._next_link = 0
@@ -236,6 +272,11 @@ class RelayServer:
             close_timeout=CLOSE_TIMEOUT,
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        if self._follower is not None:
+            self._loop = asyncio.get_running_loop()
+            self._beat()
+            self._heartbeat = asyncio.create_task(self._beat_forever())
+            self._follower.start()
         log.info("home relay %s on %s:%d", self.config.host, self.config.listen, self.port)
 
     def metric_families(self) -> list[Metric]:
@@ -275,6 +316,16 @@ class RelayServer:
         return len(self._routes)
 
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        if self._follower is not None:
+            await asyncio.to_thread(self._follower.stop)
+            self._follower = None
+        for task in list(self._dialling.values()):
+            task.cancel()
+        for peer in list(self._peers.values()):
+            await peer.ws.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -294,7 +345,9 @@ class RelayServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
-        if path in (AGENT_PATH, APPLIANCE_PATH):
+        if path == PEER_PATH and self.config.federation is None:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+        if path in (AGENT_PATH, APPLIANCE_PATH, PEER_PATH):
             source = _source(connection)
             if self._per_source[source] >= self.config.limits.links_per_source:
                 self.counters["source_limit"] += 1
@@ -337,9 +390,17 @@ class RelayServer:
             self._next_link, ws, side, source if frames.SOURCE_RE.fullmatch(source) else ""
         )
         self._links[link.id] = link
-        self.counters[f"{side}_links"] += 1
+        self.counters["peer_links" if path == PEER_PATH else f"{side}_links"] += 1
+        if path == PEER_PATH and not await self._peer_in(link):
+            self._links.pop(link.id, None)
+            return
+        await self._serve(link)
+
+    async def _serve(self, link: _Link) -> None:
+        """Read the link until it ends, then forget it (whichever side dialled)."""
+        ws, side = link.ws, link.side
         try:
-            if side is Side.AGENT and not await self._register(link):
+            if side is Side.AGENT and not link.peer and not await self._register(link):
                 return
             await self._read(link)
         except ConnectionClosed:
@@ -357,6 +418,149 @@ class RelayServer:
             link.outbound_bytes = 0
             self._links.pop(link.id, None)
             self._link_gone(link)
+
+    # -- the federation: peer links, the store's events, heartbeats ---------------
+
+    def _alive(self, relay: str) -> bool:
+        beat = self._relays.get(relay)
+        return beat is not None and self.wall_clock() - beat[1] < federation.DEAD_AFTER
+
+    def _beat(self) -> None:
+        """This relay's heartbeat, and the others' (a store call on the loop: ~1 ms)."""
+        fed, store = self.config.federation, self._own_store
+        if fed is None or store is None:
+            return
+        now = self.wall_clock()
+        try:
+            store.heartbeat(self.me, fed.url, now)
+            self._relays = store.relays()
+            if int(now) % 60 < federation.HEARTBEAT:
+                store.prune_events(now - 3600.0)
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.exception("the federation's heartbeat failed")
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(federation.HEARTBEAT)
+            self._beat()
+
+    def _from_store(self, events: list[LinkEvent]) -> None:
+        """The follower's thread: hand a batch of the others' changes to the loop."""
+        self._loop.call_soon_threadsafe(self._apply, events)
+
+    def _apply(self, events: list[LinkEvent]) -> None:
+        if self._own_store is not None and any(e.relay not in self._relays for e in events):
+            try:  # a relay that joined since the last heartbeat
+                self._relays = self._own_store.relays()
+            except Exception:
+                self.counters["internal_errors"] += 1
+                log.exception("reading the federation's relays failed")
+        for event in events:
+            replaced = self.registrations.apply(event)
+            old = self._links.get(replaced) if replaced is not None else None
+            if old is None:
+                continue
+            self.counters["taken_elsewhere"] += 1
+            log.info(
+                "household %s registered at relay %s: link %d closed",
+                event.name,
+                event.relay,
+                old.id,
+            )
+            task = asyncio.create_task(old.ws.close(CLOSE_REPLACED, "registered elsewhere"))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+
+    async def _peer_in(self, link: _Link) -> bool:
+        """A relay of the federation links in: its proof of the shared secret."""
+        fed = self.config.federation
+        assert fed is not None
+        nonce = challenge()
+        try:
+            await link.ws.send(json.dumps(challenge_message(nonce)))
+            message = await asyncio.wait_for(link.ws.recv(), REGISTER_TIMEOUT)
+            parsed = json.loads(message) if isinstance(message, str) else None
+        except (TimeoutError, ConnectionClosed, ValueError, RecursionError):
+            parsed = None
+        result = federation.verify_peer(parsed, nonce, fed.secret)
+        if isinstance(result, RegistrationRefused):
+            await self._refuse(link, result)
+            return False
+        link.peer = result
+        await link.ws.send(json.dumps({"type": "peered", "relay": self.me}))
+        log.info("relay %s linked in from %s (link %d)", result, link.source, link.id)
+        return True
+
+    def _to_peer(self, relay: str, data: bytes) -> bool:
+        """Queue `data` for the peer link to `relay`, dialling it first if need be (the
+        frames wait in order meanwhile: no reader ever waits for a dial)."""
+        link = self._peers.get(relay)
+        if link is not None and not link.closing:
+            return self._send(link, data)
+        pending = self._pending.setdefault(relay, deque())
+        if sum(map(len, pending)) + len(data) > self.config.limits.link_queue_bytes:
+            self.counters["dropped_closed"] += 1
+            return False
+        pending.append(data)
+        if relay not in self._dialling:
+            task = self._dialling[relay] = asyncio.create_task(self._dial_peer(relay))
+            task.add_done_callback(lambda _t: self._dialling.pop(relay, None))
+        return True
+
+    def _peer_failed(self, relay: str) -> None:
+        """The peer link did not come up: the OPENs that waited for it are refused (the
+        appliance hears "offline" at once), the rest dropped (the ends resume)."""
+        for data in self._pending.pop(relay, deque()):
+            frame = frames.decode(data)
+            route = self._routes.get(frame.token)
+            if frame.kind is Kind.OPEN and route is not None and route.appliance is not None:
+                self._reset_back(route.appliance, frame.token, Reset.OFFLINE, "household offline")
+                self._forget(frame.token, "routes_reset")
+            else:
+                self.counters["dropped_no_agent"] += 1
+
+    async def _dial_peer(self, relay: str) -> None:
+        fed = self.config.federation
+        beat = self._relays.get(relay)
+        if fed is None or beat is None or relay == self.me:
+            self._peer_failed(relay)
+            return
+        try:
+            ws = await connect(
+                beat[0],
+                ssl=self._peer_tls,
+                server_hostname=self.config.host,
+                compression=None,
+                ping_interval=PING_INTERVAL,
+                ping_timeout=PING_TIMEOUT,
+                close_timeout=CLOSE_TIMEOUT,
+                open_timeout=federation.PEER_DIAL_TIMEOUT,
+                max_size=MAX_MESSAGE,
+                proxy=None,
+            )
+            nonce = parse_challenge(await ws.recv())
+            await ws.send(json.dumps(federation.peer_message(fed.secret, nonce, self.me)))
+            answer = json.loads(await ws.recv())
+            if not isinstance(answer, dict) or answer.get("type") != "peered":
+                await ws.close(CLOSE_MALFORMED, "expected peered")
+                raise ValueError("the relay did not take the peer link")
+        except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
+            self.counters["peer_dial_failures"] += 1
+            log.warning("relay %s at %s: no peer link: %s", relay, beat[0], exc)
+            self._peer_failed(relay)
+            return
+        self._next_link += 1
+        link = _Link(self._next_link, ws, Side.AGENT, source=beat[0], peer=relay)
+        self._links[link.id] = link
+        self._peers[relay] = link
+        self.counters["peers_dialled"] += 1
+        log.info("linked to relay %s at %s (link %d)", relay, beat[0], link.id)
+        for data in self._pending.pop(relay, deque()):
+            self._send(link, data)
+        task = asyncio.create_task(self._serve(link))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def _register(self, link: _Link) -> bool:
         ws = link.ws
@@ -427,12 +631,16 @@ class RelayServer:
                 log.info("link %d (%s): closed for a bad frame: %s", link.id, link.side, exc)
                 await link.ws.close(CLOSE_MALFORMED, "not a frame")
                 return
-            if link.side is Side.AGENT:
+            if link.side is Side.AGENT and link.peer:
+                await self._from_peer(link, frame, message)
+            elif link.side is Side.AGENT:
                 await self._from_agent(link, frame, message)
             else:
                 await self._from_appliance(link, frame, message)
 
     def _link_gone(self, link: _Link) -> None:
+        if link.peer and self._peers.get(link.peer) is link:
+            del self._peers[link.peer]
         if link.side is Side.AGENT:
             if link.household and self.registrations.offline(
                 link.household, link.id, self.wall_clock()
@@ -448,8 +656,23 @@ class RelayServer:
     # -- routing -----------------------------------------------------------------
 
     def _agent_of(self, household: str) -> _Link | None:
+        """The link towards the household's agent: its own, or the peer link to the
+        relay that holds it (None: offline, or that peer link is not up)."""
+        where = self.registrations.where(household)
+        if where:
+            peer = self._peers.get(where)
+            return peer if peer is not None and not peer.closing else None
         link_id = self.registrations.link(household)
         return self._links.get(link_id) if link_id is not None else None
+
+    def _to_agent(self, household: str, data: bytes) -> bool | None:
+        """Queue `data` towards the household's agent: True sent, False dropped, None
+        nobody holds the household."""
+        link = self._agent_of(household)
+        if link is not None:
+            return self._send(link, data)
+        where = self.registrations.where(household)
+        return self._to_peer(where, data) if where else None
 
     def _send(self, link: _Link, data: bytes) -> bool:
         """Queue `data` for `link` without waiting; False when it is dropped (the link
@@ -558,7 +781,7 @@ class RelayServer:
             self.counters["unknown_token"] += 1
             self._reset_back(link, token, Reset.UNKNOWN, "no such household")
             return None
-        if len(link.tokens) >= self.config.limits.streams_per_appliance_link:
+        if not link.peer and len(link.tokens) >= self.config.limits.streams_per_appliance_link:
             self.counters["resume_limit"] += 1
             self._reset_back(link, token, Reset.LIMIT, "too many streams on this link")
             return None
@@ -579,26 +802,33 @@ class RelayServer:
             self.counters["protocol"] += 1
             self._reset_back(link, token, Reset.PROTOCOL, "stream token in use")
             return
-        agent = self._agent_of(frame.household)
-        if agent is None:
+        where = self.registrations.where(frame.household)
+        if where is None:
             self.counters["open_offline"] += 1
             self._reset_back(link, token, Reset.OFFLINE, "household offline")
             return
-        if len(link.tokens) >= self.config.limits.streams_per_appliance_link:
+        if not link.peer and len(link.tokens) >= self.config.limits.streams_per_appliance_link:
             self.counters["open_limit"] += 1
             self._reset_back(link, token, Reset.LIMIT, "too many streams on this link")
             return
-        refusal = self.registrations.streams_opened(frame.household, self.wall_clock())
+        # a household at another relay: that relay counts its streams
+        refusal = (
+            None if where else self.registrations.streams_opened(frame.household, self.wall_clock())
+        )
         if refusal is not None:
             counter = "open_offline" if refusal is Reset.OFFLINE else "open_limit"
             self.counters[counter] += 1
             self._reset_back(link, token, refusal, "household refused the stream")
             return
-        self._routes[token] = _Route(frame.household, link, counted=True, last_frame=self.clock())
+        self._routes[token] = _Route(
+            frame.household, link, counted=not where, last_frame=self.clock()
+        )
         link.tokens.add(token)
         self.counters["routes_opened"] += 1
         # the agent learns the source as the relay saw it, never what the appliance wrote
-        if self._send(agent, frames.encode_open(token, frame.household, source=link.source)):
+        # (a peer relay is trusted to pass on what it saw)
+        source = frame.source if link.peer else link.source
+        if self._to_agent(frame.household, frames.encode_open(token, frame.household, source)):
             self.counters["forwarded"] += 1
         else:
             self._forget(token, "routes_reset")
@@ -642,6 +872,40 @@ class RelayServer:
             route.counted = True
         await self._forward(route, link, frame, raw, Side.AGENT)
 
+    async def _from_peer(self, link: _Link, frame: Frame, raw: bytes) -> None:
+        """Frames from a relay this one dialled: its households' agents speaking to
+        appliances linked here.  A token is bound to one household, and only to one
+        that relay holds now."""
+        token = frame.token
+        route = self._routes.get(token)
+        if frame.kind is Kind.OPEN:
+            self.counters["protocol"] += 1
+            self._reset_back(link, token, Reset.PROTOCOL, "an agent does not open")
+            return
+        household = route.household if route is not None else frame.household
+        if self.registrations.where(household) != link.peer:
+            if route is not None:
+                self.counters["cross_household"] += 1
+                log.warning(
+                    "relay %s spoke for household %s, which it does not hold", link.peer, household
+                )
+            elif frame.kind is not Kind.RESET:
+                self.counters["unknown_token"] += 1
+            if frame.kind is not Kind.RESET:
+                self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+            return
+        if route is None:
+            if frame.kind is not Kind.RESUME:
+                if frame.kind is not Kind.RESET:
+                    self.counters["unknown_token"] += 1
+                    self._reset_back(link, token, Reset.UNKNOWN, "unknown stream")
+                return
+            route = self._routes[token] = _Route(
+                household, None, counted=False, last_frame=self.clock()
+            )
+            self.counters["routes_learned"] += 1
+        await self._forward(route, link, frame, raw, Side.AGENT)
+
     async def _forward(
         self, route: _Route, source: _Link, frame: Frame, raw: bytes, sender: Side
     ) -> None:
@@ -660,17 +924,17 @@ class RelayServer:
                 self._reset_both(route, token, source, Reset.PROTOCOL, "DATA beyond the window")
                 return
             await self._throttle(route.household, len(frame.payload))
-        if sender is Side.APPLIANCE:
-            destination = self._agent_of(route.household)
-        else:
-            destination = route.appliance
         route.last_frame = self.clock()
         done = self._track(route, frame, sender)
-        if destination is None:
+        if sender is Side.APPLIANCE:
+            sent = self._to_agent(route.household, raw)
+        else:
+            sent = None if route.appliance is None else self._send(route.appliance, raw)
+        if sent is None:
             self.counters[
                 "dropped_no_agent" if sender is Side.APPLIANCE else "dropped_no_appliance"
             ] += 1
-        elif self._send(destination, raw):
+        elif sent:
             self.counters["forwarded"] += 1
         if done is not None and self._routes.get(token) is route:
             self._forget(token, done)
@@ -738,7 +1002,10 @@ class RelayServer:
             if silent > self.idle or (route.fin and silent > self.linger + IDLE_MARGIN):
                 self._forget(token, "routes_idle")
                 continue
-            present = route.appliance is not None and self._agent_of(route.household) is not None
+            present = (
+                route.appliance is not None
+                and self.registrations.where(route.household) is not None
+            )
             if present:
                 route.gone_since = None
             elif route.gone_since is None:
@@ -756,6 +1023,6 @@ class RelayServer:
             self.sweep()
 
 
-def _source(connection: ServerConnection) -> str:
+def _source(connection: Connection) -> str:
     address = connection.remote_address
     return str(address[0]) if address else "?"

@@ -6,19 +6,24 @@ the owner's key replaces the owner's current link at once (takeover).  Only the 
 own attempts count towards the per-household rate limit, so nobody else can lock a
 household out by spamming registrations for its name.
 
-Persistence goes through `HouseholdStore` (appliance/state/households.py: SQLite today).
+Persistence goes through `HouseholdStore` (appliance/state/households.py).  In a
+federation (docs/home-relay.md "Federation") the table also knows which other relay
+holds a household's link (`remote`), from the store's events (`apply`); the most recent
+registration wins wherever it was made, so an agent that moved to another relay takes
+its name over from its stale link here at once.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
 from appliance.homelink.frames import Reset
 from appliance.homelink.registration import CLOSE_CLAIMED, CLOSE_TOO_MANY, RegistrationRefused
-from appliance.state.households import Claim
+from appliance.state.households import Claim, LinkEvent
 
 MAX_ATTEMPTS = 4  # registrations per household ...
 ATTEMPT_WINDOW = 10.0  # ... in this many seconds
@@ -40,7 +45,8 @@ class HouseholdStore(Protocol):
         """Claim `name` for `key` if free; returns the key that owns it now."""
         ...
 
-    def seen(self, name: str, last_seen: float) -> None: ...
+    def linked(self, name: str, key: str, relay: str, now: float) -> None: ...
+    def unlinked(self, name: str, key: str, relay: str, now: float) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -48,6 +54,7 @@ class _Household:
     key: str
     last_seen: float
     link_id: int | None = None
+    remote: str = ""  # the other relay that holds the household's link ('' none)
     streams: int = 0
     attempts: deque[float] = field(default_factory=deque)
 
@@ -59,19 +66,25 @@ class Registrations:
         self,
         store: HouseholdStore | None = None,
         *,
+        me: str = "local",
         max_attempts: int = MAX_ATTEMPTS,
         attempt_window: float = ATTEMPT_WINDOW,
         max_streams: int = MAX_STREAMS,
         max_claims: int = MAX_CLAIMS,
     ) -> None:
         self.store = store
+        self.me = me  # this relay's name in the store (its federation name)
+        # whether a relay of the federation still beats (its households count offline
+        # when not): the server keeps it current from the heartbeats
+        self.alive: Callable[[str], bool] = lambda _relay: True
         self.max_attempts = max_attempts
         self.attempt_window = attempt_window
         self.max_streams = max_streams
         self.max_claims = max_claims
         self._households: dict[str, _Household] = {}
         for c in store.load() if store else []:
-            self._households[c.name] = _Household(c.key, c.last_seen)
+            remote = c.relay if c.relay != me else ""
+            self._households[c.name] = _Household(c.key, c.last_seen, remote=remote)
 
     def claim_or_check(self, household: str, key: str, now: float) -> RegistrationRefused | None:
         """After a verified registration: None when `key` may use the name (claiming it
@@ -100,7 +113,10 @@ class Registrations:
             raise ValueError("online() for a key that does not own the household")
         previous = entry.link_id
         entry.link_id = link_id
+        entry.remote = ""
         entry.last_seen = now
+        if self.store:
+            self.store.linked(household, key, self.me, now)
         return previous if previous != link_id else None
 
     def offline(self, household: str, link_id: int, now: float) -> bool:
@@ -111,8 +127,39 @@ class Registrations:
         entry.link_id = None
         entry.last_seen = now
         if self.store:
-            self.store.seen(household, now)
+            self.store.unlinked(household, entry.key, self.me, now)
         return True
+
+    def apply(self, event: LinkEvent) -> int | None:
+        """Another relay's change, from the store: the local link it replaces (to close:
+        the household registered there after it registered here), if any."""
+        if event.relay == self.me:
+            return None
+        entry = self._households.get(event.name)
+        if entry is None:  # claimed through another relay since this one loaded
+            entry = self._households[event.name] = _Household(event.key, event.at)
+        if entry.key != event.key:  # (the store lets one key own a name; be sure)
+            return None
+        entry.last_seen = max(entry.last_seen, event.at)
+        if not event.linked:
+            if entry.remote == event.relay:
+                entry.remote = ""
+            return None
+        entry.remote = event.relay
+        replaced, entry.link_id = entry.link_id, None
+        return replaced
+
+    def where(self, household: str) -> str | None:
+        """Who holds the household's link: '' this relay, a relay's name, None nobody
+        (or a relay that stopped beating)."""
+        entry = self._households.get(household)
+        if entry is None:
+            return None
+        if entry.link_id is not None:
+            return ""
+        if entry.remote and self.alive(entry.remote):
+            return entry.remote
+        return None
 
     def link(self, household: str) -> int | None:
         entry = self._households.get(household)
@@ -138,8 +185,11 @@ class Registrations:
     def states(self) -> dict[str, int]:
         """How many claimed households are online, in use and offline (for metrics)."""
         counts = dict.fromkeys((str(s) for s in State), 0)
+        counts["elsewhere"] = 0  # online at another relay of the federation
         for entry in list(self._households.values()):
-            if entry.link_id is None:
+            if entry.link_id is None and entry.remote and self.alive(entry.remote):
+                counts["elsewhere"] += 1
+            elif entry.link_id is None:
                 counts[str(State.OFFLINE)] += 1
             else:
                 counts[str(State.IN_USE if entry.streams else State.ONLINE)] += 1
@@ -151,9 +201,9 @@ class Registrations:
         entry = self._households.get(household)
         if entry is None:
             return None
-        if entry.link_id is None:
-            state = State.OFFLINE
-        else:
-            state = State.IN_USE if entry.streams else State.ONLINE
-        seen = now if now is not None and entry.link_id is not None else entry.last_seen
+        where = self.where(household)
+        # (the streams to a household at another relay are counted there)
+        busy = State.IN_USE if entry.streams else State.ONLINE
+        state = State.OFFLINE if where is None else busy
+        seen = now if now is not None and where is not None else entry.last_seen
         return {"household": household, "state": str(state), "last_seen": int(seen)}

@@ -143,6 +143,28 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+# Federated relays (docs/home-relay.md "Federation"): the relay that holds a household's
+# agent link ('' for none); each change of it as an event (that relay took the link,
+# or its link ended) that the other relays follow by id; each relay's peer URL and
+# heartbeat.
+_RELAY_V2 = """
+ALTER TABLE households ADD COLUMN relay TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS household_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    relay TEXT NOT NULL,
+    linked INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS relays (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    seen REAL NOT NULL
+);
+"""
+
+
 @dataclass(frozen=True)
 class Schema:
     """One store's migrations, and the table that records how far it got (the
@@ -174,8 +196,11 @@ RELAY = Schema(
             "CREATE TABLE IF NOT EXISTS households (name TEXT PRIMARY KEY, key TEXT NOT NULL,"
             " claimed_at REAL NOT NULL, last_seen REAL NOT NULL)",
         ),
+        Migration(2, "federated relays: who holds each household's link, announced", _RELAY_V2),
     ),
 )
+# the relay tables a federation's relays follow (PostgreSQL: the NOTIFY wake-up)
+RELAY_FOLLOWED = ("household_events",)
 # the tables whose changes wake the followers up (PostgreSQL: one NOTIFY trigger each)
 FOLLOWED = ("leases", "lease_events", "sessions", "session_events", "firewall_grants")
 
@@ -233,6 +258,7 @@ __all__ = [
     "APPLIANCE",
     "FOLLOWED",
     "RELAY",
+    "RELAY_FOLLOWED",
     "Migration",
     "Schema",
     "SchemaTooNew",

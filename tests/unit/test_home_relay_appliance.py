@@ -54,7 +54,7 @@ def test_home_relay_is_off_by_default(tmp_path: Path) -> None:
 def test_a_listed_relay_makes_household_names_relayed(tmp_path: Path) -> None:
     cfg = load(site(tmp_path, relay_section(tmp_path / "d.sock")))
     assert cfg.home_relay.enabled
-    assert cfg.home_relay.relays == {"relay.example": "wss://203.0.113.10:443/v1/appliance"}
+    assert cfg.home_relay.relays == {"relay.example": ("wss://203.0.113.10:443/v1/appliance",)}
     assert dialer_client.relayed(cfg.home_relay, "Bob-Home.relay.example.") == (
         "relay.example",
         "bob-home",
@@ -73,6 +73,8 @@ def test_a_listed_relay_makes_household_names_relayed(tmp_path: Path) -> None:
     [
         ('[home_relay.relays]\n"relay.example" = "https://x/v1/appliance"\n', "relay.example"),
         ('[home_relay.relays]\n"nodot" = "wss://x/v1/appliance"\n', "nodot"),
+        ('[home_relay.relays]\n"relay.example" = ["wss://x/v1/a", "http://y/"]\n', "relay.example"),
+        ('[home_relay.relays]\n"relay.example" = []\n', "relay.example"),
         ('[home_relay]\nproxy = "socks5://198.51.100.4:1080"\n', "proxy"),
         ('[home_relay]\nca = "/nonexistent/ca.pem"\n', "ca"),
         ('[home_relay]\nsockett = "/run/x"\n', "sockett"),

@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from relay_helpers import free_port
 from websockets.asyncio.client import ClientConnection, connect
 
 from appliance.core.config import HomeRelayConfig
@@ -133,9 +134,16 @@ def relay_config(directory: Path, cert: Path, key: Path, port: int = 0) -> Relay
     return parse(TomlFile.parse(text, directory / "relay.toml"))
 
 
-def dialer_config(socket_path: Path, ca: Path, port: int) -> HomeRelayConfig:
+def dialer_config(
+    socket_path: Path, ca: Path, port: int, dead_first: int | None = None
+) -> HomeRelayConfig:
+    """The dialer's [home_relay]; `dead_first`: a port nothing listens on, listed first
+    (a federation's relay that died)."""
+    urls = [f"wss://127.0.0.1:{port}/v1/appliance"]
+    if dead_first is not None:
+        urls.insert(0, f"wss://127.0.0.1:{dead_first}/v1/appliance")
     return HomeRelayConfig(
-        relays={RELAY: f"wss://127.0.0.1:{port}/v1/appliance"},
+        relays={RELAY: tuple(urls)},
         ca=ca,
         socket=socket_path,
         proxy="",
@@ -232,11 +240,14 @@ class World:
 
 
 @asynccontextmanager
-async def world(pki: Pki, directory: Path, agent: bool = True) -> AsyncIterator[World]:
+async def world(
+    pki: Pki, directory: Path, agent: bool = True, dead_first: int | None = None
+) -> AsyncIterator[World]:
     w = World(pki, directory)
     try:
         await w.start_relay()
-        await w.start_dialer(dialer_config(directory / "run" / "homelink.sock", pki.ca, w.port))
+        socket_path = directory / "run" / "homelink.sock"
+        await w.start_dialer(dialer_config(socket_path, pki.ca, w.port, dead_first))
         if agent:
             await w.start_agent()
         assert w.dialer is not None
@@ -311,6 +322,18 @@ def test_streams_echo_two_mebibytes_through_both_clients(pki: Pki, short_dir: Pa
             threaded = asyncio.to_thread(sync_echo, w.cfg)
             assert list(await asyncio.gather(threaded, async_echo(w.cfg))) == [DIGEST, DIGEST]
             assert w.dialer is not None and w.dialer.counters["streams_opened"] == 2
+
+    run(body())
+
+
+def test_a_dead_relay_listed_first_under_the_name_costs_one_refused_dial(
+    pki: Pki, short_dir: Path
+) -> None:
+    async def body() -> None:
+        async with world(pki, short_dir, dead_first=free_port()) as w:
+            assert await async_echo(w.cfg) == DIGEST
+            assert w.dialer is not None
+            assert w.dialer.links[RELAY].counters["link_failures"] == 0
 
     run(body())
 
