@@ -52,6 +52,7 @@ log = logging.getLogger("appliance.dhcp")
 
 BATCH = 256  # datagrams handled per group commit at most
 SWEEP_EVERY = 5.0  # seconds between expiry sweeps (the contract asks for <= 10 s)
+TAKEOVER_RETRY = 1.0  # seconds between a pair box's tries to take over the store
 STATS_EVERY = 2.0
 EXHAUSTED_WARN_EVERY = 60.0
 FLOOD_RATE = 10.0  # packets per second one client may send, on average
@@ -184,7 +185,13 @@ class Service:
             on = config.ha.enabled
             holder = Holder.of(self.ifname, config.interfaces.guest_ip) if on else AlwaysActive()
         self.holder = holder
-        self.index_fresh = True  # loaded from the store since this box last became active
+        # loaded from the store since this box last became active: a box of a pair takes
+        # the store over before its first answer, even one that is active from the start
+        self.index_fresh = not config.ha.enabled
+        self.epoch = 0  # the pair's epoch this box claimed when it became active
+        self.me = str(config.interfaces.uplink_address or self.server_ip)
+        self._peers_ended = not config.ha.enabled  # the other box's store sessions
+        self._next_takeover = 0.0  # monotonic: no try to take the store over before it
         self._readable = select.poll()
         self._readable.register(self.link.fileno(), select.POLLIN)
         self.guard = FloodGuard()
@@ -199,34 +206,60 @@ class Service:
 
     # -- active or standby --------------------------------------------------------
     def serving(self, asked: bool = False) -> bool:
-        """Whether to answer now: this box holds the guest address, and its index was
-        reloaded from the shared store since it took the address over (the other box
-        wrote every lease until then).  `asked`: requests are waiting."""
+        """Whether to answer now: this box holds the guest address, and since it took
+        the address over it has claimed the pair's epoch and reloaded its index from the
+        shared store (the other box wrote every lease until then).  `asked`: requests
+        are waiting."""
         active = self.holder.refresh(asked)
         if self.holder.changed():
-            self.index_fresh = False
+            self.index_fresh = self._peers_ended = False
             log.info(
                 "%s: %s %s",
                 "active" if active else "standby",
                 "this box holds" if active else "the other box holds",
                 self.server_ip,
             )
-        if active and not self.index_fresh:
+        if not active:
+            return False
+        # (sessions of the other box that could not be ended are tried again, as serving
+        # goes on: its lock would make every write wait and fail)
+        due = not self.index_fresh or not self._peers_ended
+        if due and time.monotonic() >= self._next_takeover:
+            self._next_takeover = time.monotonic() + TAKEOVER_RETRY
+            self._take_over()
+        return self.index_fresh
+
+    def _take_over(self) -> None:
+        if not self._peers_ended:
             try:
                 # a dead active box may still hold the store's write lock: let it go first
                 ended = takeover.end_peer_sessions(self.conn, self.config.ha.peers)
+                self._peers_ended = True
                 if ended:
                     log.info("ended %d store session(s) of the other box", ended)
-            except STORE_ERRORS as exc:  # not fatal: writes may wait for its lock
+            except STORE_ERRORS as exc:  # not fatal: tried again in TAKEOVER_RETRY
                 log.warning("could not end the other box's store sessions: %s", exc)
-            try:
-                self.index = load_index(self.conn, self.settings)
-            except STORE_ERRORS as exc:
-                log.error("taking over, the lease store could not be read (%s): not serving", exc)
-                return False
-            self.index_fresh = True
-            log.info("serving %d lease(s) from the store", len(self.index.by_ip))
-        return active and self.index_fresh
+        if self.index_fresh:
+            return
+        try:
+            if self.config.ha.enabled:
+                self.epoch = leases.claim_epoch(self.conn, self.me)
+            self.index = load_index(self.conn, self.settings)
+        except STORE_ERRORS as exc:
+            log.error("the lease store could not be taken over (%s): not serving yet", exc)
+            return
+        self.index_fresh = True
+        if self._peers_ended:
+            self._next_takeover = 0.0
+        log.info("serving %d lease(s) from the store (epoch %d)", len(self.index.by_ip), self.epoch)
+
+    def _stale(self, why: str) -> None:
+        """The index is behind the store: reload it before answering again (and, in a
+        pair, claim the epoch again, at most every TAKEOVER_RETRY seconds)."""
+        log.warning("%s: the index is reloaded from the store before the next answer", why)
+        self.index_fresh = False
+        if self.config.ha.enabled:
+            self._next_takeover = time.monotonic() + TAKEOVER_RETRY
 
     def discard(self) -> int:
         """Standby: read what the link holds (up to BATCH) and answer none of it."""
@@ -320,22 +353,34 @@ class Service:
         self._stats_dirty = True
         if pending:
             try:
-                leases.write_rows(self.conn, pending, now, fence=self.config.ha.enabled)
-            except leases.HeldElsewhere as exc:
-                # the other box of the pair granted it (both active at once): this box's
-                # index is behind the store; nothing of the batch was written
-                log.warning("%s: %d replies withheld, index reloaded", exc, len(replies))
-                self.drops["held_elsewhere"] += len(replies)
-                self.index = load_index(self.conn, settings)
+                refused = self._commit(pending, now)
+            except leases.Superseded as exc:
+                # the other box became active after this one: write and answer nothing
+                self.drops["superseded"] += len(replies)
+                self._stale(f"{exc}; {len(replies)} replies withheld")
                 return n
             except STORE_ERRORS as exc:
                 log.error("lease store write failed (%s): %d replies withheld", exc, len(replies))
                 self.drops["store_error"] += len(replies)
-                self.index = load_index(self.conn, settings)
+                self._stale("a failed write")
                 return n
+            if refused:
+                # the other box of the pair bound these (both active at once): their
+                # rows were not written, so their replies must not leave
+                withheld = [(q, r) for q, r in replies if r.yiaddr in refused]
+                self.drops["held_elsewhere"] += len(withheld)
+                replies = [(q, r) for q, r in replies if r.yiaddr not in refused]
+                self._stale(f"held by another client in the store: {', '.join(sorted(refused))}")
         for req, reply in replies:
             self._send(req, reply)
         return n
+
+    def _commit(self, rows: list[leases.Row], now: float) -> set[str]:
+        """Write `rows` durably; the addresses whose rows the pair's fence left out."""
+        if self.config.ha.enabled:
+            return leases.write_fenced(self.conn, rows, now, self.epoch)
+        leases.write_rows(self.conn, rows, now)
+        return set()
 
     def _send(self, req: codec.Message, reply: codec.Message) -> None:
         ip, port, neighbour = destination(req, reply)
@@ -386,10 +431,17 @@ class Service:
                 )
                 for b in lapsed
             ]
-            leases.record_many(self.conn, [(c.kind, to_lease(c.binding)) for c in changes], now)
+            try:
+                refused = self._commit([to_row(c.kind, c.binding) for c in changes], now)
+            except leases.Superseded as exc:
+                self._stale(f"{exc}; expiry sweep not written")
+                return 0
             for c in changes:
-                self.index.apply(c)
-            log.info("%d lease(s) expired", len(lapsed))
+                if c.binding.ip not in refused:
+                    self.index.apply(c)
+            if refused:  # renewed by the other box of the pair meanwhile
+                self._stale(f"renewed elsewhere: {', '.join(sorted(refused))}")
+            log.info("%d lease(s) expired", len(lapsed) - len(refused))
         self.index.forget_offers(now)
         self.guard.forget(now)
         return len(lapsed)

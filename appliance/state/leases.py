@@ -159,58 +159,108 @@ def record_many(conn: Connection, changes: list[tuple[str, Lease]], now: float) 
 Row = tuple[str, str, str, bytes | None, str | None, float]  # kind, ip, mac, client id, name, end
 
 
-class HeldElsewhere(Exception):
-    """A grant or renewal of an address the store says another client holds: another
-    server wrote it (the other box of a pair, both active at once)."""
-
-    def __init__(self, ips: list[str]) -> None:
-        super().__init__(f"held by another client in the store: {', '.join(ips)}")
-        self.ips = ips
+class Superseded(Exception):
+    """The other box of a pair became active after this one: this box's epoch is old,
+    and nothing it would write from its index may land."""
 
 
-def _held_elsewhere(conn: Connection, rows: list[Row], now: float) -> list[str]:
-    wanted = {ip: mac.lower() for kind, ip, mac, *_ in rows if kind in BINDING_KINDS}
-    if not wanted:
-        return []
-    marks = ", ".join("?" * len(wanted))
-    held = conn.execute(
-        f"SELECT ip, mac FROM leases WHERE {_HOLDS} AND ip IN ({marks})", (now, *wanted)
-    ).fetchall()
-    return sorted(ip for ip, mac in held if wanted[ip] != mac)
-
-
-def write_rows(conn: Connection, rows: list[Row], now: float, fence: bool = False) -> int:
-    """record_many without Lease objects: the server's hot path; returns the last event id.
-
-    `fence` (a box of a pair): first, under the write lock, check that no address the
-    batch binds is bound to another MAC in the store; if one is, nothing is written
-    and HeldElsewhere says which (one more query per group commit)."""
-    if not rows:
-        return 0
-    for row in rows:
-        if row[0] not in STATE_AFTER:
-            raise ValueError(f"unknown lease event kind {row[0]!r}")
+def claim_epoch(conn: Connection, holder: str) -> int:
+    """Become the pair's writer: bump the epoch (under the write lock) and return it.
+    Every fenced write after this by a box with an older epoch is refused, so a box
+    that lost the guest address while it waited for the lock writes nothing."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if fence and (held := _held_elsewhere(conn, rows, now)):
-            raise HeldElsewhere(held)
-        conn.executemany(
-            _UPSERT,
-            [
-                (ip, mac.lower(), cid, name, STATE_AFTER[kind], end, now, now)
-                for kind, ip, mac, cid, name, end in rows
-            ],
+        row = conn.execute("SELECT epoch FROM ha_epoch WHERE name = 'dhcp'").fetchone()
+        epoch = (int(row[0]) if row else 0) + 1
+        conn.execute(
+            "INSERT INTO ha_epoch (name, epoch, holder) VALUES ('dhcp', ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, holder = excluded.holder",
+            (epoch, holder),
         )
-        conn.executemany(
-            "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
-            [(now, kind, ip, mac.lower()) for kind, ip, mac, _, _, _ in rows],
-        )
-        last = conn.execute("SELECT MAX(id) FROM lease_events").fetchone()[0]  # (locked)
-        conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return int(last)
+    conn.execute("COMMIT")
+    return epoch
+
+
+def _conflicts(conn: Connection, rows: list[Row], now: float) -> set[str]:
+    """The addresses of `rows` that would overwrite another box's live lease: a grant
+    or renewal of an address bound to another MAC; an end of a binding that another
+    MAC holds; an expiry of a binding that is still live in the store (renewed by the
+    other box)."""
+    if not rows:
+        return set()
+    ips = {row[1] for row in rows}
+    marks = ", ".join("?" * len(ips))
+    held = dict(
+        conn.execute(
+            f"SELECT ip, mac FROM leases WHERE {_HOLDS} AND ip IN ({marks})", (now, *ips)
+        ).fetchall()
+    )
+    out: set[str] = set()
+    for kind, ip, mac, *_ in rows:
+        holder = held.get(ip)
+        if holder is None:
+            continue
+        if kind == "expired" or holder != mac.lower():
+            out.add(ip)
+    return out
+
+
+def write_rows(conn: Connection, rows: list[Row], now: float) -> int:
+    """record_many without Lease objects: the server's hot path; returns the last event id."""
+    if not rows:
+        return 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        last = _write(conn, rows, now)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return last
+
+
+def write_fenced(conn: Connection, rows: list[Row], now: float, epoch: int) -> set[str]:
+    """write_rows for a box of a pair: under the write lock, first check that `epoch` is
+    still the pair's (else Superseded, nothing written), then write every row but those
+    that would overwrite another box's live lease (`_conflicts`); returns the addresses
+    of the rows left out, whose replies must not leave."""
+    if not rows:
+        return set()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT epoch FROM ha_epoch WHERE name = 'dhcp'").fetchone()
+        if row is None or int(row[0]) != epoch:
+            raise Superseded(f"the pair's epoch is {row[0] if row else 0}, this box's {epoch}")
+        refused = _conflicts(conn, rows, now)
+        kept = [r for r in rows if r[1] not in refused]
+        if kept:
+            _write(conn, kept, now)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return refused
+
+
+def _write(conn: Connection, rows: list[Row], now: float) -> int:
+    for row in rows:
+        if row[0] not in STATE_AFTER:
+            raise ValueError(f"unknown lease event kind {row[0]!r}")
+    conn.executemany(
+        _UPSERT,
+        [
+            (ip, mac.lower(), cid, name, STATE_AFTER[kind], end, now, now)
+            for kind, ip, mac, cid, name, end in rows
+        ],
+    )
+    conn.executemany(
+        "INSERT INTO lease_events (time, kind, ip, mac) VALUES (?, ?, ?, ?)",
+        [(now, kind, ip, mac.lower()) for kind, ip, mac, _, _, _ in rows],
+    )
+    return int(conn.execute("SELECT MAX(id) FROM lease_events").fetchone()[0])  # (locked)
 
 
 def history(conn: Connection) -> list[Lease]:

@@ -165,6 +165,17 @@ CREATE TABLE IF NOT EXISTS relays (
 """
 
 
+# An active/standby pair's fencing token: the box that became active last bumps the
+# epoch, and a lease write made under an older one is refused (appliance/state/leases.py).
+_V4 = """
+CREATE TABLE IF NOT EXISTS ha_epoch (
+    name TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    holder TEXT NOT NULL
+);
+"""
+
+
 @dataclass(frozen=True)
 class Schema:
     """One store's migrations, and the table that records how far it got (the
@@ -184,6 +195,7 @@ APPLIANCE = Schema(
         Migration(1, "the tables of the first release", _V1),
         Migration(2, "leases.bound_since in stores older than it", step=_bound_since),
         Migration(3, "session events followed by id; the audit log in the store", _V3),
+        Migration(4, "the DHCP epoch of an active/standby pair (leases.claim_epoch)", _V4),
     ),
 )
 # the home relay's own store: who owns each household name (appliance/state/households.py)

@@ -3,10 +3,12 @@ real keepalived), who is active, and the DHCP role of a standby box."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
 import sqlite3
 import subprocess
+import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -132,9 +134,12 @@ def test_the_holder_reports_each_flip_once_and_a_standby_looks_again_when_asked(
 
 
 def _standby_service(tmp_path: Path, active: list[bool]) -> tuple[Service, socket.socket]:
+    """A box of a pair (on SQLite here: the pair's logic, not the shared store's)."""
     link, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     link.setblocking(False)  # as the role's packet socket is
     cfg = load(write_config(tmp_path / "cfg", pool_start="192.168.1.100", pool_end="192.168.1.120"))
+    ha = dataclasses.replace(cfg.ha, enabled=True, peers=(IPv4Address("198.51.100.11"),))
+    cfg = dataclasses.replace(cfg, ha=ha)
     holder = Holder(lambda: active[0], every=1000.0)
     svc = Service(cfg, sock=socket.socket(socket.AF_INET, socket.SOCK_DGRAM), link=link,
                   holder=holder)  # fmt: skip
@@ -170,27 +175,78 @@ def test_an_address_of_this_host_is_known_by_its_route_not_by_a_bind(tmp_path: P
     assert forbidden_address(cfg, "127.0.0.1") is not None
 
 
-def test_a_fenced_commit_never_takes_an_address_another_client_holds(tmp_path: Path) -> None:
-    # both boxes active at once (split brain): the second grant of .105 must not land
+def _pair_store(tmp_path: Path) -> sqlite3.Connection:
     conn = store.connect(tmp_path / "state.sqlite")
     schema.upgrade(conn)
+    return conn
+
+
+def test_a_fenced_commit_never_takes_an_address_another_client_holds(tmp_path: Path) -> None:
+    # both boxes active at once (split brain): the second grant of .105 must not land
+    conn = _pair_store(tmp_path)
+    epoch = leases.claim_epoch(conn, "198.51.100.1")
     a, b = "02:47:00:00:00:0a", "02:47:00:00:00:0b"
     leases.write_rows(conn, [("granted", "192.168.1.105", a, None, None, 5000.0)], 100.0)
     rows: list[leases.Row] = [
         ("granted", "192.168.1.106", b, None, None, 5000.0),
         ("granted", "192.168.1.105", b, None, None, 5000.0),
     ]
-    with pytest.raises(leases.HeldElsewhere) as err:
-        leases.write_rows(conn, rows, 200.0, fence=True)
-    assert err.value.ips == ["192.168.1.105"]
+    assert leases.write_fenced(conn, rows, 200.0, epoch) == {"192.168.1.105"}
     assert leases.lookup_ip(conn, "192.168.1.105", 300.0).mac == a  # type: ignore[union-attr]
-    assert leases.lookup_ip(conn, "192.168.1.106", 300.0) is None  # the batch: all or none
+    # the rest of the batch landed: one conflict withholds only its own reply
+    assert leases.lookup_ip(conn, "192.168.1.106", 300.0).mac == b  # type: ignore[union-attr]
     # its own renewal, and an address whose lease ran out, go through
     renew: list[leases.Row] = [("renewed", "192.168.1.105", a, None, None, 9000.0)]
-    assert leases.write_rows(conn, renew, 300.0, fence=True)
+    assert leases.write_fenced(conn, renew, 300.0, epoch) == set()
     late: list[leases.Row] = [("granted", "192.168.1.105", b, None, None, 20000.0)]
-    assert leases.write_rows(conn, late, 9500.0, fence=True)
+    assert leases.write_fenced(conn, late, 9500.0, epoch) == set()
     assert leases.lookup_ip(conn, "192.168.1.105", 9600.0).mac == b  # type: ignore[union-attr]
+
+
+def test_a_fenced_end_never_ends_another_clients_or_a_renewed_lease(tmp_path: Path) -> None:
+    # the other box granted .3 to :09 for an hour; this box's stale index still has
+    # .3 for :03, and would write its expiry, or a forged RELEASE of it
+    conn = _pair_store(tmp_path)
+    epoch = leases.claim_epoch(conn, "198.51.100.1")
+    live, stale = "02:47:00:00:00:09", "02:47:00:00:00:03"
+    leases.write_rows(conn, [("granted", "192.168.1.3", live, None, None, 3700.0)], 100.0)
+    for kind in ("expired", "released", "declined"):
+        row: list[leases.Row] = [(kind, "192.168.1.3", stale, None, None, 90.0)]
+        assert leases.write_fenced(conn, row, 200.0, epoch) == {"192.168.1.3"}, kind
+    # an expiry of the live lease itself, renewed by the other box since this one's index
+    mine: list[leases.Row] = [("expired", "192.168.1.3", live, None, None, 150.0)]
+    assert leases.write_fenced(conn, mine, 200.0, epoch) == {"192.168.1.3"}
+    steal: list[leases.Row] = [("granted", "192.168.1.3", stale, None, None, 9000.0)]
+    assert leases.write_fenced(conn, steal, 200.0, epoch) == {"192.168.1.3"}
+    assert leases.lookup_ip(conn, "192.168.1.3", 300.0).mac == live  # type: ignore[union-attr]
+    # the client's own release goes through
+    own: list[leases.Row] = [("released", "192.168.1.3", live, None, None, 300.0)]
+    assert leases.write_fenced(conn, own, 300.0, epoch) == set()
+    assert leases.lookup_ip(conn, "192.168.1.3", 400.0) is None
+
+
+def test_a_box_whose_epoch_is_old_writes_nothing(tmp_path: Path) -> None:
+    # A became active, then lost the address while it waited; B became active after it
+    conn = _pair_store(tmp_path)
+    a = leases.claim_epoch(conn, "198.51.100.1")
+    b = leases.claim_epoch(conn, "198.51.100.11")
+    assert b == a + 1
+    rows: list[leases.Row] = [("granted", "192.168.1.7", "02:47:00:00:00:07", None, None, 9e3)]
+    with pytest.raises(leases.Superseded):
+        leases.write_fenced(conn, rows, 100.0, a)
+    assert leases.lookup_ip(conn, "192.168.1.7", 200.0) is None
+    assert leases.write_fenced(conn, rows, 100.0, b) == set()
+
+
+def test_a_box_active_from_its_start_takes_the_store_over_before_its_first_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended: list[object] = []
+    monkeypatch.setattr(takeover, "end_peer_sessions", lambda conn, peers: ended.append(peers))
+    svc, _ = _standby_service(tmp_path, [True])
+    assert not svc.index_fresh
+    assert svc.serving(asked=True)
+    assert ended == [svc.config.ha.peers] and svc.epoch == 1
 
 
 def test_ending_the_other_boxs_store_sessions(tmp_path: Path, pg_dsn: str) -> None:
@@ -221,3 +277,11 @@ def test_a_takeover_serves_even_when_the_other_boxs_sessions_cannot_be_ended(
     svc, _ = _standby_service(tmp_path, active)
     active[0] = True
     assert svc.serving(asked=True)  # logged, not fatal
+    # and tried again while the box serves, until it works
+    calls: list[int] = []
+    monkeypatch.setattr(takeover, "end_peer_sessions", lambda *_: calls.append(1) or 1)
+    assert svc.serving(asked=True) and calls == []  # not before TAKEOVER_RETRY
+    svc._next_takeover = time.monotonic()
+    assert svc.serving(asked=True) and calls == [1]
+    svc._next_takeover = time.monotonic()
+    assert svc.serving(asked=True) and calls == [1]  # ended: not again
