@@ -542,6 +542,13 @@ def _ha(r: Reader, ifs: Interfaces, state: StateConfig) -> HaConfig:
             raise r.error("peers", "name the other box's segment address (unicast VRRP)")
         if cfg.interface == ifs.guest:
             raise r.error("interface", "VRRP on the guest side would let a guest forge adverts")
+        if cfg.interface != ifs.uplink:
+            raise r.error(
+                "interface",
+                f"the adverts' source is uplink_address, on {ifs.uplink}: VRRP runs there",
+            )
+        if ifs.uplink_address.ip in cfg.peers:
+            raise r.error("peers", "the other box's address, not this box's uplink_address")
         if cfg.advert_interval > 40.95:
             raise r.error("advert_interval", "VRRPv3 allows at most 40.95 seconds")
     r.finish()

@@ -64,6 +64,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         workdir=STATE_DIR,
         nat_household=True,
         ha=args.ha,
+        federation=args.federation,
     )
     print(f"lab: namespaces up: {', '.join(sorted(topo.nodes))}; starting servers...")
     try:
@@ -177,6 +178,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="an active/standby pair: a second appliance gw2 (198.51.100.11), keepalived "
         "on both, the store on PostgreSQL",
+    )
+    up.add_argument(
+        "--federation",
+        action="store_true",
+        help="federated relays: a second relay at 203.0.113.11 under relay.example, both "
+        "on one PostgreSQL at 203.0.113.12",
     )
     up.set_defaults(func=_cmd_up)
     labsub.add_parser(

@@ -237,9 +237,9 @@ def start(
         topo, directory, config, pop3_pin=fingerprint(Path(info.mail_cert))
     )
     if with_household:
-        household.start_relay(topo, directory, ca)
+        info.server_dirs += household.start_relay(topo, directory, ca)
         with config.open("a") as f:
-            f.write(household.relay_section(ca, directory))
+            f.write(household.relay_section(ca, directory, household.federated(topo)))
         key = run_checked(topo["gw"], appliance_cmd("agent-key", "--config", str(config)))
         pin, bob_pop = household.start_household(topo, directory, config, ca, key.split()[0])
         info.bob_spec = household.bob_spec(pin)

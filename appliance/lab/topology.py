@@ -24,6 +24,10 @@ beside `gw`, an active/standby pair: both on the guest switch, the segment a bri
 (br0 in `seg`) holding both, and gw2 on the internet switch as 203.0.113.253.  The
 guest address 192.168.1.1 is on neither until keepalived puts it on one.
 
+With `federation=True` (which brings the household too) a second relay `relay2`
+(203.0.113.11) shares the name relay.example with `relay`, and `relaydb`
+(203.0.113.12) holds their shared PostgreSQL store.
+
 The household is reachable only through connections it opens itself: the router
 masquerades on wan0 and forwards nothing new inbound.  Every
 veth is created directly inside its namespaces, so nothing is ever configured
@@ -78,6 +82,10 @@ HOME_HOSTS = ("203.0.113.1/24", "203.0.113.3/24", "203.0.113.80/24")
 # The internet beside `home` (only with nat_household): a relay, and a household's
 # router whose public side is one address, with the household's LAN behind it.
 RELAY_HOST = "203.0.113.10/24"
+# a federation (federation=True): a second relay under the same name, and the relays'
+# shared store
+RELAY2_HOST = "203.0.113.11/24"
+RELAY_DB_HOST = "203.0.113.12/24"
 NAT_ROUTER_WAN = "203.0.113.20/24"
 NAT_ROUTER_LAN = "192.0.2.254/24"
 HOUSEHOLD_HOSTS = ("192.0.2.1/24", "192.0.2.3/24")  # its agent, its POP/IMAP server
@@ -284,19 +292,21 @@ class Topology:
         route_uplinks: bool = True,
         nat_household: bool = False,
         ha: bool = False,
+        federation: bool = False,
     ) -> Topology:
         """Create the whole site; on any failure what was made is removed again.
 
         `nat_household` adds the internet switch, the relay and the household behind
         NAT (see the module docstring); without it the site is exactly as before.
         `ha` adds the second appliance gw2 (and so the internet switch as well).
+        `federation` adds the second relay and the relays' store (and the household).
         """
         prefix = prefix or run_prefix()
         workdir = workdir or Path(f"/tmp/{prefix}")
         workdir.mkdir(parents=True, exist_ok=True)
         topo = cls(prefix, workdir)
         try:
-            topo._build(guests, route_uplinks, nat_household or ha, ha)
+            topo._build(guests, route_uplinks, nat_household or ha or federation, ha, federation)
         except BaseException:
             topo.destroy()
             raise
@@ -357,12 +367,19 @@ class Topology:
             ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
 
     def _build(
-        self, guests: int, route_uplinks: bool, nat_household: bool = False, ha: bool = False
+        self,
+        guests: int,
+        route_uplinks: bool,
+        nat_household: bool = False,
+        ha: bool = False,
+        federation: bool = False,
     ) -> None:
         for name in ("gw", "sw", "seg", "home", *(("gw2",) if ha else ())):
             self._add_node(name)
         if nat_household:
             self._build_internet()
+        if federation:
+            self._build_federation()
         with NetNS(self.nodes["sw"].netns) as ns:
             ns.link("add", ifname="br0", kind="bridge")
             ns.link("set", index=ns.link_lookup(ifname="br0")[0], state="up")
@@ -440,6 +457,15 @@ class Topology:
         router = self.nodes["natrouter"]
         router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         router.run("nft", "-f", "-", input=NAT_ROUTER_RULES)
+
+    def _build_federation(self) -> None:
+        """The second relay and the relays' store, on the internet switch."""
+        for name, host in (("relay2", RELAY2_HOST), ("relaydb", RELAY_DB_HOST)):
+            self._add_node(name)
+            self._veth(name, "eth0", "inet", f"p-{name}")
+            self._up("inet", f"p-{name}", master="inet0")
+            self._up(name, "eth0", host)
+            self._route(name, INTERNET_GATEWAY)
 
     def cut_household_link(self, down: bool) -> None:
         """Black-hole (down=True) or restore the household's uplink, keeping all state.

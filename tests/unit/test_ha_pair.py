@@ -51,6 +51,8 @@ def test_a_pair_is_off_by_default_and_needs_the_shared_store(tmp_path: Path) -> 
         ("enabled = true\n", "peers", "other box"),
         ('enabled = true\npeers = ["x"]\n', "peers", "not an IPv4 address"),
         ('enabled = true\npeers = ["198.51.100.11"]\ninterface = "guest0"\n', "interface", "forge"),
+        ('enabled = true\npeers = ["198.51.100.11"]\ninterface = "mgmt0"\n', "interface", "uplink"),
+        ('enabled = true\npeers = ["198.51.100.1"]\n', "peers", "other box"),
         ('enabled = true\npeers = ["198.51.100.11"]\npriority = 255\n', "priority", "range"),
         ('enabled = true\npeers = ["198.51.100.11"]\nadvert_interval = 50\n', "advert", "40.95"),
         ('enabled = true\npeers = ["198.51.100.11"]\nstate = "MASTER"\n', "state", "unknown"),
