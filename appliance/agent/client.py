@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import json
 import logging
@@ -140,18 +141,42 @@ def forbidden_address(config: Config, address: str) -> str | None:
 
 
 _LOCAL_ROUTES = frozenset((2, 3))  # RTN_LOCAL, RTN_BROADCAST: delivered to this host
+# what the kernel answers for a destination it has no route to: not an address of this host
+_NO_ROUTE = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH))
 
 
 def _is_local(address: str) -> bool:
     """An address of this host (any interface, in this namespace), as the kernel's
     routing says: a test bind would not do, since a box of an active/standby pair binds
-    any address (ip_nonlocal_bind)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    any address (ip_nonlocal_bind).  An IPv6 address that carries an IPv4 one (mapped,
+    NAT64, 6to4) is judged by that IPv4 address too, as appliance.core.reach judges it
+    (an IPv4-mapped one only by it: that is where a connection to it goes).  Anything
+    the kernel cannot answer, other than "no route", is judged local (fail closed)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return True  # not an address: nothing to judge by (reach.forbidden refuses it first)
+    targets: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = reach.carried_ipv4(ip)
+        if ip.ipv4_mapped is None:
+            targets.append(ip)
+        if inner is not None:
+            targets.append(inner)
+    else:
+        targets.append(ip)
+    return any(_routed_here(target) for target in targets)
+
+
+def _routed_here(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     try:
         with IPRoute() as ipr:
-            routes = ipr.route("get", dst=address, family=family)
-    except NetlinkError:
-        return False  # no route at all (unreachable): every local address has one
+            routes = ipr.route("get", dst=str(ip), family=family)
+    except NetlinkError as exc:
+        # no route at all (unreachable): every local address has one; any other answer
+        # (prohibit, blackhole, a kernel that will not say) proves nothing: refused
+        return exc.code not in _NO_ROUTE
     except OSError:
         return True  # no netlink to judge by: refused (fail closed)
     return any(r["type"] in _LOCAL_ROUTES for r in routes)

@@ -4,6 +4,9 @@ real keepalived), who is active, and the DHCP role of a standby box."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -12,8 +15,11 @@ import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import psycopg
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
+from appliance.agent import client
 from appliance.agent.client import forbidden_address
 from appliance.core.config import ConfigError, load
 from appliance.ha import keepalived
@@ -177,6 +183,78 @@ def test_an_address_of_this_host_is_known_by_its_route_not_by_a_bind(tmp_path: P
     assert forbidden_address(cfg, "127.0.0.1") is not None
 
 
+def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_address_it_carries(
+    tmp_path: Path,
+) -> None:
+    # asked as IPv6, the kernel calls ::ffff:127.0.0.1 an ordinary (unicast) route
+    assert client._is_local("127.0.0.1") and client._is_local("::ffff:127.0.0.1")
+    assert not client._is_local("::ffff:203.0.113.1")
+    assert not client._is_local("203.0.113.1")
+
+
+class FakeIPRoute:
+    """pyroute2's IPRoute as _is_local uses it: each `route("get")` recorded, answered
+    with `routes` or raised `error`."""
+
+    def __init__(self, routes: list[dict[str, int]], error: Exception | None = None) -> None:
+        self.routes, self.error = routes, error
+        self.asked: list[tuple[str, int]] = []
+
+    def __call__(self) -> FakeIPRoute:
+        return self
+
+    def __enter__(self) -> FakeIPRoute:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def route(self, command: str, *, dst: str, family: int) -> list[dict[str, int]]:
+        assert command == "get"
+        self.asked.append((dst, family))
+        if self.error is not None:
+            raise self.error
+        return self.routes
+
+
+def test_a_mapped_address_is_looked_up_as_ipv4(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeIPRoute([{"type": 2}])  # RTN_LOCAL
+    monkeypatch.setattr(client, "IPRoute", fake)
+    assert client._is_local("::ffff:192.0.2.2")
+    assert fake.asked == [("192.0.2.2", socket.AF_INET)]
+    cfg = load(write_config(tmp_path / "cfg"))
+    assert forbidden_address(cfg, "::ffff:192.0.2.2") == "::ffff:192.0.2.2 is the appliance itself"
+    fake.asked.clear()
+    # NAT64 and 6to4 carry an IPv4 address too, but are IPv6 addresses as well: both asked
+    assert client._is_local("2002:c000:202::1")
+    fake.routes = [{"type": 1}]  # RTN_UNICAST
+    assert not client._is_local("2002:c000:202::1")
+    assert ("2002:c000:202::1", socket.AF_INET6) in fake.asked
+    assert ("192.0.2.2", socket.AF_INET) in fake.asked
+
+
+@pytest.mark.parametrize(
+    ("code", "local"),
+    [
+        (errno.ENETUNREACH, False),  # no route: not an address of this host
+        (errno.EHOSTUNREACH, False),
+        (errno.EACCES, True),  # a prohibit route: proves nothing, refused
+        (errno.EINVAL, True),  # a blackhole route, or a question the kernel will not answer
+        (errno.EAFNOSUPPORT, True),  # no IPv6 here
+    ],
+)
+def test_only_no_route_means_not_local_every_other_error_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, local: bool
+) -> None:
+    monkeypatch.setattr(client, "IPRoute", FakeIPRoute([], NetlinkError(code)))
+    assert client._is_local("203.0.113.1") is local
+    assert client._is_local("2001:db8::1") is local
+    cfg = load(write_config(tmp_path / "cfg"))
+    assert (forbidden_address(cfg, "203.0.113.1") is not None) is local
+
+
 def _pair_store(tmp_path: Path) -> sqlite3.Connection:
     conn = store.connect(tmp_path / "state.sqlite")
     schema.upgrade(conn)
@@ -253,8 +331,9 @@ def test_a_box_active_from_its_start_takes_the_store_over_before_its_first_answe
 
 def test_ending_the_other_boxs_store_sessions(tmp_path: Path, pg_dsn: str) -> None:
     # SQLite: one box, nothing to end; PostgreSQL: the query runs as the store's role
-    # (over the unix socket no session has a client address, so none matches here;
-    # tests/netns/test_failover.py and the failover benchmark end real ones over TCP)
+    # (over the unix socket no session has a client address, so none matches here, and
+    # none holds the write lock; tests/netns/test_failover.py and the failover benchmark
+    # end real ones over TCP)
     lite = store.connect(tmp_path / "state.sqlite")
     assert takeover.end_peer_sessions(lite, [IPv4Address("198.51.100.11")]) == 0
     pg = postgres.connect(pg_dsn)
@@ -266,6 +345,77 @@ def test_ending_the_other_boxs_store_sessions(tmp_path: Path, pg_dsn: str) -> No
     finally:
         pg.close()
         other.close()
+
+
+def _holds_write_lock(dsn: str) -> psycopg.Connection:
+    """Another session over the unix socket (no client address, the same as ours) that
+    holds the store's write lock in an open transaction, as a writer of a box that died
+    in the middle of a group commit would."""
+    holder = psycopg.connect(dsn)
+    holder.execute("SELECT pg_advisory_xact_lock(%s)", (postgres.WRITE_LOCK,))
+    assert holder.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    return holder
+
+
+def _alive(conn: postgres.PgConnection, pid: int) -> bool:
+    found = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ?", (pid,))
+    return bool(found.fetchone()[0])
+
+
+def test_a_session_holding_the_write_lock_is_ended_whatever_its_address(pg_dsn: str) -> None:
+    pg = postgres.connect(pg_dsn)
+    bystander = postgres.connect(pg_dsn)  # this box's other role: no lock, not a peer
+    reader = postgres.connect(pg_dsn)
+    holder = _holds_write_lock(pg_dsn)
+    try:
+        reader.execute("BEGIN")  # an open reader's transaction holds no write lock either
+        reader.execute("SELECT 1")
+        pid = holder.info.backend_pid
+        assert takeover.end_peer_sessions(pg, [IPv4Address("198.51.100.11")]) == 1
+        assert not _alive(pg, pid)  # gone when the call returns, not merely signalled
+        with pytest.raises(psycopg.OperationalError):
+            holder.execute("SELECT 1")
+        assert bystander.execute("SELECT 1").fetchone() == (1,)  # untouched
+        assert reader.execute("SELECT 1").fetchone() == (1,)
+        reader.execute("COMMIT")
+        # and the lock is free: a writer of the new active box gets it at once
+        pg.execute("SET lock_timeout = '1s'")
+        pg.execute("BEGIN IMMEDIATE")
+        pg.execute("COMMIT")
+        # nothing left to end: nothing ended, nothing said
+        assert takeover.end_peer_sessions(pg, [IPv4Address("198.51.100.11")]) == 0
+    finally:
+        for conn in (pg, bystander, reader):
+            conn.close()
+        holder.close()
+
+
+def test_a_write_lock_that_cannot_be_let_go_is_logged(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the store's role may not end a superuser's session: nothing ends, and it is said
+    role = f"t_{secrets.token_hex(6)}"
+    admin = postgres.connect(pg_dsn)
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    holder = _holds_write_lock(pg_dsn)  # as the superuser
+    pg = postgres.connect(f"{pg_dsn} user={role}")
+    try:
+        with caplog.at_level(logging.WARNING, logger="appliance.state.takeover"):
+            assert takeover.end_peer_sessions(pg, [IPv4Address("198.51.100.11")]) == 0
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert f"could not end store session {holder.info.backend_pid}" in said, said
+        assert "write lock is held by" in said and str(holder.info.backend_pid) in said, said
+        assert holder.execute("SELECT 1").fetchone() == (1,)  # still there
+        caplog.clear()
+        holder.rollback()  # lock let go: nothing to say
+        with caplog.at_level(logging.WARNING, logger="appliance.state.takeover"):
+            assert takeover.end_peer_sessions(pg, [IPv4Address("198.51.100.11")]) == 0
+        assert not caplog.records, caplog.records
+    finally:
+        pg.close()
+        holder.close()
+        admin.execute(f"DROP ROLE IF EXISTS {role}")
+        admin.close()
 
 
 def test_a_takeover_serves_even_when_the_other_boxs_sessions_cannot_be_ended(
