@@ -45,7 +45,7 @@ class HouseholdStore(Protocol):
         """Claim `name` for `key` if free; returns the key that owns it now."""
         ...
 
-    def linked(self, name: str, key: str, relay: str, now: float) -> None: ...
+    def linked(self, name: str, key: str, relay: str, now: float) -> int: ...
     def unlinked(self, name: str, key: str, relay: str, now: float) -> bool: ...
 
 
@@ -55,6 +55,7 @@ class _Household:
     last_seen: float
     link_id: int | None = None
     remote: str = ""  # the other relay that holds the household's link ('' none)
+    since: int = 0  # the store's event of this relay's latest link of it (older: stale)
     streams: int = 0
     attempts: deque[float] = field(default_factory=deque)
 
@@ -116,7 +117,7 @@ class Registrations:
         entry.remote = ""
         entry.last_seen = now
         if self.store:
-            self.store.linked(household, key, self.me, now)
+            entry.since = self.store.linked(household, key, self.me, now)
         return previous if previous != link_id else None
 
     def offline(self, household: str, link_id: int, now: float) -> bool:
@@ -135,6 +136,9 @@ class Registrations:
         the household registered there after it registered here), if any."""
         if event.relay == self.me:
             return None
+        current = self._households.get(event.name)
+        if current is not None and event.id <= current.since:
+            return None  # made before this relay's own latest link of the household
         entry = self._households.get(event.name)
         if entry is None:  # claimed through another relay since this one loaded
             entry = self._households[event.name] = _Household(event.key, event.at)

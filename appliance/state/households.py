@@ -73,9 +73,10 @@ class Households:
         row = self.conn.execute("SELECT key FROM households WHERE name = ?", (name,)).fetchone()
         return str(row[0])
 
-    def linked(self, name: str, key: str, relay: str, now: float) -> None:
-        """`relay` holds the household's agent link from now on (announced)."""
-        self._write(
+    def linked(self, name: str, key: str, relay: str, now: float) -> int:
+        """`relay` holds the household's agent link from now on (announced); returns the
+        event's id (the other relays' older events are older than this link)."""
+        return self._write(
             "UPDATE households SET relay = ?, last_seen = ? WHERE name = ? AND key = ?",
             (relay, now, name, key),
             LinkEvent(0, name, key, relay, True, now),
@@ -84,27 +85,32 @@ class Households:
     def unlinked(self, name: str, key: str, relay: str, now: float) -> bool:
         """`relay`'s link of the household ended; False (nothing written) when another
         relay has taken the household over meanwhile."""
-        return self._write(
-            "UPDATE households SET relay = '', last_seen = ? WHERE name = ? AND relay = ?",
-            (now, name, relay),
-            LinkEvent(0, name, key, relay, False, now),
+        return (
+            self._write(
+                "UPDATE households SET relay = '', last_seen = ? WHERE name = ? AND relay = ?",
+                (now, name, relay),
+                LinkEvent(0, name, key, relay, False, now),
+            )
+            > 0
         )
 
-    def _write(self, update: str, params: tuple[object, ...], event: LinkEvent) -> bool:
+    def _write(self, update: str, params: tuple[object, ...], event: LinkEvent) -> int:
+        """The update and, if it changed a row, its event: the event's id (0: none)."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            changed = self.conn.execute(update, params).rowcount > 0
-            if changed:
-                self.conn.execute(
+            written = 0
+            if self.conn.execute(update, params).rowcount > 0:
+                row = self.conn.execute(
                     "INSERT INTO household_events (name, key, relay, linked, at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
                     (event.name, event.key, event.relay, int(event.linked), event.at),
-                )
+                ).fetchone()
+                written = int(row[0])
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
-        return changed
+        return written
 
     def release_all(self, relay: str, now: float) -> int:
         """At a relay's start: it holds no link, whatever its rows say (it was killed)."""

@@ -248,6 +248,37 @@ def test_a_registration_elsewhere_replaces_the_local_link_and_the_latest_wins() 
     assert table.where("new") == "relay-b"
 
 
+class Store:
+    """The table's store, in memory: each link write is an event with the next id."""
+
+    def __init__(self) -> None:
+        self.events = 0
+
+    def load(self) -> list[Any]:
+        return []
+
+    def claim(self, name: str, key: str, claimed_at: float) -> str:
+        return key
+
+    def linked(self, name: str, key: str, relay: str, now: float) -> int:
+        self.events += 10
+        return self.events
+
+    def unlinked(self, name: str, key: str, relay: str, now: float) -> bool:
+        return True
+
+
+def test_an_event_older_than_this_relays_own_link_does_not_replace_it() -> None:
+    # the agent registered at B (event 5), then at A (event 10): when A's follower
+    # catches up with event 5, A's newer link stands
+    table = Registrations(Store(), me="relay-a")
+    assert table.claim_or_check("h", "sha256:k", 1.0) is None
+    table.online("h", "sha256:k", 7, 1.0)
+    assert table.apply(LinkEvent(5, "h", "sha256:k", "relay-b", True, 1.0)) is None
+    assert table.where("h") == ""
+    assert table.apply(LinkEvent(11, "h", "sha256:k", "relay-b", True, 2.0)) == 7
+
+
 # -- two relays on one store -------------------------------------------------------
 
 
