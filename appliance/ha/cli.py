@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from appliance.core.config import add_config_arg, load
-from appliance.ha import keepalived
+from appliance.ha import health, keepalived
 
 
 def _cmd_keepalived_conf(args: argparse.Namespace) -> int:
@@ -18,9 +18,22 @@ def _cmd_keepalived_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    missing = health.missing_roles(load(args.config))
+    if missing:
+        print(f"appliance: not serving guests: {', '.join(missing)} not running", file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ha = sub.add_parser("ha", help="an active/standby pair (keepalived)")
     verbs = ha.add_subparsers(dest="verb", required=True, metavar="VERB")
     conf = verbs.add_parser("keepalived-conf", help="print keepalived.conf for this box, from [ha]")
     add_config_arg(conf)
     conf.set_defaults(func=_cmd_keepalived_conf)
+    check = verbs.add_parser(
+        "check", help="exit 0 when this box's guest-facing roles run (keepalived's vrrp_script)"
+    )
+    add_config_arg(check)
+    check.set_defaults(func=_cmd_check)

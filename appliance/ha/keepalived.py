@@ -6,12 +6,20 @@ address or to make both boxes stand down.  The virtual address is the guest addr
 placed on the guest interface of whichever box is active; keepalived sends gratuitous
 ARP there, so guests move to the new box's MAC at once.
 
+A box holds the address only while its guest-facing roles run: keepalived runs
+`appliance ha check` every second (`vrrp_script`), and two failures in a row put the
+instance in FAULT, which gives the address up (appliance/ha/health.py).
+
 Both boxes start as BACKUP with `nopreempt`: a box that comes back after a failure
 stays standby instead of taking the address back (each move resets the guests' open
 TCP connections), and the priority only decides who goes first when both start.
 """
 
 from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
 
 from appliance.core.config import Config
 
@@ -26,6 +34,7 @@ def render(config: Config) -> str:
     if not ha.enabled or ifs.uplink_address is None:
         raise HaDisabled(f"{config.path}: [ha] enabled is false")
     peers = "\n".join(f"        {p}" for p in ha.peers)
+    check = shlex.join([*_appliance(), "ha", "check", "--config", str(config.path)])
     return f"""\
 # keepalived.conf for an appliance of an active/standby pair: written by
 # `appliance ha keepalived-conf` from {config.path}; edit that file, not this one.
@@ -33,6 +42,15 @@ global_defs {{
     router_id appliance-{ifs.uplink_address.ip}
     vrrp_version 3
     enable_script_security
+    script_user root
+}}
+
+vrrp_script roles {{
+    script "{check}"
+    interval 1
+    timeout 2
+    fall 2
+    rise 2
 }}
 
 vrrp_instance guest {{
@@ -52,8 +70,18 @@ vrrp_instance guest {{
     track_interface {{
         {ifs.guest}
     }}
+    track_script {{
+        roles
+    }}
     garp_master_delay 1
     garp_master_repeat 3
     garp_master_refresh 60
 }}
 """
+
+
+def _appliance() -> list[str]:
+    """The command that runs this appliance: its console script beside the interpreter
+    (a venv's bin, /usr/local/bin), else the interpreter with -m."""
+    script = Path(sys.executable).with_name("appliance")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "appliance"]

@@ -245,15 +245,17 @@ def start(
         info.bob_spec = household.bob_spec(pin)
         info.bob_maildir = str(bob_pop.extra["mail"] / household.USER[0])
         info.server_dirs.append(str(bob_pop.directory))
-    if ha:  # gw first: it takes the guest address, gw2 then finds it taken
-        second = pair.configure(config)
+    second = pair.configure(config) if ha else None
+    start_roles(topo["gw"], config)
+    if second is not None:
+        # keepalived holds the address only while the roles run (its vrrp_script), so
+        # they come first; gw's keepalived first: it takes the guest address, gw2's
+        # then finds it taken.  gw2 with the keys gw's roles made.
         pair.start_keepalived(topo["gw"], config, directory)
         pair.wait_active(topo["gw"])
-    start_roles(topo["gw"], config)
-    if ha:  # gw2 with the keys gw's roles made
         pair.share_keys(config, second)
-        pair.start_keepalived(topo["gw2"], second, directory)
         start_roles(topo["gw2"], second, "198.51.100.11")
+        pair.start_keepalived(topo["gw2"], second, directory)
         info.second_config = str(second)
     # the segment's Prometheus scrapes every role's metrics on the management address
     servers.start_prometheus(topo["seg"], load(config).metrics.targets(), directory)

@@ -12,6 +12,8 @@ and she is still logged in: her mail goes out through gw2 without a new login.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,3 +103,23 @@ def test_the_standby_takes_over_with_no_lease_lost_and_guests_still_logged_in(
         assert served.get("ack", 0) >= 2, served  # gw2 answered both
     finally:
         pg.close()
+
+
+def test_a_box_whose_roles_died_gives_the_guest_address_up(
+    lab_site: Callable[..., tuple[Topology, Path]],
+) -> None:
+    # kill -9 of gw's DHCP role alone: the supervisor stops gw's other roles, keepalived
+    # lives on; its check of the roles fails, so it gives the address up to gw2
+    topo, directory = lab_site(guests=1, ha=True)
+    site.start(topo, directory)
+    gw, gw2 = topo["gw"], topo["gw2"]
+    assert pair.holds_guest_address(gw)
+    pid = int((directory / "state" / "run" / "dhcp.pid").read_text())
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    took = pair.wait_active(gw2, timeout=15)
+    assert not pair.holds_guest_address(gw)
+    got = demo.dhcp(topo["guest1"], directory)
+    assert got.ok, got.detail
+    print(f"\nroles died on gw: gw2 held the guest address {took:.2f} s later, "
+          f"a lease {time.monotonic() - killed:.2f} s after the kill")  # fmt: skip
