@@ -131,8 +131,11 @@ def to_binding(lease: leases.Lease) -> Binding:
 
 
 def load_index(conn: Connection, settings: Settings) -> LeaseIndex:
+    """The index from the store: this box's guest subnet only.  Appliances of several
+    segments may share one store; another subnet's leases are never swept, offered or
+    counted here (each box of a pair serves the same subnet)."""
     index = settings.new_index()
-    index.load(to_binding(lease) for lease in leases.history(conn))
+    index.load(to_binding(lease) for lease in leases.history(conn) if settings.in_subnet(lease.ip))
     return index
 
 

@@ -46,6 +46,22 @@ def test_sweep_writes_expired_events_once(config_path: Path) -> None:
     assert leases.lookup_ip(conn, "192.168.1.101", 2000.0) is not None
 
 
+def test_another_segments_leases_in_a_shared_store_are_left_to_its_own_appliance(
+    config_path: Path,
+) -> None:
+    # two appliances of two segments on one store: 10.20.0.0/24 is the other's
+    cfg = load(config_path)
+    conn = store.connect(cfg.state.database)
+    schema.upgrade(conn)
+    leases.record(conn, "granted", Lease("10.20.0.7", "02:47:00:00:00:07", 1000.0), 900.0)
+    leases.record(conn, "granted", Lease("192.168.1.100", "02:47:00:00:00:01", 1000.0), 900.0)
+    svc = service(config_path)
+    assert "10.20.0.7" not in svc.index.by_ip
+    assert svc.sweep(now=2000.0) == 1  # its own lapsed lease only
+    expired = [e.ip for e in leases.events_since(conn, 0) if e.kind == "expired"]
+    assert expired == ["192.168.1.100"]
+
+
 def test_pool_exhausted_warning_at_most_once_a_minute(
     config_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
