@@ -23,6 +23,15 @@ log = logging.getLogger("appliance.admin")
 
 def main(config: Config) -> int:
     metrics.serve(config, "admin")  # up, with the process's own metrics
+    if config.policies.shared:  # this box's tables in step with the store's, pages or not
+        from appliance.admin.mirror import Mirror
+        from appliance.core.pidfiles import signal_roles
+
+        mirror = Mirror(config, signal_roles)
+        threading.Thread(
+            target=mirror.run, args=(threading.Event(),), name="tables-mirror", daemon=True
+        ).start()
+        log.info("policy tables shared through the store")
     if not config.admin.enabled:
         # stay up doing nothing: under `appliance run` a role that exits stops the others
         log.info("admin pages disabled in the configuration")

@@ -169,6 +169,9 @@ class Policies:
     users: Path
     admins: Path
     agents: Path  # trusted agents; a missing file trusts no agent
+    # servers, access and agents kept in step with the shared store by the admin role,
+    # so an edit on one appliance applies on all of them (appliance/admin/mirror.py)
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -472,14 +475,19 @@ def _metrics(r: Reader, ifs: Interfaces, admin_port: int) -> MetricsConfig:
     return cfg
 
 
-def _policies(r: Reader) -> Policies:
+def _policies(r: Reader, state: StateConfig) -> Policies:
     cfg = Policies(
         servers=r.filepath("servers", "servers.toml"),
         access=r.filepath("access", "access.toml"),
         users=r.filepath("users", "users.toml"),
         admins=r.filepath("admins", "admins.toml"),
         agents=r.filepath("agents", None) or r.file.path.parent.resolve() / "agents.toml",
+        shared=r.boolean("shared", False),
     )
+    if cfg.shared and state.backend != "postgresql":
+        raise r.error(
+            "shared", 'tables shared by several appliances live in [state] backend = "postgresql"'
+        )
     for key in ("servers", "access"):
         p = getattr(cfg, key)
         if not p.is_file():
@@ -570,7 +578,7 @@ def parse(doc: TomlFile) -> Config:
         admin=admin,
         proxy=_proxy(top.sub("proxy")),
         agent=_agent(top.sub("agent")),
-        policies=_policies(top.sub("policies")),
+        policies=_policies(top.sub("policies"), state),
         state=state,
         home_relay=_home_relay(top.sub("home_relay")),
         metrics=_metrics(top.sub("metrics"), interfaces, admin.port),

@@ -41,6 +41,7 @@ def configure(config: Path) -> Path:
     ha["peers"] = [_ip(GW2_SEGMENT)]
     ha["priority"] = 150
     ha["advert_interval"] = ADVERT_INTERVAL
+    doc["policies"]["shared"] = True  # the tables, edited on either box, apply on both
     write_atomically(config, tomlkit.dumps(doc))
     ifs, state = doc["interfaces"], doc["state"]
     ifs["uplink_address"] = GW2_SEGMENT
@@ -49,6 +50,12 @@ def configure(config: Path) -> Path:
     state["directory"] = str(state_dir.with_name(state_dir.name + "-gw2"))
     ha["peers"] = [_ip(GW_SEGMENT)]
     ha["priority"] = 100
+    tables = config.parent / "tables-gw2"  # gw2's own files, kept in step by the store
+    tables.mkdir(exist_ok=True)
+    for key in ("servers", "access", "agents"):
+        mine = config.parent / str(doc["policies"][key])
+        shutil.copy(mine, tables / mine.name)
+        doc["policies"][key] = str(tables / mine.name)
     if "home_relay" in doc:  # each box its own link to the home relays
         doc["home_relay"]["socket"] = str(config.parent / "homelink-gw2.sock")
     second = config.with_name("appliance-gw2.toml")

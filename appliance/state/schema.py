@@ -176,6 +176,19 @@ CREATE TABLE IF NOT EXISTS ha_epoch (
 """
 
 
+# The policy tables of appliances that share them ([policies] shared): each table's
+# text and version (appliance/state/policy_tables.py, appliance/admin/mirror.py).
+_V5 = """
+CREATE TABLE IF NOT EXISTS policy_tables (
+    name TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    version TEXT NOT NULL,
+    updated REAL NOT NULL,
+    by TEXT NOT NULL
+);
+"""
+
+
 @dataclass(frozen=True)
 class Schema:
     """One store's migrations, and the table that records how far it got (the
@@ -196,6 +209,7 @@ APPLIANCE = Schema(
         Migration(2, "leases.bound_since in stores older than it", step=_bound_since),
         Migration(3, "session events followed by id; the audit log in the store", _V3),
         Migration(4, "the DHCP epoch of an active/standby pair (leases.claim_epoch)", _V4),
+        Migration(5, "policy tables shared by several appliances", _V5),
     ),
 )
 # the home relay's own store: who owns each household name (appliance/state/households.py)

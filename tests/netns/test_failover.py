@@ -114,6 +114,17 @@ def test_a_box_whose_roles_died_gives_the_guest_address_up(
     site.start(topo, directory)
     gw, gw2 = topo["gw"], topo["gw2"]
     assert pair.holds_guest_address(gw)
+    # first, the pair's tables are shared ([policies] shared): an edit on gw is on gw2
+    access = directory / "access.toml"
+    access.write_text(
+        access.read_text() + '\n[[rules]]\nname = "night-shift"\n'
+        'match = { shift = "night" }\nallow = ["http"]\n'
+    )
+    theirs = directory / "tables-gw2" / "access.toml"
+    deadline = time.monotonic() + 10
+    while "night-shift" not in theirs.read_text():
+        assert time.monotonic() < deadline, "gw2 did not take gw's edit of access.toml"
+        time.sleep(0.2)
     pid = int((directory / "state" / "run" / "dhcp.pid").read_text())
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
