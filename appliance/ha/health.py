@@ -10,7 +10,11 @@ admin pages and the relay dialer are not worth moving every guest's connections 
 
 from __future__ import annotations
 
-from appliance.core.config import Config
+import argparse
+import sys
+from collections.abc import Sequence
+
+from appliance.core.config import Config, ConfigError, add_config_arg, load
 from appliance.core.pidfiles import running_roles
 
 GUEST_ROLES = ("net", "dhcp", "dns", "portal", "proxy")
@@ -22,4 +26,25 @@ def missing_roles(config: Config) -> list[str]:
     return [role for role in GUEST_ROLES if role not in running]
 
 
-__all__ = ["GUEST_ROLES", "missing_roles"]
+def main(argv: Sequence[str] | None = None) -> int:
+    """keepalived's check, `python -m appliance.ha.health --config PATH`: exit 0 when
+    the guest-facing roles run.  Its own small entry point: keepalived runs it every
+    second with a timeout, and the whole CLI takes most of a second just to import."""
+    parser = argparse.ArgumentParser(prog="appliance ha check")
+    add_config_arg(parser)
+    args = parser.parse_args(argv)
+    try:
+        missing = missing_roles(load(args.config))
+    except ConfigError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    if missing:
+        print(f"appliance: not serving guests: {', '.join(missing)} not running", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["GUEST_ROLES", "main", "missing_roles"]

@@ -7,7 +7,8 @@ placed on the guest interface of whichever box is active; keepalived sends gratu
 ARP there, so guests move to the new box's MAC at once.
 
 A box holds the address only while its guest-facing roles run: keepalived runs
-`appliance ha check` every second (`vrrp_script`), and two failures in a row put the
+`appliance ha check` (as `python -m appliance.ha.health`, which starts in a fifth of a
+second) every second (`vrrp_script`), and two failures in a row put the
 instance in FAULT, which gives the address up (appliance/ha/health.py).
 
 Both boxes start as BACKUP with `nopreempt`: a box that comes back after a failure
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 from appliance.core.config import Config
 
@@ -34,7 +34,12 @@ def render(config: Config) -> str:
     if not ha.enabled or ifs.uplink_address is None:
         raise HaDisabled(f"{config.path}: [ha] enabled is false")
     peers = "\n".join(f"        {p}" for p in ha.peers)
-    check = shlex.join([*_appliance(), "ha", "check", "--config", str(config.path)])
+    # through sh, with stdio on /dev/null: run directly by keepalived 2.2, the check
+    # exited 1 before it reached its own code (keepalived's stdio for scripts)
+    inner = shlex.join([sys.executable, "-m", "appliance.ha.health", "--config", str(config.path)])
+    if "'" in inner:
+        raise ValueError(f"{config.path}: a path with a quote cannot go into keepalived.conf")
+    check = f"/bin/sh -c 'exec {inner} </dev/null >/dev/null 2>&1'"
     return f"""\
 # keepalived.conf for an appliance of an active/standby pair: written by
 # `appliance ha keepalived-conf` from {config.path}; edit that file, not this one.
@@ -48,7 +53,7 @@ global_defs {{
 vrrp_script roles {{
     script "{check}"
     interval 1
-    timeout 2
+    timeout 3
     fall 2
     rise 2
 }}
@@ -78,10 +83,3 @@ vrrp_instance guest {{
     garp_master_refresh 60
 }}
 """
-
-
-def _appliance() -> list[str]:
-    """The command that runs this appliance: its console script beside the interpreter
-    (a venv's bin, /usr/local/bin), else the interpreter with -m."""
-    script = Path(sys.executable).with_name("appliance")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "appliance"]
