@@ -233,13 +233,18 @@ class Service:
         return self.index_fresh
 
     def _take_over(self) -> None:
+        began = time.monotonic()
         if not self._peers_ended:
             try:
                 # a dead active box may still hold the store's write lock: let it go first
                 ended = takeover.end_peer_sessions(self.conn, self.config.ha.peers)
                 self._peers_ended = True
                 if ended:
-                    log.info("ended %d store session(s) of the other box", ended)
+                    log.info(
+                        "ended %d store session(s) of the other box in %.0f ms",
+                        ended,
+                        (time.monotonic() - began) * 1000,
+                    )
             except STORE_ERRORS as exc:  # not fatal: tried again in TAKEOVER_RETRY
                 log.warning("could not end the other box's store sessions: %s", exc)
         if self.index_fresh:
@@ -254,7 +259,12 @@ class Service:
         self.index_fresh = True
         if self._peers_ended:
             self._next_takeover = 0.0
-        log.info("serving %d lease(s) from the store (epoch %d)", len(self.index.by_ip), self.epoch)
+        log.info(
+            "serving %d lease(s) from the store (epoch %d), %.0f ms after the takeover began",
+            len(self.index.by_ip),
+            self.epoch,
+            (time.monotonic() - began) * 1000,
+        )
 
     def _stale(self, why: str) -> None:
         """The index is behind the store: reload it before answering again (and, in a

@@ -17,16 +17,18 @@ ends
 
 A dead box loses nothing (its open transaction is rolled back; nothing of it was ever
 ACKed), and a live one (both active at once) connects again at its next statement.
-Each session is waited for until it is gone (`pg_terminate_backend` with a timeout),
-so the lock is free when this returns.  A session the store will not let this role end
-is logged and skipped, and so is a write lock still held when nothing could be ended:
-writes will wait for it.  Sessions of this box's other roles that do not hold the lock
-are never ended (they come from this box's own address).  On SQLite there is one box.
+All are signalled at once, then waited for together until they are gone (at most
+TERMINATE_WAIT_MS), so the lock is free when this returns.  A session the store will
+not let this role end is logged and skipped, and so is a write lock still held when
+nothing could be ended: writes will wait for it.  Sessions of this box's other roles
+that do not hold the lock are never ended (they come from this box's own address).
+On SQLite there is one box.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 
@@ -35,7 +37,7 @@ from appliance.state.postgres import WRITE_LOCK
 
 log = logging.getLogger("appliance.state.takeover")
 
-TERMINATE_WAIT_MS = 3000  # how long to wait for one ended session to be gone
+TERMINATE_WAIT_MS = 3000  # how long to wait for the ended sessions to be gone
 
 # PostgreSQL keeps a one-bigint advisory key as classid = its high 32 bits, objid = its
 # low 32 bits (both as unsigned oids), objsubid = 1 (two-int4 keys have objsubid = 2).
@@ -64,17 +66,28 @@ def end_peer_sessions(conn: Connection, peers: Sequence[IPv4Address]) -> int:
             tuple(str(p) for p in peers),
         ).fetchall()
     ]
-    ended = 0
-    for pid in sorted(pids):
+    signalled: list[int] = []
+    for pid in sorted(pids):  # all of them at once, then wait for them together
         try:  # int4, not INTEGER: the store's SQL translation makes INTEGER a BIGINT
-            row = conn.execute(
-                "SELECT pg_terminate_backend(?::int4, ?::int8)", (pid, TERMINATE_WAIT_MS)
-            ).fetchone()
+            row = conn.execute("SELECT pg_terminate_backend(?::int4)", (pid,)).fetchone()
         except STORE_ERRORS as exc:  # e.g. another role's session, without the right
             log.warning("could not end store session %d: %s", pid, exc)
             continue
         if row is not None and row[0]:
-            ended += 1
+            signalled.append(pid)
+    deadline = time.monotonic() + TERMINATE_WAIT_MS / 1000
+    waiting = set(signalled)
+    while waiting and time.monotonic() < deadline:
+        marks = ", ".join("?" * len(waiting))
+        rows = conn.execute(
+            f"SELECT pid FROM pg_stat_activity WHERE pid IN ({marks})", tuple(waiting)
+        ).fetchall()
+        waiting = {int(pid) for (pid,) in rows}
+        if waiting:
+            time.sleep(0.01)
+    if waiting:
+        log.warning("store sessions %s did not end in %d ms", sorted(waiting), TERMINATE_WAIT_MS)
+    ended = len(signalled) - len(waiting)
     if not ended:
         holders = conn.execute(
             "SELECT l.pid, a.usename, host(a.client_addr) FROM pg_locks l "
