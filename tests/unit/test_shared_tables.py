@@ -9,14 +9,19 @@ simultaneous edit on the other box is ever taken silently.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
 
+from appliance.admin import audit
+from appliance.admin.app import create_app
 from appliance.admin.mirror import Mirror, Step, decide
 from appliance.core.config import Config, ConfigError, load
+from appliance.core.passwords import hash_password
 from appliance.state import policy_tables, postgres, store
 from appliance.state.connection import Connection
+from appliance.state.sessions import SessionStore, read_only
 from dhcp.labconfig import write_config
 
 pytestmark = pytest.mark.unit
@@ -42,15 +47,15 @@ def test_shared_tables_need_the_shared_store(tmp_path: Path) -> None:
         load(path)
 
 
-def _box(directory: Path, dsn: str) -> Config:
-    path = write_config(directory, state_dsn=dsn)
+def _box(directory: Path, dsn: str, guest_address: str = "192.168.1.1/24") -> Config:
+    path = write_config(directory, state_dsn=dsn, guest_address=guest_address)
     path.write_text(path.read_text().replace("[policies]\n", "[policies]\nshared = true\n"))
     return load(path)
 
 
 class Box:
-    def __init__(self, directory: Path, dsn: str) -> None:
-        self.config = _box(directory, dsn)
+    def __init__(self, directory: Path, dsn: str, guest_address: str = "192.168.1.1/24") -> None:
+        self.config = _box(directory, dsn, guest_address)
         self.told = 0
         self.mirror = Mirror(self.config, self._notify)
         self.conn: Connection = store.open_store(self.config.state)
@@ -158,3 +163,33 @@ def test_the_mirror_survives_the_store_going_away(tmp_path: Path, pg_dsn: str) -
 
     box.mirror.run(stop, connect=broken)  # returns once stopped: errors logged, retried
     assert len(calls) >= 3
+
+
+def test_one_admin_view_shows_every_boxs_sessions_and_audit(tmp_path: Path, pg_dsn: str) -> None:
+    # box a serves 192.168.1.0/24, box b (another segment) 10.20.0.0/24, one store
+    a = Box(tmp_path / "a", pg_dsn)
+    b = Box(tmp_path / "b", pg_dsn, guest_address="10.20.0.1/24")
+    try:
+        SessionStore.from_config(b.config, revoke=read_only).create(
+            user="dave", source="site", attributes={}, ip="10.20.0.7", mac="02:47:00:00:00:07"
+        )
+        audit.record(b.config, "erin", "end session", "someone 10.20.0.9")
+        a.config.policies.admins.write_text(
+            f'[admins.root]\npassword_hash = "{hash_password("a long admin pass")}"\n'
+        )
+        app = create_app(a.config, notify=lambda _c: None)
+        app.testing = True
+        c = app.test_client()
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text)
+        assert token is not None
+        done = c.post(
+            "/login", data={"csrf": token.group(1), "name": "root", "password": "a long admin pass"}
+        )
+        assert done.status_code == 302
+        sessions = c.get("/sessions").text
+        assert "dave" in sessions and "10.20.0.7" in sessions
+        log = c.get("/audit").text
+        assert "erin" in log and "someone 10.20.0.9" in log
+    finally:
+        a.conn.close()
+        b.conn.close()
