@@ -552,7 +552,11 @@ class Service:
                 serving = self.serving()
                 if mono >= next_sweep:
                     if serving:
-                        self.sweep()
+                        try:
+                            self.sweep()
+                        except STORE_ERRORS as exc:  # a lock timeout, a cut store: again
+                            log.error("expiry sweep not written (%s): tried again", exc)
+                            self._stale("a failed sweep")
                     next_sweep = mono + SWEEP_EVERY
                 if mono >= next_stats:
                     self.write_stats()

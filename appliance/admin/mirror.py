@@ -108,10 +108,9 @@ class Mirror:
             if error is not None:
                 self._once(group, candidate, error)
                 continue
+            self._push(conn, group, steps, local, remote)
             for kind in group:
-                if steps[kind] is Step.PUSH:
-                    self._push(conn, kind, local[kind], remote.get(kind))
-                elif steps[kind] is Step.PULL and self._pull(kind, local[kind], remote[kind]):
+                if steps[kind] is Step.PULL and self._pull(kind, local[kind], remote[kind]):
                     pulled.append(kind)
         if pulled:
             self.notify(self.config)
@@ -134,14 +133,27 @@ class Mirror:
             log.error("shared tables: %s not taken, the tables in force stay: %s", group, error)
 
     def _push(
-        self, conn: Connection, kind: str, here: tuple[str, str] | None, there: SharedTable | None
+        self,
+        conn: Connection,
+        group: tuple[str, ...],
+        steps: dict[str, Step],
+        local: dict[str, tuple[str, str] | None],
+        remote: dict[str, SharedTable],
     ) -> None:
-        assert here is not None
-        text, version = here
-        table = SharedTable(kind, text, version, time.time(), self.me)
-        if policy_tables.publish(conn, table, there.version if there else None):
-            self.synced[kind] = version
-            log.info("shared tables: %s published (version %s)", kind, version)
+        """Publish this box's changed tables of `group` in one write, over the store's
+        versions of the whole group (those checked with them)."""
+        tables = []
+        for kind in group:
+            here = local[kind]
+            if steps[kind] is Step.PUSH and here is not None:
+                tables.append(SharedTable(kind, here[0], here[1], time.time(), self.me))
+        if not tables:
+            return
+        expected = {k: (remote[k].version if k in remote else None) for k in group}
+        if policy_tables.publish_group(conn, tables, expected):
+            for table in tables:
+                self.synced[table.name] = table.version
+                log.info("shared tables: %s published (version %s)", table.name, table.version)
         # else: another box published first; the next look takes its text
 
     def _pull(self, kind: str, here: tuple[str, str] | None, there: SharedTable) -> bool:
@@ -185,6 +197,10 @@ class Mirror:
                 if conn is not None:
                     conn.close()
                 conn = None
+            except Exception as exc:  # a file it cannot read or write: said, looked at again
+                if str(exc) != last_error:
+                    log.exception("shared tables: a look failed, trying again")
+                    last_error = str(exc)
             stop.wait(EVERY)
         if conn is not None:
             conn.close()

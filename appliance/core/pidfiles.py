@@ -55,8 +55,12 @@ def _is_role(pid: int) -> bool:
 
 def running_roles(config: Config) -> dict[str, int]:
     """role -> pid of the roles that run now (by their pid files)."""
+    return running_in(run_dir(config))
+
+
+def running_in(directory: Path) -> dict[str, int]:
+    """running_roles by the run directory alone (`<state.directory>/run`)."""
     out: dict[str, int] = {}
-    directory = run_dir(config)
     if not directory.is_dir():
         return out
     for path in sorted(directory.glob("*.pid")):

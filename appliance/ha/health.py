@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 
 from appliance.core.config import Config, ConfigError, add_config_arg, load
-from appliance.core.pidfiles import running_roles
+from appliance.core.pidfiles import running_in, running_roles
 
 GUEST_ROLES = ("net", "dhcp", "dns", "portal", "proxy")
 
@@ -24,6 +26,16 @@ def missing_roles(config: Config) -> list[str]:
     """The guest-facing roles with no live process (by their pid files)."""
     running = running_roles(config)
     return [role for role in GUEST_ROLES if role not in running]
+
+
+def _state_directory(path: Path) -> Path | None:
+    """[state] directory from the file as TOML, unvalidated (None: not even that)."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        directory = doc.get("state", {}).get("directory", "/var/lib/appliance")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return Path(directory) if isinstance(directory, str) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,8 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         missing = missing_roles(load(args.config))
     except ConfigError as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
-        return 2
+        # a bad edit of the file, not yet loaded by the roles, must not take the address
+        # from both boxes at once: judge by the run directory the file still names
+        print(f"appliance: {exc} (judging by the pid files)", file=sys.stderr)
+        directory = _state_directory(args.config)
+        if directory is None:
+            return 2
+        running = running_in(directory / "run")
+        missing = [role for role in GUEST_ROLES if role not in running]
     if missing:
         print(f"appliance: not serving guests: {', '.join(missing)} not running", file=sys.stderr)
         return 1

@@ -199,12 +199,14 @@ def _conflicts(conn: Connection, rows: list[Row], now: float) -> set[str]:
         ).fetchall()
     )
     out: set[str] = set()
-    for kind, ip, mac, *_ in rows:
+    for kind, ip, mac, *_ in rows:  # in batch order: a release lets a later grant through
         holder = held.get(ip)
-        if holder is None:
-            continue
-        if kind == "expired" or holder != mac.lower():
+        if holder is not None and (kind == "expired" or holder != mac.lower()):
             out.add(ip)
+        elif kind in BINDING_KINDS:
+            held[ip] = mac.lower()
+        else:
+            held.pop(ip, None)
     return out
 
 

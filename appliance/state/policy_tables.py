@@ -28,6 +28,29 @@ def read_all(conn: Connection) -> dict[str, SharedTable]:
     return {str(n): SharedTable(str(n), str(t), str(v), float(u), str(b)) for n, t, v, u, b in rows}
 
 
+def publish_group(
+    conn: Connection, tables: list[SharedTable], expected: dict[str, str | None]
+) -> bool:
+    """Write `tables` together, only if every table of `expected` (those written and
+    those checked with them, as servers and access are) is still at the version given
+    (None: no row): a pair of tables is never mixed from two boxes' edits.  False
+    when the store holds something else by now (nothing is written then)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        now = {t.name: t.version for t in read_all(conn).values()}
+        if any(now.get(name) != version for name, version in expected.items()):
+            conn.execute("ROLLBACK")
+            return False
+        for table in tables:
+            if not publish(conn, table, expected.get(table.name)):
+                raise RuntimeError(f"{table.name} changed under the write lock")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return True
+
+
 def publish(conn: Connection, table: SharedTable, replaces: str | None) -> bool:
     """Write `table` over the store's row at version `replaces` (None: only if the store
     has no such table yet); False when the store holds something else by now."""
@@ -46,4 +69,4 @@ def publish(conn: Connection, table: SharedTable, replaces: str | None) -> bool:
     return bool(cur.rowcount > 0)
 
 
-__all__ = ["SharedTable", "publish", "read_all"]
+__all__ = ["SharedTable", "publish", "publish_group", "read_all"]

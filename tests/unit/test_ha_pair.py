@@ -11,6 +11,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -305,6 +306,19 @@ def test_a_fenced_end_never_ends_another_clients_or_a_renewed_lease(tmp_path: Pa
     assert leases.lookup_ip(conn, "192.168.1.3", 400.0) is None
 
 
+def test_a_release_and_a_grant_of_one_address_in_one_batch_both_land(tmp_path: Path) -> None:
+    conn = _pair_store(tmp_path)
+    epoch = leases.claim_epoch(conn, "198.51.100.1")
+    first, second = "02:47:00:00:00:01", "02:47:00:00:00:02"
+    leases.write_rows(conn, [("granted", "192.168.1.9", first, None, None, 3700.0)], 100.0)
+    batch: list[leases.Row] = [
+        ("released", "192.168.1.9", first, None, None, 200.0),
+        ("granted", "192.168.1.9", second, None, None, 3800.0),
+    ]
+    assert leases.write_fenced(conn, batch, 200.0, epoch) == set()
+    assert leases.lookup_ip(conn, "192.168.1.9", 300.0).mac == second  # type: ignore[union-attr]
+
+
 def test_a_box_whose_epoch_is_old_writes_nothing(tmp_path: Path) -> None:
     # A became active, then lost the address while it waited; B became active after it
     conn = _pair_store(tmp_path)
@@ -437,3 +451,28 @@ def test_a_takeover_serves_even_when_the_other_boxs_sessions_cannot_be_ended(
     assert svc.serving(asked=True) and calls == [1]
     svc._next_takeover = time.monotonic()
     assert svc.serving(asked=True) and calls == [1]  # ended: not again
+
+
+def test_the_check_judges_by_pid_files_even_when_the_config_was_broken_since(
+    tmp_path: Path,
+) -> None:
+    from appliance.ha import health
+
+    path = write_config(tmp_path / "cfg")
+    run = load(path).state.directory / "run"
+    run.mkdir(parents=True)
+    role = subprocess.Popen(  # a process that looks like a role: `... appliance ... run`
+        [sys.executable, "-c", "import time; time.sleep(60)", "appliance", "run"]
+    )
+    try:
+        for name in health.GUEST_ROLES:
+            (run / f"{name}.pid").write_text(f"{role.pid}\n")
+        assert health.main(["--config", str(path)]) == 0
+        # a typo in the file (not yet loaded by the running roles): still serving
+        path.write_text(path.read_text().replace("http_port = 80", "http_port = 80\nnot_a_key = 1"))
+        assert health.main(["--config", str(path)]) == 0
+        (run / "dhcp.pid").unlink()
+        assert health.main(["--config", str(path)]) == 1
+    finally:
+        role.kill()
+        role.wait()

@@ -193,3 +193,20 @@ def test_one_admin_view_shows_every_boxs_sessions_and_audit(tmp_path: Path, pg_d
     finally:
         a.conn.close()
         b.conn.close()
+
+
+def test_a_pair_of_tables_is_published_only_over_the_versions_it_was_checked_with(
+    boxes: tuple[Box, Box],
+) -> None:
+    # box a's servers.toml was checked with access at version v0; box b published a new
+    # access meanwhile: a's servers must not land beside b's access unchecked
+    a, b = boxes
+    a.tick()
+    rows = policy_tables.read_all(a.conn)
+    v0 = rows["access"].version
+    newer = policy_tables.SharedTable("access", rows["access"].text + RULE, "b" * 16, 1.0, "b")
+    assert policy_tables.publish(b.conn, newer, v0)
+    servers = policy_tables.SharedTable("servers", rows["servers"].text, "c" * 16, 2.0, "a")
+    expected = {"servers": rows["servers"].version, "access": v0}
+    assert not policy_tables.publish_group(a.conn, [servers], expected)
+    assert policy_tables.read_all(a.conn)["servers"].version == rows["servers"].version
