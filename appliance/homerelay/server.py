@@ -73,6 +73,12 @@ REGISTER_TIMEOUT = 10.0  # an agent link has this long to answer the challenge
 MAX_MESSAGE = frames.MAX_FRAME + 64  # websockets closes 1009 above; FrameError below
 CLOSE_REPLACED = 4000  # an agent link taken over by a new one of the same key
 CLOSE_TOO_SLOW = 1013  # a link whose outbound queue outgrew [limits] link_queue_bytes
+# an appliance link closed because the way from here to one of its households changed
+# where neither end can see it (the peer link to its relay died, or it moved to another
+# relay): the appliance links again at once and its streams resume
+CLOSE_RELINK = 4010
+PEER_QUEUE_FACTOR = 8  # a peer link carries many households: its queue may be this larger
+PEER_RETRY = 1.0  # seconds after a failed dial before a peer relay is dialled again
 IDLE_MARGIN = 30.0  # past linger, before a silent half-closed route is forgotten
 # A route that carried no frame for this long is forgotten: the agent ends a server
 # stream after an hour with no byte (appliance/agent/server.py STREAM_IDLE_TIMEOUT),
@@ -86,6 +92,7 @@ COUNTER_NAMES = (
     "peers_dialled",  # links this relay opened to another relay of the federation
     "peer_dial_failures",
     "taken_elsewhere",  # local agent links closed: the household registered at another relay
+    "relinks",  # appliance links closed so their streams resume on a new path
     "registered",
     "takeovers",
     "registration_refused",
@@ -227,6 +234,10 @@ class RelayServer:
         self._peers: dict[str, _Link] = {}  # relays this one dialled, by name
         self._dialling: dict[str, asyncio.Task[None]] = {}
         self._pending: dict[str, deque[bytes]] = {}  # frames for a peer link being dialled
+        self._peer_retry: dict[str, float] = {}  # relay -> clock() before which no dial
+        # household -> where it was last seen held ('' here, else the relay): a move
+        # elsewhere relinks the appliances whose routes lead the old way
+        self._held_at: dict[str, str] = {}
         self._peer_tls = federation.peer_tls(fed) if fed is not None else None
         self._follower: federation.Follower | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -456,8 +467,18 @@ class RelayServer:
             except Exception:
                 self.counters["internal_errors"] += 1
                 log.exception("reading the federation's relays failed")
+        moved: set[str] = set()
         for event in events:
+            before = self.registrations.where(event.name)
+            if before is not None:
+                self._held_at[event.name] = before
             replaced = self.registrations.apply(event)
+            after = self.registrations.where(event.name)
+            if after is not None:
+                # now at another relay than the one this relay's routes lead to
+                if after and self._held_at.get(event.name, after) != after:
+                    moved.add(event.name)
+                self._held_at[event.name] = after
             old = self._links.get(replaced) if replaced is not None else None
             if old is None:
                 continue
@@ -471,6 +492,7 @@ class RelayServer:
             task = asyncio.create_task(old.ws.close(CLOSE_REPLACED, "registered elsewhere"))
             self._watchers.add(task)
             task.add_done_callback(self._watchers.discard)
+        self._relink(moved)
 
     async def _peer_in(self, link: _Link) -> bool:
         """A relay of the federation links in: its proof of the shared secret."""
@@ -487,8 +509,11 @@ class RelayServer:
         if isinstance(result, RegistrationRefused):
             await self._refuse(link, result)
             return False
+        try:
+            await link.ws.send(json.dumps({"type": "peered", "relay": self.me}))
+        except ConnectionClosed:
+            return False
         link.peer = result
-        await link.ws.send(json.dumps({"type": "peered", "relay": self.me}))
         log.info("relay %s linked in from %s (link %d)", result, link.source, link.id)
         return True
 
@@ -503,6 +528,9 @@ class RelayServer:
             self.counters["dropped_closed"] += 1
             return False
         pending.append(data)
+        if self.clock() < self._peer_retry.get(relay, 0.0):  # it failed a moment ago
+            self._peer_failed(relay)
+            return False
         if relay not in self._dialling:
             task = self._dialling[relay] = asyncio.create_task(self._dial_peer(relay))
             task.add_done_callback(lambda _t: self._dialling.pop(relay, None))
@@ -526,6 +554,7 @@ class RelayServer:
         if fed is None or beat is None or relay == self.me:
             self._peer_failed(relay)
             return
+        ws = None
         try:
             ws = await connect(
                 beat[0],
@@ -543,11 +572,16 @@ class RelayServer:
             await ws.send(json.dumps(federation.peer_message(fed.secret, nonce, self.me)))
             answer = json.loads(await ws.recv())
             if not isinstance(answer, dict) or answer.get("type") != "peered":
-                await ws.close(CLOSE_MALFORMED, "expected peered")
                 raise ValueError("the relay did not take the peer link")
-        except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
+            if answer.get("relay") != relay:
+                raise ValueError(f"{beat[0]} is relay {answer.get('relay')!r}, not {relay}")
+        except (OSError, TimeoutError, WebSocketException, ValueError, RecursionError) as exc:
             self.counters["peer_dial_failures"] += 1
+            self._peer_retry[relay] = self.clock() + PEER_RETRY
             log.warning("relay %s at %s: no peer link: %s", relay, beat[0], exc)
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await ws.close(CLOSE_MALFORMED, "no peer link")
             self._peer_failed(relay)
             return
         self._next_link += 1
@@ -641,10 +675,22 @@ class RelayServer:
     def _link_gone(self, link: _Link) -> None:
         if link.peer and self._peers.get(link.peer) is link:
             del self._peers[link.peer]
+        if link.side is Side.AGENT and link.peer:
+            # what was in flight on it is lost, and neither end saw a link drop: the
+            # appliances of the households that relay holds resume on a new path
+            self._relink({r.household for r in self._routes.values()
+                          if self.registrations.where(r.household) == link.peer})  # fmt: skip
+            return
         if link.side is Side.AGENT:
-            if link.household and self.registrations.offline(
-                link.household, link.id, self.wall_clock()
-            ):
+            try:
+                gone = link.household and self.registrations.offline(
+                    link.household, link.id, self.wall_clock()
+                )
+            except Exception:  # the store: the link is gone either way
+                self.counters["internal_errors"] += 1
+                log.exception("household %s: going offline was not written", link.household)
+                return
+            if gone:
                 log.info("household %s offline (link %d closed)", link.household, link.id)
             return
         for token in link.tokens:
@@ -652,6 +698,26 @@ class RelayServer:
             if route is not None and route.appliance is link:
                 route.appliance = None
         link.tokens.clear()
+
+    def _relink(self, households: set[str]) -> None:
+        """Close the appliance links holding streams of `households`: they link again
+        and resume every stream, which rebuilds the routes along the new path."""
+        if not households:
+            return
+        for other in list(self._links.values()):
+            if other.side is not Side.APPLIANCE or other.peer or other.closing:
+                continue
+            if not any(
+                (route := self._routes.get(t)) is not None and route.household in households
+                for t in other.tokens
+            ):
+                continue
+            self.counters["relinks"] += 1
+            log.info("link %d: its households' path changed; closed to resume", other.id)
+            other.closing = True
+            task = asyncio.create_task(other.ws.close(CLOSE_RELINK, "link again and resume"))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
 
     # -- routing -----------------------------------------------------------------
 
@@ -682,7 +748,8 @@ class RelayServer:
             return False
         link.outbound.append(data)
         link.outbound_bytes += len(data)
-        if link.outbound_bytes > self.config.limits.link_queue_bytes:
+        limit = self.config.limits.link_queue_bytes
+        if link.outbound_bytes > (limit * PEER_QUEUE_FACTOR if link.peer else limit):
             self._close_slow(link)
             return False
         if link.sender is None:  # one sender at a time, and none for an idle link

@@ -112,12 +112,12 @@ class Registrations:
         entry = self._households[household]
         if entry.key != key:
             raise ValueError("online() for a key that does not own the household")
+        if self.store:  # first: a store that fails changes nothing here
+            entry.since = self.store.linked(household, key, self.me, now)
         previous = entry.link_id
         entry.link_id = link_id
         entry.remote = ""
         entry.last_seen = now
-        if self.store:
-            entry.since = self.store.linked(household, key, self.me, now)
         return previous if previous != link_id else None
 
     def offline(self, household: str, link_id: int, now: float) -> bool:

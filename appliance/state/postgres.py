@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import pq, sql
+from psycopg import conninfo, pq, sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 
@@ -50,6 +50,16 @@ CHANNEL = "appliance_state"
 WRITE_LOCK = int.from_bytes(b"applianc", "big")  # the advisory lock of the store's writers
 
 Params = Sequence[Any] | Mapping[str, Any]
+# libpq settings a dsn may override: connect within 5 s; keepalives after 5 s idle,
+# every 2 s, dead after 3 lost; unacknowledged data for 10 s ends the connection
+TCP_DEFAULTS = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
 
 _TOKEN = re.compile(
     r"""
@@ -297,8 +307,13 @@ def connect(dsn: str, *, lock_timeout: float = 5.0) -> PgConnection:
     `lock_timeout` plays the part of SQLite's busy timeout: a writer waiting longer than
     that for the write lock (or a row lock) fails instead of hanging."""
 
+    given = conninfo.conninfo_to_dict(dsn)
+    # a server that vanished without a word (its host died, a partition) is noticed in
+    # seconds, not when TCP gives up hours later: a blocked store call stalls a role
+    full = conninfo.make_conninfo(dsn, **{k: v for k, v in TCP_DEFAULTS.items() if k not in given})
+
     def open_raw() -> psycopg.Connection[tuple[Any, ...]]:
-        conn = psycopg.connect(dsn, autocommit=True)
+        conn = psycopg.connect(full, autocommit=True)
         conn.adapters.register_loader("numeric", _Number)
         conn.execute(
             sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms"))

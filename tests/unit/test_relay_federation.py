@@ -389,85 +389,120 @@ def _spawn(site: Site, name: str, port: int) -> subprocess.Popen[str]:
     )
 
 
-def test_after_kill_9_of_relay_a_its_agent_registers_at_b_and_the_open_stream_is_exact(
+async def exact_through(
     site: Site,
+    agent_ports: list[int],
+    appliance_port: int,
+    midway: Callable[[], Awaitable[None]],
+    size: int = 6 << 20,
+) -> Link:
+    """A stream from an appliance linked at `appliance_port` to an agent that dials
+    `agent_ports` in turn (as a name with several addresses would), echoed back;
+    `midway` runs once a third came back.  Asserts the echo is byte-exact; returns
+    the agent's link."""
+    agent = make_agent()
+    payload = os.urandom(size)
+
+    async def agent_dial() -> Connection:
+        for port in agent_ports:
+            with contextlib.suppress(OSError):
+                ws: Connection = await ws_connect(site, port, "/v1/agent")
+                return ws
+        raise OSError("no relay answers")
+
+    async def agent_register(ws: Connection) -> None:
+        nonce = parse_challenge(await ws.recv())
+        signed = sign_registration(agent.key, agent.der, nonce, HOUSEHOLD, HOST)
+        await ws.send(json.dumps(signed))
+        assert json.loads(await ws.recv())["type"] == "registered"
+
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+
+    async def accept(ls: LinkStream) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", echo_port)
+        ls.hold()
+        await ls.bridge(reader, writer)
+
+    async def appliance_dial() -> Connection:
+        ws: Connection = await ws_connect(site, appliance_port, "/v1/appliance")
+        return ws
+
+    agent_link = Link(agent_dial, name="agent", register=agent_register, accept=accept)
+    appliance = Link(appliance_dial, name="appliance")
+    tasks = [asyncio.ensure_future(agent_link.run()), asyncio.ensure_future(appliance.run())]
+    try:
+        await asyncio.wait_for(agent_link.up.wait(), 10)
+        await asyncio.wait_for(appliance.up.wait(), 10)
+        await until(lambda: _is(presence(site, appliance_port), "online"))
+        ls = appliance.open(HOUSEHOLD)
+        assert await ls.wait_opened(10) is None
+        got = bytearray()
+        fired = False
+
+        async def send() -> None:
+            for i in range(0, len(payload), 64 << 10):
+                await ls.write(payload[i : i + (64 << 10)])
+            ls.close()
+
+        sender = asyncio.ensure_future(send())
+        while data := await ls.read():
+            got += data
+            if not fired and len(got) >= len(payload) // 3:
+                fired = True
+                await midway()
+        await sender
+        assert fired, "the stream ended before the fault"
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        return agent_link
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        echo.close()
+
+
+@pytest.mark.parametrize("to", ["b", "c"])
+def test_after_kill_9_of_relay_a_its_agent_registers_elsewhere_and_the_stream_is_exact(
+    site: Site, to: str
 ) -> None:
+    # the appliance is linked at B; the agent at A, then (A killed) at B itself or at a
+    # third relay C, which the appliance's relay B learns of from the store
     port_a = free_port()
     proc = _spawn(site, "relay-a", port_a)
-    agent = make_agent()
-    payload = os.urandom(6 << 20)
 
     async def go() -> None:
-        async with relays(site, "relay-b") as (b,):
+        async with relays(site, "relay-b", "relay-c") as (b, c):
             await until(lambda: _up(site, port_a), 15.0)
+            elsewhere = b if to == "b" else c
 
-            async def agent_dial() -> Connection:
-                for port in (port_a, b.port):  # as a name with two addresses would
-                    with contextlib.suppress(OSError):
-                        ws: Connection = await ws_connect(site, port, "/v1/agent")
-                        return ws
-                raise OSError("no relay answers")
+            async def kill() -> None:
+                os.kill(proc.pid, signal.SIGKILL)  # relay A, mid-stream
 
-            async def agent_register(ws: Connection) -> None:
-                nonce = parse_challenge(await ws.recv())
-                signed = sign_registration(agent.key, agent.der, nonce, HOUSEHOLD, HOST)
-                await ws.send(json.dumps(signed))
-                assert json.loads(await ws.recv())["type"] == "registered"
-
-            echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
-            echo_port = echo.sockets[0].getsockname()[1]
-
-            async def accept(ls: LinkStream) -> None:
-                reader, writer = await asyncio.open_connection("127.0.0.1", echo_port)
-                ls.hold()
-                await ls.bridge(reader, writer)
-
-            async def appliance_dial() -> Connection:
-                ws: Connection = await ws_connect(site, b.port, "/v1/appliance")
-                return ws
-
-            agent_link = Link(agent_dial, name="agent", register=agent_register, accept=accept)
-            appliance = Link(appliance_dial, name="appliance")
-            tasks = [
-                asyncio.ensure_future(agent_link.run()),
-                asyncio.ensure_future(appliance.run()),
-            ]
-            try:
-                await asyncio.wait_for(agent_link.up.wait(), 10)
-                await asyncio.wait_for(appliance.up.wait(), 10)
-                await until(lambda: _is(presence(site, b.port), "online"))
-                ls = appliance.open(HOUSEHOLD)
-                assert await ls.wait_opened(10) is None
-                got = bytearray()
-                killed: list[float] = []
-
-                async def send() -> None:
-                    for i in range(0, len(payload), 64 << 10):
-                        await ls.write(payload[i : i + (64 << 10)])
-                    ls.close()
-
-                sender = asyncio.ensure_future(send())
-                while data := await ls.read():
-                    got += data
-                    if not killed and len(got) >= len(payload) // 3:
-                        os.kill(proc.pid, signal.SIGKILL)  # relay A, mid-stream
-                        killed.append(time.monotonic())
-                await sender
-                assert killed, "the stream ended before relay A was killed"
-                assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-                assert b.counters["registered"] >= 1  # the agent came to B
-                assert agent_link.counters["links"] == 2
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                echo.close()
+            agent = await exact_through(site, [port_a, elsewhere.port], b.port, kill)
+            assert elsewhere.counters["registered"] >= 1  # the agent came there
+            assert agent.counters["links"] == 2
+            if to == "c":
+                assert b.counters["relinks"] >= 1  # B sent its appliance to resume
 
     try:
         run(go(), timeout=90)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_peer_link_that_drops_while_both_relays_live_loses_nothing(site: Site) -> None:
+    async def go() -> None:
+        async with relays(site, "relay-a", "relay-b") as (a, b):
+
+            async def cut() -> None:  # B's link to A dies, no close handshake
+                b._peers["relay-a"].ws.transport.abort()
+
+            await exact_through(site, [a.port], b.port, cut)
+            assert b.counters["relinks"] >= 1 and b.counters["peers_dialled"] == 2
+
+    run(go(), timeout=60)
 
 
 async def _up(site: Site, port: int) -> bool:
