@@ -41,7 +41,7 @@ from prometheus_client.core import Metric
 from appliance.core import metrics
 from appliance.core.config import Config
 from appliance.ha.holder import CHECK_EVERY, AlwaysActive, Holder
-from appliance.state import leases, schema, store, takeover
+from appliance.state import appliances, leases, schema, store, takeover
 from appliance.state.connection import STORE_ERRORS, Connection
 from dhcp import codec, frame
 from dhcp.codec import TYPE_NAMES, DecodeError
@@ -160,6 +160,10 @@ class FloodGuard:
         self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full}
 
 
+class SubnetTaken(Exception):
+    """Another appliance on the shared store serves an overlapping guest subnet."""
+
+
 class Service:
     def __init__(
         self,
@@ -173,6 +177,18 @@ class Service:
         self.settings = Settings.from_config(config)
         self.conn = store.open_store(config.state)
         schema.upgrade(self.conn)
+        # the boxes on this store: none but this box's pair may serve this guest subnet
+        ifs = config.interfaces
+        self.name = str(ifs.uplink_address.ip if ifs.uplink_address else ifs.management_address)
+        peers = [str(p) for p in config.ha.peers]
+        taken = appliances.overlapping(self.conn, self.name, ifs.guest_subnet, peers, time.time())
+        if taken:
+            raise SubnetTaken(
+                f"appliance {taken[0].name} serves {taken[0].guest_subnet} from the same store: "
+                f"appliances of two segments need two guest subnets (a pair names its other "
+                f"box in [ha] peers); {ifs.guest_subnet} is not served here"
+            )
+        appliances.register(self.conn, self.name, ifs.guest_subnet, time.time())
         self.index = load_index(self.conn, self.settings)
         self.sock = sock or open_socket(self.ifname)
         self.link = link or open_link(self.ifname)
@@ -455,6 +471,7 @@ class Service:
             if refused:  # renewed by the other box of the pair meanwhile
                 self._stale(f"renewed elsewhere: {', '.join(sorted(refused))}")
             log.info("%d lease(s) expired", len(lapsed) - len(refused))
+        appliances.register(self.conn, self.name, self.config.interfaces.guest_subnet, now)
         self.index.forget_offers(now)
         self.guard.forget(now)
         return len(lapsed)
@@ -589,7 +606,11 @@ def main(config: Config) -> int:
         log.info("dhcp is disabled in %s", config.path)
         return 0
     Path(config.state.directory).mkdir(parents=True, exist_ok=True)
-    service = Service(config)
+    try:
+        service = Service(config)
+    except SubnetTaken as exc:  # fail closed: no answer rather than one address twice
+        log.error("dhcp not started: %s", exc)
+        return 2
     metrics.serve(config, "dhcp", service.metric_families)
     return service.run()
 

@@ -37,7 +37,7 @@ from appliance.policy.access_rights import AccessTable
 from appliance.policy.server_info import ServerTable
 from appliance.policy.tables import check_texts
 from appliance.portal.security import RateLimiter
-from appliance.state import schema, store, usage
+from appliance.state import appliances, schema, store, usage
 from appliance.state.admin_logins import AdminLogins
 from appliance.state.connection import STORE_ERRORS, Connection
 from appliance.state.sessions import SessionStore
@@ -361,8 +361,12 @@ def create_app(
 
     @app.get("/sessions")
     def sessions_page() -> ResponseReturnValue:
-        items = sorted(session_list().list(), key=lambda s: s.created)
-        return page("sessions.html", items=items, now=time.time())
+        store = session_list()
+        items = sorted(store.list(), key=lambda s: s.created)
+        conn = getattr(store, "conn", None)  # several boxes on one store: whose is it
+        boxes = appliances.listed(conn) if conn is not None else []
+        where = {s.id: appliances.serving(boxes, s.ip) for s in items}
+        return page("sessions.html", items=items, now=time.time(), where=where)
 
     @app.post("/sessions/end")
     def session_end() -> ResponseReturnValue:

@@ -153,9 +153,9 @@ assert, or whose agent lost a fingerprint or domain; they log in again.</p>
 SESSIONS = """{% extends "base.html" %}{% block title %}Sessions{% endblock %}{% block body %}
 <h1>Active sessions</h1>
 {% if not items %}<p>No active sessions.</p>
-{% else %}<table><tr><th>user</th><th>source</th><th>address</th><th>MAC</th><th>since</th>
-<th>idle expiry</th><th></th></tr>
-{% for s in items %}<tr><td>{{ s.user }}</td><td>{{ s.source }}</td><td>{{ s.ip }}</td>
+{% else %}<table><tr><th>user</th><th>source</th><th>appliance</th><th>address</th><th>MAC</th>
+<th>since</th><th>idle expiry</th><th></th></tr>
+{% for s in items %}<tr><td>{{ s.user }}</td><td>{{ s.source }}</td><td>{{ where[s.id] }}</td><td>{{ s.ip }}</td>
 <td>{{ s.mac }}</td><td>{{ ((now - s.created) // 60)|int }} min</td>
 <td>{{ ((s.idle_expiry - now) // 60)|int }} min</td>
 <td><form method="post" action="{{ url_for('session_end') }}">

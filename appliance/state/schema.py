@@ -189,6 +189,18 @@ CREATE TABLE IF NOT EXISTS policy_tables (
 """
 
 
+# Each appliance on the store and the guest subnet it serves (appliance/state/
+# appliances.py): the admin pages say which box a session is on, and a box refuses a
+# subnet another one (not its pair) serves from the same store.
+_V6 = """
+CREATE TABLE IF NOT EXISTS appliances (
+    name TEXT PRIMARY KEY,
+    guest_subnet TEXT NOT NULL,
+    seen REAL NOT NULL
+);
+"""
+
+
 @dataclass(frozen=True)
 class Schema:
     """One store's migrations, and the table that records how far it got (the
@@ -210,6 +222,7 @@ APPLIANCE = Schema(
         Migration(3, "session events followed by id; the audit log in the store", _V3),
         Migration(4, "the DHCP epoch of an active/standby pair (leases.claim_epoch)", _V4),
         Migration(5, "policy tables shared by several appliances", _V5),
+        Migration(6, "the appliances that share the store, and their guest subnets", _V6),
     ),
 )
 # the home relay's own store: who owns each household name (appliance/state/households.py)

@@ -465,6 +465,10 @@ def test_the_check_judges_by_pid_files_even_when_the_config_was_broken_since(
         [sys.executable, "-c", "import time; time.sleep(60)", "appliance", "run"]
     )
     try:
+        deadline = time.monotonic() + 10  # until the child is that program, not our fork
+        while b"run" not in Path(f"/proc/{role.pid}/cmdline").read_bytes().split(b"\0"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         for name in health.GUEST_ROLES:
             (run / f"{name}.pid").write_text(f"{role.pid}\n")
         assert health.main(["--config", str(path)]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from appliance.admin.app import create_app
 from appliance.admin.mirror import Mirror, Step, decide
 from appliance.core.config import Config, ConfigError, load
 from appliance.core.passwords import hash_password
-from appliance.state import policy_tables, postgres, store
+from appliance.state import appliances, policy_tables, postgres, store
 from appliance.state.connection import Connection
 from appliance.state.sessions import SessionStore, read_only
 from dhcp.labconfig import write_config
@@ -188,6 +189,12 @@ def test_one_admin_view_shows_every_boxs_sessions_and_audit(tmp_path: Path, pg_d
         assert done.status_code == 302
         sessions = c.get("/sessions").text
         assert "dave" in sessions and "10.20.0.7" in sessions
+        # the DHCP roles registered both boxes: the page says which box dave is on
+        for box in (a, b):
+            ifs = box.config.interfaces
+            appliances.register(box.conn, f"box-{box.config.path.parent.name}",
+                                ifs.guest_subnet, time.time())  # fmt: skip
+        assert re.search(r"dave</td><td>site</td><td>box-b</td>", c.get("/sessions").text)
         log = c.get("/audit").text
         assert "erin" in log and "someone 10.20.0.9" in log
     finally:
@@ -210,3 +217,28 @@ def test_a_pair_of_tables_is_published_only_over_the_versions_it_was_checked_wit
     expected = {"servers": rows["servers"].version, "access": v0}
     assert not policy_tables.publish_group(a.conn, [servers], expected)
     assert policy_tables.read_all(a.conn)["servers"].version == rows["servers"].version
+
+
+def test_a_box_refuses_a_guest_subnet_another_box_serves_from_the_same_store(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    import socket
+
+    from dhcp.service import Service, SubnetTaken
+
+    def service(config: Config) -> Service:
+        link, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        return Service(config, sock=socket.socket(socket.AF_INET, socket.SOCK_DGRAM), link=link)
+
+    first = service(_box(tmp_path / "a", pg_dsn))
+    # another segment's box with its own subnet: fine; one with the same subnet: refused
+    other = _box(tmp_path / "b", pg_dsn, guest_address="10.20.0.1/24")
+    path = other.path
+    path.write_text(path.read_text().replace('"198.51.100.1', '"198.51.100.21'))
+    service(load(path))
+    clash = tmp_path / "c"
+    same = write_config(clash, state_dsn=pg_dsn)
+    same.write_text(same.read_text().replace('"198.51.100.1', '"198.51.100.31'))
+    with pytest.raises(SubnetTaken, match=r"198.51.100.1 serves 192.168.1.0/24"):
+        service(load(same))
+    assert {a.name for a in appliances.listed(first.conn)} == {"198.51.100.1", "198.51.100.21"}
