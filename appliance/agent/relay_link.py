@@ -31,8 +31,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
 from appliance.agent import guard
@@ -40,7 +38,8 @@ from appliance.agent.settings import AgentSettings, RelaySettings
 from appliance.core import agent_protocol as wire
 from appliance.homelink import frames
 from appliance.homelink.frames import Reset
-from appliance.homelink.link import Link, LinkDown, LinkStream
+from appliance.homelink.link import Link, LinkConnection, LinkDown, LinkStream
+from appliance.homelink.poll_client import dial_link
 from appliance.homelink.registration import (
     CLOSE_BAD_SIGNATURE,
     CLOSE_CLAIMED,
@@ -137,7 +136,7 @@ class RelayLink:
             register=self._register,
             accept=self._accept,
         )
-        self.ws: ClientConnection | None = None  # the current WebSocket (tests abort it)
+        self.ws: LinkConnection | None = None  # the current link (tests abort it)
         self.dials = 0
         self.dial_started = 0.0  # monotonic: when the latest dial began
         self.registered_at = 0.0  # monotonic: when the latest registration was answered
@@ -169,7 +168,7 @@ class RelayLink:
 
     # -- the Link's parts --------------------------------------------------------------
 
-    async def _dial(self) -> Connection:
+    async def _dial(self) -> LinkConnection:
         if self.registered:
             self.registered = False
             log.info(
@@ -179,31 +178,33 @@ class RelayLink:
             )
         self.dials += 1
         self.dial_started = time.monotonic()
-        ws = await connect(
+        ws = await dial_link(
             self.relay.url,
-            ssl=self.ssl,
+            tls=self.ssl,
             server_hostname=self.relay.host,
+            proxy=None,
+            verify=self._check_pin,  # every TLS connection: a long-poll opens several
             compression=None,
             ping_interval=3,
             ping_timeout=5,
             close_timeout=2,
             open_timeout=10,
-            proxy=None,
             max_size=frames.MAX_FRAME + 256,
         )
-        if self.relay.pin is not None:
-            tls = ws.transport.get_extra_info("ssl_object")
-            der = tls.getpeercert(binary_form=True) if tls is not None else None
-            seen = wire.fingerprint(der or b"")
-            if not secrets.compare_digest(seen, self.relay.pin):
-                ws.transport.abort()  # no close handshake: nothing more to say to it
-                message = f"relay certificate pin mismatch: {seen}, expected {self.relay.pin}"
-                self._note_refusal(message)
-                raise LinkDown(message)
         self.ws = ws
         return ws
 
-    async def _register(self, ws: Connection) -> None:
+    def _check_pin(self, tls: ssl.SSLObject | None) -> None:
+        if self.relay.pin is None:
+            return
+        der = tls.getpeercert(binary_form=True) if tls is not None else None
+        seen = wire.fingerprint(der or b"")
+        if not secrets.compare_digest(seen, self.relay.pin):
+            message = f"relay certificate pin mismatch: {seen}, expected {self.relay.pin}"
+            self._note_refusal(message)
+            raise LinkDown(message)
+
+    async def _register(self, ws: LinkConnection) -> None:
         try:
             try:
                 async with asyncio.timeout(REGISTER_TIMEOUT):

@@ -21,14 +21,14 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from appliance.core.config import HomeRelayConfig
 from appliance.homelink import frames
 from appliance.homelink.dialer_client import MAX_LINE, DialerError, answer_line, parse_open
 from appliance.homelink.frames import Reset
-from appliance.homelink.link import Dial, Link, LinkStream
+from appliance.homelink.link import Dial, Link, LinkConnection, LinkStream
+from appliance.homelink.poll_client import dial_link
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def relay_dial(cfg: HomeRelayConfig, name: str, urls: Sequence[str], ctx: ssl.SS
     """
     order = list(urls)
 
-    async def dial() -> ClientConnection:
+    async def dial() -> LinkConnection:
         for i, url in enumerate(order):
             try:
                 ws = await _dial_one(url)
@@ -83,10 +83,11 @@ def relay_dial(cfg: HomeRelayConfig, name: str, urls: Sequence[str], ctx: ssl.SS
             return ws
         raise OSError(f"relay {name}: no URL")
 
-    async def _dial_one(url: str) -> ClientConnection:
-        ws: ClientConnection = await connect(
+    async def _dial_one(url: str) -> LinkConnection:
+        # a WebSocket, or a long-poll session where something on the way blocks it
+        ws: LinkConnection = await dial_link(
             url,
-            ssl=ctx,
+            tls=ctx,
             server_hostname=name,
             compression=None,  # the streams carry TLS ciphertext
             ping_interval=3,

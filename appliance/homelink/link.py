@@ -22,9 +22,9 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
-from websockets.asyncio.connection import Connection
 from websockets.exceptions import WebSocketException
 
 from appliance.homelink import frames
@@ -33,8 +33,22 @@ from appliance.homelink.stream import LINGER, WINDOW, Stream
 
 log = logging.getLogger(__name__)
 
-Dial = Callable[[], Awaitable[Connection]]
-Register = Callable[[Connection], Awaitable[None]]
+
+class LinkConnection(Protocol):
+    """A link as its users see it: a websockets connection, or a long-poll session that
+    behaves as one (poll_end.py); both raise websockets' ConnectionClosed when over."""
+
+    async def send(self, message: str | bytes) -> None: ...
+
+    async def recv(self) -> str | bytes: ...
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+Dial = Callable[[], Awaitable[LinkConnection]]
+Register = Callable[[LinkConnection], Awaitable[None]]
 Accept = Callable[["LinkStream"], Awaitable[None]]
 
 BACKOFF_FIRST = 0.5
@@ -206,7 +220,7 @@ class Link:
             "unknown_streams": 0,
             "streams_expired": 0,
         }
-        self._ws: Connection | None = None
+        self._ws: LinkConnection | None = None
         self._due: dict[LinkStream, None] = {}  # insertion-ordered set: round robin
         # streams that ended cleanly, for a linger: the peer may not have heard our last
         # ACK and RESUMEs (oldest first, at most MAX_FINISHED)
@@ -285,7 +299,7 @@ class Link:
             self._detach(ws)
             await ws.close()
 
-    def _attach(self, ws: Connection) -> None:
+    def _attach(self, ws: LinkConnection) -> None:
         self._ws = ws
         self.counters["links"] += 1
         for ls in self.streams.values():
@@ -295,7 +309,7 @@ class Link:
         self._wake_writer.set()
         log.info("link to %s up, %d streams to resume", self.name, len(self.streams))
 
-    def _detach(self, ws: Connection) -> None:
+    def _detach(self, ws: LinkConnection) -> None:
         if self._ws is not ws:
             return
         self._ws = None
@@ -306,7 +320,7 @@ class Link:
         # OPENs not yet sent go out on the next link; answers to unknown tokens do not.
         self._control = deque(c for c in self._control if c[0] == Kind.OPEN)
 
-    async def _reader(self, ws: Connection) -> None:
+    async def _reader(self, ws: LinkConnection) -> None:
         async for message in ws:
             try:
                 frame = frames.decode(message)
@@ -361,7 +375,7 @@ class Link:
             log.exception("stream %s: the local side failed", ls.token.hex()[:8])
             ls.abort(Reset.CLOSED, "local side failed")
 
-    async def _writer(self, ws: Connection) -> None:
+    async def _writer(self, ws: LinkConnection) -> None:
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()

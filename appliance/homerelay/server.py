@@ -35,10 +35,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, Protocol
 
 from prometheus_client.core import Metric
 from websockets.asyncio.client import connect
-from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.http11 import Request, Response
@@ -46,6 +46,7 @@ from websockets.http11 import Request, Response
 from appliance.core import metrics
 from appliance.homelink import frames
 from appliance.homelink.frames import Frame, FrameError, Kind, Reset
+from appliance.homelink.link import LinkConnection
 from appliance.homelink.registration import (
     CLOSE_MALFORMED,
     RegistrationRefused,
@@ -58,6 +59,12 @@ from appliance.homelink.registration import (
 from appliance.homelink.stream import LINGER, WINDOW
 from appliance.homerelay import federation
 from appliance.homerelay.config import PEER_PATH, RelayConfig
+from appliance.homerelay.poll_front import (
+    OPEN_TIMEOUT,
+    PollSession,
+    PollSessions,
+    front_connection,
+)
 from appliance.homerelay.table import HouseholdStore, Registrations
 from appliance.state.households import Households, LinkEvent
 
@@ -121,6 +128,16 @@ COUNTER_NAMES = (
 )
 
 
+class RelayLinkConnection(LinkConnection, Protocol):
+    """What the relay uses of a link: a websockets connection, or a long-poll session
+    (poll_front.py) that behaves as one."""
+
+    @property
+    def remote_address(self) -> Any: ...
+
+    async def wait_closed(self) -> None: ...
+
+
 class Side(StrEnum):
     APPLIANCE = "appliance"
     AGENT = "agent"
@@ -131,7 +148,7 @@ class _Link:
     """One WebSocket link; frames to it wait in `outbound` for its sender task."""
 
     id: int
-    ws: Connection
+    ws: RelayLinkConnection
     side: Side
     source: str = ""  # the remote IP address, as the per-source limit counts it
     household: str = ""  # agent links, once registered
@@ -253,6 +270,10 @@ class RelayServer:
         self._per_source: Counter[str] = Counter()
         self._watchers: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
+        # links by HTTP long-poll where a WebSocket cannot pass (poll_front.py)
+        self.polls = PollSessions(
+            frozenset({AGENT_PATH, APPLIANCE_PATH}), self._serve_poll, self._admit
+        )
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -270,6 +291,10 @@ class RelayServer:
             self.config.port,
             ssl=self._tls(),
             process_request=self._process_request,
+            # a POST is the long-poll transport; the front applies the open timeout
+            create_connection=front_connection(self.polls),
+            open_timeout=None,
+            ssl_handshake_timeout=OPEN_TIMEOUT,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             max_size=MAX_MESSAGE,
@@ -283,6 +308,7 @@ class RelayServer:
             close_timeout=CLOSE_TIMEOUT,
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        self.polls.start()
         if self._follower is not None:
             self._loop = asyncio.get_running_loop()
             self._beat()
@@ -294,6 +320,7 @@ class RelayServer:
         """The relay's counters and table as Prometheus families (called per scrape, in
         the metrics server's thread: reads copies, never the live dicts' iterators)."""
         counters = self.counters.copy()
+        counters.update(self.polls.counters)
         links: dict[tuple[str, ...], float] = {}
         for link in list(self._links.values()):
             links[(str(link.side),)] = links.get((str(link.side),), 0) + 1
@@ -342,6 +369,7 @@ class RelayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        await self.polls.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -360,11 +388,9 @@ class RelayServer:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
         if path in (AGENT_PATH, APPLIANCE_PATH, PEER_PATH):
             source = _source(connection)
-            if self._per_source[source] >= self.config.limits.links_per_source:
-                self.counters["source_limit"] += 1
-                log.warning("refused a link from %s: too many links from it", source)
-                return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "too many links\n")
-            self._per_source[source] += 1
+            refusal = self._admit(source)
+            if refusal is not None:
+                return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, refusal)
             watcher = asyncio.create_task(self._release_source(connection, source))
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
@@ -382,7 +408,16 @@ class RelayServer:
             return response
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
-    async def _release_source(self, connection: ServerConnection, source: str) -> None:
+    def _admit(self, source: str) -> str | None:
+        """Count one more link from `source`, or say why not (the per-source limit)."""
+        if self._per_source[source] >= self.config.limits.links_per_source:
+            self.counters["source_limit"] += 1
+            log.warning("refused a link from %s: too many links from it", source)
+            return "too many links\n"
+        self._per_source[source] += 1
+        return None
+
+    async def _release_source(self, connection: RelayLinkConnection, source: str) -> None:
         try:
             await connection.wait_closed()
         finally:
@@ -390,9 +425,17 @@ class RelayServer:
             if self._per_source[source] <= 0:
                 del self._per_source[source]
 
+    async def _serve_poll(self, session: PollSession) -> None:
+        """A long-poll link, admitted by `_admit`: served as a WebSocket one."""
+        try:
+            await self._handle(session)
+        finally:
+            session.finish(1000)
+            await self._release_source(session, _source(session))
+
     # -- links -------------------------------------------------------------------
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: ServerConnection | PollSession) -> None:
         path = ws.request.path.partition("?")[0] if ws.request else ""
         self._next_link += 1
         side = Side.AGENT if path == AGENT_PATH else Side.APPLIANCE
@@ -1090,6 +1133,6 @@ class RelayServer:
             self.sweep()
 
 
-def _source(connection: Connection) -> str:
+def _source(connection: RelayLinkConnection) -> str:
     address = connection.remote_address
     return str(address[0]) if address else "?"

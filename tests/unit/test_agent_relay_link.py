@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import ssl
 import time
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
+from home_front import NginxFront
 from websockets.asyncio.client import connect
 
 from appliance.agent import client
@@ -39,6 +41,7 @@ from appliance.core import agent_protocol as wire
 from appliance.core.tomlfile import TomlFile
 from appliance.homelink.frames import Frame
 from appliance.homelink.link import Link
+from appliance.homelink.poll_client import PollClient
 from appliance.homelink.registration import parse_challenge, sign_registration
 from appliance.homerelay.config import parse as parse_relay_config
 from appliance.homerelay.server import RelayServer
@@ -224,10 +227,12 @@ async def rig(
     pin: str | None = None,
     squat: bool = False,
     limits: tuple[int, int] = (10000, 10000),
+    front: Callable[[int], int] | None = None,
 ) -> AsyncIterator[Rig]:
     """`pin`: the relay pin the agent is given (default the right one); `squat`: the
     household's name is claimed by another key before the agent starts; `limits`: the
-    agent's rate limits, (per minute, burst)."""
+    agent's rate limits, (per minute, burst); `front(relay_port)`: starts what stands
+    between the agent and the relay, gives its port."""
     cert, key, relay_pin = relay_tls
     relay_config = parse_relay_config(
         TomlFile.parse(
@@ -242,6 +247,7 @@ async def rig(
         await claim(relay, cert)
     pop = PopLike()
     await pop.start()
+    agent_port = relay.port if front is None else await asyncio.to_thread(front, relay.port)
     settings = make_agent_dir(
         tmp_path / "agent",
         port=free_port(),
@@ -252,7 +258,7 @@ async def rig(
         extra=(
             f'[appliances]\ntrusted = ["{KID}"]\n[limits]\nrate = {limits[0]}\n'
             f"burst = {limits[1]}\n"
-            f'[relay]\nurl = "wss://{HOST}:{relay.port}/v1/agent"\n'
+            f'[relay]\nurl = "wss://{HOST}:{agent_port}/v1/agent"\n'
             f'household = "{HOUSEHOLD}"\npin = "{pin or relay_pin}"\n'
         ),
     )
@@ -441,6 +447,74 @@ def test_a_wrong_relay_pin_never_gets_a_registration(
             assert r.relay.counters["agent_links"] >= 1  # it did reach the relay, no further
 
     run(body())
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_behind_a_front_that_blocks_upgrades_the_agent_links_by_long_poll(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str], config: Any
+) -> None:
+    """nginx in front of the relay drops the Upgrade: the agent's link falls back to
+    long-poll, still pinned (every TLS connection it opens is checked), and a visitor's
+    login and fetch through the relay work as over a WebSocket."""
+    cert, key, _ = relay_tls
+    nginx = NginxFront(tmp_path / "nginx", cert, key, HOST)
+
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls, front=nginx) as r:
+            await r.wait_online(5)
+            assert r.agent.relay is not None and isinstance(r.agent.relay.ws, PollClient)
+            answer = await asyncio.to_thread(
+                client.authenticate,
+                config,
+                f"bob@{HOUSEHOLD}.{HOST}#{r.agent.fingerprint}",
+                "bob-pw",
+                sock=await r.relayed_socket(),
+            )
+            assert answer.user == "bob"
+            with pytest.raises(client.AgentError):  # refused (loopback servers), but noted
+                await asyncio.to_thread(
+                    client.authenticate, config, r.spec, "alice-pw", sock=await r.relayed_socket()
+                )
+            tls = await asyncio.to_thread(
+                client.open_server_stream,
+                config,
+                r.spec,
+                "alice",
+                "pop3",
+                sock=await r.relayed_socket(),
+            )
+            digest = await asyncio.to_thread(fetch, tls, [0])
+            assert digest == hashlib.sha256(MAILBOX).hexdigest()
+            assert r.relay.polls.counters["poll_sessions"] == 1
+            assert '"POST /v1/poll/' in nginx.access_log()
+
+    try:
+        run(body())
+    finally:
+        nginx.stop()
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_a_wrong_relay_pin_keeps_a_long_poll_link_out_too(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str]
+) -> None:
+    cert, key, _ = relay_tls
+    nginx = NginxFront(tmp_path / "nginx", cert, key, HOST)
+
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls, pin="sha256:" + "A" * 43, front=nginx) as r:
+            await asyncio.sleep(1.5)
+            assert r.agent.relay is not None
+            assert "pin mismatch" in r.agent.relay.last_error
+            assert (await r.presence())[0] == 404
+            assert r.relay.counters["registered"] == 0
+            # the fallback dialled no session: the pin failed on the first connection
+            assert r.relay.polls.counters["poll_sessions"] == 0
+
+    try:
+        run(body())
+    finally:
+        nginx.stop()
 
 
 def test_a_name_claimed_by_another_key_is_retried_with_backoff(

@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +36,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from home_front import NginxFront
 from relay_helpers import free_port
-from websockets.asyncio.client import ClientConnection, connect
 
 from appliance.core.config import HomeRelayConfig
 from appliance.core.tomlfile import TomlFile
 from appliance.homelink import frames
 from appliance.homelink.dialer import Dialer, tls_context
 from appliance.homelink.dialer_client import DialerError, dial, dial_async
-from appliance.homelink.link import Link, LinkStream
+from appliance.homelink.link import Link, LinkConnection, LinkStream
+from appliance.homelink.poll_client import PollClient, dial_link
 from appliance.homelink.registration import parse_challenge, sign_registration
 from appliance.homerelay.config import RelayConfig, parse
 from appliance.homerelay.server import RelayServer
@@ -171,6 +173,7 @@ class World:
         self.dialer: Dialer | None = None
         self.agent: Link | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.front = 0  # a port in front of the relay that ends agents and dialer go to
 
     @property
     def cfg(self) -> HomeRelayConfig:
@@ -197,10 +200,10 @@ class World:
         der = _cert("agent", key, "agent", key).public_bytes(serialization.Encoding.DER)
         ctx = tls_context(dataclasses.replace(self.cfg, ca=self.pki.ca))
 
-        async def dial_agent() -> ClientConnection:
-            ws: ClientConnection = await connect(
-                f"wss://127.0.0.1:{self.port}/v1/agent",
-                ssl=ctx,
+        async def dial_agent() -> LinkConnection:
+            ws: LinkConnection = await dial_link(
+                f"wss://127.0.0.1:{self.front or self.port}/v1/agent",
+                tls=ctx,
                 server_hostname=RELAY,
                 compression=None,
                 ping_interval=3,
@@ -241,13 +244,20 @@ class World:
 
 @asynccontextmanager
 async def world(
-    pki: Pki, directory: Path, agent: bool = True, dead_first: int | None = None
+    pki: Pki,
+    directory: Path,
+    agent: bool = True,
+    dead_first: int | None = None,
+    front: Callable[[int], int] | None = None,
 ) -> AsyncIterator[World]:
+    """`front(relay_port)`: starts what stands in front of the relay, returns its port."""
     w = World(pki, directory)
     try:
         await w.start_relay()
+        if front is not None:
+            w.front = front(w.port)
         socket_path = directory / "run" / "homelink.sock"
-        await w.start_dialer(dialer_config(socket_path, pki.ca, w.port, dead_first))
+        await w.start_dialer(dialer_config(socket_path, pki.ca, w.front or w.port, dead_first))
         if agent:
             await w.start_agent()
         assert w.dialer is not None
@@ -539,3 +549,67 @@ def test_the_relay_is_reached_through_the_sites_proxy_with_connect(
         time.sleep(0.3)  # squid logs a tunnel when it ends
         log = access_log.read_text()
         assert f"CONNECT 127.0.0.1:{relay_ports[0]}" in log, log
+
+
+# -- where a WebSocket cannot pass: links by long-poll ------------------------------
+
+
+@pytest.fixture
+def nginx_front(short_dir: Path, pki: Pki) -> Iterator[NginxFront]:
+    front = NginxFront(short_dir / "nginx", pki.relay_cert, pki.key, RELAY)
+    try:
+        yield front
+    finally:
+        front.stop()
+
+
+def _poll_links(w: World) -> list[bool]:
+    assert w.dialer is not None and w.agent is not None
+    return [isinstance(link._ws, PollClient) for link in (w.dialer.links[RELAY], w.agent)]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_where_the_upgrade_is_blocked_both_ends_link_by_long_poll(
+    pki: Pki, short_dir: Path, nginx_front: NginxFront
+) -> None:
+    async def body() -> None:
+        async with world(pki, short_dir, front=nginx_front) as w:
+            assert _poll_links(w) == [True, True]
+            threaded = asyncio.to_thread(sync_echo, w.cfg)
+            assert list(await asyncio.gather(threaded, async_echo(w.cfg))) == [DIGEST, DIGEST]
+            assert w.relay is not None
+            assert w.relay.metric_families()  # the poll counters are among the relay's
+            assert w.relay.polls.counters["poll_sessions"] == 2
+            log = nginx_front.access_log()
+            # nginx asked the relay in HTTP/1.0 without the Upgrade: no 101, a refusal
+            assert re.search(r'"GET /v1/appliance HTTP/1.1" [45]\d\d ', log), log
+            assert '"POST /v1/poll/' in log
+
+    run(body(), limit=30)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_a_long_poll_link_rides_out_its_connections_failing_mid_stream(
+    pki: Pki, short_dir: Path, nginx_front: NginxFront
+) -> None:
+    """nginx killed and started again in the middle of a 2 MiB echo: every HTTP
+    connection of both links breaks, the requests are retried, no byte is lost or
+    repeated, and the links stay the same links (no relink, no resume needed)."""
+
+    async def body() -> None:
+        async with world(pki, short_dir, front=nginx_front) as w:
+
+            async def restart() -> None:
+                nginx_front.stop()
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(nginx_front.start)
+
+            assert await async_echo(w.cfg, midway=restart) == DIGEST
+            assert w.dialer is not None and w.agent is not None
+            assert w.dialer.links[RELAY].counters["links"] == 1
+            assert w.agent.counters["links"] == 1
+            assert _poll_links(w) == [True, True]
+            links = (w.dialer.links[RELAY]._ws, w.agent._ws)
+            assert all(isinstance(ws, PollClient) and ws.retries > 0 for ws in links)
+
+    run(body(), limit=30)

@@ -16,6 +16,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from appliance.core.tomlfile import ConfigError, TomlFile
-from appliance.homelink import frames
+from appliance.homelink import frames, poll
 from appliance.homelink.frames import Kind, Reset
 from appliance.homelink.registration import parse_challenge, sign_registration
 from appliance.homelink.stream import LINGER, WINDOW
@@ -782,3 +783,83 @@ def test_the_relays_metrics_count_households_links_and_events(
         assert "alice" not in text  # no household name is a label value
 
     with_relay(make_config, relay_tls, body)
+
+
+async def post(c: Client, path: str, body: bytes) -> tuple[int, bytes]:
+    """One long-poll request on its own connection, as a proxy in front might send it."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", c.server.port, ssl=c.tls, server_hostname=HOST
+    )
+    head = f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"Connection: close\r\n\r\n" + body)
+    data = await asyncio.wait_for(reader.read(), 6)
+    writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def poll_session(c: Client, path: str = "/v1/appliance") -> str:
+    status, sid = await post(c, path, b"")
+    assert status == 200 and poll.SESSION_RE.fullmatch(sid.decode()), (status, sid)
+    return sid.decode()
+
+
+def test_long_poll_requests_with_bad_input_get_clear_errors_and_the_relay_serves_on(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        nobody = "0" * 32
+        assert (await post(c, f"/v1/poll/{nobody}/down", poll.NUMBER.pack(0)))[0] == 404
+        assert (await post(c, "/v1/poll/../../etc/down", b""))[0] == 404
+        assert (await post(c, "/v1/households/alice-home", b""))[0] == 404
+
+        garbled = await poll_session(c)
+        status, why = await post(c, f"/v1/poll/{garbled}/up", b"\x00\x01")
+        assert (status, why) == (400, b"not a u64\n")
+        # the session is over: its id names nothing any more
+        assert (await post(c, f"/v1/poll/{garbled}/down", poll.NUMBER.pack(0)))[0] == 404
+
+        gap = await poll_session(c)
+        ahead = poll.encode_batch(5, [poll.of_value(b"x")])
+        status, why = await post(c, f"/v1/poll/{gap}/up", ahead)
+        assert status == 400 and b"5" in why
+        assert (await post(c, f"/v1/poll/{gap}/down", poll.NUMBER.pack(0)))[0] == 404
+
+        big = await poll_session(c)
+        oversized = poll.encode_batch(0, [poll.of_value(b"x" * poll.MAX_BODY)])
+        assert (await post(c, f"/v1/poll/{big}/up", oversized))[0] == 413
+
+        # a session that keeps to the protocol still works, and so do WebSocket links
+        good = await poll_session(c)
+        status, answer = await post(c, f"/v1/poll/{good}/up", poll.encode_batch(0, []))
+        assert (status, answer) == (200, poll.NUMBER.pack(0))
+        a = await c.agent(make_agent(), "alice-home")
+        app = await c.appliance()
+        await data_both_ways(app, a, await open_stream(c, app, a, "alice-home"))
+        assert c.server.polls.counters["poll_sessions"] == 4
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_long_poll_sessions_count_against_the_links_per_source_and_die_unpolled(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def body(c: Client) -> None:
+        first = await c.appliance()
+        sid = await poll_session(c)
+        status, why = await post(c, "/v1/appliance", b"")
+        assert status == 429 and why
+        with pytest.raises(InvalidStatus) as refused:
+            await c.appliance()
+        assert refused.value.response.status_code == 429
+        assert c.server.polls.counters["poll_refused"] == 1
+
+        # nobody polls the session: the sweep closes it as a link without pongs
+        c.server.polls.sweep(time.monotonic() + poll.DEAD_AFTER + 1)
+        assert c.server.polls.counters["poll_dead"] == 1
+        assert (await post(c, f"/v1/poll/{sid}/down", poll.NUMBER.pack(0)))[0] == 404
+        await asyncio.sleep(0.1)
+        await c.appliance()  # its place is free again
+        await first.close()
+
+    with_relay(make_config, relay_tls, body, links_per_source=2)

@@ -1,0 +1,275 @@
+"""The client end of a long-poll link (poll.py), and the dial that falls back to it.
+
+`dial_link` tries a WebSocket first.  When the answer to its Upgrade is not a
+WebSocket (a reverse proxy or an inspecting middlebox that does not pass Upgrade
+answers 400, 426, 501, or a page of its own), it opens a long-poll session at the
+same URL instead: the agent and the dialer carry on over it unchanged.
+
+A `PollClient` keeps two HTTP/1.1 connections (kept alive, opened again when they
+fail): one posts what this end sends, one asks for what the relay holds.  Every
+TLS connection is checked as the WebSocket's is (the relay's name, and the agent's
+pin when it has one).  The relay unreachable for `DEAD_AFTER`: the link is dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import h11
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from appliance.homelink import poll
+from appliance.homelink.poll import DEAD_AFTER, REQUEST_TIMEOUT, PollError
+from appliance.homelink.poll_end import CLOSE_ABNORMAL, PollEnd
+
+log = logging.getLogger(__name__)
+
+RETRY = 0.25  # between tries of a failed request
+CONNECT_TIMEOUT = 10.0
+MAX_HEAD = 16384
+
+Verify = Callable[[ssl.SSLObject | None], None]  # raises when the TLS peer is not the relay
+
+
+class PollRefused(OSError):
+    """The relay (or what stands in front of it) did not open a session."""
+
+
+class _Http:
+    """One kept-alive HTTP/1.1 connection to the relay, through a CONNECT proxy or not."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        server_hostname: str,
+        proxy: str | None,
+        verify: Verify | None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.tls = tls
+        self.server_hostname = server_hostname
+        self.proxy = proxy
+        self.verify = verify
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._conn: h11.Connection | None = None
+
+    async def _connect(self) -> None:
+        if self.proxy:
+            p = urllib.parse.urlsplit(self.proxy)
+            reader, writer = await asyncio.open_connection(p.hostname, p.port or 3128)
+            authority = f"{self.host}:{self.port}"
+            writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            if len(head) > MAX_HEAD or head.split(b" ", 2)[1:2] != [b"200"]:
+                writer.close()
+                raise PollRefused(f"the proxy refused CONNECT: {head[:80]!r}")
+            await writer.start_tls(self.tls, server_hostname=self.server_hostname)
+        else:
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.tls, server_hostname=self.server_hostname
+            )
+        if self.verify is not None:
+            try:
+                self.verify(writer.get_extra_info("ssl_object"))
+            except BaseException:
+                writer.transport.abort()
+                raise
+        self._reader, self._writer = reader, writer
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+
+    def drop(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()
+        self._reader = self._writer = self._conn = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST `body`; (status, answer).  Any failure drops the connection and raises."""
+        try:
+            if self._conn is None:
+                await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+            return await self._exchange(path, body)
+        except BaseException:
+            self.drop()
+            raise
+
+    async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
+        conn, reader, writer = self._conn, self._reader, self._writer
+        assert conn is not None and reader is not None and writer is not None
+        headers = [
+            ("host", self.server_hostname),
+            ("content-type", "application/octet-stream"),
+            ("content-length", str(len(body))),
+        ]
+        writer.write(conn.send(h11.Request(method="POST", target=path, headers=headers)))
+        writer.write(conn.send(h11.Data(data=body)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        status = 0
+        answer = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                answer += event.data
+                if len(answer) > poll.MAX_BODY:
+                    raise PollError("an answer longer than a poll body")
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the relay closed the connection")
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            self.drop()
+        return status, bytes(answer)
+
+
+class PollClient(PollEnd):
+    """A long-poll link: `await PollClient.open(...)`, then use it as a WebSocket."""
+
+    def __init__(self, sid: str, make_http: Callable[[], _Http]) -> None:
+        super().__init__()
+        self.sid = sid
+        self._up = make_http()
+        self._down = make_http()
+        self._last_ok = time.monotonic()
+        self.retries = 0  # requests that failed and were made again
+        self._tasks = [
+            asyncio.ensure_future(self._uploader()),
+            asyncio.ensure_future(self._downloader()),
+        ]
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        tls: ssl.SSLContext,
+        server_hostname: str,
+        proxy: str | None = None,
+        verify: Verify | None = None,
+    ) -> PollClient:
+        """Open a session at `url` (wss:// or https://, the link's own path)."""
+        u = urllib.parse.urlsplit(url)
+        if u.hostname is None:
+            raise PollRefused(f"{url}: no host")
+        host, port, path = u.hostname, u.port or 443, u.path or "/"
+
+        def make_http() -> _Http:
+            return _Http(host, port, tls, server_hostname, proxy, verify)
+
+        first = make_http()
+        try:
+            status, body = await asyncio.wait_for(first.post(path, b""), CONNECT_TIMEOUT)
+        finally:
+            first.drop()
+        sid = body.decode("ascii", "replace")
+        if status != 200 or not poll.SESSION_RE.fullmatch(sid):
+            raise PollRefused(f"the relay did not open a poll session: {status} {body[:80]!r}")
+        return cls(sid, make_http)
+
+    def ended(self) -> None:
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._up.drop()
+        self._down.drop()
+
+    async def _request(self, http: _Http, which: str, body: bytes) -> bytes | None:
+        """POST until it works; None once the relay has been unreachable too long."""
+        while not self.closed:
+            try:
+                status, answer = await asyncio.wait_for(
+                    http.post(f"{poll.POLL_PREFIX}{self.sid}/{which}", body), REQUEST_TIMEOUT
+                )
+            except (OSError, TimeoutError, h11.ProtocolError, PollError, EOFError) as exc:
+                if time.monotonic() - self._last_ok > DEAD_AFTER:
+                    self.finish(CLOSE_ABNORMAL, f"relay unreachable: {exc or type(exc).__name__}")
+                    return None
+                self.retries += 1
+                await asyncio.sleep(RETRY)
+                continue
+            if status != 200:  # the session is gone (404) or broke the protocol (400)
+                self.finish(CLOSE_ABNORMAL, f"relay answered {status}")
+                return None
+            self._last_ok = time.monotonic()
+            return answer
+        return None
+
+    async def _uploader(self) -> None:
+        try:
+            while not self.closed:
+                if not self.outbox.unsent:
+                    self._unsent.clear()
+                    await self._unsent.wait()
+                    continue
+                first, messages = self.outbox.batch()
+                answer = await self._request(self._up, "up", poll.encode_batch(first, messages))
+                if answer is None:
+                    return
+                self.acknowledged(poll.decode_number(answer))
+                self.outbox.rewind()  # anything beyond what the relay holds goes again
+        except PollError as exc:
+            self.finish(1002, str(exc))
+
+    async def _downloader(self) -> None:
+        try:
+            while not self.closed:
+                while self.received_bytes > poll.HIGH_WATER and not self.closed:
+                    self._taken.clear()
+                    await self._taken.wait()
+                answer = await self._request(self._down, "down", poll.NUMBER.pack(self.inbox.next))
+                if answer is None:
+                    return
+                first, messages = poll.decode_batch(answer)
+                self.received(self.inbox.accept(first, messages))
+        except PollError as exc:
+            self.finish(1002, str(exc))
+
+
+async def dial_link(
+    url: str,
+    *,
+    tls: ssl.SSLContext,
+    server_hostname: str,
+    proxy: str | None,
+    verify: Verify | None = None,
+    **websocket: Any,
+) -> ClientConnection | PollClient:
+    """A WebSocket to `url`, or a long-poll session there when the Upgrade is refused."""
+    try:
+        ws: ClientConnection = await connect(
+            url, ssl=tls, server_hostname=server_hostname, proxy=proxy, **websocket
+        )
+    except InvalidStatus as exc:
+        if exc.response.status_code == 429:  # the relay's own limit: polling is no way out
+            raise
+        log.info("%s: the WebSocket was refused (%s); long-poll instead", url, exc)
+    except InvalidHandshake as exc:
+        log.info("%s: no WebSocket (%s); long-poll instead", url, exc)
+    else:
+        if verify is not None:
+            try:
+                verify(ws.transport.get_extra_info("ssl_object"))
+            except BaseException:
+                ws.transport.abort()
+                raise
+        return ws
+    return await PollClient.open(
+        url, tls=tls, server_hostname=server_hostname, proxy=proxy, verify=verify
+    )

@@ -1,0 +1,298 @@
+"""The relay's long-poll links: sessions, and the HTTP that carries them on port 443.
+
+websockets owns the relay's port and reads only GET requests.  `FrontConnection`
+(the connection class websockets makes for each accepted socket) looks at the first
+bytes: a GET is a WebSocket handshake and goes on as always; a POST is the long-poll
+transport (appliance/homelink/poll.py), parsed by h11 here and answered by
+`PollSessions`.  Each session is a `PollSession`, which the relay serves exactly as
+a WebSocket link: same registration, same frames, same limits per source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from websockets.asyncio.server import ServerConnection
+
+from appliance.homelink import poll
+from appliance.homelink.poll import HIGH_WATER, HOLD, PollError
+from appliance.homelink.poll_end import CLOSE_ABNORMAL, PollEnd
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 10.0  # a connection must say what it is (and a WebSocket shake) by then
+KEEP_ALIVE = 30.0  # a poll connection idle this long between requests is closed
+SWEEP = 1.0
+
+
+@dataclass(frozen=True)
+class _Request:
+    path: str  # what the relay's handler reads of a WebSocket's request
+
+
+class PollSession(PollEnd):
+    """One long-poll link at the relay."""
+
+    def __init__(self, sid: str, path: str, remote: Any, forget: Callable[[str], None]) -> None:
+        super().__init__()
+        self.sid = sid
+        self.request = _Request(path)
+        self.remote_address = remote
+        self._forget = forget
+        self.last_down = time.monotonic()
+        self.downs = 0  # down requests waiting now
+        self._generation = 0  # the newest down request; older ones answer empty
+
+    def ended(self) -> None:
+        self._forget(self.sid)
+
+    async def up(self, body: bytes) -> bytes:
+        first, messages = poll.decode_batch(body)
+        self.received(self.inbox.accept(first, messages))
+        # back-pressure: the next up request waits while the relay has not read these
+        while self.received_bytes > HIGH_WATER and not self.closed:
+            self._taken.clear()
+            await self._taken.wait()
+        return poll.NUMBER.pack(self.inbox.next)
+
+    async def down(self, body: bytes) -> bytes:
+        have = poll.decode_number(body)
+        self.last_down = time.monotonic()
+        self._generation += 1
+        mine = self._generation
+        self.downs += 1
+        try:
+            self.acknowledged(have)
+            self.outbox.rewind()  # what went out after `have` did not arrive
+            if not self.outbox.unsent and not self.closed:
+                self._unsent.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._unsent.wait(), HOLD)
+            if mine != self._generation:
+                return poll.encode_batch(have, [])  # a newer request asks for the same
+            first, messages = self.outbox.batch()
+            if self.outbox.closed and first + len(messages) == self.outbox.next:
+                # our close goes out with this answer: the client stops polling
+                asyncio.get_running_loop().call_soon(self.finish)
+            return poll.encode_batch(first, messages)
+        finally:
+            self.downs -= 1
+            self.last_down = time.monotonic()
+
+
+Handler = Callable[[PollSession], Coroutine[Any, Any, None]]
+Admit = Callable[[str], str | None]  # source -> None, or why it is refused (429)
+
+
+class PollSessions:
+    """The open sessions by id, and the answers to the transport's requests.
+
+    `serve(session)` is the relay's link handler; `admit(source)` its per-source
+    limit (called for each new session; the session counts until it closes)."""
+
+    def __init__(self, paths: frozenset[str], serve: Handler, admit: Admit) -> None:
+        self.paths = paths
+        self._serve = serve
+        self._admit = admit
+        self.sessions: dict[str, PollSession] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.counters = {"poll_sessions": 0, "poll_refused": 0, "poll_dead": 0}
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session in list(self.sessions.values()):
+            session.finish(1001, "relay going away")
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def answer(self, path: str, body: bytes, remote: Any) -> tuple[int, bytes]:
+        """(status, body) for a POST to `path`."""
+        if path in self.paths:
+            source = str(remote[0]) if remote else "?"
+            refusal = self._admit(source)
+            if refusal is not None:
+                self.counters["poll_refused"] += 1
+                return 429, refusal.encode()
+            sid = secrets.token_hex(16)
+            session = PollSession(sid, path, remote, self._forget)
+            self.sessions[sid] = session
+            self.counters["poll_sessions"] += 1
+            task = asyncio.create_task(self._serve(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return 200, sid.encode()
+        if not path.startswith(poll.POLL_PREFIX):
+            return 404, b"not found\n"
+        sid, _, which = path[len(poll.POLL_PREFIX) :].partition("/")
+        known = self.sessions.get(sid) if poll.SESSION_RE.fullmatch(sid) else None
+        if known is None or which not in ("up", "down"):
+            return 404, b"no such session\n"
+        try:
+            if which == "up":
+                return 200, await known.up(body)
+            return 200, await known.down(body)
+        except PollError as exc:
+            log.info("poll session %s: closed for a protocol error: %s", sid[:8], exc)
+            known.finish(1002, "protocol error")
+            return 400, f"{exc}\n".encode()
+
+    def _forget(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """A session whose client stopped polling is dead, as a link without pongs."""
+        for session in list(self.sessions.values()):
+            if session.downs == 0 and now - session.last_down > poll.DEAD_AFTER:
+                self.counters["poll_dead"] += 1
+                log.info("poll session %s: no poll for %.0f s", session.sid[:8], poll.DEAD_AFTER)
+                session.finish(CLOSE_ABNORMAL, "no poll")
+
+
+def front_connection(sessions: PollSessions) -> type[ServerConnection]:
+    """The connection class to hand websockets' `serve(create_connection=...)`."""
+
+    class FrontConnection(ServerConnection):
+        """A GET goes to websockets as it came; a POST is answered by `sessions`."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head = b""
+            self._kind: asyncio.Future[str] = self.loop.create_future()
+            self._h11: h11.Connection | None = None
+            self._work = asyncio.Event()
+            self._poll_task: asyncio.Task[None] | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if self._h11 is not None:
+                try:
+                    self._h11.receive_data(data)
+                except RuntimeError:  # bytes after the client's own end
+                    self.transport.abort()
+                self._work.set()
+                return
+            if self._kind.done():
+                super().data_received(data)
+                return
+            self._head += data
+            if len(self._head) < 5 and b"POST ".startswith(self._head):
+                return  # not enough to tell yet
+            if self._head.startswith(b"POST "):
+                self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+                self._h11.receive_data(self._head)
+                self._kind.set_result("poll")
+                self._poll_task = self.loop.create_task(self._serve_poll())
+            else:
+                self._kind.set_result("websocket")
+                super().data_received(self._head)
+            self._head = b""
+
+        def eof_received(self) -> None:
+            if self._h11 is not None:
+                with contextlib.suppress(RuntimeError):
+                    self._h11.receive_data(b"")
+                self._work.set()
+                return
+            super().eof_received()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._poll_task is not None:
+                self._poll_task.cancel()
+            super().connection_lost(exc)
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                async with asyncio.timeout(OPEN_TIMEOUT):
+                    waiters: list[asyncio.Future[Any]] = [self._kind, self.connection_lost_waiter]
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    if self._kind.done() and self._kind.result() == "websocket":
+                        await super().handshake(*args, **kwargs)
+                        return
+            except TimeoutError:
+                self.transport.abort()
+                return
+            # a poll connection: websockets' handler ends once it does
+            await asyncio.shield(self.connection_lost_waiter)
+
+        async def _serve_poll(self) -> None:
+            try:
+                await self._poll_requests()
+            except (h11.ProtocolError, TimeoutError):
+                pass
+            except Exception:
+                log.exception("a poll connection failed")
+            finally:
+                self.transport.close()
+
+        async def _next_event(self, timeout: float) -> Any:
+            assert self._h11 is not None
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = self._h11.next_event()
+                    if event is not h11.NEED_DATA:
+                        return event
+                    self._work.clear()
+                    await self._work.wait()
+
+        async def _poll_requests(self) -> None:
+            conn = self._h11
+            assert conn is not None
+            while True:
+                event = await self._next_event(KEEP_ALIVE)
+                if not isinstance(event, h11.Request):  # closed, paused, or garbage
+                    return
+                body = bytearray()
+                too_big = False
+                while True:
+                    part = await self._next_event(OPEN_TIMEOUT)
+                    if isinstance(part, h11.Data):
+                        body += part.data
+                        if len(body) > poll.MAX_BODY:
+                            too_big = True
+                            break
+                    elif isinstance(part, h11.EndOfMessage):
+                        break
+                    else:
+                        return
+                target = event.target.decode("ascii", "replace").partition("?")[0]
+                if event.method != b"POST":
+                    status, answer = 405, b"POST only\n"
+                elif too_big:
+                    status, answer = 413, b"too big\n"
+                else:
+                    status, answer = await sessions.answer(
+                        target, bytes(body), self.transport.get_extra_info("peername")
+                    )
+                keep = status == 200 and conn.their_state is h11.DONE
+                headers = [
+                    ("content-type", "application/octet-stream"),
+                    ("content-length", str(len(answer))),
+                    ("cache-control", "no-store"),
+                ]
+                if not keep:
+                    headers.append(("connection", "close"))
+                self.transport.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                self.transport.write(conn.send(h11.Data(data=answer)))
+                self.transport.write(conn.send(h11.EndOfMessage()))
+                if not keep or conn.our_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+
+    return FrontConnection
