@@ -19,16 +19,27 @@ class NginxFront:
     relay in HTTP/1.0 without its Upgrade header.  Call it with the relay's port: it
     starts and gives its own port."""
 
-    def __init__(self, directory: Path, cert: Path, key: Path, relay_name: str) -> None:
+    def __init__(
+        self, directory: Path, cert: Path, key: Path, relay_name: str, upgrade: bool = False
+    ) -> None:
+        """`upgrade`: pass the WebSocket Upgrade after all (nginx's documented recipe), the
+        same front for a WebSocket link: the peer of the long-poll benchmark."""
         directory.mkdir()
         self.d = directory
         self.cert, self.key, self.relay_name = cert, key, relay_name
+        self.upgrade = upgrade
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __call__(self, relay_port: int) -> int:
         d = self.d
         temps = "".join(f"{k}_temp_path {d}/{k}; " for k in ("client_body", "proxy"))
+        upgrade = (
+            "proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade;\n"
+            '      proxy_set_header Connection "upgrade"; proxy_read_timeout 1h;\n'
+            if self.upgrade
+            else ""
+        )
         (d / "nginx.conf").write_text(
             f"user root; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n"
             "events { worker_connections 1024; }\n"
@@ -36,6 +47,7 @@ class NginxFront:
             f"  server {{ listen 127.0.0.1:{self.port} ssl;\n"
             f"    ssl_certificate {self.cert}; ssl_certificate_key {self.key};\n"
             f"    location / {{ proxy_pass https://127.0.0.1:{relay_port};\n"
+            f"      {upgrade}"
             f"      proxy_ssl_server_name on; proxy_ssl_name {self.relay_name}; }} }} }}\n"
         )
         self.start()

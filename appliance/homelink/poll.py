@@ -8,8 +8,11 @@ messages (frames, and the registration's text), closed with a code and a reason.
 (docs/home-relay.md, "Long-poll links".)
 
     POST /v1/agent or /v1/appliance        -> 200, body: the session id (32 hex)
-    POST /v1/poll/SESSION/up    body: first u64 | messages     -> 200, body: next u64
-    POST /v1/poll/SESSION/down  body: next u64 (what I hold)   -> 200, body: first u64 | messages
+    POST /v1/poll/up    body: first u64 | messages     -> 200, body: next u64
+    POST /v1/poll/down  body: next u64 (what I hold)   -> 200, body: first u64 | messages
+
+The up and down requests name their session in a `Poll-Session` header, never in
+the path, which fronts write to their access logs.
 
 Each direction numbers its messages from 0.  An up request says the number of its
 first message; the relay drops those it already has, so a request retried after a
@@ -35,10 +38,11 @@ from enum import IntEnum
 HOLD = 4.0  # a down request waits at most this long for a message
 DEAD_AFTER = 10.0  # no down request for this long: the session is dead
 REQUEST_TIMEOUT = HOLD + 5.0  # a client's request unanswered for this long failed
-MAX_BODY = 1024 * 1024 + 4096  # bytes in one request or answer body a receiver accepts
+MAX_BODY = 1024 * 1024  # bytes in one request or answer body a receiver accepts
 BATCH = 512 * 1024  # bytes a sender puts in one body: under nginx's 1 MiB client_max_body_size
 HIGH_WATER = 2 * 1024 * 1024  # unacknowledged bytes a sender holds before send() waits
-POLL_PREFIX = "/v1/poll/"
+UP_PATH, DOWN_PATH = "/v1/poll/up", "/v1/poll/down"
+SESSION_HEADER = "poll-session"
 SESSION_RE = re.compile(r"[0-9a-f]{32}")  # use with fullmatch
 
 NUMBER = struct.Struct("!Q")

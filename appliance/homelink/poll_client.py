@@ -32,6 +32,7 @@ from appliance.homelink.poll_end import CLOSE_ABNORMAL, PollEnd
 log = logging.getLogger(__name__)
 
 RETRY = 0.25  # between tries of a failed request
+FINAL = frozenset({400, 404, 405, 413})  # the relay's verdict: the session is over
 CONNECT_TIMEOUT = 10.0
 MAX_HEAD = 16384
 
@@ -92,17 +93,17 @@ class _Http:
             self._writer.transport.abort()
         self._reader = self._writer = self._conn = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, session: str = "") -> tuple[int, bytes]:
         """POST `body`; (status, answer).  Any failure drops the connection and raises."""
         try:
             if self._conn is None:
                 await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
-            return await self._exchange(path, body)
+            return await self._exchange(path, body, session)
         except BaseException:
             self.drop()
             raise
 
-    async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, path: str, body: bytes, session: str) -> tuple[int, bytes]:
         conn, reader, writer = self._conn, self._reader, self._writer
         assert conn is not None and reader is not None and writer is not None
         headers = [
@@ -110,6 +111,8 @@ class _Http:
             ("content-type", "application/octet-stream"),
             ("content-length", str(len(body))),
         ]
+        if session:
+            headers.append((poll.SESSION_HEADER, session))
         writer.write(conn.send(h11.Request(method="POST", target=path, headers=headers)))
         writer.write(conn.send(h11.Data(data=body)))
         writer.write(conn.send(h11.EndOfMessage()))
@@ -190,25 +193,37 @@ class PollClient(PollEnd):
         self._up.drop()
         self._down.drop()
 
-    async def _request(self, http: _Http, which: str, body: bytes) -> bytes | None:
-        """POST until it works; None once the relay has been unreachable too long."""
+    async def _request(self, http: _Http, path: str, body: bytes) -> bytes | None:
+        """POST until it works; None once the relay has been unreachable too long.
+
+        Retrying is safe (messages are numbered), so anything but the relay's own
+        verdict on the session is tried again: a dropped connection, a timeout, a
+        front's 502 or 503 while the relay restarts."""
         while not self.closed:
+            left = DEAD_AFTER - (time.monotonic() - self._last_ok)
+            why = ""
             try:
                 status, answer = await asyncio.wait_for(
-                    http.post(f"{poll.POLL_PREFIX}{self.sid}/{which}", body), REQUEST_TIMEOUT
+                    http.post(path, body, self.sid), max(min(REQUEST_TIMEOUT, left), RETRY)
                 )
-            except (OSError, TimeoutError, h11.ProtocolError, PollError, EOFError) as exc:
-                if time.monotonic() - self._last_ok > DEAD_AFTER:
-                    self.finish(CLOSE_ABNORMAL, f"relay unreachable: {exc or type(exc).__name__}")
-                    return None
-                self.retries += 1
-                await asyncio.sleep(RETRY)
-                continue
-            if status != 200:  # the session is gone (404) or broke the protocol (400)
-                self.finish(CLOSE_ABNORMAL, f"relay answered {status}")
+            except ssl.SSLCertVerificationError as exc:  # not the relay: never retried
+                self.finish(CLOSE_ABNORMAL, f"relay certificate refused: {exc}")
                 return None
-            self._last_ok = time.monotonic()
-            return answer
+            except (OSError, TimeoutError, h11.ProtocolError, PollError, EOFError) as exc:
+                why = f"relay unreachable: {exc or type(exc).__name__}"
+            else:
+                if status == 200:
+                    self._last_ok = time.monotonic()
+                    return answer
+                if status in FINAL:
+                    self.finish(CLOSE_ABNORMAL, f"relay answered {status}")
+                    return None
+                why = f"relay answered {status}"
+            if time.monotonic() - self._last_ok > DEAD_AFTER:
+                self.finish(CLOSE_ABNORMAL, why)
+                return None
+            self.retries += 1
+            await asyncio.sleep(RETRY)
         return None
 
     async def _uploader(self) -> None:
@@ -219,13 +234,16 @@ class PollClient(PollEnd):
                     await self._unsent.wait()
                     continue
                 first, messages = self.outbox.batch()
-                answer = await self._request(self._up, "up", poll.encode_batch(first, messages))
+                batch = poll.encode_batch(first, messages)
+                answer = await self._request(self._up, poll.UP_PATH, batch)
                 if answer is None:
                     return
                 self.acknowledged(poll.decode_number(answer))
                 self.outbox.rewind()  # anything beyond what the relay holds goes again
         except PollError as exc:
             self.finish(1002, str(exc))
+        except Exception as exc:  # a pin that fails on a new connection, a proxy's junk
+            self.finish(CLOSE_ABNORMAL, f"{type(exc).__name__}: {exc}")
 
     async def _downloader(self) -> None:
         try:
@@ -233,13 +251,16 @@ class PollClient(PollEnd):
                 while self.received_bytes > poll.HIGH_WATER and not self.closed:
                     self._taken.clear()
                     await self._taken.wait()
-                answer = await self._request(self._down, "down", poll.NUMBER.pack(self.inbox.next))
+                have = poll.NUMBER.pack(self.inbox.next)
+                answer = await self._request(self._down, poll.DOWN_PATH, have)
                 if answer is None:
                     return
                 first, messages = poll.decode_batch(answer)
                 self.received(self.inbox.accept(first, messages))
         except PollError as exc:
             self.finish(1002, str(exc))
+        except Exception as exc:
+            self.finish(CLOSE_ABNORMAL, f"{type(exc).__name__}: {exc}")
 
 
 async def dial_link(

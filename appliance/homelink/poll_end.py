@@ -29,6 +29,7 @@ from appliance.homelink.poll import (
 
 CLOSE_WAIT = 2.0  # how long close() waits for the peer to take the close message
 CLOSE_ABNORMAL = 1006  # the code a WebSocket reports when no close frame came
+OK_CODES = (1000, 1001)
 
 
 class PollEnd:
@@ -47,6 +48,7 @@ class PollEnd:
         self._closed = asyncio.Event()
         self._rcvd: Close | None = None  # the peer's close
         self._sent: Close | None = None  # ours
+        self._rcvd_first = False  # the peer closed before we did
 
     # -- what the link's users call ----------------------------------------------------
 
@@ -62,6 +64,8 @@ class PollEnd:
         while self.outbox.kept_bytes > HIGH_WATER and not self.closed:
             self._writable.clear()
             await self._writable.wait()
+        if self.closed and not self.outbox.done:  # it may never arrive: as websockets
+            raise self._exception()
 
     async def recv(self) -> str | bytes:
         while not self._received:
@@ -88,14 +92,24 @@ class PollEnd:
         """Send the close and wait (a bounded time) until the peer has it."""
         if self.closed:
             return
+        self._queue_close(code, reason)
+        try:
+            await asyncio.wait_for(self._closed.wait(), CLOSE_WAIT)
+        except TimeoutError:
+            self.finish()  # never acknowledged: the close is not clean
+
+    def end(self, code: int, reason: str = "") -> None:
+        """Close now without waiting; the close message still goes to the peer if it
+        polls again (the relay's session lingers to deliver it)."""
+        if not self.closed:
+            self._queue_close(code, reason)
+            self.finish()
+
+    def _queue_close(self, code: int, reason: str) -> None:
         if not self.outbox.closed:
             self._sent = Close(code, reason)
             self.outbox.push(close_message(code, reason))
             self._unsent.set()
-        try:
-            await asyncio.wait_for(self._closed.wait(), CLOSE_WAIT)
-        except TimeoutError:
-            self.finish()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -110,6 +124,7 @@ class PollEnd:
             if m.kind is MessageKind.CLOSE:
                 code, reason = parse_close(m)
                 self._rcvd = Close(code, reason)
+                self._rcvd_first = self._sent is None
                 self.finish()
                 return
             self._received.append(m)
@@ -121,7 +136,8 @@ class PollEnd:
         self.outbox.ack(n)
         if self.outbox.kept_bytes <= HIGH_WATER:
             self._writable.set()
-        if self.outbox.done:  # our close arrived
+        if self.outbox.done:  # our close arrived: as good as the peer's echo of it
+            self._rcvd = self._rcvd or self._sent
             self.finish()
 
     def finish(self, code: int | None = None, reason: str = "") -> None:
@@ -141,11 +157,9 @@ class PollEnd:
         """Hook: the end just closed (the relay forgets the session)."""
 
     def _exception(self) -> ConnectionClosed:
-        close = self._rcvd or self._sent
-        ok = close is not None and close.code in (1000, 1001)
-        if self._rcvd is not None and self._sent is not None:
-            return (ConnectionClosedOK if ok else ConnectionClosedError)(
-                self._rcvd, self._sent, True
-            )
+        """As websockets decides: clean only when a close with 1000 or 1001 was received
+        (or ours acknowledged) and what we sent, if anything, was one too."""
+        rcvd, sent = self._rcvd, self._sent
+        ok = rcvd is not None and rcvd.code in OK_CODES and (sent is None or sent.code in OK_CODES)
         cls = ConnectionClosedOK if ok else ConnectionClosedError
-        return cls(self._rcvd, None if self._rcvd is not None else self._sent)
+        return cls(rcvd, sent, None if rcvd is None or sent is None else self._rcvd_first)

@@ -29,6 +29,10 @@ from appliance.homelink.poll_end import CLOSE_ABNORMAL, PollEnd
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 10.0  # a connection must say what it is (and a WebSocket shake) by then
+REQUEST_BODY_TIMEOUT = 10.0  # a request's whole body must have come by then
+DEAD = poll.DEAD_AFTER
+CLOSE_LINGER = 2.0  # a closed poll connection whose TLS close has not ended is cut
+GOING_AWAY = 0.5  # how long a closing relay waits for its sessions to hear so
 KEEP_ALIVE = 30.0  # a poll connection idle this long between requests is closed
 SWEEP = 1.0
 
@@ -52,11 +56,16 @@ class PollSession(PollEnd):
         self._generation = 0  # the newest down request; older ones answer empty
 
     def ended(self) -> None:
-        self._forget(self.sid)
+        # a close still to deliver keeps the session answering until it is
+        # acknowledged or nobody polls (the sweep); with nothing to say it goes now
+        if not self.outbox.closed:
+            self._forget(self.sid)
 
     async def up(self, body: bytes) -> bytes:
         first, messages = poll.decode_batch(body)
-        self.received(self.inbox.accept(first, messages))
+        accepted = self.inbox.accept(first, messages)
+        if not self.closed:
+            self.received(accepted)
         # back-pressure: the next up request waits while the relay has not read these
         while self.received_bytes > HIGH_WATER and not self.closed:
             self._taken.clear()
@@ -71,6 +80,8 @@ class PollSession(PollEnd):
         self.downs += 1
         try:
             self.acknowledged(have)
+            if self.outbox.done:
+                self._forget(self.sid)  # the client has our close: nothing more to say
             self.outbox.rewind()  # what went out after `have` did not arrive
             if not self.outbox.unsent and not self.closed:
                 self._unsent.clear()
@@ -80,7 +91,8 @@ class PollSession(PollEnd):
                 return poll.encode_batch(have, [])  # a newer request asks for the same
             first, messages = self.outbox.batch()
             if self.outbox.closed and first + len(messages) == self.outbox.next:
-                # our close goes out with this answer: the client stops polling
+                # our close goes out with this answer: the end is over for the relay
+                # (the session still answers a retry of this request, see ended())
                 asyncio.get_running_loop().call_soon(self.finish)
             return poll.encode_batch(first, messages)
         finally:
@@ -106,20 +118,31 @@ class PollSessions:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = {"poll_sessions": 0, "poll_refused": 0, "poll_dead": 0}
+        self.connections: set[Any] = set()  # the poll connections open now (their stop())
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def close(self) -> None:
+        """Say 1001 to every session, give their waiting down requests a moment to
+        carry it (as websockets' close handshake, bounded), then end them all."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for session in list(self.sessions.values()):
-            session.finish(1001, "relay going away")
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.end(1001, "relay going away")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GOING_AWAY):
+                while any(s.downs for s in sessions):
+                    await asyncio.sleep(0.02)
+        self.sessions.clear()
+        for connection in list(self.connections):
+            connection.stop()
         for task in list(self._tasks):
             task.cancel()
 
-    async def answer(self, path: str, body: bytes, remote: Any) -> tuple[int, bytes]:
-        """(status, body) for a POST to `path`."""
+    async def answer(self, path: str, body: bytes, remote: Any, sid: str = "") -> tuple[int, bytes]:
+        """(status, body) for a POST to `path` naming session `sid`."""
         if path in self.paths:
             source = str(remote[0]) if remote else "?"
             refusal = self._admit(source)
@@ -134,19 +157,19 @@ class PollSessions:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return 200, sid.encode()
-        if not path.startswith(poll.POLL_PREFIX):
+        if path not in (poll.UP_PATH, poll.DOWN_PATH):
             return 404, b"not found\n"
-        sid, _, which = path[len(poll.POLL_PREFIX) :].partition("/")
         known = self.sessions.get(sid) if poll.SESSION_RE.fullmatch(sid) else None
-        if known is None or which not in ("up", "down"):
+        if known is None:
             return 404, b"no such session\n"
         try:
-            if which == "up":
+            if path == poll.UP_PATH:
                 return 200, await known.up(body)
             return 200, await known.down(body)
         except PollError as exc:
             log.info("poll session %s: closed for a protocol error: %s", sid[:8], exc)
             known.finish(1002, "protocol error")
+            self._forget(sid)
             return 400, f"{exc}\n".encode()
 
     def _forget(self, sid: str) -> None:
@@ -158,12 +181,15 @@ class PollSessions:
             self.sweep(time.monotonic())
 
     def sweep(self, now: float) -> None:
-        """A session whose client stopped polling is dead, as a link without pongs."""
+        """A session whose client stopped polling is dead, as a link without pongs
+        (a closed one that lingers to deliver its close is then forgotten)."""
         for session in list(self.sessions.values()):
             if session.downs == 0 and now - session.last_down > poll.DEAD_AFTER:
-                self.counters["poll_dead"] += 1
-                log.info("poll session %s: no poll for %.0f s", session.sid[:8], poll.DEAD_AFTER)
-                session.finish(CLOSE_ABNORMAL, "no poll")
+                if not session.closed:
+                    self.counters["poll_dead"] += 1
+                    log.info("poll session %s: no poll for %.0f s", session.sid[:8], DEAD)
+                    session.finish(CLOSE_ABNORMAL, "no poll")
+                self._forget(session.sid)
 
 
 def front_connection(sessions: PollSessions) -> type[ServerConnection]:
@@ -231,7 +257,12 @@ def front_connection(sessions: PollSessions) -> type[ServerConnection]:
             # a poll connection: websockets' handler ends once it does
             await asyncio.shield(self.connection_lost_waiter)
 
+        def stop(self) -> None:
+            if self._poll_task is not None:
+                self._poll_task.cancel()
+
         async def _serve_poll(self) -> None:
+            sessions.connections.add(self)
             try:
                 await self._poll_requests()
             except (h11.ProtocolError, TimeoutError):
@@ -239,7 +270,14 @@ def front_connection(sessions: PollSessions) -> type[ServerConnection]:
             except Exception:
                 log.exception("a poll connection failed")
             finally:
+                sessions.connections.discard(self)
+                self.transport.resume_reading()  # TLS's close needs the peer's close_notify
                 self.transport.close()
+                self.loop.call_later(CLOSE_LINGER, self._abort_if_open)
+
+        def _abort_if_open(self) -> None:
+            if not self.connection_lost_waiter.done():
+                self.transport.abort()  # a peer that never finishes the TLS close
 
         async def _next_event(self, timeout: float) -> Any:
             assert self._h11 is not None
@@ -258,28 +296,7 @@ def front_connection(sessions: PollSessions) -> type[ServerConnection]:
                 event = await self._next_event(KEEP_ALIVE)
                 if not isinstance(event, h11.Request):  # closed, paused, or garbage
                     return
-                body = bytearray()
-                too_big = False
-                while True:
-                    part = await self._next_event(OPEN_TIMEOUT)
-                    if isinstance(part, h11.Data):
-                        body += part.data
-                        if len(body) > poll.MAX_BODY:
-                            too_big = True
-                            break
-                    elif isinstance(part, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                target = event.target.decode("ascii", "replace").partition("?")[0]
-                if event.method != b"POST":
-                    status, answer = 405, b"POST only\n"
-                elif too_big:
-                    status, answer = 413, b"too big\n"
-                else:
-                    status, answer = await sessions.answer(
-                        target, bytes(body), self.transport.get_extra_info("peername")
-                    )
+                status, answer = await self._answer(event)
                 keep = status == 200 and conn.their_state is h11.DONE
                 headers = [
                     ("content-type", "application/octet-stream"),
@@ -293,6 +310,36 @@ def front_connection(sessions: PollSessions) -> type[ServerConnection]:
                 self.transport.write(conn.send(h11.EndOfMessage()))
                 if not keep or conn.our_state is not h11.DONE:
                     return
+                await self.drain()  # a client that does not read gets no more answers
                 conn.start_next_cycle()
+                self.transport.resume_reading()
+
+        async def _answer(self, request: h11.Request) -> tuple[int, bytes]:
+            """Read the request's body (bounded in size and time), then answer it.  No
+            more is read from the client until this answer is written."""
+            if request.method != b"POST":
+                return 405, b"POST only\n"
+            headers = dict(request.headers)
+            length = headers.get(b"content-length")
+            if length is not None and int(length) > poll.MAX_BODY:  # h11 checked the digits
+                return 413, b"too big\n"
+            body = bytearray()
+            deadline = self.loop.time() + REQUEST_BODY_TIMEOUT
+            while True:
+                part = await self._next_event(deadline - self.loop.time())
+                if isinstance(part, h11.Data):
+                    body += part.data
+                    if len(body) > poll.MAX_BODY:
+                        return 413, b"too big\n"
+                elif isinstance(part, h11.EndOfMessage):
+                    break
+                else:
+                    raise h11.RemoteProtocolError("the request ended before its body")
+            self.transport.pause_reading()
+            target = request.target.decode("ascii", "replace").partition("?")[0]
+            sid = headers.get(poll.SESSION_HEADER.encode(), b"").decode("ascii", "replace")
+            return await sessions.answer(
+                target, bytes(body), self.transport.get_extra_info("peername"), sid
+            )
 
     return FrontConnection

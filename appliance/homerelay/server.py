@@ -430,7 +430,7 @@ class RelayServer:
         try:
             await self._handle(session)
         finally:
-            session.finish(1000)
+            session.end(1000)  # as websockets closes a link whose handler returned
             await self._release_source(session, _source(session))
 
     # -- links -------------------------------------------------------------------

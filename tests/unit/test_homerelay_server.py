@@ -28,14 +28,15 @@ from certs import self_signed
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 
 from appliance.core.tomlfile import ConfigError, TomlFile
 from appliance.homelink import frames, poll
 from appliance.homelink.frames import Kind, Reset
+from appliance.homelink.poll_client import PollClient
 from appliance.homelink.registration import parse_challenge, sign_registration
 from appliance.homelink.stream import LINGER, WINDOW
-from appliance.homerelay import cli
+from appliance.homerelay import cli, poll_front
 from appliance.homerelay.config import RelayConfig, parse
 from appliance.homerelay.server import IDLE_MARGIN, ROUTE_IDLE, RelayServer
 from appliance.homerelay.table import MAX_STREAMS
@@ -785,12 +786,18 @@ def test_the_relays_metrics_count_households_links_and_events(
     with_relay(make_config, relay_tls, body)
 
 
-async def post(c: Client, path: str, body: bytes) -> tuple[int, bytes]:
-    """One long-poll request on its own connection, as a proxy in front might send it."""
+async def post(
+    c: Client, path: str, body: bytes, sid: str = "", length: int | None = None
+) -> tuple[int, bytes]:
+    """One long-poll request on its own connection, as a proxy in front might send it;
+    `length`: a Content-Length to claim instead of the body's."""
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", c.server.port, ssl=c.tls, server_hostname=HOST
     )
-    head = f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n"
+    size = len(body) if length is None else length
+    head = f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {size}\r\n"
+    if sid:
+        head += f"Poll-Session: {sid}\r\n"
     writer.write(head.encode() + b"Connection: close\r\n\r\n" + body)
     data = await asyncio.wait_for(reader.read(), 6)
     writer.close()
@@ -808,31 +815,32 @@ def test_long_poll_requests_with_bad_input_get_clear_errors_and_the_relay_serves
     make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
 ) -> None:
     async def body(c: Client) -> None:
-        nobody = "0" * 32
-        assert (await post(c, f"/v1/poll/{nobody}/down", poll.NUMBER.pack(0)))[0] == 404
-        assert (await post(c, "/v1/poll/../../etc/down", b""))[0] == 404
+        have0 = poll.NUMBER.pack(0)
+        assert (await post(c, poll.DOWN_PATH, have0, "0" * 32))[0] == 404
+        assert (await post(c, poll.DOWN_PATH, have0))[0] == 404  # no session named
+        assert (await post(c, "/v1/poll/../../etc", b""))[0] == 404
         assert (await post(c, "/v1/households/alice-home", b""))[0] == 404
 
         garbled = await poll_session(c)
-        status, why = await post(c, f"/v1/poll/{garbled}/up", b"\x00\x01")
+        status, why = await post(c, poll.UP_PATH, b"\x00\x01", garbled)
         assert (status, why) == (400, b"not a u64\n")
         # the session is over: its id names nothing any more
-        assert (await post(c, f"/v1/poll/{garbled}/down", poll.NUMBER.pack(0)))[0] == 404
+        assert (await post(c, poll.DOWN_PATH, have0, garbled))[0] == 404
 
         gap = await poll_session(c)
         ahead = poll.encode_batch(5, [poll.of_value(b"x")])
-        status, why = await post(c, f"/v1/poll/{gap}/up", ahead)
+        status, why = await post(c, poll.UP_PATH, ahead, gap)
         assert status == 400 and b"5" in why
-        assert (await post(c, f"/v1/poll/{gap}/down", poll.NUMBER.pack(0)))[0] == 404
+        assert (await post(c, poll.DOWN_PATH, have0, gap))[0] == 404
 
         big = await poll_session(c)
-        oversized = poll.encode_batch(0, [poll.of_value(b"x" * poll.MAX_BODY)])
-        assert (await post(c, f"/v1/poll/{big}/up", oversized))[0] == 413
+        # refused on its Content-Length, before a byte of the body is read
+        assert (await post(c, poll.UP_PATH, b"", big, length=poll.MAX_BODY + 1))[0] == 413
 
         # a session that keeps to the protocol still works, and so do WebSocket links
         good = await poll_session(c)
-        status, answer = await post(c, f"/v1/poll/{good}/up", poll.encode_batch(0, []))
-        assert (status, answer) == (200, poll.NUMBER.pack(0))
+        status, answer = await post(c, poll.UP_PATH, poll.encode_batch(0, []), good)
+        assert (status, answer) == (200, have0)
         a = await c.agent(make_agent(), "alice-home")
         app = await c.appliance()
         await data_both_ways(app, a, await open_stream(c, app, a, "alice-home"))
@@ -857,9 +865,128 @@ def test_long_poll_sessions_count_against_the_links_per_source_and_die_unpolled(
         # nobody polls the session: the sweep closes it as a link without pongs
         c.server.polls.sweep(time.monotonic() + poll.DEAD_AFTER + 1)
         assert c.server.polls.counters["poll_dead"] == 1
-        assert (await post(c, f"/v1/poll/{sid}/down", poll.NUMBER.pack(0)))[0] == 404
+        assert (await post(c, poll.DOWN_PATH, poll.NUMBER.pack(0), sid))[0] == 404
         await asyncio.sleep(0.1)
         await c.appliance()  # its place is free again
         await first.close()
 
     with_relay(make_config, relay_tls, body, links_per_source=2)
+
+
+def test_a_long_poll_agent_refused_gets_its_close_code_even_when_an_answer_is_lost(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    """By hand: a poll agent signs for the wrong relay; the down answer carrying the
+    relay's 4401 is "lost" and asked again with the same number: the same close comes,
+    and once acknowledged the session is gone."""
+
+    async def body(c: Client) -> None:
+        sid = await poll_session(c, "/v1/agent")
+        status, answer = await post(c, poll.DOWN_PATH, poll.NUMBER.pack(0), sid)
+        first, messages = poll.decode_batch(answer)
+        assert status == 200 and first == 0 and messages[0].kind is poll.MessageKind.TEXT
+        nonce = parse_challenge(messages[0].payload.decode())
+        alice = make_agent()
+        signed = sign_registration(alice.key, alice.der, nonce, "alice-home", "other.relay")
+        up = poll.encode_batch(0, [poll.of_value(json.dumps(signed))])
+        assert await post(c, poll.UP_PATH, up, sid) == (200, poll.NUMBER.pack(1))
+        for _ in range(2):  # the first answer is dropped on the floor
+            status, answer = await post(c, poll.DOWN_PATH, poll.NUMBER.pack(1), sid)
+            assert status == 200
+            first, messages = poll.decode_batch(answer)
+            assert first == 1 and [m.kind for m in messages] == [poll.MessageKind.CLOSE]
+            assert poll.parse_close(messages[0])[0] == 4401
+        assert (await post(c, poll.DOWN_PATH, poll.NUMBER.pack(2), sid))[0] == 200
+        assert (await post(c, poll.DOWN_PATH, poll.NUMBER.pack(2), sid))[0] == 404
+        assert (await c.get("/v1/households/alice-home"))[0] == 404
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_a_long_poll_link_hears_the_relay_going_away_as_a_websocket_would(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    async def main() -> None:
+        server = RelayServer(make_config())
+        await server.start()
+        link = await PollClient.open(
+            f"https://127.0.0.1:{server.port}/v1/appliance",
+            tls=relay_tls[2],
+            server_hostname=HOST,
+        )
+        await asyncio.sleep(0.2)  # its down request waits at the relay
+        assert len(server.polls.sessions) == 1
+        await server.close()
+        with pytest.raises(ConnectionClosedOK) as closed:
+            await asyncio.wait_for(link.recv(), 3)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+    run(main())
+
+
+def test_a_long_poll_body_dripped_slowly_is_cut_off_at_its_deadline(
+    make_config: ConfigMaker,
+    relay_tls: tuple[Path, Path, ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(poll_front, "REQUEST_BODY_TIMEOUT", 0.5)
+
+    async def body(c: Client) -> None:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", c.server.port, ssl=c.tls, server_hostname=HOST
+        )
+        writer.write(f"POST /v1/appliance HTTP/1.1\r\nHost: {HOST}\r\n".encode())
+        writer.write(b"Content-Length: 1000\r\n\r\n")
+        start = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):  # a byte each 0.1 s: each arrives well within any gap
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                if reader.at_eof():
+                    break
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # cut off, no answer
+        assert time.monotonic() - start < 1.5
+        assert c.server.polls.counters["poll_sessions"] == 0
+        writer.close()
+
+    with_relay(make_config, relay_tls, body)
+
+
+def test_a_relay_stops_promptly_whatever_its_poll_connections_do(
+    make_config: ConfigMaker, relay_tls: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    """One peer read its answer and keeps its socket without finishing the TLS close
+    (as a front's upstream connection may), another sits idle in keep-alive: the relay
+    cuts both and is closed within seconds, not after a 30 s TLS or keep-alive wait."""
+
+    async def main() -> None:
+        server = RelayServer(make_config())
+        await server.start()
+        c = Client(server, relay_tls[2])
+        lingering = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=c.tls, server_hostname=HOST
+        )
+        lingering[1].write(
+            f"POST /v1/appliance HTTP/1.0\r\nHost: {HOST}\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        answer = await asyncio.wait_for(lingering[0].read(), 3)
+        assert answer.startswith(b"HTTP/1.1 200")
+        sid = answer.partition(b"\r\n\r\n")[2].decode()
+        idle = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=c.tls, server_hostname=HOST
+        )
+        idle[1].write(
+            f"POST {poll.UP_PATH} HTTP/1.1\r\nHost: {HOST}\r\nPoll-Session: {sid}\r\n"
+            f"Content-Length: 8\r\n\r\n".encode()
+            + poll.NUMBER.pack(0)
+        )
+        head = await asyncio.wait_for(idle[0].readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+        start = time.monotonic()
+        await asyncio.wait_for(server.close(), 5)
+        assert time.monotonic() - start < 4
+        for _, writer in (lingering, idle):
+            writer.transport.abort()
+
+    run(main())
