@@ -9,7 +9,10 @@ supplies the agent's three parts of it:
   and before the challenge is even read: a machine in the middle never gets a
   registration signature.
 - register: the relay's challenge signed with the agent's own TLS key (P-256), so the
-  household's key at the relay is the same fingerprint visitors pin.
+  household's key at the relay is the same fingerprint visitors pin.  The identity a
+  registration succeeded with is kept (`relay_identity_file`); after a certificate
+  renewal the next registration carries that one's signature, and the relay moves the
+  name to the new key instead of refusing it as claimed.
 - accept: each stream an appliance opens is joined to a plain TCP connection to the
   agent's own API listener on loopback; the TLS inside the stream is the appliance's,
   end to end, so a relayed request meets exactly the checks of a direct one.  Each
@@ -36,6 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from appliance.agent import guard
 from appliance.agent.settings import AgentSettings, RelaySettings
 from appliance.core import agent_protocol as wire
+from appliance.core.atomic_file import write_atomically
 from appliance.homelink import frames
 from appliance.homelink.frames import Reset
 from appliance.homelink.link import Link, LinkConnection, LinkDown, LinkStream
@@ -45,6 +49,7 @@ from appliance.homelink.registration import (
     CLOSE_CLAIMED,
     CLOSE_MALFORMED,
     CLOSE_TOO_MANY,
+    Identity,
     parse_challenge,
     sign_registration,
 )
@@ -129,6 +134,7 @@ class RelayLink:
         self.api_port = api_port
         self.key, self.certificate = load_identity(settings)
         self.fingerprint = wire.fingerprint(self.certificate)
+        self.identity_file = settings.relay_identity_file
         self.ssl = relay_context(settings.relay)
         self.link = Link(
             self._dial,
@@ -212,7 +218,12 @@ class RelayLink:
             except ValueError as exc:
                 raise LinkDown(f"the relay's first message: {exc}") from None
             message = sign_registration(
-                self.key, self.certificate, nonce, self.household, self.relay.host
+                self.key,
+                self.certificate,
+                nonce,
+                self.household,
+                self.relay.host,
+                previous=self._previous_identity(),
             )
             await ws.send(json.dumps(message))
             async with asyncio.timeout(REGISTER_TIMEOUT):
@@ -231,6 +242,7 @@ class RelayLink:
             raise LinkDown("the relay answered the registration with something else")
         self.registered = True
         self.registered_at = time.monotonic()
+        self._keep_identity()
         if self._logged_refusal is not None:
             self._logged_refusal = None
         log.info(
@@ -240,6 +252,43 @@ class RelayLink:
             self.fingerprint,
             (self.registered_at - self.dial_started) * 1000,
         )
+
+    def _previous_identity(self) -> Identity | None:
+        """The identity the name was registered with, when it is not today's."""
+        try:
+            pem = self.identity_file.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("%s: %s; registering without it", self.identity_file, exc)
+            return None
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+            der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+        except ValueError as exc:
+            log.warning("%s is not a key and certificate (%s); ignored", self.identity_file, exc)
+            return None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or wire.fingerprint(der) == (
+            self.fingerprint
+        ):
+            return None
+        return key, der
+
+    def _keep_identity(self) -> None:
+        """Remember what the name is registered with now (for the next renewal)."""
+        key_pem = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        cert = x509.load_der_x509_certificate(self.certificate)
+        text = (key_pem + cert.public_bytes(serialization.Encoding.PEM)).decode("ascii")
+        try:
+            if self.identity_file.exists() and self.identity_file.read_text() == text:
+                return
+            write_atomically(self.identity_file, text, 0o600)
+        except OSError as exc:  # the link works; only a later renewal would need it
+            log.warning("could not keep %s: %s", self.identity_file, exc)
 
     def _note_refusal(self, text: str) -> None:
         """Refusals repeat at every retry: WARNING the first time, INFO (from Link) after."""

@@ -71,6 +71,12 @@ class AgentSettings:
         return self.state_directory / "status.json"
 
     @property
+    def relay_identity_file(self) -> Path:
+        """The key and certificate the household's name at the relay was last registered
+        with (0600): a renewed certificate proves with it that the name is its own."""
+        return self.state_directory / "relay-identity.pem"
+
+    @property
     def logins_file(self) -> Path:
         """Who logged in through which appliance key, so a restart keeps server streams open."""
         return self.state_directory / "logins.json"

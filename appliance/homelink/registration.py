@@ -7,6 +7,11 @@ relay's fresh nonce (no replay), the household name and the relay's host name (a
 signature made for one relay is worthless at another).  The household's key is the
 fingerprint of the certificate it registered with, the string a visitor types after '#'.
 
+A household that renews its certificate (a new key or the same one) keeps its name: its
+register message then carries `previous`, the certificate it registered with before and
+that certificate's key's signature over the new fingerprint (`REKEY_CONTEXT`), and the
+relay moves the claim when the previous fingerprint is the name's owner.
+
 `verify_registration` takes whatever arrived from the network and never raises: every
 fault is a `RegistrationRefused` carrying the WebSocket close code the relay sends.
 """
@@ -27,6 +32,7 @@ from appliance.core.agent_protocol import b64, fingerprint, unb64
 from appliance.homelink.frames import HOUSEHOLD_RE
 
 CONTEXT: Final = b"home-relay-register-v1\0"
+REKEY_CONTEXT: Final = b"home-relay-rekey-v1\0"
 NONCE_LEN: Final = 32
 
 # WebSocket close codes of a refused registration (docs/home-relay.md "Registration").
@@ -43,6 +49,7 @@ MAX_MESSAGE: Final = 8192  # characters of the register message's JSON text
 MAX_RELAY_HOST: Final = 253
 
 _REGISTER_KEYS: Final = frozenset({"type", "household", "certificate", "signature"})
+_PREVIOUS_KEYS: Final = frozenset({"certificate", "signature"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,7 @@ class Registration:
 
     household: str
     key: str  # agent_protocol.fingerprint of the certificate: "sha256:" + 43 characters
+    previous: str = ""  # the key it registered with before, proven by its signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,25 +127,44 @@ def signed_text(nonce: bytes, household: str, relay_host: str) -> bytes:
     )
 
 
+def rekey_text(nonce: bytes, household: str, relay_host: str, new_key: str) -> bytes:
+    """The bytes the previous key signs: this registration (nonce, name, relay) may move
+    the name to `new_key` (the new certificate's fingerprint)."""
+    return REKEY_CONTEXT + signed_text(nonce, household, relay_host) + b"\0" + new_key.encode()
+
+
+Identity = tuple[ec.EllipticCurvePrivateKey, bytes]  # a key and its certificate's DER
+
+
 def sign_registration(
     private_key: ec.EllipticCurvePrivateKey,
     certificate_der: bytes,
     nonce: bytes,
     household: str,
     relay_host: str,
-) -> dict[str, str]:
-    """The agent's register message (to send as JSON text) for a challenge's nonce."""
+    previous: Identity | None = None,
+) -> dict[str, object]:
+    """The agent's register message (to send as JSON text) for a challenge's nonce;
+    `previous`: the identity it registered with before, when that was another."""
     if not HOUSEHOLD_RE.fullmatch(household):
         raise ValueError(f"not a household name: {household!r}")
     signature = private_key.sign(
         signed_text(nonce, household, relay_host), ec.ECDSA(hashes.SHA256())
     )
-    return {
+    message: dict[str, object] = {
         "type": "register",
         "household": household,
         "certificate": b64(certificate_der),
         "signature": b64(signature),
     }
+    if previous is not None:
+        old_key, old_der = previous
+        proof = old_key.sign(
+            rekey_text(nonce, household, relay_host, fingerprint(certificate_der)),
+            ec.ECDSA(hashes.SHA256()),
+        )
+        message["previous"] = {"certificate": b64(old_der), "signature": b64(proof)}
+    return message
 
 
 def _malformed(reason: str) -> RegistrationRefused:
@@ -180,8 +207,11 @@ def verify_registration(
         return _malformed(f"register message {exc}")
     if not isinstance(message, dict):
         return _malformed("register message is not a JSON object")
-    if set(message) != _REGISTER_KEYS:
-        return _malformed("register message needs exactly type, household, certificate, signature")
+    if set(message) - {"previous"} != _REGISTER_KEYS:
+        return _malformed(
+            "register message needs exactly type, household, certificate, signature"
+            " (and may have previous)"
+        )
     if message["type"] != "register":
         return _malformed("expected a register message")
     household = message["household"]
@@ -202,4 +232,32 @@ def verify_registration(
         )
     except (InvalidSignature, ValueError):
         return RegistrationRefused(CLOSE_BAD_SIGNATURE, "signature does not verify")
-    return Registration(household, fingerprint(certificate_der))
+    key = fingerprint(certificate_der)
+    if "previous" not in message:
+        return Registration(household, key)
+    previous = _verify_previous(message["previous"], nonce, household, relay_host, key)
+    if isinstance(previous, RegistrationRefused):
+        return previous
+    return Registration(household, key, previous)
+
+
+def _verify_previous(
+    previous: object, nonce: bytes, household: str, relay_host: str, key: str
+) -> str | RegistrationRefused:
+    """The previous key of a renewed certificate, if its signature holds."""
+    if not isinstance(previous, dict) or set(previous) != _PREVIOUS_KEYS:
+        return _malformed("previous needs exactly certificate and signature")
+    old_der = _field_bytes(previous, "certificate", MAX_CERTIFICATE)
+    proof = _field_bytes(previous, "signature", MAX_SIGNATURE)
+    if old_der is None or proof is None:
+        return _malformed("previous is not base64url certificate and signature")
+    old_key = _p256_key(old_der)
+    if old_key is None:
+        return _malformed("previous certificate is not X.509 with a P-256 key")
+    try:
+        old_key.verify(
+            proof, rekey_text(nonce, household, relay_host, key), ec.ECDSA(hashes.SHA256())
+        )
+    except (InvalidSignature, ValueError):
+        return RegistrationRefused(CLOSE_BAD_SIGNATURE, "previous signature does not verify")
+    return fingerprint(old_der)

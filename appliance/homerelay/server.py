@@ -102,6 +102,7 @@ COUNTER_NAMES = (
     "relinks",  # appliance links closed so their streams resume on a new path
     "registered",
     "takeovers",
+    "rekeyed",  # names moved to a renewed certificate's key (its previous key's word)
     "registration_refused",
     "source_limit",  # handshakes refused with 429
     "bad_frames",  # links closed 4400 for a frame that is not one
@@ -656,7 +657,18 @@ class RelayServer:
         if isinstance(result, RegistrationRefused):
             return await self._refuse(link, result)
         now = self.wall_clock()
-        refusal = self.registrations.claim_or_check(result.household, result.key, now)
+        rekeyed = self.registrations.rekeyed
+        refusal = self.registrations.claim_or_check(
+            result.household, result.key, now, result.previous
+        )
+        if self.registrations.rekeyed != rekeyed:
+            self.counters["rekeyed"] += 1
+            log.info(
+                "household %s moved from key %s to its renewed certificate's key %s",
+                result.household,
+                result.previous,
+                result.key,
+            )
         if refusal is not None:
             log.warning(
                 "refused household %s key %s from %s: %s",

@@ -45,6 +45,10 @@ class HouseholdStore(Protocol):
         """Claim `name` for `key` if free; returns the key that owns it now."""
         ...
 
+    def rekey(self, name: str, old: str, new: str) -> str:
+        """Move `name` from `old` to `new` if `old` owns it; returns the key that owns it now."""
+        ...
+
     def linked(self, name: str, key: str, relay: str, now: float) -> int: ...
     def unlinked(self, name: str, key: str, relay: str, now: float) -> bool: ...
 
@@ -83,16 +87,28 @@ class Registrations:
         self.max_streams = max_streams
         self.max_claims = max_claims
         self._households: dict[str, _Household] = {}
+        self.rekeyed = 0  # names moved to a renewed certificate's key
         for c in store.load() if store else []:
             remote = c.relay if c.relay != me else ""
             self._households[c.name] = _Household(c.key, c.last_seen, remote=remote)
 
-    def claim_or_check(self, household: str, key: str, now: float) -> RegistrationRefused | None:
+    def claim_or_check(
+        self, household: str, key: str, now: float, previous: str = ""
+    ) -> RegistrationRefused | None:
         """After a verified registration: None when `key` may use the name (claiming it
-        if free), else the refusal to close the link with (4403, 4429)."""
+        if free, or taking it over from `previous`, the key of the certificate it
+        renewed, when that one owns it), else the refusal to close the link with (4403,
+        4429)."""
         entry = self._households.get(household)
         if entry is not None and entry.key != key:
-            return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
+            if not previous or entry.key != previous:
+                return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
+            owner = self.store.rekey(household, previous, key) if self.store else key
+            if owner != key:  # (the store knew another owner: another relay moved it)
+                entry.key = owner
+                return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
+            entry.key = key
+            self.rekeyed += 1
         if entry is None:
             if len(self._households) >= self.max_claims:
                 return RegistrationRefused(CLOSE_TOO_MANY, "this relay holds no more names")
@@ -142,8 +158,12 @@ class Registrations:
         entry = self._households.get(event.name)
         if entry is None:  # claimed through another relay since this one loaded
             entry = self._households[event.name] = _Household(event.key, event.at)
-        if entry.key != event.key:  # (the store lets one key own a name; be sure)
-            return None
+        if entry.key != event.key:
+            if not event.linked:
+                return None  # a link of a key that no longer owns the name ended
+            # the store lets only the owner link (linked() matches the key), so a link
+            # by another key means the name was moved to it (a renewed certificate)
+            entry.key = event.key
         entry.last_seen = max(entry.last_seen, event.at)
         if not event.linked:
             if entry.remote == event.relay:

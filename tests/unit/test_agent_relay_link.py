@@ -138,6 +138,7 @@ class Rig:
         self.appliance = appliance
         self.pop = pop
         self.bridges: list[asyncio.Task[None]] = []
+        self.settings: Any = None  # the agent's
 
     @property
     def spec(self) -> str:
@@ -281,6 +282,7 @@ async def rig(
     appliance_task = asyncio.create_task(appliance.run())
     await agent.start()
     r = Rig(relay, agent, appliance, pop, dial_appliance)
+    r.settings = settings
     try:
         yield r
     finally:
@@ -515,6 +517,41 @@ def test_a_wrong_relay_pin_keeps_a_long_poll_link_out_too(
         run(body())
     finally:
         nginx.stop()
+
+
+def test_a_household_that_renews_its_certificate_keeps_its_name(
+    tmp_path: Path, relay_tls: tuple[Path, Path, str]
+) -> None:
+    """The agent is stopped, its certificate and key replaced by new ones (a renewal),
+    and started again: it registers under its name at once, with the new fingerprint,
+    where without the old key's word the relay would refuse it as claimed (4403)."""
+
+    async def body() -> None:
+        async with rig(tmp_path, relay_tls) as r:
+            await r.wait_online(2)
+            old = r.agent.fingerprint
+            kept = r.settings.relay_identity_file
+            assert kept.stat().st_mode & 0o777 == 0o600
+            await r.agent.close()
+            r.settings.tls_certificate.unlink()
+            r.settings.tls_key.unlink()
+            renewed = AgentServer(
+                r.settings, verify=lambda stored, pw: stored is not None and pw.endswith("-pw")
+            )
+            assert renewed.fingerprint != old
+            await renewed.start()
+            try:
+                await r.wait_online(3)
+                assert renewed.relay is not None and renewed.relay.registered
+                assert r.relay.counters["rekeyed"] == 1
+                assert r.relay.counters["registration_refused"] == 0
+                # the name is the new key's now, and the kept identity follows it
+                assert r.relay.registrations.claim_or_check(HOUSEHOLD, old, 0.0) is not None
+                assert renewed.relay._previous_identity() is None
+            finally:
+                await renewed.close()
+
+    run(body())
 
 
 def test_a_name_claimed_by_another_key_is_retried_with_backoff(

@@ -263,3 +263,98 @@ def test_relays_on_one_store_share_their_claims(claims_store: StateConfig) -> No
     finally:
         one.close()
         two.close()
+
+
+# -- a renewed certificate keeps its name ---------------------------------------------
+
+NEW_KEY = ec.generate_private_key(ec.SECP256R1())
+NEW_CERT = make_cert(NEW_KEY)
+
+
+def renewed(nonce: bytes, previous: tuple[ec.EllipticCurvePrivateKey, bytes]) -> dict[str, object]:
+    return sign_registration(NEW_KEY, NEW_CERT, nonce, "alice-home", HOST, previous=previous)
+
+
+def test_a_renewal_carries_the_previous_keys_word_and_nothing_else_does() -> None:
+    nonce = challenge()
+    assert verify_registration(json.dumps(renewed(nonce, (KEY, CERT))), nonce, HOST) == (
+        Registration("alice-home", fingerprint(NEW_CERT), fingerprint(CERT))
+    )
+    # the same key in a new certificate (a renewal that kept the key) works the same way
+    same_key = make_cert(KEY)  # (ECDSA signs with a random k: another certificate)
+    assert fingerprint(same_key) != fingerprint(CERT)
+    message = sign_registration(KEY, same_key, nonce, "alice-home", HOST, previous=(KEY, CERT))
+    assert isinstance(verify_registration(message, nonce, HOST), Registration)
+
+    # a proof made by a key that is not the previous certificate's
+    forged = renewed(nonce, (OTHER, CERT))
+    assert refusal(forged, nonce) == 4401
+    # a proof for another new key, or from another challenge, is worthless
+    for_other = renewed(nonce, (KEY, CERT))
+    for_other["certificate"] = b64(make_cert(OTHER))
+    for_other["signature"] = sign_registration(OTHER, make_cert(OTHER), nonce, "alice-home", HOST)[
+        "signature"
+    ]
+    assert refusal(for_other, nonce) == 4401
+    assert refusal(renewed(challenge(), (KEY, CERT)), nonce) == 4401
+    # malformed
+    for bad in (
+        "x",
+        {"certificate": b64(CERT)},
+        {"certificate": b64(CERT), "signature": "!!", "more": 1},
+        {"certificate": b64(b"not der"), "signature": b64(b"s" * 64)},
+    ):
+        assert refusal(dict(renewed(nonce, (KEY, CERT)), previous=bad), nonce) == 4400
+
+
+def test_the_owner_moves_its_name_to_a_renewed_key_and_only_the_owner(
+    claims_store: StateConfig,
+) -> None:
+    store = Households.open(claims_store)
+    try:
+        table = Registrations(store)
+        assert table.claim_or_check("alice-home", "key-a", 100.0) is None
+        # another key naming a previous key that is not the owner's
+        squat = table.claim_or_check("alice-home", "key-m", 101.0, previous="key-x")
+        assert squat is not None and squat.code == 4403
+        assert table.claim_or_check("alice-home", "key-b", 102.0, previous="key-a") is None
+        assert table.rekeyed == 1
+        table.online("alice-home", "key-b", 1, 102.0)
+        # the old key has lost the name; a later renewal moves it on again
+        old = table.claim_or_check("alice-home", "key-a", 103.0)
+        assert old is not None and old.code == 4403
+        assert table.claim_or_check("alice-home", "key-c", 104.0, previous="key-a") is not None
+        # what moved is stored: a relay that starts now knows the new owner
+        fresh = Registrations(Households.open(claims_store))
+        assert fresh.claim_or_check("alice-home", "key-b", 105.0) is None
+        refused = fresh.claim_or_check("alice-home", "key-a", 105.0)
+        assert refused is not None and refused.code == 4403
+    finally:
+        store.close()
+
+
+def test_a_relay_on_the_same_store_follows_a_moved_name(claims_store: StateConfig) -> None:
+    """Federated relays: B loaded alice's old key; A moves the name; B learns it from
+    A's link event, and a renewal registering at B itself finds the store ahead of it."""
+    one, two = Households.open(claims_store), Households.open(claims_store)
+    try:
+        a = Registrations(one, me="relay-a")
+        assert a.claim_or_check("alice-home", "key-a", 100.0) is None
+        b = Registrations(two, me="relay-b")
+        assert a.claim_or_check("alice-home", "key-b", 101.0, previous="key-a") is None
+        a.online("alice-home", "key-b", 1, 101.0)
+        for event in two.events_after(0, 100):
+            b.apply(event)
+        assert b.where("alice-home") == "relay-a"
+        assert b.claim_or_check("alice-home", "key-b", 102.0) is None  # its own key now
+
+        c = Registrations(Households.open(claims_store), me="relay-c")  # knows key-b
+        assert a.claim_or_check("alice-home", "key-c", 103.0, previous="key-b") is None
+        # c has not heard yet; the renewal of key-b to key-c reaches it as well
+        assert c.claim_or_check("alice-home", "key-c", 104.0, previous="key-b") is None
+        # but a stale claim moving on from what the store no longer holds is refused
+        stale = Registrations(Households.open(claims_store), me="relay-d")
+        assert stale.claim_or_check("alice-home", "key-d", 105.0, previous="key-b") is not None
+    finally:
+        one.close()
+        two.close()

@@ -234,17 +234,22 @@ def test_a_registration_elsewhere_replaces_the_local_link_and_the_latest_wins() 
     assert table.apply(LinkEvent(1, "h", "sha256:k", "relay-b", True, 2.0)) == 7
     assert table.where("h") == "relay-b"
     assert table.presence("h")["state"] == "online"  # type: ignore[index]
-    # an event of a link that another key owns changes nothing
-    assert table.apply(LinkEvent(2, "h", "sha256:other", "relay-c", True, 3.0)) is None
-    assert table.where("h") == "relay-b"
-    table.alive = lambda relay: relay != "relay-b"  # relay-b stopped beating
+    # a link by another key: the name was moved to it (a renewed certificate; the store
+    # lets only a name's owner link), and where that link is, the household is
+    assert table.apply(LinkEvent(2, "h", "sha256:new", "relay-c", True, 3.0)) is None
+    assert table.where("h") == "relay-c"
+    # the old key's link ending somewhere says nothing any more
+    assert table.apply(LinkEvent(3, "h", "sha256:k", "relay-b", False, 4.0)) is None
+    assert table.where("h") == "relay-c"
+    assert table.claim_or_check("h", "sha256:k", 4.0) is not None  # the old key lost it
+    table.alive = lambda relay: relay != "relay-c"  # relay-c stopped beating
     assert table.where("h") is None
     assert table.presence("h")["state"] == "offline"  # type: ignore[index]
     table.alive = lambda relay: True
-    assert table.apply(LinkEvent(3, "h", "sha256:k", "relay-b", False, 4.0)) is None
+    assert table.apply(LinkEvent(4, "h", "sha256:new", "relay-c", False, 5.0)) is None
     assert table.where("h") is None
     # households claimed through another relay since this one loaded appear
-    assert table.apply(LinkEvent(4, "new", "sha256:n", "relay-b", True, 5.0)) is None
+    assert table.apply(LinkEvent(5, "new", "sha256:n", "relay-b", True, 6.0)) is None
     assert table.where("new") == "relay-b"
 
 
