@@ -264,13 +264,21 @@ class RelayLink:
             return None
         try:
             key = serialization.load_pem_private_key(pem, password=None)
-            der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-        except ValueError as exc:
+            cert = x509.load_pem_x509_certificate(pem)
+            spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            usable = (
+                isinstance(key, ec.EllipticCurvePrivateKey)
+                and isinstance(key.curve, ec.SECP256R1)
+                and cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+            )
+        except Exception as exc:  # (an encrypted key is a TypeError)
             log.warning("%s is not a key and certificate (%s); ignored", self.identity_file, exc)
             return None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or wire.fingerprint(der) == (
-            self.fingerprint
-        ):
+        if not usable or not isinstance(key, ec.EllipticCurvePrivateKey):
+            log.warning("%s is not a P-256 key with its certificate; ignored", self.identity_file)
+            return None
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if wire.fingerprint(der) == self.fingerprint:
             return None
         return key, der
 

@@ -48,6 +48,7 @@ from appliance.homelink import frames
 from appliance.homelink.frames import Frame, FrameError, Kind, Reset
 from appliance.homelink.link import LinkConnection
 from appliance.homelink.registration import (
+    CLOSE_CLAIMED,
     CLOSE_MALFORMED,
     RegistrationRefused,
     challenge,
@@ -65,7 +66,7 @@ from appliance.homerelay.poll_front import (
     PollSessions,
     front_connection,
 )
-from appliance.homerelay.table import HouseholdStore, Registrations
+from appliance.homerelay.table import HouseholdStore, NameMoved, Registrations
 from appliance.state.households import Households, LinkEvent
 
 log = logging.getLogger("appliance.homerelay")
@@ -678,8 +679,12 @@ class RelayServer:
                 refusal.reason,
             )
             return await self._refuse(link, refusal, logged=True)
+        try:
+            previous = self.registrations.online(result.household, result.key, link.id, now)
+        except NameMoved:
+            moved = RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
+            return await self._refuse(link, moved)
         link.household = result.household
-        previous = self.registrations.online(result.household, result.key, link.id, now)
         old = self._links.get(previous) if previous is not None else None
         if old is not None:
             self.counters["takeovers"] += 1

@@ -31,6 +31,10 @@ MAX_STREAMS = 64  # open streams per household
 MAX_CLAIMS = 100_000  # household names one relay hands out
 
 
+class NameMoved(Exception):
+    """The store says another key owns the name now: the registration is refused."""
+
+
 class State(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
@@ -43,6 +47,10 @@ class HouseholdStore(Protocol):
     def load(self) -> list[Claim]: ...
     def claim(self, name: str, key: str, claimed_at: float) -> str:
         """Claim `name` for `key` if free; returns the key that owns it now."""
+        ...
+
+    def owner(self, name: str) -> str:
+        """The key that owns `name` in the store ('' for a name nobody owns)."""
         ...
 
     def rekey(self, name: str, old: str, new: str) -> str:
@@ -100,15 +108,17 @@ class Registrations:
         renewed, when that one owns it), else the refusal to close the link with (4403,
         4429)."""
         entry = self._households.get(household)
-        if entry is not None and entry.key != key:
-            if not previous or entry.key != previous:
-                return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
-            owner = self.store.rekey(household, previous, key) if self.store else key
-            if owner != key:  # (the store knew another owner: another relay moved it)
+        if entry is not None and self.store is not None:
+            # the store is the truth: another relay may have moved the name, or the
+            # operator freed it, since this relay loaded it
+            owner = self.store.owner(household)
+            if owner:
                 entry.key = owner
-                return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
-            entry.key = key
-            self.rekeyed += 1
+            elif entry.link_id is None:
+                del self._households[household]
+                entry = None
+        if entry is not None and entry.key != key and (not previous or entry.key != previous):
+            return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
         if entry is None:
             if len(self._households) >= self.max_claims:
                 return RegistrationRefused(CLOSE_TOO_MANY, "this relay holds no more names")
@@ -121,6 +131,11 @@ class Registrations:
         if len(entry.attempts) >= self.max_attempts:
             return RegistrationRefused(CLOSE_TOO_MANY, "too many registrations; wait")
         entry.attempts.append(now)
+        if entry.key != key:  # `previous` owns the name: it moves to the renewed key
+            entry.key = self.store.rekey(household, previous, key) if self.store else key
+            if entry.key != key:  # another relay moved it first
+                return RegistrationRefused(CLOSE_CLAIMED, "household name claimed by another key")
+            self.rekeyed += 1
         return None
 
     def online(self, household: str, key: str, link_id: int, now: float) -> int | None:
@@ -129,7 +144,10 @@ class Registrations:
         if entry.key != key:
             raise ValueError("online() for a key that does not own the household")
         if self.store:  # first: a store that fails changes nothing here
-            entry.since = self.store.linked(household, key, self.me, now)
+            since = self.store.linked(household, key, self.me, now)
+            if not since:  # the store's row names another key now (moved meanwhile)
+                raise NameMoved(household)
+            entry.since = since
         previous = entry.link_id
         entry.link_id = link_id
         entry.remote = ""

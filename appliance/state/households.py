@@ -73,14 +73,17 @@ class Households:
         row = self.conn.execute("SELECT key FROM households WHERE name = ?", (name,)).fetchone()
         return str(row[0])
 
+    def owner(self, name: str) -> str:
+        row = self.conn.execute("SELECT key FROM households WHERE name = ?", (name,)).fetchone()
+        return str(row[0]) if row else ""
+
     def rekey(self, name: str, old: str, new: str) -> str:
         """Move `name` to `new` if `old` owns it (a renewed certificate, proven by the
         old one's key); returns the key that owns it now."""
         self.conn.execute(
             "UPDATE households SET key = ? WHERE name = ? AND key = ?", (new, name, old)
         )
-        row = self.conn.execute("SELECT key FROM households WHERE name = ?", (name,)).fetchone()
-        return str(row[0]) if row else ""
+        return self.owner(name)
 
     def linked(self, name: str, key: str, relay: str, now: float) -> int:
         """`relay` holds the household's agent link from now on (announced); returns the

@@ -548,6 +548,24 @@ def test_a_household_that_renews_its_certificate_keeps_its_name(
                 # the name is the new key's now, and the kept identity follows it
                 assert r.relay.registrations.claim_or_check(HOUSEHOLD, old, 0.0) is not None
                 assert renewed.relay._previous_identity() is None
+                # a kept file that is not a usable identity is ignored, never a crash
+                p384 = ec.generate_private_key(ec.SECP384R1())
+                for junk in (
+                    b"not pem",
+                    p384.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.BestAvailableEncryption(b"pw"),
+                    ),
+                    p384.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                    + self_signed(p384, "x").public_bytes(serialization.Encoding.PEM),
+                ):
+                    kept.write_bytes(junk)
+                    assert renewed.relay._previous_identity() is None
             finally:
                 await renewed.close()
 

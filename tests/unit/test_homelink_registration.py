@@ -297,6 +297,18 @@ def test_a_renewal_carries_the_previous_keys_word_and_nothing_else_does() -> Non
     ]
     assert refusal(for_other, nonce) == 4401
     assert refusal(renewed(challenge(), (KEY, CERT)), nonce) == 4401
+    # the proof alone made for another challenge, household or relay (the main
+    # signature right): each is refused
+    for made_for in (
+        sign_registration(NEW_KEY, NEW_CERT, challenge(), "alice-home", HOST, (KEY, CERT)),
+        sign_registration(NEW_KEY, NEW_CERT, nonce, "bob-home", HOST, (KEY, CERT)),
+        sign_registration(NEW_KEY, NEW_CERT, nonce, "alice-home", "relay.other", (KEY, CERT)),
+    ):
+        spliced = dict(renewed(nonce, (KEY, CERT)), previous=made_for["previous"])
+        assert isinstance(
+            verify_registration(renewed(nonce, (KEY, CERT)), nonce, HOST), Registration
+        )
+        assert refusal(spliced, nonce) == 4401
     # malformed
     for bad in (
         "x",
@@ -348,6 +360,13 @@ def test_a_relay_on_the_same_store_follows_a_moved_name(claims_store: StateConfi
         assert b.where("alice-home") == "relay-a"
         assert b.claim_or_check("alice-home", "key-b", 102.0) is None  # its own key now
 
+        # a relay that loaded the old key and heard nothing since refuses that key: it
+        # asks the store, which knows the name moved
+        stale_a = Registrations(two, me="relay-x")
+        stale_a._households["alice-home"].key = "key-a"  # as loaded before the move
+        refused = stale_a.claim_or_check("alice-home", "key-a", 102.5)
+        assert refused is not None and refused.code == 4403
+
         c = Registrations(Households.open(claims_store), me="relay-c")  # knows key-b
         assert a.claim_or_check("alice-home", "key-c", 103.0, previous="key-b") is None
         # c has not heard yet; the renewal of key-b to key-c reaches it as well
@@ -358,3 +377,17 @@ def test_a_relay_on_the_same_store_follows_a_moved_name(claims_store: StateConfi
     finally:
         one.close()
         two.close()
+
+
+def test_a_renewal_refused_for_its_rate_moves_nothing(claims_store: StateConfig) -> None:
+    store = Households.open(claims_store)
+    try:
+        table = Registrations(store, max_attempts=1)
+        assert table.claim_or_check("alice-home", "key-a", 100.0) is None
+        limited = table.claim_or_check("alice-home", "key-b", 101.0, previous="key-a")
+        assert limited is not None and limited.code == 4429
+        assert store.owner("alice-home") == "key-a" and table.rekeyed == 0
+        assert table.claim_or_check("alice-home", "key-b", 120.0, previous="key-a") is None
+        assert store.owner("alice-home") == "key-b"
+    finally:
+        store.close()

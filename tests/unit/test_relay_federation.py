@@ -258,12 +258,16 @@ class Store:
 
     def __init__(self) -> None:
         self.events = 0
+        self.owners: dict[str, str] = {}
 
     def load(self) -> list[Any]:
         return []
 
     def claim(self, name: str, key: str, claimed_at: float) -> str:
-        return key
+        return self.owners.setdefault(name, key)
+
+    def owner(self, name: str) -> str:
+        return self.owners.get(name, "")
 
     def linked(self, name: str, key: str, relay: str, now: float) -> int:
         self.events += 10
