@@ -196,6 +196,14 @@ def _p256_key(certificate_der: bytes) -> ec.EllipticCurvePublicKey | None:
     return None
 
 
+def _signed(key: ec.EllipticCurvePublicKey, signature: bytes, text: bytes) -> bool:
+    try:
+        key.verify(signature, text, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def verify_registration(
     message: object, nonce: bytes, relay_host: str
 ) -> Registration | RegistrationRefused:
@@ -226,11 +234,7 @@ def verify_registration(
     public_key = _p256_key(certificate_der)
     if public_key is None:
         return _malformed("certificate is not X.509 with a P-256 key")
-    try:
-        public_key.verify(
-            signature, signed_text(nonce, household, relay_host), ec.ECDSA(hashes.SHA256())
-        )
-    except (InvalidSignature, ValueError):
+    if not _signed(public_key, signature, signed_text(nonce, household, relay_host)):
         return RegistrationRefused(CLOSE_BAD_SIGNATURE, "signature does not verify")
     key = fingerprint(certificate_der)
     if "previous" not in message:
@@ -254,10 +258,6 @@ def _verify_previous(
     old_key = _p256_key(old_der)
     if old_key is None:
         return _malformed("previous certificate is not X.509 with a P-256 key")
-    try:
-        old_key.verify(
-            proof, rekey_text(nonce, household, relay_host, key), ec.ECDSA(hashes.SHA256())
-        )
-    except (InvalidSignature, ValueError):
+    if not _signed(old_key, proof, rekey_text(nonce, household, relay_host, key)):
         return RegistrationRefused(CLOSE_BAD_SIGNATURE, "previous signature does not verify")
     return fingerprint(old_der)

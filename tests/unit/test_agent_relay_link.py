@@ -170,6 +170,16 @@ class Rig:
                     return time.monotonic() - start
                 await asyncio.sleep(0.02)
 
+    async def bob_logs_in(self, config: Any, appliance: Link | None = None) -> Any:
+        """bob's login through the relay, as the portal makes it."""
+        return await asyncio.to_thread(
+            client.authenticate,
+            config,
+            f"bob@{HOUSEHOLD}.{HOST}#{self.agent.fingerprint}",
+            "bob-pw",
+            sock=await self.relayed_socket(appliance),
+        )
+
     async def relayed_socket(self, appliance: Link | None = None) -> socket.socket:
         """A stream through the relay to the agent, as a blocking socket for client.py."""
         ls = (appliance or self.appliance).open(HOUSEHOLD)
@@ -306,13 +316,7 @@ def test_relayed_login_and_fetch_survive_a_dropped_agent_link(
             link = r.agent.relay
 
             # a login through the relay: TLS end to end, pinned to the agent's certificate
-            answer = await asyncio.to_thread(
-                client.authenticate,
-                config,
-                f"bob@{HOUSEHOLD}.{HOST}#{r.agent.fingerprint}",
-                "bob-pw",
-                sock=await r.relayed_socket(),
-            )
+            answer = await r.bob_logs_in(config)
             assert answer.user == "bob" and answer.attributes["name"] == "Bob"
             assert answer.fingerprint == r.agent.fingerprint
             with pytest.raises(client.AgentError) as err:  # the portal refuses loopback
@@ -465,14 +469,7 @@ def test_behind_a_front_that_blocks_upgrades_the_agent_links_by_long_poll(
         async with rig(tmp_path, relay_tls, front=nginx) as r:
             await r.wait_online(5)
             assert r.agent.relay is not None and isinstance(r.agent.relay.ws, PollClient)
-            answer = await asyncio.to_thread(
-                client.authenticate,
-                config,
-                f"bob@{HOUSEHOLD}.{HOST}#{r.agent.fingerprint}",
-                "bob-pw",
-                sock=await r.relayed_socket(),
-            )
-            assert answer.user == "bob"
+            assert (await r.bob_logs_in(config)).user == "bob"
             with pytest.raises(client.AgentError):  # refused (loopback servers), but noted
                 await asyncio.to_thread(
                     client.authenticate, config, r.spec, "alice-pw", sock=await r.relayed_socket()
