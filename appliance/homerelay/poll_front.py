@@ -25,6 +25,7 @@ from websockets.asyncio.server import ServerConnection
 from appliance.homelink import poll
 from appliance.homelink.poll import HIGH_WATER, HOLD, PollError
 from appliance.homelink.poll_end import CLOSE_ABNORMAL, PollEnd
+from appliance.homerelay.heap import release_free_pages
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ def front_connection(sessions: PollSessions) -> type[ServerConnection]:
         """A GET goes to websockets as it came; a POST is answered by `sessions`."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # made just before uvloop allocates the socket's TLS read buffer
+            release_free_pages()
             super().__init__(*args, **kwargs)
             self._head = b""
             self._kind: asyncio.Future[str] = self.loop.create_future()
