@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from postgres_server import PostgresServer, available
 
+from appliance.homelink.poll_client import forget_long_poll
 from appliance.lab import topology as topo_mod
 from appliance.lab.topology import Topology
 
@@ -36,6 +37,13 @@ def _destroy_all() -> None:
 
 
 _MAIN_PID = os.getpid()
+
+
+@pytest.fixture(autouse=True)
+def _links_dial_websocket_first() -> Iterator[None]:
+    """A URL one test's link reached by long-poll is not another test's (ports recur)."""
+    yield
+    forget_long_poll()
 
 
 def _on_term(signum: int, _frame: object) -> None:

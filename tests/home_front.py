@@ -20,15 +20,26 @@ class NginxFront:
     starts and gives its own port."""
 
     def __init__(
-        self, directory: Path, cert: Path, key: Path, relay_name: str, upgrade: bool = False
+        self,
+        directory: Path,
+        cert: Path,
+        key: Path,
+        relay_name: str,
+        upgrade: bool = False,
+        hold_upgrade: bool = False,
     ) -> None:
         """`upgrade`: pass the WebSocket Upgrade after all (nginx's documented recipe), the
-        same front for a WebSocket link: the peer of the long-poll benchmark."""
+        same front for a WebSocket link: the peer of the long-poll benchmark.
+        `hold_upgrade`: a request with an Upgrade gets no answer at all (sent on to a
+        listener that never reads, as a middlebox that holds what it does not know)."""
         directory.mkdir()
         self.d = directory
         self.cert, self.key, self.relay_name = cert, key, relay_name
         self.upgrade = upgrade
         self.port = free_port()
+        self.hole: socket.socket | None = None
+        if hold_upgrade:
+            self.hole = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __call__(self, relay_port: int) -> int:
@@ -40,6 +51,9 @@ class NginxFront:
             if self.upgrade
             else ""
         )
+        if self.hole is not None:
+            hole = self.hole.getsockname()[1]
+            upgrade = f"if ($http_upgrade) {{ proxy_pass http://127.0.0.1:{hole}; }}\n      "
         (d / "nginx.conf").write_text(
             f"user root; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n"
             "events { worker_connections 1024; }\n"
@@ -72,6 +86,9 @@ class NginxFront:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
+        if self.hole is not None:
+            self.hole.close()
+            self.hole = None
 
     def access_log(self) -> str:
         return (self.d / "access.log").read_text()

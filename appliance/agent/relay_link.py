@@ -194,7 +194,6 @@ class RelayLink:
             ping_interval=3,
             ping_timeout=5,
             close_timeout=2,
-            open_timeout=10,
             max_size=frames.MAX_FRAME + 256,
         )
         self.ws = ws

@@ -93,7 +93,6 @@ def relay_dial(cfg: HomeRelayConfig, name: str, urls: Sequence[str], ctx: ssl.SS
             ping_interval=3,
             ping_timeout=5,
             close_timeout=2,
-            open_timeout=10,
             proxy=cfg.proxy or None,
             max_size=frames.MAX_FRAME + 256,
         )

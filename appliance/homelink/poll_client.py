@@ -2,8 +2,10 @@
 
 `dial_link` tries a WebSocket first.  When the answer to its Upgrade is not a
 WebSocket (a reverse proxy or an inspecting middlebox that does not pass Upgrade
-answers 400, 426, 501, or a page of its own), it opens a long-poll session at the
-same URL instead: the agent and the dialer carry on over it unchanged.
+answers 400, 426, 501, or a page of its own), or there is no answer before the
+handshake's timeout (one that holds it), it opens a long-poll session at the same
+URL instead: the agent and the dialer carry on over it unchanged.  A URL that
+needed long-poll is dialled by long-poll first for a while.
 
 A `PollClient` keeps two HTTP/1.1 connections (kept alive, opened again when they
 fail): one posts what this end sends, one asks for what the relay holds.  Every
@@ -263,6 +265,18 @@ class PollClient(PollEnd):
             self.finish(CLOSE_ABNORMAL, f"{type(exc).__name__}: {exc}")
 
 
+# a URL whose WebSocket failed is dialled by long-poll first for this long: a front that
+# holds the Upgrade would otherwise cost a whole handshake timeout at every relink
+POLL_FIRST_FOR = 600.0
+HANDSHAKE_TIMEOUT = 10.0  # a WebSocket handshake (TCP, TLS, the Upgrade) unanswered by then
+_polled: dict[str, float] = {}  # URL -> when a long-poll session there last opened
+
+
+def forget_long_poll() -> None:
+    """Dial every URL by WebSocket first again, as after a start."""
+    _polled.clear()
+
+
 async def dial_link(
     url: str,
     *,
@@ -272,10 +286,32 @@ async def dial_link(
     verify: Verify | None = None,
     **websocket: Any,
 ) -> ClientConnection | PollClient:
-    """A WebSocket to `url`, or a long-poll session there when the Upgrade is refused."""
+    """A WebSocket to `url`, or a long-poll session there when the Upgrade is refused
+    or never answered (a front or middlebox that holds it until the handshake times
+    out).  Where long-poll was needed lately, it is tried first."""
+
+    async def poll_session() -> PollClient:
+        client = await PollClient.open(
+            url, tls=tls, server_hostname=server_hostname, proxy=proxy, verify=verify
+        )
+        _polled[url] = time.monotonic()
+        return client
+
+    since = _polled.get(url)
+    if since is not None and time.monotonic() - since < POLL_FIRST_FOR:
+        try:
+            return await poll_session()
+        except (OSError, TimeoutError, h11.ProtocolError, PollError, EOFError) as exc:
+            log.info("%s: long-poll failed (%s); a WebSocket again", url, exc)
+            _polled.pop(url, None)
     try:
         ws: ClientConnection = await connect(
-            url, ssl=tls, server_hostname=server_hostname, proxy=proxy, **websocket
+            url,
+            ssl=tls,
+            server_hostname=server_hostname,
+            proxy=proxy,
+            open_timeout=HANDSHAKE_TIMEOUT,
+            **websocket,
         )
     except InvalidStatus as exc:
         if exc.response.status_code == 429:  # the relay's own limit: polling is no way out
@@ -283,6 +319,10 @@ async def dial_link(
         log.info("%s: the WebSocket was refused (%s); long-poll instead", url, exc)
     except InvalidHandshake as exc:
         log.info("%s: no WebSocket (%s); long-poll instead", url, exc)
+    except TimeoutError:
+        # (also a relay that is not there at all: then the long-poll fails as well,
+        # and the caller's backoff goes on)
+        log.info("%s: the WebSocket handshake was not answered in time; long-poll instead", url)
     else:
         if verify is not None:
             try:
@@ -291,6 +331,4 @@ async def dial_link(
                 ws.transport.abort()
                 raise
         return ws
-    return await PollClient.open(
-        url, tls=tls, server_hostname=server_hostname, proxy=proxy, verify=verify
-    )
+    return await poll_session()

@@ -45,7 +45,8 @@ from home_world import (
 from relay_helpers import free_port
 
 from appliance.core.config import HomeRelayConfig
-from appliance.homelink.dialer import Dialer
+from appliance.homelink import poll_client
+from appliance.homelink.dialer import Dialer, tls_context
 from appliance.homelink.dialer_client import DialerError, dial, dial_async
 from appliance.homelink.poll_client import PollClient
 from appliance.homerelay.server import RelayServer
@@ -361,3 +362,37 @@ def test_a_long_poll_link_rides_out_its_connections_failing_mid_stream(
             assert all(isinstance(ws, PollClient) and ws.retries > 0 for ws in links)
 
     run(body(), limit=30)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_where_the_upgrade_goes_unanswered_both_ends_link_by_long_poll_after_the_timeout(
+    pki: Pki, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A front that holds every Upgrade (nginx sends it where nothing answers): each end
+    waits out its WebSocket handshake, then links by long-poll; dialling that URL again
+    goes by long-poll at once, not after another timeout."""
+    monkeypatch.setattr(poll_client, "HANDSHAKE_TIMEOUT", 1.0)
+    front = NginxFront(short_dir / "nginx", pki.relay_cert, pki.key, RELAY, hold_upgrade=True)
+
+    async def body() -> None:
+        async with world(pki, short_dir, front=front) as w:
+            assert _poll_links(w) == [True, True]
+            assert await async_echo(w.cfg) == DIGEST
+            assert w.relay is not None
+            assert w.relay.polls.counters["poll_sessions"] == 2
+            t0 = time.monotonic()
+            again = await poll_client.dial_link(
+                f"wss://127.0.0.1:{w.front}/v1/appliance",
+                tls=tls_context(w.cfg),
+                server_hostname=RELAY,
+                proxy=None,
+            )
+            assert isinstance(again, PollClient)
+            assert time.monotonic() - t0 < 0.9  # (a WebSocket first would take 1 s)
+            await again.close()
+            assert w.relay.polls.counters["poll_sessions"] == 3
+
+    try:
+        run(body(), limit=30)
+    finally:
+        front.stop()
