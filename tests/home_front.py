@@ -27,15 +27,18 @@ class NginxFront:
         relay_name: str,
         upgrade: bool = False,
         hold_upgrade: bool = False,
+        forwarded_for: bool = False,
     ) -> None:
         """`upgrade`: pass the WebSocket Upgrade after all (nginx's documented recipe), the
         same front for a WebSocket link: the peer of the long-poll benchmark.
         `hold_upgrade`: a request with an Upgrade gets no answer at all (sent on to a
-        listener that never reads, as a middlebox that holds what it does not know)."""
+        listener that never reads, as a middlebox that holds what it does not know).
+        `forwarded_for`: say whom each request came from (X-Forwarded-For, appended)."""
         directory.mkdir()
         self.d = directory
         self.cert, self.key, self.relay_name = cert, key, relay_name
         self.upgrade = upgrade
+        self.forwarded_for = forwarded_for
         self.port = free_port()
         self.hole: socket.socket | None = None
         if hold_upgrade:
@@ -45,15 +48,17 @@ class NginxFront:
     def __call__(self, relay_port: int) -> int:
         d = self.d
         temps = "".join(f"{k}_temp_path {d}/{k}; " for k in ("client_body", "proxy"))
-        upgrade = (
+        extra = (
             "proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade;\n"
             '      proxy_set_header Connection "upgrade"; proxy_read_timeout 1h;\n'
             if self.upgrade
             else ""
         )
+        if self.forwarded_for:
+            extra += "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      "
         if self.hole is not None:
             hole = self.hole.getsockname()[1]
-            upgrade = f"if ($http_upgrade) {{ proxy_pass http://127.0.0.1:{hole}; }}\n      "
+            extra += f"if ($http_upgrade) {{ proxy_pass http://127.0.0.1:{hole}; }}\n      "
         (d / "nginx.conf").write_text(
             f"user root; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n"
             "events { worker_connections 1024; }\n"
@@ -61,7 +66,7 @@ class NginxFront:
             f"  server {{ listen 127.0.0.1:{self.port} ssl;\n"
             f"    ssl_certificate {self.cert}; ssl_certificate_key {self.key};\n"
             f"    location / {{ proxy_pass https://127.0.0.1:{relay_port};\n"
-            f"      {upgrade}"
+            f"      {extra}"
             f"      proxy_ssl_server_name on; proxy_ssl_name {self.relay_name}; }} }} }}\n"
         )
         self.start()

@@ -29,6 +29,8 @@ class RelayLimits:
     streams_per_appliance_link: int  # open streams one appliance link may hold
     household_bytes_per_second: int  # DATA bytes per household per second; 0: unlimited
     link_queue_bytes: int  # frames waiting for one link beyond this: it is closed 1013
+    # reverse proxies whose X-Forwarded-For names a link's source (sources.py)
+    trusted_fronts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def parse(doc: TomlFile) -> RelayConfig:
         household_bytes_per_second=lim.integer("household_bytes_per_second", 0, 0, 2**40),
         # at least one stream's window (homelink.stream.WINDOW, 1 MiB)
         link_queue_bytes=lim.integer("link_queue_bytes", 16 << 20, 1 << 20, 2**40),
+        trusted_fronts=lim.any_network_list("trusted_fronts", ()),
     )
     lim.finish()
     metrics_listen, metrics_port = own_endpoint(top.sub("metrics"), port, "relay")

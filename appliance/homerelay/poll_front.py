@@ -21,6 +21,7 @@ from typing import Any
 
 import h11
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 
 from appliance.homelink import poll
 from appliance.homelink.poll import HIGH_WATER, HOLD, PollError
@@ -40,16 +41,26 @@ SWEEP = 1.0
 
 @dataclass(frozen=True)
 class _Request:
-    path: str  # what the relay's handler reads of a WebSocket's request
+    """What the relay's handler reads of a WebSocket's request."""
+
+    path: str
+    headers: Headers
 
 
 class PollSession(PollEnd):
     """One long-poll link at the relay."""
 
-    def __init__(self, sid: str, path: str, remote: Any, forget: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        sid: str,
+        path: str,
+        remote: Any,
+        forget: Callable[[str], None],
+        headers: Headers | None = None,
+    ) -> None:
         super().__init__()
         self.sid = sid
-        self.request = _Request(path)
+        self.request = _Request(path, headers if headers is not None else Headers())
         self.remote_address = remote
         self._forget = forget
         self.last_down = time.monotonic()
@@ -103,18 +114,23 @@ class PollSession(PollEnd):
 
 Handler = Callable[[PollSession], Coroutine[Any, Any, None]]
 Admit = Callable[[str], str | None]  # source -> None, or why it is refused (429)
+SourceOf = Callable[[Any, Headers], str]  # (peer address, request headers) -> the source
 
 
 class PollSessions:
     """The open sessions by id, and the answers to the transport's requests.
 
     `serve(session)` is the relay's link handler; `admit(source)` its per-source
-    limit (called for each new session; the session counts until it closes)."""
+    limit (called for each new session; the session counts until it closes), with
+    the source as `source_of` tells it (sources.py)."""
 
-    def __init__(self, paths: frozenset[str], serve: Handler, admit: Admit) -> None:
+    def __init__(
+        self, paths: frozenset[str], serve: Handler, admit: Admit, source_of: SourceOf
+    ) -> None:
         self.paths = paths
         self._serve = serve
         self._admit = admit
+        self._source_of = source_of
         self.sessions: dict[str, PollSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -142,16 +158,18 @@ class PollSessions:
         for task in list(self._tasks):
             task.cancel()
 
-    async def answer(self, path: str, body: bytes, remote: Any, sid: str = "") -> tuple[int, bytes]:
+    async def answer(
+        self, path: str, body: bytes, remote: Any, sid: str = "", headers: Headers | None = None
+    ) -> tuple[int, bytes]:
         """(status, body) for a POST to `path` naming session `sid`."""
         if path in self.paths:
-            source = str(remote[0]) if remote else "?"
-            refusal = self._admit(source)
+            headers = headers if headers is not None else Headers()
+            refusal = self._admit(self._source_of(remote, headers))
             if refusal is not None:
                 self.counters["poll_refused"] += 1
                 return 429, refusal.encode()
             sid = secrets.token_hex(16)
-            session = PollSession(sid, path, remote, self._forget)
+            session = PollSession(sid, path, remote, self._forget, headers)
             self.sessions[sid] = session
             self.counters["poll_sessions"] += 1
             task = asyncio.create_task(self._serve(session))
@@ -341,8 +359,10 @@ def front_connection(sessions: PollSessions) -> type[ServerConnection]:
             self.transport.pause_reading()
             target = request.target.decode("ascii", "replace").partition("?")[0]
             sid = headers.get(poll.SESSION_HEADER.encode(), b"").decode("ascii", "replace")
-            return await sessions.answer(
-                target, bytes(body), self.transport.get_extra_info("peername"), sid
-            )
+            peer = self.transport.get_extra_info("peername")
+            if target in sessions.paths:  # a new session: the relay reads its headers
+                pairs = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers)
+                return await sessions.answer(target, bytes(body), peer, sid, Headers(pairs))
+            return await sessions.answer(target, bytes(body), peer, sid)
 
     return FrontConnection

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from prometheus_client.core import Metric
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.http11 import Request, Response
 
@@ -66,6 +67,7 @@ from appliance.homerelay.poll_front import (
     PollSessions,
     front_connection,
 )
+from appliance.homerelay.sources import HEADER, link_source
 from appliance.homerelay.table import HouseholdStore, NameMoved, Registrations
 from appliance.state.households import Households, LinkEvent
 
@@ -136,6 +138,9 @@ class RelayLinkConnection(LinkConnection, Protocol):
 
     @property
     def remote_address(self) -> Any: ...
+
+    @property
+    def request(self) -> Any: ...  # its path and headers (None before a handshake)
 
     async def wait_closed(self) -> None: ...
 
@@ -274,7 +279,7 @@ class RelayServer:
         self._server: Server | None = None
         # links by HTTP long-poll where a WebSocket cannot pass (poll_front.py)
         self.polls = PollSessions(
-            frozenset({AGENT_PATH, APPLIANCE_PATH}), self._serve_poll, self._admit
+            frozenset({AGENT_PATH, APPLIANCE_PATH}), self._serve_poll, self._admit, self._source_of
         )
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -389,7 +394,7 @@ class RelayServer:
         if path == PEER_PATH and self.config.federation is None:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
         if path in (AGENT_PATH, APPLIANCE_PATH, PEER_PATH):
-            source = _source(connection)
+            source = self._source_of(connection.remote_address, request.headers)
             refusal = self._admit(source)
             if refusal is not None:
                 return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, refusal)
@@ -409,6 +414,17 @@ class RelayServer:
             response.headers["Content-Type"] = "application/json"
             return response
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _source_of(self, remote: Any, headers: Headers) -> str:
+        """The address a link counts as coming from (sources.py: a trusted front's word)."""
+        peer = str(remote[0]) if remote else "?"
+        fronts = self.config.limits.trusted_fronts
+        return link_source(peer, headers.get_all(HEADER), fronts) if fronts else peer
+
+    def _source(self, connection: RelayLinkConnection) -> str:
+        request = connection.request
+        headers = request.headers if request is not None else Headers()
+        return self._source_of(connection.remote_address, headers)
 
     def _admit(self, source: str) -> str | None:
         """Count one more link from `source`, or say why not (the per-source limit)."""
@@ -433,7 +449,7 @@ class RelayServer:
             await self._handle(session)
         finally:
             session.end(1000)  # as websockets closes a link whose handler returned
-            await self._release_source(session, _source(session))
+            await self._release_source(session, self._source(session))
 
     # -- links -------------------------------------------------------------------
 
@@ -441,7 +457,7 @@ class RelayServer:
         path = ws.request.path.partition("?")[0] if ws.request else ""
         self._next_link += 1
         side = Side.AGENT if path == AGENT_PATH else Side.APPLIANCE
-        source = _source(ws)  # the agent learns it with each OPEN, if it is an address
+        source = self._source(ws)  # the agent learns it with each OPEN, if it is an address
         link = _Link(
             self._next_link, ws, side, source if frames.SOURCE_RE.fullmatch(source) else ""
         )
@@ -643,7 +659,7 @@ class RelayServer:
 
     async def _register(self, link: _Link) -> bool:
         ws = link.ws
-        source = _source(ws)
+        source = self._source(ws)
         nonce = challenge()
         await ws.send(json.dumps(challenge_message(nonce)))
         try:
@@ -704,7 +720,7 @@ class RelayServer:
         if not logged:
             log.warning(
                 "refused a registration from %s: %d %s",
-                _source(link.ws),
+                self._source(link.ws),
                 refusal.code,
                 refusal.reason,
             )
@@ -1148,8 +1164,3 @@ class RelayServer:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
-
-
-def _source(connection: RelayLinkConnection) -> str:
-    address = connection.remote_address
-    return str(address[0]) if address else "?"
