@@ -77,6 +77,23 @@ class Households:
         row = self.conn.execute("SELECT key FROM households WHERE name = ?", (name,)).fetchone()
         return str(row[0]) if row else ""
 
+    def claimed(self, name: str) -> Claim | None:
+        row = self.conn.execute(
+            "SELECT name, key, claimed_at, last_seen, relay FROM households WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Claim(str(row[0]), str(row[1]), float(row[2]), float(row[3]), str(row[4]))
+
+    def release(self, name: str) -> bool:
+        """Free `name` unless a relay holds its link now (its household lost the key it
+        was claimed with: the next registration claims it anew)."""
+        gone = self.conn.execute(
+            "DELETE FROM households WHERE name = ? AND relay = ''", (name,)
+        ).rowcount
+        return bool(gone)
+
     def rekey(self, name: str, old: str, new: str) -> str:
         """Move `name` to `new` if `old` owns it (a renewed certificate, proven by the
         old one's key); returns the key that owns it now."""

@@ -539,6 +539,52 @@ def test_cli_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "relay.certificate" in capsys.readouterr().err
 
 
+def test_the_operator_frees_a_name_whose_household_lost_its_key(
+    make_config: ConfigMaker,
+    relay_tls: tuple[Path, Path, ssl.SSLContext],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`home-relay names` lists the claims; `home-relay release NAME` refuses while the
+    name's link is up (whoever holds the key keeps using it), then frees it while the
+    relay runs: a new key claims it at its next registration, where it got 4403."""
+    cert, key, _ = relay_tls
+    path = tmp_path / "relay.toml"  # the file make_config's relay reads its store from
+    path.write_text(
+        f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
+        f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
+    )
+
+    def command(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["--config", str(path), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    async def body(c: Client) -> None:
+        lost, new = make_agent(), make_agent()
+        ws = await c.agent(lost, "bob-home")
+        code, out, _ = command("names")
+        assert code == 0 and out.startswith("bob-home\tsha256:") and "linked at" in out
+        code, _, err = command("release", "bob-home")
+        assert code == 1 and "bob-home is linked now" in err
+        await ws.close()
+        async with asyncio.timeout(3):
+            while (await c.presence("bob-home"))["state"] != "offline":
+                await asyncio.sleep(0.02)
+        assert await close_code(await c.agent_link(new, "bob-home")) == 4403
+        code, out, _ = command("release", "bob-home")
+        assert code == 0 and out.startswith("released bob-home (it was claimed by sha256:")
+        assert command("release", "bob-home")[0] == 1  # (no such claim any more)
+        assert command("release", "Bob_Home")[0] == 2
+        await c.agent(new, "bob-home")  # claimed anew
+        assert (await c.presence("bob-home"))["state"] == "online"
+        code, _, _ = command("release", "bob-home")
+        assert code == 1  # the new key's link is up
+        assert await close_code(await c.agent_link(lost, "bob-home")) == 4403
+
+    with_relay(make_config, relay_tls, body)
+
+
 def test_cli_serves_until_sigterm(
     relay_tls: tuple[Path, Path, ssl.SSLContext], tmp_path: Path
 ) -> None:
