@@ -13,6 +13,10 @@ class Run:
     drops: float  # fraction of all sent packets that went unanswered
     do_delay: float  # ms
     ra_delay: float  # ms
+    # shares of one core over the run (the benchmark fills them in): near 1.0 for
+    # perfdhcp, the load generator is the limit and the step cannot tell servers apart
+    generator_cpu: float = float("nan")
+    server_cpu: float = float("nan")
 
 
 def parse(out: str, offered: float) -> Run:

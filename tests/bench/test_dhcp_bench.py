@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from middlebox import cpu_seconds, main_pid, tree
 from perfdhcp_report import Run, parse
 from postgres_server import USER, PostgresServer
 
@@ -261,24 +263,41 @@ class Dnsmasq(Peer):
         return ":67 " in self.topo["gw"].run("ss", "-H", "-uln", check=False).stdout
 
 
-def perfdhcp(topo: Topology, rate: int | None, period: str = PERIOD) -> Run:
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def perfdhcp(
+    topo: Topology, rate: int | None, period: str = PERIOD, server: Process | None = None
+) -> Run:
+    """One perfdhcp run; with `server`, the CPU shares of both are noted in the Run."""
     cmd = ["perfdhcp", "-4", "-l", "eth0", "-R", "60000", "-p", period]
     if rate:
         cmd += ["-r", str(rate)]
+    pids = tree(main_pid(server)) if server is not None else []
+    t0, gen0, srv0 = time.monotonic(), _children_cpu(), cpu_seconds(pids)
     out = topo["guest1"].run(*cmd, check=False, timeout=float(period) + 60).stdout
-    return parse(out, float(rate or 0))
+    wall = time.monotonic() - t0
+    run = parse(out, float(rate or 0))
+    # (perfdhcp is the only child that ends meanwhile: `ip netns exec` execs it)
+    run.generator_cpu = (_children_cpu() - gen0) / wall
+    if pids:
+        run.server_cpu = (cpu_seconds(pids) - srv0) / wall
+    return run
 
 
 def step(topo: Topology, peer: Peer, rate: int) -> Run:
     peer.start()
     try:
-        run = perfdhcp(topo, rate)
+        run = perfdhcp(topo, rate, server=peer.proc)
     finally:
         peer.stop()
     print(
         f"  {peer.name:<20} offered {rate:>6}/s achieved {run.achieved:>8.0f}/s "
         f"drops {run.drops * 100:6.2f}%  "
-        f"D-O {run.do_delay:7.2f} ms  R-A {run.ra_delay:7.2f} ms",
+        f"D-O {run.do_delay:7.2f} ms  R-A {run.ra_delay:7.2f} ms  "
+        f"CPU perfdhcp {run.generator_cpu:4.2f} server {run.server_cpu:4.2f}",
         flush=True,
     )
     return run
@@ -317,6 +336,7 @@ def summary(topo: Topology, peer: Peer, runs: list[Run]) -> dict[str, object]:
             if run.drops < 0.01:
                 break
             rate //= 2
+    top = max(runs, key=lambda r: r.achieved)
     good = [r for r in runs if r.drops < 0.01]
     best = max(good, key=lambda r: r.offered) if good else Run(0, 0, 1, float("nan"), float("nan"))
     peer.start()
@@ -334,7 +354,10 @@ def summary(topo: Topology, peer: Peer, runs: list[Run]) -> dict[str, object]:
         "sweep": [asdict(r) for r in runs],
         "sustained": best.offered,
         "achieved": best.achieved,
-        "capacity": max(r.achieved for r in runs),
+        "capacity": top.achieved,
+        # near 1.0: at its capacity step perfdhcp itself was the limit, not the server
+        "capacity_generator_cpu": top.generator_cpu,
+        "capacity_server_cpu": top.server_cpu,
         "do_delay": best.do_delay,
         "ra_delay": best.ra_delay,
         "flood": flood.achieved,
@@ -378,6 +401,22 @@ ROWS: list[tuple[tuple[str, str, str], str, str, str]] = [
     (SUSTAINED, "ours", "dnsmasq", ">= 10"),
     (("achieved rate at that step", "exchanges/s", "achieved"), "ours", "kea", ""),
     (CAPACITY, "ours", "kea", ""),
+    (
+        (
+            "perfdhcp's CPU share (of a core) at the capacity step",
+            "cores",
+            "capacity_generator_cpu",
+        ),
+        "ours",
+        "kea",
+        "",
+    ),
+    (
+        ("the server's CPU share at the capacity step", "cores", "capacity_server_cpu"),
+        "ours",
+        "kea",
+        "",
+    ),
     (("DISCOVER->OFFER avg delay at sustained rate", "ms", "do_delay"), "ours", "kea", ""),
     (("REQUEST->ACK avg delay at sustained rate", "ms", "ra_delay"), "ours", "kea", ""),
     (FLOOD, "ours", "kea", ""),
