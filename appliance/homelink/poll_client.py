@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 import urllib.parse
@@ -43,6 +44,10 @@ Verify = Callable[[ssl.SSLObject | None], None]  # raises when the TLS peer is n
 
 class PollRefused(OSError):
     """The relay (or what stands in front of it) did not open a session."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP answer's, when there was one
 
 
 class _Http:
@@ -185,7 +190,9 @@ class PollClient(PollEnd):
             first.drop()
         sid = body.decode("ascii", "replace")
         if status != 200 or not poll.SESSION_RE.fullmatch(sid):
-            raise PollRefused(f"the relay did not open a poll session: {status} {body[:80]!r}")
+            raise PollRefused(
+                f"the relay did not open a poll session: {status} {body[:80]!r}", status
+            )
         return cls(sid, make_http)
 
     def ended(self) -> None:
@@ -265,16 +272,38 @@ class PollClient(PollEnd):
             self.finish(CLOSE_ABNORMAL, f"{type(exc).__name__}: {exc}")
 
 
-# a URL whose WebSocket failed is dialled by long-poll first for this long: a front that
-# holds the Upgrade would otherwise cost a whole handshake timeout at every relink
+# a URL whose WebSocket failed is dialled by long-poll first for this long after: a front
+# that holds the Upgrade would otherwise cost a whole handshake timeout at every relink
 POLL_FIRST_FOR = 600.0
 HANDSHAKE_TIMEOUT = 10.0  # a WebSocket handshake (TCP, TLS, the Upgrade) unanswered by then
-_polled: dict[str, float] = {}  # URL -> when a long-poll session there last opened
+_polled: dict[str, float] = {}  # URL -> when its WebSocket last failed and long-poll worked
 
 
 def forget_long_poll() -> None:
     """Dial every URL by WebSocket first again, as after a start."""
     _polled.clear()
+
+
+async def _tcp(host: str, port: int) -> socket.socket:
+    """A connected TCP socket to the first of `host`'s addresses that answers."""
+    loop = asyncio.get_running_loop()
+    last: OSError = OSError(f"{host}: no address")
+    for family, kind, proto, _name, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:  # the deadline
+            sock.close()
+            raise
+        return sock
+    raise last
 
 
 async def dial_link(
@@ -286,31 +315,44 @@ async def dial_link(
     verify: Verify | None = None,
     **websocket: Any,
 ) -> ClientConnection | PollClient:
-    """A WebSocket to `url`, or a long-poll session there when the Upgrade is refused
-    or never answered (a front or middlebox that holds it until the handshake times
-    out).  Where long-poll was needed lately, it is tried first."""
+    """A WebSocket to `url`, or a long-poll session there when the Upgrade is refused,
+    or goes unanswered once TCP is up (a front or middlebox that holds it; through a
+    proxy a timeout is not told apart from a relay that is not there, and falls back
+    to nothing).  Where the WebSocket failed lately, long-poll is tried first."""
 
     async def poll_session() -> PollClient:
-        client = await PollClient.open(
+        return await PollClient.open(
             url, tls=tls, server_hostname=server_hostname, proxy=proxy, verify=verify
         )
-        _polled[url] = time.monotonic()
-        return client
 
     since = _polled.get(url)
     if since is not None and time.monotonic() - since < POLL_FIRST_FOR:
         try:
             return await poll_session()
+        except PollRefused as exc:
+            if exc.status == 429:  # the relay's own limit: the WebSocket would get it too
+                raise
+            log.info("%s: long-poll failed (%s); a WebSocket again", url, exc)
+        except ssl.SSLCertVerificationError:  # not the relay: no transport will do
+            raise
         except (OSError, TimeoutError, h11.ProtocolError, PollError, EOFError) as exc:
             log.info("%s: long-poll failed (%s); a WebSocket again", url, exc)
-            _polled.pop(url, None)
+        _polled.pop(url, None)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    sock: socket.socket | None = None
+    if proxy is None:
+        u = urllib.parse.urlsplit(url)
+        # TCP first and on its own: a relay that does not answer at all is no reason to
+        # try long-poll (it would only double the wait before the next relay's URL)
+        sock = await asyncio.wait_for(_tcp(u.hostname or "", u.port or 443), HANDSHAKE_TIMEOUT)
+        websocket["sock"] = sock
     try:
         ws: ClientConnection = await connect(
             url,
             ssl=tls,
             server_hostname=server_hostname,
             proxy=proxy,
-            open_timeout=HANDSHAKE_TIMEOUT,
+            open_timeout=max(0.1, deadline - time.monotonic()),
             **websocket,
         )
     except InvalidStatus as exc:
@@ -320,9 +362,13 @@ async def dial_link(
     except InvalidHandshake as exc:
         log.info("%s: no WebSocket (%s); long-poll instead", url, exc)
     except TimeoutError:
-        # (also a relay that is not there at all: then the long-poll fails as well,
-        # and the caller's backoff goes on)
+        if sock is None:
+            raise
         log.info("%s: the WebSocket handshake was not answered in time; long-poll instead", url)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
     else:
         if verify is not None:
             try:
@@ -331,4 +377,8 @@ async def dial_link(
                 ws.transport.abort()
                 raise
         return ws
-    return await poll_session()
+    if sock is not None:
+        sock.close()
+    client = await poll_session()
+    _polled[url] = time.monotonic()
+    return client

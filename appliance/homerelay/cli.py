@@ -1,10 +1,11 @@
 """`home-relay --config PATH`: run the relay until SIGTERM (or SIGINT).
 
 `home-relay --config PATH names` lists the claimed household names;
-`home-relay --config PATH release NAME` frees one whose household lost the key it
-claimed it with (and the kept identity a renewal would prove it by), so that its
-next registration claims it anew.  Only while no relay holds the household's link:
-whoever holds the key now would otherwise keep it.
+`home-relay --config PATH release NAME --to FINGERPRINT` gives one whose household
+lost the key it claimed it with (and the kept identity a renewal would prove it
+by) to its new agent's key (`personal-agent fingerprint`); without `--to` the name
+is freed, for whichever key registers it first.  Only while no relay holds the
+household's link: whoever holds the old key now would otherwise keep it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import datetime as dt
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
 
 from appliance.core import metrics
+from appliance.core.agent_protocol import parse_fingerprint
 from appliance.homelink.frames import HOUSEHOLD_RE
 from appliance.homerelay import config as relay_config
 from appliance.homerelay.server import RelayServer
@@ -59,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("names", help="list the claimed household names")
     release = commands.add_parser("release", help="free a name whose household lost its key")
     release.add_argument("name")
+    release.add_argument("--to", default="", help="the new agent's certificate fingerprint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -67,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"home-relay: {exc}", file=sys.stderr)
         return 2
     if args.command is not None:
-        return _names(cfg, args.command, getattr(args, "name", ""))
+        return _names(cfg, args.command, getattr(args, "name", ""), getattr(args, "to", ""))
     try:
         # uvloop: besides its speed, its TLS read buffer is malloc'ed, not a zero-filled
         # 256 KiB bytearray per connection as asyncio's: an idle household costs a fifth
@@ -82,39 +86,54 @@ def _when(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _names(cfg: relay_config.RelayConfig, command: str, name: str) -> int:
+def _names(cfg: relay_config.RelayConfig, command: str, name: str, to: str) -> int:
     """The operator's commands on the claims (the running relay asks the store at each
     registration, so a release holds at once)."""
+    if command == "release" and not HOUSEHOLD_RE.fullmatch(name):
+        print(f"home-relay: {name!r} is not a household name", file=sys.stderr)
+        return 2
     try:
-        store = Households.open(cfg.state)
-    except Exception as exc:  # (sqlite3 and psycopg errors share no base but this)
-        print(f"home-relay: the state store: {exc}", file=sys.stderr)
+        key = parse_fingerprint(to) if to else ""
+    except ValueError:
+        print(f"home-relay: --to {to!r} is not a certificate fingerprint", file=sys.stderr)
+        return 2
+    if not cfg.state.made:  # (the relay makes it, with its own owner and mode)
+        print(f"home-relay: no households store at {cfg.state.database}", file=sys.stderr)
         return 1
     try:
-        if command == "names":
-            for c in sorted(store.load(), key=lambda c: c.name):
-                where = f"linked at {c.relay}" if c.relay else "offline"
-                seen = f"last seen {_when(c.last_seen)}"
-                print(f"{c.name}\t{c.key}\tclaimed {_when(c.claimed_at)}\t{seen}\t{where}")
-            return 0
-        if not HOUSEHOLD_RE.fullmatch(name):
-            print(f"home-relay: {name!r} is not a household name", file=sys.stderr)
-            return 2
-        claim = store.claimed(name)
-        if claim is None:
-            print(f"home-relay: no household {name} is claimed here", file=sys.stderr)
-            return 1
-        if claim.relay or not store.release(name):
-            print(
-                f"home-relay: {name} is linked now (at {claim.relay or 'a relay'}): the key "
-                "it was claimed with is in use; stop that agent, then release the name",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"released {name} (it was claimed by {claim.key} on {_when(claim.claimed_at)})")
+        store = Households.open(cfg.state)
+        try:
+            return _on_store(store, command, name, key)
+        finally:
+            store.conn.close()
+    except Exception as exc:  # (sqlite3 and psycopg errors share no base but this)
+        print(f"home-relay: the households store: {exc}", file=sys.stderr)
+        return 1
+
+
+def _on_store(store: Households, command: str, name: str, key: str) -> int:
+    if command == "names":
+        for c in sorted(store.load(), key=lambda c: c.name):
+            where = f"linked at {c.relay}" if c.relay else "offline"
+            seen = f"last seen {_when(c.last_seen)}"
+            print(f"{c.name}\t{c.key}\tclaimed {_when(c.claimed_at)}\t{seen}\t{where}")
         return 0
-    finally:
-        store.conn.close()
+    claim = store.claimed(name)
+    if claim is None and not key:
+        print(f"home-relay: no household {name} is claimed here", file=sys.stderr)
+        return 1
+    linked = claim is not None and claim.relay
+    if linked or not (store.give(name, key, time.time()) if key else store.release(name)):
+        where = f"at {claim.relay}" if claim is not None and claim.relay else "meanwhile"
+        print(
+            f"home-relay: {name} is linked now ({where}): the key it was claimed with is "
+            "in use; stop that agent, then release the name",
+            file=sys.stderr,
+        )
+        return 1
+    was = f" (it was claimed by {claim.key} on {_when(claim.claimed_at)})" if claim else ""
+    print(f"gave {name} to {key}{was}" if key else f"released {name}{was}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -250,8 +250,9 @@ class RelayServer:
             if fed is not None:
                 # before the table loads: no event can fall between the two
                 after = self._own_store.last_event()
-                # this relay holds no link yet, whatever its rows say (it was killed)
-                self._own_store.release_all(self.me, wall_clock())
+            # this relay holds no link yet, whatever its rows say (it was killed): else
+            # such a row would read "linked" for ever (`home-relay release` refuses those)
+            self._own_store.release_all(self.me, wall_clock())
         self.registrations = Registrations(store, me=self.me)
         self.registrations.alive = self._alive
         self._relays: dict[str, tuple[str, float]] = {}  # name -> (peer URL, heartbeat)

@@ -14,10 +14,12 @@ closed: counted as the front, never as an address someone made up).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 HEADER = "X-Forwarded-For"
+MAX_HOPS = 16  # entries read, from the right; past them the last trusted front counts
 
 
 def _trusted(address: str, fronts: Sequence[Network]) -> bool:
@@ -28,14 +30,26 @@ def _trusted(address: str, fronts: Sequence[Network]) -> bool:
     return any(ip in net for net in fronts)
 
 
+def _hops_from_the_right(forwarded: Sequence[str]) -> Iterator[str]:
+    for value in reversed(forwarded):
+        if not value.strip():
+            yield ""  # (an empty header is no address either)
+            continue
+        end = len(value)
+        while end > 0:
+            start = value.rfind(",", 0, end) + 1
+            yield value[start:end].strip()
+            end = start - 1
+
+
 def link_source(peer: str, forwarded: Sequence[str], fronts: Sequence[Network]) -> str:
     """The address the limit counts and the agent is told for a link from `peer` whose
-    request carried `forwarded` (each X-Forwarded-For header's value, in order)."""
+    request carried `forwarded` (each X-Forwarded-For header's value, in order).  At
+    most MAX_HOPS entries are read (from the right): fronts are a few, not many."""
     source = peer
     if not fronts or not _trusted(peer, fronts):
         return source
-    hops = [hop.strip() for value in forwarded for hop in value.split(",")]
-    for hop in reversed(hops):
+    for hop in itertools.islice(_hops_from_the_right(forwarded), MAX_HOPS):
         try:
             source = str(ipaddress.ip_address(hop))
         except ValueError:

@@ -94,6 +94,16 @@ class Households:
         ).rowcount
         return bool(gone)
 
+    def give(self, name: str, key: str, now: float) -> bool:
+        """Claim `name` for `key` on the operator's word (a household's new agent),
+        unless a relay holds its link now."""
+        if self.conn.execute(
+            "UPDATE households SET key = ?, claimed_at = ? WHERE name = ? AND relay = ''",
+            (key, now, name),
+        ).rowcount:
+            return True
+        return self.claim(name, key, now) == key
+
     def rekey(self, name: str, old: str, new: str) -> str:
         """Move `name` to `new` if `old` owns it (a renewed certificate, proven by the
         old one's key); returns the key that owns it now."""

@@ -389,8 +389,20 @@ def test_where_the_upgrade_goes_unanswered_both_ends_link_by_long_poll_after_the
             )
             assert isinstance(again, PollClient)
             assert time.monotonic() - t0 < 0.9  # (a WebSocket first would take 1 s)
-            await again.close()
             assert w.relay.polls.counters["poll_sessions"] == 3
+            # the relay's own 429 ends the dial at once: no WebSocket tried after it
+            limits = dataclasses.replace(w.relay.config.limits, links_per_source=3)
+            w.relay.config = dataclasses.replace(w.relay.config, limits=limits)
+            t0 = time.monotonic()
+            with pytest.raises(poll_client.PollRefused) as refused:
+                await poll_client.dial_link(
+                    f"wss://127.0.0.1:{w.front}/v1/appliance",
+                    tls=tls_context(w.cfg),
+                    server_hostname=RELAY,
+                    proxy=None,
+                )
+            assert refused.value.status == 429 and time.monotonic() - t0 < 0.9
+            await again.close()
 
     try:
         run(body(), limit=30)

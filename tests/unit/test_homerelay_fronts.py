@@ -50,6 +50,18 @@ FRONTS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/3
         ("10.1.1.1", ["10.2.2.2, 10.3.3.3"], "10.2.2.2"),  # fronts all the way
         ("2001:db8::1", ["2001:DB8:1::5"], "2001:db8:1::5"),
         ("10.1.1.1", ["2001:db8:ffff::1, 203.0.113.9"], "203.0.113.9"),
+        ("10.1.1.1", ["198.51.100.1", ""], "10.1.1.1"),
+        # fronts are a few: past 16 entries the last trusted one counts
+        (
+            "10.1.1.1",
+            [", ".join(["198.51.100.1"] + [f"10.0.0.{i}" for i in range(20)])],
+            "10.0.0.4",
+        ),
+        (
+            "10.1.1.1",
+            [", ".join(["198.51.100.1"] + [f"10.0.0.{i}" for i in range(15)])],
+            "198.51.100.1",
+        ),
     ],
 )
 def test_the_source_is_the_first_address_right_of_the_trusted_fronts(

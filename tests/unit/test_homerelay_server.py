@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 
+from appliance.core.agent_protocol import fingerprint
 from appliance.core.tomlfile import ConfigError, TomlFile
 from appliance.homelink import frames, poll
 from appliance.homelink.frames import Kind, Reset
@@ -40,6 +41,7 @@ from appliance.homerelay import cli, poll_front
 from appliance.homerelay.config import RelayConfig, parse
 from appliance.homerelay.server import IDLE_MARGIN, ROUTE_IDLE, RelayServer
 from appliance.homerelay.table import MAX_STREAMS
+from appliance.state.households import Households
 
 pytestmark = pytest.mark.unit
 
@@ -576,13 +578,54 @@ def test_the_operator_frees_a_name_whose_household_lost_its_key(
         assert code == 0 and out.startswith("released bob-home (it was claimed by sha256:")
         assert command("release", "bob-home")[0] == 1  # (no such claim any more)
         assert command("release", "Bob_Home")[0] == 2
-        await c.agent(new, "bob-home")  # claimed anew
+        ws = await c.agent(new, "bob-home")  # claimed anew
         assert (await c.presence("bob-home"))["state"] == "online"
         code, _, _ = command("release", "bob-home")
         assert code == 1  # the new key's link is up
         assert await close_code(await c.agent_link(lost, "bob-home")) == 4403
+        # given to a named key (no race for the name): only that key may take it
+        await ws.close()
+        async with asyncio.timeout(3):
+            while (await c.presence("bob-home"))["state"] != "offline":
+                await asyncio.sleep(0.02)
+        assert command("release", "bob-home", "--to", "sha256:nonsense")[0] == 2
+        code, out, _ = command("release", "bob-home", "--to", fingerprint(lost.der))
+        assert code == 0 and out.startswith(f"gave bob-home to {fingerprint(lost.der)}")
+        assert await close_code(await c.agent_link(new, "bob-home")) == 4403
+        await c.agent(lost, "bob-home")
 
     with_relay(make_config, relay_tls, body)
+
+
+def test_a_name_left_linked_by_a_killed_relay_is_released_after_its_restart(
+    make_config: ConfigMaker,
+    relay_tls: tuple[Path, Path, ssl.SSLContext],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cert, key, _ = relay_tls
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
+        f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
+    )
+    assert cli.main(["--config", str(path), "names"]) == 1  # no store yet: none is made
+    assert "no households store at" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
+    cfg = make_config()
+    cfg.state_directory.mkdir()
+    store = Households.open(cfg.state)
+    store.claim("bob-home", "sha256:" + "A" * 43, 1.0)
+    store.linked("bob-home", "sha256:" + "A" * 43, "local", 2.0)  # then the relay was killed
+    store.conn.close()
+    assert cli.main(["--config", str(path), "release", "bob-home"]) == 1
+    assert "linked now (at local)" in capsys.readouterr().err
+
+    async def restarted() -> None:
+        async with relay_running(cfg):
+            assert cli.main(["--config", str(path), "release", "bob-home"]) == 0
+
+    run(restarted())
 
 
 def test_cli_serves_until_sigterm(
