@@ -408,3 +408,48 @@ def test_where_the_upgrade_goes_unanswered_both_ends_link_by_long_poll_after_the
         run(body(), limit=30)
     finally:
         front.stop()
+
+
+def test_a_relay_that_does_not_answer_tcp_is_not_tried_by_long_poll(
+    pki: Pki, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where TCP itself goes unanswered (here: a listener whose accept queue is full, so
+    the kernel drops further SYNs) the dial fails after one handshake timeout, and no
+    long-poll is tried: it would only double the wait before the next relay's URL."""
+    monkeypatch.setattr(poll_client, "HANDSHAKE_TIMEOUT", 0.5)
+    polls: list[str] = []
+
+    async def no_poll(url: str, **kw: Any) -> PollClient:
+        polls.append(url)
+        raise AssertionError("long-poll tried")
+
+    monkeypatch.setattr(PollClient, "open", no_poll)
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = full.getsockname()[1]
+    queued = []
+    for _ in range(8):  # fill the accept queue (nothing accepts)
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        queued.append(s)
+
+    async def body() -> None:
+        cfg = dialer_config(short_dir / "x.sock", pki.ca, port)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await poll_client.dial_link(
+                f"wss://127.0.0.1:{port}/v1/appliance",
+                tls=tls_context(cfg),
+                server_hostname=RELAY,
+                proxy=None,
+            )
+        assert 0.4 < time.monotonic() - t0 < 2.0
+        assert polls == []
+
+    try:
+        run(body())
+    finally:
+        for s in queued:
+            s.close()
+        full.close()
