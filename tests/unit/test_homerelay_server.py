@@ -90,6 +90,7 @@ def make_config(tmp_path: Path, relay_tls: tuple[Path, Path, ssl.SSLContext]) ->
             f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
             f"[limits]\n{lines}"
         )
+        (tmp_path / "relay.toml").write_text(text)  # (for the CLI's commands)
         return parse(TomlFile.parse(text, tmp_path / "relay.toml"))
 
     return make
@@ -550,12 +551,7 @@ def test_the_operator_frees_a_name_whose_household_lost_its_key(
     """`home-relay names` lists the claims; `home-relay release NAME` refuses while the
     name's link is up (whoever holds the key keeps using it), then frees it while the
     relay runs: a new key claims it at its next registration, where it got 4403."""
-    cert, key, _ = relay_tls
-    path = tmp_path / "relay.toml"  # the file make_config's relay reads its store from
-    path.write_text(
-        f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
-        f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
-    )
+    path = tmp_path / "relay.toml"  # make_config's: the relay's store is the CLI's
 
     def command(*args: str) -> tuple[int, str, str]:
         code = cli.main(["--config", str(path), *args])
@@ -599,20 +595,14 @@ def test_the_operator_frees_a_name_whose_household_lost_its_key(
 
 def test_a_name_left_linked_by_a_killed_relay_is_released_after_its_restart(
     make_config: ConfigMaker,
-    relay_tls: tuple[Path, Path, ssl.SSLContext],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cert, key, _ = relay_tls
+    cfg = make_config()
     path = tmp_path / "relay.toml"
-    path.write_text(
-        f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
-        f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "state"\n'
-    )
     assert cli.main(["--config", str(path), "names"]) == 1  # no store yet: none is made
     assert "no households store at" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
-    cfg = make_config()
     cfg.state_directory.mkdir()
     store = Households.open(cfg.state)
     store.claim("bob-home", "sha256:" + "A" * 43, 1.0)
