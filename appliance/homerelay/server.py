@@ -399,9 +399,9 @@ class RelayServer:
             refusal = self._admit(source)
             if refusal is not None:
                 return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, refusal)
-            watcher = asyncio.create_task(self._release_source(connection, source))
-            self._watchers.add(watcher)
-            watcher.add_done_callback(self._watchers.discard)
+            # counted until the TCP connection is gone (a callback, not a task per link:
+            # an idle household costs less)
+            connection.connection_lost_waiter.add_done_callback(lambda _lost: self._release(source))
             return None
         if path.startswith(PRESENCE_PREFIX):
             name = path[len(PRESENCE_PREFIX) :]
@@ -436,13 +436,16 @@ class RelayServer:
         self._per_source[source] += 1
         return None
 
+    def _release(self, source: str) -> None:
+        self._per_source[source] -= 1
+        if self._per_source[source] <= 0:
+            del self._per_source[source]
+
     async def _release_source(self, connection: RelayLinkConnection, source: str) -> None:
         try:
             await connection.wait_closed()
         finally:
-            self._per_source[source] -= 1
-            if self._per_source[source] <= 0:
-                del self._per_source[source]
+            self._release(source)
 
     async def _serve_poll(self, session: PollSession) -> None:
         """A long-poll link, admitted by `_admit`: served as a WebSocket one."""
