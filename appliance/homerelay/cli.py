@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import os
 import signal
 import sys
 import time
@@ -97,8 +98,14 @@ def _names(cfg: relay_config.RelayConfig, command: str, name: str, to: str) -> i
     except ValueError:
         print(f"home-relay: --to {to!r} is not a certificate fingerprint", file=sys.stderr)
         return 2
-    if not cfg.state.made:  # (the relay makes it, with its own owner and mode)
-        print(f"home-relay: no households store at {cfg.state.database}", file=sys.stderr)
+    try:
+        refusal = _as_store_owner(cfg)
+    except FileNotFoundError:
+        refusal = f"no households store at {cfg.state.database}"
+    if refusal is None and not cfg.state.made:  # (the relay makes it, owner and mode)
+        refusal = f"no households store at {cfg.state.database}"
+    if refusal is not None:
+        print(f"home-relay: {refusal}", file=sys.stderr)
         return 1
     try:
         store = Households.open(cfg.state)
@@ -109,6 +116,23 @@ def _names(cfg: relay_config.RelayConfig, command: str, name: str, to: str) -> i
     except Exception as exc:  # (sqlite3 and psycopg errors share no base but this)
         print(f"home-relay: the households store: {exc}", file=sys.stderr)
         return 1
+
+
+def _as_store_owner(cfg: relay_config.RelayConfig) -> str | None:
+    """Work on a SQLite store as the user that owns it (the relay's, `User=` in its
+    unit): root's SQLite would leave root-owned -wal and -shm files beside it, which
+    the relay could then not open.  Root becomes that user; anyone else must be it."""
+    if cfg.state.backend != "sqlite":
+        return None
+    owner = cfg.state.directory.stat()
+    if os.geteuid() == owner.st_uid:
+        return None
+    if os.geteuid() != 0:
+        return f"run this as the owner of {cfg.state.directory} (uid {owner.st_uid})"
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
+    return None
 
 
 def _on_store(store: Households, command: str, name: str, key: str) -> int:

@@ -12,10 +12,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -1069,3 +1071,50 @@ def test_a_relay_stops_promptly_whatever_its_poll_connections_do(
             writer.transport.abort()
 
     run(main())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changes user: needs root")
+def test_roots_claim_commands_run_as_the_stores_owner_and_leave_its_files_theirs(
+    relay_tls: tuple[Path, Path, ssl.SSLContext], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The relay runs as its own user; root's `home-relay release` works as that user
+    (a root-owned households.db-wal left by a killed command would lock the relay out),
+    and anyone else who does not own the store is told to be its owner."""
+    cert, key, _ = relay_tls
+    nobody = 65534
+    top = Path(tempfile.mkdtemp(prefix="relay-owner"))
+    try:
+        top.chmod(0o755)
+        state = top / "state"
+        state.mkdir(mode=0o700)
+        path = top / "relay.toml"
+        path.write_text(
+            f'[relay]\nhost = "{HOST}"\nlisten = "127.0.0.1"\nport = 0\n'
+            f'certificate = "{cert}"\nkey = "{key}"\nstate_directory = "{state}"\n'
+        )
+        store = Households.open(parse(TomlFile.parse(path.read_text(), path)).state)
+        store.claim("bob-home", "sha256:" + "A" * 43, 1.0)
+        store.conn.close()
+        for p in (state, *state.iterdir()):
+            os.chown(p, nobody, nobody)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        cmd = [sys.executable, "-m", "appliance.homerelay.cli", "--config", str(path)]
+        listed = subprocess.run([*cmd, "names"], capture_output=True, text=True, env=env)
+        assert listed.returncode == 0 and listed.stdout.startswith("bob-home\t"), listed
+        freed = subprocess.run(
+            [*cmd, "release", "bob-home"], capture_output=True, text=True, env=env
+        )
+        assert freed.returncode == 0 and "released bob-home" in freed.stdout, freed
+        owners = {p.name: p.stat().st_uid for p in state.iterdir()}
+        assert set(owners.values()) == {nobody}, owners
+        # not root, not the owner: refused before the store is touched
+        for p in (state, *state.iterdir()):
+            os.chown(p, 0, 0)
+        os.seteuid(nobody)  # (the real uid stays root's: given back below)
+        try:
+            code = cli.main(["--config", str(path), "names"])
+        finally:
+            os.seteuid(0)
+        assert code == 1 and "run this as the owner of" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
