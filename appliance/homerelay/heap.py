@@ -8,7 +8,7 @@ wrote: the untouched buffer is then resident all the same, some 30 KiB per idle
 household.  `malloc_trim(0)` returns every whole free page first (about 20 us
 with a thousand households linked), so a new buffer starts on fresh pages.  A
 fixed low threshold would do the same for the buffers but also map and unmap each
-256 KiB frame of a bulk stream, which cost a fifth of the relay's throughput.
+256 KiB frame of a bulk stream, which cost a quarter of the relay's throughput.
 """
 
 from __future__ import annotations
