@@ -11,13 +11,34 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 from chromium import chromium
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
+
+
+def _replaced(old: WebElement) -> Callable[[WebDriver], bool]:
+    """True once `old` is no longer in the page: stale, or (chromedriver says this too,
+    now and then, for a node of a document that has just been replaced) "does not
+    belong to the document"."""
+
+    def gone(_driver: WebDriver) -> bool:
+        try:
+            old.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in (exc.msg or ""):
+                return True
+            raise
+        return False
+
+    return gone
 
 
 def click_and_wait(driver: WebDriver, button: WebElement, then_id: str) -> WebElement:
@@ -26,7 +47,7 @@ def click_and_wait(driver: WebDriver, button: WebElement, then_id: str) -> WebEl
     click() returns once the event is dispatched, not when the next page is shown."""
     old = driver.find_element(By.TAG_NAME, "html")
     button.click()
-    WebDriverWait(driver, 20).until(ec.staleness_of(old))
+    WebDriverWait(driver, 20).until(_replaced(old))
     return WebDriverWait(driver, 20).until(ec.presence_of_element_located((By.ID, then_id)))
 
 
