@@ -14,8 +14,9 @@ is the only one that knows their SQL.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from appliance.core.config import StateConfig
 from appliance.state import schema, store
@@ -45,6 +46,14 @@ class LinkEvent:
     at: float
 
 
+_CLAIMS = "SELECT name, key, claimed_at, last_seen, relay FROM households"
+
+
+def _claim(row: Sequence[Any]) -> Claim:
+    name, key, claimed_at, last_seen, relay = row
+    return Claim(str(name), str(key), float(claimed_at), float(last_seen), str(relay))
+
+
 class Households:
     """All the relay's SQL, in its SQLite file (WAL) or on PostgreSQL."""
 
@@ -57,10 +66,7 @@ class Households:
         return cls(store.open_store(state, tables=schema.RELAY, followed=followed))
 
     def load(self) -> list[Claim]:
-        rows = self.conn.execute(
-            "SELECT name, key, claimed_at, last_seen, relay FROM households"
-        ).fetchall()
-        return [Claim(str(n), str(k), float(c), float(s), str(r)) for n, k, c, s, r in rows]
+        return [_claim(row) for row in self.conn.execute(_CLAIMS).fetchall()]
 
     def claim(self, name: str, key: str, claimed_at: float) -> str:
         """Claim `name` for `key` unless it is claimed already (by another relay on the
@@ -78,13 +84,8 @@ class Households:
         return str(row[0]) if row else ""
 
     def claimed(self, name: str) -> Claim | None:
-        row = self.conn.execute(
-            "SELECT name, key, claimed_at, last_seen, relay FROM households WHERE name = ?",
-            (name,),
-        ).fetchone()
-        if row is None:
-            return None
-        return Claim(str(row[0]), str(row[1]), float(row[2]), float(row[3]), str(row[4]))
+        row = self.conn.execute(_CLAIMS + " WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _claim(row)
 
     def release(self, name: str) -> bool:
         """Free `name` unless a relay holds its link now (its household lost the key it
