@@ -33,6 +33,10 @@ IPERF_PORT, WEB_PORT = 5201, 80
 HAPROXY = {"iperf": 25201, "web": 28080}
 # HAProxy in HTTP mode: the peer of our HTTP path (both parse every request head)
 HAPROXY_HTTP = 28081
+# the same with `http-reuse always`: every request may take an idle server connection
+# (the default, `safe`, sends a client connection's first request on a new one: with
+# Connection: close, every request here); reported beside the default
+HAPROXY_HTTP_ALWAYS = 28082
 # relay variants run side by side on their own ports; measurements interleave them
 # name: (loop, splice, workers (0: one per core, the appliance's default), ports)
 VARIANTS = {
@@ -97,6 +101,15 @@ def start_relay(gw: Node, workdir: Path, name: str) -> Process:
     return proc
 
 
+def absolute_form_script(workdir: Path, url: str) -> Path:
+    """wrk as a proxy's client: the absolute-form target, and Host naming the same
+    authority (RFC 9112 3.2.2; HAProxy 2.6.12 answers 400 to a Host that differs)."""
+    script = workdir / "absolute.lua"
+    host = url.split("/")[2]
+    script.write_text(f'wrk.path = "{url}"\nwrk.headers["Host"] = "{host}"\n')
+    return script
+
+
 def start_http_relay(gw: Node, workdir: Path) -> Process:
     table = workdir / "relay-http.json"
     table.write_text(
@@ -144,6 +157,11 @@ listen webhttp
     mode http
     bind {GW}:{HAPROXY_HTTP}
     server s {SEG_SRV}:{WEB_PORT}
+listen webhttp-always
+    mode http
+    http-reuse always
+    bind {GW}:{HAPROXY_HTTP_ALWAYS}
+    server s {SEG_SRV}:{WEB_PORT}
 """
     )
     proc = gw.start("haproxy", "-db", "-f", str(cfg), name="haproxy")
@@ -166,6 +184,26 @@ def iperf(home: Node, host: str, port: int, streams: int, seconds: int = 3) -> f
         timeout=seconds + 30,
     ).stdout
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+HTTP_TARGETS = (
+    ("relay-http", HTTP_PORT),
+    ("haproxy-http", HAPROXY_HTTP),
+    ("haproxy-http/always", HAPROXY_HTTP_ALWAYS),
+)
+
+
+def http_rate_rows(f: dict[str, float], c: dict[str, float]) -> list[dict[str, Any]]:
+    """The HTTP path's rate and CPU rows: HAProxy mode http with its default reuse (the
+    target's peer) and with `http-reuse always` (reported)."""
+    m = "connection rate, HTTP path (port-80 service, pooled upstreams)"
+    rows = [row(m, "req/s", f["relay-http"], "haproxy mode http", f["haproxy-http"], ">= 0.5")]
+    peer = "haproxy mode http, http-reuse always"
+    rows.append(row(m, "req/s", f["relay-http"], peer, f["haproxy-http/always"], "report"))
+    m = "CPU per connection of wrk -c64 (user+system), HTTP path"
+    rows.append(row(m, "us", c["relay-http"], "haproxy mode http", c["haproxy-http"], "report"))
+    rows.append(row(m, "us", c["relay-http"], peer, c["haproxy-http/always"], "report"))
+    return rows
 
 
 def http_ttfb_rows(
@@ -191,16 +229,20 @@ def http_ttfb_rows(
 def ttfb(
     home: Node, host: str, port: int, n: int = 300, target: str = "/1k.bin"
 ) -> tuple[float, float]:
-    """p50 and p99 (ms) from connect to the first response byte of a 1 KiB GET."""
-    req = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    """p50 and p99 (ms) from connect to the first response byte of a 1 KiB GET (each
+    answer checked: a 200)."""
+    authority = target.split("/")[2] if "://" in target else host
+    req = f"GET {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
     samples = []
     with NetnsSwitch(home.netns):
         for _ in range(n):
             t0 = time.perf_counter()
             with socket.create_connection((host, port), timeout=5) as s:
-                s.sendall(req)
-                s.recv(1)
+                s.sendall(req.encode())
+                first = s.recv(1)
                 samples.append((time.perf_counter() - t0) * 1000)
+                status = first + s.recv(11)
+                assert status.startswith(b"HTTP/1.1 200"), (host, port, status)
     samples.sort()
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
@@ -254,21 +296,17 @@ def run_http_bench(topo: Topology, tmp_path: Path) -> None:
     haproxy = start_haproxy(gw, tmp_path)
     http_relay = start_http_relay(gw, tmp_path)
     absolute = f"http://{SEG_SRV}/1k.bin"
-    script = tmp_path / "absolute.lua"
-    script.write_text(f'wrk.path = "{absolute}"\n')
+    script = absolute_form_script(tmp_path, absolute)
     cpu_of = {"relay-http": tree(main_pid(http_relay)), "haproxy-http": tree(main_pid(haproxy))}
     samples: dict[str, dict[str, list[float]]] = {"wrk": {}, "cpu": {}}
     for _ in range(ROUNDS):
-        for target, port in (("relay-http", HTTP_PORT), ("haproxy-http", HAPROXY_HTTP)):
-            rate, cpu = wrk(home, GW, port, script=script, cpu_of=cpu_of[target])
+        for target, port in HTTP_TARGETS:
+            rate, cpu = wrk(home, GW, port, script=script, cpu_of=cpu_of[target.split("/")[0]])
             samples["wrk"].setdefault(target, []).append(rate)
             samples["cpu"].setdefault(target, []).append(cpu)
     f = {k: statistics.median(v) for k, v in samples["wrk"].items()}
     c = {k: statistics.median(v) for k, v in samples["cpu"].items()}
-    m = "connection rate, HTTP path (port-80 service, pooled upstreams)"
-    rows = [row(m, "req/s", f["relay-http"], "haproxy mode http", f["haproxy-http"], ">= 0.5")]
-    m = "CPU per connection of wrk -c64 (user+system), HTTP path"
-    rows.append(row(m, "us", c["relay-http"], "haproxy mode http", c["haproxy-http"], "report"))
+    rows = http_rate_rows(f, c)
     rows += http_ttfb_rows(home, absolute, ttfb(home, SEG_SRV, WEB_PORT))
     notes = f"HTTP path only (RELAY_BENCH_ONLY=http). Raw samples: {json.dumps(samples)}"
     write_report("relay-http", "Relay HTTP path vs HAProxy mode http", rows, notes)
@@ -283,8 +321,7 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
     haproxy = start_haproxy(gw, tmp_path)
     http_relay = start_http_relay(gw, tmp_path)
     absolute = f"http://{SEG_SRV}/1k.bin"
-    script = tmp_path / "absolute.lua"
-    script.write_text(f'wrk.path = "{absolute}"\n')  # explicit proxy: absolute-form target
+    script = absolute_form_script(tmp_path, absolute)
     targets = {
         "forwarding": {"iperf": (SEG_SRV, IPERF_PORT), "web": (SEG_SRV, WEB_PORT)},
         "haproxy": {"iperf": (GW, HAPROXY["iperf"]), "web": (GW, HAPROXY["web"])},
@@ -300,7 +337,7 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
 
     # whose CPU time a wrk run is charged to: the middlebox's processes (workers too)
     cpu_of = {"haproxy": tree(main_pid(haproxy)), "relay-http": tree(main_pid(http_relay))}
-    cpu_of["haproxy-http"] = cpu_of["haproxy"]
+    cpu_of["haproxy-http"] = cpu_of["haproxy-http/always"] = cpu_of["haproxy"]
     cpu_of.update({n: tree(main_pid(p)) for n, p in relays.items()})
 
     def wrk_sample(target: str, host: str, port: int, **kw: Any) -> None:
@@ -314,8 +351,8 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
             sample("iperf1", target, iperf(home, *where["iperf"], 1))
             sample("iperf8", target, iperf(home, *where["iperf"], 8))
             wrk_sample(target, *where["web"])
-        wrk_sample("relay-http", GW, HTTP_PORT, script=script)
-        wrk_sample("haproxy-http", GW, HAPROXY_HTTP, script=script)
+        for target, port in HTTP_TARGETS:
+            wrk_sample(target, GW, port, script=script)
     med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in samples.items()}
     for streams in (1, 8):
         m = f"TCP throughput, {streams} stream{'s' if streams > 1 else ''} (iperf3)"
@@ -339,18 +376,8 @@ def run_bench(topo: Topology, tmp_path: Path) -> None:
     c = med["cpu"]
     for v in ("relay", "relay-1worker", "relay-protocol", "relay-asyncio"):
         rows.append(row(f"{m}, {v}", "us", c[v], "haproxy", c["haproxy"], "report"))
-    rows.append(
-        row(
-            m + ", HTTP path",
-            "us",
-            c["relay-http"],
-            "haproxy mode http",
-            c["haproxy-http"],
-            "report",
-        )
-    )
+    rows += http_rate_rows(f, c)
     m = "connection rate, HTTP path (port-80 service, pooled upstreams)"
-    rows.append(row(m, "req/s", f["relay-http"], "haproxy mode http", f["haproxy-http"], ">= 0.5"))
     rows.append(row(m, "req/s", f["relay-http"], "haproxy", f["haproxy"], "report"))
     lat = {
         t: ttfb(home, *targets[t]["web"])
