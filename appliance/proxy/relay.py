@@ -61,6 +61,7 @@ from appliance.proxy.tracked import (
     original_dst,
 )
 from appliance.proxy.upstream_pool import UpstreamPool
+from appliance.proxy.upstream_tls import Resuming
 from appliance.state.sessions import SessionEvent
 
 DIALOG_TIMEOUT = 30.0  # seconds a silent refusal dialog is kept
@@ -78,7 +79,7 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 class Link(Tracked, asyncio.Protocol):
     """The client side of a plain relayed connection (SMTP, POP3, any TCP service)."""
 
-    __slots__ = ("dialog", "eofs", "pending", "pump", "smtp")
+    __slots__ = ("dialog", "eofs", "pending", "pump", "resume", "smtp")
 
     def __init__(self, relay: Relay, listener: Listener) -> None:
         super().__init__(relay, listener)
@@ -86,6 +87,7 @@ class Link(Tracked, asyncio.Protocol):
         self.dialog: RefusalDialog | None = None
         self.eofs = 0
         self.pending = b""
+        self.resume: Resuming | None = None  # TLS to the upstream: keep its session
         # smtp with accounting on: the messages the server accepts (smtp_messages.py)
         self.smtp = (
             SmtpMessages() if listener.protocol == "smtp" and relay.usage is not None else None
@@ -131,11 +133,12 @@ class Link(Tracked, asyncio.Protocol):
                             lambda: Pump(self), up.host, up.port
                         )
                     else:  # TLS to the server: its certificate checked before a byte goes
+                        self.resume = tls.resuming(up.host, up.port)
                         transport, pump = await self.relay.loop.create_connection(
                             lambda: Pump(self),
                             up.host,
                             up.port,
-                            ssl=tls.context(),
+                            ssl=self.resume,
                             server_hostname=tls.server_hostname(),
                         )
             except (TimeoutError, OSError) as exc:  # (ssl.SSLError is an OSError)
@@ -237,6 +240,11 @@ class Link(Tracked, asyncio.Protocol):
         return True
 
     def from_upstream(self, data: bytes) -> None:
+        if self.resume is not None and self.pump is not None and self.pump.transport:
+            # the server's first bytes: its session (a TLS 1.3 ticket is in by now) is
+            # the next connection's to offer
+            self.resume.remember(self.pump.transport.get_extra_info("ssl_object"))
+            self.resume = None
         smtp = self.smtp
         if smtp is not None:
             smtp.server(data)

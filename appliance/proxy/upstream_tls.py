@@ -29,7 +29,15 @@ class UpstreamTls:
         return cls("", "", wire.unb64(wire.parse_fingerprint(fingerprint)[7:]).hex())
 
     def context(self) -> ssl.SSLContext:
+        """A context with no session memory (a stream through an agent: its own check)."""
         return _context(self.cafile, bool(self.pin))
+
+    def resuming(self, host: str, port: int) -> Resuming:
+        """The context for connections to this server, as this check: each offers the
+        session the last one got from it (TLS resumption: no certificate sent, a cheaper
+        handshake).  One context per server and check, so a session is only ever offered
+        to the server, the name and the pin it was verified for."""
+        return _resuming(self.cafile, self.name, self.pin, host, port)
 
     def server_hostname(self) -> str | None:
         return self.name or None
@@ -44,12 +52,63 @@ class UpstreamTls:
         return None
 
 
+class Resuming(ssl.SSLContext):
+    """An SSLContext that offers its last session to each new connection.  asyncio's
+    TLS transport takes no session, but it makes each connection's SSLObject with
+    `wrap_bio`, which does: so the session goes in here."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session or self.session
+        )
+
+    def remember(self, ssl_object: ssl.SSLObject | None) -> None:
+        """Keep a full handshake's session for the next connections.  Called once the
+        server's first bytes are read: a TLS 1.3 server's tickets come after the handshake,
+        before those.  A resumed connection keeps the session it resumed: reading
+        `SSLObject.session` costs about as much as resumption saves (CPython copies it
+        through DER), so only a full handshake (the first, or one after the server let
+        the old session expire) pays for it."""
+        if ssl_object is None or ssl_object.session_reused:
+            return
+        session = ssl_object.session
+        if session is not None and (session.has_ticket or session.id):
+            self.session = session
+
+
 @functools.lru_cache(maxsize=32)
 def _context(cafile: str, pinned: bool) -> ssl.SSLContext:
     """One context per kind of check (making one costs milliseconds)."""
     ctx = ssl.create_default_context(cafile=cafile or None)
+    _check(ctx, pinned)
+    return ctx
+
+
+@functools.lru_cache(maxsize=256)
+def _resuming(cafile: str, name: str, pin: str, host: str, port: int) -> Resuming:
+    """One per server and check (more servers than this: the oldest context goes, and
+    its server's next connection makes a full handshake).  The same checks as
+    `_context`: a client context verifies chain and name by default."""
+    ctx = Resuming(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile:
+        ctx.load_verify_locations(cafile)
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    _check(ctx, bool(pin))
+    return ctx
+
+
+def _check(ctx: ssl.SSLContext, pinned: bool) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if pinned:  # the pin is the whole check: any chain, any name
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    return ctx

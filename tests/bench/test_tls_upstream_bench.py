@@ -7,8 +7,9 @@ asyncio's TLS transport (relay.py's `Link`): the bytes must be encrypted in user
 space, so splice(2) and the raw core's one-buffer copy have nothing to offer it.
 This measures whether that path holds up against HAProxy doing the same work
 (`server ... ssl verify required`), with its TLS session reuse to the server on
-(its default) and off (`no-ssl-reuse`: a full handshake per connection, as ours:
-asyncio's TLS transport takes no session to resume).
+(its default) and off (`no-ssl-reuse`: a full handshake per connection).  Ours
+offers the session of its last full handshake to that server (upstream_tls.py's
+`Resuming`), as HAProxy's default does.
 
 Client in `home`, nginx with TLS in `seg`, the middlebox in `gw`, as in
 test_tls_bench; peers interleaved round by round, medians: read the ratios.
@@ -180,7 +181,8 @@ def run_bench(home: Node, seg: Node, relay: Process, haproxy: Process, work: Pat
         "HTTP), nginx (1 worker, TLS, EC P-256 lab certificate) in seg, middlebox in gw "
         "speaking TLS to nginx and verifying its certificate with the lab CA and the name "
         f"{NAME}. relay = a tcp service with tls = true: asyncio's TLS transport on uvloop "
-        f"(Link), one worker per core ({os.cpu_count()}); HAProxy 2 threads, mode tcp, "
+        "(Link) resuming its TLS session to the server, one worker per core "
+        f"({os.cpu_count()}); HAProxy 2 threads, mode tcp, "
         "`ssl verify required ca-file sni`, with its TLS session cache to the server (default) "
         "and with no-ssl-reuse. Each wrk request was a TLS connection of its own at nginx "
         f"(checked per run). Raw samples: {json.dumps(samples)}; per-run checks (target, "

@@ -46,12 +46,17 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d / "cert.pem", d / "key.pem"
 
 
-async def origin(cert: tuple[Path, Path]) -> tuple[asyncio.Server, int]:
-    """A TLS server that answers each line with 'ORIGIN <line upper-cased>'."""
+async def origin(
+    cert: tuple[Path, Path], resumed: list[bool] | None = None
+) -> tuple[asyncio.Server, int]:
+    """A TLS server that answers each line with 'ORIGIN <line upper-cased>' (and notes in
+    `resumed` whether each connection's handshake resumed an earlier session)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(*cert)
 
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if resumed is not None:
+            resumed.append(w.get_extra_info("ssl_object").session_reused)
         try:
             while line := await r.readline():
                 w.write(b"ORIGIN " + line.upper())
@@ -388,5 +393,41 @@ def test_a_households_server_named_with_a_pin_is_spoken_to_over_tls(
         assert relay.counters[("pop3", result)] == 1, relay.counters
         await relay.stop()
         server.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("how", [{"name": NAME, "ca": "CERT"}, {"name": "", "pin": "PIN"}])
+def test_tls_to_the_upstream_resumes_its_session_and_still_checks(
+    cert: tuple[Path, Path], how: dict[str, str]
+) -> None:
+    """The relay's second connection to a tls = true server resumes the first one's
+    session (no certificate, a cheaper handshake); a pinned server is still held to its
+    pin, and a session is never offered where another check applies."""
+    how = {k: v.replace("CERT", str(cert[0])) for k, v in how.items()}
+    if how.get("pin") == "PIN":
+        how["pin"] = fingerprint(cert[0]).hex()
+
+    async def body() -> None:
+        resumed: list[bool] = []
+        server, oport = await origin(cert, resumed)
+        port, other_port = free_port(), free_port()
+        relay = Relay(StaticGate(pop3_table(port, oport, how)), splice=True)
+        await relay.start("127.0.0.1")
+        for _ in range(3):
+            assert await plain_line(port) == b"ORIGIN STAT\n"
+        # the same server under another check (a wrong pin or name): no session offered,
+        # so a full handshake, which fails the check
+        wrong = {**how, "pin": "0" * 64} if how.get("pin") else {**how, "name": "other.example"}
+        other = Relay(StaticGate(pop3_table(other_port, oport, wrong)), splice=True)
+        await other.start("127.0.0.1")
+        assert (await plain_line(other_port)).startswith(b"+OK guest gateway")
+        await asyncio.sleep(0.05)
+        assert other.counters[("pop3", "upstream-down")] == 1
+        await other.stop()
+        await relay.stop()
+        server.close()
+        assert resumed[:3] == [False, True, True], resumed
+        assert resumed[3:] in ([], [False]), resumed  # (a name refused in the handshake)
 
     run(body())
