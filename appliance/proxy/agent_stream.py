@@ -124,11 +124,11 @@ class AgentStreams:
 
 
 class AgentPump(Pump):
-    """The Link's upstream Pump for a stream through an agent: until `join` it holds
-    what the agent sends (the answer head, then the server's first bytes), after it
-    behaves as Pump (bytes, half-close and back-pressure to and from the guest)."""
+    """The Link's upstream Pump for a stream through an agent: what the agent sends
+    before the join is held as any Pump's, and read here for the answer head (the
+    server's first bytes follow it); after the join it behaves as Pump."""
 
-    __slots__ = ("_answer", "_call", "_fed", "_received", "ended", "joined", "lost", "stream")
+    __slots__ = ("_answer", "_call", "_fed", "stream")
 
     def __init__(
         self, link: Tracked, loop: asyncio.AbstractEventLoop, stream: asyncio.StreamWriter
@@ -139,11 +139,7 @@ class AgentPump(Pump):
         self.stream = stream
         self._answer: asyncio.Future[None] = loop.create_future()
         self._call: client.ConnectCall | None = None
-        self._received = bytearray()
         self._fed = 0  # bytes after the head given to the refusal reader
-        self.joined = False
-        self.ended = False  # the agent's side ended before the join
-        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
@@ -160,7 +156,7 @@ class AgentPump(Pump):
         if call is None or self._answer.done():
             return
         try:
-            status = call.head(bytes(self._received))
+            status = call.head(bytes(self.held))
         except client.AgentError as exc:
             self._fail(exc.code, exc.message)
             return
@@ -173,8 +169,8 @@ class AgentPump(Pump):
             return
         if not self._fed:
             self._fed = call.head_length
-        more = bytes(self._received[self._fed :])
-        self._fed = len(self._received)
+        more = bytes(self.held[self._fed :])
+        self._fed = len(self.held)
         refusal = call.refusal(more, self.ended)
         if refusal is not None:
             self._fail(refusal.code, f"the household's agent refused: {refusal.message}")
@@ -182,19 +178,10 @@ class AgentPump(Pump):
     def _fail(self, code: str, reason: str) -> None:
         self._answer.set_exception(AgentStreamFailed(code, reason))
 
-    def join(self) -> None:
-        """The Link now owns this pump: what arrived after the head goes to the guest,
-        then an end that came meanwhile."""
+    def join(self, skip: int = 0) -> None:
+        """What arrived after the answer head goes to the guest (Pump.join)."""
         assert self._call is not None
-        rest = bytes(self._received[self._call.head_length :])
-        self._received = bytearray()
-        self.joined = True
-        if rest:
-            self.link.from_upstream(rest)
-        if self.ended:
-            self.link.upstream_eof()
-        if self.lost:
-            self.link.upstream_lost()
+        super().join(skip or self._call.head_length)
 
     def drop(self) -> None:
         """A failed setup: close the stream (the guest is refused by the Link)."""
@@ -205,11 +192,9 @@ class AgentPump(Pump):
         self.stream.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.joined:
-            self.link.from_upstream(data)
-            return
-        self._received += data
-        self._check()
+        super().data_received(data)
+        if not self.joined:
+            self._check()
 
     def eof_received(self) -> bool:
         if self.joined:
@@ -217,14 +202,6 @@ class AgentPump(Pump):
         self.ended = True
         self._check()
         return False
-
-    def pause_writing(self) -> None:
-        if self.joined:
-            super().pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.joined:
-            super().resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.joined:

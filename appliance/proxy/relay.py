@@ -121,14 +121,14 @@ class Link(Tracked, asyncio.Protocol):
             if up.agent:  # a household's own server, through its agent (agent_stream.py)
                 joined = await self._through_agent(up, tries)
                 if joined is not None:
-                    if self._join(up, joined):
-                        joined.join()
+                    self._join(up, joined)
                     return
                 continue
             tls = up.tls
             try:
                 async with asyncio.timeout(self.relay.connect_timeout):
                     if tls is None:
+                        self.resume = None
                         transport, pump = await self.relay.loop.create_connection(
                             lambda: Pump(self), up.host, up.port
                         )
@@ -160,6 +160,9 @@ class Link(Tracked, asyncio.Protocol):
             return False
         self.pump = pump
         self.upstream_name = up.name
+        if pump.lost:  # gone before the join: what it said reaches the guest, then its end
+            pump.join()
+            return True
         if self.pending:
             self.bytes_up += len(self.pending)
             pump.transport.write(self.pending)  # type: ignore[union-attr]
@@ -170,6 +173,7 @@ class Link(Tracked, asyncio.Protocol):
             else:
                 pump.transport.close()
         self.client.resume_reading()
+        pump.join()
         return True
 
     async def _through_agent(self, up: Upstream, tries: Fallback) -> AgentPump | None:

@@ -196,32 +196,71 @@ def upstream_failed(service: str, upstream: Upstream | None, why: str) -> None:
 
 
 class Pump(asyncio.Protocol):
-    """The upstream side of a relayed connection: bytes go straight to the client transport."""
+    """The upstream side of a relayed connection.
 
-    __slots__ = ("link", "transport")
+    Until the Link `join`s it, once the upstream passed its checks (a TLS server's pin
+    is read after the handshake), it holds what the upstream sends and an end that
+    comes meanwhile: no byte of an unchecked or abandoned upstream reaches the guest,
+    and its loss does not close the guest's connection, which may go to the next
+    upstream.  After the join, bytes go straight to the client transport."""
+
+    __slots__ = ("ended", "held", "joined", "link", "lost", "paused", "transport")
 
     def __init__(self, link: Tracked) -> None:
         self.link = link
         self.transport: asyncio.Transport | None = None
+        self.joined = False
+        self.held = bytearray()  # what came before the join
+        self.ended = False  # the upstream half-closed before the join
+        self.lost = False  # the connection was lost before the join
+        self.paused = False  # reading paused: HIGH_WATER bytes held
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
+    def join(self, skip: int = 0) -> None:
+        """The Link owns this pump now: what was held (after its first `skip` bytes)
+        goes to the guest, then an end that came meanwhile."""
+        rest = bytes(self.held[skip:])
+        self.held = bytearray()
+        self.joined = True
+        if rest:
+            self.link.from_upstream(rest)
+        if self.ended and not self.link.upstream_eof() and self.transport is not None:
+            self.transport.close()  # (eof_received kept it open for the Link to decide)
+        if self.lost:
+            self.link.upstream_lost()
+        elif self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
-        self.link.from_upstream(data)
+        if self.joined:
+            self.link.from_upstream(data)
+            return
+        self.held += data
+        if len(self.held) >= HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
-        return self.link.upstream_eof()
+        if self.joined:
+            return self.link.upstream_eof()
+        self.ended = True
+        return True
 
     def pause_writing(self) -> None:
-        if self.link.client is not None:
+        if self.joined and self.link.client is not None:
             self.link.client.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.link.client is not None and not self.link.closed:
+        if self.joined and self.link.client is not None and not self.link.closed:
             self.link.client.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.link.upstream_lost()
+        if self.joined:
+            self.link.upstream_lost()
+        else:
+            self.lost = True

@@ -431,3 +431,82 @@ def test_tls_to_the_upstream_resumes_its_session_and_still_checks(
         assert resumed[3:] in ([], [False]), resumed  # (a name refused in the handshake)
 
     run(body())
+
+
+def test_a_server_that_fails_its_pin_gets_the_next_one_and_reaches_the_guest_with_nothing(
+    cert: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The site's first pop3 server answers TLS with another certificate and greets at
+    once: the relay drops it and goes on to the second, the right one.  The guest's
+    connection stays up, and not a byte of the first server reaches it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "other.pem").write_bytes(
+        self_signed(key, NAME).public_bytes(serialization.Encoding.PEM)
+    )
+    (tmp_path / "other.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "other.pem", tmp_path / "other.key")
+
+    async def impostor(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"+OK IMPOSTOR\r\n")  # before a byte from the relay: a greeting
+        try:
+            await w.drain()
+            await r.read()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        w.close()
+
+    async def body() -> None:
+        bad_port = free_port()
+        bad = await asyncio.start_server(impostor, "127.0.0.1", bad_port, ssl=ctx)
+        server, oport = await origin(cert)
+        port = free_port()
+        t = pop3_table(port, oport, {"name": "", "pin": fingerprint(cert[0]).hex()})
+        t["servers"]["pop3"] = [f"127.0.0.1:{bad_port}", f"127.0.0.1:{oport}"]
+        relay = Relay(StaticGate(t), splice=True)
+        await relay.start("127.0.0.1")
+        r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        w.write(b"stat\n")
+        assert await asyncio.wait_for(r.readline(), 5) == b"ORIGIN STAT\n"
+        w.close()
+        await asyncio.sleep(0.1)
+        assert relay.counters[("pop3", "ok")] == 1, relay.counters
+        await relay.stop()
+        server.close()
+        bad.close()
+
+    run(body())
+
+
+def test_a_resumed_connection_is_still_held_to_its_pin(cert: tuple[Path, Path]) -> None:
+    """A resumed handshake sends no certificate; the pin is checked on the one the
+    session remembers, so a resumed connection passes its own pin and fails another."""
+    from appliance.proxy.upstream_tls import UpstreamTls
+
+    right = UpstreamTls("", "", fingerprint(cert[0]).hex())
+    wrong = UpstreamTls("", "", "0" * 64)
+
+    async def body() -> None:
+        server, oport = await origin(cert)
+        ctx = right.resuming("127.0.0.1", oport)
+        reused = []
+        for _ in range(2):
+            r, w = await asyncio.open_connection("127.0.0.1", oport, ssl=ctx)
+            w.write(b"x\n")
+            assert await r.readline() == b"ORIGIN X\n"  # (the TLS 1.3 ticket is in)
+            obj = w.get_extra_info("ssl_object")
+            reused.append(obj.session_reused)
+            ctx.remember(obj)
+            assert right.problem(obj) is None
+            assert wrong.problem(obj) == "certificate does not match its pin"
+            w.close()
+        assert reused == [False, True]
+        server.close()
+
+    run(body())
